@@ -1,0 +1,31 @@
+# The two commands of the README. Each sets up .venv (and the Debian packages) if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrapped
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow protos check-protos clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+
+setup: $(STAMP)
+
+## The main job: the end-to-end demo on the embedded stack, real Fashion-MNIST.
+demo: $(STAMP)
+	$(VENV)/bin/ftps-stack demo $(DEMO_ARGS)
+
+## The test suite (fast path; slow tests: make test-slow).
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+## Regenerate ftps/v1/*_pb2*.py from protos/ with the pinned grpcio-tools.
+protos: $(STAMP)
+	bash scripts/protoc.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,139 @@
+"""Typed client library over the gRPC contracts, shared by the command-line tools, the demo and
+the end-to-end tests. Every call has a deadline; errors surface as ``grpc.RpcError``."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Iterator
+
+import grpc
+import numpy as np
+
+from ftps.common import grpcutil, serde
+from ftps.v1 import (common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc,
+                     scorer_pb2, scorer_pb2_grpc)
+
+CHUNK = 1024 * 1024
+DEFAULT_TIMEOUT = 60.0
+LONG_TIMEOUT = 6 * 3600.0  # the preparation stage fine-tunes k models before it answers
+
+KIND_NAMES = {
+    "base-model": common_pb2.BLOB_KIND_BASE_MODEL,
+    "strategy": common_pb2.BLOB_KIND_STRATEGY,
+    "data": common_pb2.BLOB_KIND_BUILDER_DATA,
+}
+
+
+class BuilderClient:
+    """The model builder's calls: tasks and uploads (registry), preparation (scorer), rounds (gateway)."""
+
+    def __init__(self, *, registry: str, gateway: str, scorer: str, max_message_mb: int = 64) -> None:
+        self._channels = [grpcutil.make_channel(a, max_message_mb=max_message_mb)
+                          for a in (registry, gateway, scorer)]
+        self.registry = registry_pb2_grpc.BuilderRegistryStub(self._channels[0])
+        self.gateway = gateway_pb2_grpc.ContributorGatewayStub(self._channels[1])
+        self.scorer = scorer_pb2_grpc.LiraScorerStub(self._channels[2])
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str = "") -> registry_pb2.Task:
+        return self.registry.CreateTask(registry_pb2.CreateTaskRequest(name=name, settings=settings, owner=owner),
+                                        timeout=DEFAULT_TIMEOUT, wait_for_ready=True)
+
+    def get_task(self, task_id: str) -> registry_pb2.Task:
+        return self.registry.GetTask(registry_pb2.GetTaskRequest(task_id=task_id), timeout=DEFAULT_TIMEOUT)
+
+    def list_tasks(self) -> list[registry_pb2.Task]:
+        return list(self.registry.ListTasks(registry_pb2.ListTasksRequest(), timeout=DEFAULT_TIMEOUT).tasks)
+
+    def upload(self, task_id: str, kind: int, data: bytes,
+               progress: Callable[[int, int], None] | None = None) -> common_pb2.BlobRef:
+        """Chunked client stream: header (declared size and sha256), then 1 MiB chunks."""
+        header = registry_pb2.UploadHeader(task_id=task_id, kind=kind, size=len(data),
+                                           sha256=hashlib.sha256(data).hexdigest())
+
+        def messages() -> Iterator[registry_pb2.UploadBlobRequest]:
+            yield registry_pb2.UploadBlobRequest(header=header)
+            for start in range(0, len(data), CHUNK):
+                yield registry_pb2.UploadBlobRequest(chunk=data[start:start + CHUNK])
+                if progress:
+                    progress(min(start + CHUNK, len(data)), len(data))
+
+        return self.registry.UploadBlob(messages(), timeout=max(DEFAULT_TIMEOUT, len(data) / 1e6))
+
+    def prepare_offline(self, task_id: str, *, refit: bool = False) -> common_pb2.OfflineGaussian:
+        return self.scorer.PrepareOffline(scorer_pb2.PrepareOfflineRequest(task_id=task_id, refit=refit),
+                                          timeout=LONG_TIMEOUT)
+
+    def get_offline(self, task_id: str) -> common_pb2.OfflineGaussian:
+        return self.scorer.GetOffline(scorer_pb2.GetOfflineRequest(task_id=task_id), timeout=DEFAULT_TIMEOUT)
+
+    def start_round(self, task_id: str, *, force: bool = False) -> common_pb2.RoundStatus:
+        return self.gateway.StartRound(gateway_pb2.StartRoundRequest(task_id=task_id, force=force),
+                                       timeout=DEFAULT_TIMEOUT)
+
+    def get_round(self, round_id: str) -> common_pb2.RoundResult:
+        return self.gateway.GetRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=DEFAULT_TIMEOUT)
+
+    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RoundStatus]:
+        return self.gateway.WatchRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=timeout)
+
+    def scores(self, task_id: str, round_id: str = "") -> gateway_pb2.GetScoresResponse:
+        return self.gateway.GetScores(gateway_pb2.GetScoresRequest(task_id=task_id, round_id=round_id),
+                                      timeout=DEFAULT_TIMEOUT)
+
+
+class ContributorClient:
+    """A data contributor's calls to the gateway."""
+
+    def __init__(self, *, gateway: str, contributor: str, max_message_mb: int = 64) -> None:
+        self._channel = grpcutil.make_channel(gateway, max_message_mb=max_message_mb)
+        self.stub = gateway_pb2_grpc.ContributorGatewayStub(self._channel)
+        self.contributor = contributor
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, task_id: str, x: np.ndarray, y: np.ndarray, *, idempotency_key: str = "") -> gateway_pb2.Submission:
+        records = common_pb2.Records(x=serde.tensor_from_array(np.asarray(x, dtype=np.float32)),
+                                     y=serde.tensor_from_array(np.asarray(y, dtype=np.int64)))
+        return self.stub.SubmitRecords(gateway_pb2.SubmitRecordsRequest(
+            task_id=task_id, contributor=self.contributor, records=records,
+            idempotency_key=idempotency_key), timeout=DEFAULT_TIMEOUT, wait_for_ready=True)
+
+    def get_submission(self, submission_id: str) -> gateway_pb2.Submission:
+        return self.stub.GetSubmission(gateway_pb2.GetSubmissionRequest(submission_id=submission_id),
+                                       timeout=DEFAULT_TIMEOUT)
+
+    def scores(self, task_id: str, round_id: str = "") -> list[common_pb2.RecordScore]:
+        return list(self.stub.GetScores(gateway_pb2.GetScoresRequest(
+            task_id=task_id, contributor=self.contributor, round_id=round_id), timeout=DEFAULT_TIMEOUT).scores)
+
+    def watch_scores(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RecordScore]:
+        return self.stub.WatchScores(gateway_pb2.WatchScoresRequest(task_id=task_id, contributor=self.contributor),
+                                     timeout=timeout)
+
+    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RoundStatus]:
+        return self.stub.WatchRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=timeout)
+
+
+def score_dict(s: common_pb2.RecordScore) -> dict:
+    """The JSON shape of one record's score in every client's --json output."""
+    return {"record_id": s.record_id, "contributor": s.contributor, "round_id": s.round_id,
+            "index": s.index, "method": serde.METHOD_NAMES.get(s.method, ""), "score": s.score,
+            "ci_low": s.ci_low, "ci_high": s.ci_high, "n_in": s.n_in, "n_out": s.n_out, "auc": s.auc,
+            "model_score": s.model_score}
+
+
+def batch_dict(b: common_pb2.BatchMetrics) -> dict:
+    return {"method": serde.METHOD_NAMES.get(b.method, ""), "n_models": b.n_models,
+            "n_records": b.n_records, "auc": b.auc, "tpr_at_1pct_fpr": b.tpr_at_1pct_fpr,
+            "tpr_at_0_1pct_fpr": b.tpr_at_0_1pct_fpr, "mean_score": b.mean_score}
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    code = exc.code().name if hasattr(exc, "code") and exc.code() else "ERROR"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code}: {details}"

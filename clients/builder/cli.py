@@ -1,0 +1,214 @@
+"""``ftps-builder``: register a task, upload its base model / strategy / data, prepare, run rounds."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
+from clients.cli_common import InputError, add_address, print_json, run
+from ftps.common import serde
+from ftps.v1 import common_pb2
+
+PROG = "ftps-builder"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore model-builder tool")
+    add_address(p, "registry", "127.0.0.1:50052")
+    add_address(p, "gateway", "127.0.0.1:50051")
+    add_address(p, "scorer", "127.0.0.1:50053")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("create-task", help="register a modelling task")
+    c.add_argument("--name", required=True)
+    c.add_argument("--owner", default="")
+    c.add_argument("--record-shape", required=True, help="shape of one record, e.g. 1,28,28")
+    c.add_argument("--num-classes", type=int, default=10)
+    c.add_argument("--models", "-n", type=int, default=32, help="fine-tuned models per round (even)")
+    c.add_argument("--batch-threshold", "-m", type=int, default=200, help="records that start a round")
+    c.add_argument("--shadow-models", "-k", type=int, default=16)
+    c.add_argument("--method", choices=list(serde.METHOD_ENUMS), default="online-per-record")
+    c.add_argument("--alpha", type=float, default=0.05)
+    c.add_argument("--fixed-variance", action="store_true")
+    c.add_argument("--builder-mix", type=int, default=0, help="builder records mixed into each model")
+    c.add_argument("--models-per-job", type=int, default=4)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+
+    u = sub.add_parser("upload", help="upload a base model (.safetensors), strategy (.py) or data (.npz)")
+    u.add_argument("--task", required=True)
+    u.add_argument("--kind", required=True, choices=list(KIND_NAMES))
+    u.add_argument("file", type=Path)
+    u.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("tasks", help="list tasks")
+    t.add_argument("--json", action="store_true")
+    s = sub.add_parser("task", help="show one task")
+    s.add_argument("--task", required=True)
+    s.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("prepare", help="run the preparation stage (offline Gaussian on k shadow models)")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--refit", action="store_true")
+    pr.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("start-round", help="score the task's pending records now")
+    r.add_argument("--task", required=True)
+    r.add_argument("--force", action="store_true", help="start even below the batch threshold")
+    r.add_argument("--watch", action="store_true", help="then follow the round to the end")
+
+    w = sub.add_parser("watch", help="follow a round's progress until it ends")
+    w.add_argument("--round", required=True)
+
+    sc = sub.add_parser("scores", help="every record's score and the batch metrics of a task")
+    sc.add_argument("--task", required=True)
+    sc.add_argument("--round", default="")
+    sc.add_argument("--json", action="store_true")
+    return p
+
+
+def _client(args) -> BuilderClient:
+    return BuilderClient(registry=args.registry, gateway=args.gateway, scorer=args.scorer)
+
+
+def cmd_create(args) -> int:
+    try:
+        shape = [int(d) for d in args.record_shape.split(",")]
+    except ValueError as exc:
+        raise InputError(f"--record-shape {args.record_shape!r} must be comma-separated integers") from exc
+    settings = common_pb2.TaskSettings(
+        n_models=args.models, batch_threshold=args.batch_threshold, method=serde.method_enum(args.method),
+        alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
+        record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
+        seed=args.seed, models_per_job=args.models_per_job)
+    task = _client(args).create_task(args.name, settings, owner=args.owner)
+    if args.json:
+        print_json({"task_id": task.task_id, "name": task.name})
+    else:
+        print(task.task_id)
+    return 0
+
+
+def cmd_upload(args) -> int:
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    with Progress(TextColumn(f"uploading {args.file.name}"), BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task("upload", total=len(data))
+        ref = _client(args).upload(args.task, KIND_NAMES[args.kind], data,
+                                   progress=lambda done, total: progress.update(bar, completed=done))
+    if args.json:
+        print_json({"key": ref.key, "sha256": ref.sha256, "size": ref.size, "version": ref.version})
+    else:
+        print(f"{args.kind} v{ref.version} stored: {ref.size} bytes, sha256 {ref.sha256[:16]}...")
+    return 0
+
+
+def _task_dict(t) -> dict:
+    s = t.settings
+    return {"task_id": t.task_id, "name": t.name, "owner": t.owner, "ready": t.ready,
+            "created_at": t.created_at, "n_models": s.n_models, "batch_threshold": s.batch_threshold,
+            "method": serde.METHOD_NAMES.get(s.method, ""), "shadow_models": s.shadow_models,
+            "record_shape": list(s.record_shape), "num_classes": s.num_classes,
+            "uploads": {k: (getattr(t, k).version or None) for k in ("base_model", "strategy", "builder_data")}}
+
+
+def cmd_tasks(args) -> int:
+    tasks = [_task_dict(t) for t in _client(args).list_tasks()]
+    if args.json:
+        print_json(tasks)
+        return 0
+    table = Table("task", "name", "ready", "n", "m", "method", "created")
+    for t in tasks:
+        table.add_row(t["task_id"], t["name"], "yes" if t["ready"] else "no", str(t["n_models"]),
+                      str(t["batch_threshold"]), t["method"], t["created_at"])
+    Console().print(table)
+    return 0
+
+
+def cmd_task(args) -> int:
+    t = _task_dict(_client(args).get_task(args.task))
+    if args.json:
+        print_json(t)
+    else:
+        for k, v in t.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    console = Console(stderr=True)
+    with console.status(f"preparation stage for {args.task}: fine-tuning shadow models..."):
+        g = _client(args).prepare_offline(args.task, refit=args.refit)
+    out = {"mu": g.mu, "sigma": g.sigma, "k": g.k, "n_values": g.n_values, "fitted_at": g.fitted_at,
+           "base_model_sha256": g.base_model_sha256}
+    if args.json:
+        print_json(out)
+    else:
+        print(f"offline Gaussian: mu={g.mu:.4f} sigma={g.sigma:.4f} from k={g.k} shadow models "
+              f"({g.n_values} statistics), fitted {g.fitted_at}")
+    return 0
+
+
+def _watch(client: BuilderClient, round_id: str) -> int:
+    last = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        bar = progress.add_task(f"round {round_id}", total=None)
+        for status in client.watch_round(round_id):
+            last = status
+            state = common_pb2.RoundState.Name(status.state).removeprefix("ROUND_STATE_").lower()
+            progress.update(bar, completed=status.models_done, total=status.models_total or None,
+                            description=f"round {round_id}: {state}")
+    if last is None:
+        return 1
+    state = common_pb2.RoundState.Name(last.state).removeprefix("ROUND_STATE_").lower()
+    print(f"round {round_id}: {state} — {last.message}")
+    return 0 if last.state == common_pb2.ROUND_STATE_DONE else 1
+
+
+def cmd_start(args) -> int:
+    client = _client(args)
+    status = client.start_round(args.task, force=args.force)
+    print(f"round {status.round_id} started with {status.n_records} records")
+    return _watch(client, status.round_id) if args.watch else 0
+
+
+def cmd_watch(args) -> int:
+    return _watch(_client(args), args.round)
+
+
+def cmd_scores(args) -> int:
+    resp = _client(args).scores(args.task, args.round)
+    if args.json:
+        print_json({"task": args.task, "records": [score_dict(s) for s in resp.scores],
+                    "batches": [batch_dict(b) for b in resp.batches]})
+        return 0
+    table = Table("record", "contributor", "round", "score", "95% interval", "AUC")
+    for s in resp.scores:
+        table.add_row(s.record_id, s.contributor, s.round_id, f"{s.score:+.3f}",
+                      f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", f"{s.auc:.2f}")
+    console = Console()
+    console.print(table)
+    for b in resp.batches:
+        console.print(f"batch ({serde.METHOD_NAMES.get(b.method)}): AUC {b.auc:.3f}, "
+                      f"TPR@1%FPR {b.tpr_at_1pct_fpr:.3f}, TPR@0.1%FPR {b.tpr_at_0_1pct_fpr:.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(PROG, build_parser(), argv, {
+        "create-task": cmd_create, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
+        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch, "scores": cmd_scores})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Conversions between protobuf messages and numpy arrays / record files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ftps.common.errors import InvalidArgument
+from ftps.v1 import common_pb2
+
+_TO_NUMPY = {
+    common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    common_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    common_pb2.DTYPE_UINT8: np.dtype("u1"),
+    common_pb2.DTYPE_INT64: np.dtype("<i8"),
+    common_pb2.DTYPE_BOOL: np.dtype("?"),
+}
+_FROM_NUMPY = {v: k for k, v in _TO_NUMPY.items()}
+
+MAX_TENSOR_DIMS = 8
+
+
+def tensor_from_array(a: np.ndarray) -> common_pb2.Tensor:
+    a = np.asarray(a)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    if dt not in _FROM_NUMPY:
+        raise ValueError(f"unsupported dtype {a.dtype}")
+    return common_pb2.Tensor(shape=list(a.shape), dtype=_FROM_NUMPY[dt],
+                             data=np.ascontiguousarray(a, dtype=dt).tobytes())
+
+
+def array_from_tensor(t: common_pb2.Tensor, *, field: str = "tensor") -> np.ndarray:
+    """Decode a Tensor, checking dtype, shape and byte count (InvalidArgument names ``field``)."""
+    if t.dtype not in _TO_NUMPY:
+        raise InvalidArgument(f"{field}.dtype: unsupported or unset dtype {t.dtype}")
+    if len(t.shape) > MAX_TENSOR_DIMS or any(d < 0 for d in t.shape):
+        raise InvalidArgument(f"{field}.shape: invalid shape {list(t.shape)}")
+    dtype = _TO_NUMPY[t.dtype]
+    count = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+    if count * dtype.itemsize != len(t.data):
+        raise InvalidArgument(
+            f"{field}.data: {len(t.data)} bytes do not match shape {list(t.shape)} of {dtype.name}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape)).copy()
+
+
+def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y, **extra)
+    return buf.getvalue()
+
+
+def npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """Load an npz without ever unpickling (object arrays are refused)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as exc:
+        raise InvalidArgument(f"npz holds object arrays (pickle), refused: {exc}") from exc
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
+        raise InvalidArgument(f"not a readable npz file: {exc}") from exc
+
+
+# Method enum <-> the names the scoring maths and the command lines use.
+METHOD_NAMES = {
+    common_pb2.METHOD_OFFLINE_GLOBAL: "offline-global",
+    common_pb2.METHOD_OFFLINE_PER_RECORD: "offline-per-record",
+    common_pb2.METHOD_ONLINE_PER_RECORD: "online-per-record",
+    common_pb2.METHOD_RMIA: "rmia",
+}
+METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
+
+
+def method_name(method: int) -> str:
+    if method not in METHOD_NAMES:
+        raise InvalidArgument(f"method {method} is not a known method")
+    return METHOD_NAMES[method]
+
+
+def method_enum(name: str) -> int:
+    if name not in METHOD_ENUMS:
+        raise InvalidArgument(f"method {name!r} is not one of {', '.join(METHOD_ENUMS)}")
+    return METHOD_ENUMS[name]

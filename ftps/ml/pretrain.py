@@ -1,0 +1,77 @@
+"""Build the base model M0 from a strategy: the builder's side of the demo.
+
+The base model is trained from scratch with the strategy's ``PRETRAIN`` overrides on top of its
+``RECIPE`` and returned as safetensors bytes, ready to upload as the task's base weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftps.ml.datasets import validate_records
+from ftps.ml.engine import (
+    _model_device,
+    _pin_determinism,
+    _strategy_code,
+    configure_threads,
+    resolve_device,
+    save_weights,
+    train_with_recipe,
+)
+from ftps.ml.strategy import StrategyError, load_strategy
+
+__all__ = ["accuracy", "pretrain_base_model"]
+
+
+def pretrain_base_model(
+    strategy_source: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> bytes:
+    """Train ``build_model()`` from its seeded initialisation on (x float32 [N, ...], y int64 [N])
+    with the strategy's pretraining recipe -> safetensors bytes of the base model.
+
+    ``progress(epoch, epochs)`` after each epoch. Raises StrategyError when the strategy has no
+    recipe to pretrain with (a free-form strategy needs ``PRETRAIN``).
+    """
+    strategy = load_strategy(strategy_source)
+    if strategy.pretrain_recipe is None:
+        raise StrategyError("strategy defines neither RECIPE nor PRETRAIN to pretrain with")
+    validate_records(x, y, what="pretraining records")
+    configure_threads()
+    dev = resolve_device(device)
+    _pin_determinism(dev)
+    torch.manual_seed(seed)
+    with _strategy_code("build_model()"):
+        model = strategy.build_model()
+    if not isinstance(model, nn.Module):
+        raise StrategyError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
+    model.to(dev)
+    x_t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    y_t = torch.from_numpy(np.ascontiguousarray(y)).to(dev)
+    train_with_recipe(
+        model, x_t, y_t, strategy.pretrain_recipe,
+        rng=np.random.default_rng([seed, 2]), on_epoch=progress,
+    )
+    return save_weights(model)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on (x, y), in [0, 1]."""
+    device = _model_device(model)
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            xb = torch.as_tensor(x[start : start + batch_size]).to(device)
+            yb = torch.as_tensor(y[start : start + batch_size]).to(device)
+            correct += int((model(xb).argmax(dim=1) == yb).sum())
+    return correct / max(len(x), 1)

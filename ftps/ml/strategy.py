@@ -1,0 +1,355 @@
+"""Fine-tuning strategy scripts (DESIGN.md §4): the contract, its validation, the error types.
+
+A strategy is Python source uploaded by the model builder. It defines
+
+- ``build_model() -> torch.nn.Module``: the architecture (weights come from the base model's
+  safetensors file), and either
+- ``RECIPE = {...}``: a declarative fine-tuning recipe the engine runs itself, or
+- ``finetune(model, x, y, *, seed, device) -> torch.nn.Module``: free-form fine-tuning, called once
+  per model with the base model already loaded on ``device`` and ``x`` float32 ``[N, *INPUT_SHAPE]``,
+  ``y`` int64 ``[N]`` as tensors on ``device``.
+
+Optional module constants: ``PRETRAIN = {...}`` (recipe overrides used to build the base model),
+``TTA = [...]`` (test-time augmentation for strategies without a RECIPE), ``INPUT_SHAPE = (C, H, W)``
+and ``NUM_CLASSES`` (checked against records before any training, for precise error messages).
+
+Recipe keys (``optimizer``, ``lr``, ``epochs``, ``batch_size`` are required in RECIPE):
+
+| key | meaning |
+|---|---|
+| optimizer | "adam", "adamw" or "sgd" |
+| lr | learning rate, > 0 |
+| epochs | passes over the fine-tuning set, >= 1 |
+| batch_size | records per step, >= 1 |
+| weight_decay | L2 / decoupled decay, >= 0 (default 0) |
+| momentum | SGD momentum in [0, 1) (default 0; ignored by Adam) |
+| train | "all", or a list of parameter-name prefixes that train; the rest is frozen (frozen BatchNorm keeps its running statistics) |
+| augment | training-time augmentation: "hflip", "random-crop" or "random-crop:P" (pad P pixels, default H // 8) |
+| tta | test-time queries averaged into phi: "hflip" (the identity query is always included) |
+| builder_mix | suggested number of builder records mixed into each model (the task setting wins) |
+
+``load_strategy`` executes the source in the current process: callers that do not trust it run it
+in ``services.finetune_worker.sandbox``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import traceback
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AUGMENTATIONS",
+    "EngineError",
+    "OPTIMIZERS",
+    "Recipe",
+    "RecordsError",
+    "Strategy",
+    "StrategyError",
+    "TTA_QUERIES",
+    "WeightsError",
+    "describe_exception",
+    "load_strategy",
+    "parse_recipe",
+]
+
+
+class EngineError(Exception):
+    """Base class of every failure a fine-tuning job reports back as a task error."""
+
+
+class StrategyError(EngineError):
+    """The strategy script is invalid or failed while running."""
+
+
+class WeightsError(EngineError):
+    """The base model weights are unreadable or do not match ``build_model()``."""
+
+
+class RecordsError(EngineError, ValueError):
+    """Records (x, y) are malformed or do not fit the model."""
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+AUGMENTATIONS = ("hflip", "random-crop")
+TTA_QUERIES = ("hflip",)
+
+_REQUIRED = ("optimizer", "lr", "epochs", "batch_size")
+_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "epochs": 1,
+    "batch_size": 64,
+    "weight_decay": 0.0,
+    "momentum": 0.0,
+    "train": "all",
+    "augment": (),
+    "tta": (),
+    "builder_mix": 0,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated declarative recipe (see the module docstring for the keys)."""
+
+    optimizer: str
+    lr: float
+    epochs: int
+    batch_size: int
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    train: str | tuple[str, ...] = "all"
+    augment: tuple[str, ...] = ()
+    tta: tuple[str, ...] = ()
+    builder_mix: int = 0
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A loaded, validated strategy script."""
+
+    source: str
+    module: types.ModuleType = field(repr=False)
+    build_model: Callable[[], Any] = field(repr=False)
+    recipe: Recipe | None
+    finetune: Callable[..., Any] | None = field(repr=False)
+    pretrain_recipe: Recipe | None
+    tta: tuple[str, ...]
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+
+    @property
+    def declarative(self) -> bool:
+        return self.recipe is not None
+
+
+def _fail(field_name: str, message: str, where: str) -> StrategyError:
+    return StrategyError(f"{where}[{field_name!r}] {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _string_list(value: Any, field_name: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise _fail(field_name, f"must be a list of strings, got {value!r}", where)
+    if not all(isinstance(v, str) for v in value):
+        raise _fail(field_name, f"must be a list of strings, got {value!r}", where)
+    return tuple(value)
+
+
+def parse_recipe(
+    raw: Any, *, where: str = "RECIPE", base: Mapping[str, Any] | None = None
+) -> Recipe:
+    """Validate a recipe dict (on top of ``base`` when given) -> Recipe, or raise StrategyError.
+
+    Every message names the offending field, e.g. ``RECIPE['lr'] must be a number > 0, got -1``.
+    """
+    if not isinstance(raw, Mapping):
+        raise StrategyError(f"{where} must be a dict, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in _DEFAULTS)
+    if unknown:
+        raise StrategyError(
+            f"{where} has unknown key(s) {unknown}; known keys: {sorted(_DEFAULTS)}"
+        )
+    if base is None:
+        missing = [k for k in _REQUIRED if k not in raw]
+        if missing:
+            raise StrategyError(f"{where} is missing required key(s) {missing}")
+        merged = {**_DEFAULTS, **raw}
+    else:
+        merged = {**_DEFAULTS, **base, **raw}
+
+    optimizer = merged["optimizer"]
+    if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
+        raise _fail("optimizer", f"must be one of {list(OPTIMIZERS)}, got {optimizer!r}", where)
+    lr = merged["lr"]
+    if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+        raise _fail("lr", f"must be a number > 0, got {lr!r}", where)
+    epochs = merged["epochs"]
+    if not _is_int(epochs) or epochs < 1:
+        raise _fail("epochs", f"must be an integer >= 1, got {epochs!r}", where)
+    batch_size = merged["batch_size"]
+    if not _is_int(batch_size) or batch_size < 1:
+        raise _fail("batch_size", f"must be an integer >= 1, got {batch_size!r}", where)
+    weight_decay = merged["weight_decay"]
+    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise _fail("weight_decay", f"must be a number >= 0, got {weight_decay!r}", where)
+    momentum = merged["momentum"]
+    if not _is_number(momentum) or not 0 <= momentum < 1:
+        raise _fail("momentum", f"must be a number in [0, 1), got {momentum!r}", where)
+
+    train = merged["train"]
+    if train != "all":
+        train = _string_list(train, "train", where)
+        if not train:
+            raise _fail("train", "must be 'all' or a non-empty list of parameter prefixes", where)
+
+    augment = _string_list(merged["augment"], "augment", where)
+    for aug in augment:
+        name, _, arg = aug.partition(":")
+        if name not in AUGMENTATIONS or (arg and (name != "random-crop" or not arg.isdigit())):
+            raise _fail(
+                "augment",
+                f"has unknown augmentation {aug!r}; known: {list(AUGMENTATIONS)} "
+                "('random-crop:P' pads P pixels)",
+                where,
+            )
+    tta = _check_tta(_string_list(merged["tta"], "tta", where), where)
+
+    builder_mix = merged["builder_mix"]
+    if not _is_int(builder_mix) or builder_mix < 0:
+        raise _fail("builder_mix", f"must be an integer >= 0, got {builder_mix!r}", where)
+
+    return Recipe(
+        optimizer=optimizer.lower(),
+        lr=float(lr),
+        epochs=epochs,
+        batch_size=batch_size,
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        train=train,
+        augment=augment,
+        tta=tta,
+        builder_mix=builder_mix,
+    )
+
+
+def _check_tta(tta: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for query in tta:
+        if query not in TTA_QUERIES:
+            raise _fail("tta", f"has unknown query {query!r}; known: {list(TTA_QUERIES)}", where)
+    return tta
+
+
+_counter = itertools.count()
+
+
+def load_strategy(source: str) -> Strategy:
+    """Execute strategy source in a fresh module namespace and validate its contract.
+
+    Raises StrategyError (never anything else) when the source does not compile, raises while
+    executing, or breaks the contract. The source runs in this process: sandbox untrusted code.
+    """
+    if not isinstance(source, str):
+        raise StrategyError(f"strategy source must be str, got {type(source).__name__}")
+    try:
+        code = compile(source, "<strategy>", "exec")
+    except SyntaxError as e:
+        raise StrategyError(f"strategy does not compile: {e.msg} (line {e.lineno})") from e
+    except ValueError as e:  # e.g. null bytes
+        raise StrategyError(f"strategy does not compile: {e}") from e
+
+    # Registered while executing so that dataclasses/typing inside the script can find their
+    # module; removed afterwards so strategies never leak into each other.
+    name = f"ftps_strategy_{next(_counter)}"
+    module = types.ModuleType(name)
+    module.__file__ = "<strategy>"
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)  # noqa: S102 - running the builder's script is the contract
+    except MemoryError:
+        raise
+    except BaseException as e:  # SystemExit too: a script must not stop the worker
+        raise StrategyError(
+            f"strategy raised while loading: {describe_exception(e)}"
+        ) from e
+    finally:
+        sys.modules.pop(name, None)
+
+    ns = module.__dict__
+    build_model = ns.get("build_model")
+    if build_model is None:
+        raise StrategyError("strategy defines no build_model()")
+    if not callable(build_model):
+        raise StrategyError("strategy's build_model is not callable")
+
+    has_recipe = "RECIPE" in ns
+    finetune = ns.get("finetune")
+    if finetune is not None and not callable(finetune):
+        raise StrategyError("strategy's finetune is not callable")
+    if not has_recipe and finetune is None:
+        raise StrategyError(
+            "strategy defines neither RECIPE nor finetune(); define exactly one of them"
+        )
+    if has_recipe and finetune is not None:
+        raise StrategyError(
+            "strategy defines both RECIPE and finetune(); define exactly one of them"
+        )
+
+    recipe = parse_recipe(ns["RECIPE"], where="RECIPE") if has_recipe else None
+
+    pretrain_recipe: Recipe | None
+    if "PRETRAIN" in ns:
+        base = _recipe_dict(recipe) if recipe is not None else dict(_DEFAULTS)
+        pretrain_recipe = parse_recipe(ns["PRETRAIN"], where="PRETRAIN", base=base)
+    else:
+        pretrain_recipe = recipe
+
+    if recipe is not None:
+        if "TTA" in ns:
+            raise StrategyError("strategy defines TTA and RECIPE; put 'tta' in RECIPE instead")
+        tta = recipe.tta
+    else:
+        tta = _check_tta(_string_list(ns.get("TTA", ()), "TTA", "strategy"), "TTA")
+
+    input_shape = ns.get("INPUT_SHAPE")
+    if input_shape is not None:
+        if not isinstance(input_shape, (tuple, list)) or not all(
+            _is_int(d) and d > 0 for d in input_shape
+        ):
+            raise StrategyError(
+                f"INPUT_SHAPE must be a tuple of positive ints, got {input_shape!r}"
+            )
+        input_shape = tuple(input_shape)
+    num_classes = ns.get("NUM_CLASSES")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+        raise StrategyError(f"NUM_CLASSES must be an int >= 2, got {num_classes!r}")
+
+    return Strategy(
+        source=source,
+        module=module,
+        build_model=build_model,
+        recipe=recipe,
+        finetune=finetune,
+        pretrain_recipe=pretrain_recipe,
+        tta=tta,
+        input_shape=input_shape,
+        num_classes=num_classes,
+    )
+
+
+def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "weight_decay": recipe.weight_decay,
+        "momentum": recipe.momentum,
+        "train": recipe.train,
+        "augment": recipe.augment,
+        "tta": recipe.tta,
+        "builder_mix": recipe.builder_mix,
+    }
+
+
+def describe_exception(e: BaseException, *, limit: int = 2000) -> str:
+    """``Type: message`` plus the innermost strategy frame (``<strategy>`` line), kept short."""
+    text = f"{type(e).__name__}: {e}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "<strategy>"]
+    if frames:
+        text += f" (strategy line {frames[-1].lineno})"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

@@ -1,0 +1,127 @@
+"""``ftps-stack``: run the embedded default (``up``) or the end-to-end demo (``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from ftps.common.log import setup_logging
+from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack
+
+NAMES = {"gateway": "contributor gateway", "registry": "builder registry", "scorer": "LiRA scorer",
+         "worker": "fine-tune worker", "s3": "object store (S3 protocol, moto)"}
+
+
+def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address every listener binds (default 127.0.0.1)")
+    for name, port in DEFAULT_PORTS.items():
+        p.add_argument(f"--{name}-port", type=int, default=None,
+                       help=f"port of the {NAMES[name]} (default {port}; 0 picks a free one)")
+    p.add_argument("--ephemeral-ports", action="store_true", default=ephemeral_default,
+                   help="let the OS pick every port not given explicitly")
+    p.add_argument("--log-level", default=None, help="service log level (default WARNING for demo, INFO for up)")
+
+
+def _ports(args: argparse.Namespace) -> dict[str, int]:
+    out = {}
+    for name, port in DEFAULT_PORTS.items():
+        given = getattr(args, f"{name}_port")
+        out[name] = given if given is not None else (0 if args.ephemeral_ports else port)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftps-stack", description=(
+        "FT-PrivacyScore embedded default: an S3-protocol object store and the four gRPC services "
+        "(gateway, registry, scorer, worker) on loopback, plaintext."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the embedded stack until Ctrl-C / SIGTERM")
+    _add_stack_flags(up, ephemeral_default=False)
+    demo = sub.add_parser("demo", help="bring the stack up and run the end-to-end demo on real data")
+    _add_stack_flags(demo, ephemeral_default=True)
+    demo.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    demo.add_argument("--records", "-m", type=int, default=200, help="records submitted, m (default 200)")
+    demo.add_argument("--models", "-n", type=int, default=32, help="fine-tuned models, n (even, default 32)")
+    demo.add_argument("--shadow-models", "-k", type=int, default=16,
+                      help="shadow models of the preparation stage, k (default 16)")
+    demo.add_argument("--method", default="online-per-record",
+                      choices=("online-per-record", "offline-per-record", "offline-global", "rmia"),
+                      help="headline method (default online-per-record)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    demo.add_argument("--report-dir", type=Path, default=None, help="also write result.json, scores.csv and plots here")
+    return parser
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level or "INFO")
+    stack = EmbeddedStack(host=args.host, ports=_ports(args))
+    stack.start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("FT-PrivacyScore embedded stack is up (plaintext on loopback; use TLS settings elsewhere):")
+    for name in ("gateway", "registry", "scorer", "worker", "s3"):
+        print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
+    print("Ctrl-C to stop.", flush=True)
+    stop.wait()
+    print("stopping...", flush=True)
+    stack.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ftps.stack.demo import print_report, run_demo, write_report
+
+    if args.models < 4 or args.models % 2:
+        print("ftps-stack: error: --models must be even and at least 4", file=sys.stderr)
+        return 2
+    if args.records < 4:
+        print("ftps-stack: error: --records must be at least 4", file=sys.stderr)
+        return 2
+    if args.shadow_models < 2:
+        print("ftps-stack: error: --shadow-models must be at least 2", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or "WARNING")
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    with EmbeddedStack(host=args.host, ports=_ports(args)) as stack:
+        console.log("stack up: " + ", ".join(f"{k} {v}" for k, v in stack.addresses.items()))
+        out = run_demo(stack.addresses, dataset=args.dataset, records=args.records, models=args.models,
+                       shadow_models=args.shadow_models, method=args.method, seed=args.seed, console=console)
+    out["timings"]["wall_s"] = time.perf_counter() - t0
+    if args.report_dir:
+        for path in write_report(out, args.report_dir):
+            console.log(f"wrote {path}")
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_report(out, Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        return cmd_demo(args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"ftps-stack: error: {exc}", file=sys.stderr)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``ftps-stack demo``: the whole FT-PrivacyScore flow on the embedded stack, on real data.
+
+builder: register a task (base model pretrained on the builder's split, cached; default strategy;
+builder data) -> preparation stage (k shadow models, offline Gaussian) -> two contributors submit
+records from a disjoint split -> the batch threshold starts a round -> n models fine-tuned -> every
+record scored -> per-record table and batch metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clients.api import BuilderClient, ContributorClient, batch_dict, score_dict
+from ftps.common import serde
+from ftps.v1 import common_pb2
+
+STRATEGIES = Path(__file__).resolve().parents[2] / "clients" / "strategies"
+DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py"}
+BUILDER_DATA_MAX = 4000
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTPS_CACHE_DIR", Path.home() / ".cache" / "ftps"))
+
+
+def base_model(dataset: str, strategy_source: str, x: np.ndarray, y: np.ndarray, *, seed: int,
+               progress: Progress) -> tuple[bytes, bool]:
+    """The base model M0, pretrained on the builder's own split once and cached by content."""
+    from ftps.ml.pretrain import pretrain_base_model
+
+    digest = hashlib.sha256(f"{dataset}:{seed}:{len(x)}:".encode() + strategy_source.encode()).hexdigest()
+    path = cache_dir() / f"base-{dataset}-{digest[:16]}.safetensors"
+    if path.exists():
+        return path.read_bytes(), True
+    job = progress.add_task(f"pretraining the base model on {len(x)} {dataset} images", total=None)
+
+    def on_epoch(done: int, total: int) -> None:
+        progress.update(job, completed=done, total=total)
+
+    weights = pretrain_base_model(strategy_source, x, y, seed=seed, progress=on_epoch)
+    progress.remove_task(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(weights)
+    tmp.replace(path)
+    return weights, False
+
+
+def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: int, shadow_models: int,
+             method: str, seed: int, console: Console) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    strategy_source = (STRATEGIES / DATASET_STRATEGY[dataset]).read_text()
+    from ftps.ml.datasets import demo_splits
+
+    splits = demo_splits(dataset, seed=seed)
+    cx, cy = splits["contributors"]
+    if records > len(cx):
+        raise ValueError(f"--records {records}: the {dataset} contributor split has only {len(cx)} records")
+    pick = np.random.default_rng(seed + 1).choice(len(cx), size=records, replace=False)
+    cx, cy = cx[pick], cy[pick]
+    bx, by = splits["builder"]
+    bx, by = bx[:BUILDER_DATA_MAX], by[:BUILDER_DATA_MAX]
+
+    builder = BuilderClient(registry=addresses["registry"], gateway=addresses["gateway"],
+                            scorer=addresses["scorer"])
+    alice = ContributorClient(gateway=addresses["gateway"], contributor="alice")
+    bob = ContributorClient(gateway=addresses["gateway"], contributor="bob")
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    try:
+        with progress:
+            t = time.perf_counter()
+            weights, cached = base_model(dataset, strategy_source, *splits["pretrain"], seed=seed,
+                                         progress=progress)
+            timings["base_model_s"] = time.perf_counter() - t
+            console.log(f"base model: {'cached' if cached else 'pretrained'} "
+                        f"({len(weights) / 1e6:.1f} MB, {timings['base_model_s']:.1f}s)")
+
+            settings = common_pb2.TaskSettings(
+                n_models=models, batch_threshold=records, method=serde.method_enum(method),
+                shadow_models=shadow_models, record_shape=list(cx.shape[1:]), num_classes=10,
+                seed=seed, models_per_job=max(1, min(8, models // 4)))
+            task = builder.create_task(f"{dataset} demo", settings, owner="builder")
+            builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
+            builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy_source.encode())
+            builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(bx, by))
+            console.log(f"task {task.task_id} registered: n={models} models, m={records} records, "
+                        f"k={shadow_models} shadow models, method {method}")
+
+            t = time.perf_counter()
+            prep = progress.add_task(f"preparation stage: {shadow_models} shadow fine-tunes", total=None)
+            offline = builder.prepare_offline(task.task_id)
+            progress.remove_task(prep)
+            timings["preparation_s"] = time.perf_counter() - t
+            console.log(f"offline Gaussian: mu={offline.mu:.3f} sigma={offline.sigma:.3f} "
+                        f"(k={offline.k}, {offline.n_values} statistics, {timings['preparation_s']:.1f}s)")
+
+            t = time.perf_counter()
+            half = records // 2
+            alice.submit(task.task_id, cx[:half], cy[:half], idempotency_key="demo-alice")
+            sub = bob.submit(task.task_id, cx[half:], cy[half:], idempotency_key="demo-bob")
+            console.log(f"alice submitted {half} records, bob {records - half}; "
+                        f"{sub.pending_in_task} pending (threshold m={records})")
+            round_id = _await_round(bob, sub.submission_id)
+            ft = progress.add_task(f"round {round_id}: fine-tuning", total=models)
+            for status in builder.watch_round(round_id):
+                progress.update(ft, completed=status.models_done,
+                                description=f"round {round_id}: {common_pb2.RoundState.Name(status.state).removeprefix('ROUND_STATE_').lower()}")
+                if status.state == common_pb2.ROUND_STATE_FAILED:
+                    raise RuntimeError(f"round {round_id} failed: {status.message}")
+            progress.remove_task(ft)
+            timings["round_s"] = time.perf_counter() - t
+        result = builder.get_round(round_id)
+        mine = {c.contributor: c.scores(task.task_id, round_id) for c in (alice, bob)}
+    finally:
+        for c in (builder, alice, bob):
+            c.close()
+    timings.update({k: float(v) for k, v in result.timings.items()})
+    timings["demo_total_s"] = time.perf_counter() - t_start
+    scores = sorted(mine["alice"] + mine["bob"], key=lambda s: s.index)
+    return {
+        "task": task.task_id, "round": round_id, "dataset": dataset, "method": method,
+        "records": [score_dict(s) for s in scores],
+        "batch": batch_dict(result.batch),
+        "methods": [batch_dict(b) for b in result.method_metrics],
+        "offline": {"mu": offline.mu, "sigma": offline.sigma, "k": offline.k, "fitted_at": offline.fitted_at},
+        "timings": timings,
+        "roc": {"fpr": list(result.batch.roc_fpr), "tpr": list(result.batch.roc_tpr)},
+    }
+
+
+def _await_round(client: ContributorClient, submission_id: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sub = client.get_submission(submission_id)
+        if sub.round_id:
+            return sub.round_id
+        time.sleep(0.2)
+    raise RuntimeError("the batch threshold was reached but no round started")
+
+
+def print_report(out: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"Privacy scores — task {out['task']}, round {out['round']}, method {out['method']}")
+    for col, just in (("record", "left"), ("contributor", "left"), ("score P", "right"),
+                      ("95% interval", "right"), ("n_in/n_out", "right"), ("AUC", "right")):
+        table.add_column(col, justify=just)
+    for r in out["records"]:
+        style = "bold red" if r["ci_low"] > 0.5 else ("yellow" if r["ci_low"] > 0 else None)
+        table.add_row(r["record_id"], r["contributor"], f"{r['score']:+.3f}",
+                      f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]", f"{r['n_in']}/{r['n_out']}",
+                      f"{r['auc']:.2f}", style=style)
+    console.print(table)
+    scores = np.array([r["score"] for r in out["records"]])
+    lows = np.array([r["ci_low"] for r in out["records"]])
+    console.print(f"{len(scores)} records: mean score {scores.mean():+.3f}, median {np.median(scores):+.3f}, "
+                  f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with an interval above 0 "
+                  f"(identifiable more often than chance)")
+    m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
+    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
+        m.add_column(col, justify="left" if col == "method" else "right")
+    for b in out["methods"]:
+        name = b["method"] + (" (headline)" if b["method"] == out["method"] else "")
+        m.add_row(name, f"{b['auc']:.3f}", f"{b['tpr_at_1pct_fpr']:.3f}", f"{b['tpr_at_0_1pct_fpr']:.3f}",
+                  f"{b['mean_score']:+.3f}")
+    console.print(m)
+    t = out["timings"]
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+
+
+def write_report(out: dict[str, Any], report_dir: Path) -> list[Path]:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = [report_dir / "result.json", report_dir / "scores.csv"]
+    written[0].write_text(json.dumps(out, indent=2))
+    with written[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out["records"][0]))
+        w.writeheader()
+        w.writerows(out["records"])
+    from services.lira_scorer import plots
+
+    recs = out["records"]
+    plots.roc_curves_png([(f"{out['method']}  AUC={out['batch']['auc']:.3f}  "
+                           f"TPR@1%FPR={out['batch']['tpr_at_1pct_fpr']:.3f}",
+                           out["roc"]["fpr"], out["roc"]["tpr"])],
+                         title=f"ROC, round {out['round']} (n={out['batch']['n_models']}, m={len(recs)})",
+                         path=report_dir / "roc.png")
+    plots.scores_with_intervals_png([r["score"] for r in recs], [r["ci_low"] for r in recs],
+                                    [r["ci_high"] for r in recs],
+                                    title=f"Privacy scores, {out['dataset']} round {out['round']} ({out['method']})",
+                                    path=report_dir / "scores.png")
+    return written + [report_dir / "roc.png", report_dir / "scores.png"]

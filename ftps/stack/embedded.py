@@ -1,0 +1,82 @@
+"""The embedded default: an S3-protocol store and the four services in one process, on loopback.
+
+The same ``create_server`` functions run each service on its own (``python -m services.X``) and as
+pods; here they share a process and talk gRPC over 127.0.0.1 exactly as they would apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ftps.common import grpcutil
+from ftps.common.embedded_s3 import EmbeddedS3
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"gateway": 50051, "registry": 50052, "scorer": 50053, "worker": 50054, "s3": 9000}
+
+
+@dataclass
+class EmbeddedStack:
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    bucket: str = "ftps"
+    worker_settings: dict = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    _servers: list[grpcutil.Server] = field(default_factory=list)
+    _s3: EmbeddedS3 | None = None
+
+    def start(self) -> dict[str, str]:
+        from services.builder_registry.__main__ import create_server as registry_server
+        from services.builder_registry.config import RegistrySettings
+        from services.contributor_gateway.__main__ import create_server as gateway_server
+        from services.contributor_gateway.config import GatewaySettings
+        from services.finetune_worker.__main__ import create_server as worker_server
+        from services.finetune_worker.config import WorkerSettings
+        from services.lira_scorer.__main__ import create_server as scorer_server
+        from services.lira_scorer.config import ScorerSettings
+
+        try:
+            self._s3 = EmbeddedS3(self.host, self.ports["s3"])
+            self.addresses["s3"] = self._s3.start()
+            common = dict(s3_endpoint=self.addresses["s3"], s3_bucket=self.bucket,
+                          s3_access_key="ftps", s3_secret_key="ftps-secret-key")
+            self.addresses["registry"] = self._serve(
+                registry_server(RegistrySettings(**common)), "registry")
+            self.addresses["worker"] = self._serve(
+                worker_server(WorkerSettings(**common, **self.worker_settings)), "worker")
+            self.addresses["scorer"] = self._serve(scorer_server(ScorerSettings(
+                **common, registry_addr=self.addresses["registry"], worker_addrs=self.addresses["worker"])),
+                "scorer")
+            self.addresses["gateway"] = self._serve(gateway_server(GatewaySettings(
+                **common, registry_addr=self.addresses["registry"], scorer_addr=self.addresses["scorer"])),
+                "gateway")
+        except BaseException:
+            self.stop()
+            raise
+        return self.addresses
+
+    def _serve(self, server: grpcutil.Server, name: str) -> str:
+        listen = f"{self.host}:{self.ports[name]}"
+        try:
+            port = server.start(listen)
+        except (OSError, RuntimeError) as exc:
+            raise OSError(f"{name}: cannot listen on {listen} ({exc}); pick another port") from exc
+        self._servers.append(server)
+        return f"{self.host}:{port}"
+
+    def stop(self) -> None:
+        for server in reversed(self._servers):
+            server.stop(grace=1.0)
+        self._servers.clear()
+        if self._s3 is not None:
+            self._s3.stop()
+            self._s3 = None
+
+    def __enter__(self) -> "EmbeddedStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

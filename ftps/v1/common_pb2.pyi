@@ -1,0 +1,239 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+
+class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METHOD_UNSPECIFIED: _ClassVar[Method]
+    METHOD_OFFLINE_GLOBAL: _ClassVar[Method]
+    METHOD_OFFLINE_PER_RECORD: _ClassVar[Method]
+    METHOD_ONLINE_PER_RECORD: _ClassVar[Method]
+    METHOD_RMIA: _ClassVar[Method]
+
+class BlobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BLOB_KIND_UNSPECIFIED: _ClassVar[BlobKind]
+    BLOB_KIND_BASE_MODEL: _ClassVar[BlobKind]
+    BLOB_KIND_STRATEGY: _ClassVar[BlobKind]
+    BLOB_KIND_BUILDER_DATA: _ClassVar[BlobKind]
+
+class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_STATE_UNSPECIFIED: _ClassVar[RoundState]
+    ROUND_STATE_PENDING: _ClassVar[RoundState]
+    ROUND_STATE_PREPARING: _ClassVar[RoundState]
+    ROUND_STATE_FINETUNING: _ClassVar[RoundState]
+    ROUND_STATE_SCORING: _ClassVar[RoundState]
+    ROUND_STATE_DONE: _ClassVar[RoundState]
+    ROUND_STATE_FAILED: _ClassVar[RoundState]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_UINT8: DType
+DTYPE_INT64: DType
+DTYPE_BOOL: DType
+METHOD_UNSPECIFIED: Method
+METHOD_OFFLINE_GLOBAL: Method
+METHOD_OFFLINE_PER_RECORD: Method
+METHOD_ONLINE_PER_RECORD: Method
+METHOD_RMIA: Method
+BLOB_KIND_UNSPECIFIED: BlobKind
+BLOB_KIND_BASE_MODEL: BlobKind
+BLOB_KIND_STRATEGY: BlobKind
+BLOB_KIND_BUILDER_DATA: BlobKind
+ROUND_STATE_UNSPECIFIED: RoundState
+ROUND_STATE_PENDING: RoundState
+ROUND_STATE_PREPARING: RoundState
+ROUND_STATE_FINETUNING: RoundState
+ROUND_STATE_SCORING: RoundState
+ROUND_STATE_DONE: RoundState
+ROUND_STATE_FAILED: RoundState
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Records(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    y: Tensor
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BlobRef(_message.Message):
+    __slots__ = ("bucket", "key", "sha256", "size", "version")
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    bucket: str
+    key: str
+    sha256: str
+    size: int
+    version: int
+    def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class TaskSettings(_message.Message):
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job")
+    N_MODELS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_MODELS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BUILDER_MIX_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    n_models: int
+    batch_threshold: int
+    method: Method
+    alpha: float
+    shadow_models: int
+    fixed_variance: bool
+    record_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    builder_mix: int
+    seed: int
+    models_per_job: int
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ...) -> None: ...
+
+class RoundStatus(_message.Message):
+    __slots__ = ("task_id", "round_id", "state", "models_done", "models_total", "message", "n_records")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_DONE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    N_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    round_id: str
+    state: RoundState
+    models_done: int
+    models_total: int
+    message: str
+    n_records: int
+    def __init__(self, task_id: _Optional[str] = ..., round_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., models_done: _Optional[int] = ..., models_total: _Optional[int] = ..., message: _Optional[str] = ..., n_records: _Optional[int] = ...) -> None: ...
+
+class RecordScore(_message.Message):
+    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "ci_low", "ci_high", "n_in", "n_out", "auc", "model_score", "mu_in", "sigma_in", "mu_out", "sigma_out", "method")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    N_IN_FIELD_NUMBER: _ClassVar[int]
+    N_OUT_FIELD_NUMBER: _ClassVar[int]
+    AUC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MU_IN_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_IN_FIELD_NUMBER: _ClassVar[int]
+    MU_OUT_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_OUT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    contributor: str
+    round_id: str
+    index: int
+    score: float
+    ci_low: float
+    ci_high: float
+    n_in: int
+    n_out: int
+    auc: float
+    model_score: float
+    mu_in: float
+    sigma_in: float
+    mu_out: float
+    sigma_out: float
+    method: Method
+    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., model_score: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
+
+class BatchMetrics(_message.Message):
+    __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    N_MODELS_FIELD_NUMBER: _ClassVar[int]
+    N_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    AUC_FIELD_NUMBER: _ClassVar[int]
+    TPR_AT_1PCT_FPR_FIELD_NUMBER: _ClassVar[int]
+    TPR_AT_0_1PCT_FPR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ROC_FPR_FIELD_NUMBER: _ClassVar[int]
+    ROC_TPR_FIELD_NUMBER: _ClassVar[int]
+    method: Method
+    n_models: int
+    n_records: int
+    auc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_0_1pct_fpr: float
+    mean_score: float
+    roc_fpr: _containers.RepeatedScalarFieldContainer[float]
+    roc_tpr: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ..., auc: _Optional[float] = ..., tpr_at_1pct_fpr: _Optional[float] = ..., tpr_at_0_1pct_fpr: _Optional[float] = ..., mean_score: _Optional[float] = ..., roc_fpr: _Optional[_Iterable[float]] = ..., roc_tpr: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class OfflineGaussian(_message.Message):
+    __slots__ = ("task_id", "mu", "sigma", "k", "n_values", "fitted_at", "base_model_sha256")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    N_VALUES_FIELD_NUMBER: _ClassVar[int]
+    FITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    mu: float
+    sigma: float
+    k: int
+    n_values: int
+    fitted_at: str
+    base_model_sha256: str
+    def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[str] = ..., base_model_sha256: _Optional[str] = ...) -> None: ...
+
+class RoundResult(_message.Message):
+    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_METRICS_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    status: RoundStatus
+    scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
+    batch: BatchMetrics
+    timings: _containers.ScalarMap[str, float]
+    method_metrics: _containers.RepeatedCompositeFieldContainer[BatchMetrics]
+    offline: OfflineGaussian
+    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,70 @@
+from ftps.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelSpec(_message.Message):
+    __slots__ = ("index", "seed", "mask")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    seed: int
+    mask: bytes
+    def __init__(self, index: _Optional[int] = ..., seed: _Optional[int] = ..., mask: _Optional[bytes] = ...) -> None: ...
+
+class FinetuneJob(_message.Message):
+    __slots__ = ("task_id", "job_id", "base_model", "strategy", "builder_data", "records", "eval_records", "models", "builder_mix")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BUILDER_DATA_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BUILDER_MIX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    job_id: str
+    base_model: _common_pb2.BlobRef
+    strategy: _common_pb2.BlobRef
+    builder_data: _common_pb2.BlobRef
+    records: _common_pb2.BlobRef
+    eval_records: _common_pb2.BlobRef
+    models: _containers.RepeatedCompositeFieldContainer[ModelSpec]
+    builder_mix: int
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., eval_records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., builder_mix: _Optional[int] = ...) -> None: ...
+
+class FinetuneResult(_message.Message):
+    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INDICES_FIELD_NUMBER: _ClassVar[int]
+    PHI_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_indices: _containers.RepeatedScalarFieldContainer[int]
+    phi: _common_pb2.Tensor
+    device: str
+    seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("device", "torch_version", "threads", "worker_id")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    torch_version: str
+    threads: int
+    worker_id: str
+    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...

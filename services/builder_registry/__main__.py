@@ -1,0 +1,46 @@
+"""python -m services.builder_registry — serve the builder registry."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ftps.common import grpcutil
+from ftps.common.log import setup_logging
+from ftps.common.settings import load_settings
+from ftps.common.storage import ObjectStore
+from ftps.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.builder_registry.config import RegistrySettings
+from services.builder_registry.registry import Registry
+from services.builder_registry.servicer import BuilderRegistryServicer
+
+MiB = 1024 * 1024
+
+
+def create_server(settings: RegistrySettings) -> grpcutil.Server:
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    registry = Registry(store, max_bytes={
+        common_pb2.BLOB_KIND_BASE_MODEL: settings.max_base_model_mb * MiB,
+        common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
+        common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
+    })
+    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
+               BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(RegistrySettings, argv, prog="python -m services.builder_registry",
+                             description="FT-PrivacyScore builder registry")
+    setup_logging(settings.log_level)
+    server = create_server(settings)
+    port = server.start(settings.listen)
+    logging.getLogger(__name__).info("builder registry listening on port %d", port)
+    grpcutil.serve_until_signal(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Modelling tasks and their blobs: the builder registry's domain logic (no gRPC here).
+
+Object layout (bucket ``FTPS_S3_BUCKET``)::
+
+    registry/tasks/{task_id}/task.json                        the Task (protobuf JSON)
+    registry/tasks/{task_id}/{kind}/v{version}/{file}         base-model.safetensors, strategy.py,
+                                                              builder-data.npz
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import uuid
+from typing import Iterable, Iterator
+
+import numpy as np
+from google.protobuf import json_format
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+
+from ftps.common import serde
+from ftps.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ftps.common.records import validate_records
+from ftps.common.storage import ObjectStore, check_id
+from ftps.v1 import common_pb2, registry_pb2
+
+log = logging.getLogger(__name__)
+
+PREFIX = "registry/tasks/"
+_FILES = {
+    common_pb2.BLOB_KIND_BASE_MODEL: ("base-model", "base-model.safetensors"),
+    common_pb2.BLOB_KIND_STRATEGY: ("strategy", "strategy.py"),
+    common_pb2.BLOB_KIND_BUILDER_DATA: ("builder-data", "builder-data.npz"),
+}
+_FIELD = {
+    common_pb2.BLOB_KIND_BASE_MODEL: "base_model",
+    common_pb2.BLOB_KIND_STRATEGY: "strategy",
+    common_pb2.BLOB_KIND_BUILDER_DATA: "builder_data",
+}
+
+DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLINE_PER_RECORD,
+                alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4)
+MAX_MODELS = 4096
+MAX_RECORDS = 100_000
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
+    """Fill unset (zero) fields with defaults and check every field; InvalidArgument names it."""
+    s = common_pb2.TaskSettings()
+    s.CopyFrom(settings)
+    for name, value in DEFAULTS.items():
+        if not getattr(s, name):
+            setattr(s, name, value)
+    if s.n_models < 4 or s.n_models % 2 or s.n_models > MAX_MODELS:
+        raise InvalidArgument(f"settings.n_models must be even and in [4, {MAX_MODELS}], got {s.n_models}")
+    if not 2 <= s.batch_threshold <= MAX_RECORDS:
+        raise InvalidArgument(f"settings.batch_threshold must be in [2, {MAX_RECORDS}], got {s.batch_threshold}")
+    if s.method not in serde.METHOD_NAMES:
+        raise InvalidArgument(f"settings.method {s.method} is not a known method")
+    if not 0.0 < s.alpha < 0.5:
+        raise InvalidArgument(f"settings.alpha must be in (0, 0.5), got {s.alpha}")
+    if not 2 <= s.shadow_models <= MAX_MODELS:
+        raise InvalidArgument(f"settings.shadow_models must be in [2, {MAX_MODELS}], got {s.shadow_models}")
+    if not s.record_shape or len(s.record_shape) > 4 or any(d <= 0 or d > 4096 for d in s.record_shape):
+        raise InvalidArgument(
+            f"settings.record_shape must be 1-4 positive dims, got {list(s.record_shape)}")
+    if not 2 <= s.num_classes <= 100_000:
+        raise InvalidArgument(f"settings.num_classes must be in [2, 100000], got {s.num_classes}")
+    if s.builder_mix < 0:
+        raise InvalidArgument(f"settings.builder_mix must be >= 0, got {s.builder_mix}")
+    if not 1 <= s.models_per_job <= s.n_models:
+        raise InvalidArgument(f"settings.models_per_job must be in [1, n_models], got {s.models_per_job}")
+    return s
+
+
+class Registry:
+    def __init__(self, store: ObjectStore, *, max_bytes: dict[int, int]) -> None:
+        self._store = store
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._tasks: dict[str, registry_pb2.Task] = {}
+        for key in store.list_keys(PREFIX):
+            if key.endswith("/task.json"):
+                task = json_format.Parse(store.get_bytes(key), registry_pb2.Task())
+                self._tasks[task.task_id] = task
+        log.info("registry: %d task(s) loaded", len(self._tasks))
+
+    def _save(self, task: registry_pb2.Task) -> None:
+        task.ready = all(getattr(task, f).key for f in _FIELD.values())
+        self._store.put_bytes(f"{PREFIX}{task.task_id}/task.json",
+                              json_format.MessageToJson(task).encode(), content_type="application/json")
+        self._tasks[task.task_id] = task
+
+    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str = "") -> registry_pb2.Task:
+        if not name or len(name) > 200:
+            raise InvalidArgument("name is required (at most 200 characters)")
+        if owner:
+            check_id(owner, "owner")
+        task = registry_pb2.Task(task_id="t-" + uuid.uuid4().hex[:12], name=name, owner=owner,
+                                 settings=with_defaults(settings), created_at=now())
+        with self._lock:
+            self._save(task)
+        log.info("task %s created (%s)", task.task_id, name)
+        return task
+
+    def get_task(self, task_id: str) -> registry_pb2.Task:
+        check_id(task_id, "task_id")
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task
+
+    def list_tasks(self) -> list[registry_pb2.Task]:
+        return sorted(self._tasks.values(), key=lambda t: t.created_at)
+
+    def upload(self, header: registry_pb2.UploadHeader, chunks: Iterable[bytes]) -> common_pb2.BlobRef:
+        """Receive a blob, verify declared size and sha256, validate its content, then store it."""
+        task = self.get_task(header.task_id)
+        if header.kind not in _FILES:
+            raise InvalidArgument(f"header.kind {header.kind} is not a blob kind")
+        limit = self._max_bytes[header.kind]
+        if header.size <= 0:
+            raise InvalidArgument("header.size must be the positive total size in bytes")
+        if header.size > limit:
+            raise ResourceExhausted(f"header.size {header.size} exceeds the limit of {limit} bytes "
+                                    f"for {_FILES[header.kind][0]}")
+        if len(header.sha256) != 64 or any(c not in "0123456789abcdef" for c in header.sha256):
+            raise InvalidArgument("header.sha256 must be 64 lowercase hex characters")
+        digest = hashlib.sha256()
+        parts: list[bytes] = []
+        received = 0
+        for chunk in chunks:
+            received += len(chunk)
+            if received > header.size:
+                raise InvalidArgument(f"upload is larger than its declared size {header.size}")
+            digest.update(chunk)
+            parts.append(chunk)
+        if received != header.size:
+            raise InvalidArgument(f"upload ended after {received} of {header.size} declared bytes")
+        if digest.hexdigest() != header.sha256:
+            raise InvalidArgument(f"upload sha256 {digest.hexdigest()} does not match the declared {header.sha256}")
+        data = b"".join(parts)
+        _validate_blob(header.kind, data, task.settings)
+        with self._lock:
+            task = registry_pb2.Task()
+            task.CopyFrom(self._tasks[header.task_id])
+            field = _FIELD[header.kind]
+            version = getattr(task, field).version + 1
+            folder, filename = _FILES[header.kind]
+            ref = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/v{version}/{filename}",
+                                        data, version=version)
+            getattr(task, field).CopyFrom(ref)
+            self._save(task)
+        log.info("task %s: %s v%d stored (%d bytes)", task.task_id, folder, version, len(data))
+        return ref
+
+
+def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings) -> None:
+    if kind == common_pb2.BLOB_KIND_BASE_MODEL:
+        # safetensors only: a header plus raw tensors, never a pickle.
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError, Exception) as exc:  # noqa: BLE001
+            raise InvalidArgument(f"base model is not a valid safetensors file: {exc}") from exc
+        if not tensors:
+            raise InvalidArgument("base model holds no tensors")
+        for name, t in tensors.items():
+            if t.dtype.kind == "f" and not np.isfinite(t).all():
+                raise InvalidArgument(f"base model tensor {name} holds NaN or infinite values")
+    elif kind == common_pb2.BLOB_KIND_STRATEGY:
+        try:
+            source = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"strategy is not UTF-8 Python source: {exc}") from exc
+        try:
+            compile(source, "strategy.py", "exec")  # syntax only; it runs in the worker's sandbox
+        except SyntaxError as exc:
+            raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}") from exc
+    elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
+        arrays = serde.npz_arrays(data)
+        if "x" not in arrays or "y" not in arrays:
+            raise InvalidArgument("builder data must be an npz with arrays x and y")
+        x, y = validate_records(arrays["x"], arrays["y"], settings, field="builder_data")
+        if len(x) < 8:
+            raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed")
+
+
+def iter_upload(request_iterator: Iterator[registry_pb2.UploadBlobRequest]):
+    """Split an upload stream into its header and an iterator of chunks (InvalidArgument if malformed)."""
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("the first upload message must be the header")
+
+    def chunks() -> Iterator[bytes]:
+        for msg in request_iterator:
+            if msg.WhichOneof("part") != "chunk":
+                raise InvalidArgument("only chunks may follow the upload header")
+            yield msg.chunk
+
+    return first.header, chunks()
+
+
+def require_ready(task: registry_pb2.Task) -> None:
+    missing = [f for f in _FIELD.values() if not getattr(task, f).key]
+    if missing:
+        raise FailedPrecondition(f"task {task.task_id} is missing uploads: {', '.join(missing)}")

@@ -1,0 +1,29 @@
+"""Thin gRPC layer over :mod:`services.builder_registry.registry`."""
+
+from __future__ import annotations
+
+from ftps.common.grpcutil import rpc
+from ftps.v1 import registry_pb2, registry_pb2_grpc
+from services.builder_registry.registry import Registry, iter_upload
+
+
+class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    @rpc
+    def CreateTask(self, request, context):
+        return self.registry.create_task(request.name, request.settings, request.owner)
+
+    @rpc
+    def GetTask(self, request, context):
+        return self.registry.get_task(request.task_id)
+
+    @rpc
+    def ListTasks(self, request, context):
+        return registry_pb2.ListTasksResponse(tasks=self.registry.list_tasks())
+
+    @rpc
+    def UploadBlob(self, request_iterator, context):
+        header, chunks = iter_upload(request_iterator)
+        return self.registry.upload(header, chunks)

@@ -1,0 +1,78 @@
+"""python -m services.contributor_gateway — serve the contributor gateway."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterator
+
+import grpc
+
+from ftps.common import grpcutil
+from ftps.common.errors import from_rpc_error
+from ftps.common.log import setup_logging
+from ftps.common.registry_client import registry_getter
+from ftps.common.settings import load_settings
+from ftps.common.storage import ObjectStore
+from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
+from services.contributor_gateway.config import GatewaySettings
+from services.contributor_gateway.gateway import Gateway
+from services.contributor_gateway.servicer import ContributorGatewayServicer
+
+
+class ScorerClient:
+    """The gateway's :class:`ScorerPort` over gRPC; statuses relayed as domain errors."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = scorer_pb2_grpc.LiraScorerStub(channel)
+
+    def start_round(self, task_id, round_id, batch, record_ids, contributors) -> common_pb2.RoundStatus:
+        try:
+            return self._stub.StartRound(scorer_pb2.ScorerStartRoundRequest(
+                task_id=task_id, round_id=round_id, batch=batch, record_ids=record_ids,
+                contributors=contributors), timeout=60, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
+    def watch_round(self, round_id: str) -> Iterator[common_pb2.RoundStatus]:
+        try:
+            yield from self._stub.WatchRound(scorer_pb2.ScorerRoundRequest(round_id=round_id),
+                                             wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
+    def get_result(self, round_id: str) -> common_pb2.RoundResult:
+        try:
+            return self._stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=round_id), timeout=60,
+                                        wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
+
+def create_server(settings: GatewaySettings) -> grpcutil.Server:
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    registry = grpcutil.make_channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
+    scorer = grpcutil.make_channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
+    gateway = Gateway(store, registry_getter(registry), ScorerClient(scorer),
+                      max_records_per_request=settings.max_records_per_request,
+                      max_pending_per_contributor=settings.max_pending_per_contributor)
+    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
+               ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(GatewaySettings, argv, prog="python -m services.contributor_gateway",
+                             description="FT-PrivacyScore contributor gateway")
+    setup_logging(settings.log_level)
+    server = create_server(settings)
+    port = server.start(settings.listen)
+    logging.getLogger(__name__).info("contributor gateway listening on port %d", port)
+    grpcutil.serve_until_signal(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""python -m services.finetune_worker — serve a stateless fine-tune worker."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+from ftps.common import grpcutil
+from ftps.common.log import setup_logging
+from ftps.common.settings import load_settings
+from ftps.common.storage import ObjectStore
+from ftps.v1 import worker_pb2, worker_pb2_grpc
+from services.finetune_worker.config import WorkerSettings
+from services.finetune_worker.servicer import FinetuneWorkerServicer
+from services.finetune_worker.worker import Worker, pick_device
+
+MiB = 1024 * 1024
+
+
+def create_server(settings: WorkerSettings) -> grpcutil.Server:
+    import torch
+
+    device = pick_device(settings.device)
+    store = ObjectStore(settings)
+    worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
+                    timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
+                    cache_bytes=settings.blob_cache_mb * MiB)
+    info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
+                                 threads=torch.get_num_threads(),
+                                 worker_id=settings.worker_id or f"{socket.gethostname()}")
+    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
+               FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(WorkerSettings, argv, prog="python -m services.finetune_worker",
+                             description="FT-PrivacyScore fine-tune worker (stateless)")
+    setup_logging(settings.log_level)
+    server = create_server(settings)
+    port = server.start(settings.listen)
+    logging.getLogger(__name__).info("fine-tune worker listening on port %d", port)
+    grpcutil.serve_until_signal(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

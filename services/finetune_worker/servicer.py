@@ -1,0 +1,21 @@
+"""Thin gRPC layer over :mod:`services.finetune_worker.worker`."""
+
+from __future__ import annotations
+
+from ftps.common.grpcutil import rpc
+from ftps.v1 import worker_pb2, worker_pb2_grpc
+from services.finetune_worker.worker import Worker
+
+
+class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServicer):
+    def __init__(self, worker: Worker, info: worker_pb2.WorkerInfo) -> None:
+        self.worker = worker
+        self.info = info
+
+    @rpc
+    def RunJob(self, request, context):
+        return self.worker.run_job(request)
+
+    @rpc
+    def GetInfo(self, request, context):
+        return self.info

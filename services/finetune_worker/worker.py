@@ -1,0 +1,120 @@
+"""The fine-tune worker's domain logic: validate a job, fetch its blobs, run it in the sandbox."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import numpy as np
+
+from ftps.common.errors import FailedPrecondition, InvalidArgument
+from ftps.common.serde import tensor_from_array
+from ftps.common.storage import ObjectStore
+from ftps.ml.datasets import load_records
+from ftps.ml.strategy import EngineError
+from ftps.v1 import common_pb2, worker_pb2
+from services.finetune_worker.sandbox import SandboxError, run_sandboxed
+
+log = logging.getLogger(__name__)
+
+MAX_MODELS_PER_JOB = 1024
+
+
+class BlobCache:
+    """Blobs by sha256 (content-addressed, so never stale), least recently used evicted first."""
+
+    def __init__(self, store: ObjectStore, max_bytes: int) -> None:
+        self._store = store
+        self._max = max_bytes
+        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: common_pb2.BlobRef, field: str) -> bytes:
+        if not ref.key or not ref.sha256:
+            raise InvalidArgument(f"job.{field} is required (key and sha256)")
+        with self._lock:
+            if ref.sha256 in self._items:
+                self._items.move_to_end(ref.sha256)
+                return self._items[ref.sha256]
+        data = self._store.get_ref(ref)
+        with self._lock:
+            self._items[ref.sha256] = data
+            while sum(len(v) for v in self._items.values()) > self._max and len(self._items) > 1:
+                self._items.popitem(last=False)
+        return data
+
+
+class Worker:
+    def __init__(self, store: ObjectStore, *, device: str, max_concurrent_jobs: int,
+                 timeout_s: float, memory_mb: int, cache_bytes: int) -> None:
+        self.device = device
+        self._cache = BlobCache(store, cache_bytes)
+        self._slots = threading.Semaphore(max_concurrent_jobs)
+        self._timeout_s = timeout_s
+        self._memory_mb = memory_mb
+
+    def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        if not job.models:
+            raise InvalidArgument("job.models is empty")
+        if len(job.models) > MAX_MODELS_PER_JOB:
+            raise InvalidArgument(f"job.models has {len(job.models)} models; at most {MAX_MODELS_PER_JOB}")
+        if job.builder_mix < 0:
+            raise InvalidArgument("job.builder_mix must be >= 0")
+        strategy = self._cache.get(job.strategy, "strategy")
+        weights = self._cache.get(job.base_model, "base_model")
+        train_x, train_y = _records(self._cache.get(job.records, "records"), "records")
+        if job.eval_records.key:
+            eval_x, eval_y = _records(self._cache.get(job.eval_records, "eval_records"), "eval_records")
+        else:
+            eval_x, eval_y = train_x, train_y
+        builder_x = builder_y = None
+        if job.builder_mix:
+            builder_x, builder_y = _records(self._cache.get(job.builder_data, "builder_data"), "builder_data")
+        models = []
+        for i, spec in enumerate(job.models):
+            mask = np.frombuffer(spec.mask, dtype=np.uint8)
+            if len(mask) != len(train_x):
+                raise InvalidArgument(f"job.models[{i}].mask has {len(mask)} entries for {len(train_x)} records")
+            if mask.max(initial=0) > 1:
+                raise InvalidArgument(f"job.models[{i}].mask must hold only 0 and 1")
+            models.append((spec.index, spec.seed, mask.astype(bool)))
+        try:
+            source = strategy.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
+        with self._slots:
+            t0 = time.perf_counter()
+            try:
+                phi = run_sandboxed(strategy_source=source, base_weights=weights,
+                                    train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y,
+                                    models=models, builder_x=builder_x, builder_y=builder_y,
+                                    builder_mix=job.builder_mix, device=self.device,
+                                    timeout_s=self._timeout_s, memory_mb=self._memory_mb)
+            except (EngineError, SandboxError) as exc:
+                # The task's strategy, weights or data are at fault, not the worker: a task error.
+                raise FailedPrecondition(f"job {job.job_id} failed: {exc}") from exc
+            seconds = time.perf_counter() - t0
+        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s", job.job_id, len(models),
+                 len(eval_x), seconds, self.device)
+        return worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[m[0] for m in models],
+                                         phi=tensor_from_array(np.asarray(phi, dtype=np.float64)),
+                                         device=self.device, seconds=seconds)
+
+
+def _records(data: bytes, field: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return load_records(data)
+    except ValueError as exc:
+        raise InvalidArgument(f"job.{field}: {exc}") from exc
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"device {requested} requested but CUDA is not available")
+    return requested

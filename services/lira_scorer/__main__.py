@@ -1,0 +1,47 @@
+"""python -m services.lira_scorer — serve the LiRA scorer."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ftps.common import grpcutil
+from ftps.common.log import setup_logging
+from ftps.common.registry_client import registry_getter
+from ftps.common.settings import load_settings
+from ftps.common.storage import ObjectStore
+from ftps.v1 import scorer_pb2, scorer_pb2_grpc
+from services.lira_scorer.config import ScorerSettings
+from services.lira_scorer.rounds import Scorer
+from services.lira_scorer.servicer import LiraScorerServicer
+from services.lira_scorer.workers import WorkerPool
+
+
+def create_server(settings: ScorerSettings) -> grpcutil.Server:
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
+    pool = WorkerPool(targets, jobs_per_worker=settings.jobs_per_worker, timeout_s=settings.job_timeout_s,
+                      attempts=settings.job_attempts, max_message_mb=settings.max_message_mb)
+    registry = grpcutil.make_channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
+    scorer = Scorer(store, registry_getter(registry), pool, heldout_max=settings.heldout_max)
+    scorer.resume()
+    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server.add(scorer_pb2_grpc.add_LiraScorerServicer_to_server, LiraScorerServicer(scorer),
+               grpcutil.full_name(scorer_pb2, "LiraScorer"))
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(ScorerSettings, argv, prog="python -m services.lira_scorer",
+                             description="FT-PrivacyScore LiRA scorer")
+    setup_logging(settings.log_level)
+    server = create_server(settings)
+    port = server.start(settings.listen)
+    logging.getLogger(__name__).info("LiRA scorer listening on port %d", port)
+    grpcutil.serve_until_signal(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Rounds and the preparation stage: the scorer's domain logic (no gRPC servicer code here).
+
+A round: masks (Algorithm 1's balanced complementary halves), n models fine-tuned by the worker
+pool, the statistic matrix PHI[n, m], then every score variant from :mod:`scoring`.
+
+Object layout::
+
+    scorer/tasks/{task_id}/offline/{base_sha[:16]}/gaussian.json   the offline Gaussian
+    scorer/tasks/{task_id}/offline/{base_sha[:16]}/{pool,heldout}.npz
+    scorer/rounds/{round_id}/state.json     what is needed to resume it, and its state
+    scorer/rounds/{round_id}/phi.npz        phi [n, m] and member [n, m]
+    scorer/rounds/{round_id}/result.json    the RoundResult (protobuf JSON)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+from google.protobuf import json_format
+
+from ftps.common import serde
+from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound
+from ftps.common.storage import ObjectStore, check_id
+from ftps.v1 import common_pb2, registry_pb2, worker_pb2
+from services.lira_scorer import scoring
+from services.lira_scorer.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+GetTask = Callable[[str], registry_pb2.Task]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any labels: the same round always gets the same masks and models."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def model_seeds(base_seed: int, n: int) -> list[int]:
+    return [derive_seed(base_seed, "model", i) for i in range(n)]
+
+
+def make_jobs(task: registry_pb2.Task, job_prefix: str, records: common_pb2.BlobRef,
+              masks: np.ndarray, seeds: list[int], *, eval_records: common_pb2.BlobRef | None = None,
+              builder_mix: int = 0) -> list[worker_pb2.FinetuneJob]:
+    per_job = max(1, task.settings.models_per_job)
+    jobs = []
+    for start in range(0, len(masks), per_job):
+        specs = [worker_pb2.ModelSpec(index=i, seed=seeds[i], mask=masks[i].astype(np.uint8).tobytes())
+                 for i in range(start, min(start + per_job, len(masks)))]
+        jobs.append(worker_pb2.FinetuneJob(
+            task_id=task.task_id, job_id=f"{job_prefix}-j{start // per_job}",
+            base_model=task.base_model, strategy=task.strategy, builder_data=task.builder_data,
+            records=records, eval_records=eval_records, models=specs, builder_mix=builder_mix))
+    return jobs
+
+
+@dataclass
+class Round:
+    task_id: str
+    round_id: str
+    batch: common_pb2.BlobRef
+    record_ids: list[str]
+    contributors: list[str]
+    status: common_pb2.RoundStatus
+    result: common_pb2.RoundResult | None = None
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def state_json(self) -> dict:
+        return {"task_id": self.task_id, "round_id": self.round_id,
+                "batch": json_format.MessageToDict(self.batch),
+                "record_ids": self.record_ids, "contributors": self.contributors,
+                "status": json_format.MessageToDict(self.status)}
+
+
+class Scorer:
+    def __init__(self, store: ObjectStore, get_task: GetTask, pool: WorkerPool, *,
+                 heldout_max: int = 500) -> None:
+        self._store = store
+        self._get_task = get_task
+        self._pool = pool
+        self._heldout_max = heldout_max
+        self._rounds: dict[str, Round] = {}
+        self._lock = threading.Lock()
+        self._prep_locks: dict[str, threading.Lock] = {}
+
+    # -- preparation stage -------------------------------------------------------------------
+    def _offline_prefix(self, task: registry_pb2.Task) -> str:
+        return f"scorer/tasks/{task.task_id}/offline/{task.base_model.sha256[:16]}"
+
+    def get_offline(self, task_id: str) -> common_pb2.OfflineGaussian:
+        task = self._ready_task(task_id)
+        key = f"{self._offline_prefix(task)}/gaussian.json"
+        if not self._store.exists(key):
+            raise NotFound(f"task {task_id} has no offline Gaussian for base model "
+                           f"v{task.base_model.version}; run the preparation stage")
+        return json_format.Parse(self._store.get_bytes(key), common_pb2.OfflineGaussian())
+
+    def prepare_offline(self, task_id: str, *, refit: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> common_pb2.OfflineGaussian:
+        """k shadow fine-tunes of M0 on random halves of a pool of the builder's records; phi on
+        held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it."""
+        task = self._ready_task(task_id)
+        with self._lock:
+            lock = self._prep_locks.setdefault(task_id, threading.Lock())
+        with lock:
+            prefix = self._offline_prefix(task)
+            if not refit and self._store.exists(f"{prefix}/gaussian.json"):
+                return self.get_offline(task_id)
+            t0 = time.perf_counter()
+            arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
+            x, y = arrays["x"], arrays["y"]
+            seed = derive_seed(task.settings.seed, task.base_model.sha256, "offline")
+            perm = np.random.default_rng(seed).permutation(len(x))
+            n_heldout = min(len(x) // 2, self._heldout_max)
+            # Shadow models see as many records as a round's models do (about m/2 each).
+            n_pool = min(len(x) - n_heldout, task.settings.batch_threshold)
+            heldout, pool = perm[:n_heldout], perm[n_heldout:n_heldout + n_pool]
+            pool_ref = self._store.put_bytes(f"{prefix}/pool.npz", serde.records_to_npz(x[pool], y[pool]))
+            heldout_ref = self._store.put_bytes(f"{prefix}/heldout.npz",
+                                                serde.records_to_npz(x[heldout], y[heldout]))
+            k = task.settings.shadow_models
+            masks = _shadow_masks(k, n_pool, seed=seed)
+            jobs = make_jobs(task, f"offline-{task.task_id}", pool_ref, masks, model_seeds(seed, k),
+                             eval_records=heldout_ref)
+            done = [0]
+
+            def on_done(result: worker_pb2.FinetuneResult) -> None:
+                done[0] += len(result.model_indices)
+                if progress:
+                    progress(done[0], k)
+
+            results = self._pool.run_all(jobs, on_done)
+            phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
+            mu, sigma = scoring.fit_offline_gaussian(phi)
+            gaussian = common_pb2.OfflineGaussian(
+                task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now(),
+                base_model_sha256=task.base_model.sha256)
+            self._store.put_bytes(f"{prefix}/gaussian.json",
+                                  json_format.MessageToJson(gaussian).encode(), content_type="application/json")
+            log.info("task %s: offline Gaussian mu=%.3f sigma=%.3f from k=%d shadow models (%.1fs)",
+                     task_id, mu, sigma, k, time.perf_counter() - t0)
+            return gaussian
+
+    def _ready_task(self, task_id: str) -> registry_pb2.Task:
+        check_id(task_id, "task_id")
+        task = self._get_task(task_id)
+        missing = [f for f in ("base_model", "strategy", "builder_data") if not getattr(task, f).key]
+        if missing:
+            raise FailedPrecondition(f"task {task_id} is missing uploads: {', '.join(missing)}")
+        return task
+
+    # -- rounds --------------------------------------------------------------------------------
+    def start_round(self, task_id: str, round_id: str, batch: common_pb2.BlobRef,
+                    record_ids: list[str], contributors: list[str]) -> common_pb2.RoundStatus:
+        check_id(round_id, "round_id")
+        with self._lock:
+            existing = self._rounds.get(round_id)
+        if existing is not None:
+            return existing.status
+        task = self._ready_task(task_id)
+        if not batch.key or not batch.sha256:
+            raise InvalidArgument("batch is required (key and sha256)")
+        if len(record_ids) != len(contributors):
+            raise InvalidArgument(f"record_ids ({len(record_ids)}) and contributors "
+                                  f"({len(contributors)}) differ in length")
+        if len(record_ids) < 2:
+            raise InvalidArgument("a round needs at least 2 records")
+        rnd = Round(task_id=task_id, round_id=round_id, batch=batch, record_ids=list(record_ids),
+                    contributors=list(contributors),
+                    status=common_pb2.RoundStatus(task_id=task_id, round_id=round_id,
+                                                  state=common_pb2.ROUND_STATE_PENDING,
+                                                  models_total=task.settings.n_models,
+                                                  n_records=len(record_ids)))
+        with self._lock:
+            if round_id in self._rounds:
+                return self._rounds[round_id].status
+            self._rounds[round_id] = rnd
+        self._persist(rnd)
+        threading.Thread(target=self._run_round, args=(rnd,), name=f"round-{round_id}", daemon=True).start()
+        return rnd.status
+
+    def resume(self) -> None:
+        """After a restart: rounds that were in flight run again (same seeds, same scores)."""
+        for key in self._store.list_keys("scorer/rounds/"):
+            if not key.endswith("/state.json"):
+                continue
+            state = self._store.get_json(key)
+            status = json_format.ParseDict(state["status"], common_pb2.RoundStatus())
+            rnd = Round(task_id=state["task_id"], round_id=state["round_id"],
+                        batch=json_format.ParseDict(state["batch"], common_pb2.BlobRef()),
+                        record_ids=state["record_ids"], contributors=state["contributors"], status=status)
+            if status.state in TERMINAL:
+                result_key = f"scorer/rounds/{rnd.round_id}/result.json"
+                if self._store.exists(result_key):
+                    rnd.result = json_format.Parse(self._store.get_bytes(result_key), common_pb2.RoundResult())
+                self._rounds[rnd.round_id] = rnd
+                continue
+            log.info("round %s was in flight at restart; running it again", rnd.round_id)
+            self._rounds[rnd.round_id] = rnd
+            threading.Thread(target=self._run_round, args=(rnd,), daemon=True).start()
+
+    def _persist(self, rnd: Round) -> None:
+        self._store.put_json(f"scorer/rounds/{rnd.round_id}/state.json", rnd.state_json())
+
+    def _update(self, rnd: Round, *, persist: bool = False, **fields) -> None:
+        with rnd.changed:
+            status = common_pb2.RoundStatus()
+            status.CopyFrom(rnd.status)
+            for k, v in fields.items():
+                setattr(status, k, v)
+            rnd.status = status
+            rnd.changed.notify_all()
+        if persist:
+            self._persist(rnd)
+
+    def _run_round(self, rnd: Round) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self._score_round(rnd)
+            result.timings["total_s"] = time.perf_counter() - t0
+            self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/result.json",
+                                  json_format.MessageToJson(result).encode(), content_type="application/json")
+            with rnd.changed:
+                rnd.result = result
+            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_DONE,
+                         message=f"scored {len(rnd.record_ids)} records with {result.batch.n_models} models")
+            log.info("round %s done in %.1fs", rnd.round_id, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - every failure ends the round with a reason
+            reason = str(exc) if isinstance(exc, (FtpsError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (FtpsError, ValueError)):
+                log.exception("round %s failed", rnd.round_id)
+            else:
+                log.warning("round %s failed: %s", rnd.round_id, reason)
+            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FAILED, message=reason)
+
+    def _score_round(self, rnd: Round) -> common_pb2.RoundResult:
+        task = self._ready_task(rnd.task_id)
+        s = task.settings
+        method = serde.method_name(s.method)
+        offline = None
+        if s.method == common_pb2.METHOD_OFFLINE_GLOBAL:
+            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_PREPARING,
+                         message="fitting the offline Gaussian")
+            offline = self.prepare_offline(rnd.task_id)
+        else:
+            try:
+                offline = self.get_offline(rnd.task_id)
+            except NotFound:
+                offline = None
+        m, n = len(rnd.record_ids), s.n_models
+        seed = derive_seed(s.seed, rnd.round_id)
+        masks = scoring.make_masks(n, m, seed=seed)
+        jobs = make_jobs(task, rnd.round_id, rnd.batch, masks, model_seeds(seed, n), builder_mix=s.builder_mix)
+        self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
+                     message=f"fine-tuning {n} models on {m} records")
+        phi = np.full((n, m), np.nan)
+        t_ft = time.perf_counter()
+
+        def on_done(result: worker_pb2.FinetuneResult) -> None:
+            rows = serde.array_from_tensor(result.phi, field="phi")
+            if rows.shape != (len(result.model_indices), m):
+                raise InvalidArgument(f"worker returned phi of shape {rows.shape}")
+            phi[list(result.model_indices)] = rows
+            self._update(rnd, models_done=int(np.isfinite(phi).all(axis=1).sum()))
+
+        self._pool.run_all(jobs, on_done)
+        finetune_s = time.perf_counter() - t_ft
+        self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/phi.npz",
+                              serde.records_to_npz(phi, masks))  # x=phi, y=member
+        self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
+        t_sc = time.perf_counter()
+        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                           offline=offline, record_ids=rnd.record_ids, contributors=rnd.contributors,
+                           round_id=rnd.round_id)
+        result.status.CopyFrom(rnd.status)
+        result.status.state = common_pb2.ROUND_STATE_DONE
+        result.timings["finetune_s"] = finetune_s
+        result.timings["scoring_s"] = time.perf_counter() - t_sc
+        return result
+
+    def get(self, round_id: str) -> Round:
+        check_id(round_id, "round_id")
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+        if rnd is None:
+            raise NotFound(f"round {round_id} not found")
+        return rnd
+
+    def get_result(self, round_id: str) -> common_pb2.RoundResult:
+        rnd = self.get(round_id)
+        if rnd.result is not None:
+            return rnd.result
+        return common_pb2.RoundResult(status=rnd.status)
+
+    def watch(self, round_id: str, *, is_active: Callable[[], bool]) -> Iterator[common_pb2.RoundStatus]:
+        rnd = self.get(round_id)
+        last = None
+        while True:
+            with rnd.changed:
+                if rnd.status == last:
+                    rnd.changed.wait(timeout=1.0)
+                status = rnd.status
+            if status != last:
+                last = status
+                yield status
+                if status.state in TERMINAL:
+                    return
+            if not is_active():
+                return
+
+
+def _shadow_masks(k: int, n_pool: int, *, seed: int) -> np.ndarray:
+    if k >= 4 and k % 2 == 0:
+        return scoring.make_masks(k, n_pool, seed=seed)
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n_pool) < n_pool // 2 for _ in range(k)])
+
+
+def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float, fixed_variance: bool,
+              offline: common_pb2.OfflineGaussian | None, record_ids: list[str],
+              contributors: list[str], round_id: str) -> common_pb2.RoundResult:
+    """Every method on the same matrix: the headline ``method`` per record, all in the batch view."""
+    result = common_pb2.RoundResult()
+    headline = None
+    for name in scoring.METHODS:
+        kwargs: dict = {}
+        if name == "offline-global":
+            if offline is None:
+                continue
+            kwargs = dict(offline_mu=offline.mu, offline_sigma=offline.sigma)
+        if name in ("offline-per-record", "online-per-record"):
+            kwargs["fixed_variance"] = fixed_variance
+        try:
+            scored = scoring.score(phi, member, method=name, alpha=alpha, **kwargs)
+        except ValueError as exc:
+            if name == method:
+                raise
+            # A comparison method that cannot score this batch must not sink the headline.
+            log.warning("round %s: %s not computed: %s", round_id, name, exc)
+            continue
+        metrics = batch_metrics(scored)
+        result.method_metrics.append(metrics)
+        if name == method:
+            headline = scored
+            result.batch.CopyFrom(metrics)
+    if headline is None:
+        raise FailedPrecondition(f"method {method} could not be computed (offline Gaussian missing)")
+    if offline is not None:
+        result.offline.CopyFrom(offline)
+    r = headline.records
+    enum = serde.method_enum(method)
+    for j, (rid, who) in enumerate(zip(record_ids, contributors)):
+        result.scores.append(common_pb2.RecordScore(
+            record_id=rid, contributor=who, round_id=round_id, index=j, score=float(r.score[j]),
+            ci_low=float(r.ci_low[j]), ci_high=float(r.ci_high[j]), n_in=int(r.n_in[j]),
+            n_out=int(r.n_out[j]), auc=float(r.auc[j]), model_score=float(r.model_score[j]),
+            mu_in=float(r.mu_in[j]), sigma_in=float(r.sigma_in[j]), mu_out=float(r.mu_out[j]),
+            sigma_out=float(r.sigma_out[j]), method=enum))
+    return result
+
+
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, *, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``points`` ROC points, spaced evenly on a log FPR axis (the plots are log-log)."""
+    fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
+    if len(fpr) <= points:
+        return fpr, tpr
+    grid = np.concatenate([[0.0], np.logspace(-5, 0, points - 1)])
+    # The best TPR reachable at FPR <= each grid point (fpr is sorted ascending).
+    idx = np.clip(np.searchsorted(fpr, grid, side="right") - 1, 0, len(fpr) - 1)
+    return grid, np.maximum.accumulate(tpr)[idx]
+
+
+def batch_metrics(scored: "scoring.ScoreResult") -> common_pb2.BatchMetrics:
+    roc_fpr, roc_tpr = thin_roc(scored.batch.fpr, scored.batch.tpr)
+    return common_pb2.BatchMetrics(
+        roc_fpr=roc_fpr.tolist(), roc_tpr=roc_tpr.tolist(),
+        method=serde.method_enum(scored.method), n_models=scored.n_models, n_records=scored.n_records,
+        auc=scored.batch.auc, tpr_at_1pct_fpr=scored.batch.tpr_at_1pct_fpr,
+        tpr_at_0_1pct_fpr=scored.batch.tpr_at_0_1pct_fpr,
+        mean_score=float(np.mean(scored.records.score)))

@@ -1,0 +1,739 @@
+"""Privacy scores of a batch of records from a matrix of membership statistics (pure numpy/scipy).
+
+This module is the maths of DESIGN.md §3 and nothing else: no gRPC, no torch, no I/O. The scorer
+service and the ``ftps-score`` command both call :func:`score`.
+
+Inputs (all methods):
+
+- ``phi``: float ``[n, m]``, model ``i`` x record ``j``, the LiRA statistic
+  ``phi = z_y - logsumexp_{c != y} z_c`` = ``log(p_y / (1 - p_y))`` of model ``i`` on record ``j``.
+- ``member``: bool ``[n, m]``, the ground truth ``G``: record ``j`` was in model ``i``'s
+  fine-tuning set ("IN"), else "OUT".
+
+Per record ``j`` the attack takes one yes/no decision per model, ``LiRA(t_j, M_i)``, and the
+privacy score is ``P_j = TPR_j - FPR_j`` (for balanced masks this is
+``2 * mean_i[LiRA == G] - 1``, the formula of FT-PrivacyScore, Gu et al., CCS'24 demo), reported
+with ``n_in``, ``n_out`` and a 95% interval.
+
+Methods (``METHODS``):
+
+``offline-global``
+    The paper's attack: one Gaussian ``N(mu, sigma^2)`` of OUT statistics fitted on shadow models in
+    the preparation stage (:func:`fit_offline_gaussian`). Member iff the one-sided p-value
+    ``1 - Phi((phi - mu) / sigma) < alpha``.
+``offline-per-record``
+    Carlini et al., "Membership Inference Attacks From First Principles", S&P'22, offline LiRA: a
+    per-record OUT Gaussian from the batch's own OUT models, leave-one-model-out. Same test.
+``online-per-record`` (default)
+    Carlini et al. S&P'22 online LiRA: per-record IN and OUT Gaussians, leave-one-model-out; member
+    iff the log-likelihood ratio ``log N(phi; IN) - log N(phi; OUT) > 0``.
+``rmia``
+    Zarifzadeh et al., "Low-Cost High-Power Membership Inference Attacks", ICML'24, adapted to the
+    batch (see :func:`_rmia`).
+
+Leave-one-model-out: whenever model ``i`` is scored on record ``j``, every fitted quantity that
+could contain model ``i``'s own value (per-record means and variances, pooled variances, RMIA
+reference averages) is computed without model ``i``. Without it a model's own statistic pulls the
+Gaussian it is tested against towards itself, which biases small-n scores.
+
+Headline: ``RecordScores.score`` is the paper's counted ``P``; ``RecordScores.model_score`` is the
+smoother model-based estimate ``2 * Phi(d'/2) - 1`` (DESIGN.md §3) and ``RecordScores.auc`` the
+threshold-free per-record AUC.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special, stats
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "MIN_MODELS",
+    "RecordScores",
+    "BatchMetrics",
+    "ScoreResult",
+    "make_masks",
+    "fit_offline_gaussian",
+    "score",
+    "newcombe_interval",
+    "wilson_interval",
+    "roc_curve",
+    "per_record_auc",
+    "online_threshold",
+]
+
+METHODS = ("offline-global", "offline-per-record", "online-per-record", "rmia")
+# Prototype on real Fashion-MNIST fine-tunes (DESIGN.md §3): online per-record LiRA had the best
+# AUC (0.76) and TPR@1%FPR (0.19) of the LiRA variants; revisit only with measurements.
+DEFAULT_METHOD = "online-per-record"
+MIN_MODELS = 4
+# A per-record std at or below this fraction of the pooled std is treated as zero (degenerate).
+_DEGENERATE_STD_REL = 1e-6
+# Below this many models a single record's score is mostly binomial noise (DESIGN.md §3).
+_FEW_MODELS_WARNING = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordScores:
+    """Per-record results; every field is an array of shape ``[m]``.
+
+    - ``score``: counted privacy score ``P_j = TPR_j - FPR_j`` in ``[-1, 1]``.
+    - ``ci_low``, ``ci_high``: two-sided interval for ``P_j`` (Newcombe's hybrid score interval,
+      see :func:`newcombe_interval`).
+    - ``n_in``, ``n_out`` (int): number of models with record ``j`` IN / OUT.
+    - ``auc``: threshold-free ``P(phi_IN > phi_OUT)`` over the record's IN x OUT model pairs,
+      ties count 1/2.
+    - ``model_score``: ``2 * Phi(d'/2) - 1``, ``d' = (mu_in - mu_out) / sigma`` with ``sigma`` the
+      pooled std of the record's IN and OUT Gaussians; signed (negative when IN < OUT).
+    - ``mu_in``, ``sigma_in``, ``mu_out``, ``sigma_out``: the record's IN/OUT Gaussians fitted on
+      *all* its models (no leave-one-out; for plots). ``sigma_*`` are the values the method uses:
+      the pooled residual std under ``fixed_variance`` (offline-per-record pools OUT residuals
+      only, so its ``sigma_in`` stays per-record), the pooled std where a record's own std is
+      degenerate, else the record's own std (ddof=1).
+    """
+
+    score: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    n_in: np.ndarray
+    n_out: np.ndarray
+    auc: np.ndarray
+    model_score: np.ndarray
+    mu_in: np.ndarray
+    sigma_in: np.ndarray
+    mu_out: np.ndarray
+    sigma_out: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    """ROC of the attack over all ``n * m`` (model, record) pairs of the batch.
+
+    ``fpr``/``tpr``: the ROC curve, shape ``[k]``, from ``(0, 0)`` to ``(1, 1)``, one point per
+    distinct threshold (see :func:`roc_curve`).
+    """
+
+    auc: float
+    tpr_at_1pct_fpr: float
+    tpr_at_0_1pct_fpr: float
+    fpr: np.ndarray
+    tpr: np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Everything :func:`score` computes.
+
+    ``decisions``: bool ``[n, m]``, the attack says "member". ``test_stat``: float ``[n, m]``,
+    higher = more likely member; what the ROC ranks (may hold +-inf, never NaN). The trailing fields
+    record the settings the result was computed with (the diagnosis plot needs them).
+    """
+
+    method: str
+    n_models: int
+    n_records: int
+    records: RecordScores
+    batch: BatchMetrics
+    decisions: np.ndarray
+    test_stat: np.ndarray
+    warnings: list[str]
+    alpha: float = 0.05
+    confidence: float = 0.95
+    fixed_variance: bool = False
+    offline_mu: float | None = None
+    offline_sigma: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Masks and the offline Gaussian
+# --------------------------------------------------------------------------------------------
+
+
+def make_masks(n_models: int, n_records: int, *, seed: int) -> np.ndarray:
+    """Inclusion masks of the production stage (DESIGN.md §3, Algorithm 1 of Gu et al.).
+
+    Models ``2k`` and ``2k+1`` take complementary random halves of the batch, so every record is
+    IN for exactly ``n_models / 2`` models and every model gets ``floor(m/2)`` or ``ceil(m/2)``
+    records. For odd ``m`` the pair member that gets the extra record alternates between pairs, so
+    model sizes are spread evenly too.
+
+    Returns bool ``[n_models, n_records]``; deterministic given ``seed``.
+    Raises ValueError unless ``n_models`` is even and >= 4 and ``n_records`` >= 1.
+    """
+    for name, value in (("n_models", n_models), ("n_records", n_records)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if n_models < MIN_MODELS or n_models % 2:
+        raise ValueError(f"n_models must be even and >= {MIN_MODELS}, got {n_models}")
+    if n_records < 1:
+        raise ValueError(f"n_records must be >= 1, got {n_records}")
+    n_pairs, m = int(n_models) // 2, int(n_records)
+    rng = np.random.default_rng(seed)
+    # Row k is a uniformly random ranking of the records for pair k.
+    rank = rng.permuted(np.broadcast_to(np.arange(m), (n_pairs, m)), axis=1)
+    first_size = np.where(np.arange(n_pairs) % 2 == 0, (m + 1) // 2, m // 2)
+    first = rank < first_size[:, None]
+    masks = np.empty((2 * n_pairs, m), dtype=bool)
+    masks[0::2] = first
+    masks[1::2] = ~first
+    return masks
+
+
+def fit_offline_gaussian(phi_out: np.ndarray) -> tuple[float, float]:
+    """Fit the offline Gaussian of the preparation stage: ``(mean, std)`` (ddof=1).
+
+    ``phi_out``: OUT statistics of any shape (e.g. ``[k, r]``: k shadow models x r held-out
+    records); flattened. Raises ValueError on non-finite values, fewer than 2 values or zero std.
+    """
+    x = np.asarray(phi_out)
+    if x.dtype == bool or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ValueError(f"phi_out must be a real numeric array, got dtype {x.dtype}")
+    x = x.astype(np.float64).ravel()
+    if x.size < 2:
+        raise ValueError(f"need at least 2 OUT statistics to fit a Gaussian, got {x.size}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"phi_out has {int(np.sum(~np.isfinite(x)))} non-finite value(s)")
+    mu, sigma = float(np.mean(x)), float(np.std(x, ddof=1))
+    if not sigma > 0:
+        raise ValueError("phi_out has zero variance: cannot fit the offline Gaussian")
+    return mu, sigma
+
+
+# --------------------------------------------------------------------------------------------
+# Small statistics helpers (public: tested directly and reused by plots/reports)
+# --------------------------------------------------------------------------------------------
+
+
+def wilson_interval(
+    k: np.ndarray, n: np.ndarray, *, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for a binomial proportion ``k / n`` (elementwise; ``n`` > 0)."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    z = stats.norm.isf((1.0 - confidence) / 2.0)
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2.0 * n)) / denom
+    half = z / denom * np.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def newcombe_interval(
+    k1: np.ndarray, n1: np.ndarray, k2: np.ndarray, n2: np.ndarray, *, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interval for ``k1/n1 - k2/n2``, two independent binomial proportions (elementwise).
+
+    Newcombe's hybrid score interval ("method 10" of R. G. Newcombe, Interval estimation for the
+    difference between independent proportions, Statistics in Medicine 17:873-890, 1998): with
+    Wilson intervals ``(l1, u1)``, ``(l2, u2)`` and ``d = p1 - p2``::
+
+        low  = d - sqrt((p1 - l1)^2 + (u2 - p2)^2)
+        high = d + sqrt((u1 - p1)^2 + (p2 - l2)^2)
+
+    It stays inside ``[-1, 1]``, is never degenerate at 0 or n successes, and has close to nominal
+    coverage for small n (unlike the Wald interval). Clipped to ``[-1, 1]`` against rounding.
+    """
+    k1, n1, k2, n2 = (np.asarray(a, dtype=np.float64) for a in (k1, n1, k2, n2))
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, confidence=confidence)
+    l2, u2 = wilson_interval(k2, n2, confidence=confidence)
+    d = p1 - p2
+    low = d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    high = d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)
+
+
+def roc_curve(test_stat: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve of ``test_stat`` (higher = member) against bool ``member``, any equal shapes.
+
+    Returns ``(fpr, tpr)``, one point per distinct threshold plus ``(0, 0)``; tied statistics form
+    one point, so the trapezoidal area equals ``P(stat_IN > stat_OUT) + P(tie)/2``. +-inf allowed.
+    """
+    s = np.asarray(test_stat, dtype=np.float64).ravel()
+    y = np.asarray(member, dtype=bool).ravel()
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    # Last index of each run of equal statistics (!= rather than diff, which gives NaN at inf).
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
+    tps = np.cumsum(y)[last]
+    fps = np.cumsum(~y)[last]
+    tpr = np.r_[0.0, tps / max(int(y.sum()), 1)]
+    fpr = np.r_[0.0, fps / max(int((~y).sum()), 1)]
+    return fpr, tpr
+
+
+def _tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """Highest TPR among ROC points with FPR <= target (Carlini et al. S&P'22 low-FPR metric)."""
+    return float(np.max(tpr[fpr <= target]))
+
+
+def per_record_auc(phi: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Per-record ``P(phi_IN > phi_OUT)`` over IN x OUT model pairs, ties 1/2. ``[n, m] -> [m]``.
+
+    Mann-Whitney U from mid-ranks along the model axis, so it is exact with ties.
+    """
+    ranks = stats.rankdata(phi, axis=0)  # mid-ranks, [n, m]
+    n_in = member.sum(axis=0).astype(np.float64)
+    n_out = member.shape[0] - n_in
+    u = np.where(member, ranks, 0.0).sum(axis=0) - n_in * (n_in + 1.0) / 2.0
+    return u / (n_in * n_out)
+
+
+def online_threshold(
+    mu_in: float, sigma_in: float, mu_out: float, sigma_out: float
+) -> list[float]:
+    """Statistic values where the online LiRA log-likelihood ratio is 0 (0, 1 or 2 roots).
+
+    ``log N(x; mu_in, sigma_in^2) = log N(x; mu_out, sigma_out^2)`` is a quadratic in ``x``.
+    """
+    a = 1.0 / sigma_out**2 - 1.0 / sigma_in**2
+    b = 2.0 * (mu_in / sigma_in**2 - mu_out / sigma_out**2)
+    c = mu_out**2 / sigma_out**2 - mu_in**2 / sigma_in**2 + 2.0 * np.log(sigma_out / sigma_in)
+    # a x^2 + b x + c = 0, from 2*LLR = a x^2 + b x + c.
+    if abs(a) <= 1e-12 * max(1.0 / sigma_out**2, 1.0 / sigma_in**2):
+        return [] if b == 0 else [float(-c / b)]
+    disc = b * b - 4.0 * a * c
+    if disc < 0:
+        return []
+    r = np.sqrt(disc)
+    return sorted(float(x) for x in ((-b - r) / (2.0 * a), (-b + r) / (2.0 * a)))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(phi, member) -> tuple[np.ndarray, np.ndarray]:
+    phi_a = np.asarray(phi)
+    member_a = np.asarray(member)
+    if phi_a.ndim != 2:
+        raise ValueError(f"phi must be a 2-D array [n_models, n_records], got shape {phi_a.shape}")
+    if member_a.shape != phi_a.shape:
+        raise ValueError(
+            f"shape mismatch: phi has shape {phi_a.shape} but member has shape {member_a.shape}"
+        )
+    if phi_a.dtype == bool or not np.issubdtype(phi_a.dtype, np.number) or np.iscomplexobj(phi_a):
+        raise ValueError(f"phi must be a real floating-point array, got dtype {phi_a.dtype}")
+    phi_a = phi_a.astype(np.float64)
+    bad = ~np.isfinite(phi_a)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"phi has {int(bad.sum())} non-finite value(s) (NaN or inf), first at model {i}, "
+            f"record {j}"
+        )
+    if member_a.dtype == bool:
+        member_b = member_a
+    elif np.issubdtype(member_a.dtype, np.integer):
+        if not np.isin(member_a, (0, 1)).all():
+            raise ValueError("member must be boolean (or integers 0/1); found other integers")
+        member_b = member_a.astype(bool)
+    else:
+        raise ValueError(f"member must be boolean (or integers 0/1), got dtype {member_a.dtype}")
+    n, m = phi_a.shape
+    if n < MIN_MODELS:
+        raise ValueError(f"need at least {MIN_MODELS} models, got {n}")
+    if m < 1:
+        raise ValueError("need at least 1 record, got 0")
+    n_in = member_b.sum(axis=0)
+    for what, counts in (("IN", n_in), ("OUT", n - n_in)):
+        few = np.flatnonzero(counts < 2)
+        if few.size:
+            j = int(few[0])
+            raise ValueError(
+                f"{few.size} record(s) have fewer than 2 {what} models (record {j} has "
+                f"{int(counts[j])}); every record needs at least 2 IN and 2 OUT models"
+            )
+    return phi_a, member_b
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian fits with leave-one-model-out
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GroupFit:
+    """Per-record moments of one group (IN or OUT) of models; arrays ``[m]`` unless noted."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray  # sum of squared deviations from the mean
+    resid: np.ndarray  # [n, m] phi - mean where the model is in the group, else 0
+    loo_count: np.ndarray  # [n, m] group size without model i
+    loo_mean: np.ndarray  # [n, m] group mean without model i
+    loo_m2: np.ndarray  # [n, m] group M2 without model i
+
+
+def _group_fit(phi: np.ndarray, in_group: np.ndarray) -> _GroupFit:
+    """Moments of ``phi`` over the models in ``in_group`` (bool ``[n, m]``), with and without each
+    model. For a model outside the group the leave-one-out moments are the full ones.
+
+    Removing ``x`` from ``(c, mu, M2)``: ``mu' = mu - (x - mu)/(c - 1)``,
+    ``M2' = M2 - c/(c - 1) (x - mu)^2`` (exact; clipped at 0 against rounding).
+    """
+    w = in_group.astype(np.float64)
+    count = w.sum(axis=0)
+    mean = (w * phi).sum(axis=0) / count
+    resid = w * (phi - mean)
+    m2 = (resid**2).sum(axis=0)
+    loo_count = count - w
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = np.where(in_group, 1.0 / np.maximum(loo_count, 1.0), 0.0)
+        loo_mean = mean - resid * shrink
+        loo_m2 = m2 - resid**2 * count * shrink
+    # The subtraction loses ~1e-16 * M2; what is left below that is rounding, i.e. zero spread.
+    loo_m2 = np.where(loo_m2 > 1e-12 * m2, loo_m2, 0.0)
+    return _GroupFit(count, mean, m2, resid, loo_count, loo_mean, loo_m2)
+
+
+def _pooled_var(groups: list[_GroupFit]) -> tuple[float, np.ndarray]:
+    """Pooled residual variance over all records of the given groups: full and per left-out model.
+
+    ``sum_j sum_g M2_gj / sum_j sum_g (c_gj - 1)`` — residuals around each record's *own* group
+    mean, so differences between records (and IN vs OUT) do not inflate it. Leaving model ``i`` out
+    removes its residual from every record (returned as ``[n]``).
+    """
+    m2 = sum(float(g.m2.sum()) for g in groups)
+    dof = sum(float((g.count - 1.0).sum()) for g in groups)
+    loo_m2 = np.full(groups[0].resid.shape[0], m2)
+    loo_dof = np.full(groups[0].resid.shape[0], dof)
+    for g in groups:
+        # resid is 0 outside the group, so only the group's own entries are dropped.
+        loo_m2 = loo_m2 - (g.resid**2 * (g.count / (g.count - 1.0))).sum(axis=1)
+        loo_dof = loo_dof - (g.loo_count < g.count).sum(axis=1)
+    var = m2 / dof if dof > 0 else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loo_var = np.where(loo_dof > 0, np.maximum(loo_m2, 0.0) / np.maximum(loo_dof, 1.0), 0.0)
+    return var, loo_var
+
+
+class _Warn:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+def _require_positive(sigma_loo: np.ndarray, what: str) -> None:
+    if not np.all(sigma_loo > 0):
+        raise ValueError(
+            f"zero variance: with a model left out, the {what} statistics do not vary around "
+            "each record's own mean, not even pooled over all records (constant phi, or too few "
+            "models/records), so no Gaussian can be fitted"
+        )
+
+
+def _sigma_with_fallback(
+    g: _GroupFit,
+    pooled: float,
+    pooled_loo: np.ndarray,
+    warn: _Warn,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-record std (full ``[m]`` and leave-one-out ``[n, m]``), ddof=1; where a record's std is
+    undefined (< 2 values) or degenerate (<= 1e-6 x pooled std) use the pooled residual std."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        full = np.sqrt(g.m2 / (g.count - 1.0))
+        loo = np.sqrt(g.loo_m2 / (g.loo_count - 1.0))
+    bad_full = ~(full > _DEGENERATE_STD_REL * pooled)
+    full = np.where(bad_full, pooled, full)
+    pooled_loo_2d = np.broadcast_to(pooled_loo[:, None], loo.shape)
+    bad_loo = (g.loo_count < 2) | ~(loo > _DEGENERATE_STD_REL * pooled_loo_2d)
+    loo = np.where(bad_loo, pooled_loo_2d, loo)
+    n_bad = int(np.sum(bad_full | bad_loo.any(axis=0)))
+    if n_bad:
+        warn(
+            f"{n_bad} record(s) have a degenerate per-record {what} std (zero, or fewer than 2 "
+            f"values once the scored model is left out); the pooled residual std was used for them"
+        )
+    return full, loo
+
+
+def _norm_logpdf_diff(x, mu_in, s_in, mu_out, s_out) -> np.ndarray:
+    """``log N(x; mu_in, s_in^2) - log N(x; mu_out, s_out^2)``, written so it cannot be NaN for
+    finite inputs (a difference of squares is factored rather than subtracted)."""
+    z_in = (x - mu_in) / s_in
+    z_out = (x - mu_out) / s_out
+    with np.errstate(over="ignore"):
+        return 0.5 * (z_out - z_in) * (z_out + z_in) - np.log(s_in / s_out)
+
+
+# --------------------------------------------------------------------------------------------
+# RMIA
+# --------------------------------------------------------------------------------------------
+
+
+def _loo_logmeanexp(logv: np.ndarray, in_group: np.ndarray) -> np.ndarray:
+    """``log mean_{k in group, k != i} exp(logv[k, j])`` for every ``[i, j]`` (``-inf`` where the
+    reduced group is empty). Exclusive prefix and suffix ``logaddexp`` scans along the model axis,
+    so no large term is ever subtracted from a small sum (no cancellation)."""
+    v = np.where(in_group, logv, -np.inf)
+    ninf = np.full((1, v.shape[1]), -np.inf)
+    prefix = np.concatenate([ninf, np.logaddexp.accumulate(v, axis=0)[:-1]], axis=0)
+    suffix = np.concatenate([np.logaddexp.accumulate(v[::-1], axis=0)[::-1][1:], ninf], axis=0)
+    loo_count = in_group.sum(axis=0)[None, :] - in_group
+    return np.logaddexp(prefix, suffix) - np.log(np.maximum(loo_count, 1))
+
+
+def _rmia(
+    phi: np.ndarray, member: np.ndarray, *, alpha: float, warn: _Warn
+) -> tuple[np.ndarray, np.ndarray]:
+    """RMIA (Zarifzadeh et al., ICML'24) adapted to the batch design. Returns ``(test_stat,
+    decisions)``, both ``[n, m]``.
+
+    Adaptation (offline RMIA with the batch's own OUT models as reference models):
+
+    - ``Pr(x | theta_i) = sigmoid(phi_ij)``: ``phi`` is the logit of the true-label probability.
+    - ``Pr(x) = mean over the reference models`` = the OUT models of record ``j`` other than model
+      ``i`` (leave-one-model-out). This is the paper's offline ``Pr(x)`` with ``a = 1`` (no
+      correction for the missing IN models; ``a`` is a tuned hyper-parameter there, and with the
+      rank test below only the per-record normalisation matters).
+    - Population ``Z_i``: the batch records that are OUT for model ``i`` (other than ``j``); each
+      ``z`` gets its own ratio ``Pr(z | theta_i) / Pr(z)`` with the same leave-one-out reference.
+    - ``Score_MIA(x; theta_i) = Pr_z[LR(x, z) >= gamma]`` with ``gamma = 1``: the fraction of the
+      population whose ratio the target's ratio beats (ties 1/2). This is ``test_stat``, in [0, 1].
+    - Decision: a rank (conformal) test at level ``alpha``:
+      ``p = (1 + #{z : ratio_z >= ratio_x}) / (1 + |Z_i|) < alpha``. Under the null (``x`` OUT for
+      model ``i``) ``x`` and ``Z_i`` are all non-members normalised the same way, so ``p`` is close
+      to uniform and the per-model false-positive rate is about ``alpha``. With ``|Z_i| + 1 <
+      1/alpha`` the test can never fire (a warning says so).
+
+    Probabilities saturate: for records every model fits with ``p_y ~ 1`` the ratios are all ~1,
+    so RMIA (unlike LiRA in logit space) sees little signal there.
+    """
+    n, m = phi.shape
+    out = ~member
+    logp = -np.logaddexp(0.0, -phi)  # log sigmoid(phi), stable
+    log_ref = _loo_logmeanexp(logp, out)  # [n, m]; finite: every record has >= 2 OUT models
+    log_ratio = logp - log_ref
+    test_stat = np.empty((n, m))
+    p_value = np.empty((n, m))
+    n_pop_min = m
+    for i in range(n):
+        pop = np.sort(log_ratio[i, out[i]])
+        below = np.searchsorted(pop, log_ratio[i], side="left").astype(np.float64)
+        at_or_below = np.searchsorted(pop, log_ratio[i], side="right").astype(np.float64)
+        # Remove the target itself from its model's population when it is OUT for that model.
+        self_in_pop = out[i].astype(np.float64)
+        n_pop = pop.size - self_in_pop
+        ties = at_or_below - below - self_in_pop
+        above_or_tied = pop.size - below - self_in_pop
+        with np.errstate(divide="ignore", invalid="ignore"):
+            test_stat[i] = np.where(n_pop > 0, (below + 0.5 * ties) / n_pop, 0.5)
+        p_value[i] = (1.0 + above_or_tied) / (1.0 + n_pop)
+        n_pop_min = min(n_pop_min, int(n_pop.min()))
+    if 1.0 / (1.0 + n_pop_min) >= alpha:  # the smallest attainable p-value
+        warn(
+            f"rmia: some model has only {n_pop_min} population (OUT) record(s) besides the target; "
+            f"its rank test cannot reach p < alpha={alpha:g} (needs at least "
+            f"{int(np.floor(1.0 / alpha))})"
+        )
+    return test_stat, p_value < alpha
+
+
+# --------------------------------------------------------------------------------------------
+# The scorer
+# --------------------------------------------------------------------------------------------
+
+
+def score(
+    phi: np.ndarray,
+    member: np.ndarray,
+    *,
+    method: str = DEFAULT_METHOD,
+    alpha: float = 0.05,
+    fixed_variance: bool = False,
+    offline_mu: float | None = None,
+    offline_sigma: float | None = None,
+    confidence: float = 0.95,
+) -> ScoreResult:
+    """Score every record of a batch (DESIGN.md §3).
+
+    Args:
+        phi: float ``[n, m]``, statistic of model ``i`` on record ``j`` (finite).
+        member: bool ``[n, m]`` (or integers 0/1), ground truth: record ``j`` IN model ``i``.
+            Masks need not be balanced; each record needs >= 2 IN and >= 2 OUT models.
+        method: one of :data:`METHODS`.
+        alpha: level of the one-sided tests of ``offline-*`` and ``rmia`` (per-model FPR target);
+            ``online-per-record`` thresholds the likelihood ratio at 0 and ignores it.
+        fixed_variance: use one pooled residual std for all records instead of per-record stds
+            (Carlini et al.'s "fixed variance", recommended for small n). ``online-per-record``
+            pools IN and OUT residuals, ``offline-per-record`` pools OUT residuals only (an
+            offline attack models the OUT distribution only). No effect for other methods.
+        offline_mu, offline_sigma: the offline Gaussian (:func:`fit_offline_gaussian`); required
+            by ``offline-global``, ignored otherwise.
+        confidence: level of the interval on each record's score.
+
+    Returns:
+        :class:`ScoreResult`. The per-record score is ``P_j = TPR_j - FPR_j`` with
+        ``TPR_j = #{i IN: member decided} / n_in`` and ``FPR_j = #{i OUT: member decided} / n_out``
+        (equal to ``2 * mean_i[LiRA == G] - 1`` for balanced masks), interval by
+        :func:`newcombe_interval` with the actual ``n_in``, ``n_out``.
+
+    Interval caveat: Newcombe's interval treats the n decisions on a record as independent
+    Bernoulli trials. They are not quite: each is tested against Gaussians fitted on the same
+    record's other models. Measured on a statistic independent of membership (n = 16..64) the 95%
+    interval covers 0 for about 98-99% of records with ``offline-per-record`` and ``rmia``
+    (decision rates near alpha, where Wilson is conservative) but only about 83-87% with
+    ``online-per-record`` (80% with ``fixed_variance``), whose ~50% decision rate and shared
+    fitted direction make the count over-dispersed. Read online intervals as too narrow near 0.
+
+    Raises:
+        ValueError: bad shapes or dtypes, NaN/inf in ``phi``, fewer than 4 models, a record with
+            fewer than 2 IN or 2 OUT models, zero residual variance, bad settings.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for name, value in (("alpha", alpha), ("confidence", confidence)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    alpha, confidence = float(alpha), float(confidence)
+    phi, member = _validate(phi, member)
+    n, m = phi.shape
+    warn = _Warn()
+
+    if method == "offline-global":
+        if offline_mu is None or offline_sigma is None:
+            raise ValueError("method offline-global needs offline_mu and offline_sigma")
+        offline_mu, offline_sigma = float(offline_mu), float(offline_sigma)
+        if not np.isfinite(offline_mu):
+            raise ValueError(f"offline_mu must be finite, got {offline_mu}")
+        if not (np.isfinite(offline_sigma) and offline_sigma > 0):
+            raise ValueError(f"offline_sigma must be finite and > 0, got {offline_sigma}")
+    elif offline_mu is not None or offline_sigma is not None:
+        warn(f"offline_mu/offline_sigma are only used by offline-global; ignored for {method}")
+        offline_mu = offline_sigma = None
+    if fixed_variance and method in ("offline-global", "rmia"):
+        warn(f"fixed_variance has no effect for {method}")
+    if n < _FEW_MODELS_WARNING:
+        warn(
+            f"only {n} models: a single record's score is dominated by binomial noise "
+            f"(use n >= {_FEW_MODELS_WARNING}, better >= 64; see the interval)"
+        )
+
+    g_in = _group_fit(phi, member)
+    g_out = _group_fit(phi, ~member)
+    var_all, var_all_loo = _pooled_var([g_in, g_out])
+    var_out, var_out_loo = _pooled_var([g_out])
+    pooled_all, pooled_all_loo = np.sqrt(var_all), np.sqrt(var_all_loo)
+    pooled_out, pooled_out_loo = np.sqrt(var_out), np.sqrt(var_out_loo)
+
+    # Per-record sigmas the method uses: full fits ([m], for reporting and model_score) and
+    # leave-one-model-out fits ([n, m], for decisions). A zero std is an error only where a
+    # decision needs it and no pooled fallback exists.
+    if fixed_variance and method == "online-per-record":
+        _require_positive(pooled_all_loo, "IN/OUT")
+        s_in = s_out = np.full(m, pooled_all)
+        s_in_loo = s_out_loo = np.broadcast_to(pooled_all_loo[:, None], (n, m))
+    else:
+        s_in, s_in_loo = _sigma_with_fallback(g_in, pooled_all, pooled_all_loo, warn, "IN")
+        if method == "online-per-record":
+            _require_positive(s_in_loo, "IN")
+        if fixed_variance and method == "offline-per-record":
+            _require_positive(pooled_out_loo, "OUT")
+            s_out = np.full(m, pooled_out)
+            s_out_loo = np.broadcast_to(pooled_out_loo[:, None], (n, m))
+        else:
+            fb, fb_loo = (
+                (pooled_out, pooled_out_loo)
+                if method == "offline-per-record"
+                else (pooled_all, pooled_all_loo)
+            )
+            s_out, s_out_loo = _sigma_with_fallback(g_out, fb, fb_loo, warn, "OUT")
+            if method in ("offline-per-record", "online-per-record"):
+                _require_positive(s_out_loo, "OUT")
+    if not var_all > 0:  # only reachable for offline-global and rmia, which need no Gaussian
+        warn(
+            "phi has zero variance around each record's IN and OUT means: the model-based "
+            "score is its limit sign(mu_in - mu_out)"
+        )
+
+    if method == "offline-global":
+        test_stat = (phi - offline_mu) / offline_sigma
+        decisions = stats.norm.sf(test_stat) < alpha
+    elif method == "offline-per-record":
+        test_stat = (phi - g_out.loo_mean) / s_out_loo
+        decisions = stats.norm.sf(test_stat) < alpha
+    elif method == "online-per-record":
+        test_stat = _norm_logpdf_diff(phi, g_in.loo_mean, s_in_loo, g_out.loo_mean, s_out_loo)
+        decisions = test_stat > 0
+    else:
+        test_stat, decisions = _rmia(phi, member, alpha=alpha, warn=warn)
+    if np.isnan(test_stat).any():  # only for statistics near the float64 limit (~1e308)
+        raise ValueError("phi values are too extreme to score (the test statistic overflows)")
+
+    n_in = g_in.count.astype(np.int64)
+    n_out = g_out.count.astype(np.int64)
+    tp = np.sum(decisions & member, axis=0)
+    fp = np.sum(decisions & ~member, axis=0)
+    p = tp / n_in - fp / n_out
+    ci_low, ci_high = newcombe_interval(tp, n_in, fp, n_out, confidence=confidence)
+
+    s_pool = np.sqrt(((n_in - 1) * s_in**2 + (n_out - 1) * s_out**2) / (n_in + n_out - 2))
+    gap = g_in.mean - g_out.mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        model_score = np.where(
+            s_pool > 0, 2.0 * special.ndtr(gap / s_pool / 2.0) - 1.0, np.sign(gap)
+        )
+
+    records = RecordScores(
+        score=p,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n_in=n_in,
+        n_out=n_out,
+        auc=per_record_auc(phi, member),
+        model_score=model_score,
+        mu_in=g_in.mean,
+        sigma_in=np.asarray(s_in, dtype=np.float64),
+        mu_out=g_out.mean,
+        sigma_out=np.asarray(s_out, dtype=np.float64),
+    )
+    fpr, tpr = roc_curve(test_stat, member)
+    batch = BatchMetrics(
+        auc=float(np.trapezoid(tpr, fpr)),
+        tpr_at_1pct_fpr=_tpr_at_fpr(fpr, tpr, 0.01),
+        tpr_at_0_1pct_fpr=_tpr_at_fpr(fpr, tpr, 0.001),
+        fpr=fpr,
+        tpr=tpr,
+    )
+    n_neg = int(n * m - member.sum())
+    if n_neg < 1000:
+        which = "TPR at 0.1% FPR" if n_neg >= 100 else "TPR at 1% and at 0.1% FPR"
+        warn(
+            f"only {n_neg} OUT (model, record) pairs: {which} is not resolved (fewer than one "
+            "false positive at that rate); read it as TPR at the lowest FPR reached"
+        )
+    if method != "online-per-record" and not decisions.any():
+        warn(
+            f"the attack never decided 'member' (alpha={alpha:g}): every record scores 0, which "
+            "says the threshold is too strict, not that the records are safe"
+        )
+    return ScoreResult(
+        method=method,
+        n_models=n,
+        n_records=m,
+        records=records,
+        batch=batch,
+        decisions=decisions,
+        test_stat=test_stat,
+        warnings=list(warn.messages),
+        alpha=alpha,
+        confidence=confidence,
+        fixed_variance=bool(fixed_variance),
+        offline_mu=offline_mu,
+        offline_sigma=offline_sigma,
+    )

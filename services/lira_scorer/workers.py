@@ -1,0 +1,92 @@
+"""The scorer's view of the fine-tune worker pool: fan jobs out, retry a job elsewhere when its
+worker is unavailable, fail the whole batch of jobs on a task error."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from concurrent import futures
+from typing import Callable, Sequence
+
+import grpc
+
+from ftps.common import grpcutil
+from ftps.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ftps.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A worker that went away (pod killed, process died) or is overloaded: try another.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.UNKNOWN}
+
+
+class WorkerPool:
+    def __init__(self, targets: Sequence[str], *, jobs_per_worker: int = 1, timeout_s: float = 3600,
+                 attempts: int = 4, max_message_mb: int = 64) -> None:
+        if not targets:
+            raise ValueError("at least one worker target is needed")
+        balanced = len(targets) == 1 and targets[0].startswith("dns:///")
+        self._channels = [grpcutil.make_channel(t, max_message_mb=max_message_mb, round_robin=balanced)
+                          for t in targets]
+        self._stubs = [worker_pb2_grpc.FinetuneWorkerStub(c) for c in self._channels]
+        self.targets = list(targets)
+        self.parallelism = max(1, len(targets) * jobs_per_worker)
+        self._timeout = timeout_s
+        self._attempts = attempts
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def _stub_index(self) -> int:
+        with self._lock:
+            return next(self._next) % len(self._stubs)
+
+    def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        delay = 0.5
+        last: grpc.RpcError | None = None
+        for attempt in range(self._attempts):
+            i = self._stub_index()
+            try:
+                return self._stubs[i].RunJob(job, timeout=self._timeout, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise FailedPrecondition(exc.details()) from exc
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(exc.details()) from exc
+                if code not in _RETRYABLE and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise Unavailable(f"job {job.job_id} failed on {self.targets[i]}: "
+                                      f"{code.name}: {exc.details()}") from exc
+                last = exc
+                log.warning("job %s on %s: %s (%s); retrying elsewhere (attempt %d/%d)",
+                            job.job_id, self.targets[i], code.name, exc.details(), attempt + 1,
+                            self._attempts)
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+        assert last is not None
+        raise Unavailable(f"job {job.job_id} failed {self._attempts} times: "
+                          f"{last.code().name}: {last.details()}")
+
+    def run_all(self, jobs: Sequence[worker_pb2.FinetuneJob],
+                on_done: Callable[[worker_pb2.FinetuneResult], None]) -> list[worker_pb2.FinetuneResult]:
+        """Run every job; ``on_done`` is called as each finishes. The first task error cancels the rest."""
+        results: list[worker_pb2.FinetuneResult] = []
+        with futures.ThreadPoolExecutor(self.parallelism, thread_name_prefix="job") as pool:
+            pending = {pool.submit(self.run_one, job) for job in jobs}
+            try:
+                for fut in futures.as_completed(pending):
+                    result = fut.result()
+                    results.append(result)
+                    on_done(result)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        return results
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()

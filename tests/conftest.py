@@ -1,0 +1,92 @@
+"""Shared fixtures: a real S3-protocol server (moto) on 127.0.0.1:0, one bucket per test, the
+digits data and strategy, and in-process gRPC servers on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("FTPS_TORCH_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from ftps.common.embedded_s3 import EmbeddedS3
+
+    server = EmbeddedS3("127.0.0.1", 0)
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def storage_kwargs(s3_endpoint):
+    """Settings fields pointing a service at a fresh bucket of the shared S3 server."""
+    return dict(s3_endpoint=s3_endpoint, s3_bucket="t-" + uuid.uuid4().hex[:12],
+                s3_access_key="test", s3_secret_key="test-secret", listen="127.0.0.1:0")
+
+
+@pytest.fixture
+def store(storage_kwargs):
+    from ftps.common.settings import StorageSettings
+    from ftps.common.storage import ObjectStore
+
+    s = ObjectStore(StorageSettings(**storage_kwargs))
+    s.ensure_bucket()
+    return s
+
+
+@pytest.fixture(scope="session")
+def digits_splits():
+    from ftps.ml.datasets import demo_splits
+
+    return demo_splits("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_strategy() -> str:
+    return (ROOT / "clients" / "strategies" / "digits_cnn.py").read_text()
+
+
+@pytest.fixture(scope="session")
+def digits_base_weights(digits_splits, digits_strategy) -> bytes:
+    from ftps.ml.pretrain import pretrain_base_model
+
+    x, y = digits_splits["pretrain"]
+    return pretrain_base_model(digits_strategy, x, y, seed=0)
+
+
+@pytest.fixture
+def serve():
+    """serve(server) -> "127.0.0.1:PORT"; every server is stopped at the end of the test."""
+    from ftps.common import grpcutil
+
+    servers = []
+    channels = []
+
+    def _serve(server: grpcutil.Server) -> str:
+        port = server.start("127.0.0.1:0")
+        servers.append(server)
+        addr = f"127.0.0.1:{port}"
+        ch = grpcutil.make_channel(addr)
+        channels.append(ch)
+        grpcutil.wait_healthy(ch, timeout=10)
+        return addr
+
+    yield _serve
+    for ch in channels:
+        ch.close()
+    for s in reversed(servers):
+        s.stop(grace=0.5)
+
+
+def digits_records(splits, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    x, y = splits["contributors"]
+    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
+    return x[idx], y[idx]
