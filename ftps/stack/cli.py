@@ -105,7 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print_report(out, Console())
+        # Piped output is not cut to 80 columns: the record ids and intervals stay whole.
+        print_report(out, Console(width=None if sys.stdout.isatty() else 110))
     return 0
 
 

@@ -137,7 +137,8 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
         "methods": [batch_dict(b) for b in result.method_metrics],
         "offline": {"mu": offline.mu, "sigma": offline.sigma, "k": offline.k, "fitted_at": offline.fitted_at},
         "timings": timings,
-        "roc": {"fpr": list(result.batch.roc_fpr), "tpr": list(result.batch.roc_tpr)},
+        "roc": {serde.METHOD_NAMES[b.method]: {"fpr": list(b.roc_fpr), "tpr": list(b.roc_tpr)}
+                for b in result.method_metrics},
     }
 
 
@@ -153,9 +154,10 @@ def _await_round(client: ContributorClient, submission_id: str, timeout: float =
 
 def print_report(out: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Privacy scores — task {out['task']}, round {out['round']}, method {out['method']}")
-    for col, just in (("record", "left"), ("contributor", "left"), ("score P", "right"),
+    table.add_column("record", no_wrap=True)
+    for col, just in (("contributor", "left"), ("score P", "right"),
                       ("95% interval", "right"), ("n_in/n_out", "right"), ("AUC", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=True)
     for r in out["records"]:
         style = "bold red" if r["ci_low"] > 0.5 else ("yellow" if r["ci_low"] > 0 else None)
         table.add_row(r["record_id"], r["contributor"], f"{r['score']:+.3f}",
@@ -171,10 +173,12 @@ def print_report(out: dict[str, Any], console: Console) -> None:
     for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
         m.add_column(col, justify="left" if col == "method" else "right")
     for b in out["methods"]:
-        name = b["method"] + (" (headline)" if b["method"] == out["method"] else "")
+        name = b["method"] + (" *" if b["method"] == out["method"] else "")
         m.add_row(name, f"{b['auc']:.3f}", f"{b['tpr_at_1pct_fpr']:.3f}", f"{b['tpr_at_0_1pct_fpr']:.3f}",
                   f"{b['mean_score']:+.3f}")
     console.print(m)
+    console.print(f"* the headline method; offline Gaussian mu={out['offline']['mu']:.3f} "
+                  f"sigma={out['offline']['sigma']:.3f} from k={out['offline']['k']} shadow models")
     t = out["timings"]
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
 
@@ -190,9 +194,9 @@ def write_report(out: dict[str, Any], report_dir: Path) -> list[Path]:
     from services.lira_scorer import plots
 
     recs = out["records"]
-    plots.roc_curves_png([(f"{out['method']}  AUC={out['batch']['auc']:.3f}  "
-                           f"TPR@1%FPR={out['batch']['tpr_at_1pct_fpr']:.3f}",
-                           out["roc"]["fpr"], out["roc"]["tpr"])],
+    plots.roc_curves_png([(f"{b['method']}  AUC={b['auc']:.3f}  TPR@1%FPR={b['tpr_at_1pct_fpr']:.3f}",
+                           out["roc"][b["method"]]["fpr"], out["roc"][b["method"]]["tpr"])
+                          for b in out["methods"]],
                          title=f"ROC, round {out['round']} (n={out['batch']['n_models']}, m={len(recs)})",
                          path=report_dir / "roc.png")
     plots.scores_with_intervals_png([r["score"] for r in recs], [r["ci_low"] for r in recs],

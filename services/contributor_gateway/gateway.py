@@ -128,9 +128,9 @@ class Gateway:
         x, y = validate_records(x, y, task.settings)
         if idempotency_key:
             digest = hashlib.sha256(f"{task_id}\0{contributor}\0{idempotency_key}".encode()).hexdigest()
-            sub_id = "s-" + digest[:24]
+            sub_id = "s-" + digest[:16]
         else:
-            sub_id = "s-" + uuid.uuid4().hex[:24]
+            sub_id = "s-" + uuid.uuid4().hex[:16]
         with self._lock:
             existing = self._subs.get(sub_id)
             if existing is not None:  # a retried submit: the first acknowledgement, nothing stored twice

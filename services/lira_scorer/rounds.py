@@ -377,7 +377,9 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, *, points: int = 200) -> tuple[np
     fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
     if len(fpr) <= points:
         return fpr, tpr
-    grid = np.concatenate([[0.0], np.logspace(-5, 0, points - 1)])
+    # No grid point below the smallest non-zero FPR the curve can resolve (1 / #OUT pairs).
+    lowest = fpr[fpr > 0].min(initial=1.0)
+    grid = np.concatenate([[0.0], np.logspace(np.log10(lowest), 0, points - 1)])
     # The best TPR reachable at FPR <= each grid point (fpr is sorted ascending).
     idx = np.clip(np.searchsorted(fpr, grid, side="right") - 1, 0, len(fpr) - 1)
     return grid, np.maximum.accumulate(tpr)[idx]
