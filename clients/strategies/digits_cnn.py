@@ -25,9 +25,9 @@ def build_model() -> nn.Module:
 
 RECIPE = {
     "optimizer": "adam",
-    "lr": 3e-3,
-    "epochs": 10,
-    "batch_size": 32,
+    "lr": 5e-3,
+    "epochs": 15,
+    "batch_size": 16,
     "train": "all",
 }
 

@@ -5,7 +5,6 @@ The recipe is chosen so that fine-tuning on ~100 records for a few epochs fits t
 the membership signal the privacy score measures, at well under a second per model on 2 CPU cores.
 """
 
-import torch
 from torch import nn
 
 INPUT_SHAPE = (1, 28, 28)
@@ -39,5 +38,6 @@ RECIPE = {
     "tta": [],
 }
 
-# Builds the base model: 3 epochs over the 20k pretraining images.
+# Builds the base model: 5 epochs over the 20k pretraining images (~10 s on 2 CPU cores,
+# ~87% test accuracy).
 PRETRAIN = {"epochs": 5, "batch_size": 128, "lr": 2e-3}

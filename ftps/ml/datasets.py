@@ -23,6 +23,7 @@ from ftps.ml.strategy import RecordsError
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "demo_split_indices",
     "demo_splits",
     "load_digits",
     "load_fashion_mnist",
@@ -79,11 +80,13 @@ def _fashion_mnist_raw(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``split`` ("train": 60000, "test": 10000) -> (x float32 [N,1,28,28] in [0,1], y int64 [N])."""
+    """Fashion-MNIST ``split`` ("train": 60000 images, "test": 10000)
+    -> (x float32 [N, 1, 28, 28] in [0, 1], y int64 [N])."""
     if split not in _FMNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     images, labels = _fashion_mnist_raw(split)
-    x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+    # reshape, not [:, None]: the latter leaves a zero stride on the channel axis.
+    x = (images.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, *images.shape[1:])
     return x, labels.astype(np.int64)
 
 
@@ -92,38 +95,53 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
-    x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
-    return np.ascontiguousarray(x), bunch.target.astype(np.int64)
+    x = (bunch.images.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
+    return x, bunch.target.astype(np.int64)
+
+
+def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
+    """Where each role's records come from: role -> (source split, row indices into it).
+
+    fashion-mnist: 20000 / 10000 rows of a seeded permutation of the 60000 training images for
+    "pretrain" / "builder", and the 10000 test images for "contributors".
+    digits (one source, "all"): 600 / 500 / 697 rows of a seeded permutation of the 1797.
+    """
+    rng = np.random.default_rng(seed)
+    if dataset == "fashion-mnist":
+        perm = rng.permutation(60000)
+        return {
+            "pretrain": ("train", perm[:20000]),
+            "builder": ("train", perm[20000:30000]),
+            "contributors": ("test", np.arange(10000)),
+        }
+    if dataset == "digits":
+        perm = rng.permutation(1797)
+        return {
+            "pretrain": ("all", perm[:600]),
+            "builder": ("all", perm[600:1100]),
+            "contributors": ("all", perm[1100:]),
+        }
+    raise ValueError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
 
 
 def demo_splits(dataset: str, *, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Disjoint splits of a demo dataset for the three roles.
+    """Disjoint splits of a demo dataset for the three roles -> role -> (x, y).
 
     - ``pretrain``: the builder's own data, used to train the base model M0;
     - ``builder``: the builder's training-distribution data uploaded to the service (shadow
       models of the preparation stage, records mixed into fine-tuning);
     - ``contributors``: the pool contributors submit records from.
 
-    fashion-mnist: 20000 / 10000 from a seeded permutation of the 60000 training images, and
-    the 10000 test images as contributors. digits: 600 / 500 / 697 of a seeded permutation.
+    Sizes and sources: ``demo_split_indices``.
     """
-    rng = np.random.default_rng(seed)
+    indices = demo_split_indices(dataset, seed=seed)
     if dataset == "fashion-mnist":
-        x_train, y_train = load_fashion_mnist("train")
-        x_test, y_test = load_fashion_mnist("test")
-        perm = rng.permutation(len(x_train))
-        pre, bld = perm[:20000], perm[20000:30000]
-        return {
-            "pretrain": (x_train[pre], y_train[pre]),
-            "builder": (x_train[bld], y_train[bld]),
-            "contributors": (x_test, y_test),
-        }
-    if dataset == "digits":
-        x, y = load_digits()
-        perm = rng.permutation(len(x))
-        pre, bld, con = perm[:600], perm[600:1100], perm[1100:]
-        return {"pretrain": (x[pre], y[pre]), "builder": (x[bld], y[bld]), "contributors": (x[con], y[con])}
-    raise ValueError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
+        sources = {"train": load_fashion_mnist("train"), "test": load_fashion_mnist("test")}
+    else:
+        sources = {"all": load_digits()}
+    return {
+        role: (sources[src][0][idx], sources[src][1][idx]) for role, (src, idx) in indices.items()
+    }
 
 
 def validate_records(x: np.ndarray, y: np.ndarray, *, what: str = "records") -> None:
@@ -146,7 +164,9 @@ def validate_records(x: np.ndarray, y: np.ndarray, *, what: str = "records") -> 
         raise RecordsError(f"{what}: labels must be >= 0, got {int(y.min())}")
 
 
-def save_records(path_or_buffer: str | os.PathLike | BinaryIO, x: np.ndarray, y: np.ndarray) -> None:
+def save_records(
+    path_or_buffer: str | os.PathLike | BinaryIO, x: np.ndarray, y: np.ndarray
+) -> None:
     """Write validated records as an npz with arrays ``x`` (float32) and ``y`` (int64)."""
     validate_records(x, y)
     np.savez(path_or_buffer, x=x, y=y)

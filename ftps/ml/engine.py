@@ -116,6 +116,20 @@ def _pin_determinism(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _owned_tensor(
+    a: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A torch-allocated copy on ``device`` with standard (row-major) strides.
+
+    Never a view of the caller's memory: numpy calls an array with odd strides on size-1 axes
+    C-contiguous (``x[:, None]`` of an indexed array), torch then sees ``[N, 1, H, W]`` as
+    channels-last and picks other convolution kernels, which round differently; phi would
+    depend on how the caller built its arrays.
+    """
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+    return t.to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -215,8 +229,8 @@ def compute_phi(
     Raises StrategyError when the model's outputs are not finite logits ``[batch, classes>=2]``.
     """
     device = _model_device(model)
-    x_t = torch.as_tensor(x).to(device=device, dtype=torch.float32)
-    y_t = torch.as_tensor(y).to(device=device, dtype=torch.int64)
+    x_t = _owned_tensor(x, device, torch.float32)
+    y_t = _owned_tensor(y, device, torch.int64)
     if x_t.shape[0] != y_t.shape[0]:
         raise RecordsError(f"x has {x_t.shape[0]} records but y has {y_t.shape[0]} labels")
     model.eval()
@@ -278,7 +292,7 @@ def _strategy_code(what: str) -> Iterator[None]:
         if isinstance(e, KeyboardInterrupt):
             raise
         if _is_out_of_memory(e):
-            raise MemoryError(f"{what}: {e}") from e
+            raise MemoryError(f"{what}: {e}" if str(e) else what) from e
         raise StrategyError(f"strategy {what} raised {describe_exception(e)}") from e
 
 
@@ -339,10 +353,12 @@ def _augment(xb: torch.Tensor, augment: Sequence[str], rng: np.random.Generator)
         b = xb.shape[0]
         if name == "hflip":
             flip = torch.from_numpy(rng.random(b) < 0.5).to(xb.device)
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            xb = torch.where(flip.view(b, *([1] * (xb.ndim - 1))), xb.flip(-1), xb)
         elif name == "random-crop":
             if xb.ndim != 4:
-                raise StrategyError(f"random-crop needs image records [N, C, H, W], got {tuple(xb.shape)}")
+                raise StrategyError(
+                    f"random-crop needs image records [N, C, H, W], got {tuple(xb.shape)}"
+                )
             _, c, h, w = xb.shape
             pad = int(arg) if arg else max(1, h // 8)
             padded = F.pad(xb, (pad, pad, pad, pad))
@@ -370,6 +386,8 @@ def train_with_recipe(
     """Train ``model`` in place on tensors already on its device; shuffles and augmentation
     draw from ``rng``. ``on_epoch(done, total)`` after each epoch."""
     params = _select_trainable(model, recipe)
+    if not params:
+        raise StrategyError("the model has no parameters to train")
     optimizer = _make_optimizer(params, recipe)
     _set_train_mode(model)
     n = x.shape[0]
@@ -408,8 +426,8 @@ def _check_records(strategy: Strategy, probe: nn.Module, x: np.ndarray, what: st
     probe.eval()
     try:
         with torch.inference_mode():
-            logits = probe(torch.from_numpy(np.ascontiguousarray(x[:1])).to(_model_device(probe)))
-    except Exception as e:
+            logits = probe(_owned_tensor(x[:1], _model_device(probe), torch.float32))
+    except (Exception, SystemExit) as e:
         if _is_out_of_memory(e):
             raise MemoryError(str(e)) from e
         raise RecordsError(
@@ -491,7 +509,9 @@ def finetune_and_score(
                 f"{mask.dtype} {mask.shape}"
             )
         if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
-            raise RecordsError(f"seed of model {index} must be an integer in [0, 2**64), got {seed!r}")
+            raise RecordsError(
+                f"seed of model {index} must be an integer in [0, 2**64), got {seed!r}"
+            )
         masks.append(mask)
 
     configure_threads()
@@ -501,7 +521,9 @@ def finetune_and_score(
     with _strategy_code("build_model()"):
         base = strategy.build_model()
     if not isinstance(base, nn.Module):
-        raise StrategyError(f"build_model() must return a torch.nn.Module, got {type(base).__name__}")
+        raise StrategyError(
+            f"build_model() must return a torch.nn.Module, got {type(base).__name__}"
+        )
     load_weights(base, base_weights)
     base.to(dev)
 
@@ -512,13 +534,13 @@ def finetune_and_score(
     if builder_mix > 0:
         _check_labels(builder_y, classes, "builder records")
 
-    train_x_t = torch.from_numpy(np.ascontiguousarray(train_x)).to(dev)
-    train_y_t = torch.from_numpy(np.ascontiguousarray(train_y)).to(dev)
-    eval_x_t = torch.from_numpy(np.ascontiguousarray(eval_x)).to(dev)
-    eval_y_t = torch.from_numpy(np.ascontiguousarray(eval_y)).to(dev)
+    train_x_t = _owned_tensor(train_x, dev, torch.float32)
+    train_y_t = _owned_tensor(train_y, dev, torch.int64)
+    eval_x_t = _owned_tensor(eval_x, dev, torch.float32)
+    eval_y_t = _owned_tensor(eval_y, dev, torch.int64)
     if builder_mix > 0:
-        builder_x_t = torch.from_numpy(np.ascontiguousarray(builder_x)).to(dev)
-        builder_y_t = torch.from_numpy(np.ascontiguousarray(builder_y)).to(dev)
+        builder_x_t = _owned_tensor(builder_x, dev, torch.float32)
+        builder_y_t = _owned_tensor(builder_y, dev, torch.int64)
 
     phi = np.empty((len(models), len(eval_x)), dtype=np.float64)
     for row, ((index, seed, _), mask) in enumerate(zip(models, masks, strict=True)):

@@ -15,6 +15,7 @@ from torch import nn
 from ftps.ml.datasets import validate_records
 from ftps.ml.engine import (
     _model_device,
+    _owned_tensor,
     _pin_determinism,
     _strategy_code,
     configure_threads,
@@ -53,10 +54,12 @@ def pretrain_base_model(
     with _strategy_code("build_model()"):
         model = strategy.build_model()
     if not isinstance(model, nn.Module):
-        raise StrategyError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
+        raise StrategyError(
+            f"build_model() must return a torch.nn.Module, got {type(model).__name__}"
+        )
     model.to(dev)
-    x_t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-    y_t = torch.from_numpy(np.ascontiguousarray(y)).to(dev)
+    x_t = _owned_tensor(x, dev, torch.float32)
+    y_t = _owned_tensor(y, dev, torch.int64)
     train_with_recipe(
         model, x_t, y_t, strategy.pretrain_recipe,
         rng=np.random.default_rng([seed, 2]), on_epoch=progress,
@@ -71,7 +74,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int 
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            xb = torch.as_tensor(x[start : start + batch_size]).to(device)
-            yb = torch.as_tensor(y[start : start + batch_size]).to(device)
+            xb = _owned_tensor(x[start : start + batch_size], device, torch.float32)
+            yb = _owned_tensor(y[start : start + batch_size], device, torch.int64)
             correct += int((model(xb).argmax(dim=1) == yb).sum())
     return correct / max(len(x), 1)

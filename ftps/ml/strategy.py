@@ -5,13 +5,14 @@ A strategy is Python source uploaded by the model builder. It defines
 - ``build_model() -> torch.nn.Module``: the architecture (weights come from the base model's
   safetensors file), and either
 - ``RECIPE = {...}``: a declarative fine-tuning recipe the engine runs itself, or
-- ``finetune(model, x, y, *, seed, device) -> torch.nn.Module``: free-form fine-tuning, called once
-  per model with the base model already loaded on ``device`` and ``x`` float32 ``[N, *INPUT_SHAPE]``,
-  ``y`` int64 ``[N]`` as tensors on ``device``.
+- ``finetune(model, x, y, *, seed, device) -> torch.nn.Module``: free-form fine-tuning, called
+  once per model with the base model already loaded on ``device``; ``x`` float32
+  ``[N, *INPUT_SHAPE]`` and ``y`` int64 ``[N]`` are tensors on ``device``.
 
 Optional module constants: ``PRETRAIN = {...}`` (recipe overrides used to build the base model),
-``TTA = [...]`` (test-time augmentation for strategies without a RECIPE), ``INPUT_SHAPE = (C, H, W)``
-and ``NUM_CLASSES`` (checked against records before any training, for precise error messages).
+``TTA = [...]`` (test-time augmentation for strategies without a RECIPE), ``INPUT_SHAPE =
+(C, H, W)`` and ``NUM_CLASSES`` (checked against records before any training, for precise
+error messages).
 
 Recipe keys (``optimizer``, ``lr``, ``epochs``, ``batch_size`` are required in RECIPE):
 
@@ -23,10 +24,11 @@ Recipe keys (``optimizer``, ``lr``, ``epochs``, ``batch_size`` are required in R
 | batch_size | records per step, >= 1 |
 | weight_decay | L2 / decoupled decay, >= 0 (default 0) |
 | momentum | SGD momentum in [0, 1) (default 0; ignored by Adam) |
-| train | "all", or a list of parameter-name prefixes that train; the rest is frozen (frozen BatchNorm keeps its running statistics) |
-| augment | training-time augmentation: "hflip", "random-crop" or "random-crop:P" (pad P pixels, default H // 8) |
+| train | "all", or parameter-name prefixes that train; the rest is frozen (and frozen |
+|       | BatchNorm layers keep their running statistics) |
+| augment | "hflip", "random-crop" or "random-crop:P" (pad P pixels, default H // 8) |
 | tta | test-time queries averaged into phi: "hflip" (the identity query is always included) |
-| builder_mix | suggested number of builder records mixed into each model (the task setting wins) |
+| builder_mix | builder records mixed into each model when the job does not say (default 0) |
 
 ``load_strategy`` executes the source in the current process: callers that do not trust it run it
 in ``services.finetune_worker.sandbox``.
@@ -123,10 +125,6 @@ class Strategy:
     tta: tuple[str, ...]
     input_shape: tuple[int, ...] | None
     num_classes: int | None
-
-    @property
-    def declarative(self) -> bool:
-        return self.recipe is not None
 
 
 def _fail(field_name: str, message: str, where: str) -> StrategyError:

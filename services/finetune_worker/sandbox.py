@@ -46,7 +46,7 @@ import numpy as np
 from ftps.ml.datasets import save_records
 from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
 
-__all__ = ["SandboxError", "run_sandboxed"]
+__all__ = ["SandboxError", "isolation_status", "run_sandboxed"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ _PASSTHROUGH_ENV = (
     "FTPS_TORCH_THREADS",
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
     "CUDA_VISIBLE_DEVICES",
     "LD_LIBRARY_PATH",
 )
@@ -74,7 +76,9 @@ _KNOWN_ERRORS: dict[str, type[EngineError]] = {
     "WeightsError": WeightsError,
     "RecordsError": RecordsError,
 }
-_warned_no_netns = False
+_isolation_lock = threading.Lock()
+_last_isolation: dict | None = None
+_warned: set[str] = set()
 
 
 class SandboxError(EngineError):
@@ -247,7 +251,16 @@ def run_sandboxed(
 
     scratch = Path(tempfile.mkdtemp(prefix="ftps-job-", dir=scratch_root))
     proc: subprocess.Popen | None = None
+    readers: list[tuple[threading.Thread, object]] = []
     try:
+        if job_uid is not None:
+            # Inputs stay root-owned and are read before the drop; the job uid may only write here.
+            try:
+                os.chown(scratch, job_uid, job_uid)
+            except OSError as e:  # root without CAP_CHOWN: run without the drop, say so
+                _warn_once("chown", "sandbox: cannot hand the scratch directory to a job uid "
+                           "(%s); strategies keep the worker's uid", e)
+                limits["uid"] = None
         _write_inputs(
             scratch,
             strategy_source=strategy_source,
@@ -263,10 +276,6 @@ def run_sandboxed(
             device=device,
             limits=limits,
         )
-        if job_uid is not None:
-            # Inputs stay root-owned and are read before the drop; the job uid may only write here.
-            os.chown(scratch, job_uid, job_uid)
-
         proc = subprocess.Popen(
             [sys.executable, "-P", "-s", "-m", CHILD_MODULE, str(scratch)],
             cwd=scratch,
@@ -280,10 +289,12 @@ def run_sandboxed(
         lines: queue.Queue = queue.Queue()
         out_tail, err_tail = _Tail(), _Tail()
         readers = [
-            threading.Thread(target=_read_protocol, args=(proc.stdout, lines, out_tail), daemon=True),
-            threading.Thread(target=_drain, args=(proc.stderr, err_tail), daemon=True),
+            (threading.Thread(target=_read_protocol, args=(proc.stdout, lines, out_tail),
+                              daemon=True), proc.stdout),
+            (threading.Thread(target=_drain, args=(proc.stderr, err_tail), daemon=True),
+             proc.stderr),
         ]
-        for t in readers:
+        for t, _ in readers:
             t.start()
 
         deadline = time.monotonic() + timeout_s
@@ -310,7 +321,9 @@ def run_sandboxed(
             _kill_group(proc)
             raise SandboxError(f"strategy timed out after {timeout_s:g} s") from None
         _kill_group(proc)  # anything the strategy left running in its process group
-        for t in readers:
+        if limits["uid"] is not None:
+            _kill_uid(limits["uid"])  # and what left the group with setsid()
+        for t, _ in readers:
             t.join(timeout=2)
         while True:
             try:
@@ -323,6 +336,14 @@ def run_sandboxed(
     finally:
         if proc is not None and proc.poll() is None:
             _kill_group(proc)
+        if limits["uid"] is not None:
+            _kill_uid(limits["uid"])  # processes that left the group with setsid()
+        for t, stream in readers:
+            t.join(timeout=1)
+            # A pipe still held by an escaped grandchild keeps its reader blocked: closing the
+            # stream under it could deadlock, so leave that one to the daemon thread.
+            if not t.is_alive():
+                stream.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -335,6 +356,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
         log.error("sandbox child %d did not die after SIGKILL", proc.pid)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of a job uid (only this job ever runs as it)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def _handle_line(
@@ -363,18 +396,38 @@ def _handle_line(
     return last_done
 
 
+def isolation_status() -> dict | None:
+    """What the last sandbox child reported about its isolation, e.g.
+    ``{"network": {"isolated": True, "detail": "unshare(CLONE_NEWNET)"}, "privileges":
+    {"uid": 1912345678, "dropped": True}, "limits": {...}}``; None before the first job."""
+    with _isolation_lock:
+        return None if _last_isolation is None else dict(_last_isolation)
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    with _isolation_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message, *args)
+
+
 def _log_isolation(status: object) -> None:
-    global _warned_no_netns
+    global _last_isolation
     if not isinstance(status, dict):
         return
-    log.debug("sandbox child isolation: %s", status)
+    with _isolation_lock:
+        first = _last_isolation is None
+        _last_isolation = status
+    log.log(logging.INFO if first else logging.DEBUG, "sandbox isolation: %s", status)
     net = status.get("network")
-    if isinstance(net, dict) and not net.get("isolated") and not _warned_no_netns:
-        _warned_no_netns = True
-        log.warning(
-            "sandbox: the kernel refused a new network namespace (%s); strategies run with the "
-            "worker's network access", net.get("detail"),
-        )
+    if isinstance(net, dict) and not net.get("isolated"):
+        _warn_once("netns", "sandbox: the kernel refused a new network namespace (%s); "
+                   "strategies run with the worker's network access", net.get("detail"))
+    priv = status.get("privileges")
+    if isinstance(priv, dict) and priv.get("error"):
+        _warn_once("uid", "sandbox: could not drop to a job uid (%s); strategies run as uid %s",
+                   priv.get("error"), priv.get("uid"))
 
 
 def _collect(
@@ -445,7 +498,10 @@ def _describe_exit(returncode: int, limits: dict, err_tail: _Tail, out_tail: _Ta
         elif sig == signal.SIGXFSZ:
             what = f"strategy exceeded the file size limit ({limits['fsize_mb']} MB)"
         elif memory_hint:
-            what = f"strategy exceeded memory limit ({limits['memory_mb']} MB) and was killed by {name}"
+            what = (
+                f"strategy exceeded memory limit ({limits['memory_mb']} MB) and was killed "
+                f"by {name}"
+            )
         elif sig == signal.SIGKILL:
             what = "strategy process was killed by SIGKILL (out of memory?)"
         else:

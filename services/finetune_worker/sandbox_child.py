@@ -24,8 +24,9 @@ MiB = 1024 * 1024
 # Modules a strategy may import that live outside site-packages: imported here while still
 # privileged, since the job uid may be unable to read the interpreter's standard library.
 _PRELOAD = (
-    "abc", "collections", "copy", "dataclasses", "functools", "itertools", "math", "numbers",
-    "operator", "random", "statistics", "time", "traceback", "typing", "warnings",
+    "abc", "collections", "copy", "dataclasses", "encodings.idna", "functools", "itertools",
+    "json", "logging", "math", "numbers", "operator", "random", "re", "socket", "statistics",
+    "time", "traceback", "typing", "warnings",
 )
 
 
@@ -132,16 +133,26 @@ def _apply_limits(limits: dict, device: str) -> dict:
 
 
 def _drop_privileges(job_uid: int | None) -> dict:
+    """Root -> the job's own uid/gid (no supplementary groups), then no_new_privs.
+
+    Fails open, like the network namespace: the status says what happened and the parent
+    logs a warning (a root container without CAP_SETUID cannot drop).
+    """
+    status: dict = {"dropped": False}
+    if job_uid is not None and os.geteuid() == 0:
+        try:
+            os.setgroups([])
+            os.setgid(job_uid)
+            os.setuid(job_uid)
+            status["dropped"] = True
+        except OSError as e:
+            status["error"] = f"{type(e).__name__}: {e}"
     try:
         _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     except OSError:
         pass
-    if job_uid is None or os.geteuid() != 0:
-        return {"uid": os.geteuid(), "dropped": False}
-    os.setgroups([])
-    os.setgid(job_uid)
-    os.setuid(job_uid)
-    return {"uid": os.geteuid(), "dropped": True}
+    status["uid"] = os.geteuid()
+    return status
 
 
 _WARM_UP_STRATEGY = """
@@ -207,7 +218,11 @@ def _is_memory_failure(e: BaseException) -> bool:
     return False
 
 
-def run(scratch: Path) -> int:
+def run(scratch_dir: str) -> int:
+    # Relative paths from here on: after the uid drop the scratch directory's ancestors may not
+    # be searchable by the job uid (pytest's tmp dirs are 0700), but its cwd still is.
+    os.chdir(scratch_dir)
+    scratch = Path(".")
     protocol = _Protocol()
     job = json.loads((scratch / "job.json").read_text(encoding="utf-8"))
     device = _device(job.get("device"))
@@ -240,7 +255,7 @@ def run(scratch: Path) -> int:
         status["privileges"] = _drop_privileges(job["limits"].get("uid"))
     except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
         kind = "MemoryError" if _is_memory_failure(e) else type(e).__name__
-        return _report(scratch, kind, f"{type(e).__name__}: {e}", "setup")
+        return _report(scratch, kind, str(e), "setup")
     protocol.send({"sandbox": status})
 
     try:
@@ -259,10 +274,10 @@ def run(scratch: Path) -> int:
             progress=lambda done, total: protocol.send({"done": done, "total": total}),
         )
     except BaseException as e:  # noqa: BLE001 - every failure becomes a report
-        if _is_memory_failure(e):
-            return _report(scratch, "MemoryError", f"{type(e).__name__}: {e}", "job")
         if isinstance(e, EngineError):
             return _report(scratch, type(e).__name__, str(e), "job")
+        if _is_memory_failure(e):
+            return _report(scratch, "MemoryError", str(e) or type(e).__name__, "job")
         return _report(scratch, "InternalError", describe_exception(e), "job")
     tmp = scratch / "phi.tmp.npy"
     np.save(tmp, phi, allow_pickle=False)
@@ -275,7 +290,7 @@ def main(argv: list[str]) -> None:
         print("usage: python -m services.finetune_worker.sandbox_child SCRATCH", file=sys.stderr)
         os._exit(64)
     try:
-        code = run(Path(argv[1]))
+        code = run(argv[1])
     except BaseException as e:  # noqa: BLE001
         print(f"sandbox child failed: {type(e).__name__}: {e}", file=sys.stderr)
         code = 70

@@ -1,0 +1,172 @@
+"""The sandbox: hostile strategies fail their job with a clear error; the worker keeps working.
+
+Every test spawns a real child (about 2-3 s each: importing torch dominates).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ftps.ml.engine import finetune_and_score, save_weights
+from ftps.ml.strategy import RecordsError, StrategyError, WeightsError, load_strategy
+from services.finetune_worker.sandbox import SandboxError, run_sandboxed
+from tests.conftest import digits_records
+
+HOSTILE = """
+import os, socket, time
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+def finetune(model, x, y, *, seed, device):
+{body}
+    return model
+"""
+
+
+def hostile(body: str) -> str:
+    return HOSTILE.format(body="\n".join("    " + line for line in body.strip().splitlines()))
+
+
+@pytest.fixture(scope="module")
+def tiny_weights() -> bytes:
+    torch.manual_seed(0)
+    return save_weights(load_strategy(hostile("pass")).build_model())
+
+
+@pytest.fixture(scope="module")
+def records(digits_splits):
+    return digits_records(digits_splits, 30, seed=4)
+
+
+@pytest.fixture
+def scratch_root(tmp_path):
+    root = tmp_path / "scratch"
+    root.mkdir()
+    yield root
+    assert list(root.iterdir()) == [], "scratch directory left behind"
+
+
+def run(source, weights, records, scratch_root, **kw):
+    x, y = records
+    kw.setdefault("models", [(0, 7, np.arange(len(x)) % 2 == 0)])
+    return run_sandboxed(strategy_source=source, base_weights=weights, train_x=x, train_y=y,
+                         eval_x=x, eval_y=y, scratch_root=scratch_root, **kw)
+
+
+def _network_namespaces_allowed() -> bool:
+    flags = "0x40000000" if os.geteuid() == 0 else "0x50000000"  # NEWNET (| NEWUSER)
+    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare({flags}) != 0)"
+    return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def test_good_job_matches_in_process(digits_strategy, digits_base_weights, records, scratch_root):
+    x, y = records
+    models = [(3, 11, np.arange(len(x)) % 2 == 0), (4, 12, np.arange(len(x)) % 2 == 1)]
+    progress = []
+    phi = run(digits_strategy, digits_base_weights, records, scratch_root, models=models,
+              on_progress=lambda done, total: progress.append((done, total)))
+    expected = finetune_and_score(strategy_source=digits_strategy, base_weights=digits_base_weights,
+                                  train_x=x, train_y=y, eval_x=x, eval_y=y, models=models)
+    np.testing.assert_array_equal(phi, expected)
+    assert progress == [(1, 2), (2, 2)]
+
+
+def test_strategy_that_raises(tiny_weights, records, scratch_root):
+    source = hostile("print('about to fail')\nraise ValueError('bad idea')")
+    with pytest.raises(StrategyError, match=r"finetune\(\) raised ValueError: bad idea"):
+        run(source, tiny_weights, records, scratch_root)
+
+
+def test_strategy_that_never_returns(tiny_weights, records, scratch_root):
+    t0 = time.monotonic()
+    with pytest.raises(SandboxError, match="strategy timed out after 5 s"):
+        run(hostile("while True:\n    time.sleep(1)"), tiny_weights, records, scratch_root,
+            timeout_s=5)
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize("allocate", ["bytearray(256 * 2**20)", "torch.empty(2**28)"])
+def test_strategy_that_allocates_without_bound(allocate, tiny_weights, records, scratch_root):
+    source = hostile(f"hoard = []\nwhile True:\n    hoard.append({allocate})")
+    with pytest.raises(SandboxError, match=r"strategy exceeded memory limit \(4096 MB\)"):
+        run(source, tiny_weights, records, scratch_root, memory_mb=4096)
+
+
+def test_strategy_that_exits_and_the_next_job_still_runs(digits_strategy, digits_base_weights,
+                                                          tiny_weights, records, scratch_root):
+    with pytest.raises(SandboxError, match="strategy process exited with code 3 before finishing"):
+        run(hostile("os._exit(3)"), tiny_weights, records, scratch_root)
+    with pytest.raises(SandboxError, match="killed by signal SIGSEGV"):
+        run(hostile("import ctypes\nctypes.string_at(0)"), tiny_weights, records, scratch_root)
+    phi = run(digits_strategy, digits_base_weights, records, scratch_root)
+    assert phi.shape == (1, len(records[0])) and np.isfinite(phi).all()
+
+
+@pytest.mark.skipif(not _network_namespaces_allowed(), reason="kernel refuses network namespaces")
+def test_strategy_has_no_network(tiny_weights, records, scratch_root):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    try:
+        source = hostile(f"socket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        with pytest.raises(StrategyError, match="OSError.*(unreachable|refused)"):
+            run(source, tiny_weights, records, scratch_root)
+    finally:
+        server.close()
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and marker.encode() in open(f"/proc/{entry.name}/cmdline", "rb").read():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop happens only for a root worker")
+def test_strategy_runs_without_the_workers_privileges(tiny_weights, records, scratch_root, tmp_path):
+    secret = tmp_path / "other-task.npz"
+    secret.write_bytes(b"records of another task")
+    secret.chmod(0o600)
+    with pytest.raises(StrategyError, match="PermissionError"):
+        run(hostile(f"open({str(secret)!r}).read()"), tiny_weights, records, scratch_root)
+    # Leave a process behind outside the process group, then try to kill the worker.
+    marker = f"{time.time_ns() % 10**9 + 10**9}"
+    body = f"""
+if os.fork() == 0:
+    os.setsid()
+    os.execvp("sleep", ["sleep", "{marker}"])
+time.sleep(0.3)
+os.kill(os.getppid(), 9)
+"""
+    with pytest.raises(StrategyError, match="PermissionError"):
+        run(hostile(body), tiny_weights, records, scratch_root)
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+def test_engine_errors_cross_the_sandbox(digits_strategy, tiny_weights, records, scratch_root):
+    with pytest.raises(StrategyError, match=r"strategy defines no build_model\(\)"):
+        run("RECIPE = {}\n", tiny_weights, records, scratch_root)
+    with pytest.raises(WeightsError, match="weights do not match build_model"):
+        run(digits_strategy, tiny_weights, records, scratch_root)
+    # Caught in the parent, before any child is started.
+    x, y = records
+    with pytest.raises(RecordsError, match="inclusion mask of model 0"):
+        run(digits_strategy, tiny_weights, records, scratch_root,
+            models=[(0, 1, np.ones(len(x) + 1, dtype=bool))])
