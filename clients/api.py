@@ -27,8 +27,9 @@ KIND_NAMES = {
 class BuilderClient:
     """The model builder's calls: tasks and uploads (registry), preparation (scorer), rounds (gateway)."""
 
-    def __init__(self, *, registry: str, gateway: str, scorer: str, max_message_mb: int = 64) -> None:
-        self._channels = [grpcutil.make_channel(a, max_message_mb=max_message_mb)
+    def __init__(self, *, registry: str, gateway: str, scorer: str, token: str | None = None,
+                 tls: grpcutil.Tls | None = None, max_message_mb: int = 64) -> None:
+        self._channels = [grpcutil.make_channel(a, max_message_mb=max_message_mb, token=token, tls=tls)
                           for a in (registry, gateway, scorer)]
         self.registry = registry_pb2_grpc.BuilderRegistryStub(self._channels[0])
         self.gateway = gateway_pb2_grpc.ContributorGatewayStub(self._channels[1])
@@ -88,8 +89,9 @@ class BuilderClient:
 class ContributorClient:
     """A data contributor's calls to the gateway."""
 
-    def __init__(self, *, gateway: str, contributor: str, max_message_mb: int = 64) -> None:
-        self._channel = grpcutil.make_channel(gateway, max_message_mb=max_message_mb)
+    def __init__(self, *, gateway: str, contributor: str = "", token: str | None = None,
+                 tls: grpcutil.Tls | None = None, max_message_mb: int = 64) -> None:
+        self._channel = grpcutil.make_channel(gateway, max_message_mb=max_message_mb, token=token, tls=tls)
         self.stub = gateway_pb2_grpc.ContributorGatewayStub(self._channel)
         self.contributor = contributor
 

@@ -27,6 +27,23 @@ def add_address(p: argparse.ArgumentParser, name: str, default: str) -> None:
                    help=f"{name} address (env {env}; default {default})")
 
 
+def add_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=os.environ.get("FTPS_TOKEN", ""),
+                   help="bearer token (env FTPS_TOKEN); `ftps-stack token` prints one for the embedded stack")
+    p.add_argument("--tls-ca", default=os.environ.get("FTPS_TLS_CA_FILE", ""),
+                   help="PEM CA bundle: connect with TLS and verify the server (env FTPS_TLS_CA_FILE)")
+
+
+def security_kwargs(args: argparse.Namespace) -> dict:
+    from ftps.common.grpcutil import Tls
+
+    try:
+        tls = Tls.from_files(ca_file=args.tls_ca) if args.tls_ca else None
+    except OSError as exc:
+        raise InputError(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror}") from exc
+    return {"token": args.token or None, "tls": tls}
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -17,11 +17,24 @@ from tests.conftest import digits_records
 
 
 @pytest.fixture(scope="module")
-def stack():
-    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")})
+def stack(tmp_path_factory):
+    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
+                      data_dir=tmp_path_factory.mktemp("data"))
     s.start()
-    yield s.addresses
+    signer = s.signer()
+    yield dict(s.addresses, builder_token=signer.issue("acme", "builder"),
+               alice_token=signer.issue("alice", "contributor"), bob_token=signer.issue("bob", "contributor"),
+               zed_token=signer.issue("zed", "contributor"))
     s.stop()
+
+
+def _b(stack):
+    return ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"],
+            "--token", stack["builder_token"]]
+
+
+def _c(stack, who):
+    return ["--gateway", stack["gateway"], "--token", stack[f"{who}_token"]]
 
 
 def _json(capsys, fn, argv):
@@ -32,7 +45,7 @@ def _json(capsys, fn, argv):
 
 def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, digits_strategy,
                                         digits_base_weights):
-    b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"]]
+    b = _b(stack)
     task = _json(capsys, builder_main, b + ["create-task", "--name", "e2e", "--record-shape", "1,8,8",
                                             "--models", "8", "--batch-threshold", "24", "--shadow-models", "4",
                                             "--models-per-job", "4", "--json"])["task_id"]
@@ -50,11 +63,11 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     for who, sl in (("alice", slice(0, 12)), ("bob", slice(12, 24))):
         path = tmp_path / f"{who}.npz"
         path.write_bytes(serde.records_to_npz(x[sl], y[sl]))
-        c = ["--gateway", stack["gateway"], "--contributor", who]
+        c = _c(stack, who)
         subs[who] = _json(capsys, contributor_main, c + ["submit", "--task", task, str(path),
                                                          "--idempotency-key", "once", "--json"])
     # The 24th record reached the batch threshold: a round started on its own.
-    c_bob = ["--gateway", stack["gateway"], "--contributor", "bob"]
+    c_bob = _c(stack, "bob")
     deadline = time.time() + 30
     while True:
         sub = _json(capsys, contributor_main, c_bob + ["submission", subs["bob"]["submission_id"], "--json"])
@@ -65,8 +78,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     capsys.readouterr()
     assert builder_main(b + ["watch", "--round", sub["round_id"]]) == 0, capsys.readouterr()
 
-    alice = _json(capsys, contributor_main, ["--gateway", stack["gateway"], "--contributor", "alice",
-                                             "scores", "--task", task, "--json"])
+    alice = _json(capsys, contributor_main, _c(stack, "alice") + ["scores", "--task", task, "--json"])
     assert [r["record_id"] for r in alice["records"]] == subs["alice"]["record_ids"]
     for r in alice["records"]:
         assert r["contributor"] == "alice" and r["method"] == "online-per-record"
@@ -79,7 +91,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
 
 
 def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, capsys):
-    c = ["--gateway", stack["gateway"], "--contributor", "zed"]
+    c = _c(stack, "zed")
     assert contributor_main(c + ["submit", "--task", "t-x", str(tmp_path / "missing.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ftps-contributor: error: cannot read")
@@ -88,7 +100,7 @@ def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, 
     assert contributor_main(c + ["submit", "--task", "t-unknown", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and "NOT_FOUND" in err[0]
-    b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"]]
+    b = _b(stack)
     assert builder_main(b + ["create-task", "--name", "x", "--record-shape", "1,8,8", "--models", "5"]) == 1
     assert "n_models" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
@@ -100,7 +112,7 @@ def test_demo_digits_json(tmp_path, monkeypatch, capsys):
     from ftps.stack.cli import main as stack_main
 
     monkeypatch.setenv("FTPS_CACHE_DIR", str(tmp_path / "cache"))
-    rc = stack_main(["demo", "--dataset", "digits", "--records", "40", "--models", "8", "--shadow-models", "4",
+    rc = stack_main(["demo", "--data-dir", str(tmp_path / "data"), "--dataset", "digits", "--records", "40", "--models", "8", "--shadow-models", "4",
                      "--json", "--report-dir", str(tmp_path / "report")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err

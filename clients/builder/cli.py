@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
-from clients.cli_common import InputError, add_address, print_json, run
+from clients.cli_common import InputError, add_address, add_security, print_json, run, security_kwargs
 from ftps.common import serde
 from ftps.v1 import common_pb2
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_address(p, "registry", "127.0.0.1:50052")
     add_address(p, "gateway", "127.0.0.1:50051")
     add_address(p, "scorer", "127.0.0.1:50053")
+    add_security(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("create-task", help="register a modelling task")
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client(args) -> BuilderClient:
-    return BuilderClient(registry=args.registry, gateway=args.gateway, scorer=args.scorer)
+    return BuilderClient(registry=args.registry, gateway=args.gateway, scorer=args.scorer,
+                         **security_kwargs(args))
 
 
 def cmd_create(args) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
 from clients.api import ContributorClient, score_dict
-from clients.cli_common import add_address, load_npz_records, print_json, run
+from clients.cli_common import add_address, add_security, load_npz_records, print_json, run, security_kwargs
 
 PROG = "ftps-contributor"
 
@@ -17,7 +18,9 @@ PROG = "ftps-contributor"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore data-contributor tool")
     add_address(p, "gateway", "127.0.0.1:50051")
-    p.add_argument("--contributor", "-c", required=True, help="your contributor name")
+    add_security(p)
+    p.add_argument("--contributor", "-c", default=os.environ.get("FTPS_CONTRIBUTOR", ""),
+                   help="your contributor name (env FTPS_CONTRIBUTOR; default: your token's subject)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("submit", help="submit records from an .npz file (arrays x and y)")
@@ -42,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _client(args) -> ContributorClient:
+    return ContributorClient(gateway=args.gateway, contributor=args.contributor, **security_kwargs(args))
+
+
 def _sub_dict(sub) -> dict:
     from ftps.v1 import gateway_pb2
 
@@ -53,7 +60,7 @@ def _sub_dict(sub) -> dict:
 
 def cmd_submit(args) -> int:
     x, y = load_npz_records(args.file)
-    sub = ContributorClient(gateway=args.gateway, contributor=args.contributor).submit(
+    sub = _client(args).submit(
         args.task, x, y, idempotency_key=args.idempotency_key)
     if args.json:
         print_json(_sub_dict(sub))
@@ -64,7 +71,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_submission(args) -> int:
-    d = _sub_dict(ContributorClient(gateway=args.gateway, contributor=args.contributor).get_submission(args.id))
+    d = _sub_dict(_client(args).get_submission(args.id))
     if args.json:
         print_json(d)
     else:
@@ -80,7 +87,7 @@ def _reading(score: float) -> str:
 
 
 def cmd_scores(args) -> int:
-    scores = ContributorClient(gateway=args.gateway, contributor=args.contributor).scores(args.task, args.round)
+    scores = _client(args).scores(args.task, args.round)
     if args.json:
         print_json({"task": args.task, "contributor": args.contributor,
                     "records": [score_dict(s) for s in scores]})
@@ -98,7 +105,7 @@ def cmd_scores(args) -> int:
 def cmd_watch(args) -> int:
     import grpc
 
-    client = ContributorClient(gateway=args.gateway, contributor=args.contributor)
+    client = _client(args)
     try:
         for s in client.watch_scores(args.task, timeout=args.timeout):
             if args.json:

@@ -8,13 +8,18 @@ import inspect
 import json
 import logging
 from concurrent import futures
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ftps.common.errors import FtpsError
+
+if TYPE_CHECKING:
+    from ftps.common.auth import TokenSigner
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,29 @@ _ALL_SERVICES = (
 )
 
 
-def make_channel(target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
-    """A plaintext channel to ``target`` (``host:port`` or ``dns:///name:port``)."""
+@dataclass(frozen=True)
+class Tls:
+    """PEM files. A server with ``ca`` requires client certificates (mutual TLS); a client with
+    ``cert``/``key`` presents them."""
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cert_file: str = "", key_file: str = "", ca_file: str = "") -> "Tls | None":
+        if not (cert_file or ca_file):
+            return None
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
+        return cls(read(cert_file), read(key_file), read(ca_file))
+
+
+def make_channel(target: str, *, max_message_mb: int = 64, round_robin: bool = False,
+                 token: str | Callable[[], str] | None = None, tls: Tls | None = None) -> grpc.Channel:
+    """A channel to ``target`` (``host:port`` or ``dns:///name:port``): TLS when ``tls`` is given,
+    plaintext otherwise; ``token`` (a string or a provider) sent as a bearer token on every call."""
     options = message_options(max_message_mb) + [
         ("grpc.service_config", _retry_service_config(_ALL_SERVICES)),
         ("grpc.enable_retries", 1),
@@ -63,17 +89,63 @@ def make_channel(target: str, *, max_message_mb: int = 64, round_robin: bool = F
     ]
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
-    return grpc.insecure_channel(target, options=options)
+    if tls is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
+                                             certificate_chain=tls.cert)
+        channel = grpc.secure_channel(target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if token is not None:
+        from ftps.common.auth import BearerToken
+
+        channel = grpc.intercept_channel(channel, BearerToken(token))
+    return channel
+
+
+class Security:
+    """A service's auth and TLS, built once from its settings: the server side (interceptor,
+    credentials) and the client side (channels to other services with a service token)."""
+
+    def __init__(self, *, signer: "TokenSigner | None" = None, tls: Tls | None = None,
+                 subject: str = "service") -> None:
+        from ftps.common.auth import ServiceTokens
+
+        self.signer = signer
+        self.tls = tls
+        self._tokens = ServiceTokens(signer, subject) if signer else None
+
+    @classmethod
+    def from_settings(cls, settings: Any, subject: str) -> "Security":
+        from ftps.common.auth import TokenSigner, load_key
+
+        key = load_key(key=settings.auth_key, key_file=settings.auth_key_file)
+        if key is None:
+            log.warning("%s: no auth key configured: authentication is OFF, every caller is admin", subject)
+        tls = Tls.from_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+        return cls(signer=TokenSigner(key) if key else None, tls=tls, subject=subject)
+
+    def server(self, *, max_message_mb: int = 64) -> "Server":
+        from ftps.common.auth import AuthInterceptor
+
+        interceptors = [AuthInterceptor(self.signer)] if self.signer else []
+        return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls)
+
+    def channel(self, target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
+        return make_channel(target, max_message_mb=max_message_mb, round_robin=round_robin,
+                            token=self._tokens, tls=self.tls)
 
 
 class Server:
     """A threaded gRPC server with the stock health service and reflection."""
 
-    def __init__(self, *, max_message_mb: int = 64, max_workers: int = 16) -> None:
+    def __init__(self, *, max_message_mb: int = 64, max_workers: int = 64,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None) -> None:
+        # Streams (WatchRound, WatchScores) hold a thread each while they last.
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            options=message_options(max_message_mb),
+            options=message_options(max_message_mb), interceptors=list(interceptors),
         )
+        self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -85,7 +157,12 @@ class Server:
 
     def start(self, listen: str) -> int:
         reflection.enable_server_reflection(self._service_names, self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(listen)
+        if self._tls is not None and self._tls.cert:
+            creds = grpc.ssl_server_credentials([(self._tls.key, self._tls.cert)], root_certificates=self._tls.ca,
+                                                require_client_auth=self._tls.ca is not None)
+            self.port = self.grpc_server.add_secure_port(listen, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         self.grpc_server.start()

@@ -33,6 +33,13 @@ class CommonSettings(StorageSettings):
     log_level: str = Field("INFO", description="logging level")
     listen: str = Field("127.0.0.1:0", description="host:port to serve on (port 0: any free port)")
     max_message_mb: int = Field(64, description="largest gRPC message accepted or sent, MiB")
+    auth_key: str = Field("", description="token signing key (hex or >= 32 chars); empty: see auth_key_file")
+    auth_key_file: str = Field("", description="file holding the token signing key; with neither "
+                                                "set, auth is OFF and every caller is admin")
+    tls_cert_file: str = Field("", description="PEM certificate: serve TLS (and present it as a client for mTLS)")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_ca_file: str = Field("", description="PEM CA bundle: verify peers; with a server certificate, "
+                                             "also require client certificates (mutual TLS)")
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None, *, prog: str | None = None,

@@ -11,10 +11,13 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 
+from ftps.common.errors import FtpsError
+
 from ftps.common.log import setup_logging
-from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack
+from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack, default_data_dir
 
 NAMES = {"gateway": "contributor gateway", "registry": "builder registry", "scorer": "LiRA scorer",
          "worker": "fine-tune worker", "s3": "object store (S3 protocol, moto)"}
@@ -28,6 +31,15 @@ def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool) -> 
     p.add_argument("--ephemeral-ports", action="store_true", default=ephemeral_default,
                    help="let the OS pick every port not given explicitly")
     p.add_argument("--log-level", default=None, help="service log level (default WARNING for demo, INFO for up)")
+    _add_data_dir(p)
+    p.add_argument("--no-auth", dest="auth", action="store_false",
+                   help="run without tokens (every caller is admin); for local experiments only")
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="where the embedded stack keeps its token signing key "
+                        "(env FTPS_DATA_DIR; default ~/.local/share/ftps)")
 
 
 def _ports(args: argparse.Namespace) -> dict[str, int]:
@@ -58,17 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     demo.add_argument("--report-dir", type=Path, default=None, help="also write result.json, scores.csv and plots here")
+    tok = sub.add_parser("token", help="print a signed token for the embedded stack")
+    tok.add_argument("--role", required=True, choices=("contributor", "builder", "admin"))
+    tok.add_argument("--subject", required=True, help="the contributor's or builder's name")
+    tok.add_argument("--task", action="append", default=[],
+                     help="limit a contributor to this task (repeatable; default: any task)")
+    tok.add_argument("--ttl", type=float, default=24 * 3600, help="seconds until it expires (default 1 day)")
+    _add_data_dir(tok)
     return parser
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from ftps.common.auth import TokenSigner, load_or_create_key_file
+    from ftps.common.storage import check_id
+
+    check_id(args.subject, "subject")
+    for t in args.task:
+        check_id(t, "task")
+    signer = TokenSigner(load_or_create_key_file(args.data_dir / "signing.key"))
+    print(signer.issue(args.subject, args.role, tasks=args.task, ttl_s=args.ttl))
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "INFO")
-    stack = EmbeddedStack(host=args.host, ports=_ports(args))
+    stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth)
     stack.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print("FT-PrivacyScore embedded stack is up (plaintext on loopback; use TLS settings elsewhere):")
+    if args.auth:
+        print(f"  tokens: `ftps-stack token --role builder --subject NAME` (key {stack.key_file})")
+    else:
+        print("  auth is OFF (--no-auth): every caller is admin")
     for name in ("gateway", "registry", "scorer", "worker", "s3"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
     print("Ctrl-C to stop.", flush=True)
@@ -93,10 +128,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "WARNING")
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    with EmbeddedStack(host=args.host, ports=_ports(args)) as stack:
+    with EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth) as stack:
         console.log("stack up: " + ", ".join(f"{k} {v}" for k, v in stack.addresses.items()))
         out = run_demo(stack.addresses, dataset=args.dataset, records=args.records, models=args.models,
-                       shadow_models=args.shadow_models, method=args.method, seed=args.seed, console=console)
+                       shadow_models=args.shadow_models, method=args.method, seed=args.seed, console=console,
+                       signer=stack.signer())
     out["timings"]["wall_s"] = time.perf_counter() - t0
     if args.report_dir:
         for path in write_report(out, args.report_dir):
@@ -115,11 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "token":
+            return cmd_token(args)
         return cmd_demo(args)
     except KeyboardInterrupt:
         return 130
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, FtpsError) as exc:
         print(f"ftps-stack: error: {exc}", file=sys.stderr)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        return 1
+    except grpc.RpcError as exc:
+        from clients.api import describe_rpc_error
+
+        print(f"ftps-stack: error: {describe_rpc_error(exc)}", file=sys.stderr)
         logging.getLogger(__name__).debug("details", exc_info=True)
         return 1
 

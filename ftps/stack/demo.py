@@ -58,7 +58,7 @@ def base_model(dataset: str, strategy_source: str, x: np.ndarray, y: np.ndarray,
 
 
 def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: int, shadow_models: int,
-             method: str, seed: int, console: Console) -> dict[str, Any]:
+             method: str, seed: int, console: Console, signer=None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     strategy_source = (STRATEGIES / DATASET_STRATEGY[dataset]).read_text()
@@ -73,10 +73,12 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
     bx, by = splits["builder"]
     bx, by = bx[:BUILDER_DATA_MAX], by[:BUILDER_DATA_MAX]
 
+    # Each role with its own token, as separate people would be.
+    token = (lambda sub, role: signer.issue(sub, role, ttl_s=6 * 3600)) if signer else (lambda sub, role: None)
     builder = BuilderClient(registry=addresses["registry"], gateway=addresses["gateway"],
-                            scorer=addresses["scorer"])
-    alice = ContributorClient(gateway=addresses["gateway"], contributor="alice")
-    bob = ContributorClient(gateway=addresses["gateway"], contributor="bob")
+                            scorer=addresses["scorer"], token=token("builder", "builder"))
+    alice = ContributorClient(gateway=addresses["gateway"], contributor="alice", token=token("alice", "contributor"))
+    bob = ContributorClient(gateway=addresses["gateway"], contributor="bob", token=token("bob", "contributor"))
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
     try:
@@ -92,7 +94,7 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
                 n_models=models, batch_threshold=records, method=serde.method_enum(method),
                 shadow_models=shadow_models, record_shape=list(cx.shape[1:]), num_classes=10,
                 seed=seed, models_per_job=max(1, min(8, models // 4)))
-            task = builder.create_task(f"{dataset} demo", settings, owner="builder")
+            task = builder.create_task(f"{dataset} demo", settings)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy_source.encode())
             builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(bx, by))

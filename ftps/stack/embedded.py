@@ -7,7 +7,9 @@ pods; here they share a process and talk gRPC over 127.0.0.1 exactly as they wou
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ftps.common import grpcutil
 from ftps.common.embedded_s3 import EmbeddedS3
@@ -17,12 +19,22 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"gateway": 50051, "registry": 50052, "scorer": 50053, "worker": 50054, "s3": 9000}
 
 
+def default_data_dir() -> Path:
+    return Path(os.environ.get("FTPS_DATA_DIR", Path.home() / ".local" / "share" / "ftps"))
+
+
+def signing_key_file(data_dir: Path) -> Path:
+    return data_dir / "signing.key"
+
+
 @dataclass
 class EmbeddedStack:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     bucket: str = "ftps"
     worker_settings: dict = field(default_factory=dict)
+    data_dir: Path = field(default_factory=default_data_dir)
+    auth: bool = True
     addresses: dict[str, str] = field(default_factory=dict)
     _servers: list[grpcutil.Server] = field(default_factory=list)
     _s3: EmbeddedS3 | None = None
@@ -42,6 +54,12 @@ class EmbeddedStack:
             self.addresses["s3"] = self._s3.start()
             common = dict(s3_endpoint=self.addresses["s3"], s3_bucket=self.bucket,
                           s3_access_key="ftps", s3_secret_key="ftps-secret-key")
+            if self.auth:
+                # Generated on first start, kept in the data dir: tokens outlive a restart.
+                from ftps.common.auth import load_or_create_key_file
+
+                load_or_create_key_file(self.key_file)
+                common["auth_key_file"] = str(self.key_file)
             self.addresses["registry"] = self._serve(
                 registry_server(RegistrySettings(**common)), "registry")
             self.addresses["worker"] = self._serve(
@@ -56,6 +74,16 @@ class EmbeddedStack:
             self.stop()
             raise
         return self.addresses
+
+    @property
+    def key_file(self) -> Path:
+        return signing_key_file(self.data_dir)
+
+    def signer(self):
+        """The token signer of this stack (None when auth is off)."""
+        from ftps.common.auth import TokenSigner, load_or_create_key_file
+
+        return TokenSigner(load_or_create_key_file(self.key_file)) if self.auth else None
 
     def _serve(self, server: grpcutil.Server, name: str) -> str:
         listen = f"{self.host}:{self.ports[name]}"

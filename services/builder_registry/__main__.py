@@ -25,7 +25,8 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
         common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
         common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
     })
-    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server = grpcutil.Security.from_settings(settings, "builder-registry").server(
+        max_message_mb=settings.max_message_mb)
     server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
                BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
     return server

@@ -22,7 +22,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from ftps.common import serde
-from ftps.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
+from ftps.common.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                                ResourceExhausted)
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.v1 import common_pb2, registry_pb2
@@ -98,7 +100,13 @@ class Registry:
                               json_format.MessageToJson(task).encode(), content_type="application/json")
         self._tasks[task.task_id] = task
 
-    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str = "") -> registry_pb2.Task:
+    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str = "",
+                    who: Principal = ANONYMOUS_ADMIN) -> registry_pb2.Task:
+        who.require_role("builder", "admin", what="create tasks")
+        if who.role == "builder":
+            if owner and owner != who.subject:
+                raise PermissionDenied(f"builder {who.subject!r} may not create tasks for {owner!r}")
+            owner = who.subject
         if not name or len(name) > 200:
             raise InvalidArgument("name is required (at most 200 characters)")
         if owner:
@@ -110,19 +118,32 @@ class Registry:
         log.info("task %s created (%s)", task.task_id, name)
         return task
 
-    def get_task(self, task_id: str) -> registry_pb2.Task:
+    def get_task(self, task_id: str, who: Principal = ANONYMOUS_ADMIN, *, action: str = "read",
+                 contributors_may: bool = True) -> registry_pb2.Task:
         check_id(task_id, "task_id")
+        if not who.may_see_task(task_id):
+            raise PermissionDenied(f"{who.role} {who.subject!r} may not {action} task {task_id}")
         task = self._tasks.get(task_id)
         if task is None:
+            if who.role == "builder":  # not NOT_FOUND: no answer tells a builder what others have
+                raise PermissionDenied(f"builder {who.subject!r} may not {action} task {task_id}")
             raise NotFound(f"task {task_id} not found")
+        authorize_task(who, task_id, task.owner, action=action, contributors_may=contributors_may)
         return task
 
-    def list_tasks(self) -> list[registry_pb2.Task]:
-        return sorted(self._tasks.values(), key=lambda t: t.created_at)
+    def list_tasks(self, who: Principal = ANONYMOUS_ADMIN) -> list[registry_pb2.Task]:
+        def visible(t: registry_pb2.Task) -> bool:
+            if who.is_privileged:
+                return True
+            if who.role == "builder":
+                return t.owner == who.subject
+            return who.may_see_task(t.task_id)
+        return sorted((t for t in self._tasks.values() if visible(t)), key=lambda t: t.created_at)
 
-    def upload(self, header: registry_pb2.UploadHeader, chunks: Iterable[bytes]) -> common_pb2.BlobRef:
+    def upload(self, header: registry_pb2.UploadHeader, chunks: Iterable[bytes],
+               who: Principal = ANONYMOUS_ADMIN) -> common_pb2.BlobRef:
         """Receive a blob, verify declared size and sha256, validate its content, then store it."""
-        task = self.get_task(header.task_id)
+        task = self.get_task(header.task_id, who, action="upload to", contributors_may=False)
         if header.kind not in _FILES:
             raise InvalidArgument(f"header.kind {header.kind} is not a blob kind")
         limit = self._max_bytes[header.kind]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftps.common.auth import current
 from ftps.common.grpcutil import rpc
 from ftps.v1 import registry_pb2, registry_pb2_grpc
 from services.builder_registry.registry import Registry, iter_upload
@@ -13,17 +14,17 @@ class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServicer):
 
     @rpc
     def CreateTask(self, request, context):
-        return self.registry.create_task(request.name, request.settings, request.owner)
+        return self.registry.create_task(request.name, request.settings, request.owner, current())
 
     @rpc
     def GetTask(self, request, context):
-        return self.registry.get_task(request.task_id)
+        return self.registry.get_task(request.task_id, current())
 
     @rpc
     def ListTasks(self, request, context):
-        return registry_pb2.ListTasksResponse(tasks=self.registry.list_tasks())
+        return registry_pb2.ListTasksResponse(tasks=self.registry.list_tasks(current()))
 
     @rpc
     def UploadBlob(self, request_iterator, context):
         header, chunks = iter_upload(request_iterator)
-        return self.registry.upload(header, chunks)
+        return self.registry.upload(header, chunks, current())

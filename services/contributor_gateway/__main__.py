@@ -52,12 +52,13 @@ class ScorerClient:
 def create_server(settings: GatewaySettings) -> grpcutil.Server:
     store = ObjectStore(settings)
     store.ensure_bucket()
-    registry = grpcutil.make_channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
-    scorer = grpcutil.make_channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
+    security = grpcutil.Security.from_settings(settings, "contributor-gateway")
+    registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
+    scorer = security.channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
     gateway = Gateway(store, registry_getter(registry), ScorerClient(scorer),
                       max_records_per_request=settings.max_records_per_request,
                       max_pending_per_contributor=settings.max_pending_per_contributor)
-    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server = security.server(max_message_mb=settings.max_message_mb)
     server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
                ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
     return server

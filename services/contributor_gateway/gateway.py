@@ -24,6 +24,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from ftps.common import serde
+from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
                                 PermissionDenied, ResourceExhausted, Unavailable)
 from ftps.common.records import validate_records
@@ -117,9 +118,13 @@ class Gateway:
 
     # -- submissions ---------------------------------------------------------------------------
     def submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
-               idempotency_key: str = "") -> gateway_pb2.Submission:
+               idempotency_key: str = "", who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.Submission:
         check_id(task_id, "task_id")
+        who.require_role("contributor", "admin", what="submit records")
+        contributor = self._own_contributor(who, contributor, action="submit as")
         check_id(contributor, "contributor")
+        if not who.may_see_task(task_id):
+            raise PermissionDenied(f"contributor {who.subject!r} may not submit to task {task_id}")
         if len(idempotency_key) > 200:
             raise InvalidArgument("idempotency_key is longer than 200 characters")
         task = self._get_task(task_id)
@@ -157,6 +162,15 @@ class Gateway:
             threading.Thread(target=self._auto_start, args=(task_id,), daemon=True).start()
         return self._with_pending(sub)
 
+    @staticmethod
+    def _own_contributor(who: Principal, contributor: str, *, action: str) -> str:
+        """A contributor acts only as itself (an empty field means itself)."""
+        if who.role != "contributor":
+            return contributor
+        if contributor and contributor != who.subject:
+            raise PermissionDenied(f"contributor {who.subject!r} may not {action} {contributor!r}")
+        return who.subject
+
     def _with_pending(self, sub: gateway_pb2.Submission) -> gateway_pb2.Submission:
         out = gateway_pb2.Submission()
         out.CopyFrom(sub)
@@ -168,14 +182,15 @@ class Gateway:
             return sum(len(s.record_ids) for s in self._subs.values()
                        if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
 
-    def get_submission(self, submission_id: str, contributor: str | None = None) -> gateway_pb2.Submission:
+    def get_submission(self, submission_id: str, who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.Submission:
         check_id(submission_id, "submission_id")
         with self._lock:
             sub = self._subs.get(submission_id)
+        if not who.is_privileged and (sub is None or who.role != "contributor" or sub.contributor != who.subject):
+            # The same answer whether it exists or not: nothing leaks about others' submissions.
+            raise PermissionDenied(f"{who.role} {who.subject!r} may not read submission {submission_id}")
         if sub is None:
             raise NotFound(f"submission {submission_id} not found")
-        if contributor is not None and sub.contributor != contributor:
-            raise PermissionDenied(f"submission {submission_id} is not yours")
         return self._with_pending(sub)
 
     # -- rounds --------------------------------------------------------------------------------
@@ -187,9 +202,11 @@ class Gateway:
         except FtpsError as exc:
             log.warning("task %s: automatic round did not start: %s", task_id, exc)
 
-    def start_round(self, task_id: str, *, force: bool) -> common_pb2.RoundStatus:
+    def start_round(self, task_id: str, *, force: bool, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundStatus:
         check_id(task_id, "task_id")
+        who.require_role("builder", "admin", "service", what="start rounds")
         task = self._get_task(task_id)
+        authorize_task(who, task_id, task.owner, action="start rounds of")
         with self._lock:
             subs = sorted((s for s in self._subs.values()
                            if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING),
@@ -293,22 +310,31 @@ class Gateway:
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-    def get_round(self, round_id: str) -> common_pb2.RoundResult:
-        entry = self._round(round_id)
+    def get_round(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundResult:
+        entry = self._round(round_id, who, contributors_may=False)
         if entry.result is not None:
             return entry.result
         return common_pb2.RoundResult(status=entry.status)
 
-    def _round(self, round_id: str) -> RoundEntry:
+    def _round(self, round_id: str, who: Principal, *, contributors_may: bool) -> RoundEntry:
+        """The round, if ``who`` may see it: privileged callers, the task's builder, and (where
+        ``contributors_may``) a contributor with records in it. Others get PERMISSION_DENIED
+        whether or not it exists."""
         check_id(round_id, "round_id")
         with self._lock:
             entry = self._rounds.get(round_id)
-        if entry is None:
+        if entry is not None and (
+                who.is_privileged
+                or (who.role == "builder" and self._get_task(entry.task_id).owner == who.subject)
+                or (contributors_may and who.role == "contributor" and who.subject in entry.contributors)):
+            return entry
+        if entry is None and who.is_privileged:
             raise NotFound(f"round {round_id} not found")
-        return entry
+        raise PermissionDenied(f"{who.role} {who.subject!r} may not read round {round_id}")
 
-    def watch_round(self, round_id: str, *, is_active: Callable[[], bool]) -> Iterator[common_pb2.RoundStatus]:
-        entry = self._round(round_id)
+    def watch_round(self, round_id: str, *, is_active: Callable[[], bool],
+                    who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RoundStatus]:
+        entry = self._round(round_id, who, contributors_may=True)
         last = None
         while is_active():
             with self._changed:
@@ -322,11 +348,16 @@ class Gateway:
                     return
 
     # -- results -------------------------------------------------------------------------------
-    def get_scores(self, task_id: str, contributor: str = "", round_id: str = "") -> gateway_pb2.GetScoresResponse:
+    def get_scores(self, task_id: str, contributor: str = "", round_id: str = "",
+                   who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.GetScoresResponse:
+        """A contributor gets its own records' scores; the task's builder and admins get every
+        record's, and the batch metrics."""
         check_id(task_id, "task_id")
+        contributor = self._own_contributor(who, contributor, action="read the scores of")
         if contributor:
             check_id(contributor, "contributor")
-        self._get_task(task_id)
+        task = self._get_task(task_id)
+        authorize_task(who, task_id, task.owner, action="read scores of", contributors_may=True)
         resp = gateway_pb2.GetScoresResponse()
         with self._lock:
             rounds = [e for e in self._rounds.values()
@@ -338,11 +369,13 @@ class Gateway:
                 resp.batches.append(entry.result.batch)
         return resp
 
-    def watch_scores(self, task_id: str, contributor: str, *,
-                     is_active: Callable[[], bool]) -> Iterator[common_pb2.RecordScore]:
+    def watch_scores(self, task_id: str, contributor: str, *, is_active: Callable[[], bool],
+                     who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RecordScore]:
         check_id(task_id, "task_id")
+        contributor = self._own_contributor(who, contributor, action="watch the scores of")
         check_id(contributor, "contributor")
-        self._get_task(task_id)
+        task = self._get_task(task_id)
+        authorize_task(who, task_id, task.owner, action="watch scores of", contributors_may=True)
         sent: set[str] = set()
         while is_active():
             with self._changed:

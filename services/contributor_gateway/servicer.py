@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftps.common.auth import current
 from ftps.common.errors import InvalidArgument
 from ftps.common.grpcutil import rpc
 from ftps.common.serde import array_from_tensor
@@ -19,28 +20,29 @@ class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServicer):
             raise InvalidArgument("records is required")
         x = array_from_tensor(request.records.x, field="records.x")
         y = array_from_tensor(request.records.y, field="records.y")
-        return self.gateway.submit(request.task_id, request.contributor, x, y, request.idempotency_key)
+        return self.gateway.submit(request.task_id, request.contributor, x, y, request.idempotency_key, current())
 
     @rpc
     def GetSubmission(self, request, context):
-        return self.gateway.get_submission(request.submission_id)
+        return self.gateway.get_submission(request.submission_id, current())
 
     @rpc
     def GetScores(self, request, context):
-        return self.gateway.get_scores(request.task_id, request.contributor, request.round_id)
+        return self.gateway.get_scores(request.task_id, request.contributor, request.round_id, current())
 
     @rpc
     def WatchScores(self, request, context):
-        yield from self.gateway.watch_scores(request.task_id, request.contributor, is_active=context.is_active)
+        yield from self.gateway.watch_scores(request.task_id, request.contributor, is_active=context.is_active,
+                                             who=current())
 
     @rpc
     def StartRound(self, request, context):
-        return self.gateway.start_round(request.task_id, force=request.force)
+        return self.gateway.start_round(request.task_id, force=request.force, who=current())
 
     @rpc
     def GetRound(self, request, context):
-        return self.gateway.get_round(request.round_id)
+        return self.gateway.get_round(request.round_id, current())
 
     @rpc
     def WatchRound(self, request, context):
-        yield from self.gateway.watch_round(request.round_id, is_active=context.is_active)
+        yield from self.gateway.watch_round(request.round_id, is_active=context.is_active, who=current())

@@ -29,7 +29,8 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
                                  threads=torch.get_num_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}")
-    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server = grpcutil.Security.from_settings(settings, "finetune-worker").server(
+        max_message_mb=settings.max_message_mb)
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
     return server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ftps.common.auth import current
 from ftps.common.grpcutil import rpc
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.worker import Worker
@@ -14,8 +15,10 @@ class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServicer):
 
     @rpc
     def RunJob(self, request, context):
+        current().require_role("service", "admin", what="run fine-tuning jobs")
         return self.worker.run_job(request)
 
     @rpc
     def GetInfo(self, request, context):
+        current().require_role("service", "admin", what="read worker info")
         return self.info

@@ -20,13 +20,15 @@ from services.lira_scorer.workers import WorkerPool
 def create_server(settings: ScorerSettings) -> grpcutil.Server:
     store = ObjectStore(settings)
     store.ensure_bucket()
+    security = grpcutil.Security.from_settings(settings, "lira-scorer")
     targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
     pool = WorkerPool(targets, jobs_per_worker=settings.jobs_per_worker, timeout_s=settings.job_timeout_s,
-                      attempts=settings.job_attempts, max_message_mb=settings.max_message_mb)
-    registry = grpcutil.make_channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
+                      attempts=settings.job_attempts, max_message_mb=settings.max_message_mb,
+                      channel=security.channel)
+    registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = Scorer(store, registry_getter(registry), pool, heldout_max=settings.heldout_max)
     scorer.resume()
-    server = grpcutil.Server(max_message_mb=settings.max_message_mb)
+    server = security.server(max_message_mb=settings.max_message_mb)
     server.add(scorer_pb2_grpc.add_LiraScorerServicer_to_server, LiraScorerServicer(scorer),
                grpcutil.full_name(scorer_pb2, "LiraScorer"))
     return server

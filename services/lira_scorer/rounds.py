@@ -26,7 +26,8 @@ import numpy as np
 from google.protobuf import json_format
 
 from ftps.common import serde
-from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound
+from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
+from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied
 from ftps.common.storage import ObjectStore, check_id
 from ftps.v1 import common_pb2, registry_pb2, worker_pb2
 from services.lira_scorer import scoring
@@ -100,19 +101,19 @@ class Scorer:
     def _offline_prefix(self, task: registry_pb2.Task) -> str:
         return f"scorer/tasks/{task.task_id}/offline/{task.base_model.sha256[:16]}"
 
-    def get_offline(self, task_id: str) -> common_pb2.OfflineGaussian:
-        task = self._ready_task(task_id)
+    def get_offline(self, task_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.OfflineGaussian:
+        task = self._ready_task(task_id, who, action="read the offline Gaussian of")
         key = f"{self._offline_prefix(task)}/gaussian.json"
         if not self._store.exists(key):
             raise NotFound(f"task {task_id} has no offline Gaussian for base model "
                            f"v{task.base_model.version}; run the preparation stage")
         return json_format.Parse(self._store.get_bytes(key), common_pb2.OfflineGaussian())
 
-    def prepare_offline(self, task_id: str, *, refit: bool = False,
+    def prepare_offline(self, task_id: str, *, refit: bool = False, who: Principal = ANONYMOUS_ADMIN,
                         progress: Callable[[int, int], None] | None = None) -> common_pb2.OfflineGaussian:
         """k shadow fine-tunes of M0 on random halves of a pool of the builder's records; phi on
         held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it."""
-        task = self._ready_task(task_id)
+        task = self._ready_task(task_id, who, action="prepare")
         with self._lock:
             lock = self._prep_locks.setdefault(task_id, threading.Lock())
         with lock:
@@ -154,9 +155,12 @@ class Scorer:
                      task_id, mu, sigma, k, time.perf_counter() - t0)
             return gaussian
 
-    def _ready_task(self, task_id: str) -> registry_pb2.Task:
+    def _ready_task(self, task_id: str, who: Principal = ANONYMOUS_ADMIN, *,
+                    action: str = "use") -> registry_pb2.Task:
+        """The task, once ``who`` may ``action`` it and all its uploads are in."""
         check_id(task_id, "task_id")
         task = self._get_task(task_id)
+        authorize_task(who, task_id, task.owner, action=action)
         missing = [f for f in ("base_model", "strategy", "builder_data") if not getattr(task, f).key]
         if missing:
             raise FailedPrecondition(f"task {task_id} is missing uploads: {', '.join(missing)}")
@@ -164,7 +168,9 @@ class Scorer:
 
     # -- rounds --------------------------------------------------------------------------------
     def start_round(self, task_id: str, round_id: str, batch: common_pb2.BlobRef,
-                    record_ids: list[str], contributors: list[str]) -> common_pb2.RoundStatus:
+                    record_ids: list[str], contributors: list[str],
+                    who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundStatus:
+        who.require_role("service", "admin", what="start scoring rounds (the gateway does)")
         check_id(round_id, "round_id")
         with self._lock:
             existing = self._rounds.get(round_id)
@@ -291,22 +297,28 @@ class Scorer:
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
-    def get(self, round_id: str) -> Round:
+    def get(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> Round:
         check_id(round_id, "round_id")
         with self._lock:
             rnd = self._rounds.get(round_id)
-        if rnd is None:
-            raise NotFound(f"round {round_id} not found")
+        if who.is_privileged:
+            if rnd is None:
+                raise NotFound(f"round {round_id} not found")
+            return rnd
+        if rnd is None:  # not NOT_FOUND: no answer tells a caller which rounds exist
+            raise PermissionDenied(f"{who.role} {who.subject!r} may not read round {round_id}")
+        authorize_task(who, rnd.task_id, self._get_task(rnd.task_id).owner, action="read rounds of")
         return rnd
 
-    def get_result(self, round_id: str) -> common_pb2.RoundResult:
-        rnd = self.get(round_id)
+    def get_result(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundResult:
+        rnd = self.get(round_id, who)
         if rnd.result is not None:
             return rnd.result
         return common_pb2.RoundResult(status=rnd.status)
 
-    def watch(self, round_id: str, *, is_active: Callable[[], bool]) -> Iterator[common_pb2.RoundStatus]:
-        rnd = self.get(round_id)
+    def watch(self, round_id: str, *, is_active: Callable[[], bool],
+              who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RoundStatus]:
+        rnd = self.get(round_id, who)
         last = None
         while True:
             with rnd.changed:

@@ -26,12 +26,12 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
 
 class WorkerPool:
     def __init__(self, targets: Sequence[str], *, jobs_per_worker: int = 1, timeout_s: float = 3600,
-                 attempts: int = 4, max_message_mb: int = 64) -> None:
+                 attempts: int = 4, max_message_mb: int = 64,
+                 channel: Callable[..., grpc.Channel] = grpcutil.make_channel) -> None:
         if not targets:
             raise ValueError("at least one worker target is needed")
         balanced = len(targets) == 1 and targets[0].startswith("dns:///")
-        self._channels = [grpcutil.make_channel(t, max_message_mb=max_message_mb, round_robin=balanced)
-                          for t in targets]
+        self._channels = [channel(t, max_message_mb=max_message_mb, round_robin=balanced) for t in targets]
         self._stubs = [worker_pb2_grpc.FinetuneWorkerStub(c) for c in self._channels]
         self.targets = list(targets)
         self.parallelism = max(1, len(targets) * jobs_per_worker)
