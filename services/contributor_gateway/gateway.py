@@ -88,6 +88,7 @@ class Gateway:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._subs: dict[str, gateway_pb2.Submission] = {}
+        self._submit_locks: dict[tuple[str, str], threading.Lock] = {}
         self._rounds: dict[str, RoundEntry] = {}
         self._load()
 
@@ -136,13 +137,18 @@ class Gateway:
             sub_id = "s-" + digest[:16]
         else:
             sub_id = "s-" + uuid.uuid4().hex[:16]
+        # One contributor's submits to a task go one at a time (exact idempotency and limits);
+        # different contributors write to storage in parallel.
         with self._lock:
-            existing = self._subs.get(sub_id)
+            mine = self._submit_locks.setdefault((task_id, contributor), threading.Lock())
+        with mine:
+            with self._lock:
+                existing = self._subs.get(sub_id)
+                pending_mine = sum(len(s.record_ids) for s in self._subs.values()
+                                   if s.task_id == task_id and s.contributor == contributor
+                                   and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
             if existing is not None:  # a retried submit: the first acknowledgement, nothing stored twice
                 return self._with_pending(existing)
-            pending_mine = sum(len(s.record_ids) for s in self._subs.values()
-                               if s.task_id == task_id and s.contributor == contributor
-                               and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
             if pending_mine + len(x) > self._max_pending:
                 raise ResourceExhausted(f"contributor {contributor} would have {pending_mine + len(x)} "
                                         f"records pending; at most {self._max_pending}")
@@ -154,8 +160,9 @@ class Gateway:
             self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
                                   serde.records_to_npz(x, y))
             self._save_sub(sub)
-            self._subs[sub_id] = sub
-            pending = self._pending_count(task_id)
+            with self._lock:
+                self._subs[sub_id] = sub
+                pending = self._pending_count(task_id)
         log.info("task %s: %d record(s) from %s acknowledged (%s); %d pending", task_id, len(x),
                  contributor, sub_id, pending)
         if pending >= task.settings.batch_threshold:
