@@ -242,3 +242,18 @@ def serve_until_signal(*servers: Server) -> None:
     stop.wait()
     for server in servers:
         server.stop()
+
+
+def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv: Sequence[str] | None, *,
+                module: str, description: str) -> int:
+    """``python -m services.X``: settings from flags and env, logging, serve until SIGINT/SIGTERM."""
+    from ftps.common.log import setup_logging
+    from ftps.common.settings import load_settings
+
+    settings = load_settings(settings_cls, argv, prog=f"python -m {module}", description=description)
+    setup_logging(settings.log_level)
+    server = create_server(settings)
+    port = server.start(settings.listen)
+    logging.getLogger(module).info("%s listening on %s (port %d)", description, settings.listen, port)
+    serve_until_signal(server)
+    return 0

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from ftps.common import grpcutil
-from ftps.common.log import setup_logging
-from ftps.common.settings import load_settings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.builder_registry.config import RegistrySettings
@@ -33,14 +30,8 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(RegistrySettings, argv, prog="python -m services.builder_registry",
-                             description="FT-PrivacyScore builder registry")
-    setup_logging(settings.log_level)
-    server = create_server(settings)
-    port = server.start(settings.listen)
-    logging.getLogger(__name__).info("builder registry listening on port %d", port)
-    grpcutil.serve_until_signal(server)
-    return 0
+    return grpcutil.run_service(RegistrySettings, create_server, argv, module="services.builder_registry",
+                                description="FT-PrivacyScore builder registry")
 
 
 if __name__ == "__main__":

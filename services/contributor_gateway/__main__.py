@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Iterator
 
@@ -10,9 +9,7 @@ import grpc
 
 from ftps.common import grpcutil
 from ftps.common.errors import from_rpc_error
-from ftps.common.log import setup_logging
 from ftps.common.registry_client import registry_getter
-from ftps.common.settings import load_settings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 from services.contributor_gateway.config import GatewaySettings
@@ -65,14 +62,8 @@ def create_server(settings: GatewaySettings) -> grpcutil.Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(GatewaySettings, argv, prog="python -m services.contributor_gateway",
-                             description="FT-PrivacyScore contributor gateway")
-    setup_logging(settings.log_level)
-    server = create_server(settings)
-    port = server.start(settings.listen)
-    logging.getLogger(__name__).info("contributor gateway listening on port %d", port)
-    grpcutil.serve_until_signal(server)
-    return 0
+    return grpcutil.run_service(GatewaySettings, create_server, argv, module="services.contributor_gateway",
+                                description="FT-PrivacyScore contributor gateway")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import sys
 
 from ftps.common import grpcutil
-from ftps.common.log import setup_logging
-from ftps.common.settings import load_settings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.config import WorkerSettings
@@ -37,14 +34,8 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(WorkerSettings, argv, prog="python -m services.finetune_worker",
-                             description="FT-PrivacyScore fine-tune worker (stateless)")
-    setup_logging(settings.log_level)
-    server = create_server(settings)
-    port = server.start(settings.listen)
-    logging.getLogger(__name__).info("fine-tune worker listening on port %d", port)
-    grpcutil.serve_until_signal(server)
-    return 0
+    return grpcutil.run_service(WorkerSettings, create_server, argv, module="services.finetune_worker",
+                                description="FT-PrivacyScore fine-tune worker (stateless)")
 
 
 if __name__ == "__main__":

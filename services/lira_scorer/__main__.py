@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from ftps.common import grpcutil
-from ftps.common.log import setup_logging
 from ftps.common.registry_client import registry_getter
-from ftps.common.settings import load_settings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import scorer_pb2, scorer_pb2_grpc
 from services.lira_scorer.config import ScorerSettings
@@ -35,14 +32,8 @@ def create_server(settings: ScorerSettings) -> grpcutil.Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(ScorerSettings, argv, prog="python -m services.lira_scorer",
-                             description="FT-PrivacyScore LiRA scorer")
-    setup_logging(settings.log_level)
-    server = create_server(settings)
-    port = server.start(settings.listen)
-    logging.getLogger(__name__).info("LiRA scorer listening on port %d", port)
-    grpcutil.serve_until_signal(server)
-    return 0
+    return grpcutil.run_service(ScorerSettings, create_server, argv, module="services.lira_scorer",
+                                description="FT-PrivacyScore LiRA scorer")
 
 
 if __name__ == "__main__":
