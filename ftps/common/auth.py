@@ -130,7 +130,10 @@ def load_key(*, key: str = "", key_file: str = "") -> bytes | None:
         except ValueError:
             return key.encode()
     if key_file:
-        return Path(key_file).read_bytes().strip()
+        data = Path(key_file).read_bytes().strip()
+        if not data:  # never let an empty file silently turn authentication off
+            raise ValueError(f"auth key file {key_file} is empty")
+        return data
     return None
 
 

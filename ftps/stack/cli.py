@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the embedded stack until Ctrl-C / SIGTERM")
     _add_stack_flags(up, ephemeral_default=False)
+    up.add_argument("--processes", action="store_true",
+                    help="run the store and each service as its own OS process (`python -m services.X`, "
+                         "as the pods do) instead of all in this process")
+    up.add_argument("--workers", type=int, default=1,
+                    help="fine-tune worker processes, with --processes (default 1; worker i listens on "
+                         "the worker port + i)")
     demo = sub.add_parser("demo", help="bring the stack up and run the end-to-end demo on real data")
     _add_stack_flags(demo, ephemeral_default=True)
     demo.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
@@ -94,23 +100,41 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "INFO")
-    stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth)
-    stack.start()
+    if args.workers < 1 or (args.workers > 1 and not args.processes):
+        print("ftps-stack: error: --workers N needs --processes (and N >= 1)", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print("FT-PrivacyScore embedded stack is up (plaintext on loopback; use TLS settings elsewhere):")
+    if args.processes:
+        from ftps.stack.processes import ProcessStack
+
+        stack = ProcessStack(workers=args.workers, host=args.host, ports=_ports(args), data_dir=args.data_dir,
+                             auth=args.auth, log_level=args.log_level or "INFO")
+    else:
+        stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth)
+    stack.start()
+    kind = f"stack is up as {len(stack.children)} processes" if args.processes else "embedded stack is up"
+    print(f"FT-PrivacyScore {kind} (plaintext on loopback; use TLS settings elsewhere):")
     if args.auth:
         print(f"  tokens: `ftps-stack token --role builder --subject NAME` (key {stack.key_file})")
     else:
         print("  auth is OFF (--no-auth): every caller is admin")
     for name in ("gateway", "registry", "scorer", "worker", "s3"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
+    if args.processes:
+        print(f"  logs in {stack.log_dir}")
     print("Ctrl-C to stop.", flush=True)
-    stop.wait()
+    rc = 0
+    while not stop.wait(1.0):
+        if args.processes and (gone := stack.exited()):
+            print(f"ftps-stack: error: {', '.join(gone)} exited; see the logs in {stack.log_dir}",
+                  file=sys.stderr)
+            rc = 1
+            break
     print("stopping...", flush=True)
     stack.stop()
-    return 0
+    return rc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -267,7 +267,9 @@ class Scorer:
             except NotFound:
                 offline = None
         m, n = len(rnd.record_ids), s.n_models
-        seed = derive_seed(s.seed, rnd.round_id)
+        # Seeded by the batch's content, not the round id: the same batch of the same task always
+        # gets the same masks and models, on any stack, after any restart.
+        seed = derive_seed(s.seed, rnd.batch.sha256)
         masks = scoring.make_masks(n, m, seed=seed)
         jobs = make_jobs(task, rnd.round_id, rnd.batch, masks, model_seeds(seed, n), builder_mix=s.builder_mix)
         self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,

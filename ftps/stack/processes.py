@@ -1,0 +1,326 @@
+"""The multi-process local mode: the object store and every service, N fine-tune workers among them,
+each a separate OS process on loopback.
+
+Each service starts exactly as its pod does (``python -m services.<name>``, settings in ``FTPS_*``
+environment variables), so this mode exercises what Kubernetes runs: separate address spaces, gRPC
+between processes, the scorer's worker pool fanning jobs out over several workers. The parent picks
+free ports, creates the bucket (the Job's role in Kubernetes), waits until every service reports
+SERVING on grpc.health.v1, and stops them all (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ftps.common import grpcutil
+from ftps.stack.embedded import DEFAULT_PORTS, default_data_dir, signing_key_file
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# name -> (module started with ``python -m``, its service in grpc.health.v1)
+SERVICES = {
+    "registry": ("services.builder_registry", "ftps.v1.BuilderRegistry"),
+    "worker": ("services.finetune_worker", "ftps.v1.FinetuneWorker"),
+    "scorer": ("services.lira_scorer", "ftps.v1.LiraScorer"),
+    "gateway": ("services.contributor_gateway", "ftps.v1.ContributorGateway"),
+}
+S3_MODULE = "ftps.stack.s3server"
+S3_ACCESS_KEY, S3_SECRET_KEY = "ftps", "ftps-secret-key"
+
+
+@dataclass
+class Child:
+    """One started process: what it is, where it listens, where its output goes."""
+
+    name: str  # "s3", "registry", "scorer", "gateway", "worker-0", "worker-1", ...
+    address: str
+    log_path: Path
+    proc: subprocess.Popen
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class ProcessStack:
+    """``ProcessStack(workers=2).start()`` -> addresses; ``stop()`` ends every process.
+
+    ``ports`` takes the keys of :data:`ftps.stack.embedded.DEFAULT_PORTS`; 0 (or a missing key)
+    picks a free port. Worker i listens on ``ports["worker"] + i`` (or a free port each).
+    Each process's output goes to ``log_dir/<name>.log`` (default: the data dir's ``logs/``).
+    ``env`` is added to every service's environment, ``worker_env`` to the workers'. Inherited
+    ``FTPS_*`` variables that are service settings are dropped, so the stack is configured only
+    by what is passed here; others (``FTPS_TORCH_THREADS``, ...) pass through.
+    """
+
+    def __init__(self, *, workers: int = 1, host: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
+                 bucket: str = "ftps", data_dir: Path | None = None, auth: bool = True,
+                 log_dir: Path | None = None, log_level: str = "INFO", env: Mapping[str, str] | None = None,
+                 worker_env: Mapping[str, str] | None = None, startup_timeout: float = 90.0) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.host = host
+        self.ports = {name: 0 for name in DEFAULT_PORTS} | dict(ports or {})
+        self.bucket = bucket
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.auth = auth
+        self.log_dir = Path(log_dir) if log_dir is not None else self.data_dir / "logs"
+        self.log_level = log_level
+        self.env = dict(env or {})
+        self.worker_env = dict(worker_env or {})
+        self.startup_timeout = startup_timeout
+        self.addresses: dict[str, str] = {}
+        self.worker_addresses: list[str] = []
+        self.children: dict[str, Child] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> dict[str, str]:
+        """Start everything and wait until it is healthy; on any failure stop what started."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=2.0)
+            raise
+        return self.addresses
+
+    def _start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        names = ["s3", "registry", "scorer", "gateway"] + [f"worker-{i}" for i in range(self.workers)]
+        ports = self._pick_ports(names)
+        addr = {name: f"{self._connect_host()}:{port}" for name, port in ports.items()}
+        self.worker_addresses = [addr[f"worker-{i}"] for i in range(self.workers)]
+        self.addresses = {"s3": addr["s3"], "registry": addr["registry"], "scorer": addr["scorer"],
+                          "gateway": addr["gateway"], "worker": ",".join(self.worker_addresses)}
+
+        s3 = self._spawn("s3", [S3_MODULE, "--host", self.host, "--port", str(ports["s3"])], addr["s3"],
+                         env={})
+        self._ensure_bucket(s3)
+
+        common = {"FTPS_S3_ENDPOINT": addr["s3"], "FTPS_S3_BUCKET": self.bucket,
+                  "FTPS_S3_ACCESS_KEY": S3_ACCESS_KEY, "FTPS_S3_SECRET_KEY": S3_SECRET_KEY,
+                  "FTPS_LOG_LEVEL": self.log_level}
+        if self.auth:
+            from ftps.common.auth import load_or_create_key_file
+
+            load_or_create_key_file(self.key_file)  # generated once, kept: tokens outlive a restart
+            common["FTPS_AUTH_KEY_FILE"] = str(self.key_file)
+        common |= self.env
+        listen = {name: f"{self.host}:{port}" for name, port in ports.items()}
+        worker_env = dict(self.worker_env)
+        if "FTPS_TORCH_THREADS" not in worker_env and "FTPS_TORCH_THREADS" not in os.environ:
+            # N workers on one machine: share the CPUs instead of each taking all of them.
+            worker_env["FTPS_TORCH_THREADS"] = str(max(1, _usable_cpus() // self.workers))
+        started = [self._spawn("registry", ["services.builder_registry"], addr["registry"],
+                               env=common | {"FTPS_LISTEN": listen["registry"]})]
+        for i in range(self.workers):
+            name = f"worker-{i}"
+            started.append(self._spawn(name, ["services.finetune_worker"], addr[name], env=common | {
+                "FTPS_LISTEN": listen[name], "FTPS_WORKER_ID": name} | worker_env))
+        started.append(self._spawn("scorer", ["services.lira_scorer"], addr["scorer"], env=common | {
+            "FTPS_LISTEN": listen["scorer"], "FTPS_REGISTRY_ADDR": addr["registry"],
+            "FTPS_WORKER_ADDRS": self.addresses["worker"]}))
+        started.append(self._spawn("gateway", ["services.contributor_gateway"], addr["gateway"], env=common | {
+            "FTPS_LISTEN": listen["gateway"], "FTPS_REGISTRY_ADDR": addr["registry"],
+            "FTPS_SCORER_ADDR": addr["scorer"]}))
+        # They start concurrently (imports dominate); each is then waited for in turn.
+        deadline = time.monotonic() + self.startup_timeout
+        for child in started:
+            self._wait_healthy(child, deadline)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every process, SIGKILL (with whatever it started) those alive after ``grace``."""
+        children = list(reversed(self.children.values()))
+        for child in children:
+            _signal(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # e.g. a worker still waiting on a job; its sandbox child runs in a session of its
+                # own, so it is found by parentage, not by process group.
+                stragglers = _descendants(child.proc.pid)
+                log.warning("%s did not stop within %.0fs; killing it and %d process(es) it started",
+                            child.name, grace, len(stragglers))
+                for pid in [child.proc.pid, *stragglers]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                child.proc.wait(timeout=10)
+        self.children.clear()
+
+    def exited(self) -> list[str]:
+        """Names of the processes that are no longer running."""
+        return [c.name for c in self.children.values() if c.proc.poll() is not None]
+
+    def __enter__(self) -> "ProcessStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- auth ----------------------------------------------------------------------------------
+    @property
+    def key_file(self) -> Path:
+        return signing_key_file(self.data_dir)
+
+    def signer(self):
+        """The token signer of this stack (None when auth is off)."""
+        from ftps.common.auth import TokenSigner, load_or_create_key_file
+
+        return TokenSigner(load_or_create_key_file(self.key_file)) if self.auth else None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def _pick_ports(self, names: list[str]) -> dict[str, int]:
+        """Explicit ports as given; free ports for the rest. The probe sockets stay open until all
+        are chosen, or the OS could hand the same free port out twice."""
+        out: dict[str, int] = {}
+        probes: list[socket.socket] = []
+        try:
+            for name in names:
+                kind, _, index = name.partition("-")
+                given = self.ports.get(kind, 0)
+                if given:
+                    out[name] = given + (int(index) if index else 0)
+                    continue
+                s = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+                s.bind((self.host, 0))
+                probes.append(s)
+                out[name] = s.getsockname()[1]
+        finally:
+            for s in probes:
+                s.close()
+        return out
+
+    def _child_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        settings = _settings_env_names()
+        env = {k: v for k, v in os.environ.items() if k not in settings}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, module_args: list[str], address: str, *, env: Mapping[str, str]) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as out:  # one run's output per file
+            proc = subprocess.Popen([sys.executable, "-m", *module_args], env=self._child_env(env),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=PROJECT_ROOT, start_new_session=True)
+        child = Child(name=name, address=address, log_path=log_path, proc=proc)
+        self.children[name] = child
+        log.debug("started %s (pid %d) on %s", name, proc.pid, address)
+        return child
+
+    def _died(self, child: Child) -> RuntimeError:
+        return RuntimeError(f"{child.name} exited with code {child.proc.returncode} before it was ready "
+                            f"(log {child.log_path}):\n{child.log_tail()}")
+
+    def _ensure_bucket(self, s3: Child) -> None:
+        from ftps.common.errors import Unavailable
+        from ftps.common.settings import StorageSettings
+        from ftps.common.storage import ObjectStore
+
+        store = ObjectStore(StorageSettings(s3_endpoint=s3.address, s3_bucket=self.bucket,
+                                            s3_access_key=S3_ACCESS_KEY, s3_secret_key=S3_SECRET_KEY),
+                            retries=0)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if s3.proc.poll() is not None:
+                raise self._died(s3)
+            try:
+                store.ensure_bucket()
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the object store on {s3.address} did not answer within "
+                                       f"{self.startup_timeout:.0f}s") from None
+                time.sleep(0.1)
+
+    def _wait_healthy(self, child: Child, deadline: float) -> None:
+        service = SERVICES[child.name.partition("-")[0]][1]
+        while True:
+            if child.proc.poll() is not None:
+                raise self._died(child)
+            # A fresh channel per try: a reused one backs off ever longer between reconnects.
+            channel = grpcutil.make_channel(child.address)
+            try:
+                grpcutil.wait_healthy(channel, timeout=0.5, service=service)
+                return
+            except (grpc.FutureTimeoutError, grpc.RpcError, RuntimeError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} on {child.address} was not healthy within "
+                                       f"{self.startup_timeout:.0f}s (log {child.log_path}):\n"
+                                       f"{child.log_tail()}") from None
+            finally:
+                channel.close()
+
+
+def _settings_env_names() -> set[str]:
+    """``FTPS_<FIELD>`` of every service's settings."""
+    from services.builder_registry.config import RegistrySettings
+    from services.contributor_gateway.config import GatewaySettings
+    from services.finetune_worker.config import WorkerSettings
+    from services.lira_scorer.config import ScorerSettings
+
+    return {"FTPS_" + name.upper()
+            for cls in (RegistrySettings, GatewaySettings, WorkerSettings, ScorerSettings)
+            for name in cls.model_fields}
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (by parent pid, from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm may contain spaces and parentheses: the ppid is the 2nd field after the last ')'.
+        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -1,0 +1,457 @@
+"""Offline checks of the deployment: deploy/k8s and deploy/docker.
+
+Every overlay (cpu, gpu), with and without the network-policies component, renders with kustomize
+(``kubectl kustomize``, or a standalone ``kustomize build``) and validates against the Kubernetes
+API schemas with ``kubernetes-validate --strict``. On the rendered objects: the env vars are the
+services' settings and every setting without a safe default in a pod is set; addresses name the
+right Services and ports; every pod is locked down and probed over gRPC; workers scale on their
+own; the NetworkPolicies allow exactly the data flow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import ipaddress
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+VARIANTS = [(o, p) for o in OVERLAYS for p in (True, False)]
+# The oldest Kubernetes we claim (native gRPC probes are GA since 1.27), and the newest schemas.
+OLDEST_K8S = "1.29"
+# FTPS_* variables read outside the Settings classes, and who reads them.
+ENGINE_ENV = {"FTPS_TORCH_THREADS": ROOT / "ftps" / "ml" / "engine.py"}
+SERVICE_PORTS = {"contributor-gateway": 50051, "builder-registry": 50052, "lira-scorer": 50053,
+                 "finetune-worker": 50054}
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+
+def _renderer() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+RENDER = _renderer()
+needs_renderer = pytest.mark.skipif(
+    RENDER is None, reason="no kustomize renderer: install kubectl (it embeds kustomize) or kustomize")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[tuple[str, bool], list[dict]]:
+    """(overlay, with network policies) -> the rendered objects. The overlays include the
+    component; the variants without it are rendered from a copy with the component removed."""
+    copy = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, copy)
+    out = {}
+    for overlay, policies in VARIANTS:
+        root = K8S
+        if not policies:
+            root = copy
+            path = copy / "overlays" / overlay / "kustomization.yaml"
+            kustomization = yaml.safe_load(path.read_text())
+            assert kustomization.pop("components") == ["../../components/network-policies"]
+            path.write_text(yaml.safe_dump(kustomization))
+        proc = subprocess.run([*RENDER, str(root / "overlays" / overlay)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, f"{' '.join(RENDER)} overlays/{overlay} failed:\n{proc.stderr}"
+        out[(overlay, policies)] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
+
+
+def _one(docs, kind, name):
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _pods(docs):
+    """(workload, pod template spec, pod labels) of every Deployment, StatefulSet and Job."""
+    for d in docs:
+        if d["kind"] in WORKLOADS:
+            t = d["spec"]["template"]
+            yield d, t["spec"], t["metadata"].get("labels", {})
+
+
+def _service_containers(docs):
+    """(workload name, container, settings class) of every container running ``python -m services.X``."""
+    for d, spec, _ in _pods(docs):
+        for c in spec["containers"]:
+            cmd = c.get("command", [])
+            if cmd[:2] == ["python", "-m"] and cmd[2].startswith("services."):
+                yield d["metadata"]["name"], c, _settings_class(cmd[2])
+
+
+def _settings_class(module: str):
+    from ftps.common.settings import CommonSettings
+
+    config = importlib.import_module(f"{module}.config")
+    classes = [c for _, c in inspect.getmembers(config, inspect.isclass)
+               if issubclass(c, CommonSettings) and c.__module__ == config.__name__]
+    assert len(classes) == 1, f"{module}.config should define one Settings class, found {classes}"
+    return classes[0]
+
+
+def _env(docs, container) -> dict[str, object]:
+    """Every env var the container gets -> its literal value, or ("secret"|"field", ref)."""
+    env: dict[str, object] = {}
+    for src in container.get("envFrom", []):
+        assert set(src) <= {"configMapRef", "secretRef"}, src
+        if "configMapRef" in src:
+            data = _one(docs, "ConfigMap", src["configMapRef"]["name"]).get("data", {})
+        else:
+            data = {k: ("secret", src["secretRef"]["name"]) for k in
+                    _one(docs, "Secret", src["secretRef"]["name"]).get("data", {})}
+        env.update(data)
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"]
+        if "secretKeyRef" in ref:
+            secret = _one(docs, "Secret", ref["secretKeyRef"]["name"])
+            assert ref["secretKeyRef"]["key"] in secret.get("data", {}), ref
+            env[e["name"]] = ("secret", ref["secretKeyRef"]["name"])
+        elif "configMapKeyRef" in ref:
+            env[e["name"]] = _one(docs, "ConfigMap", ref["configMapKeyRef"]["name"])["data"][
+                ref["configMapKeyRef"]["key"]]
+        else:
+            env[e["name"]] = ("field", ref)
+    return env
+
+
+def _grpc_port(container) -> int:
+    ports = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == "grpc"]
+    assert len(ports) == 1, f"container {container['name']} needs one port named grpc"
+    return ports[0]
+
+
+# -- rendering and schema validation -----------------------------------------------------------
+
+@needs_renderer
+@pytest.mark.parametrize("overlay,policies", VARIANTS,
+                         ids=[f"{o}-{'policies' if p else 'no-policies'}" for o, p in VARIANTS])
+def test_overlay_renders_and_validates_strictly(rendered, tmp_path, overlay, policies):
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    from kubernetes_validate.utils import latest_version
+
+    docs = rendered[(overlay, policies)]
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet",
+                           "-k", OLDEST_K8S, "-k", latest_version(), str(path)],
+                          capture_output=True, text=True, timeout=300)
+    # WARN is how it reports a kind it has no schema for (a typo'd kind or apiVersion): fail too.
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment", "StatefulSet",
+            "Job", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert ("NetworkPolicy" in kinds) == policies
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"ftps"}
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifest_env_is_the_services_settings_and_sets_every_required_one(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    seen = set()
+    for workload, container, settings in _service_containers(docs):
+        seen.add(workload)
+        fields = settings.model_fields
+        env = _env(docs, container)
+        known = {"FTPS_" + name.upper() for name in fields} | set(ENGINE_ENV)
+        unknown = sorted(set(env) - known)
+        assert not unknown, f"{workload}: {unknown} are not settings of {settings.__name__}"
+
+        # Defaults that are wrong in a pod: loopback addresses, and the development credentials.
+        required = {name for name, f in fields.items()
+                    if isinstance(f.default, str) and ("127.0.0.1" in f.default or "localhost" in f.default)}
+        required |= {"s3_access_key", "s3_secret_key"}
+        assert {"listen", "s3_endpoint"} <= required
+        missing = sorted("FTPS_" + name.upper() for name in required if "FTPS_" + name.upper() not in env)
+        assert not missing, f"{workload}: {missing} must be set in a pod"
+        assert isinstance(env["FTPS_S3_ACCESS_KEY"], tuple) and isinstance(env["FTPS_S3_SECRET_KEY"], tuple), \
+            f"{workload}: S3 credentials must come from a Secret"
+        if "auth_key_file" in fields:  # with neither key set, auth is off and everyone is admin
+            assert "FTPS_AUTH_KEY_FILE" in env or "FTPS_AUTH_KEY" in env, f"{workload}: no auth key"
+            if "FTPS_AUTH_KEY_FILE" in env:
+                mount = Path(env["FTPS_AUTH_KEY_FILE"]).parent.as_posix()
+                assert any(m["mountPath"] == mount for m in container.get("volumeMounts", [])), \
+                    f"{workload}: nothing mounted at {mount}"
+        # Every value parses as the setting's type (what the service does at start).
+        literal = {name: env["FTPS_" + name.upper()] for name in fields
+                   if isinstance(env.get("FTPS_" + name.upper()), str)}
+        settings(**literal)
+
+        assert env["FTPS_LISTEN"] == f"0.0.0.0:{_grpc_port(container)}", workload
+    assert seen == set(SERVICE_PORTS)
+    for name, path in ENGINE_ENV.items():
+        assert name in path.read_text(), f"{name} is no longer read by {path}: drop it from ENGINE_ENV"
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_addresses_name_the_services_that_serve_them(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    pods = {d["metadata"]["name"]: (spec, labels) for d, spec, labels in _pods(docs)}
+
+    def serves(address: str, workload: str, *, headless: bool = False) -> None:
+        host, _, port = address.removeprefix("dns:///").rpartition(":")
+        name = host.split(".")[0]
+        if "." in host:
+            assert host == f"{name}.ftps.svc.cluster.local", address
+        svc = _one(docs, "Service", name)
+        assert (svc["spec"].get("clusterIP") == "None") == headless, f"{name}: headless={headless}"
+        spec, labels = pods[workload]
+        assert svc["spec"]["selector"].items() <= labels.items(), f"Service {name} does not select {workload}"
+        ports = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+        assert ports, f"Service {name} has no port {port}"
+        container_ports = {p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
+        assert ports[0]["targetPort"] in container_ports
+
+    for workload, container, _ in _service_containers(docs):
+        env = _env(docs, container)
+        serves(env["FTPS_S3_ENDPOINT"], "minio")
+        if "FTPS_REGISTRY_ADDR" in env:
+            serves(env["FTPS_REGISTRY_ADDR"], "builder-registry")
+        if "FTPS_SCORER_ADDR" in env:
+            serves(env["FTPS_SCORER_ADDR"], "lira-scorer")
+        if "FTPS_WORKER_ADDRS" in env:
+            # One dns:/// target over the headless Service: the client balances over every pod.
+            assert env["FTPS_WORKER_ADDRS"].startswith("dns:///") and "," not in env["FTPS_WORKER_ADDRS"]
+            serves(env["FTPS_WORKER_ADDRS"], "finetune-worker", headless=True)
+        svc = _one(docs, "Service", workload)
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["grpc"]
+        assert svc["spec"]["ports"][0]["port"] == SERVICE_PORTS[workload]
+
+
+# -- pods ----------------------------------------------------------------------------------------
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_locked_down(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    for d, spec, labels in _pods(docs):
+        name = d["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/part-of") == "ft-privacyscore", name
+        assert spec["serviceAccountName"] in accounts and spec["automountServiceAccountToken"] is False, name
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("runAsUser", 0) > 0, name
+        tmp_volumes = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile")
+            assert seccomp == {"type": "RuntimeDefault"}, f"{name}/{c['name']}: seccomp {seccomp}"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{name}/{c['name']}"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{name}/{c['name']}"
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{name}/{c['name']}"
+            assert not sc.get("privileged") and not sc.get("capabilities", {}).get("add"), f"{name}/{c['name']}"
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{name}/{c['name']}: {kind}"
+            assert any(m["mountPath"] == "/tmp" and m["name"] in tmp_volumes
+                       for m in c.get("volumeMounts", [])), f"{name}/{c['name']}: no emptyDir at /tmp"
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_have_native_grpc_probes_on_their_port(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    for workload, container, settings in _service_containers(docs):
+        port = _grpc_port(container)
+        assert port == SERVICE_PORTS[workload]
+        service = {"builder-registry": "ftps.v1.BuilderRegistry", "contributor-gateway": "ftps.v1.ContributorGateway",
+                   "lira-scorer": "ftps.v1.LiraScorer", "finetune-worker": "ftps.v1.FinetuneWorker"}[workload]
+        assert container["readinessProbe"]["grpc"] == {"port": port, "service": service}, workload
+        assert container["livenessProbe"]["grpc"]["port"] == port, workload
+        assert container["startupProbe"]["grpc"]["port"] == port, workload
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_scale_on_their_own(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    worker = _one(docs, "Deployment", "finetune-worker")
+    assert "replicas" not in worker["spec"], "the HPA owns the worker count"
+    pod_labels = worker["spec"]["template"]["metadata"]["labels"]
+    hpa = _one(docs, "HorizontalPodAutoscaler", "finetune-worker")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "finetune-worker"}
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    pdb = _one(docs, "PodDisruptionBudget", "finetune-worker")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # With one dns:/// target the scorer keeps FTPS_JOBS_PER_WORKER jobs in flight in all: fewer
+    # than the pods the HPA may start would leave some idle.
+    scorer = next(c for w, c, _ in _service_containers(docs) if w == "lira-scorer")
+    assert int(_env(docs, scorer)["FTPS_JOBS_PER_WORKER"]) >= hpa["spec"]["maxReplicas"]
+    # Other services run one replica each (their state of rounds and submissions is per process).
+    for name in ("builder-registry", "contributor-gateway", "lira-scorer"):
+        d = _one(docs, "Deployment", name)
+        assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate", name
+    # torch's threads follow the worker's CPU limit.
+    env = _env(docs, worker["spec"]["template"]["spec"]["containers"][0])
+    assert env["FTPS_TORCH_THREADS"] == ("field", {"resourceFieldRef": {
+        "containerName": "server", "resource": "limits.cpu", "divisor": "1"}})
+
+
+@needs_renderer
+def test_gpu_overlay_runs_workers_on_gpus_and_cpu_overlay_does_not(rendered):
+    for overlay in OVERLAYS:
+        docs = rendered[(overlay, True)]
+        spec = _one(docs, "Deployment", "finetune-worker")["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        env = _env(docs, c)
+        gpu = overlay == "gpu"
+        assert env["FTPS_DEVICE"] == ("cuda" if gpu else "cpu")
+        assert ("nvidia.com/gpu" in c["resources"]["limits"]) == gpu
+        assert ("cuda" in c["image"]) == gpu
+        if gpu:
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        # Only the worker image differs between the overlays.
+        for w, other, _ in _service_containers(docs):
+            if w != "finetune-worker":
+                assert other["image"].split(":")[0].endswith("ft-privacyscore")
+
+
+# -- network policies ----------------------------------------------------------------------------
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    if selector is None:
+        return True
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        op, key, values = e["operator"], e["key"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(rule_peer: dict, peer: dict, policy_ns: str) -> bool:
+    if "ipBlock" in rule_peer:
+        if peer.get("ip") is None:
+            return False
+        block = rule_peer["ipBlock"]
+        ip = ipaddress.ip_address(peer["ip"])
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(x) for x in block.get("except", []))
+    if peer.get("ip") is not None:
+        return False
+    if "namespaceSelector" in rule_peer:
+        ns_ok = _selects(rule_peer["namespaceSelector"], peer["ns_labels"])
+    else:
+        ns_ok = peer["ns"] == policy_ns
+    return ns_ok and _selects(rule_peer.get("podSelector", {}), peer["labels"])
+
+
+def _allowed(policies: list[dict], pod: dict, direction: str, peer: dict, port: int, protocol: str) -> bool:
+    """Kubernetes NetworkPolicy semantics for ``pod`` (in namespace ftps) and one peer."""
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    applicable = [p for p in policies if direction in p["spec"]["policyTypes"]
+                  and _selects(p["spec"]["podSelector"], pod["labels"])]
+    if not applicable:
+        return True
+    for p in applicable:
+        for rule in p["spec"].get(key) or []:
+            peers = rule.get(peers_key) or []
+            if peers and not any(_peer_matches(rp, peer, p["metadata"]["namespace"]) for rp in peers):
+                continue
+            ports = rule.get("ports") or []
+            if not ports or any(rp.get("port") in (None, port) and rp.get("protocol", "TCP") == protocol
+                                for rp in ports):
+                return True
+    return False
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    ns_labels = {"kubernetes.io/metadata.name": "ftps"}
+    pods = {d["metadata"]["name"]: {"ns": "ftps", "ns_labels": ns_labels, "labels": labels,
+                                    "ports": {p["containerPort"] for c in spec["containers"]
+                                              for p in c.get("ports", [])}}
+            for d, spec, labels in _pods(docs)}
+    assert set(pods) == {"builder-registry", "contributor-gateway", "lira-scorer", "finetune-worker",
+                         "minio", "minio-setup"}
+
+    def ours(p: dict) -> bool:  # policies bind pods of this namespace only
+        return p.get("ip") is None and p["ns"] == "ftps"
+
+    def connects(src: dict, dst: dict, port: int, protocol: str = "TCP") -> bool:
+        return ((not ours(src) or _allowed(policies, src, "Egress", dst, port, protocol))
+                and (not ours(dst) or _allowed(policies, dst, "Ingress", src, port, protocol)))
+
+    flows = {(s, d, port) for s in pods for d in pods for port in pods[d]["ports"]
+             if connects(pods[s], pods[d], port)}
+    expected = {("contributor-gateway", "builder-registry", 50052), ("contributor-gateway", "lira-scorer", 50053),
+                ("lira-scorer", "builder-registry", 50052), ("lira-scorer", "finetune-worker", 50054)}
+    expected |= {(s, "minio", 9000) for s in pods}
+    assert flows == expected, f"unexpected: {sorted(flows - expected)}; missing: {sorted(expected - flows)}"
+
+    dns = {"ns": "kube-system", "ns_labels": {"kubernetes.io/metadata.name": "kube-system"},
+           "labels": {"k8s-app": "kube-dns"}}
+    internet = {"ip": "93.184.216.34"}
+    for name, pod in pods.items():
+        assert connects(pod, dns, 53, "UDP") and connects(pod, dns, 53, "TCP"), f"{name} cannot resolve names"
+        for port in (80, 443, 53):
+            assert not connects(pod, internet, port), f"{name} reaches the internet on {port}"
+    # Workers (untrusted strategy code) reach nothing but MinIO and DNS.
+    worker = pods["finetune-worker"]
+    assert not any(connects(worker, pods[d], p) for d in pods if d != "minio" for p in pods[d]["ports"])
+
+    client = {"ns": "ftps", "ns_labels": ns_labels, "labels": {"ftps.io/client": "true"}}
+    ingress_ns = {"ns": "ingress", "ns_labels": {"ftps.io/clients": "true"}, "labels": {}}
+    stranger = {"ns": "other", "ns_labels": {}, "labels": {}}
+    for name in ("contributor-gateway", "builder-registry", "lira-scorer"):
+        port = SERVICE_PORTS[name]
+        assert connects(client, pods[name], port) and connects(ingress_ns, pods[name], port), name
+        assert not connects(stranger, pods[name], port) and not connects(internet, pods[name], port), name
+    for name, port in (("finetune-worker", 50054), ("minio", 9000)):
+        assert not any(connects(p, pods[name], port) for p in (client, ingress_ns, stranger, internet)), name
+
+
+# -- images --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_install_the_project_once_and_run_as_non_root(name):
+    text = (ROOT / "deploy" / "docker" / name).read_text()
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    copies = [line for line in lines if line.startswith("COPY") and "--from" not in line]
+    for pkg in ("ftps", "services", "clients"):
+        assert sum(f" {pkg} " in f"{line} " for line in copies) == 1, f"{name}: copy {pkg}/ once"
+    installs = [line for line in lines if "pip install ." in line]
+    assert len(installs) == 1 and "[dev]" not in installs[0] and " -e " not in installs[0], installs
+    assert "torch==2.14.1 torchvision==0.29.1" in text
+    final = text[text.rindex("\nFROM "):]
+    user = [line for line in final.splitlines() if line.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0].isdigit() and not user[-1].startswith("USER 0"), user
+    if name == "Dockerfile":
+        assert "FROM ${PYTHON_IMAGE}" in text and "ARG PYTHON_IMAGE=python:3.11-slim" in text
+        assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    # Every module a manifest starts exists.
+    for module in ("builder_registry", "contributor_gateway", "lira_scorer", "finetune_worker"):
+        assert (ROOT / "services" / module / "__main__.py").exists()
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*" and {"!pyproject.toml", "!ftps", "!services", "!clients"} <= set(ignore), ignore
