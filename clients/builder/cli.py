@@ -1,4 +1,9 @@
-"""``ftps-builder``: register a task, upload its base model / strategy / data, prepare, run rounds."""
+"""``ftps-builder``: register a task, upload its base model / strategy / data, prepare, run rounds,
+write the batch report.
+
+Settings come from flags, then env vars, then ``~/.config/ftps/config.toml`` (or ``--config``).
+Exit codes: 0 ok, 1 the service refused (the gRPC status on one line), 2 bad usage or input,
+130 interrupted."""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
-from clients.cli_common import InputError, add_address, add_security, print_json, run, security_kwargs
+from clients.cli_common import (InputError, add_address, add_config, add_security, parse_shape, print_json,
+                                progress_bar, run, security_kwargs)
 from ftps.common import serde
 from ftps.v1 import common_pb2
 
@@ -19,10 +25,12 @@ PROG = "ftps-builder"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore model-builder tool")
-    add_address(p, "registry", "127.0.0.1:50052")
-    add_address(p, "gateway", "127.0.0.1:50051")
-    add_address(p, "scorer", "127.0.0.1:50053")
+    p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore model-builder tool",
+                                epilog="exit codes: 0 ok, 1 the service refused, 2 bad usage or input, 130 interrupted")
+    add_config(p)
+    add_address(p, "registry")
+    add_address(p, "gateway")
+    add_address(p, "scorer")
     add_security(p)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -71,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--task", required=True)
     sc.add_argument("--round", default="")
     sc.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("report", help="write the batch report (HTML with PNG plots) and scores.csv")
+    rp.add_argument("--task", required=True)
+    rp.add_argument("--out", required=True, type=Path, help="folder for report.html, its PNGs and scores.csv")
+    rp.add_argument("--round", default="", help="only this round (default: every round of the task)")
+    rp.add_argument("--records", action="append", default=[], metavar="[SUBMISSION_ID=]FILE",
+                    help="your own local copy of records (.npz or image folder) for thumbnails: by position "
+                         "within SUBMISSION_ID, or by a record_id array/column; never fetched from the service")
+    rp.add_argument("--shape", default="", help="record shape C,H,W for an image folder (default: the task's)")
+    rp.add_argument("--top", type=int, default=10, help="highest-risk records shown with plots")
+    rp.add_argument("--json", action="store_true", help="print the written files as JSON")
     return p
 
 
@@ -80,10 +99,7 @@ def _client(args) -> BuilderClient:
 
 
 def cmd_create(args) -> int:
-    try:
-        shape = [int(d) for d in args.record_shape.split(",")]
-    except ValueError as exc:
-        raise InputError(f"--record-shape {args.record_shape!r} must be comma-separated integers") from exc
+    shape = list(parse_shape(args.record_shape, flag="--record-shape"))
     settings = common_pb2.TaskSettings(
         n_models=args.models, batch_threshold=args.batch_threshold, method=serde.method_enum(args.method),
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
@@ -206,10 +222,37 @@ def cmd_scores(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from clients import reports
+
+    if args.top < 0:
+        raise InputError("--top must be >= 0")
+    client = _client(args)
+    task = client.get_task(args.task)
+    resp = client.scores(args.task, args.round)
+    round_ids = [args.round] if args.round else sorted({s.round_id for s in resp.scores})
+    rounds = {rid: client.get_round(rid) for rid in round_ids}  # every method's metrics and ROC
+    images = None
+    if args.records:
+        shape = parse_shape(args.shape) if args.shape else tuple(task.settings.record_shape) or None
+        images = reports.load_record_images(args.records, shape=shape, num_classes=task.settings.num_classes or None)
+    with progress_bar("plotting the highest-risk records") as update:
+        files = reports.builder_report(args.out, task_id=args.task, scores=list(resp.scores), rounds=rounds,
+                                       task=task, images=images, progress=update, top=args.top)
+    if args.json:
+        print_json(files.as_dict())
+    else:
+        above = sum(s.ci_low > 0 for s in resp.scores)
+        print(f"report written: {files.html} ({files.n_records} records in {len(rounds)} round(s), "
+              f"{above} with the interval above 0)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
         "create-task": cmd_create, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
-        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch, "scores": cmd_scores})
+        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch, "scores": cmd_scores,
+        "report": cmd_report})
 
 
 if __name__ == "__main__":

@@ -1,31 +1,41 @@
-"""``ftps-contributor``: submit records to a task and read their privacy scores."""
+"""``ftps-contributor``: submit records to a task, read their privacy scores, write a report.
+
+Settings come from flags, then env vars, then ``~/.config/ftps/config.toml`` (or ``--config``).
+Exit codes: 0 ok, 1 the service refused (the gRPC status on one line), 2 bad usage or input,
+130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from clients.api import ContributorClient, score_dict
-from clients.cli_common import add_address, add_security, load_npz_records, print_json, run, security_kwargs
+from clients.cli_common import (InputError, add_address, add_config, add_contributor, add_security, fetch_task,
+                                load_records, print_json, progress_bar, record_shape, records_arg, run,
+                                security_kwargs)
 
 PROG = "ftps-contributor"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore data-contributor tool")
-    add_address(p, "gateway", "127.0.0.1:50051")
+    p = argparse.ArgumentParser(prog=PROG, description="FT-PrivacyScore data-contributor tool",
+                                epilog="exit codes: 0 ok, 1 the service refused, 2 bad usage or input, 130 interrupted")
+    add_config(p)
+    add_address(p, "gateway")
+    add_address(p, "registry")
     add_security(p)
-    p.add_argument("--contributor", "-c", default=os.environ.get("FTPS_CONTRIBUTOR", ""),
-                   help="your contributor name (env FTPS_CONTRIBUTOR; default: your token's subject)")
+    add_contributor(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("submit", help="submit records from an .npz file (arrays x and y)")
+    s = sub.add_parser("submit", help="submit records: an .npz (arrays x and y) or a folder of images with labels.csv")
     s.add_argument("--task", required=True)
-    s.add_argument("file")
+    s.add_argument("file", help="records.npz, or a folder of images with labels.csv (columns file,label)")
+    s.add_argument("--shape", default="", help="record shape C,H,W for a folder of images (default: the task's, "
+                                               "fetched from the registry)")
     s.add_argument("--idempotency-key", default="", help="makes a retried submit safe (no duplicates)")
     s.add_argument("--json", action="store_true")
 
@@ -42,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--task", required=True)
     w.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    r = sub.add_parser("report", help="write an HTML report of your records' scores (with plots) and scores.csv")
+    r.add_argument("--task", required=True)
+    r.add_argument("--out", required=True, type=Path, help="folder for report.html, its PNGs and scores.csv")
+    r.add_argument("--round", default="", help="only this round (default: every round)")
+    r.add_argument("--records", action="append", default=[], metavar="[SUBMISSION_ID=]FILE",
+                   help="the records you submitted (.npz or image folder), in submission order, for thumbnails; "
+                        "repeat with SUBMISSION_ID= for several submissions")
+    r.add_argument("--shape", default="", help="record shape C,H,W for an image folder (default: the task's)")
+    r.add_argument("--json", action="store_true", help="print the written files as JSON")
     return p
 
 
@@ -59,9 +79,16 @@ def _sub_dict(sub) -> dict:
 
 
 def cmd_submit(args) -> int:
-    x, y = load_npz_records(args.file)
-    sub = _client(args).submit(
-        args.task, x, y, idempotency_key=args.idempotency_key)
+    path = Path(args.file)
+    shape, num_classes = None, None
+    if path.is_dir():
+        task = None if args.shape else fetch_task(args)  # the record shape the images must fill
+        shape = record_shape(args, task)
+        num_classes = task.settings.num_classes if task is not None else None
+    elif not path.exists():
+        raise InputError(f"cannot read {path}: No such file or directory")
+    recs = load_records(path, shape=shape, num_classes=num_classes)
+    sub = _client(args).submit(args.task, recs.x, recs.y, idempotency_key=args.idempotency_key)
     if args.json:
         print_json(_sub_dict(sub))
     else:
@@ -81,9 +108,10 @@ def cmd_submission(args) -> int:
     return 0
 
 
-def _reading(score: float) -> str:
-    pct = max(0.0, score) * 100
-    return (f"identified {pct:.0f}% more often than chance" if pct >= 0.5 else "no better than a coin flip")
+def _reading(s) -> str:
+    from clients.reports import reading
+
+    return reading(s.score, s.ci_low, s.ci_high, n_models=s.n_in + s.n_out)
 
 
 def cmd_scores(args) -> int:
@@ -97,7 +125,7 @@ def cmd_scores(args) -> int:
         return 0
     table = Table("record", "score", "95% interval", "reading")
     for s in scores:
-        table.add_row(s.record_id, f"{s.score:+.3f}", f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", _reading(s.score))
+        table.add_row(s.record_id, f"{s.score:+.3f}", f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", _reading(s))
     Console().print(table)
     return 0
 
@@ -121,9 +149,39 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    import grpc
+
+    from clients import reports
+
+    scores = _client(args).scores(args.task, args.round)
+    notes, task = [], None
+    needs_shape = not args.shape and any(records_arg(r)[1].is_dir() for r in args.records)
+    try:
+        task = fetch_task(args)  # name, alpha and record shape; the report works without them
+    except grpc.RpcError as exc:
+        if needs_shape:
+            raise
+        notes.append(f"Task settings unavailable from the registry ({exc.code().name}); assuming alpha = 0.05.")
+    images = None
+    if args.records:
+        images = reports.load_record_images(args.records, shape=record_shape(args, task),
+                                            num_classes=task.settings.num_classes if task is not None else None)
+    with progress_bar("plotting your records") as update:
+        files = reports.contributor_report(args.out, task_id=args.task, contributor=args.contributor or
+                                           (scores[0].contributor if scores else ""), scores=scores, task=task,
+                                           images=images, notes=notes, progress=update)
+    if args.json:
+        print_json(files.as_dict())
+    else:
+        above = sum(s.ci_low > 0 for s in scores)
+        print(f"report written: {files.html} ({files.n_records} records, {above} with the interval above 0)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {"submit": cmd_submit, "submission": cmd_submission,
-                                            "scores": cmd_scores, "watch": cmd_watch})
+                                            "scores": cmd_scores, "watch": cmd_watch, "report": cmd_report})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""Client tools end to end: records from an .npz and from a folder of images, a real digits round on
+the embedded stack, the contributor's and the builder's HTML reports, and where settings come from."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.builder.cli import main as builder_main
+from clients.cli_common import InputError, load_records, save_image_folder
+from clients.contributor.cli import build_parser as contributor_parser
+from clients.contributor.cli import main as contributor_main
+from clients.reports import reading
+from ftps.common import serde
+from ftps.stack.embedded import EmbeddedStack
+from tests.conftest import digits_records
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    """No developer's ~/.config/ftps or FTPS_* address variables leak into the tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for var in ("FTPS_GATEWAY_ADDR", "FTPS_REGISTRY_ADDR", "FTPS_SCORER_ADDR", "FTPS_TOKEN",
+                "FTPS_TLS_CA_FILE", "FTPS_CONTRIBUTOR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _run(fn, argv, capsys, *, code=0) -> str:
+    capsys.readouterr()
+    rc = fn(argv)
+    out, err = capsys.readouterr()
+    assert rc == code, err
+    return out if code == 0 else err
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, digits_splits, digits_strategy, digits_base_weights):
+    """One finished round: 8 models, 16 records; alice submits an .npz, bob a folder of images."""
+    tmp = tmp_path_factory.mktemp("reports")
+    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
+                      data_dir=tmp / "data")
+    s.start()
+    signer = s.signer()
+    a = s.addresses
+    b = ["--registry", a["registry"], "--gateway", a["gateway"], "--scorer", a["scorer"],
+         "--token", signer.issue("acme", "builder")]
+    tokens = {who: signer.issue(who, "contributor") for who in ("alice", "bob", "carol")}
+
+    def c(who):
+        return ["--gateway", a["gateway"], "--registry", a["registry"], "--token", tokens[who]]
+
+    def jcall(fn, argv):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert fn(argv + ["--json"]) == 0
+        return json.loads(buf.getvalue())
+
+    try:
+        task = jcall(builder_main, b + ["create-task", "--name", "reports", "--record-shape", "1,8,8",
+                                        "--models", "8", "--batch-threshold", "16", "--shadow-models", "4",
+                                        "--models-per-job", "4"])["task_id"]
+        (tmp / "w.safetensors").write_bytes(digits_base_weights)
+        (tmp / "s.py").write_text(digits_strategy)
+        (tmp / "d.npz").write_bytes(serde.records_to_npz(*digits_splits["builder"]))
+        for kind, f in (("base-model", "w.safetensors"), ("strategy", "s.py"), ("data", "d.npz")):
+            jcall(builder_main, b + ["upload", "--task", task, "--kind", kind, str(tmp / f)])
+        jcall(builder_main, b + ["prepare", "--task", task])  # so offline-global is in the batch view
+
+        x, y = digits_records(digits_splits, 16, seed=5)
+        (tmp / "alice.npz").write_bytes(serde.records_to_npz(x[:8], y[:8]))
+        save_image_folder(tmp / "bob_images", x[8:], y[8:])
+        subs = {"alice": jcall(contributor_main, c("alice") + ["submit", "--task", task, str(tmp / "alice.npz")]),
+                "bob": jcall(contributor_main, c("bob") + ["submit", "--task", task, str(tmp / "bob_images")])}
+        deadline = time.time() + 30
+        while not (sub := jcall(contributor_main, c("bob") + ["submission", subs["bob"]["submission_id"]]))["round_id"]:
+            assert time.time() < deadline, "the 16th record did not start a round"
+            time.sleep(0.2)
+        assert builder_main(b + ["watch", "--round", sub["round_id"]]) == 0
+        yield dict(task=task, round=sub["round_id"], b=b, c=c, tmp=tmp, subs=subs, x=x, y=y, addresses=a,
+                   tokens=tokens)
+    finally:
+        s.stop()
+
+
+def _ids(scored, who):
+    return scored["subs"][who]["record_ids"]
+
+
+def _check_pngs(files: dict) -> None:
+    assert files["pngs"]
+    for p in files["pngs"]:
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 100, p
+
+
+def _self_contained(page: str) -> None:
+    assert "<script" not in page.lower()
+    for src in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert src.startswith("#") or not re.match(r"^[a-z]+:|^/|\.\.", src), src
+
+
+def test_images_folder_submission_round_trips(scored, capsys):
+    # bob's images went through PNG (8-bit) and came back as the same records the service stored.
+    c = scored["c"]
+    bob = json.loads(_run(contributor_main, c("bob") + ["scores", "--task", scored["task"], "--json"], capsys))
+    assert [r["record_id"] for r in bob["records"]] == _ids(scored, "bob")
+    recs = load_records(scored["tmp"] / "bob_images", shape=(1, 8, 8))
+    np.testing.assert_allclose(recs.x, scored["x"][8:], atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(recs.y, scored["y"][8:])
+
+
+def test_contributor_report(scored, tmp_path, capsys):
+    c, task = scored["c"], scored["task"]
+    out = tmp_path / "alice"
+    files = json.loads(_run(contributor_main, c("alice") + [
+        "report", "--task", task, "--out", str(out), "--records", str(scored["tmp"] / "alice.npz"), "--json"], capsys))
+    page = Path(files["html"]).read_text()
+    scores = json.loads(_run(contributor_main, c("alice") + ["scores", "--task", task, "--json"], capsys))["records"]
+    assert {r["record_id"] for r in scores} == set(_ids(scored, "alice")) and len(scores) == 8
+    for r in scores:
+        assert r["record_id"] in page
+        assert html.escape(reading(r["score"], r["ci_low"], r["ci_high"], n_models=8)) in page
+        assert (out / "records" / f"diag-{r['record_id']}.png").stat().st_size > 1000
+        assert (out / "records" / f"thumb-{r['record_id']}.png").stat().st_size > 50  # from --records
+    assert "more often than chance" in page and "Summary" in page
+    for rid in _ids(scored, "bob"):  # another contributor's records never appear
+        assert rid not in page
+    assert len(files["pngs"]) == 1 + 2 * 8  # scores.png + diagnosis and thumbnail per record
+    _check_pngs(files)
+    _self_contained(page)
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("record_id,contributor")
+    assert not any(rid in "".join(rows) for rid in _ids(scored, "bob"))
+
+    # bob reads his thumbnails from his image folder; the shape comes from the task (GetTask).
+    bob_out = tmp_path / "bob"
+    _run(contributor_main, c("bob") + ["report", "--task", task, "--out", str(bob_out),
+                                       "--records", str(scored["tmp"] / "bob_images")], capsys)
+    bob_page = (bob_out / "report.html").read_text()
+    assert all(rid in bob_page for rid in _ids(scored, "bob"))
+    assert not any(rid in bob_page for rid in _ids(scored, "alice"))
+    assert len(list((bob_out / "records").glob("thumb-*.png"))) == 8
+
+    # carol has no records in the task: an empty report, no one else's ids.
+    carol = tmp_path / "carol"
+    _run(contributor_main, c("carol") + ["report", "--task", task, "--out", str(carol)], capsys)
+    carol_page = (carol / "report.html").read_text()
+    assert "No scores yet" in carol_page
+    assert not any(rid in carol_page for rid in _ids(scored, "alice") + _ids(scored, "bob"))
+
+    if os.path.exists(CHROMIUM):  # look at it as a person would
+        shot = tmp_path / "contributor.png"
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1200,2400", f"--screenshot={shot}", files["html"]],
+                       check=True, timeout=60, capture_output=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("FTPS_REPORT_SCREENSHOTS"):
+            shutil.copy(shot, Path(os.environ["FTPS_REPORT_SCREENSHOTS"]) / "contributor.png")
+            shutil.copytree(out, Path(os.environ["FTPS_REPORT_SCREENSHOTS"]) / "contributor", dirs_exist_ok=True)
+
+
+def test_builder_report(scored, tmp_path, capsys):
+    b, task = scored["b"], scored["task"]
+    out = tmp_path / "batch"
+    files = json.loads(_run(builder_main, b + ["report", "--task", task, "--out", str(out), "--json"], capsys))
+    page = Path(files["html"]).read_text()
+    everything = json.loads(_run(builder_main, b + ["scores", "--task", task, "--json"], capsys))
+    assert len(everything["records"]) == 16
+    for r in everything["records"]:
+        assert r["record_id"] in page
+        assert html.escape(reading(r["score"], r["ci_low"], r["ci_high"], n_models=8)) in page
+    for method in ("offline-global", "offline-per-record", "online-per-record"):
+        assert method in page
+    assert (out / "scores.png").stat().st_size > 1000
+    assert (out / f"roc-{scored['round']}.png").stat().st_size > 1000
+    assert "TPR @ 1% FPR" in page and "TPR @ 0.1% FPR" in page and "Highest-risk records" in page
+    # No thumbnails without a local file, and the page says why.
+    assert not list((out / "records").glob("thumb-*")) and "never gives a builder raw records" in page
+    _check_pngs(files)
+    _self_contained(page)
+
+    # The builder's own local copy of alice's submission gives thumbnails of her records only.
+    sub_id = scored["subs"]["alice"]["submission_id"]
+    out2 = tmp_path / "batch2"
+    _run(builder_main, b + ["report", "--task", task, "--round", scored["round"], "--out", str(out2), "--top", "16",
+                            "--records", f"{sub_id}={scored['tmp'] / 'alice.npz'}"], capsys)
+    thumbs = {p.name for p in (out2 / "records").glob("thumb-*.png")}
+    assert thumbs == {f"thumb-{rid}.png" for rid in _ids(scored, "alice")}
+
+    if os.path.exists(CHROMIUM) and os.environ.get("FTPS_REPORT_SCREENSHOTS"):
+        dest = Path(os.environ["FTPS_REPORT_SCREENSHOTS"])
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1200,4000", f"--screenshot={dest / 'builder.png'}", str(out2 / "report.html")],
+                       check=True, timeout=60, capture_output=True)
+        shutil.copytree(out2, dest / "builder", dirs_exist_ok=True)
+
+
+def test_reports_refuse_with_meaningful_exit_codes(scored, tmp_path, capsys):
+    c, b, task = scored["c"], scored["b"], scored["task"]
+    err = _run(contributor_main, c("alice") + ["report", "--task", task, "--out", str(tmp_path / "r"),
+                                               "--records", str(tmp_path / "missing.npz")], capsys, code=2)
+    assert err.strip().count("\n") == 0 and "not found" in err
+    short = tmp_path / "short.npz"
+    short.write_bytes(serde.records_to_npz(scored["x"][:3], scored["y"][:3]))
+    err = _run(contributor_main, c("alice") + ["report", "--task", task, "--out", str(tmp_path / "r"),
+                                               "--records", str(short)], capsys, code=2)
+    assert "has 3 records" in err
+    err = _run(contributor_main, c("alice") + ["report", "--task", "t-nope", "--out", str(tmp_path / "r")],
+               capsys, code=1)
+    assert err.startswith("ftps-contributor: error: ") and err.strip().count("\n") == 0
+    other = ["--registry", scored["addresses"]["registry"], "--gateway", scored["addresses"]["gateway"],
+             "--scorer", scored["addresses"]["scorer"], "--token", scored["tokens"]["alice"]]
+    err = _run(builder_main, other + ["report", "--task", task, "--out", str(tmp_path / "b")], capsys, code=1)
+    assert "PERMISSION_DENIED" in err
+
+
+def test_image_folder_input(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(3, 3, 5, 4)).astype(np.float32) / 255  # 3 records, C,H,W = 3,5,4
+    y = np.array([0, 2, 1])
+    save_image_folder(tmp_path / "rgb", rgb, y)
+    back = load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    np.testing.assert_allclose(back.x, rgb, atol=1e-6)
+    np.testing.assert_array_equal(back.y, y)
+    assert back.x.dtype == np.float32 and back.y.dtype == np.int64
+    gray = load_records(tmp_path / "rgb", shape=(1, 5, 4))  # converted to grayscale to fit the task
+    assert gray.x.shape == (3, 1, 5, 4) and 0 <= gray.x.min() and gray.x.max() <= 1
+
+    with pytest.raises(InputError, match="4x5 pixels, the task's records are 8x8"):
+        load_records(tmp_path / "rgb", shape=(1, 8, 8))
+    with pytest.raises(InputError, match="out of range: the task has 2 classes"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4), num_classes=2)
+    (tmp_path / "rgb" / "labels.csv").write_text("file,label\n00000.png,cat\n")
+    with pytest.raises(InputError, match=r"line 2: label 'cat' is not a class index"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    (tmp_path / "rgb" / "labels.csv").write_text("file,label\nnope.png,1\n")
+    with pytest.raises(InputError, match="nope.png not found"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    (tmp_path / "rgb" / "labels.csv").write_text("file,label\n../x.png,1\n")
+    with pytest.raises(InputError, match="not a file inside"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    (tmp_path / "rgb" / "labels.csv").write_text("name,class\n")
+    with pytest.raises(InputError, match="columns file,label"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    (tmp_path / "rgb" / "labels.csv").unlink()
+    with pytest.raises(InputError, match="no labels.csv"):
+        load_records(tmp_path / "rgb", shape=(3, 5, 4))
+    # Through the tool: one line, exit 2, nothing sent.
+    err = _run(contributor_main, ["--gateway", "127.0.0.1:1", "submit", "--task", "t-x", "--shape", "1,8,8",
+                                  str(tmp_path / "rgb")], capsys, code=2)
+    assert err == f"ftps-contributor: error: {tmp_path / 'rgb'}: no labels.csv (a CSV with columns file,label)\n"
+
+
+def test_settings_precedence(tmp_path, monkeypatch, capsys):
+    from clients.cli_common import resolve_settings
+
+    def settings(argv):
+        args = contributor_parser().parse_args(argv + ["scores", "--task", "t"])
+        resolve_settings(args)
+        return args
+
+    assert settings([]).gateway == "127.0.0.1:50051"  # default
+    cfg = tmp_path / "xdg" / "ftps" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('gateway = "cfg:1"\nregistry = "cfg:2"\ntoken = "from-config"\ntls_ca = "ca.pem"\n')
+    cfg.chmod(0o600)
+    args = settings([])
+    assert (args.gateway, args.registry, args.token) == ("cfg:1", "cfg:2", "from-config")
+    assert args.tls_ca == str(cfg.parent / "ca.pem")  # relative to the config file
+    monkeypatch.setenv("FTPS_GATEWAY_ADDR", "env:1")
+    assert settings([]).gateway == "env:1" and settings([]).registry == "cfg:2"
+    assert settings(["--gateway", "flag:1"]).gateway == "flag:1"
+    other = tmp_path / "other.toml"
+    other.write_text('contributor = "zoe"\n')
+    args = settings(["--config", str(other)])
+    assert (args.contributor, args.registry, args.gateway) == ("zoe", "127.0.0.1:50052", "env:1")
+
+    other.write_text('gatway = "x"\n')
+    err = _run(contributor_main, ["--config", str(other), "scores", "--task", "t"], capsys, code=2)
+    assert "unknown key 'gatway'" in err and err.count("\n") == 1
+    other.write_text("gateway = \n")
+    assert "not valid TOML" in _run(contributor_main, ["--config", str(other), "scores", "--task", "t"], capsys, code=2)
+    err = _run(contributor_main, ["--config", str(tmp_path / "none.toml"), "scores", "--task", "t"], capsys, code=2)
+    assert "not found" in err
+
+
+def test_config_file_drives_the_real_tools(scored, tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "alice.toml"
+    cfg.write_text(f'gateway = "{scored["addresses"]["gateway"]}"\ntoken = "{scored["tokens"]["alice"]}"\n')
+    cfg.chmod(0o600)
+    out = json.loads(_run(contributor_main, ["--config", str(cfg), "scores", "--task", scored["task"], "--json"],
+                          capsys))
+    assert [r["record_id"] for r in out["records"]] == _ids(scored, "alice")
+    # A flag beats the file: bob's token with alice's config reads bob's records.
+    out = json.loads(_run(contributor_main, ["--config", str(cfg), "--token", scored["tokens"]["bob"], "scores",
+                                             "--task", scored["task"], "--json"], capsys))
+    assert [r["record_id"] for r in out["records"]] == _ids(scored, "bob")
+
+
+def test_readings_say_what_the_interval_allows():
+    assert reading(0.30, 0.05, 0.55).startswith(
+        "An attacker who can train models like this one identifies this record's membership 30% more often "
+        "than chance (95% interval +5% to +55%)")
+    narrow = reading(0.02, -0.10, 0.15)
+    assert narrow.startswith("No better than chance (the interval includes 0") and "not ruled out" not in narrow
+    wide = reading(0.25, -0.40, 0.80, n_models=8)
+    assert "No better than chance" in wide and "up to 80% is not ruled out with 8 models" in wide
+    assert "worse than chance" in reading(-0.6, -0.9, -0.2) and "not a protection" in reading(-0.6, -0.9, -0.2)
+    assert "+0.3%" in reading(0.5, 0.003, 0.9)  # a bound just above 0 is not printed as "0%"
+
+
+def test_diagnosis_rule_matches_the_model_based_score():
+    from scipy import stats
+
+    from clients.report_plots import decision_rule, diagnosis_png, fitted_rates
+
+    # Equal variances: the likelihood-ratio threshold is the midpoint and TPR - FPR = 2 Phi(d'/2) - 1.
+    g = dict(mu_in=1.0, sigma_in=1.0, mu_out=0.0, sigma_out=1.0)
+    rule = decision_rule("online-per-record", **g)
+    np.testing.assert_allclose(rule.thresholds, [0.5])
+    tpr, fpr = fitted_rates(rule, **g)
+    np.testing.assert_allclose(tpr - fpr, 2 * stats.norm.cdf(0.5) - 1)
+    off = decision_rule("offline-per-record", **g, alpha=0.05)
+    np.testing.assert_allclose(fitted_rates(off, **g)[1], 0.05)  # the OUT p-value test's FPR is alpha
+    assert decision_rule("rmia", **g) is None and decision_rule("offline-global", **g) is None
+    for kwargs in (dict(g, sigma_in=0.0), dict(g, mu_in=float("nan")), dict(g, mu_in=40.0)):
+        png = diagnosis_png(**kwargs, method="online-per-record", title="t")
+        assert png[:4] == b"\x89PNG"
+    assert diagnosis_png(**g, method="offline-global", title="t", note="builder only")[:4] == b"\x89PNG"
