@@ -126,7 +126,8 @@ def score_dict(s: common_pb2.RecordScore) -> dict:
     return {"record_id": s.record_id, "contributor": s.contributor, "round_id": s.round_id,
             "index": s.index, "method": serde.METHOD_NAMES.get(s.method, ""), "score": s.score,
             "ci_low": s.ci_low, "ci_high": s.ci_high, "n_in": s.n_in, "n_out": s.n_out, "auc": s.auc,
-            "model_score": s.model_score}
+            "model_score": s.model_score, "model_ci_low": s.model_ci_low, "model_ci_high": s.model_ci_high,
+            "headline": "model_score"}
 
 
 def batch_dict(b: common_pb2.BatchMetrics) -> dict:

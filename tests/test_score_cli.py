@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clients.score.cli import main
-from services.lira_scorer.scoring import METHODS, make_masks, score
+from services.lira_scorer.scoring import HEADLINE, METHODS, make_masks, score
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -47,14 +47,22 @@ def test_json_output_matches_scorer(npz, capsys, method):
     assert main([path, "--json", "--method", method]) == 0
     out, err = capsys.readouterr()
     obj = json.loads(out)  # exactly one JSON object on stdout
-    assert set(obj) == {"method", "n_models", "n_records", "records", "batch", "warnings"}
+    assert set(obj) == {
+        "method", "n_models", "n_records", "headline", "records", "batch", "warnings",
+    }  # fmt: skip
     assert (obj["method"], obj["n_models"], obj["n_records"]) == (method, 16, 8)
+    assert obj["headline"] == HEADLINE == "model_score"
     kw = {"offline_mu": 0.5, "offline_sigma": 1.2} if method == "offline-global" else {}
     ref = score(phi, member, method=method, **kw)
     assert [r["index"] for r in obj["records"]] == list(range(8))
-    for key in ("score", "ci_low", "ci_high", "n_in", "n_out", "auc"):
+    keys = (
+        "score", "ci_low", "ci_high", "n_in", "n_out", "auc",
+        "model_score", "model_ci_low", "model_ci_high",
+    )  # fmt: skip
+    for key in keys:
         np.testing.assert_allclose([r[key] for r in obj["records"]], getattr(ref.records, key))
-    assert set(obj["records"][0]) == {"index", "score", "ci_low", "ci_high", "n_in", "n_out", "auc"}
+    # the keys, plus the headline model-based score and its interval
+    assert set(obj["records"][0]) == {"index", *keys}
     assert isinstance(obj["records"][0]["n_in"], int)
     assert obj["batch"] == pytest.approx(
         {
@@ -94,7 +102,7 @@ def test_table_output(npz, capsys):
     phi, member = _arrays(m=5)
     assert main([npz(phi=phi, member=member)]) == 0
     out = capsys.readouterr().out
-    assert "online-per-record" in out and "interval" in out
+    assert "online-per-record" in out and "interval" in out and "headline" in out
     assert "batch: AUC" in out and "TPR@1%FPR" in out and "TPR@0.1%FPR" in out
     assert "warning:" in out  # 16 models x 5 records: the low-FPR metrics are not resolved
 
@@ -112,7 +120,8 @@ def test_out_dir_writes_csv_and_pngs(npz, tmp_path, capsys):
     assert len(rows) == 8
     ref = score(phi, member)
     np.testing.assert_allclose([float(r["score"]) for r in rows], ref.records.score)
-    np.testing.assert_allclose([float(r["model_score"]) for r in rows], ref.records.model_score)
+    for key in ("model_score", "model_ci_low", "model_ci_high", "ci_low", "ci_high"):
+        np.testing.assert_allclose([float(r[key]) for r in rows], getattr(ref.records, key))
     assert [int(r["index"]) for r in rows] == list(range(8))
 
 

@@ -10,6 +10,10 @@ record ``j`` was in model ``i``'s fine-tuning set) and optionally the scalars ``
 ``offline_sigma`` (the offline Gaussian, used by ``--method offline-global``; the flags override
 them). It is loaded with ``allow_pickle=False``.
 
+Per record it prints the headline model-based score with its interval, the paper's counted P
+with its interval, n_in, n_out and the per-record AUC (``--json``: the keys of the issue plus
+``model_score``, ``model_ci_low``, ``model_ci_high``, and ``"headline": "model_score"``).
+
 Exit codes: 0 success; 2 bad usage or bad input (one line ``ftps-score: error: <cause>`` on
 stderr); 1 the results could not be written.
 """
@@ -25,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.lira_scorer.scoring import DEFAULT_METHOD, METHODS, ScoreResult, score
+from services.lira_scorer.scoring import DEFAULT_METHOD, HEADLINE, METHODS, ScoreResult, score
 
 PROG = "ftps-score"
 _CSV_FIELDS = (
     "score", "ci_low", "ci_high", "n_in", "n_out", "auc",
-    "model_score", "mu_in", "sigma_in", "mu_out", "sigma_out",
+    "model_score", "model_ci_low", "model_ci_high", "mu_in", "sigma_in", "mu_out", "sigma_out",
 )  # fmt: skip
 
 
@@ -51,8 +55,10 @@ def _build_parser() -> argparse.ArgumentParser:
             "statistic matrix phi [n_models, n_records] and its membership mask."
         ),
         epilog=(
-            "Score P = TPR - FPR of the attack on the record over the n models (0 = coin flip, "
-            "1 = membership always identified), with a 95%% Newcombe interval."
+            "Each record gets two estimates of TPR - FPR of the attack on it (0 = coin flip, "
+            "1 = membership always identified), each with a 95%% interval: the model-based "
+            "score 2 Phi(d'/2) - 1 from the fitted IN/OUT Gaussians (the headline: steadier), "
+            "and the paper's counted P over the n models' decisions."
         ),
     )
     p.add_argument("file", metavar="FILE.npz", help="NPZ with phi [n, m] and member [n, m]")
@@ -117,6 +123,7 @@ def _to_json(result: ScoreResult) -> dict:
         "method": result.method,
         "n_models": result.n_models,
         "n_records": result.n_records,
+        "headline": HEADLINE,
         "records": [
             {
                 "index": j,
@@ -126,6 +133,9 @@ def _to_json(result: ScoreResult) -> dict:
                 "n_in": int(r.n_in[j]),
                 "n_out": int(r.n_out[j]),
                 "auc": float(r.auc[j]),
+                "model_score": float(r.model_score[j]),
+                "model_ci_low": float(r.model_ci_low[j]),
+                "model_ci_high": float(r.model_ci_high[j]),
             }
             for j in range(result.n_records)
         ],
@@ -142,27 +152,31 @@ def _print_table(result: ScoreResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=sys.stdout)
+    # Piped output is not cut to 80 columns: every column stays readable in a file or a pager.
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
     r, b = result.records, result.batch
     table = Table(
         title=(
             f"Privacy scores — {result.method}, n={result.n_models} models, "
             f"m={result.n_records} records"
         ),
-        caption="P = TPR - FPR over the n models (0 = coin flip, 1 = always identified)",
+        caption=(
+            "score = 2 Phi(d'/2) - 1 from the fitted IN/OUT Gaussians (headline); "
+            "P = TPR - FPR counted over the n models; 0 = coin flip, 1 = always identified"
+        ),
     )
     interval = f"{result.confidence:.0%} interval"
-    for name in ("record", "P", interval, "n_in", "n_out", "AUC", "model-based"):
-        table.add_column(name, justify="right")
+    for name in ("record", "score", interval, "P", f"P {interval}", "n_in/n_out", "AUC"):
+        table.add_column(name, justify="right", no_wrap=True)
     for j in range(result.n_records):
         table.add_row(
             str(j),
-            f"{r.score[j]:+.3f}",
-            f"[{r.ci_low[j]:+.3f}, {r.ci_high[j]:+.3f}]",
-            str(int(r.n_in[j])),
-            str(int(r.n_out[j])),
-            f"{r.auc[j]:.3f}",
             f"{r.model_score[j]:+.3f}",
+            f"[{r.model_ci_low[j]:+.2f}, {r.model_ci_high[j]:+.2f}]",
+            f"{r.score[j]:+.3f}",
+            f"[{r.ci_low[j]:+.2f}, {r.ci_high[j]:+.2f}]",
+            f"{int(r.n_in[j])}/{int(r.n_out[j])}",
+            f"{r.auc[j]:.3f}",
         )
     console.print(table)
     console.print(

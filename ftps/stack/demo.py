@@ -157,20 +157,26 @@ def _await_round(client: ContributorClient, submission_id: str, timeout: float =
 def print_report(out: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Privacy scores — task {out['task']}, round {out['round']}, method {out['method']}")
     table.add_column("record", no_wrap=True)
-    for col, just in (("contributor", "left"), ("score P", "right"),
-                      ("95% interval", "right"), ("n_in/n_out", "right"), ("AUC", "right")):
+    for col, just in (("contributor", "left"), ("score", "right"), ("95% interval", "right"),
+                      ("P counted", "right"), ("95% interval ", "right"), ("n_in/n_out", "right"),
+                      ("AUC", "right")):
         table.add_column(col, justify=just, no_wrap=True)
     for r in out["records"]:
-        style = "bold red" if r["ci_low"] > 0.5 else ("yellow" if r["ci_low"] > 0 else None)
-        table.add_row(r["record_id"], r["contributor"], f"{r['score']:+.3f}",
+        low = r["model_ci_low"]
+        style = "bold red" if low > 0.5 else ("yellow" if low > 0 else None)
+        table.add_row(r["record_id"], r["contributor"], f"{r['model_score']:+.3f}",
+                      f"[{low:+.2f}, {r['model_ci_high']:+.2f}]", f"{r['score']:+.3f}",
                       f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]", f"{r['n_in']}/{r['n_out']}",
                       f"{r['auc']:.2f}", style=style)
     console.print(table)
-    scores = np.array([r["score"] for r in out["records"]])
-    lows = np.array([r["ci_low"] for r in out["records"]])
+    console.print("score = the headline privacy score, 2*Phi(d'/2)-1 from the record's fitted IN/OUT "
+                  "Gaussians (TPR-FPR of the attack at its best threshold); P counted = the paper's "
+                  "TPR-FPR counted over the n models. 0 = a coin flip, 1 = always identified.")
+    scores = np.array([r["model_score"] for r in out["records"]])
+    lows = np.array([r["model_ci_low"] for r in out["records"]])
     console.print(f"{len(scores)} records: mean score {scores.mean():+.3f}, median {np.median(scores):+.3f}, "
-                  f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with an interval above 0 "
-                  f"(identifiable more often than chance)")
+                  f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with the whole interval above 0 "
+                  f"(identifiable more often than chance), {int((lows > 0.5).sum())} above 0.5")
     m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
     for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
         m.add_column(col, justify="left" if col == "method" else "right")
@@ -201,8 +207,8 @@ def write_report(out: dict[str, Any], report_dir: Path) -> list[Path]:
                           for b in out["methods"]],
                          title=f"ROC, round {out['round']} (n={out['batch']['n_models']}, m={len(recs)})",
                          path=report_dir / "roc.png")
-    plots.scores_with_intervals_png([r["score"] for r in recs], [r["ci_low"] for r in recs],
-                                    [r["ci_high"] for r in recs],
+    plots.scores_with_intervals_png([r["model_score"] for r in recs], [r["model_ci_low"] for r in recs],
+                                    [r["model_ci_high"] for r in recs], what="model-based score",
                                     title=f"Privacy scores, {out['dataset']} round {out['round']} ({out['method']})",
                                     path=report_dir / "scores.png")
     return written + [report_dir / "roc.png", report_dir / "scores.png"]

@@ -140,7 +140,7 @@ class RoundStatus(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., models_done: _Optional[int] = ..., models_total: _Optional[int] = ..., message: _Optional[str] = ..., n_records: _Optional[int] = ...) -> None: ...
 
 class RecordScore(_message.Message):
-    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "ci_low", "ci_high", "n_in", "n_out", "auc", "model_score", "mu_in", "sigma_in", "mu_out", "sigma_out", "method")
+    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "ci_low", "ci_high", "n_in", "n_out", "auc", "model_score", "mu_in", "sigma_in", "mu_out", "sigma_out", "method", "model_ci_low", "model_ci_high")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,8 @@ class RecordScore(_message.Message):
     MU_OUT_FIELD_NUMBER: _ClassVar[int]
     SIGMA_OUT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     contributor: str
     round_id: str
@@ -173,7 +175,9 @@ class RecordScore(_message.Message):
     mu_out: float
     sigma_out: float
     method: Method
-    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., model_score: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
+    model_ci_low: float
+    model_ci_high: float
+    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., model_score: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., model_ci_low: _Optional[float] = ..., model_ci_high: _Optional[float] = ...) -> None: ...
 
 class BatchMetrics(_message.Message):
     __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr")

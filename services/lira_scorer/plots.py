@@ -71,16 +71,17 @@ def roc_curves_png(curves: list[tuple[str, np.ndarray, np.ndarray]], *, title: s
 
 
 def scores_with_intervals_png(score: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, *, title: str,
-                              path: str | Path | None = None) -> bytes:
+                              path: str | Path | None = None, what: str = "privacy score P") -> bytes:
     """Left: histogram of per-record scores. Right: every record's score with its interval,
-    sorted by score, so the records whose whole interval sits above 0 stand out."""
+    sorted by score, so the records whose whole interval sits above 0 stand out. ``what`` names
+    the score on the axes (e.g. "model-based score" for the headline ``model_score``)."""
     score, ci_low, ci_high = (np.asarray(a, float) for a in (score, ci_low, ci_high))
     order = np.argsort(score)
     fig = Figure(figsize=(10, 4))
     ax, ax2 = fig.subplots(1, 2)
     ax.hist(score, bins=np.linspace(-1, 1, 41), color="tab:blue", alpha=0.8)
     ax.axvline(0, color="grey", lw=1, ls="--")
-    ax.set_xlabel("privacy score P (0 = coin flip, 1 = always identified)")
+    ax.set_xlabel(f"{what} (0 = coin flip, 1 = always identified)")
     ax.set_ylabel("records")
     ax.set_title("score histogram", fontsize=9)
     rank = np.arange(len(score))
@@ -89,7 +90,7 @@ def scores_with_intervals_png(score: np.ndarray, ci_low: np.ndarray, ci_high: np
     ax2.plot(rank, score[order], ".", ms=3, color="black")
     ax2.axhline(0, color="grey", lw=1, ls="--")
     ax2.set_xlabel("records, sorted by score")
-    ax2.set_ylabel("P with 95% interval")
+    ax2.set_ylabel(f"{what} with 95% interval")
     ax2.set_title(f"{int(above.sum())} of {len(score)} records with the interval above 0 (red)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -97,13 +98,14 @@ def scores_with_intervals_png(score: np.ndarray, ci_low: np.ndarray, ci_high: np
 
 
 def score_hist_png(result: ScoreResult, path: str | Path | None = None) -> bytes:
-    """Histogram of the per-record privacy scores: counted ``P`` and the model-based estimate."""
+    """Histogram of the per-record privacy scores: the model-based estimate (the headline) and
+    the counted ``P``."""
     r = result.records
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     bins = np.linspace(-1, 1, 41)
-    ax.hist(r.score, bins=bins, alpha=0.7, label="P = TPR - FPR (counted)")
-    ax.hist(r.model_score, bins=bins, alpha=0.5, label="2 Phi(d'/2) - 1 (model-based)")
+    ax.hist(r.model_score, bins=bins, alpha=0.7, label="2 Phi(d'/2) - 1 (model-based, headline)")
+    ax.hist(r.score, bins=bins, alpha=0.5, label="P = TPR - FPR (counted)")
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_xlabel("privacy score (0 = coin flip, 1 = always identified)")
     ax.set_ylabel("records")
@@ -138,7 +140,8 @@ def record_diagnosis_png(
     """Diagnosis of record ``j``: its IN and OUT statistics (``phi[:, j]`` split by
     ``member[:, j]``, arrays ``[n, m]``), the fitted IN/OUT Gaussians (full fits, no
     leave-one-out) and the decision threshold of the method (for ``offline-global`` the offline
-    Gaussian too). The title carries the record's score with its interval and its AUC."""
+    Gaussian too). The title carries the record's model-based score (the headline) and counted P,
+    each with its interval, and its AUC."""
     phi = np.asarray(phi, dtype=np.float64)
     member = np.asarray(member, dtype=bool)
     if not 0 <= j < result.n_records:
@@ -173,8 +176,10 @@ def record_diagnosis_png(
     ax.set_xlabel("phi = log(p_y / (1 - p_y))")
     ax.set_ylabel("density")
     ax.set_title(
-        f"record {j}: P={r.score[j]:+.2f} [{r.ci_low[j]:+.2f}, {r.ci_high[j]:+.2f}], "
-        f"AUC={r.auc[j]:.2f} ({result.method})",
+        f"record {j} ({result.method}): score={r.model_score[j]:+.2f} "
+        f"[{r.model_ci_low[j]:+.2f}, {r.model_ci_high[j]:+.2f}]\n"
+        f"counted P={r.score[j]:+.2f} [{r.ci_low[j]:+.2f}, {r.ci_high[j]:+.2f}], "
+        f"AUC={r.auc[j]:.2f}",
         fontsize=9,
     )
     ax.legend(fontsize=7)

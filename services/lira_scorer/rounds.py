@@ -382,7 +382,8 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
             ci_low=float(r.ci_low[j]), ci_high=float(r.ci_high[j]), n_in=int(r.n_in[j]),
             n_out=int(r.n_out[j]), auc=float(r.auc[j]), model_score=float(r.model_score[j]),
             mu_in=float(r.mu_in[j]), sigma_in=float(r.sigma_in[j]), mu_out=float(r.mu_out[j]),
-            sigma_out=float(r.sigma_out[j]), method=enum))
+            sigma_out=float(r.sigma_out[j]), method=enum, model_ci_low=float(r.model_ci_low[j]),
+            model_ci_high=float(r.model_ci_high[j])))
     return result
 
 
