@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         # Piped output is not cut to 80 columns: the record ids and intervals stay whole.
-        print_report(out, Console(width=None if sys.stdout.isatty() else 110))
+        print_report(out, Console(width=None if sys.stdout.isatty() else 132))
     return 0
 
 
