@@ -178,7 +178,7 @@ def print_report(out: dict[str, Any], console: Console) -> None:
                   f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with the whole interval above 0 "
                   f"(identifiable more often than chance), {int((lows > 0.5).sum())} above 0.5")
     m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
-    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
+    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean P"):
         m.add_column(col, justify="left" if col == "method" else "right")
     for b in out["methods"]:
         name = b["method"] + (" *" if b["method"] == out["method"] else "")
