@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-apt_pkgs=(dataset-fashion-mnist)
+# chromium: the web client's browser tests (driven by Playwright, no browser download)
+apt_pkgs=(dataset-fashion-mnist chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

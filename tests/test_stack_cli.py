@@ -37,6 +37,12 @@ def test_up_serves_until_sigterm(tmp_path):
         assert len(addrs) == 4, text
         for addr in addrs.values():
             grpcutil.wait_healthy(grpcutil.make_channel(addr), timeout=10)
+        web = re.search(r"web client\s+(http://\S+)", text)
+        assert web, text
+        import urllib.request
+
+        with urllib.request.urlopen(web.group(1), timeout=10) as page:
+            assert page.status == 200 and b"FT-PrivacyScore" in page.read()
         token = subprocess.run([sys.executable, "-m", "ftps.stack.cli", "token", "--role", "builder",
                                 "--subject", "acme", "--data-dir", str(tmp_path)],
                                check=True, capture_output=True, text=True).stdout.strip()

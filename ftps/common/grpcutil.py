@@ -135,6 +135,15 @@ class Security:
                             token=self._tokens, tls=self.tls)
 
 
+# Clients ping every 30 s on long calls (WatchRound, RunJob); the server must accept that, or it
+# answers GOAWAY "too_many_pings" and the stream dies mid-round.
+_SERVER_KEEPALIVE = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 class Server:
     """A threaded gRPC server with the stock health service and reflection."""
 
@@ -143,7 +152,7 @@ class Server:
         # Streams (WatchRound, WatchScores) hold a thread each while they last.
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            options=message_options(max_message_mb), interceptors=list(interceptors),
+            options=message_options(max_message_mb) + _SERVER_KEEPALIVE, interceptors=list(interceptors),
         )
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)

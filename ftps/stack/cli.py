@@ -32,6 +32,9 @@ def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool) -> 
                    help="let the OS pick every port not given explicitly")
     p.add_argument("--log-level", default=None, help="service log level (default WARNING for demo, INFO for up)")
     _add_data_dir(p)
+    p.add_argument("--web-port", type=int, default=None,
+                   help="port of the web client (default 8080; 0 picks a free one; with --ephemeral-ports 0)")
+    p.add_argument("--no-web", dest="web", action="store_false", help="do not serve the web client")
     p.add_argument("--no-auth", dest="auth", action="store_false",
                    help="run without tokens (every caller is admin); for local experiments only")
 
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     demo.add_argument("--report-dir", type=Path, default=None, help="also write result.json, scores.csv and plots here")
+    demo.add_argument("--serve", action="store_true",
+                      help="after the report, keep the stack and the web client running (Ctrl-C stops)")
     tok = sub.add_parser("token", help="print a signed token for the embedded stack")
     tok.add_argument("--role", required=True, choices=("contributor", "builder", "admin"))
     tok.add_argument("--subject", required=True, help="the contributor's or builder's name")
@@ -124,6 +129,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
     if args.processes:
         print(f"  logs in {stack.log_dir}")
+    web = _start_web(args, stack.addresses)
+    if web is not None:
+        print(f"  {'web client':<34} {web.url}")
     print("Ctrl-C to stop.", flush=True)
     rc = 0
     while not stop.wait(1.0):
@@ -133,8 +141,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             rc = 1
             break
     print("stopping...", flush=True)
+    if web is not None:
+        web.stop()
     stack.stop()
     return rc
+
+
+def _start_web(args: argparse.Namespace, addresses: dict[str, str]):
+    """The web client over the stack's gateway/registry/scorer (sign-in needs tokens: not with --no-auth)."""
+    if not args.web or not args.auth:
+        return None
+    from clients.web import WebServer
+
+    port = args.web_port if args.web_port is not None else (0 if args.ephemeral_ports else 8080)
+    web = WebServer(addresses, host=args.host, port=port)
+    web.start()  # sets web.url
+    return web
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,17 +179,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out = run_demo(stack.addresses, dataset=args.dataset, records=args.records, models=args.models,
                        shadow_models=args.shadow_models, method=args.method, seed=args.seed, console=console,
                        signer=stack.signer())
-    out["timings"]["wall_s"] = time.perf_counter() - t0
-    if args.report_dir:
-        for path in write_report(out, args.report_dir):
-            console.log(f"wrote {path}")
-    if args.json:
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        # Piped output is not cut to 80 columns: the record ids and intervals stay whole.
-        print_report(out, Console(width=None if sys.stdout.isatty() else 132))
+        out["timings"]["wall_s"] = time.perf_counter() - t0
+        if args.report_dir:
+            for path in write_report(out, args.report_dir):
+                console.log(f"wrote {path}")
+        if args.json:
+            json.dump(out, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            # Piped output is not cut to 80 columns: the record ids and intervals stay whole.
+            print_report(out, Console(width=None if sys.stdout.isatty() else 132))
+        if args.serve:
+            _serve_demo(args, stack, console)
+        elif not args.json:
+            console.print("See it in the browser: `ftps-stack demo --serve` keeps the stack and the web "
+                          "client running after the report.")
     return 0
+
+
+def _serve_demo(args: argparse.Namespace, stack: EmbeddedStack, console: Console) -> None:
+    web = _start_web(args, stack.addresses)
+    if web is None:
+        return
+    signer = stack.signer()
+    console.print(f"web client: {web.url}  — sign in with one of these tokens (valid 1 day):")
+    for subject, role in (("builder", "builder"), ("alice", "contributor"), ("bob", "contributor")):
+        console.print(f"  {subject:>8} ({role}): {signer.issue(subject, role, ttl_s=86400)}", soft_wrap=True)
+    console.print("Ctrl-C to stop.")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    web.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

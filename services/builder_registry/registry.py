@@ -183,6 +183,9 @@ class Registry:
         return ref
 
 
+_COMPILE_LOCK = threading.Lock()
+
+
 def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings) -> None:
     if kind == common_pb2.BLOB_KIND_BASE_MODEL:
         # safetensors only: a header plus raw tensors, never a pickle.
@@ -201,7 +204,8 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings) ->
         except UnicodeDecodeError as exc:
             raise InvalidArgument(f"strategy is not UTF-8 Python source: {exc}") from exc
         try:
-            compile(source, "strategy.py", "exec")  # syntax only; it runs in the worker's sandbox
+            with _COMPILE_LOCK:  # CPython 3.11 can fail concurrent parses ("AST ... recursion depth mismatch")
+                compile(source, "strategy.py", "exec")  # syntax only; it runs in the worker's sandbox
         except SyntaxError as exc:
             raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}") from exc
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:

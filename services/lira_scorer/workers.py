@@ -37,6 +37,7 @@ class WorkerPool:
         self.parallelism = max(1, len(targets) * jobs_per_worker)
         self._timeout = timeout_s
         self._attempts = attempts
+        self.connect_timeout_s = 10.0
         self._next = itertools.count()
         self._lock = threading.Lock()
 
@@ -44,13 +45,27 @@ class WorkerPool:
         with self._lock:
             return next(self._next) % len(self._stubs)
 
+    def _ready(self, i: int, timeout: float) -> bool:
+        try:
+            grpc.channel_ready_future(self._channels[i]).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
     def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        """Run ``job`` on some worker; a worker that is gone or unreachable is skipped and the job
+        tried on the next (never waiting on a dead one: no wait_for_ready on the call itself)."""
         delay = 0.5
-        last: grpc.RpcError | None = None
+        last = "no worker reachable"
         for attempt in range(self._attempts):
             i = self._stub_index()
+            if not self._ready(i, timeout=self.connect_timeout_s):
+                last = f"worker {self.targets[i]} unreachable for {self.connect_timeout_s:.0f}s"
+                log.warning("job %s: %s; trying another (attempt %d/%d)", job.job_id, last, attempt + 1,
+                            self._attempts)
+                continue
             try:
-                return self._stubs[i].RunJob(job, timeout=self._timeout, wait_for_ready=True)
+                return self._stubs[i].RunJob(job, timeout=self._timeout)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -60,15 +75,12 @@ class WorkerPool:
                 if code not in _RETRYABLE and code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise Unavailable(f"job {job.job_id} failed on {self.targets[i]}: "
                                       f"{code.name}: {exc.details()}") from exc
-                last = exc
-                log.warning("job %s on %s: %s (%s); retrying elsewhere (attempt %d/%d)",
-                            job.job_id, self.targets[i], code.name, exc.details(), attempt + 1,
-                            self._attempts)
+                last = f"{code.name}: {exc.details()}"
+                log.warning("job %s on %s: %s; retrying elsewhere (attempt %d/%d)",
+                            job.job_id, self.targets[i], last, attempt + 1, self._attempts)
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
-        assert last is not None
-        raise Unavailable(f"job {job.job_id} failed {self._attempts} times: "
-                          f"{last.code().name}: {last.details()}")
+        raise Unavailable(f"job {job.job_id} failed {self._attempts} times: {last}")
 
     def run_all(self, jobs: Sequence[worker_pb2.FinetuneJob],
                 on_done: Callable[[worker_pb2.FinetuneResult], None]) -> list[worker_pb2.FinetuneResult]:

@@ -1,0 +1,983 @@
+"""The interactive web client (the paper's live system, Figure 3): a small HTTP server that serves
+the contributor's and the builder's pages and talks to the services over gRPC with the signed-in
+user's own token, through the same client library as the command-line tools.
+
+It has no API of its own and decides nothing about who may see what: every page and figure is
+built from calls made with the user's token, so it shows exactly what that token may see, and a
+refusal is shown as the service's status and message.
+
+Security of the pages themselves: the token stays on the server, in a session named by an
+HttpOnly, SameSite=Strict cookie; every POST carries the session's CSRF token in a hidden field
+and is refused from another origin; a strict Content-Security-Policy (no inline script or style);
+errors are shown as messages, never stack traces (those go to the log with an incident id).
+
+Pure standard library HTTP (``http.server.ThreadingHTTPServer``); run it next to the services:
+
+    WebServer(stack.addresses).start()   # -> "http://127.0.0.1:8080"
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import re
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import grpc
+import numpy as np
+
+from clients.api import KIND_NAMES
+from clients.web import assets, pages
+from clients.web.session import Session, SubmissionView, error_text, token_claims
+from ftps.common import grpcutil, serde
+from ftps.common.errors import FtpsError
+from ftps.v1 import common_pb2
+
+__all__ = ["WebServer"]
+
+log = logging.getLogger("ftps.web")
+
+COOKIE = "ftps_session"
+MAX_BODY = 256 * 1024 * 1024  # the largest upload accepted (builder data of a demo is ~13 MB)
+SSE_MAX_S = 300.0             # an event stream ends after this; the browser reconnects by itself
+ANON_TTL_S = 3600.0
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # Not no-referrer: with it, browsers send "Origin: null" on form posts, and the origin check needs it.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+# Matplotlib's text layout (mathtext on log axes) is not thread-safe: one figure at a time.
+_PLOT_LOCK = threading.Lock()
+
+
+def plotting(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with _PLOT_LOCK:
+        return fn(*args, **kwargs)
+
+
+# -- requests and responses ---------------------------------------------------------------------
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Any
+    session: Session | None = None
+    form: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def arg(self, name: str, default: str = "") -> str:
+        return (self.query.get(name) or [default])[0]
+
+    def field(self, name: str, default: str = "") -> str:
+        return (self.form.get(name) or [default])[0]
+
+    def file(self, name: str) -> tuple[str, bytes] | None:
+        f = self.files.get(name)
+        return f if f and (f[0] or f[1]) else None
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/html; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: Callable[[_Handler], None] | None = None  # an event stream, written after the headers
+
+
+class Redirect(Exception):
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+class Refused(Exception):
+    """The request itself is refused (CSRF, origin, size, not signed in): an HTTP status and a message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UserError(Exception):
+    """A problem with what the user entered; shown as is."""
+
+
+def html(text: str, status: int = 200) -> Response:
+    return Response(status, text.encode())
+
+
+def png(data: bytes) -> Response:
+    return Response(200, data, "image/png", {"Cache-Control": "private, max-age=60"})
+
+
+def attachment(data: bytes, filename: str, content_type: str) -> Response:
+    return Response(200, data, content_type, {"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, list[str]], dict[str, tuple[str, bytes]]]:
+    """multipart/form-data -> (fields, files: name -> (filename, bytes))."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise Refused(400, "multipart form without a boundary")
+    delim = b"--" + m.group(1).encode("latin-1")
+    fields: dict[str, list[str]] = {}
+    files: dict[str, tuple[str, bytes]] = {}
+    for part in body.split(delim)[1:]:
+        if part.startswith(b"--"):
+            break
+        part = part[2:] if part.startswith(b"\r\n") else part
+        head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        disposition = ""
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            if line.lower().startswith("content-disposition:"):
+                disposition = line
+        name = re.search(r'\bname="([^"]*)"', disposition)
+        if not name:
+            continue
+        filename = re.search(r'\bfilename="([^"]*)"', disposition)
+        if filename is not None:
+            files[name.group(1)] = (Path(filename.group(1).replace("\\", "/")).name, data)
+        else:
+            fields.setdefault(name.group(1), []).append(data.decode("utf-8", "replace"))
+    return fields, files
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+Route = tuple[str, re.Pattern, Callable[[Request], Response]]
+
+
+class WebServer:
+    """The web client. ``addresses``: the services' ``host:port`` by name (``gateway``,
+    ``registry``, ``scorer``; an ``EmbeddedStack``'s ``addresses`` will do); ``tls_ca``: a CA
+    file (PEM) to reach services that serve TLS."""
+
+    def __init__(self, addresses: dict[str, str], *, host: str = "127.0.0.1", port: int = 8080,
+                 tls_ca: str | Path | None = None) -> None:
+        missing = [k for k in ("gateway", "registry", "scorer") if not addresses.get(k)]
+        if missing:
+            raise ValueError(f"the web client needs the addresses of {', '.join(missing)}")
+        self.addresses = {k: addresses[k] for k in ("gateway", "registry", "scorer")}
+        self.tls = grpcutil.Tls.from_files(ca_file=str(tls_ca)) if tls_ca else None
+        self.host, self.port = host, port
+        self.url = ""
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._routes: list[Route] = []
+        self._register_routes()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> str:
+        """Listen (port 0 picks a free one) and serve in a background thread -> the base URL."""
+        app = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.app = app
+        try:
+            self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
+        except OSError as exc:
+            raise OSError(f"web client: cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
+                          "pick another port") from exc
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{shown}:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="ftps-web", daemon=True)
+        self._thread.start()
+        log.info("web client on %s", self.url)
+        return self.url
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            s.close()
+
+    def __enter__(self) -> WebServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _new_session(self) -> Session:
+        s = Session(secrets.token_urlsafe(32))
+        with self._lock:
+            self._sessions[s.sid] = s
+        return s
+
+    def _drop_session(self, s: Session) -> None:
+        with self._lock:
+            self._sessions.pop(s.sid, None)
+        s.close()
+
+    def _find_session(self, sid: str | None) -> Session | None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [s for s in self._sessions.values()
+                     if (s.signed_in and s.expired()) or (not s.signed_in and now - s.last_seen > ANON_TTL_S)]
+            for s in stale:
+                self._sessions.pop(s.sid, None)
+            found = self._sessions.get(sid) if sid else None
+        for s in stale:
+            s.close()
+        if found is not None:
+            found.last_seen = now
+        return found
+
+    # -- routing -------------------------------------------------------------------------------
+    def _route(self, method: str, pattern: str, fn: Callable[[Request], Response]) -> None:
+        self._routes.append((method, re.compile("^" + pattern + "$"), fn))
+
+    def _register_routes(self) -> None:
+        # Ids as the services accept them (ftps.common.storage.check_id): nothing else reaches a handler,
+        # a redirect target or a header.
+        T = r"/tasks/(?P<tid>[A-Za-z0-9_.-]{1,64})"
+        R = r"(?P<rid>[A-Za-z0-9_.-]{1,64})"
+        for method, pattern, fn in (
+            ("GET", r"/", self.index), ("GET", r"/healthz", self.healthz), ("GET", r"/favicon\.ico", self.favicon),
+            ("GET", r"/static/app\.css", self.static_css), ("GET", r"/static/app\.js", self.static_js),
+            ("POST", r"/signin", self.signin), ("POST", r"/signout", self.signout),
+            ("GET", r"/tasks", self.tasks), ("POST", r"/tasks", self.create_task),
+            ("GET", T, self.task), ("GET", T + r"/events", self.events),
+            ("GET", T + r"/scores\.csv", self.scores_csv), ("GET", T + r"/report\.zip", self.report_zip),
+            ("GET", T + r"/my-records\.npz", self.my_records),
+            ("GET", T + r"/records/" + R + r"/diagnosis\.png", self.diagnosis_png),
+            ("GET", T + r"/records/" + R + r"/thumb\.png", self.thumb_png),
+            ("GET", T + r"/offline\.png", self.offline_png),
+            ("GET", T + r"/batch", self.batch), ("GET", T + r"/batch/scores\.png", self.batch_scores_png),
+            ("GET", T + r"/rounds/" + R + r"/roc\.png", self.roc_png),
+            ("GET", r"/samples/(?P<dataset>[a-z-]+)/(?P<idx>\d+)\.png", self.sample_png),
+            ("POST", T + r"/submit", self.submit), ("POST", T + r"/upload", self.upload),
+            ("POST", T + r"/strategy", self.upload_strategy), ("POST", T + r"/prepare", self.prepare),
+            ("POST", T + r"/rounds", self.start_round), ("POST", T + r"/local-records", self.local_records),
+        ):
+            self._route(method, pattern, fn)
+
+    def handle(self, req: Request, cookie_sid: str | None) -> Response:
+        resp = self._handle(req, cookie_sid)
+        if resp.status == 303 and req.headers.get("X-Ftps-Upload") == "1":
+            # The page's script sent the form (for upload progress): it follows the redirect itself,
+            # so the flash message is kept for the page it loads.
+            resp = Response(200, json.dumps({"location": resp.headers["Location"]}).encode(), "application/json",
+                            {k: v for k, v in resp.headers.items() if k != "Location"})
+        return resp
+
+    def _handle(self, req: Request, cookie_sid: str | None) -> Response:
+        req.session = self._find_session(cookie_sid)
+        fn = None
+        allowed = False
+        for method, pattern, f in self._routes:
+            m = pattern.match(req.path)
+            if m:
+                allowed = True
+                if method == req.method:
+                    fn, req.params = f, {k: unquote(v) for k, v in m.groupdict().items()}
+                    break
+        if fn is None:
+            return html(pages.error_page(req.session, "Not found", f"There is no page at {req.path}."),
+                        405 if allowed else 404)
+        try:
+            if req.method == "POST":
+                self._check_post(req)
+            return fn(req)
+        except Redirect as r:
+            return Response(303, b"", headers={"Location": r.location})
+        except Refused as exc:
+            return html(pages.error_page(req.session, "Refused", str(exc)), exc.status)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a readable page
+            return self._failure(req, exc)
+
+    def _failure(self, req: Request, exc: Exception) -> Response:
+        s = req.session
+        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED and s and s.signed_in:
+            # The token expired or was revoked: end the session, ask for a new one.
+            self._drop_session(s)
+            anon = self._new_session()
+            anon.flash("error", f"{error_text(exc)} — sign in again with a valid token.")
+            if req.method == "GET" and not _is_asset(req.path):
+                return Response(303, b"", headers={"Location": "/", "Set-Cookie": _cookie(anon.sid)})
+            return Response(401, b"signed out: the token was refused", "text/plain; charset=utf-8",
+                            {"Set-Cookie": _cookie(anon.sid)})
+        if isinstance(exc, (grpc.RpcError, FtpsError)):
+            message = error_text(exc) if isinstance(exc, grpc.RpcError) else f"{exc.code.name}: {exc}"
+            code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
+            status = HTTP_STATUS.get(code, 502)
+        elif isinstance(exc, (UserError, assets.AssetError)):
+            message, status = str(exc), 400
+        else:
+            incident = uuid.uuid4().hex[:8]
+            log.error("web client: incident %s on %s %s", incident, req.method, req.path, exc_info=exc)
+            message = (f"the web server failed to do this (incident {incident}); the details are in its log, "
+                       "not on this page.")
+            status = 500
+        if req.method == "POST" and s is not None:
+            s.flash("error", message)
+            return Response(303, b"", headers={"Location": _back(req.path)})
+        if _is_asset(req.path):
+            return Response(status, message.encode(), "text/plain; charset=utf-8")
+        title = "Refused" if status in (401, 403) else "Not found" if status == 404 else "Something went wrong"
+        return html(pages.error_page(s, title, message), status)
+
+    def _check_post(self, req: Request) -> None:
+        """Same-origin POSTs only, with the session's CSRF token."""
+        origin = req.headers.get("Origin")
+        host = req.headers.get("Host", "")
+        if origin is not None and origin != f"http://{host}" and origin != f"https://{host}":
+            raise Refused(403, "cross-origin form submission refused")
+        if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise Refused(403, "cross-site form submission refused")
+        if req.session is None:
+            raise Refused(403, "no session: reload the page and submit the form again")
+        token = req.field("csrf")
+        if not token or not hmac.compare_digest(token.encode(), req.session.csrf.encode()):
+            raise Refused(403, "the form's CSRF token is missing or stale: reload the page and submit it again")
+
+    def _signed_in(self, req: Request) -> Session:
+        s = req.session
+        if s is None or not s.signed_in:
+            if req.method == "GET" and not _is_asset(req.path):
+                raise Redirect("/")
+            raise Refused(401, "not signed in")
+        return s
+
+    # -- pages: sign in, tasks -------------------------------------------------------------------
+    def index(self, req: Request) -> Response:
+        s = req.session
+        if s is not None and s.signed_in:
+            raise Redirect("/tasks")
+        fresh = s is None
+        s = s or self._new_session()
+        r = html(pages.signin_page(s))
+        if fresh:
+            r.headers["Set-Cookie"] = _cookie(s.sid)
+        return r
+
+    def healthz(self, req: Request) -> Response:
+        return Response(200, b"ok\n", "text/plain; charset=utf-8")
+
+    def favicon(self, req: Request) -> Response:
+        return Response(204, b"", "image/x-icon", {"Cache-Control": "max-age=86400"})
+
+    def static_css(self, req: Request) -> Response:
+        from clients.web.static import CSS
+
+        return Response(200, CSS.encode(), "text/css; charset=utf-8", {"Cache-Control": "no-cache"})
+
+    def static_js(self, req: Request) -> Response:
+        from clients.web.static import JS
+
+        return Response(200, JS.encode(), "text/javascript; charset=utf-8", {"Cache-Control": "no-cache"})
+
+    def signin(self, req: Request) -> Response:
+        anon = req.session
+        token = req.field("token").strip()
+        claims = token_claims(token) if token else None
+        if claims is None:
+            anon.flash("error", "That is not an FT-PrivacyScore token (ask for one, e.g. "
+                                "`ftps-stack token --role contributor --subject NAME`).")
+            raise Redirect("/")
+        if claims["role"] not in ("contributor", "builder", "admin"):
+            anon.flash("error", f"A {claims['role']} token is for the services themselves, not for people.")
+            raise Redirect("/")
+        s = Session(secrets.token_urlsafe(32))  # a new id at sign-in: no session fixation
+        s.sign_in(token, claims, self.addresses, self.tls)
+        try:
+            s.list_tasks()  # the services check the token; a refusal is shown as is
+        except grpc.RpcError as exc:
+            s.close()
+            anon.flash("error", f"Sign-in refused — {error_text(exc)}")
+            raise Redirect("/") from None
+        self._drop_session(anon)
+        with self._lock:
+            self._sessions[s.sid] = s
+        log.info("web client: %s %r signed in", s.role, s.subject)
+        return Response(303, b"", headers={"Location": "/tasks", "Set-Cookie": _cookie(s.sid)})
+
+    def signout(self, req: Request) -> Response:
+        self._drop_session(req.session)
+        anon = self._new_session()
+        anon.flash("info", "Signed out; the token is forgotten by this server.")
+        return Response(303, b"", headers={"Location": "/", "Set-Cookie": _cookie(anon.sid)})
+
+    def tasks(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        try:
+            tasks, error = s.list_tasks(), ""
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            tasks, error = [], error_text(exc)
+        return html(pages.tasks_page(s, sorted(tasks, key=lambda t: t.created_at, reverse=True), error))
+
+    def create_task(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        # Kept until the task exists: a refused form is shown again as it was filled in.
+        s.forms["create"] = {k: req.field(k) for k in pages.CREATE_DEFAULTS}
+        dataset = req.field("dataset")
+        if dataset in assets.DATASET_SHAPES:
+            shape = list(assets.DATASET_SHAPES[dataset])
+        else:
+            from clients.cli_common import InputError, parse_shape
+
+            try:
+                shape = list(parse_shape(req.field("record_shape"), flag="record shape"))
+            except InputError as exc:
+                raise UserError(str(exc)) from None
+        try:
+            settings = common_pb2.TaskSettings(
+                n_models=_int(req, "n_models"), batch_threshold=_int(req, "batch_threshold"),
+                method=serde.method_enum(req.field("method", "online-per-record")),
+                alpha=_float(req, "alpha", 0.05), shadow_models=_int(req, "shadow_models"),
+                fixed_variance=req.field("fixed_variance") == "1", record_shape=shape,
+                num_classes=_int(req, "num_classes", 10), builder_mix=_int(req, "builder_mix", 0),
+                seed=_int(req, "seed", 0), models_per_job=_int(req, "models_per_job", 4))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        task = s.builder().create_task(req.field("name").strip(), settings)
+        s.forms.pop("create", None)
+        s.flash("info", f"Task {task.task_id} created. Next: upload the base model, the strategy and the data.")
+        raise Redirect(f"/tasks/{task.task_id}")
+
+    # -- the task page ---------------------------------------------------------------------------
+    def task(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        t = s.builder().get_task(tid)
+        dataset = assets.dataset_for_shape(t.settings.record_shape)
+        if s.is_contributor:
+            if dataset is not None and not _pool_available(dataset):
+                dataset = None
+            try:
+                scores, err = s.contributor().scores(tid), ""
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                scores, err = [], error_text(exc)
+            page = int(req.arg("page", "0")) if req.arg("page", "0").isdigit() else 0
+            subs = [v for v in s.submissions.values() if v.submission.task_id == tid]
+            rounds = [r for r in s.rounds.values() if r.task_id == tid]
+            return html(pages.contributor_task_page(s, t, scores, dataset=dataset, page=page, subs=subs,
+                                                    rounds=rounds, scores_error=err))
+        b = s.builder()
+        offline, note = None, ""
+        try:
+            offline = b.get_offline(tid)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            note = exc.details() if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) \
+                else error_text(exc)
+        try:
+            scored, err = b.scores(tid), ""
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            scored, err = None, error_text(exc)
+        jobs = [j for j in s.jobs.values() if j.task_id == tid]
+        rounds = [r for r in s.rounds.values() if r.task_id == tid]
+        return html(pages.builder_task_page(s, t, dataset=dataset, offline=offline,
+                                            offline_note=note or "Not prepared yet.", jobs=jobs, rounds=rounds,
+                                            scored=scored, scores_error=err))
+
+    def events(self, req: Request) -> Response:
+        """Server-sent events: this session's jobs, submissions and rounds of the task (the rounds'
+        states come from the gRPC WatchRound streams the session follows)."""
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        return Response(200, b"", "text/event-stream", stream=lambda handler: self.stream_events(handler, s, tid))
+
+    def stream_events(self, handler: _Handler, s: Session, tid: str) -> None:
+        handler.wfile.write(b"retry: 2000\n\n")
+        handler.wfile.flush()
+        last, ping = "", time.monotonic()
+        deadline = time.monotonic() + SSE_MAX_S
+        while not self._stopping.is_set() and not s.closed and time.monotonic() < deadline:
+            payload = json.dumps({"items": s.live_items(tid)})
+            if payload != last:
+                handler.wfile.write(f"data: {payload}\n\n".encode())
+                handler.wfile.flush()
+                last, ping = payload, time.monotonic()
+            elif time.monotonic() - ping > 15:
+                handler.wfile.write(b": ping\n\n")
+                handler.wfile.flush()
+                ping = time.monotonic()
+            with s.changed:
+                s.changed.wait(timeout=1.0)
+
+    # -- contributor actions -------------------------------------------------------------------
+    def submit(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        once = req.field("once")
+        key = f"web-{once}" if re.fullmatch(r"[0-9a-f]{16}", once) else ""
+        if req.field("source") == "sample":
+            t = s.builder().get_task(tid)
+            dataset = assets.dataset_for_shape(t.settings.record_shape)
+            if dataset is None:
+                raise UserError("this task has no sample set")
+            x, y, idx = assets.pick_samples(dataset, req.form.get("pick", []), req.field("random_n"),
+                                            seed=secrets.randbits(32))
+            origin = f"sample set ({dataset}): {len(idx)} records"
+        else:
+            f = req.file("records")
+            if f is None:
+                raise UserError("choose an .npz file with your records")
+            x, y, _ = assets.load_npz_upload(f[1], what=f[0] or "the file")
+            origin = f[0] or "uploaded file"
+        sub = s.contributor().submit(tid, x, y, idempotency_key=key)
+        s.submissions[sub.submission_id] = SubmissionView(sub, x, y, origin)
+        s.follow_submission(sub.submission_id)
+        s.flash("info", f"{len(sub.record_ids)} records stored (submission {sub.submission_id}); "
+                        f"{sub.pending_in_task} records of the task are waiting for a round.")
+        raise Redirect(f"/tasks/{tid}")
+
+    def my_records(self, req: Request) -> Response:
+        """The records this session submitted, with the service's record ids: the contributor's own
+        data, e.g. to hand to the builder's page for thumbnails."""
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        subs = [v for v in s.submissions.values() if v.submission.task_id == tid]
+        if not subs:
+            raise Refused(404, "no records were submitted to this task from this session")
+        x = np.concatenate([v.x for v in subs])
+        y = np.concatenate([v.y for v in subs])
+        ids = np.array([r for v in subs for r in v.record_ids])
+        return attachment(serde.records_to_npz(x, y, record_id=ids), f"records-{tid}.npz", "application/octet-stream")
+
+    # -- builder actions -----------------------------------------------------------------------
+    def upload(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        kind = req.field("kind")
+        if kind not in ("base-model", "data"):
+            raise UserError(f"unknown upload kind {kind!r}")
+        label = "base model" if kind == "base-model" else "builder data"
+        if req.field("demo") == "1":
+            t = s.builder().get_task(tid)
+            dataset = assets.dataset_for_shape(t.settings.record_shape)
+            if dataset is None:
+                raise UserError("this task's record shape is not a demo data set's: upload your own file")
+            b = s.builder()
+
+            def demo(job) -> str:
+                if kind == "base-model":
+                    def report(done: int, total: int, text: str) -> None:
+                        job.text = f"{text} (demo base model, once; cached)"
+                        s.progress(job, done, total)
+
+                    data, cached = assets.demo_base_model(dataset, report)
+                    origin = "demo base model (" + ("cached" if cached else "pretrained now") + ")"
+                else:
+                    data = serde.records_to_npz(*assets.builder_data(dataset))
+                    origin = f"demo builder split of {dataset}"
+                return self._upload_blob(s, job, b, tid, kind, data, origin)
+
+            s.start_job(tid, f"preparing the {label} ({dataset} demo)", demo)
+        else:
+            f = req.file("file")
+            if f is None:
+                raise UserError(f"choose a file to upload as the {label}")
+            name, data = f
+            b = s.builder()
+            s.start_job(tid, f"uploading {label}: {name}", lambda job: self._upload_blob(s, job, b, tid, kind, data, name),
+                        unit="bytes", total=len(data))
+        raise Redirect(f"/tasks/{tid}")
+
+    def _upload_blob(self, s: Session, job, b, tid: str, kind: str, data: bytes, origin: str) -> str:
+        label = {"base-model": "base model", "data": "builder data", "strategy": "strategy"}[kind]
+        job.text, job.unit = f"uploading {label}: {origin}", "bytes"
+        s.progress(job, 0, len(data))
+        ref = b.upload(tid, KIND_NAMES[kind], data, progress=lambda done, total: s.progress(job, done, total))
+        size = f"{ref.size / 1e6:.1f} MB" if ref.size >= 1e6 else f"{ref.size / 1e3:.1f} kB"
+        return f"{label} v{ref.version} stored ({origin}): {size}, sha256 {ref.sha256[:12]}…"
+
+    def upload_strategy(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        f = req.file("file")
+        if f is not None:
+            name, raw = f
+            try:
+                source = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{name} is not UTF-8 text: a strategy is a Python source file") from None
+        else:
+            name = req.field("strategy")
+            source = assets.shipped_source(name)
+        overrides = assets.parse_overrides({k: req.field(k) for k in assets.EDITABLE})
+        source = assets.rewrite_recipe(source, overrides)
+        edits = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        origin = name + (f" with {edits}" if edits else "")
+        data = source.encode()
+        b = s.builder()
+        s.start_job(tid, f"uploading strategy: {origin}",
+                    lambda job: self._upload_blob(s, job, b, tid, "strategy", data, origin),
+                    unit="bytes", total=len(data))
+        raise Redirect(f"/tasks/{tid}")
+
+    def prepare(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        t = s.builder().get_task(tid)
+        b = s.builder()
+        refit = req.field("refit") == "1"
+
+        def work(job) -> str:
+            g = b.prepare_offline(tid, refit=refit)
+            return (f"offline Gaussian fitted: mu = {g.mu:.3f}, sigma = {g.sigma:.3f} from k = {g.k} shadow models "
+                    f"({g.n_values} statistics)")
+
+        s.start_job(tid, f"preparation stage: {t.settings.shadow_models} shadow fine-tunes of the base model", work)
+        raise Redirect(f"/tasks/{tid}")
+
+    def start_round(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        status = s.builder().start_round(tid, force=req.field("force") == "1")
+        s.follow_round(tid, status)
+        s.flash("info", f"Round {status.round_id} started with {status.n_records} records.")
+        raise Redirect(f"/tasks/{tid}")
+
+    def local_records(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        f = req.file("records")
+        if f is None:
+            raise UserError("choose an .npz file")
+        x, y, ids = assets.load_npz_upload(f[1], what=f[0] or "the file")
+        if ids is None:
+            raise UserError(f"{f[0]} has no record_id array: images are matched to scores by the service's record ids")
+        for i, rid in enumerate(ids):
+            s.local_records[rid] = (x[i], int(y[i]))
+        s.flash("info", f"{len(ids)} record images loaded from {f[0]} (kept in this session only).")
+        raise Redirect(f"/tasks/{tid}/batch")
+
+    # -- batch view and figures ------------------------------------------------------------------
+    def _scores(self, s: Session, tid: str, round_id: str = "") -> list[common_pb2.RecordScore]:
+        if s.is_contributor:
+            return s.contributor().scores(tid, round_id)
+        return list(s.builder().scores(tid, round_id).scores)
+
+    def batch(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        b = s.builder()
+        t = b.get_task(tid)
+        round_filter = req.arg("round")
+        scored = b.scores(tid, round_filter)
+        rounds = {rid: b.get_round(rid) for rid in sorted({x.round_id for x in scored.scores})}
+        return html(pages.batch_page(s, t, scored, rounds, round_filter=round_filter))
+
+    def diagnosis_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid, rid = req.params["tid"], req.params["rid"]
+        round_id = req.arg("round")
+        found = [x for x in self._scores(s, tid, round_id) if x.record_id == rid]
+        if not found:
+            raise Refused(404, "no such record among the scores this token may see")
+        sc = found[-1]
+        key = ("diag", tid, rid, sc.round_id, sc.model_score, sc.score, sc.mu_in, sc.mu_out)
+        if key not in s.cache:
+            from clients import report_plots
+
+            method = pages.method_name(sc.method)
+            h = pages.headline(sc)
+            alpha = s.builder().get_task(tid).settings.alpha or 0.05
+            offline, note = None, ""
+            if method == "offline-global":
+                if s.is_contributor:
+                    note = "threshold: the task's offline Gaussian (builder only)"
+                else:
+                    r = s.builder().get_round(sc.round_id)
+                    if r.HasField("offline") and r.offline.k:
+                        offline = (r.offline.mu, r.offline.sigma)
+            s.cache[key] = plotting(report_plots.diagnosis_png,
+                mu_in=sc.mu_in, sigma_in=sc.sigma_in, mu_out=sc.mu_out, sigma_out=sc.sigma_out, method=method,
+                alpha=alpha, offline=offline, note=note,
+                title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {sc.score:+.2f} · {method}")
+        return png(s.cache[key])
+
+    def thumb_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        rid = req.params["rid"]
+        rec = None
+        if s.is_contributor:
+            for v in s.submissions.values():
+                if rid in v.record_ids:
+                    rec = v.x[v.record_ids.index(rid)]
+        elif rid in s.local_records:
+            rec = s.local_records[rid][0]
+        data = assets.thumbnail(rec) if rec is not None else None
+        if data is None:
+            raise Refused(404, "no local image of this record")
+        return png(data)
+
+    def sample_png(self, req: Request) -> Response:
+        self._signed_in(req)
+        dataset, idx = req.params["dataset"], int(req.params["idx"])
+        if dataset not in assets.DEFAULT_STRATEGY or not _pool_available(dataset):
+            raise Refused(404, "no such sample set")
+        x, _ = assets.contributor_pool(dataset)
+        if idx >= len(x):
+            raise Refused(404, "no such sample record")
+        return Response(200, assets.thumbnail(x[idx]), "image/png", {"Cache-Control": "private, max-age=3600"})
+
+    def offline_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        b = s.builder()
+        g = b.get_offline(tid)
+        alpha = b.get_task(tid).settings.alpha or 0.05
+        return png(plotting(assets.offline_gaussian_png, g.mu, g.sigma, g.k, g.n_values, alpha))
+
+    def batch_scores_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        scores = self._scores(s, tid, req.arg("round"))
+        if not scores:
+            raise Refused(404, "no scores yet")
+        from services.lira_scorer import plots
+
+        t = s.builder().get_task(tid)
+        methods = ", ".join(sorted({pages.method_name(x.method) for x in scores}))
+        h = np.array([pages.headline(x) for x in scores]).reshape(-1, 3)
+        return png(plotting(plots.scores_with_intervals_png, h[:, 0], h[:, 1], h[:, 2], what="model-based score",
+                            title=f"Privacy scores, task {t.name or tid} ({methods})"))
+
+    def roc_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        rid = req.params["rid"]
+        r = s.builder().get_round(rid)
+        metrics = list(r.method_metrics) or ([r.batch] if r.HasField("batch") else [])
+        curves = [(f"{pages.method_name(b.method)}{' (headline)' if b.method == r.batch.method else ''}  "
+                   f"AUC={b.auc:.3f}\nTPR@1%FPR={b.tpr_at_1pct_fpr:.3f}  TPR@0.1%FPR={b.tpr_at_0_1pct_fpr:.3f}",
+                   b.roc_fpr, b.roc_tpr) for b in metrics if len(b.roc_fpr)]
+        if not curves:
+            raise Refused(404, "this round has no ROC (not finished?)")
+        from services.lira_scorer import plots
+
+        return png(plotting(plots.roc_curves_png, curves, title=f"ROC of every method, round {rid} "
+                                                      f"(n={r.batch.n_models}, m={r.batch.n_records})"))
+
+    # -- downloads -------------------------------------------------------------------------------
+    def scores_csv(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        from clients.reports import write_scores_csv
+
+        scores = sorted(self._scores(s, tid, req.arg("round")), key=lambda x: (x.round_id, x.index))
+        with tempfile.TemporaryDirectory(prefix="ftps-web-") as d:
+            path = write_scores_csv(Path(d) / "scores.csv", scores)
+            data = path.read_bytes()
+        return attachment(data, f"scores-{tid}.csv", "text/csv; charset=utf-8")
+
+    def report_zip(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        tid = req.params["tid"]
+        from clients import reports
+        from clients.cli_common import Records
+
+        round_id = req.arg("round")
+        b = s.builder()
+        t = b.get_task(tid)
+        images = reports.RecordImages()
+        with tempfile.TemporaryDirectory(prefix="ftps-web-") as d:
+            out = Path(d) / "report"
+            if s.is_contributor:
+                for v in s.submissions.values():
+                    if v.submission.task_id == tid:
+                        images.add(None, Records(v.x, v.y, v.origin, v.record_ids))
+                plotting(reports.contributor_report, out, task_id=tid, contributor=s.subject, task=t, images=images,
+                                           scores=s.contributor().scores(tid, round_id))
+            else:
+                if s.local_records:
+                    ids = list(s.local_records)
+                    images.add(None, Records(np.stack([s.local_records[i][0] for i in ids]),
+                                             np.array([s.local_records[i][1] for i in ids]), "local records", ids))
+                scored = b.scores(tid, round_id)
+                rounds = {rid: b.get_round(rid) for rid in sorted({x.round_id for x in scored.scores})}
+                plotting(reports.builder_report, out, task_id=tid, scores=list(scored.scores), rounds=rounds, task=t,
+                                       images=images)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in sorted(out.rglob("*")):
+                    if p.is_file():
+                        z.write(p, f"report-{tid}/{p.relative_to(out)}")
+        return attachment(buf.getvalue(), f"report-{tid}.zip", "application/zip")
+
+
+# -- HTTP plumbing ------------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    app: WebServer
+    server_version = "ftps-web"
+    sys_version = ""
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        try:
+            self._serve_inner(method)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away (e.g. an event stream closed)
+
+    def _serve_inner(self, method: str) -> None:
+        app = self.app
+        if not self._host_ok():
+            return self._send(Response(421, b"unexpected Host header", "text/plain; charset=utf-8"))
+        url = urlsplit(self.path)
+        req = Request(method, url.path, parse_qs(url.query), self.headers)
+        if method == "POST":
+            try:
+                self._read_body(req)
+            except Refused as exc:
+                self.close_connection = True
+                return self._send(Response(exc.status, str(exc).encode(), "text/plain; charset=utf-8"))
+        resp = app.handle(req, self._cookie())
+        if resp.stream is not None:
+            self.send_response(resp.status)
+            self.send_header("Content-Type", resp.content_type)
+            for k, v in SECURITY_HEADERS.items():
+                self.send_header(k, v)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            resp.stream(self)
+            return
+        self._send(resp)
+
+    def _host_ok(self) -> bool:
+        """Bound to loopback: only loopback Host names (no DNS rebinding of a page onto this server)."""
+        if self.app.host not in _LOOPBACK:
+            return True
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+        return host in _LOOPBACK
+
+    def _read_body(self, req: Request) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise Refused(400, "bad Content-Length") from None
+        if length > MAX_BODY:
+            raise Refused(413, f"the upload is larger than {MAX_BODY // 2**20} MB")
+        body = self.rfile.read(length) if length else b""
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.startswith("multipart/form-data"):
+            req.form, req.files = parse_multipart(body, ctype)
+        else:
+            req.form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
+    def _cookie(self) -> str | None:
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE:
+                return value
+        return None
+
+    def _send(self, resp: Response) -> None:
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        headers = dict(SECURITY_HEADERS)
+        headers.update(resp.headers)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(resp.body)
+
+
+def _cookie(sid: str) -> str:
+    return f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
+
+
+def _is_asset(path: str) -> bool:
+    return path.endswith((".png", ".csv", ".zip", ".npz", "/events"))
+
+
+def _back(path: str) -> str:
+    """Where a failed form sends the user back to (with the message)."""
+    m = re.match(r"^(/tasks/[^/]+)", path)
+    if not m:
+        return "/tasks"
+    return m.group(1) + ("/batch" if path.endswith("/local-records") else "")
+
+
+def _int(req: Request, name: str, default: int | None = None) -> int:
+    raw = req.field(name).strip()
+    if not raw and default is not None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name.replace('_', ' ')} must be a whole number, got {raw!r}") from None
+
+
+def _float(req: Request, name: str, default: float) -> float:
+    raw = req.field(name).strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _pool_available(dataset: str) -> bool:
+    try:
+        assets.contributor_pool(dataset)
+    except (OSError, ValueError):
+        return False
+    return True
