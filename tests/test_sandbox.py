@@ -1,6 +1,7 @@
-"""The sandbox: hostile strategies fail their job with a clear error; the worker keeps working.
+"""The sandbox: hostile strategies fail their job with a clear error; the worker keeps working;
+warm children serve one task's jobs and nothing else.
 
-Every test spawns a real child (about 2-3 s each: importing torch dominates).
+Every test spawns real children (about 2-3 s each: importing torch dominates).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ftps.ml.engine import finetune_and_score, save_weights
 from ftps.ml.strategy import RecordsError, StrategyError, WeightsError, load_strategy
-from services.finetune_worker.sandbox import SandboxError, run_sandboxed
+from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
 from tests.conftest import digits_records
 
 HOSTILE = """
@@ -170,3 +171,95 @@ def test_engine_errors_cross_the_sandbox(digits_strategy, tiny_weights, records,
     with pytest.raises(RecordsError, match="inclusion mask of model 0"):
         run(digits_strategy, tiny_weights, records, scratch_root,
             models=[(0, 1, np.ones(len(x) + 1, dtype=bool))])
+
+
+# --------------------------------------------------------------------------- warm children
+
+
+def test_warm_child_serves_one_task_and_only_that_task(digits_strategy, digits_base_weights,
+                                                       tiny_weights, records, scratch_root):
+    x, y = records
+    models = [(3, 11, np.arange(len(x)) % 2 == 0), (4, 12, np.arange(len(x)) % 2 == 1)]
+    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y, models=models)
+    expected = finetune_and_score(strategy_source=digits_strategy,
+                                  base_weights=digits_base_weights, **job)
+    marker = f"{time.time_ns() % 10**9 + 2 * 10**9}"
+    # Leaves a process behind in the child's process group: killed when the job is over.
+    straggler = hostile(f'if os.fork() == 0:\n    os.execvp("sleep", ["sleep", "{marker}"])')
+    pool = SandboxPool(memory_mb=4096, timeout_s=120, scratch_root=scratch_root)
+    try:
+        info: dict = {}
+        first = pool.run(task_key="task-a", strategy_source=digits_strategy,
+                         base_weights=digits_base_weights, info=info, **job)
+        (child,) = pool.idle_children()
+        assert info["engine"] == "sequential"
+        pool.run(task_key="task-a", strategy_source=straggler, base_weights=tiny_weights, **job)
+        assert _processes_with(marker) == []
+        progress = []
+        again = pool.run(task_key="task-a", strategy_source=digits_strategy,
+                         base_weights=digits_base_weights,
+                         on_progress=lambda done, total: progress.append((done, total)), **job)
+        assert pool.idle_children() == [child] and child.jobs_done == 3 and child.alive
+        assert pool.stats == {"started": 1, "reused": 2, "spare_used": 0}
+        assert progress == [(1, 2), (2, 2)]
+        # Warm or fresh, the same job gives the same phi.
+        np.testing.assert_array_equal(first, expected)
+        np.testing.assert_array_equal(again, expected)
+
+        # Another task gets a child of its own, which cannot look into the first one's.
+        home = child._root / "home"
+        peek = hostile(f"os.listdir({str(home)!r})")
+        if os.geteuid() == 0:
+            with pytest.raises(StrategyError, match="PermissionError"):
+                pool.run(task_key="task-b", strategy_source=peek, base_weights=tiny_weights,
+                         **job)
+        else:
+            pool.run(task_key="task-b", strategy_source=digits_strategy,
+                     base_weights=digits_base_weights, **job)
+        assert child.alive and pool.stats["started"] == 2
+    finally:
+        pool.close()
+    assert not child.alive
+
+
+def test_a_failed_job_discards_its_warm_child(digits_strategy, digits_base_weights, tiny_weights,
+                                              records, scratch_root):
+    pool = SandboxPool(memory_mb=4096, timeout_s=120, spare=True, scratch_root=scratch_root)
+    x, y = records
+    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y,
+               models=[(0, 7, np.arange(len(x)) % 2 == 0)])
+    try:
+        pool.prestart()  # as the worker does at start: the first job takes the started spare
+        pool.spare = False  # and no other one is started (it would only slow this test down)
+        with pytest.raises(StrategyError, match="ValueError: bad idea"):
+            pool.run(task_key="t", strategy_source=hostile("raise ValueError('bad idea')"),
+                     base_weights=tiny_weights, **job)
+        assert pool.idle_children() == [] and pool.stats["spare_used"] == 1
+        with pytest.raises(ValueError, match="timeout_s must be in"):
+            pool.run(task_key="t", timeout_s=121, strategy_source=digits_strategy,
+                     base_weights=digits_base_weights, **job)
+        phi = pool.run(task_key="t", strategy_source=digits_strategy,
+                       base_weights=digits_base_weights, **job)
+        assert np.isfinite(phi).all() and len(pool.idle_children()) == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_every_job_of_a_warm_child_has_its_own_cpu_budget(tiny_weights, records, scratch_root):
+    from services.finetune_worker.sandbox import SandboxChild, job_inputs
+
+    x, y = records
+    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y, base_weights=tiny_weights,
+               models=[(0, 7, np.arange(len(x)) % 2 == 0)])
+    child = SandboxChild(device="cpu", memory_mb=4096, job_cpu_s=3, max_jobs=3,
+                         scratch_root=scratch_root)
+    try:
+        child.run(job_inputs(strategy_source=hostile("t = time.process_time()\n"
+                                                     "while time.process_time() - t < 2:\n"
+                                                     "    pass"), **job), timeout_s=60)
+        with pytest.raises(SandboxError, match=r"CPU time limit \(3 CPU-seconds per job\)"):
+            child.run(job_inputs(strategy_source=hostile("while True:\n    pass"), **job),
+                      timeout_s=60)
+    finally:
+        child.close()

@@ -92,3 +92,34 @@ def test_corrupt_blob_is_data_loss(env):
     with pytest.raises(grpc.RpcError) as e:
         stub.RunJob(_job(refs2, np.ones((1, 12), bool)), timeout=30)
     assert e.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_strategy,
+                                                   digits_base_weights):
+    from services.finetune_worker.worker import Worker
+
+    x, y = digits_records(digits_splits, 12)
+    refs = dict(
+        base_model=store.put_bytes("w.safetensors", digits_base_weights),
+        strategy=store.put_bytes("s.py", digits_strategy.encode()),
+        records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
+    )
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=60, memory_mb=8192,
+               cache_bytes=1 << 26, engine="fastest")
+    worker = Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=120, memory_mb=8192,
+                    cache_bytes=1 << 26, spare_sandbox=False)
+    try:
+        masks = np.array([[1, 0] * 6, [0, 1] * 6], dtype=bool)
+        first = worker.run_job(_job(refs, masks))
+        second = worker.run_job(_job(refs, masks))
+        assert worker._pool.stats == {"started": 1, "reused": 1, "spare_used": 0}
+        np.testing.assert_array_equal(serde.array_from_tensor(first.phi),
+                                      serde.array_from_tensor(second.phi))
+        other = _job(refs, masks)
+        other.task_id = "t-2"
+        worker.run_job(other)
+        assert worker._pool.stats["started"] == 2  # another task, another child
+    finally:
+        worker.close()
+    assert worker._pool.idle_children() == []

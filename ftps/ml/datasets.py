@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pickle
 import struct
 import zipfile
 from functools import lru_cache
@@ -24,6 +25,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
     "demo_split_indices",
+    "load_cifar10",
     "demo_splits",
     "load_digits",
     "load_fashion_mnist",
@@ -97,6 +99,62 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     bunch = _sk_load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
     return x, bunch.target.astype(np.int64)
+
+
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches and nothing else: dicts, lists, bytes, numbers and
+    numpy arrays; any other global (a class, ``os.system``) is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if name == "_reconstruct" and module in ("numpy.core.multiarray",
+                                                  "numpy._core.multiarray"):
+            core = getattr(np, "_core", None) or np.core
+            return core.multiarray._reconstruct
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles from Python 3
+            import codecs
+
+            return codecs.encode
+        raise RecordsError(f"CIFAR-10 batch refers to {module}.{name}; only numpy arrays are "
+                           "allowed in it")
+
+
+def load_cifar10(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the standard python layout (``cifar-10-batches-py/``: ``data_batch_1`` to
+    ``_5``, ``test_batch``) -> (x float32 [N, 3, 32, 32] in [0, 1], y int64 [N]); "train" has
+    50000 images, "test" 10000. The batches are pickles: read with an unpickler that builds numpy
+    arrays and plain containers only (DESIGN.md §5). Raises RecordsError for anything else.
+    """
+    if split not in _CIFAR_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    xs, ys = [], []
+    for name in _CIFAR_FILES[split]:
+        path = Path(directory) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-10 batch {path} not found (python version of "
+                                    "CIFAR-10: cifar-10-python.tar.gz, extracted)")
+        try:
+            with path.open("rb") as f:
+                batch = _CifarUnpickler(f, encoding="bytes").load()
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except RecordsError:
+            raise
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise RecordsError(f"{path} is not a CIFAR-10 batch: {e}") from e
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise RecordsError(f"{path}: expected data [N, 3072] and N labels, got "
+                               f"{data.shape} and {labels.shape}")
+        xs.append(data)
+        ys.append(labels)
+    x = (np.concatenate(xs).astype(np.float32) / np.float32(255.0)).reshape(-1, 3, 32, 32)
+    y = np.concatenate(ys)
+    validate_records(x, y, what=f"CIFAR-10 {split}")
+    return x, y
 
 
 def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:

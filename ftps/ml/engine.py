@@ -2,11 +2,15 @@
 
 Model i = S(M0, train[mask_i] ∪ P_i) where P_i is ``builder_mix`` records sampled from the
 builder's distribution with model i's seed; the result is PHI[n, m] over the m eval records.
-Models are trained one after another; a stacked torch.func engine is later work.
+This module holds the job (validation, weights, the statistic) and the one-model-at-a-time
+training loop; ``ftps.ml.engines`` decides how a job's models train (one after another, stacked
+with torch.func, or on cached trunk features) and runs them.
 
 Determinism: the same job (same seeds) on the same device type and thread count gives the same
 phi bit for bit: torch is seeded per model, shuffles, augmentation and the builder sample come
-from numpy Generators seeded by the model seed, and cuDNN is pinned to deterministic kernels.
+from numpy Generators seeded by the model seed, cuDNN is pinned to deterministic kernels, and
+every choice the engine makes (engine, memory format, fused optimizer) depends only on the
+strategy, the record shape and the device type, never on a timing.
 
 This module runs strategy code in-process; untrusted strategies go through
 ``services.finetune_worker.sandbox``.
@@ -17,9 +21,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,15 +46,24 @@ from ftps.ml.strategy import (
 )
 
 __all__ = [
+    "ENGINE_VERSION",
+    "ModelData",
     "ModelSpec",
     "compute_phi",
     "configure_threads",
     "finetune_and_score",
     "load_weights",
+    "model_data",
+    "prefer_channels_last",
     "resolve_device",
     "save_weights",
     "train_with_recipe",
+    "trainable_names",
 ]
+
+# Changes whenever the same job may give different phi (kernels, engine rule): part of every
+# cache key of stored phi (bench/attacks.py). 2: fused optimizers, channels-last on CPU, engines.
+ENGINE_VERSION = "2"
 
 # (index, seed, inclusion mask over the train records)
 ModelSpec = tuple[int, int, np.ndarray]
@@ -296,24 +309,30 @@ def _strategy_code(what: str) -> Iterator[None]:
         raise StrategyError(f"strategy {what} raised {describe_exception(e)}") from e
 
 
-def _select_trainable(model: nn.Module, recipe: Recipe) -> list[nn.Parameter]:
-    named = list(model.named_parameters())
+def trainable_names(model: nn.Module, recipe: Recipe) -> list[str]:
+    """Names of the parameters ``recipe.train`` selects (all of them for "all").
+
+    Raises StrategyError for a prefix that matches no parameter.
+    """
+    named = [name for name, _ in model.named_parameters()]
     if recipe.train == "all":
-        for _, p in named:
-            p.requires_grad_(True)
-        return [p for _, p in named]
-    prefixes = recipe.train
-    for prefix in prefixes:
-        if not any(name.startswith(prefix) for name, _ in named):
-            names = _short([n for n, _ in named])
+        return named
+    for prefix in recipe.train:
+        if not any(name.startswith(prefix) for name in named):
             raise StrategyError(
-                f"RECIPE['train'] prefix {prefix!r} matches no parameter; parameters: {names}"
+                f"RECIPE['train'] prefix {prefix!r} matches no parameter; parameters: "
+                f"{_short(named)}"
             )
+    return [name for name in named if any(name.startswith(p) for p in recipe.train)]
+
+
+def _select_trainable(model: nn.Module, names: Collection[str]) -> list[nn.Parameter]:
+    """Parameters named in ``names`` train, the others are frozen -> the trainable ones."""
+    wanted = set(names)
     trainable = []
-    for name, p in named:
-        on = any(name.startswith(prefix) for prefix in prefixes)
-        p.requires_grad_(on)
-        if on:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)
+        if name in wanted:
             trainable.append(p)
     return trainable
 
@@ -328,14 +347,26 @@ def _set_train_mode(model: nn.Module) -> None:
                 module.eval()
 
 
-def _make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[torch.Tensor], recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer; the fused kernel where torch has one for the parameters' device
+    (one pass over the state instead of ~6: 1.5-2x faster fine-tuning of small CNNs on CPU).
+    The choice depends only on the device, so phi stays deterministic."""
+    kinds = {p.device.type for p in params}
+    fused = kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    kwargs: dict = {"lr": recipe.lr, "weight_decay": recipe.weight_decay}
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(
-        params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+        cls = torch.optim.Adam
+    elif recipe.optimizer == "adamw":
+        cls = torch.optim.AdamW
+    else:
+        cls = torch.optim.SGD
+        kwargs["momentum"] = recipe.momentum
+    if fused:
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # no fused kernel for this dtype/device in this torch
+            pass
+    return cls(params, **kwargs)
 
 
 def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -382,10 +413,14 @@ def train_with_recipe(
     *,
     rng: np.random.Generator,
     on_epoch: Callable[[int, int], None] | None = None,
+    trainable: Collection[str] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on tensors already on its device; shuffles and augmentation
-    draw from ``rng``. ``on_epoch(done, total)`` after each epoch."""
-    params = _select_trainable(model, recipe)
+    draw from ``rng``. ``on_epoch(done, total)`` after each epoch. ``trainable``: names of the
+    parameters that train (default: those ``recipe.train`` selects), the others are frozen.
+    """
+    names = trainable_names(model, recipe) if trainable is None else trainable
+    params = _select_trainable(model, names)
     if not params:
         raise StrategyError("the model has no parameters to train")
     optimizer = _make_optimizer(params, recipe)
@@ -408,6 +443,31 @@ def train_with_recipe(
             on_epoch(epoch + 1, recipe.epochs)
     model.eval()
     return model
+
+
+def prefer_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether to run ``model`` in channels-last memory format on records like ``x``.
+
+    On CPU, for image records [N, C, H, W], when a train-mode forward/backward pass works in that
+    format and gives the same logits: oneDNN's channels-last pooling and convolution kernels made
+    the demo CNN's fine-tuning ~1.5x faster (bench/finetune.py). Not on CUDA (no gain in float32).
+    A strategy whose forward cannot take a channels-last tensor (``.view`` on it) stays in the
+    default format. Depends only on the model, the record shape and the device: deterministic.
+    """
+    if x.ndim != 4 or x.device.type != "cpu" or x.shape[0] == 0:
+        return False
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    xb = x[:2]
+    try:
+        probe.eval()
+        model.eval()
+        with torch.no_grad():
+            same = torch.allclose(probe(xb), model(xb), rtol=1e-3, atol=1e-4)
+        probe.train()
+        probe(xb).float().sum().backward()
+    except Exception:  # noqa: BLE001 - any failure: stay in the default format
+        return False
+    return bool(same)
 
 
 # --------------------------------------------------------------------------- the job
@@ -449,6 +509,33 @@ def _check_labels(y: np.ndarray, classes: int, what: str) -> None:
         raise RecordsError(f"{what}: labels must be in [0, {classes}), got {int(y.max())}")
 
 
+@dataclass(frozen=True)
+class ModelData:
+    """What model ``index`` trains on: rows of the train records and of the builder records."""
+
+    index: int
+    seed: int
+    train_rows: np.ndarray
+    builder_rows: np.ndarray
+
+
+def model_data(models: Sequence[ModelSpec], masks: Sequence[np.ndarray], builder_len: int,
+               builder_mix: int) -> list[ModelData]:
+    """Each model's rows: ``train[mask_i]``, then ``builder_mix`` builder rows drawn without
+    replacement by a stream of the model's seed of its own, so the sample never shifts the
+    training shuffles (which draw from ``np.random.default_rng([seed, 1])``)."""
+    out = []
+    for (index, seed, _), mask in zip(models, masks, strict=True):
+        seed = int(seed)
+        rows = np.empty(0, dtype=np.int64)
+        if builder_mix > 0:
+            rows = np.random.default_rng([seed, 0]).choice(
+                builder_len, size=builder_mix, replace=False
+            )
+        out.append(ModelData(int(index), seed, np.flatnonzero(mask), rows))
+    return out
+
+
 def finetune_and_score(
     *,
     strategy_source: str,
@@ -463,6 +550,8 @@ def finetune_and_score(
     builder_mix: int | None = 0,
     device: str | None = None,
     progress: Progress | None = None,
+    engine: str | None = None,
+    info: dict | None = None,
 ) -> np.ndarray:
     """Fine-tune one model per ``(index, seed, mask)`` and evaluate phi on the eval records.
 
@@ -470,12 +559,19 @@ def finetune_and_score(
     ``train[mask_i]`` followed by ``builder_mix`` builder records drawn without replacement with
     the model's seed (``builder_mix=None`` uses the recipe's ``builder_mix``).
 
+    ``engine``: "auto" (default, or $FTPS_ENGINE) or one of ``ftps.ml.engines.ENGINES``; see
+    ``ftps.ml.engines.plan_engine`` for the rule. ``info``, when given, receives ``engine`` (the
+    engine that ran), ``engine_reason``, ``channels_last`` and ``features_s`` / ``train_s`` /
+    ``phi_s`` (seconds).
+
     Shapes: train_x float32 [N, *S], train_y int64 [N], masks bool [N], eval_x float32 [m, *S],
     eval_y int64 [m], builder_x float32 [B, *S]. Returns PHI float64 [len(models), m], rows in
-    the order of ``models``. ``progress(done, total)`` is called after each model.
+    the order of ``models``. ``progress(done, total)`` is called as models finish.
 
     Raises StrategyError, WeightsError, RecordsError (all EngineError), or MemoryError.
     """
+    from ftps.ml import engines  # builds on this module
+
     strategy = load_strategy(strategy_source)
     validate_records(train_x, train_y, what="train records")
     validate_records(eval_x, eval_y, what="eval records")
@@ -517,6 +613,7 @@ def finetune_and_score(
     configure_threads()
     dev = resolve_device(device)
     _pin_determinism(dev)
+    plan = engines.plan_engine(strategy, dev, engine)
 
     with _strategy_code("build_model()"):
         base = strategy.build_model()
@@ -534,46 +631,20 @@ def finetune_and_score(
     if builder_mix > 0:
         _check_labels(builder_y, classes, "builder records")
 
-    train_x_t = _owned_tensor(train_x, dev, torch.float32)
-    train_y_t = _owned_tensor(train_y, dev, torch.int64)
-    eval_x_t = _owned_tensor(eval_x, dev, torch.float32)
-    eval_y_t = _owned_tensor(eval_y, dev, torch.int64)
-    if builder_mix > 0:
-        builder_x_t = _owned_tensor(builder_x, dev, torch.float32)
-        builder_y_t = _owned_tensor(builder_y, dev, torch.int64)
-
-    phi = np.empty((len(models), len(eval_x)), dtype=np.float64)
-    for row, ((index, seed, _), mask) in enumerate(zip(models, masks, strict=True)):
-        seed = int(seed)
-        # Independent streams of one seed: the builder sample does not shift the shuffles.
-        sample_rng = np.random.default_rng([seed, 0])
-        train_rng = np.random.default_rng([seed, 1])
-        in_idx = torch.from_numpy(np.flatnonzero(mask)).to(dev)
-        x_i, y_i = train_x_t.index_select(0, in_idx), train_y_t.index_select(0, in_idx)
-        if builder_mix > 0:
-            pick = torch.from_numpy(
-                sample_rng.choice(len(builder_x), size=builder_mix, replace=False)
-            ).to(dev)
-            x_i = torch.cat([x_i, builder_x_t.index_select(0, pick)])
-            y_i = torch.cat([y_i, builder_y_t.index_select(0, pick)])
-
-        torch.manual_seed(seed)
-        model = copy.deepcopy(base)
-        if strategy.recipe is not None:
-            train_with_recipe(model, x_i, y_i, strategy.recipe, rng=train_rng)
-        else:
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            with _strategy_code("finetune()"):
-                tuned = strategy.finetune(model, x_i, y_i, seed=seed, device=str(dev))
-            if not isinstance(tuned, nn.Module):
-                raise StrategyError(
-                    f"finetune() must return the fine-tuned torch.nn.Module, got "
-                    f"{type(tuned).__name__}"
-                )
-            model = tuned
-        phi[row] = compute_phi(model, eval_x_t, eval_y_t, tta=strategy.tta)
-        del model
-        if progress is not None:
-            progress(row + 1, len(models))
-    return phi
+    data = model_data(models, masks, len(builder_x) if builder_mix > 0 else 0, builder_mix)
+    job = engines.Job(
+        strategy=strategy,
+        base=base,
+        device=dev,
+        train_x=_owned_tensor(train_x, dev, torch.float32),
+        train_y=_owned_tensor(train_y, dev, torch.int64),
+        eval_x=_owned_tensor(eval_x, dev, torch.float32),
+        eval_y=_owned_tensor(eval_y, dev, torch.int64),
+        eval_is_train=eval_x.shape == train_x.shape and np.array_equal(eval_x, train_x)
+        and np.array_equal(eval_y, train_y),
+        builder_x=_owned_tensor(builder_x, dev, torch.float32) if builder_mix > 0 else None,
+        builder_y=_owned_tensor(builder_y, dev, torch.int64) if builder_mix > 0 else None,
+        models=data,
+        progress=progress,
+    )
+    return engines.run(job, plan, info=info)

@@ -19,6 +19,7 @@ from ftps.ml.engine import (
     _pin_determinism,
     _strategy_code,
     configure_threads,
+    prefer_channels_last,
     resolve_device,
     save_weights,
     train_with_recipe,
@@ -60,11 +61,13 @@ def pretrain_base_model(
     model.to(dev)
     x_t = _owned_tensor(x, dev, torch.float32)
     y_t = _owned_tensor(y, dev, torch.int64)
+    if prefer_channels_last(model, x_t):  # as the fine-tuning engine does (ftps.ml.engines)
+        model.to(memory_format=torch.channels_last)
     train_with_recipe(
         model, x_t, y_t, strategy.pretrain_recipe,
         rng=np.random.default_rng([seed, 2]), on_epoch=progress,
     )
-    return save_weights(model)
+    return save_weights(model)  # contiguous tensors, whatever the memory format trained in
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> float:

@@ -4,10 +4,16 @@ A strategy is Python source uploaded by the model builder. It defines
 
 - ``build_model() -> torch.nn.Module``: the architecture (weights come from the base model's
   safetensors file), and either
-- ``RECIPE = {...}``: a declarative fine-tuning recipe the engine runs itself, or
+- ``RECIPE = {...}``: a declarative fine-tuning recipe the engine runs itself (and may train
+  many models at once, see ``ftps.ml.engines``), or
 - ``finetune(model, x, y, *, seed, device) -> torch.nn.Module``: free-form fine-tuning, called
   once per model with the base model already loaded on ``device``; ``x`` float32
   ``[N, *INPUT_SHAPE]`` and ``y`` int64 ``[N]`` are tensors on ``device``.
+
+Optional ``split_model(model) -> (trunk, head)``: two modules sharing ``model``'s parameters with
+``model(x) == head(trunk(x))`` in eval mode. With ``RECIPE['cache_features']`` the trunk is frozen
+and runs once per job, in eval mode, over every record; only the head trains, on the cached
+features (the recipe's ``train`` prefixes, full-model parameter names, must all lie in the head).
 
 Optional module constants: ``PRETRAIN = {...}`` (recipe overrides used to build the base model),
 ``TTA = [...]`` (test-time augmentation for strategies without a RECIPE), ``INPUT_SHAPE =
@@ -29,6 +35,9 @@ Recipe keys (``optimizer``, ``lr``, ``epochs``, ``batch_size`` are required in R
 | augment | "hflip", "random-crop" or "random-crop:P" (pad P pixels, default H // 8) |
 | tta | test-time queries averaged into phi: "hflip" (the identity query is always included) |
 | builder_mix | builder records mixed into each model when the job does not say (default 0) |
+| cache_features | true: the trunk is frozen (eval mode) and runs once per job, the head |
+|       | trains on its cached outputs; needs ``split_model``, ``train`` prefixes, no ``augment`` |
+|       | (default false) |
 
 ``load_strategy`` executes the source in the current process: callers that do not trust it run it
 in ``services.finetune_worker.sandbox``.
@@ -93,6 +102,7 @@ _DEFAULTS: dict[str, Any] = {
     "augment": (),
     "tta": (),
     "builder_mix": 0,
+    "cache_features": False,
 }
 
 
@@ -110,6 +120,7 @@ class Recipe:
     augment: tuple[str, ...] = ()
     tta: tuple[str, ...] = ()
     builder_mix: int = 0
+    cache_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class Strategy:
     tta: tuple[str, ...]
     input_shape: tuple[int, ...] | None
     num_classes: int | None
+    split_model: Callable[[Any], Any] | None = field(default=None, repr=False)
 
 
 def _fail(field_name: str, message: str, where: str) -> StrategyError:
@@ -210,6 +222,24 @@ def parse_recipe(
     if not _is_int(builder_mix) or builder_mix < 0:
         raise _fail("builder_mix", f"must be an integer >= 0, got {builder_mix!r}", where)
 
+    cache_features = merged["cache_features"]
+    if not isinstance(cache_features, bool):
+        raise _fail("cache_features", f"must be true or false, got {cache_features!r}", where)
+    if cache_features:
+        if train == "all":
+            raise _fail(
+                "cache_features",
+                "freezes the trunk: name the head's parameters in 'train' (prefixes), not 'all'",
+                where,
+            )
+        if augment:
+            raise _fail(
+                "cache_features",
+                f"cannot be combined with augment {list(augment)}: augmented inputs would need "
+                "the trunk at every step",
+                where,
+            )
+
     return Recipe(
         optimizer=optimizer.lower(),
         lr=float(lr),
@@ -221,6 +251,7 @@ def parse_recipe(
         augment=augment,
         tta=tta,
         builder_mix=builder_mix,
+        cache_features=cache_features,
     )
 
 
@@ -288,10 +319,22 @@ def load_strategy(source: str) -> Strategy:
 
     recipe = parse_recipe(ns["RECIPE"], where="RECIPE") if has_recipe else None
 
+    split_model = ns.get("split_model")
+    if split_model is not None and not callable(split_model):
+        raise StrategyError("strategy's split_model is not callable")
+    if recipe is not None and recipe.cache_features and split_model is None:
+        raise StrategyError(
+            "RECIPE['cache_features'] needs split_model(model) -> (trunk, head) in the strategy"
+        )
+
     pretrain_recipe: Recipe | None
     if "PRETRAIN" in ns:
         base = _recipe_dict(recipe) if recipe is not None else dict(_DEFAULTS)
         pretrain_recipe = parse_recipe(ns["PRETRAIN"], where="PRETRAIN", base=base)
+        if pretrain_recipe.cache_features and split_model is None:
+            raise StrategyError(
+                "PRETRAIN['cache_features'] needs split_model(model) -> (trunk, head)"
+            )
     else:
         pretrain_recipe = recipe
 
@@ -325,6 +368,7 @@ def load_strategy(source: str) -> Strategy:
         tta=tta,
         input_shape=input_shape,
         num_classes=num_classes,
+        split_model=split_model,
     )
 
 
@@ -340,6 +384,7 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
         "augment": recipe.augment,
         "tta": recipe.tta,
         "builder_mix": recipe.builder_mix,
+        "cache_features": recipe.cache_features,
     }
 
 

@@ -18,18 +18,36 @@ MiB = 1024 * 1024
 def create_server(settings: WorkerSettings) -> grpcutil.Server:
     import torch
 
+    from ftps.ml.engine import configure_threads
+
     device = pick_device(settings.device)
     store = ObjectStore(settings)
     worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
                     timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
-                    cache_bytes=settings.blob_cache_mb * MiB)
+                    cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,
+                    warm_sandboxes=settings.warm_sandboxes, sandbox_idle_s=settings.sandbox_idle_s,
+                    sandbox_max_jobs=settings.sandbox_max_jobs,
+                    spare_sandbox=settings.spare_sandbox)
+    # threads: what every job's child uses (configure_threads: $FTPS_TORCH_THREADS, else the CPUs
+    # this process may use), not torch's default in this process.
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
-                                 threads=torch.get_num_threads(),
+                                 threads=configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}")
     server = grpcutil.Security.from_settings(settings, "finetune-worker").server(
         max_message_mb=settings.max_message_mb)
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
+    stop = server.stop
+
+    def stop_then_close_sandboxes(grace: float | None = 2.0) -> None:
+        # The warm sandbox children go with the server (they would otherwise wait for this
+        # process to exit, which closes their job channel).
+        try:
+            stop(grace)
+        finally:
+            worker.close()
+
+    server.stop = stop_then_close_sandboxes
     return server
 
 

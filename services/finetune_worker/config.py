@@ -6,8 +6,18 @@ from ftps.common.settings import CommonSettings
 class WorkerSettings(CommonSettings):
     listen: str = Field("127.0.0.1:50054", description="host:port to serve on")
     device: str = Field("auto", description="torch device: auto (cuda when present), cpu or cuda")
+    engine: str = Field("auto", description="how a job's models train: auto (the rule of "
+                        "ftps/ml/engines.py: one after another on CPU, stacked on CUDA), "
+                        "sequential or stacked")
     max_concurrent_jobs: int = Field(1, description="jobs run at once; more wait their turn")
     job_timeout_s: float = Field(1800.0, description="wall-time limit of one job's sandbox")
     job_memory_mb: int = Field(8192, description="address-space limit of one job's sandbox, MiB")
+    warm_sandboxes: bool = Field(True, description="reuse a sandbox child for the jobs of one "
+                                 "task (no torch start-up per job); off: a fresh child per job")
+    sandbox_idle_s: float = Field(300.0, description="a warm sandbox child idle this long exits")
+    sandbox_max_jobs: int = Field(64, description="jobs one warm sandbox child serves before "
+                                  "it is replaced")
+    spare_sandbox: bool = Field(True, description="keep one started, unused sandbox child so "
+                                "the first job of a new task does not wait for torch to import")
     blob_cache_mb: int = Field(1024, description="in-memory cache of task blobs, by sha256, MiB")
     worker_id: str = Field("", description="name reported by GetInfo (default: hostname:port)")

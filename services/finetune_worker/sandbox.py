@@ -1,30 +1,43 @@
-"""Run an untrusted fine-tuning strategy in a sandboxed child process (DESIGN.md §4).
+"""Run untrusted fine-tuning strategies in sandboxed child processes (DESIGN.md §4).
 
-The worker process never executes strategy code. ``run_sandboxed`` writes the job's inputs into a
-fresh scratch directory (safetensors, npz, npy and json; nothing pickled) and runs
-``python -m services.finetune_worker.sandbox_child SCRATCH`` with a minimal environment, the scratch
-directory as working directory and home, its own session (process group), and a wall-time limit.
-Before any strategy code runs, the child
+The worker process never executes strategy code. A ``SandboxChild`` is a
+``python -m services.finetune_worker.sandbox_child ROOT`` process with a minimal environment, its
+own session (process group), a scratch home directory as working directory, and its job channel
+on stdin. Before any strategy code runs, the child
 
 - lowers its resource limits: address space (``memory_mb``; data segment on CUDA, whose driver
-  reserves huge address ranges), CPU seconds, processes, file size, open files, no core dumps;
+  reserves huge address ranges), CPU seconds (a hard limit over its life, a soft one per job),
+  processes, file size, open files, no core dumps;
 - enters a new network namespace (only a downed loopback inside), via ``unshare(CLONE_NEWNET)``
   or, without CAP_SYS_ADMIN, ``unshare(CLONE_NEWUSER | CLONE_NEWNET)``; when the kernel refuses
   both the job still runs and a warning is logged;
-- when started as root: drops to a fresh unprivileged uid/gid used by this job only, with
-  no_new_privs, so it cannot raise its limits back, signal the worker, or read other jobs'
-  scratch directories or root-only files.
+- imports torch and runs every engine once on a built-in model (the ~2-3 s a job used to pay);
+- when started as root: at its first job, after reading that job's inputs, drops to a fresh
+  unprivileged uid/gid used by this child only, with no_new_privs, so it cannot raise its limits
+  back, signal the worker, or read other children's directories or root-only files.
 
-It reports progress as JSON lines on its stdout (the strategy's own prints go to its stderr) and
-leaves ``phi.npy`` or ``error.json`` ``{"type", "message"}`` behind. Failures come back as the
-matching EngineError (StrategyError, WeightsError, RecordsError) or SandboxError; the worker
-process itself is never affected. What is *not* isolated: the filesystem is still readable where
-file permissions allow (no mount namespace), and a non-root worker cannot change uid, so jobs of
-a non-root worker share one uid.
+A child serves the jobs of **one task** (``SandboxPool`` keys children by task and strategy; a
+child never sees another key's data), one job at a time, each with its own wall-time limit and
+CPU budget, until it has served ``max_jobs``, stayed idle ``idle_s``, or a job failed (any
+failure discards the child). Per job the parent writes the inputs (safetensors, npz, npy, json;
+nothing pickled) into a fresh directory only the child's gid can read, and an output directory
+only the child's uid can write; the child reports progress and the outcome as JSON lines on its
+stdout (the strategy's own prints go to its stderr) and leaves ``phi.npy`` in the output
+directory, which the parent opens without following links. Between jobs every process the job
+left behind (its process group, and its uid when it has its own) is killed.
+
+Failures come back as the matching EngineError (StrategyError, WeightsError, RecordsError) or
+SandboxError; the worker process itself is never affected. What is *not* isolated: the
+filesystem is still readable where file permissions allow (no mount namespace); a non-root
+worker cannot change uid, so all its children share one uid; and the jobs of one task in one
+child share that process (a strategy that changes process-wide state in one job can affect the
+task's next job in the same child: the child resets torch's default dtype and grad mode, seeds
+every model, and declarative recipes cannot change anything else).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -33,12 +46,14 @@ import queue
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +61,7 @@ import numpy as np
 from ftps.ml.datasets import save_records
 from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
 
-__all__ = ["SandboxError", "isolation_status", "run_sandboxed"]
+__all__ = ["SandboxChild", "SandboxError", "SandboxPool", "isolation_status", "run_sandboxed"]
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +71,12 @@ CHILD_MODULE = "services.finetune_worker.sandbox_child"
 # Everything the child may ever emit or keep: bounded so a hostile strategy cannot exhaust the
 # worker's memory through its pipes.
 _TAIL_BYTES = 4096
-_MAX_PROTOCOL_LINE = 4096
+_MAX_PROTOCOL_LINE = 16384
 _ERROR_MESSAGE_LIMIT = 4096
-# Environment passed through to the child when set (threading and GPU selection).
+# Environment passed through to the child when set (threading, engine and GPU selection).
 _PASSTHROUGH_ENV = (
     "FTPS_TORCH_THREADS",
+    "FTPS_ENGINE",
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "OMP_WAIT_POLICY",
@@ -68,9 +84,14 @@ _PASSTHROUGH_ENV = (
     "CUDA_VISIBLE_DEVICES",
     "LD_LIBRARY_PATH",
 )
-# Per-job uids when the worker runs as root: far above any system or login uid.
+# Per-child uids when the worker runs as root: far above any system or login uid.
 _JOB_UID_BASE = 1_900_000_000
 _JOB_UID_SPAN = 100_000_000
+# CPU seconds a child may spend starting (importing torch, warming up the engines).
+_STARTUP_CPU_S = 120
+# A child left without jobs this long exits by itself; the pool closes idle children much
+# sooner, and a child whose worker died sees its job channel close and exits at once.
+_CHILD_IDLE_EXIT_S = 7 * 86400
 _KNOWN_ERRORS: dict[str, type[EngineError]] = {
     "StrategyError": StrategyError,
     "WeightsError": WeightsError,
@@ -98,6 +119,10 @@ class _Tail:
             self._buf += data
             if len(self._buf) > self._limit:
                 del self._buf[: len(self._buf) - self._limit]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf.clear()
 
     def text(self) -> str:
         with self._lock:
@@ -134,11 +159,11 @@ def _read_protocol(stream, lines: queue.Queue, tail: _Tail) -> None:
     lines.put(None)
 
 
-def _child_env(scratch: Path) -> dict[str, str]:
+def _child_env(home: Path) -> dict[str, str]:
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(scratch),
-        "TMPDIR": str(scratch),
+        "HOME": str(home),
+        "TMPDIR": str(home),
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(REPO_ROOT),
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -158,8 +183,21 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _write_inputs(
-    scratch: Path,
+def job_cpu_seconds(timeout_s: float) -> int:
+    """A job's CPU budget: its wall time on every CPU this process may use, plus slack."""
+    return math.ceil(timeout_s * _usable_cpus()) + 10
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """A job's input files, serialised and validated in the worker before any child is used."""
+
+    files: dict[str, bytes]
+    n_models: int
+    n_records: int
+
+
+def job_inputs(
     *,
     strategy_source: str,
     base_weights: bytes,
@@ -168,19 +206,30 @@ def _write_inputs(
     eval_x: np.ndarray,
     eval_y: np.ndarray,
     models: Sequence[tuple[int, int, np.ndarray]],
-    builder_x: np.ndarray | None,
-    builder_y: np.ndarray | None,
-    builder_mix: int | None,
-    device: str | None,
-    limits: dict,
-) -> None:
-    (scratch / "strategy.txt").write_text(strategy_source, encoding="utf-8")
-    (scratch / "base.safetensors").write_bytes(bytes(base_weights))
-    save_records(scratch / "train.npz", train_x, train_y)
-    save_records(scratch / "eval.npz", eval_x, eval_y)
+    builder_x: np.ndarray | None = None,
+    builder_y: np.ndarray | None = None,
+    builder_mix: int | None = 0,
+    engine: str | None = None,
+) -> JobInputs:
+    """Serialise a job -> JobInputs; raises RecordsError for malformed records or masks."""
+
+    def npz(x: np.ndarray, y: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        save_records(buf, x, y)
+        return buf.getvalue()
+
+    # The worker passes the train records themselves when the job evaluates on them.
+    eval_is_train = eval_x is train_x and eval_y is train_y
+    files = {
+        "strategy.txt": strategy_source.encode("utf-8"),
+        "base.safetensors": bytes(base_weights),
+        "train.npz": npz(train_x, train_y),
+    }
+    if not eval_is_train:
+        files["eval.npz"] = npz(eval_x, eval_y)
     has_builder = builder_x is not None and builder_y is not None
     if has_builder:
-        save_records(scratch / "builder.npz", builder_x, builder_y)
+        files["builder.npz"] = npz(builder_x, builder_y)
     masks = np.zeros((len(models), len(train_x)), dtype=np.bool_)
     specs = []
     for row, (index, seed, mask) in enumerate(models):
@@ -192,15 +241,345 @@ def _write_inputs(
             )
         masks[row] = mask
         specs.append({"index": int(index), "seed": int(seed)})
-    np.save(scratch / "masks.npy", masks, allow_pickle=False)
-    job = {
-        "models": specs,
-        "builder_mix": builder_mix,
-        "has_builder": has_builder,
-        "device": device,
-        "limits": limits,
-    }
-    (scratch / "job.json").write_text(json.dumps(job), encoding="utf-8")
+    buf = io.BytesIO()
+    np.save(buf, masks, allow_pickle=False)
+    files["masks.npy"] = buf.getvalue()
+    files["job.json"] = json.dumps({
+        "models": specs, "builder_mix": builder_mix, "has_builder": has_builder,
+        "eval_is_train": eval_is_train, "engine": engine,
+    }).encode()
+    return JobInputs(files, len(models), len(eval_x))
+
+
+class SandboxChild:
+    """One sandboxed child process (see the module docstring).
+
+    ``device`` and ``memory_mb`` are fixed for its life; ``max_jobs`` bounds the jobs it serves
+    and, with ``job_cpu_s`` (each job's CPU budget), its hard CPU limit; ``idle_s``: it exits by
+    itself after that long without a job. ``task_key`` is the
+    task it is bound to after its first job (None before). Not thread-safe: one job at a time.
+    """
+
+    def __init__(self, *, device: str, memory_mb: int, job_cpu_s: int, max_jobs: int = 1,
+                 idle_s: float = _CHILD_IDLE_EXIT_S,
+                 scratch_root: str | os.PathLike | None = None) -> None:
+        if memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+        self.device = device
+        self.memory_mb = memory_mb
+        self.max_jobs = max_jobs
+        self.task_key: str | None = None
+        self.jobs_done = 0
+        self.last_used = time.monotonic()
+        self._job_cpu_s = job_cpu_s
+        self._timeout_s = 0.0
+        self._ready = False
+        self._proc: subprocess.Popen | None = None
+        self._readers: list[tuple[threading.Thread, object]] = []
+        self._lines: queue.Queue = queue.Queue()
+        self._out_tail, self._err_tail = _Tail(), _Tail()
+        is_root = os.geteuid() == 0
+        uid = _JOB_UID_BASE + secrets.randbelow(_JOB_UID_SPAN) if is_root else None
+        self._root = Path(tempfile.mkdtemp(prefix="ftps-sandbox-", dir=scratch_root))
+        self._home = self._root / "home"
+        self.limits = {
+            "memory_mb": int(memory_mb),
+            "startup_cpu_s": _STARTUP_CPU_S,
+            "cpu_hard_s": _STARTUP_CPU_S + max_jobs * job_cpu_s + 5,
+            "job_cpu_s": job_cpu_s,
+            "fsize_mb": 1024,
+            "nofile": 1024,
+            "nproc_margin": 128,
+            "uid": uid,
+        }
+        try:
+            self._home.mkdir(mode=0o700)
+            if uid is not None:
+                # The child may traverse its root (not list it) and owns only its home.
+                self._root.chmod(0o711)
+                try:
+                    os.chown(self._home, uid, uid)
+                except OSError as e:  # root without CAP_CHOWN: run without the drop, say so
+                    _warn_once("chown", "sandbox: cannot hand the scratch directory to a job "
+                               "uid (%s); strategies keep the worker's uid", e)
+                    self.limits["uid"] = None
+            (self._root / "child.json").write_text(json.dumps({
+                "device": device, "limits": self.limits, "idle_exit_s": idle_s,
+            }), encoding="utf-8")
+            self._proc = subprocess.Popen(
+                [sys.executable, "-P", "-s", "-m", CHILD_MODULE, str(self._root)],
+                cwd=self._home,
+                env=_child_env(self._home),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._readers = [
+            (threading.Thread(target=_read_protocol,
+                              args=(self._proc.stdout, self._lines, self._out_tail),
+                              daemon=True), self._proc.stdout),
+            (threading.Thread(target=_drain, args=(self._proc.stderr, self._err_tail),
+                              daemon=True), self._proc.stderr),
+        ]
+        for t, _ in self._readers:
+            t.start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def uid(self) -> int | None:
+        return self.limits["uid"]
+
+    def rss_mb(self) -> float:
+        """Resident memory of the child, MiB (0 when it is gone)."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0.0
+
+    def wait_ready(self, deadline: float) -> None:
+        """Block until the child finished starting (raises SandboxError on a failed start)."""
+        while not self._ready:
+            msg = self._next_message(deadline, "starting")
+            if msg.get("ready") is True:
+                self._ready = True
+            elif "setup_error" in msg:
+                self._fail_report(msg["setup_error"])
+
+    def run(self, inputs: JobInputs, *, timeout_s: float,
+            on_progress: Callable[[int, int], None] | None = None,
+            info: dict | None = None) -> np.ndarray:
+        """Run one job -> PHI float64 [n_models, n_records]; ``timeout_s`` counts from now,
+        waiting for a child that is still starting included. Raises the job's EngineError or
+        SandboxError; after any failure the child is closed."""
+        if self._proc is None or self.jobs_done >= self.max_jobs:
+            raise SandboxError("sandbox child cannot take another job")
+        deadline = time.monotonic() + timeout_s
+        self._timeout_s = timeout_s
+        k = self.jobs_done
+        job_dir, out_dir = self._root / f"in-{k}", self._root / f"out-{k}"
+        try:
+            self.wait_ready(deadline)
+            self._write_job(job_dir, out_dir, inputs)
+            self._err_tail.clear()
+            self._out_tail.clear()
+            line = json.dumps({"job": k, "in": f"../{job_dir.name}", "out": f"../{out_dir.name}",
+                               "cpu_s": self._job_cpu_s}) + "\n"
+            try:
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except OSError:
+                pass  # it died: the next read says how
+            last_done = 0
+            while True:
+                msg = self._next_message(deadline, "running")
+                if msg.get("job") != k:
+                    continue
+                if "sandbox" in msg:
+                    _log_isolation(msg["sandbox"])
+                elif "error" in msg:
+                    self._fail_report(msg["error"])
+                elif msg.get("finished") is True:
+                    if info is not None and isinstance(msg.get("info"), dict):
+                        info.update(msg["info"])
+                    break
+                else:
+                    done = msg.get("done")
+                    # Only plausible, monotonic progress is forwarded: the child is not trusted.
+                    if (type(done) is int and msg.get("total") == inputs.n_models
+                            and last_done < done <= inputs.n_models):
+                        last_done = done
+                        if on_progress is not None:
+                            on_progress(done, inputs.n_models)
+            phi = _read_phi(out_dir / "phi.npy", inputs.n_models, inputs.n_records)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        self.jobs_done += 1
+        self.last_used = time.monotonic()
+        self._kill_leftovers()
+        return phi
+
+    def close(self) -> None:
+        """Stop the child (and everything it started) and remove its directory. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_group(proc)
+            if self.limits["uid"] is not None:
+                _kill_uid(self.limits["uid"])  # processes that left the group with setsid()
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        for t, stream in self._readers:
+            t.join(timeout=1)
+            # A pipe still held by an escaped grandchild keeps its reader blocked: closing the
+            # stream under it could deadlock, so leave that one to the daemon thread.
+            if not t.is_alive():
+                stream.close()
+        self._readers = []
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _write_job(self, job_dir: Path, out_dir: Path, inputs: JobInputs) -> None:
+        # Created here, in a directory the child cannot write: no link can be planted in the way.
+        job_dir.mkdir(mode=0o700)
+        for name, data in inputs.files.items():
+            (job_dir / name).write_bytes(data)
+        out_dir.mkdir(mode=0o700)
+        uid = self.limits["uid"]
+        if uid is not None:
+            os.chown(job_dir, 0, uid)
+            job_dir.chmod(0o750)  # readable by the child's gid only
+            os.chown(out_dir, uid, uid)
+
+    def _next_message(self, deadline: float, what: str) -> dict:
+        """The child's next protocol message (a dict), or SandboxError on timeout or exit."""
+        assert self._proc is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SandboxError(f"strategy timed out after {self._timeout_s:g} s")
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                # A grandchild may hold stdout open after the child exited.
+                if self._proc.poll() is not None and self._lines.empty():
+                    self._fail_exit()
+                continue
+            if line is None:
+                self._lines.put(None)  # stays at the end for later calls
+                self._fail_exit()
+            try:
+                msg = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                msg = None
+            if isinstance(msg, dict):
+                return msg
+            self._out_tail.add(line + b"\n")
+
+    def _fail_exit(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + 10
+        while self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        returncode = self._proc.poll()
+        if returncode is None:
+            raise SandboxError("strategy process closed its output but did not exit")
+        raise SandboxError(_describe_exit(returncode, self.limits, self._err_tail,
+                                          self._out_tail))
+
+    def _fail_report(self, report: object) -> None:
+        try:
+            kind, message = str(report["type"]), str(report["message"])[:_ERROR_MESSAGE_LIMIT]
+            phase = str(report.get("phase", "job"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SandboxError(f"sandbox sent an unreadable error report: {e}") from e
+        if kind in _KNOWN_ERRORS:
+            raise _KNOWN_ERRORS[kind](message)
+        if kind == "MemoryError":
+            if phase == "setup":
+                raise SandboxError(
+                    f"sandbox could not start within memory_mb={self.limits['memory_mb']} "
+                    f"(importing torch alone needs a few GB of address space): {message}"
+                )
+            raise SandboxError(
+                f"strategy exceeded memory limit ({self.limits['memory_mb']} MB): {message}"
+            )
+        detail = self._err_tail.text()
+        raise SandboxError(
+            f"sandbox {phase} failed: {kind}: {message}"
+            + (f"\n--- last output ---\n{detail}" if detail and phase == "setup" else "")
+        )
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL what the last job left running: its process group but the child, and its uid
+        but the child when it has a uid of its own; return once they are dead (zombies, which
+        the child reaps before its next job, count as dead)."""
+        if self._proc is None:
+            return
+        me, uid = self._proc.pid, self.limits["uid"]
+        killed = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                mine = uid is not None and entry.stat().st_uid == uid
+                if not mine:
+                    fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                    mine = int(fields[2]) == me  # process group id
+                if mine:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        deadline = time.monotonic() + 2
+        while killed and time.monotonic() < deadline:
+            killed = [pid for pid in killed if _running(pid)]
+            if killed:
+                time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _read_phi(path: Path, n_models: int, n_records: int) -> np.ndarray:
+    """Open the child's phi.npy without following links, bounded in size, and check it."""
+    expected = n_models * n_records * 8
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise SandboxError(f"sandbox finished without a readable phi.npy: {e}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > expected + 4096:
+            raise SandboxError("sandbox returned a phi.npy that is not a plain file of the "
+                               "expected size")
+        try:
+            phi = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise SandboxError(f"sandbox returned an unreadable phi.npy: {e}") from e
+    if not isinstance(phi, np.ndarray) or phi.dtype != np.float64 or \
+            phi.shape != (n_models, n_records):
+        raise SandboxError(
+            f"sandbox returned phi {getattr(phi, 'dtype', None)} {getattr(phi, 'shape', None)}, "
+            f"expected float64 {(n_models, n_records)}"
+        )
+    if not np.isfinite(phi).all():
+        raise SandboxError("sandbox returned NaN or infinite phi")
+    return phi
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        from ftps.ml.engine import resolve_device  # imports torch: only when we must choose
+
+        return str(resolve_device(None))
+    return device
 
 
 def run_sandboxed(
@@ -216,135 +595,196 @@ def run_sandboxed(
     builder_y: np.ndarray | None = None,
     builder_mix: int | None = 0,
     device: str | None = None,
+    engine: str | None = None,
     timeout_s: float = 600,
     memory_mb: int = 4096,
     scratch_root: str | os.PathLike | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    info: dict | None = None,
 ) -> np.ndarray:
-    """``ftps.ml.engine.finetune_and_score`` in a sandboxed child -> PHI float64 [len(models), m].
+    """``ftps.ml.engine.finetune_and_score`` in a fresh sandboxed child, closed afterwards
+    -> PHI float64 [len(models), m]. ``SandboxPool.run`` reuses children instead.
 
-    ``timeout_s`` is the wall time of the whole child (including ~2-4 s to import torch);
-    ``memory_mb`` its address-space limit (a CUDA build of torch needs ~3.3 GB of address space
-    just to import). ``on_progress(done, total)`` is called in the caller's thread.
+    ``timeout_s`` is the wall time of the whole child (including ~2-4 s to import torch and
+    warm up); ``memory_mb`` its address-space limit (a CUDA build of torch needs ~3.3 GB of
+    address space just to import). ``on_progress(done, total)`` is called in the caller's
+    thread; ``info`` receives what the engine reports (``engine``, timings).
 
     Raises StrategyError / WeightsError / RecordsError as the engine would in-process, and
     SandboxError for a timeout, a crash, a signal, or an exceeded limit.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if memory_mb <= 0:
-        raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
-    if device is None:
-        from ftps.ml.engine import resolve_device  # imports torch: only when we must choose
-
-        device = str(resolve_device(None))
-    is_root = os.geteuid() == 0
-    job_uid = _JOB_UID_BASE + secrets.randbelow(_JOB_UID_SPAN) if is_root else None
-    limits = {
-        "memory_mb": int(memory_mb),
-        "cpu_s": math.ceil(timeout_s * _usable_cpus()) + 10,
-        "fsize_mb": 1024,
-        "nofile": 1024,
-        "nproc_margin": 128,
-        "uid": job_uid,
-    }
-
-    scratch = Path(tempfile.mkdtemp(prefix="ftps-job-", dir=scratch_root))
-    proc: subprocess.Popen | None = None
-    readers: list[tuple[threading.Thread, object]] = []
+    inputs = job_inputs(
+        strategy_source=strategy_source, base_weights=base_weights, train_x=train_x,
+        train_y=train_y, eval_x=eval_x, eval_y=eval_y, models=models, builder_x=builder_x,
+        builder_y=builder_y, builder_mix=builder_mix, engine=engine)
+    child = SandboxChild(device=_resolve_device(device), memory_mb=memory_mb,
+                         job_cpu_s=job_cpu_seconds(timeout_s), max_jobs=1,
+                         scratch_root=scratch_root)
     try:
-        if job_uid is not None:
-            # Inputs stay root-owned and are read before the drop; the job uid may only write here.
-            try:
-                os.chown(scratch, job_uid, job_uid)
-            except OSError as e:  # root without CAP_CHOWN: run without the drop, say so
-                _warn_once("chown", "sandbox: cannot hand the scratch directory to a job uid "
-                           "(%s); strategies keep the worker's uid", e)
-                limits["uid"] = None
-        _write_inputs(
-            scratch,
-            strategy_source=strategy_source,
-            base_weights=base_weights,
-            train_x=train_x,
-            train_y=train_y,
-            eval_x=eval_x,
-            eval_y=eval_y,
-            models=models,
-            builder_x=builder_x,
-            builder_y=builder_y,
-            builder_mix=builder_mix,
-            device=device,
-            limits=limits,
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-s", "-m", CHILD_MODULE, str(scratch)],
-            cwd=scratch,
-            env=_child_env(scratch),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            close_fds=True,
-        )
-        lines: queue.Queue = queue.Queue()
-        out_tail, err_tail = _Tail(), _Tail()
-        readers = [
-            (threading.Thread(target=_read_protocol, args=(proc.stdout, lines, out_tail),
-                              daemon=True), proc.stdout),
-            (threading.Thread(target=_drain, args=(proc.stderr, err_tail), daemon=True),
-             proc.stderr),
-        ]
-        for t, _ in readers:
-            t.start()
-
-        deadline = time.monotonic() + timeout_s
-        last_done = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                _kill_group(proc)
-                raise SandboxError(f"strategy timed out after {timeout_s:g} s")
-            try:
-                line = lines.get(timeout=min(remaining, 0.2))
-            except queue.Empty:
-                # A grandchild may hold stdout open after the child exited.
-                if proc.poll() is not None:
-                    break
-                continue
-            if line is None:
-                break
-            last_done = _handle_line(line, len(models), last_done, on_progress, out_tail)
-
-        try:
-            returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise SandboxError(f"strategy timed out after {timeout_s:g} s") from None
-        _kill_group(proc)  # anything the strategy left running in its process group
-        if limits["uid"] is not None:
-            _kill_uid(limits["uid"])  # and what left the group with setsid()
-        for t, _ in readers:
-            t.join(timeout=2)
-        while True:
-            try:
-                line = lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                last_done = _handle_line(line, len(models), last_done, on_progress, out_tail)
-        return _collect(scratch, returncode, len(models), len(eval_x), limits, err_tail, out_tail)
+        return child.run(inputs, timeout_s=timeout_s, on_progress=on_progress, info=info)
     finally:
-        if proc is not None and proc.poll() is None:
-            _kill_group(proc)
-        if limits["uid"] is not None:
-            _kill_uid(limits["uid"])  # processes that left the group with setsid()
-        for t, stream in readers:
-            t.join(timeout=1)
-            # A pipe still held by an escaped grandchild keeps its reader blocked: closing the
-            # stream under it could deadlock, so leave that one to the daemon thread.
-            if not t.is_alive():
-                stream.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        child.close()
+
+
+class SandboxPool:
+    """Warm sandbox children for a worker: one task per child, reused across its jobs.
+
+    ``run(task_key=...)`` takes an idle child bound to ``task_key``, else a spare (started but
+    never used), else starts one; after a successful job the child goes back to the pool, after
+    any failure it is closed. At most ``max_idle`` children wait idle (least recently used are
+    closed first), none longer than ``idle_s``, none beyond ``max_jobs_per_child`` jobs, none
+    holding more than ``max_idle_rss_mb`` of memory (a child importing torch alone holds ~0.7 GB
+    with the CUDA build; one that fine-tuned a large model keeps what it allocated).
+    With ``spare=True`` one unbound child is kept started (``prestart``; restarted after a job
+    took it, once that job is over), so that the first job of a new task does not wait for torch
+    to import.
+    """
+
+    def __init__(self, *, device: str | None = None, memory_mb: int = 4096,
+                 timeout_s: float = 600, max_idle: int = 2, idle_s: float = 300,
+                 max_jobs_per_child: int = 64, max_idle_rss_mb: float = 2048,
+                 spare: bool = False, scratch_root: str | os.PathLike | None = None) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
+        self.device = _resolve_device(device)
+        self.memory_mb = memory_mb
+        self.timeout_s = timeout_s
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self.max_jobs_per_child = max_jobs_per_child
+        self.max_idle_rss_mb = max_idle_rss_mb
+        self.spare = spare
+        self.scratch_root = scratch_root
+        self._idle: list[SandboxChild] = []
+        self._spare: SandboxChild | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="sandbox-reaper",
+                                        daemon=True)
+        self._reaper.start()
+        self.stats = {"started": 0, "reused": 0, "spare_used": 0}
+
+    def _spawn(self) -> SandboxChild:
+        child = SandboxChild(device=self.device, memory_mb=self.memory_mb,
+                             job_cpu_s=job_cpu_seconds(self.timeout_s),
+                             max_jobs=self.max_jobs_per_child,
+                             scratch_root=self.scratch_root)
+        with self._lock:
+            self.stats["started"] += 1
+        return child
+
+    def prestart(self) -> None:
+        """Start the spare child now unless there is one (returns at once: the child imports
+        torch in the background)."""
+        with self._lock:
+            if self._closed or self._spare is not None:
+                return
+        child = self._spawn()
+        with self._lock:
+            if self._closed or self._spare is not None:
+                extra = child
+            else:
+                self._spare, extra = child, None
+        if extra is not None:
+            extra.close()
+
+    def wait_spare(self, timeout: float = 60) -> bool:
+        """Wait until the spare child is ready (True), or give up (False). For benchmarks."""
+        with self._lock:
+            spare = self._spare
+        if spare is None:
+            return False
+        try:
+            spare.wait_ready(time.monotonic() + timeout)
+        except SandboxError:
+            return False
+        return True
+
+    def _acquire(self, key: str) -> SandboxChild:
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the sandbox pool is closed")
+            for child in reversed(self._idle):
+                if child.task_key == key:
+                    self._idle.remove(child)
+                    if child.alive:
+                        self.stats["reused"] += 1
+                        return child
+                    child.close()
+                    break
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            with self._lock:
+                self.stats["spare_used"] += 1
+        else:
+            if spare is not None:
+                spare.close()
+            spare = self._spawn()
+        spare.task_key = key
+        return spare
+
+    def run(self, *, task_key: str, timeout_s: float | None = None,
+            on_progress: Callable[[int, int], None] | None = None, info: dict | None = None,
+            **job) -> np.ndarray:
+        """``run_sandboxed`` on a warm child of ``task_key`` (any string naming the task and its
+        strategy; children never serve two keys). ``job``: the keyword arguments of
+        ``job_inputs``. ``timeout_s`` (default the pool's) must not exceed the pool's."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not 0 < timeout_s <= self.timeout_s:
+            raise ValueError(f"timeout_s must be in (0, {self.timeout_s}], got {timeout_s}")
+        inputs = job_inputs(**job)
+        child = self._acquire(task_key)
+        try:
+            phi = child.run(inputs, timeout_s=timeout_s, on_progress=on_progress, info=info)
+        finally:
+            self._release(child)
+            if self.spare:
+                # Between jobs, not during one: starting a child costs ~3 CPU-seconds.
+                self.prestart()
+        return phi
+
+    def _release(self, child: SandboxChild) -> None:
+        """Back to the idle children; closed if it failed, is used up, or the pool is closed."""
+        evicted = []
+        too_big = child.alive and child.rss_mb() > self.max_idle_rss_mb
+        with self._lock:
+            if self._closed or child.jobs_done >= child.max_jobs or not child.alive or too_big:
+                evicted.append(child)
+            else:
+                self._idle.append(child)
+                while len(self._idle) > self.max_idle:
+                    evicted.append(self._idle.pop(0))
+        for c in evicted:
+            c.close()
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                expired = [c for c in self._idle
+                           if now - c.last_used > self.idle_s or not c.alive]
+                self._idle = [c for c in self._idle if c not in expired]
+            for c in expired:
+                c.close()
+
+    def idle_children(self) -> list[SandboxChild]:
+        with self._lock:
+            return list(self._idle)
+
+    def close(self) -> None:
+        """Close every idle and spare child (children running a job close when it ends)."""
+        with self._lock:
+            self._closed = True
+            children = self._idle + ([self._spare] if self._spare is not None else [])
+            self._idle, self._spare = [], None
+        self._stop.set()
+        for c in children:
+            c.close()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -359,7 +799,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of a job uid (only this job ever runs as it)."""
+    """SIGKILL every process of a child's uid (only that child ever runs as it)."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -368,32 +808,6 @@ def _kill_uid(uid: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ValueError):
             continue
-
-
-def _handle_line(
-    line: bytes,
-    total: int,
-    last_done: int,
-    on_progress: Callable[[int, int], None] | None,
-    out_tail: _Tail,
-) -> int:
-    try:
-        msg = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        msg = None
-    if not isinstance(msg, dict):
-        out_tail.add(line + b"\n")
-        return last_done
-    if "sandbox" in msg:
-        _log_isolation(msg["sandbox"])
-        return last_done
-    done = msg.get("done")
-    # Only plausible, monotonic progress is forwarded: the child is not trusted.
-    if type(done) is int and msg.get("total") == total and last_done < done <= total:
-        if on_progress is not None:
-            on_progress(done, total)
-        return done
-    return last_done
 
 
 def isolation_status() -> dict | None:
@@ -430,59 +844,6 @@ def _log_isolation(status: object) -> None:
                    priv.get("error"), priv.get("uid"))
 
 
-def _collect(
-    scratch: Path,
-    returncode: int,
-    n_models: int,
-    n_records: int,
-    limits: dict,
-    err_tail: _Tail,
-    out_tail: _Tail,
-) -> np.ndarray:
-    error_path, phi_path = scratch / "error.json", scratch / "phi.npy"
-    if error_path.is_file():
-        _raise_reported(error_path, limits, err_tail)
-    if returncode == 0 and phi_path.is_file():
-        try:
-            phi = np.load(phi_path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise SandboxError(f"sandbox returned an unreadable phi.npy: {e}") from e
-        if phi.dtype != np.float64 or phi.shape != (n_models, n_records):
-            raise SandboxError(
-                f"sandbox returned phi {phi.dtype} {phi.shape}, expected float64 "
-                f"{(n_models, n_records)}"
-            )
-        if not np.isfinite(phi).all():
-            raise SandboxError("sandbox returned NaN or infinite phi")
-        return phi
-    raise SandboxError(_describe_exit(returncode, limits, err_tail, out_tail))
-
-
-def _raise_reported(path: Path, limits: dict, err_tail: _Tail) -> None:
-    try:
-        report = json.loads(path.read_bytes()[: 4 * _ERROR_MESSAGE_LIMIT])
-        kind, message = str(report["type"]), str(report["message"])[:_ERROR_MESSAGE_LIMIT]
-        phase = str(report.get("phase", "job"))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise SandboxError(f"sandbox wrote an unreadable error report: {e}") from e
-    if kind in _KNOWN_ERRORS:
-        raise _KNOWN_ERRORS[kind](message)
-    if kind == "MemoryError":
-        if phase == "setup":
-            raise SandboxError(
-                f"sandbox could not start within memory_mb={limits['memory_mb']} (importing "
-                f"torch alone needs a few GB of address space): {message}"
-            )
-        raise SandboxError(
-            f"strategy exceeded memory limit ({limits['memory_mb']} MB): {message}"
-        )
-    detail = err_tail.text()
-    raise SandboxError(
-        f"sandbox {phase} failed: {kind}: {message}"
-        + (f"\n--- last output ---\n{detail}" if detail and phase == "setup" else "")
-    )
-
-
 _MEMORY_HINTS = ("bad_alloc", "Cannot allocate memory", "can't allocate memory", "MemoryError",
                  "out of memory")
 
@@ -494,7 +855,8 @@ def _describe_exit(returncode: int, limits: dict, err_tail: _Tail, out_tail: _Ta
         sig = -returncode
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGXCPU:
-            what = f"strategy exceeded its CPU time limit ({limits['cpu_s']} CPU-seconds)"
+            what = (f"strategy exceeded its CPU time limit ({limits['job_cpu_s']} CPU-seconds "
+                    "per job)")
         elif sig == signal.SIGXFSZ:
             what = f"strategy exceeded the file size limit ({limits['fsize_mb']} MB)"
         elif memory_hint:

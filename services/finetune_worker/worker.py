@@ -15,7 +15,7 @@ from ftps.common.storage import ObjectStore
 from ftps.ml.datasets import load_records
 from ftps.ml.strategy import EngineError
 from ftps.v1 import common_pb2, worker_pb2
-from services.finetune_worker.sandbox import SandboxError, run_sandboxed
+from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,35 @@ class BlobCache:
 
 
 class Worker:
+    """Runs jobs in sandboxed children: with ``warm_sandboxes`` one child per task serves that
+    task's jobs (``SandboxPool``), otherwise a fresh child per job (``run_sandboxed``)."""
+
     def __init__(self, store: ObjectStore, *, device: str, max_concurrent_jobs: int,
-                 timeout_s: float, memory_mb: int, cache_bytes: int) -> None:
+                 timeout_s: float, memory_mb: int, cache_bytes: int, engine: str = "auto",
+                 warm_sandboxes: bool = True, sandbox_idle_s: float = 300,
+                 sandbox_max_jobs: int = 64, spare_sandbox: bool = True) -> None:
+        from ftps.ml.engines import REQUESTS
+
+        if engine not in REQUESTS:
+            raise ValueError(f"engine must be one of {list(REQUESTS)}, got {engine!r}")
         self.device = device
+        self.engine = engine
         self._cache = BlobCache(store, cache_bytes)
         self._slots = threading.Semaphore(max_concurrent_jobs)
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
+        self._pool: SandboxPool | None = None
+        if warm_sandboxes:
+            self._pool = SandboxPool(device=device, memory_mb=memory_mb, timeout_s=timeout_s,
+                                     max_idle=max(1, max_concurrent_jobs), idle_s=sandbox_idle_s,
+                                     max_jobs_per_child=sandbox_max_jobs, spare=spare_sandbox)
+            if spare_sandbox:
+                self._pool.prestart()
+
+    def close(self) -> None:
+        """Stop the warm sandbox children (jobs still running finish first)."""
+        if self._pool is not None:
+            self._pool.close()
 
     def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
         if not job.models:
@@ -84,20 +106,27 @@ class Worker:
             source = strategy.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
+        inputs = dict(strategy_source=source, base_weights=weights, train_x=train_x,
+                      train_y=train_y, eval_x=eval_x, eval_y=eval_y, models=models,
+                      builder_x=builder_x, builder_y=builder_y, builder_mix=job.builder_mix,
+                      engine=self.engine)
+        info: dict = {}
         with self._slots:
             t0 = time.perf_counter()
             try:
-                phi = run_sandboxed(strategy_source=source, base_weights=weights,
-                                    train_x=train_x, train_y=train_y, eval_x=eval_x, eval_y=eval_y,
-                                    models=models, builder_x=builder_x, builder_y=builder_y,
-                                    builder_mix=job.builder_mix, device=self.device,
-                                    timeout_s=self._timeout_s, memory_mb=self._memory_mb)
+                if self._pool is not None:
+                    # One child per task and strategy: a child never sees another task's data.
+                    phi = self._pool.run(task_key=f"{job.task_id}/{job.strategy.sha256}",
+                                         info=info, **inputs)
+                else:
+                    phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s,
+                                        memory_mb=self._memory_mb, info=info, **inputs)
             except (EngineError, SandboxError) as exc:
                 # The task's strategy, weights or data are at fault, not the worker: a task error.
                 raise FailedPrecondition(f"job {job.job_id} failed: {exc}") from exc
             seconds = time.perf_counter() - t0
-        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s", job.job_id, len(models),
-                 len(eval_x), seconds, self.device)
+        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
+                 len(models), len(eval_x), seconds, self.device, info.get("engine", "?"))
         return worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[m[0] for m in models],
                                          phi=tensor_from_array(np.asarray(phi, dtype=np.float64)),
                                          device=self.device, seconds=seconds)

@@ -1,0 +1,1 @@
+"""Benchmarks that print the figures of the README's Results section (issue 7)."""

@@ -1,0 +1,514 @@
+"""How the models of a job are fine-tuned: the engines, and the rule that picks one.
+
+| engine | what it does |
+|---|---|
+| ``sequential`` | one model after another, each a full forward/backward pass per step |
+| ``stacked`` | the models of a job that train on equally many records train together: their |
+|   | trainable parameters stacked ``[k, ...]``, one ``torch.func.vmap(functional_call)`` |
+|   | step for all k, one optimizer over the stacked tensors (elementwise, so per model) |
+| ``cached`` | ``RECIPE['cache_features']``: the frozen trunk runs once per job over every record |
+|   | (train, builder sample, eval and its test-time queries); each head trains on the |
+|   | cached features, one after another |
+| ``cached-stacked`` | the same with the heads stacked |
+
+The rule (``plan_engine`` with ``engine="auto"``), from ``python -m bench.finetune`` on 2 CPU
+cores (README, "Fine-tuning speed"):
+
+- a free-form ``finetune()`` runs ``sequential`` (the engine cannot see inside it);
+- ``cache_features`` recipes always cache: the trunk's work is done once per job instead of
+  once per step of every model, the head sees exactly the features it would see otherwise;
+- on CPU the models train one after another: stacking was slower for the demo CNN (vmap turns
+  each convolution into a grouped one) and for the cached head (the stacked optimizer state of k
+  models leaves the cache; one model's fits), so CPU runs ``sequential`` / ``cached``;
+- on CUDA they train stacked (``stacked`` / ``cached-stacked``): one kernel launch serves k models,
+  which is what makes a GPU busy with models this small. Not measured here (no GPU); run
+  ``python -m bench.finetune --device cuda`` to check, and pin the other engine with
+  ``$FTPS_ENGINE`` (worker setting ``engine``) if it loses.
+
+The rule never looks at a timing: engines round differently, and the same job must give the
+same phi on every worker of a device type (a retried job, a re-run round). A model that vmap
+cannot run (data-dependent control flow, ``.item()``) falls back to ``sequential`` under "auto".
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ftps.ml.engine import (
+    ModelData,
+    _augment,
+    _batch_bounds,
+    _make_optimizer,
+    _select_trainable,
+    _set_train_mode,
+    _short,
+    _strategy_code,
+    _tta_queries,
+    compute_phi,
+    prefer_channels_last,
+    train_with_recipe,
+    trainable_names,
+)
+from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, describe_exception
+
+__all__ = ["ENGINES", "EnginePlan", "Job", "REQUESTS", "plan_engine", "run"]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("sequential", "stacked", "cached", "cached-stacked")
+# What a caller may ask for: how the models train; caching follows the recipe.
+REQUESTS = ("auto", "sequential", "stacked")
+
+# Stacked models per vmap call: bounded by memory (parameters, gradients and two optimizer
+# states per model) and by this cap (beyond it the step is already one big kernel).
+_MAX_STACK = 64
+_STACK_BUDGET_CPU = 1 << 30
+_STACK_BUDGET_CUDA_FRACTION = 0.25
+_FEATURE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The engine a job runs on, and why."""
+
+    name: str
+    reason: str
+
+    @property
+    def cached(self) -> bool:
+        return self.name.startswith("cached")
+
+    @property
+    def stacked(self) -> bool:
+        return self.name.endswith("stacked")
+
+
+@dataclass
+class Job:
+    """A validated job: the base model (weights loaded) and every tensor on ``device``."""
+
+    strategy: Strategy
+    base: nn.Module
+    device: torch.device
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    eval_is_train: bool
+    builder_x: torch.Tensor | None
+    builder_y: torch.Tensor | None
+    models: list[ModelData]
+    progress: Callable[[int, int], None] | None = None
+
+    def rows(self, md: ModelData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model ``md``'s fine-tuning set (x, y): its train records, then its builder sample."""
+        idx = torch.from_numpy(md.train_rows).to(self.device)
+        x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
+        if len(md.builder_rows):
+            assert self.builder_x is not None and self.builder_y is not None
+            pick = torch.from_numpy(md.builder_rows).to(self.device)
+            x = torch.cat([x, self.builder_x.index_select(0, pick)])
+            y = torch.cat([y, self.builder_y.index_select(0, pick)])
+        return x, y
+
+
+def plan_engine(strategy: Strategy, device: torch.device, requested: str | None = None
+                ) -> EnginePlan:
+    """The engine for ``strategy`` on ``device`` (see the module docstring for the rule).
+
+    ``requested``: "auto" (default: $FTPS_ENGINE, else "auto"), "sequential" or "stacked" (how
+    the models train; a ``cache_features`` recipe caches either way). Raises EngineError for an
+    unknown request, StrategyError for "stacked" with a free-form ``finetune()``.
+    """
+    if not requested:
+        requested = os.environ.get("FTPS_ENGINE", "").strip() or "auto"
+    if requested not in REQUESTS:
+        raise EngineError(f"engine must be one of {list(REQUESTS)}, got {requested!r}")
+    recipe = strategy.recipe
+    if recipe is None:
+        if requested == "stacked":
+            raise StrategyError("the stacked engine needs a RECIPE; finetune() runs model by model")
+        return EnginePlan("sequential", "free-form finetune() runs model by model")
+    if requested == "auto":
+        stacked = device.type == "cuda"
+        why = f"rule for {device.type}"
+    else:
+        stacked = requested == "stacked"
+        why = "requested"
+    if recipe.cache_features:
+        return EnginePlan("cached-stacked" if stacked else "cached", why)
+    return EnginePlan("stacked" if stacked else "sequential", why)
+
+
+def run(job: Job, plan: EnginePlan, *, info: dict | None = None) -> np.ndarray:
+    """Fine-tune the job's models on ``plan``'s engine -> PHI float64 [len(job.models), m]."""
+    timings = {"features_s": 0.0, "train_s": 0.0, "phi_s": 0.0}
+    recipe = job.strategy.recipe
+    channels_last = recipe is not None and prefer_channels_last(job.base, job.train_x)
+    if channels_last:
+        job.base.to(memory_format=torch.channels_last)
+    if plan.stacked:
+        problem = _stacking_problem(job, plan)
+        if problem is not None:
+            if plan.reason == "requested":
+                raise StrategyError(f"the stacked engine cannot run this model: {problem}")
+            log.info("engine %s -> sequential: %s", plan.name, problem)
+            name = "cached" if plan.cached else "sequential"
+            plan = EnginePlan(name, f"vmap cannot run the model ({problem})")
+    if plan.cached:
+        phi = _run_cached(job, plan, timings)
+    else:
+        phi = _run_full(job, plan, timings)
+    if info is not None:
+        info.update(engine=plan.name, engine_reason=plan.reason, channels_last=channels_last,
+                    **timings)
+    return phi
+
+
+# --------------------------------------------------------------------------- full models
+
+
+def _run_full(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
+    strategy, recipe = job.strategy, job.strategy.recipe
+    phi = np.empty((len(job.models), len(job.eval_x)), dtype=np.float64)
+    done = 0
+
+    def finish(row: int, model: nn.Module) -> None:
+        nonlocal done
+        t = time.perf_counter()
+        phi[row] = compute_phi(model, job.eval_x, job.eval_y, tta=strategy.tta)
+        timings["phi_s"] += time.perf_counter() - t
+        done += 1
+        if job.progress is not None:
+            job.progress(done, len(job.models))
+
+    if plan.stacked:
+        assert recipe is not None
+        names = trainable_names(job.base, recipe)
+        data = [(*job.rows(md), md.seed) for md in job.models]
+        t = time.perf_counter()
+        for row, model in _train_stacked(job.base, data, recipe, names):
+            timings["train_s"] += time.perf_counter() - t
+            finish(row, model)
+            t = time.perf_counter()
+        return phi
+
+    for row, md in enumerate(job.models):
+        x, y = job.rows(md)
+        t = time.perf_counter()
+        torch.manual_seed(md.seed)
+        model = copy.deepcopy(job.base)
+        if recipe is not None:
+            train_with_recipe(model, x, y, recipe, rng=np.random.default_rng([md.seed, 1]))
+        else:
+            random.seed(md.seed)
+            np.random.seed(md.seed % 2**32)
+            with _strategy_code("finetune()"):
+                tuned = strategy.finetune(model, x, y, seed=md.seed, device=str(job.device))
+            if not isinstance(tuned, nn.Module):
+                raise StrategyError(
+                    f"finetune() must return the fine-tuned torch.nn.Module, got "
+                    f"{type(tuned).__name__}"
+                )
+            model = tuned
+        timings["train_s"] += time.perf_counter() - t
+        finish(row, model)
+        del model
+    return phi
+
+
+# --------------------------------------------------------------------------- stacked
+
+
+def _max_stack(model: nn.Module, names: Sequence[str]) -> int:
+    wanted = set(names)
+    per_model = sum(
+        p.numel() * p.element_size() * (4 if n in wanted else 0)
+        for n, p in model.named_parameters()
+    ) + sum(b.numel() * b.element_size() for b in model.buffers())
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * _STACK_BUDGET_CUDA_FRACTION)
+    else:
+        budget = _STACK_BUDGET_CPU
+    return max(1, min(_MAX_STACK, budget // max(per_model, 1)))
+
+
+def _stack_step(template: nn.Module) -> Callable:
+    def loss(params: dict, buffers: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(template, (params, buffers), (xb,)), yb)
+
+    # "different": dropout draws independently per model (from torch's seeded generator).
+    return vmap(loss, randomness="different")
+
+
+def _stacked_state(template: nn.Module, names: Sequence[str], k: int
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params = {
+        n: template.get_parameter(n).detach().unsqueeze(0).repeat_interleave(k, 0).requires_grad_()
+        for n in names
+    }
+    buffers = {n: b.unsqueeze(0).repeat_interleave(k, 0) for n, b in template.named_buffers()}
+    return params, buffers
+
+
+def _train_stacked(
+    base: nn.Module,
+    data: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+    recipe: Recipe,
+    names: Sequence[str],
+) -> Iterator[tuple[int, nn.Module]]:
+    """Train one model per ``(x, y, seed)`` in ``data`` from ``base``, stacked -> yields
+    ``(position in data, trained model in eval mode)``, a chunk at a time.
+
+    Models with equally many records share batch boundaries and steps; they are stacked in
+    chunks of at most ``_max_stack`` models. Per model the shuffles and augmentation draw from
+    ``np.random.default_rng([seed, 1])`` in the same order as ``train_with_recipe``, so a model
+    sees the same batches on both engines (phi agrees up to rounding).
+    """
+    template = copy.deepcopy(base)
+    if not _select_trainable(template, names):
+        raise StrategyError("the model has no parameters to train")
+    _set_train_mode(template)
+    step = _stack_step(template)
+    chunk_size = _max_stack(template, names)
+    by_size: dict[int, list[int]] = {}
+    for pos, (x, _, _) in enumerate(data):
+        by_size.setdefault(int(x.shape[0]), []).append(pos)
+    for size, positions in by_size.items():
+        bounds = _batch_bounds(size, recipe.batch_size)
+        for start in range(0, len(positions), chunk_size):
+            chunk = positions[start : start + chunk_size]
+            params, buffers = _stacked_state(template, names, len(chunk))
+            optimizer = _make_optimizer(list(params.values()), recipe)
+            rngs = [np.random.default_rng([data[pos][2], 1]) for pos in chunk]
+            torch.manual_seed(data[chunk[0]][2])
+            for _ in range(recipe.epochs):
+                if not size:
+                    continue
+                perms = [torch.from_numpy(rng.permutation(size)).to(data[pos][0].device)
+                         for pos, rng in zip(chunk, rngs, strict=True)]
+                for a, b in bounds:
+                    xb = torch.stack([
+                        _augment(data[pos][0].index_select(0, perm[a:b]), recipe.augment, rng)
+                        for pos, perm, rng in zip(chunk, perms, rngs, strict=True)
+                    ])
+                    yb = torch.stack([data[pos][1].index_select(0, perm[a:b])
+                                      for pos, perm in zip(chunk, perms, strict=True)])
+                    with _strategy_code("model forward/backward pass (stacked)"):
+                        loss = step(params, buffers, xb, yb).sum()
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimizer.step()
+            for j, pos in enumerate(chunk):
+                model = copy.deepcopy(base)
+                with torch.no_grad():
+                    for n, t in params.items():
+                        model.get_parameter(n).copy_(t[j])
+                    for n, t in buffers.items():
+                        model.get_buffer(n).copy_(t[j])
+                model.eval()
+                yield pos, model
+            del params, buffers, optimizer
+
+
+def _stacking_problem(job: Job, plan: EnginePlan) -> str | None:
+    """Why vmap cannot train this job's model (or head), or None: one stacked forward/backward
+    pass of two copies on two records, on throwaway state."""
+    recipe = job.strategy.recipe
+    assert recipe is not None
+    if len(job.train_x) < 2:
+        return None
+    if plan.cached:
+        split = _split(job, recipe)
+        module, x = split.head, _features(split.trunk, job.train_x[:2])
+        names = split.head_trainable
+    else:
+        module, x, names = job.base, job.train_x[:2], trainable_names(job.base, recipe)
+    template = copy.deepcopy(module)
+    if not _select_trainable(template, names):
+        return None  # the engine reports this one itself
+    _set_train_mode(template)
+    params, buffers = _stacked_state(template, names, 2)
+    try:
+        loss = _stack_step(template)(params, buffers, torch.stack([x, x]),
+                                     torch.stack([job.train_y[:2]] * 2)).sum()
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not stack this model
+        return describe_exception(e, limit=300)
+    return None
+
+
+# --------------------------------------------------------------------------- cached features
+
+
+@dataclass
+class _Split:
+    trunk: nn.Module
+    head: nn.Module
+    head_trainable: list[str]  # head-local names of the parameters that train
+
+
+def _split(job: Job, recipe: Recipe) -> _Split:
+    """Call the strategy's ``split_model`` on the base model and check the contract: two modules
+    made of the model's own parameters, every trainable parameter in the head, and
+    ``head(trunk(x)) == model(x)`` in eval mode on a few records."""
+    base = job.base
+    with _strategy_code("split_model()"):
+        out = job.strategy.split_model(base)
+    if not (isinstance(out, tuple) and len(out) == 2
+            and all(isinstance(m, nn.Module) for m in out)):
+        got = type(out).__name__ if not isinstance(out, tuple) else \
+            f"({', '.join(type(m).__name__ for m in out)})"
+        raise StrategyError(
+            f"split_model(model) must return (trunk, head), two torch.nn.Module, got {got}"
+        )
+    trunk, head = out
+    full_name = {id(p): n for n, p in base.named_parameters()}
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    head_to_full: dict[str, str] = {}
+    for part, module in (("trunk", trunk), ("head", head)):
+        for local, p in module.named_parameters():
+            if id(p) not in full_name:
+                raise StrategyError(
+                    f"split_model(): {part} parameter {local!r} is not a parameter of the model; "
+                    "build trunk and head from the model's own modules"
+                )
+            if part == "head":
+                if id(p) in trunk_ids:
+                    raise StrategyError(
+                        f"split_model(): parameter {full_name[id(p)]!r} is in both trunk and head"
+                    )
+                head_to_full[local] = full_name[id(p)]
+    wanted = set(trainable_names(base, recipe))
+    in_trunk = sorted(n for n in wanted if id(base.get_parameter(n)) in trunk_ids)
+    if in_trunk:
+        raise StrategyError(
+            f"RECIPE['train'] selects trunk parameters {_short(in_trunk)}; with cache_features "
+            "the trunk is frozen and only head parameters may train"
+        )
+    outside = sorted(wanted - set(head_to_full.values()))
+    if outside:
+        raise StrategyError(
+            f"RECIPE['train'] selects parameters {_short(outside)} that are in neither trunk "
+            "nor head of split_model()"
+        )
+
+    x = job.train_x[:4] if len(job.train_x) else job.eval_x[:4]
+    base.eval()
+    trunk.eval()
+    head.eval()
+    with torch.no_grad():
+        with _strategy_code("model forward pass"):
+            ref = base(x)
+        with _strategy_code("split_model() trunk/head forward pass"):
+            got = head(trunk(x))
+    if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise StrategyError(
+            f"split_model(): head(trunk(x)) returned {shape}, model(x) {tuple(ref.shape)}"
+        )
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if not torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+        diff = float((got - ref).abs().max())
+        raise StrategyError(
+            f"split_model(): head(trunk(x)) must equal model(x) in eval mode; they differ by up "
+            f"to {diff:.3g} on {len(x)} records"
+        )
+    return _Split(trunk, head, [n for n, full in head_to_full.items() if full in wanted])
+
+
+def _features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's outputs for every record, eval mode, without autograd: ``[N, ...]``.
+
+    ``no_grad``, not ``inference_mode``: the head saves its inputs for the backward pass.
+    """
+    trunk.eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, max(len(x), 1), _FEATURE_BATCH):
+            xb = x[start : start + _FEATURE_BATCH]
+            with _strategy_code("trunk forward pass"):
+                f = trunk(xb)
+            if not isinstance(f, torch.Tensor) or f.ndim < 1 or f.shape[0] != len(xb):
+                shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise StrategyError(f"split_model()'s trunk must return [batch, ...], got {shape}")
+            outs.append(f)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _run_cached(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
+    recipe = job.strategy.recipe
+    assert recipe is not None
+    t = time.perf_counter()
+    split = _split(job, recipe)
+    train_f = _features(split.trunk, job.train_x)
+    # Builder records: only the rows some model of this job samples.
+    used = np.unique(np.concatenate([md.builder_rows for md in job.models] or [np.empty(0)]))
+    used = used.astype(np.int64)
+    builder_f = None
+    if len(used):
+        assert job.builder_x is not None
+        builder_f = _features(split.trunk, job.builder_x.index_select(
+            0, torch.from_numpy(used).to(job.device)))
+    queries = _tta_queries(job.eval_x, job.strategy.tta)
+    eval_f = [train_f if q is job.eval_x and job.eval_is_train else _features(split.trunk, q)
+              for q in queries]
+    timings["features_s"] += time.perf_counter() - t
+
+    data = []
+    for md in job.models:
+        idx = torch.from_numpy(md.train_rows).to(job.device)
+        x, y = train_f.index_select(0, idx), job.train_y.index_select(0, idx)
+        if len(md.builder_rows):
+            assert builder_f is not None and job.builder_y is not None
+            pos = torch.from_numpy(np.searchsorted(used, md.builder_rows)).to(job.device)
+            x = torch.cat([x, builder_f.index_select(0, pos)])
+            y = torch.cat([y, job.builder_y.index_select(
+                0, torch.from_numpy(md.builder_rows).to(job.device))])
+        data.append((x, y, md.seed))
+
+    phi = np.empty((len(job.models), len(job.eval_x)), dtype=np.float64)
+    done = 0
+
+    def finish(row: int, head: nn.Module) -> None:
+        nonlocal done
+        t = time.perf_counter()
+        total = np.zeros(len(job.eval_x), dtype=np.float64)
+        for f in eval_f:  # the same sum and division as compute_phi's test-time queries
+            total += compute_phi(head, f, job.eval_y)
+        phi[row] = total / len(eval_f)
+        timings["phi_s"] += time.perf_counter() - t
+        done += 1
+        if job.progress is not None:
+            job.progress(done, len(job.models))
+
+    t = time.perf_counter()
+    if plan.stacked:
+        for row, head in _train_stacked(split.head, data, recipe, split.head_trainable):
+            timings["train_s"] += time.perf_counter() - t
+            finish(row, head)
+            t = time.perf_counter()
+        return phi
+    for row, (x, y, seed) in enumerate(data):
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        head = copy.deepcopy(split.head)
+        train_with_recipe(head, x, y, recipe, rng=np.random.default_rng([seed, 1]),
+                          trainable=split.head_trainable)
+        timings["train_s"] += time.perf_counter() - t
+        finish(row, head)
+    return phi

@@ -1,0 +1,311 @@
+"""ftps.ml.engines: the engine rule, stacked (torch.func) and cached-feature training agree with
+the sequential engine, the cache_features contract, and the shipped strategies (in-process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ftps.ml import engine as engine_mod
+from ftps.ml import engines
+from ftps.ml.engine import (
+    _make_optimizer,
+    finetune_and_score,
+    prefer_channels_last,
+    save_weights,
+)
+from ftps.ml.engines import EnginePlan, plan_engine
+from ftps.ml.strategy import EngineError, StrategyError, load_strategy, parse_recipe
+from tests.conftest import ROOT, digits_records
+
+NET = """
+from torch import nn
+INPUT_SHAPE = (1, 8, 8)
+def build_model():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 32), nn.ReLU(),
+                         nn.Linear(32, 10))
+def split_model(model):
+    return model[:5], model[5:]
+"""
+# BatchNorm, augmentation, test-time queries: everything the stacked engine must get right.
+FULL = NET + ('RECIPE = {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "epochs": 3,'
+              ' "batch_size": 8, "augment": ["hflip", "random-crop:1"], "tta": ["hflip"]}\n')
+CACHED = NET + ('RECIPE = {"optimizer": "adam", "lr": 0.01, "epochs": 3, "batch_size": 8,'
+                ' "train": ["5.", "7."], "cache_features": True, "tta": ["hflip"]}\n')
+UNCACHED = CACHED.replace('"cache_features": True', '"cache_features": False')
+FREE_FORM = NET + "def finetune(model, x, y, *, seed, device):\n    return model\n"
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def weights() -> bytes:
+    torch.manual_seed(0)
+    return save_weights(load_strategy(FULL).build_model())
+
+
+@pytest.fixture(scope="module")
+def job(digits_splits):
+    """41 records (odd: two training-set sizes, so two stacked groups), 6 models, a builder mix."""
+    x, y = digits_records(digits_splits, 41, seed=5)
+    rng = np.random.default_rng(0)
+    models = []
+    for k in range(3):
+        half = rng.random(len(x)) < 0.5
+        models += [(2 * k, 10 + 2 * k, half), (2 * k + 1, 11 + 2 * k, ~half)]
+    bx, by = digits_splits["builder"]
+    return dict(train_x=x, train_y=y, eval_x=x, eval_y=y, models=models, builder_x=bx,
+                builder_y=by, builder_mix=5)
+
+
+def run(source, weights, job, engine=None, **kw):
+    info: dict = {}
+    phi = finetune_and_score(strategy_source=source, base_weights=weights, engine=engine,
+                             info=info, **{**job, **kw})
+    return phi, info
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_engine_rule_by_device_and_strategy(monkeypatch):
+    monkeypatch.delenv("FTPS_ENGINE", raising=False)
+    full, cached, free = load_strategy(FULL), load_strategy(CACHED), load_strategy(FREE_FORM)
+    assert plan_engine(full, CPU).name == "sequential"
+    assert plan_engine(full, CUDA).name == "stacked"
+    assert plan_engine(cached, CPU).name == "cached"
+    assert plan_engine(cached, CUDA).name == "cached-stacked"
+    assert plan_engine(free, CPU).name == plan_engine(free, CUDA).name == "sequential"
+    # Requests choose how the models train; caching follows the recipe either way.
+    assert plan_engine(full, CPU, "stacked") == EnginePlan("stacked", "requested")
+    assert plan_engine(cached, CUDA, "sequential").name == "cached"
+    monkeypatch.setenv("FTPS_ENGINE", "stacked")
+    assert plan_engine(full, CPU).name == "stacked"
+    with pytest.raises(EngineError, match="engine must be one of"):
+        plan_engine(full, CPU, "fastest")
+    with pytest.raises(StrategyError, match="stacked engine needs a RECIPE"):
+        plan_engine(free, CPU, "stacked")
+
+
+def test_fused_optimizers_on_cpu():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("adam", "adamw", "sgd"):
+        recipe = parse_recipe({"optimizer": name, "lr": 0.1, "epochs": 1, "batch_size": 1})
+        assert _make_optimizer(params, recipe).defaults["fused"] is True
+
+
+def test_channels_last_only_where_it_works():
+    x = torch.rand(2, 1, 8, 8)
+    assert prefer_channels_last(load_strategy(FULL).build_model(), x)
+    assert not prefer_channels_last(load_strategy(FULL).build_model(), x.flatten(1))
+
+    class Viewing(torch.nn.Module):  # .view cannot take a channels-last tensor
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.fc(z.view(z.shape[0], -1))
+
+    assert not prefer_channels_last(Viewing(), x)
+
+
+# --------------------------------------------------------------------------- engines agree
+
+
+def test_stacked_matches_sequential(weights, job):
+    seq, seq_info = run(FULL, weights, job, "sequential")
+    stacked, info = run(FULL, weights, job, "stacked")
+    assert (seq_info["engine"], info["engine"]) == ("sequential", "stacked")
+    # Same batches, augmentation and optimizer maths per model: equal up to float rounding.
+    np.testing.assert_allclose(stacked, seq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(stacked, run(FULL, weights, job, "stacked")[0])
+    # Adam's normalisation amplifies rounding (BatchNorm too); still the same models.
+    adam = FULL.replace('"optimizer": "sgd", "momentum": 0.9, "lr": 0.05',
+                        '"optimizer": "adamw", "lr": 0.003')
+    assert adam != FULL
+    a, b = run(adam, weights, job, "sequential")[0], run(adam, weights, job, "stacked")[0]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_cached_features_match_recomputed_features(weights, job, monkeypatch):
+    calls = []
+    features = engines._features
+    monkeypatch.setattr(engines, "_features",
+                        lambda trunk, x: calls.append(len(x)) or features(trunk, x))
+    cached, info = run(CACHED, weights, job, "sequential")
+    assert info["engine"] == "cached" and info["features_s"] > 0
+    # The trunk ran once per job: train records, the builder rows some model samples, the
+    # flipped eval records (the unflipped ones are the train records' features).
+    assert len(calls) == 3 and calls[0] == len(job["train_x"]) and calls[1] <= 6 * 5
+    recomputed, info = run(UNCACHED, weights, job, "sequential")
+    assert info["engine"] == "sequential"
+    np.testing.assert_allclose(cached, recomputed, rtol=1e-5, atol=1e-5)
+    stacked, info = run(CACHED, weights, job, "stacked")
+    assert info["engine"] == "cached-stacked"
+    np.testing.assert_allclose(stacked, cached, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(cached, run(CACHED, weights, job)[0])  # deterministic
+
+
+def test_a_model_vmap_cannot_run_falls_back_or_fails(weights, job, monkeypatch):
+    source = FULL.replace("def split_model", """
+class Item(nn.Module):
+    def forward(self, x):
+        return x * float(x.sum().item() > -1e9)  # .item(): data-dependent, vmap refuses
+_build = build_model
+def build_model():
+    return nn.Sequential(Item(), *_build())
+def split_model""")
+    with pytest.raises(StrategyError, match="stacked engine cannot run this model"):
+        run(source, weights_for(source), job, "stacked")
+    # Under the rule ("auto" on CUDA) the job runs sequentially instead.
+    monkeypatch.setattr(engines, "plan_engine",
+                        lambda strategy, device, requested: EnginePlan("stacked", "rule for cuda"))
+    phi, info = run(source, weights_for(source), job)
+    assert info["engine"] == "sequential" and "vmap cannot run" in info["engine_reason"]
+    assert np.isfinite(phi).all()
+
+
+def weights_for(source: str) -> bytes:
+    torch.manual_seed(0)
+    return save_weights(load_strategy(source).build_model())
+
+
+def test_free_form_strategies_run_sequentially(weights, job):
+    phi, info = run(FREE_FORM, weights, job)
+    assert info["engine"] == "sequential" and not info["channels_last"]
+    assert phi.shape == (6, 41)
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    (NET + 'RECIPE = {"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 8,'
+     ' "cache_features": True}\n', r"RECIPE\['cache_features'\] freezes the trunk"),
+    (CACHED.replace('"tta": ["hflip"]', '"augment": ["hflip"]'),
+     r"cannot be combined with augment \['hflip'\]"),
+    (CACHED.replace('"cache_features": True', '"cache_features": 1'),
+     r"RECIPE\['cache_features'\] must be true or false"),
+    (CACHED.replace("def split_model", "def _unused"), r"needs split_model\(model\)"),
+    (CACHED + "split_model = 3\n", "split_model is not callable"),
+])
+def test_invalid_cache_features_recipes(source, message):
+    with pytest.raises(StrategyError, match=message):
+        load_strategy(source)
+
+
+@pytest.mark.parametrize(("split", "message"), [
+    ("return model[:5]", r"must return \(trunk, head\), two torch.nn.Module, got Sequential"),
+    ("return model[:5], 3", r"got \(Sequential, int\)"),
+    ("return model[:5], model[6:]",
+     r"RECIPE\['train'\] selects parameters \['5.bias', '5.weight'\] that are in neither"),
+    ("return model[:4], model[5:]",
+     r"split_model\(\) trunk/head forward pass raised RuntimeError"),
+    ("return model[:5], nn.Sequential(model[5], model[7])",  # the ReLU left out
+     r"head\(trunk\(x\)\) must equal model\(x\) in eval mode; they differ by up to"),
+    ("return model[:6], model[5:]", r"in both trunk and head"),
+    ("return model[:5], nn.Sequential(model[5], nn.ReLU(), nn.Linear(32, 10))",
+     r"head parameter '2.weight' is not a parameter of the model"),
+])
+def test_split_model_contract_is_checked(split, message, weights, job):
+    source = CACHED.replace("return model[:5], model[5:]", split)
+    with pytest.raises(StrategyError, match=message):
+        run(source, weights, job)
+
+
+def test_trainable_parameters_must_lie_in_the_head(weights, job):
+    source = CACHED.replace('"train": ["5.", "7."]', '"train": ["0.", "7."]')
+    with pytest.raises(StrategyError, match=r"selects trunk parameters \['0.bias', '0.weight'\]"):
+        run(source, weights, job)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def _strategy(name: str):
+    return load_strategy((ROOT / "clients" / "strategies" / name).read_text())
+
+
+def test_lastblock_strategy_shares_the_demo_base_model():
+    full, last = _strategy("fmnist_cnn.py"), _strategy("fmnist_cnn_lastblock.py")
+    a, b = full.build_model().state_dict(), last.build_model().state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert last.recipe.cache_features and last.recipe.train == ("7.", "9.")
+    assert not last.pretrain_recipe.cache_features and last.pretrain_recipe.train == "all"
+    model = last.build_model().eval()
+    trunk, head = last.split_model(model)
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(head(trunk(x)), model(x))
+    assert trunk(x).shape == (3, 32 * 7 * 7)
+
+
+def test_lastblock_strategy_runs_on_the_cached_engine(digits_splits):
+    last = (ROOT / "clients" / "strategies" / "fmnist_cnn_lastblock.py").read_text()
+    torch.manual_seed(0)
+    w = save_weights(load_strategy(last).build_model())
+    x = np.random.default_rng(0).random((20, 1, 28, 28), dtype=np.float32)
+    y = np.arange(20, dtype=np.int64) % 10
+    models = [(0, 1, np.arange(20) % 2 == 0), (1, 2, np.arange(20) % 2 == 1)]
+    phi, info = run(last, w, dict(train_x=x, train_y=y, eval_x=x, eval_y=y, models=models))
+    assert info["engine"] == "cached" and phi.shape == (2, 20) and np.isfinite(phi).all()
+
+
+def test_cifar_resnet18_strategy():
+    s = _strategy("cifar_resnet18.py")
+    assert s.input_shape == (3, 32, 32) and s.num_classes == 10
+    model = s.build_model()
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    trunk, head = s.split_model(model)
+    torch.testing.assert_close(head(trunk(x)), model(x))
+    assert s.recipe.augment == ("hflip", "random-crop:4") and s.recipe.tta == ("hflip",)
+
+
+def test_cifar_resnet18_fine_tunes_from_uploaded_weights():
+    source = (ROOT / "clients" / "strategies" / "cifar_resnet18.py").read_text()
+    torch.manual_seed(0)
+    w = save_weights(load_strategy(source).build_model())
+    x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+    y = np.arange(8, dtype=np.int64)
+    phi, info = run(source, w, dict(train_x=x, train_y=y, eval_x=x, eval_y=y,
+                                     models=[(0, 1, np.arange(8) < 4)]))
+    assert info["engine"] == "sequential" and np.isfinite(phi).all()
+
+
+def test_engine_version_is_exported():
+    assert engine_mod.ENGINE_VERSION
+
+
+def test_cifar10_python_batches_load_without_unpickling_code(tmp_path):
+    import pickle
+
+    from ftps.ml.datasets import load_cifar10
+    from ftps.ml.strategy import RecordsError
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 1, 4, 1], b"data": data,
+             b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    x, y = load_cifar10(tmp_path, "test")
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.float32 and x.max() <= 1.0
+    np.testing.assert_array_equal(y, [3, 1, 4, 1])
+    np.testing.assert_allclose(x[2, 1, 0, 5], data[2, 1024 + 5] / 255.0)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    import os
+
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(RecordsError, match="refers to posix.system"):
+        load_cifar10(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        load_cifar10(tmp_path, "train")
