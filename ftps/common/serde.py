@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -19,6 +20,7 @@ _TO_NUMPY = {
 _FROM_NUMPY = {v: k for k, v in _TO_NUMPY.items()}
 
 MAX_TENSOR_DIMS = 8
+MAX_DIM = 2**31  # numpy refuses larger shapes even for empty arrays
 
 
 def tensor_from_array(a: np.ndarray) -> common_pb2.Tensor:
@@ -34,10 +36,10 @@ def array_from_tensor(t: common_pb2.Tensor, *, field: str = "tensor") -> np.ndar
     """Decode a Tensor, checking dtype, shape and byte count (InvalidArgument names ``field``)."""
     if t.dtype not in _TO_NUMPY:
         raise InvalidArgument(f"{field}.dtype: unsupported or unset dtype {t.dtype}")
-    if len(t.shape) > MAX_TENSOR_DIMS or any(d < 0 for d in t.shape):
+    if len(t.shape) > MAX_TENSOR_DIMS or any(d < 0 or d > MAX_DIM for d in t.shape):
         raise InvalidArgument(f"{field}.shape: invalid shape {list(t.shape)}")
     dtype = _TO_NUMPY[t.dtype]
-    count = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+    count = math.prod(t.shape)  # Python ints: no overflow
     if count * dtype.itemsize != len(t.data):
         raise InvalidArgument(
             f"{field}.data: {len(t.data)} bytes do not match shape {list(t.shape)} of {dtype.name}")

@@ -132,3 +132,9 @@ def test_unknown_ids_everywhere(stack):
     with pytest.raises(grpc.RpcError) as e:
         gw.GetRound(gateway_pb2.GetRoundRequest(round_id="a/../../b"), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_huge_dimensions_of_an_empty_tensor_are_refused():
+    t = common_pb2.Tensor(shape=[0, 1024, 1024, 2**40], dtype=common_pb2.DTYPE_FLOAT32, data=b"")
+    with pytest.raises(InvalidArgument, match="records.x.shape"):
+        serde.array_from_tensor(t, field="records.x")
