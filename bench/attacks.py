@@ -460,14 +460,9 @@ def write_outputs(res: dict, out: Path, *, meta: dict, text: str) -> list[Path]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench import cpu_name
+
+    cpu = cpu_name()
     cpus = len(os.sched_getaffinity(0))
     return f"{cpu}, {cpus} CPUs available, {platform.system()} {platform.release()}"
 

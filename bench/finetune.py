@@ -32,7 +32,6 @@ import contextlib
 import csv
 import io
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -353,14 +352,9 @@ print(write, first, (time.perf_counter() - t) / 5)
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench import cpu_name
+
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {len(os.sched_getaffinity(0))} CPUs available, load average "
             f"{load:.1f} at the end")

@@ -220,6 +220,20 @@ class _Figures:
 
 # -- html ---------------------------------------------------------------------------------------
 
+# Score, thumbnail and risk-badge styles, shared with the web client (clients/web/static.py).
+SCORE_CSS = """.score{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums}
+.ci{color:#5b6475;font-size:14px;margin-left:6px;font-variant-numeric:tabular-nums}
+.thumb{width:72px;height:72px;border:1px solid #d5d9e0;image-rendering:pixelated;background:#fff}
+.nothumb{width:72px;height:72px;border:1px dashed #c9ced8;color:#8a92a3;font-size:11px;display:flex;
+align-items:center;justify-content:center;text-align:center}
+"""
+BADGE_CSS = """.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;
+vertical-align:middle;white-space:nowrap}
+.high{background:#fbd9d6;color:#9b1209}.elevated{background:#ffedc9;color:#7d4a00}
+.chance{background:#e3f2e7;color:#1d6532}.below{background:#e6ebf5;color:#34496e}
+.uncertain{background:#eceef2;color:#4a5263}
+"""
+
 _CSS = """
 *{box-sizing:border-box}
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2330;
@@ -253,18 +267,8 @@ border:1px solid #e1e4ea;border-radius:8px;padding:14px 16px;margin:12px 0;align
 .record h3{margin:0 0 2px;font-size:15px;word-break:break-all}
 .record .reading{margin:8px 0 6px;font-size:15px}
 .record .facts{color:#5b6475;font-size:13px}
-.score{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums}
-.ci{color:#5b6475;font-size:14px;margin-left:6px;font-variant-numeric:tabular-nums}
-.thumb{width:72px;height:72px;border:1px solid #d5d9e0;image-rendering:pixelated;background:#fff}
-.nothumb{width:72px;height:72px;border:1px dashed #c9ced8;color:#8a92a3;font-size:11px;display:flex;
-align-items:center;justify-content:center;text-align:center}
-td .thumb{width:48px;height:48px}
-.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;
-vertical-align:middle;white-space:nowrap}
-.high{background:#fbd9d6;color:#9b1209}.elevated{background:#ffedc9;color:#7d4a00}
-.chance{background:#e3f2e7;color:#1d6532}.below{background:#e6ebf5;color:#34496e}
-.uncertain{background:#eceef2;color:#4a5263}
-svg.iv{vertical-align:middle}
+"""+SCORE_CSS+"""td .thumb{width:48px;height:48px}
+"""+BADGE_CSS+"""svg.iv{vertical-align:middle}
 details summary{cursor:pointer;font-weight:600;margin:8px 0}
 footer{color:#7a8294;font-size:12px;margin-top:40px}
 @media (max-width:980px){.record{grid-template-columns:84px minmax(0,1fr)}

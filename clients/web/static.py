@@ -5,6 +5,8 @@ progress bars. Every form also works without it (plain POST, then a redirect). T
 no inline script or style (Content-Security-Policy), so everything lives here.
 """
 
+from clients.reports import BADGE_CSS, SCORE_CSS
+
 CSS = """
 *{box-sizing:border-box}
 [hidden]{display:none !important}
@@ -75,18 +77,8 @@ border:1px solid #e1e4ea;border-radius:8px;padding:12px 16px;margin:10px 0;align
 .record h3{margin:0 0 2px;font-size:14px;word-break:break-all}
 .record .reading{margin:6px 0;font-size:15px}
 .record .facts{color:#5b6475;font-size:13px}
-.score{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums}
-.ci{color:#5b6475;font-size:14px;margin-left:6px;font-variant-numeric:tabular-nums}
-.thumb{width:72px;height:72px;border:1px solid #d5d9e0;image-rendering:pixelated;background:#fff}
-.nothumb{width:72px;height:72px;border:1px dashed #c9ced8;color:#8a92a3;font-size:11px;display:flex;
-align-items:center;justify-content:center;text-align:center}
-td .thumb{width:44px;height:44px}
-.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;
-vertical-align:middle;white-space:nowrap}
-.high{background:#fbd9d6;color:#9b1209}.elevated{background:#ffedc9;color:#7d4a00}
-.chance{background:#e3f2e7;color:#1d6532}.below{background:#e6ebf5;color:#34496e}
-.uncertain{background:#eceef2;color:#4a5263}
-.state{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;background:#e6ebf5;
+"""+SCORE_CSS+"""td .thumb{width:44px;height:44px}
+"""+BADGE_CSS+""".state{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;background:#e6ebf5;
 color:#34496e}
 .state.done,.state.scored{background:#e3f2e7;color:#1d6532}.state.failed{background:#fbd9d6;color:#9b1209}
 .state.running,.state.finetuning,.state.scoring,.state.preparing,.state.in_round{background:#fff1cc;color:#7d4a00}
