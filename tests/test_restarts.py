@@ -108,8 +108,6 @@ def test_scorer_restart_mid_round_resumes_the_round(stack):
     c.close()
 
 
-# Passes alone; failed once in a full-suite run (under investigation): runs under `make test-slow`.
-@pytest.mark.slow
 def test_gateway_restart_mid_round_reattaches(stack):
     c, sub, round_id = _submit_and_get_round(stack)
     _wait_models(stack, round_id, 1)

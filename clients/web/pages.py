@@ -384,6 +384,18 @@ def stat_cards(scores: Sequence[common_pb2.RecordScore], extra: Sequence[str] = 
             + "".join(extra) + "</div>")
 
 
+def ended_round_rows(scores: Sequence[common_pb2.RecordScore], followed: Sequence[RoundView]) -> str:
+    """Rows for the rounds that scored these records and that this session did not follow live
+    (started elsewhere, or ended before the page looked): shown as done, like a followed one."""
+    seen = {r.round_id for r in followed}
+    counts: dict[str, int] = {}
+    for x in scores:
+        if x.round_id not in seen:
+            counts[x.round_id] = counts.get(x.round_id, 0) + 1
+    return "".join(live_row({"key": f"round-{r}", "state": "done", "text": f"round {r}: done — {n} records",
+                             "count": ""}) for r, n in sorted(counts.items()))
+
+
 def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequence[common_pb2.RecordScore],
                           *, dataset: str | None, page: int, subs: Sequence[SubmissionView],
                           rounds: Sequence[RoundView], scores_error: str = "") -> str:
@@ -405,7 +417,7 @@ def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequen
                     f'<td class="num">{len(s.record_ids)}</td>'
                     f'<td><span class="state {e(state)}">{e(state.replace("_", " "))}</span></td>'
                     f'<td class="mono label">{e(s.round_id or "—")}</td></tr>')
-    rows = "".join(live_row(r.item()) for r in rounds)
+    rows = "".join(live_row(r.item()) for r in rounds) + ended_round_rows(scores, rounds)
     body += '<h2>Your submissions and rounds</h2><div id="live">'
     if subs:
         body += ('<table><tr><th>submission</th><th>from</th><th class="num">records</th><th>state</th>'
@@ -528,12 +540,8 @@ def builder_task_page(session: Session, t: registry_pb2.Task, *, dataset: str | 
     # Rounds.
     body += f'<h2><span class="{ok if scored and scored.scores else "step"}">3</span>Rounds</h2><div class="panel">'
     body += "".join(live_row(r.item()) for r in rounds)
-    followed = {r.round_id for r in rounds}
     if scored is not None:
-        rids = sorted({x.round_id for x in scored.scores} - followed)
-        counts = {r: sum(1 for x in scored.scores if x.round_id == r) for r in rids}
-        body += "".join(live_row({"key": f"round-{r}", "state": "done", "text": f"round {r}: done — {counts[r]} records",
-                                  "count": ""}) for r in rids)
+        body += ended_round_rows(scored.scores, rounds)
     body += (f'<form method="post" action="/tasks/{tid}/rounds" class="inline">{csrf_field(session)}'
              '<input type="hidden" name="force" value="1"><button type="submit">Start a round now with the pending '
              'records</button></form> '

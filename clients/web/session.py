@@ -320,6 +320,14 @@ class Session:
                     self._closed.wait(2.0)
                     continue
                 return
+            if sub.round_id and sub.round_id != followed:
+                # Follow the round even when it already ended between two polls (a fast round): its
+                # watcher gets the final status at once and publishes it with the submission's state.
+                followed = sub.round_id
+                if sub.round_id not in self.rounds:
+                    self.follow_round(sub.task_id, common_pb2.RoundStatus(
+                        task_id=sub.task_id, round_id=sub.round_id, state=common_pb2.ROUND_STATE_PENDING))
+                continue
             view = self.submissions.get(sub_id)
             watched = self.rounds.get(sub.round_id)
             if (sub.state == gateway_pb2.SUBMISSION_STATE_SCORED and watched is not None
@@ -333,10 +341,6 @@ class Session:
                     self.changed.notify_all()
             if sub.state == gateway_pb2.SUBMISSION_STATE_SCORED:
                 return
-            if sub.round_id and sub.round_id != followed:
-                followed = sub.round_id
-                self.follow_round(sub.task_id, common_pb2.RoundStatus(
-                    task_id=sub.task_id, round_id=sub.round_id, state=common_pb2.ROUND_STATE_PENDING))
             self._closed.wait(1.0)
 
     # -- the live stream ------------------------------------------------------------------------

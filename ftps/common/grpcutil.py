@@ -158,7 +158,12 @@ class Server:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._on_stop: list[Callable[[], None]] = []
         self.port: int | None = None
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """``fn`` runs when the server stops (background threads of the service end with it)."""
+        self._on_stop.append(fn)
 
     def add(self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any, service_name: str) -> None:
         add_fn(servicer, self.grpc_server)
@@ -183,6 +188,8 @@ class Server:
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        for fn in self._on_stop:
+            fn()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()

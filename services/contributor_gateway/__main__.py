@@ -58,6 +58,7 @@ def create_server(settings: GatewaySettings) -> grpcutil.Server:
     server = security.server(max_message_mb=settings.max_message_mb)
     server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
                ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
+    server.on_stop(gateway.close)
     return server
 
 

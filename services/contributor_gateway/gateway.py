@@ -90,7 +90,12 @@ class Gateway:
         self._subs: dict[str, gateway_pb2.Submission] = {}
         self._submit_locks: dict[tuple[str, str], threading.Lock] = {}
         self._rounds: dict[str, RoundEntry] = {}
+        self._closed = threading.Event()
         self._load()
+
+    def close(self) -> None:
+        """Stop following rounds (the server stopped; a new gateway re-attaches from storage)."""
+        self._closed.set()
 
     # -- persistence ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -296,9 +301,11 @@ class Gateway:
 
     def _watch_scorer(self, entry: RoundEntry) -> None:
         delay = 0.5
-        while True:
+        while not self._closed.is_set():
             try:
                 for status in self._scorer.watch_round(entry.round_id):
+                    if self._closed.is_set():
+                        return
                     if status.state == common_pb2.ROUND_STATE_DONE:
                         result = self._scorer.get_result(entry.round_id)
                         self._finish(entry, result.status, result)
@@ -314,7 +321,8 @@ class Gateway:
                 return
             except FtpsError as exc:
                 log.warning("round %s: lost the scorer (%s); reconnecting in %.1fs", entry.round_id, exc, delay)
-            time.sleep(delay)
+            if self._closed.wait(delay):
+                return
             delay = min(delay * 2, 10.0)
 
     def get_round(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundResult:
