@@ -15,6 +15,7 @@ from ftps.v1 import (common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, re
 
 CHUNK = 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
+CHECK_TIMEOUT = 300.0  # an upload's model check in a worker's sandbox
 LONG_TIMEOUT = 6 * 3600.0  # the preparation stage fine-tunes k models before it answers
 
 KIND_NAMES = {
@@ -50,10 +51,13 @@ class BuilderClient:
         return list(self.registry.ListTasks(registry_pb2.ListTasksRequest(), timeout=DEFAULT_TIMEOUT).tasks)
 
     def upload(self, task_id: str, kind: int, data: bytes,
-               progress: Callable[[int, int], None] | None = None) -> common_pb2.BlobRef:
-        """Chunked client stream: header (declared size and sha256), then 1 MiB chunks."""
+               progress: Callable[[int, int], None] | None = None, *,
+               defer_check: bool = False) -> common_pb2.BlobRef:
+        """Chunked client stream: header (declared size and sha256), then 1 MiB chunks. A base
+        model or strategy is checked against the task's other half before the call returns
+        (FAILED_PRECONDITION if they do not fit) unless ``defer_check``."""
         header = registry_pb2.UploadHeader(task_id=task_id, kind=kind, size=len(data),
-                                           sha256=hashlib.sha256(data).hexdigest())
+                                           sha256=hashlib.sha256(data).hexdigest(), defer_check=defer_check)
 
         def messages() -> Iterator[registry_pb2.UploadBlobRequest]:
             yield registry_pb2.UploadBlobRequest(header=header)
@@ -62,7 +66,7 @@ class BuilderClient:
                 if progress:
                     progress(min(start + CHUNK, len(data)), len(data))
 
-        return self.registry.UploadBlob(messages(), timeout=max(DEFAULT_TIMEOUT, len(data) / 1e6))
+        return self.registry.UploadBlob(messages(), timeout=max(DEFAULT_TIMEOUT, len(data) / 1e6) + CHECK_TIMEOUT)
 
     def prepare_offline(self, task_id: str, *, refit: bool = False) -> common_pb2.OfflineGaussian:
         return self.scorer.PrepareOffline(scorer_pb2.PrepareOfflineRequest(task_id=task_id, refit=refit),

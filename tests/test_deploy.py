@@ -404,7 +404,8 @@ def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
     flows = {(s, d, port) for s in pods for d in pods for port in pods[d]["ports"]
              if connects(pods[s], pods[d], port)}
     expected = {("contributor-gateway", "builder-registry", 50052), ("contributor-gateway", "lira-scorer", 50053),
-                ("lira-scorer", "builder-registry", 50052), ("lira-scorer", "finetune-worker", 50054)}
+                ("lira-scorer", "builder-registry", 50052), ("lira-scorer", "finetune-worker", 50054),
+                ("builder-registry", "finetune-worker", 50054)}  # upload checks
     expected |= {(s, "minio", 9000) for s in pods}
     assert flows == expected, f"unexpected: {sorted(flows - expected)}; missing: {sorted(expected - flows)}"
 

@@ -159,6 +159,7 @@ def _builder_setup(page, tokens, shots, digits_base_weights) -> str:
     page.wait_for_selector("img[alt='the offline Gaussian']", timeout=ROUND_TIMEOUT_MS)
     html = clean(page, tokens["builder"])
     assert "k (shadow models)" in html and "offline Gaussian fitted" in html
+    assert "fits strategy v1: checked in a worker's sandbox (10 classes" in html
     _wait_images(page)
     page.screenshot(path=str(shots / "builder-1-prepared.png"), full_page=True)
     return tid

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--task", required=True)
     u.add_argument("--kind", required=True, choices=list(KIND_NAMES))
     u.add_argument("file", type=Path)
+    u.add_argument("--defer-check", action="store_true",
+                   help="base model or strategy: do not check it against the task's current other half now; "
+                        "the other half's upload checks the pair (changing the architecture needs both)")
     u.add_argument("--json", action="store_true")
 
     t = sub.add_parser("tasks", help="list tasks")
@@ -121,13 +124,33 @@ def cmd_upload(args) -> int:
     with Progress(TextColumn(f"uploading {args.file.name}"), BarColumn(), DownloadColumn(),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("upload", total=len(data))
-        ref = _client(args).upload(args.task, KIND_NAMES[args.kind], data,
-                                   progress=lambda done, total: progress.update(bar, completed=done))
+        client = _client(args)
+        ref = client.upload(args.task, KIND_NAMES[args.kind], data, defer_check=args.defer_check,
+                            progress=lambda done, total: progress.update(bar, completed=done))
+    check = None
+    if KIND_NAMES[args.kind] in (common_pb2.BLOB_KIND_BASE_MODEL, common_pb2.BLOB_KIND_STRATEGY):
+        c = client.get_task(args.task).model_check
+        if ref.sha256 in (c.base_model_sha256, c.strategy_sha256):
+            check = _check_dict(c)
     if args.json:
-        print_json({"key": ref.key, "sha256": ref.sha256, "size": ref.size, "version": ref.version})
+        print_json({"key": ref.key, "sha256": ref.sha256, "size": ref.size, "version": ref.version,
+                    "model_check": check})
     else:
         print(f"{args.kind} v{ref.version} stored: {ref.size} bytes, sha256 {ref.sha256[:16]}...")
+        if check is not None:
+            print(f"checked in a worker's sandbox: the base model fits the strategy ({check['num_classes']} classes, "
+                  f"{check['parameters']:,} parameters, {check['seconds']:.1f} s on {check['device']})")
+        elif KIND_NAMES[args.kind] in (common_pb2.BLOB_KIND_BASE_MODEL, common_pb2.BLOB_KIND_STRATEGY):
+            print("not checked yet: the task's other half (base model / strategy) is checked with it on its upload")
     return 0
+
+
+def _check_dict(c) -> dict | None:
+    if not c.checked_at:
+        return None
+    return {"base_model_sha256": c.base_model_sha256, "strategy_sha256": c.strategy_sha256,
+            "num_classes": c.num_classes, "parameters": c.parameters, "device": c.device,
+            "seconds": round(c.seconds, 3), "checked_at": c.checked_at}
 
 
 def _task_dict(t) -> dict:
@@ -136,7 +159,8 @@ def _task_dict(t) -> dict:
             "created_at": t.created_at, "n_models": s.n_models, "batch_threshold": s.batch_threshold,
             "method": serde.METHOD_NAMES.get(s.method, ""), "shadow_models": s.shadow_models,
             "record_shape": list(s.record_shape), "num_classes": s.num_classes,
-            "uploads": {k: (getattr(t, k).version or None) for k in ("base_model", "strategy", "builder_data")}}
+            "uploads": {k: (getattr(t, k).version or None) for k in ("base_model", "strategy", "builder_data")},
+            "model_check": _check_dict(t.model_check)}
 
 
 def cmd_tasks(args) -> int:

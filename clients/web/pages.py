@@ -504,7 +504,21 @@ def builder_assets(session: Session, t: registry_pb2.Task, dataset: str | None) 
         f'accept=".npz">{upload_progress()}<button type="submit">Upload builder data</button>'
         + (' <button type="submit" class="secondary" name="demo" value="1" formnovalidate>Use the demo builder split '
            f"({e(dataset)}, up to {assets.BUILDER_DATA_MAX} records)</button>" if dataset else "") + "</form></div>")
-    return base + strategy + data
+    return model_check_note(t) + base + strategy + data
+
+
+def model_check_note(t: registry_pb2.Task) -> str:
+    """Whether the current base model was checked against the current strategy (in a worker's sandbox)."""
+    c = t.model_check
+    if not (t.base_model.key and t.strategy.key):
+        return ""
+    if c.base_model_sha256 == t.base_model.sha256 and c.strategy_sha256 == t.strategy.sha256:
+        return (f'<p class="note model-check ok">✓ Base model v{t.base_model.version} fits strategy v{t.strategy.version}: '
+                f"checked in a worker's sandbox ({c.num_classes} classes, {c.parameters:,} parameters, "
+                f"{c.seconds:.1f} s on {e(c.device)}).</p>")
+    return (f'<p class="note model-check">Base model v{t.base_model.version} and strategy v{t.strategy.version} '
+            "have not been checked together (uploaded with the check deferred, or the registry has no worker to "
+            "check with): upload one of them again.</p>")
 
 
 def builder_task_page(session: Session, t: registry_pb2.Task, *, dataset: str | None,

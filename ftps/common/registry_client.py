@@ -6,7 +6,7 @@ from typing import Callable
 
 import grpc
 
-from ftps.common.errors import from_rpc_error
+from ftps.common.errors import FailedPrecondition, from_rpc_error
 from ftps.v1 import registry_pb2, registry_pb2_grpc
 
 
@@ -22,3 +22,14 @@ def registry_getter(channel: grpc.Channel, *, timeout: float = 30.0) -> Callable
             raise from_rpc_error(exc, context="registry") from exc
 
     return get_task
+
+
+def require_ready(task: registry_pb2.Task) -> None:
+    """FailedPrecondition unless the task's uploads are all in (and its base model was checked
+    against its strategy, where the registry checks models)."""
+    missing = [f for f in ("base_model", "strategy", "builder_data") if not getattr(task, f).key]
+    if missing:
+        raise FailedPrecondition(f"task {task.task_id} is missing uploads: {', '.join(missing)}")
+    if not task.ready:
+        raise FailedPrecondition(f"task {task.task_id}: its base model was not checked against its strategy "
+                                 "(uploaded with defer_check): upload one of them again")

@@ -46,6 +46,7 @@ from ftps.ml.strategy import (
 )
 
 __all__ = [
+    "CHECK_ONLY",
     "ENGINE_VERSION",
     "ModelData",
     "ModelSpec",
@@ -536,6 +537,10 @@ def model_data(models: Sequence[ModelSpec], masks: Sequence[np.ndarray], builder
     return out
 
 
+# ``engine=CHECK_ONLY``: build the model, load the weights, check the records against it; no training.
+CHECK_ONLY = "check"
+
+
 def finetune_and_score(
     *,
     strategy_source: str,
@@ -560,7 +565,8 @@ def finetune_and_score(
     the model's seed (``builder_mix=None`` uses the recipe's ``builder_mix``).
 
     ``engine``: "auto" (default, or $FTPS_ENGINE) or one of ``ftps.ml.engines.ENGINES``; see
-    ``ftps.ml.engines.plan_engine`` for the rule. ``info``, when given, receives ``engine`` (the
+    ``ftps.ml.engines.plan_engine`` for the rule; ``CHECK_ONLY`` checks the job without training
+    (``info`` then gets ``classes`` and ``parameters``; PHI is zeros). ``info``, when given, receives ``engine`` (the
     engine that ran), ``engine_reason``, ``channels_last`` and ``features_s`` / ``train_s`` /
     ``phi_s`` (seconds).
 
@@ -613,7 +619,8 @@ def finetune_and_score(
     configure_threads()
     dev = resolve_device(device)
     _pin_determinism(dev)
-    plan = engines.plan_engine(strategy, dev, engine)
+    check_only = engine == CHECK_ONLY
+    plan = None if check_only else engines.plan_engine(strategy, dev, engine)
 
     with _strategy_code("build_model()"):
         base = strategy.build_model()
@@ -630,6 +637,13 @@ def finetune_and_score(
     _check_labels(eval_y, classes, "eval records")
     if builder_mix > 0:
         _check_labels(builder_y, classes, "builder records")
+    if check_only:
+        # The registry's upload check: the weights load into build_model() and the model answers
+        # records of the task's shape with one logit per class. Nothing is trained.
+        if info is not None:
+            info.update(engine=CHECK_ONLY, classes=classes,
+                        parameters=sum(int(p.numel()) for p in base.parameters()))
+        return np.zeros((len(models), len(eval_x)), dtype=np.float64)
 
     data = model_data(models, masks, len(builder_x) if builder_mix > 0 else 0, builder_mix)
     job = engines.Job(

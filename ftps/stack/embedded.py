@@ -60,10 +60,10 @@ class EmbeddedStack:
 
                 load_or_create_key_file(self.key_file)
                 common["auth_key_file"] = str(self.key_file)
-            self.addresses["registry"] = self._serve(
-                registry_server(RegistrySettings(**common)), "registry")
             self.addresses["worker"] = self._serve(
                 worker_server(WorkerSettings(**common, **self.worker_settings)), "worker")
+            self.addresses["registry"] = self._serve(registry_server(RegistrySettings(
+                **common, worker_addrs=self.addresses["worker"])), "registry")
             self.addresses["scorer"] = self._serve(scorer_server(ScorerSettings(
                 **common, registry_addr=self.addresses["registry"], worker_addrs=self.addresses["worker"])),
                 "scorer")

@@ -128,7 +128,8 @@ class ProcessStack:
             # N workers on one machine: share the CPUs instead of each taking all of them.
             worker_env["FTPS_TORCH_THREADS"] = str(max(1, _usable_cpus() // self.workers))
         started = [self._spawn("registry", ["services.builder_registry"], addr["registry"],
-                               env=common | {"FTPS_LISTEN": listen["registry"]})]
+                               env=common | {"FTPS_LISTEN": listen["registry"],
+                                             "FTPS_WORKER_ADDRS": self.addresses["worker"]})]
         for i in range(self.workers):
             name = f"worker-{i}"
             started.append(self._spawn(name, ["services.finetune_worker"], addr[name], env=common | {

@@ -241,3 +241,21 @@ class RoundResult(_message.Message):
     method_metrics: _containers.RepeatedCompositeFieldContainer[BatchMetrics]
     offline: OfflineGaussian
     def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ...) -> None: ...
+
+class ModelCheck(_message.Message):
+    __slots__ = ("base_model_sha256", "strategy_sha256", "num_classes", "parameters", "device", "seconds", "checked_at")
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    base_model_sha256: str
+    strategy_sha256: str
+    num_classes: int
+    parameters: int
+    device: str
+    seconds: float
+    checked_at: str
+    def __init__(self, base_model_sha256: _Optional[str] = ..., strategy_sha256: _Optional[str] = ..., num_classes: _Optional[int] = ..., parameters: _Optional[int] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., checked_at: _Optional[str] = ...) -> None: ...

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "name", "owner", "settings", "base_model", "strategy", "builder_data", "created_at", "ready")
+    __slots__ = ("task_id", "name", "owner", "settings", "base_model", "strategy", "builder_data", "created_at", "ready", "model_check")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Task(_message.Message):
     BUILDER_DATA_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECK_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     name: str
     owner: str
@@ -27,7 +28,8 @@ class Task(_message.Message):
     builder_data: _common_pb2.BlobRef
     created_at: str
     ready: bool
-    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.TaskSettings, _Mapping]] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_at: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    model_check: _common_pb2.ModelCheck
+    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.TaskSettings, _Mapping]] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_at: _Optional[str] = ..., ready: _Optional[bool] = ..., model_check: _Optional[_Union[_common_pb2.ModelCheck, _Mapping]] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
     __slots__ = ("name", "settings", "owner")
@@ -56,16 +58,18 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "kind", "size", "sha256")
+    __slots__ = ("task_id", "kind", "size", "sha256", "defer_check")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    DEFER_CHECK_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: _common_pb2.BlobKind
     size: int
     sha256: str
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.BlobKind, str]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    defer_check: bool
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.BlobKind, str]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., defer_check: _Optional[bool] = ...) -> None: ...
 
 class UploadBlobRequest(_message.Message):
     __slots__ = ("header", "chunk")

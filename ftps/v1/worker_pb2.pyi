@@ -7,6 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CheckModelRequest(_message.Message):
+    __slots__ = ("task_id", "base_model", "strategy", "record_shape", "num_classes")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    RECORD_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    base_model: _common_pb2.BlobRef
+    strategy: _common_pb2.BlobRef
+    record_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, task_id: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
 class ModelSpec(_message.Message):
     __slots__ = ("index", "seed", "mask")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -40,31 +54,35 @@ class FinetuneJob(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., eval_records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., builder_mix: _Optional[int] = ...) -> None: ...
 
 class FinetuneResult(_message.Message):
-    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds")
+    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_INDICES_FIELD_NUMBER: _ClassVar[int]
     PHI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_indices: _containers.RepeatedScalarFieldContainer[int]
     phi: _common_pb2.Tensor
     device: str
     seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    engine: str
+    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("device", "torch_version", "threads", "worker_id")
+    __slots__ = ("device", "torch_version", "threads", "worker_id", "engine")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     device: str
     torch_version: str
     threads: int
     worker_id: str
-    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    engine: str
+    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from ftps.v1 import common_pb2 as ftps_dot_v1_dot_common__pb2
 from ftps.v1 import worker_pb2 as ftps_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -39,6 +40,11 @@ class FinetuneWorkerStub:
                 request_serializer=ftps_dot_v1_dot_worker__pb2.FinetuneJob.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_worker__pb2.FinetuneResult.FromString,
                 _registered_method=True)
+        self.CheckModel = channel.unary_unary(
+                '/ftps.v1.FinetuneWorker/CheckModel',
+                request_serializer=ftps_dot_v1_dot_worker__pb2.CheckModelRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.ModelCheck.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/ftps.v1.FinetuneWorker/GetInfo',
                 request_serializer=ftps_dot_v1_dot_worker__pb2.GetInfoRequest.SerializeToString,
@@ -51,6 +57,15 @@ class FinetuneWorkerServicer:
 
     def RunJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckModel(self, request, context):
+        """The registry's upload check, in the sandbox: the weights load into the strategy's
+        build_model() and the model answers records of the task's shape with one logit per class.
+        A mismatch is FAILED_PRECONDITION with the reason; nothing is trained.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -68,6 +83,11 @@ def add_FinetuneWorkerServicer_to_server(servicer, server):
                     servicer.RunJob,
                     request_deserializer=ftps_dot_v1_dot_worker__pb2.FinetuneJob.FromString,
                     response_serializer=ftps_dot_v1_dot_worker__pb2.FinetuneResult.SerializeToString,
+            ),
+            'CheckModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckModel,
+                    request_deserializer=ftps_dot_v1_dot_worker__pb2.CheckModelRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.ModelCheck.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -102,6 +122,33 @@ class FinetuneWorker:
             '/ftps.v1.FinetuneWorker/RunJob',
             ftps_dot_v1_dot_worker__pb2.FinetuneJob.SerializeToString,
             ftps_dot_v1_dot_worker__pb2.FinetuneResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.FinetuneWorker/CheckModel',
+            ftps_dot_v1_dot_worker__pb2.CheckModelRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.ModelCheck.FromString,
             options,
             channel_credentials,
             insecure,

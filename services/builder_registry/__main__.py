@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from ftps.common import grpcutil
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.builder_registry.checker import WorkerChecker
 from services.builder_registry.config import RegistrySettings
 from services.builder_registry.registry import Registry
 from services.builder_registry.servicer import BuilderRegistryServicer
 
 MiB = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def create_server(settings: RegistrySettings) -> grpcutil.Server:
     store = ObjectStore(settings)
     store.ensure_bucket()
+    security = grpcutil.Security.from_settings(settings, "builder-registry")
+    targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
+    checker = None
+    if targets:
+        checker = WorkerChecker(targets, lambda t: security.channel(t, max_message_mb=settings.max_message_mb),
+                                timeout_s=settings.check_timeout_s)
+    else:
+        log.warning("builder registry: no FTPS_WORKER_ADDRS: base models are not checked against their "
+                    "strategy at upload (a mismatch fails at round time)")
     registry = Registry(store, max_bytes={
         common_pb2.BLOB_KIND_BASE_MODEL: settings.max_base_model_mb * MiB,
         common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
         common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
-    })
-    server = grpcutil.Security.from_settings(settings, "builder-registry").server(
-        max_message_mb=settings.max_message_mb)
+    }, checker=checker)
+    server = security.server(max_message_mb=settings.max_message_mb)
     server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
                BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
     return server

@@ -8,3 +8,7 @@ class RegistrySettings(CommonSettings):
     max_base_model_mb: int = Field(512, description="largest base model upload, MiB")
     max_strategy_kb: int = Field(256, description="largest strategy script upload, KiB")
     max_builder_data_mb: int = Field(1024, description="largest builder data upload, MiB")
+    worker_addrs: str = Field("", description="fine-tune workers (comma-separated host:port, or one dns:///name:port) "
+                              "that check an uploaded base model against its strategy in their sandbox; "
+                              "empty: no check (a mismatch then fails at round time)")
+    check_timeout_s: float = Field(300, description="deadline of one model check, seconds")

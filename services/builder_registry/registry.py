@@ -5,6 +5,11 @@ Object layout (bucket ``FTPS_S3_BUCKET``)::
     registry/tasks/{task_id}/task.json                        the Task (protobuf JSON)
     registry/tasks/{task_id}/{kind}/v{version}/{file}         base-model.safetensors, strategy.py,
                                                               builder-data.npz
+    registry/staging/{task_id}/{sha256}/{file}                an upload being checked (deleted after)
+
+A base model or strategy upload is checked against the task's other half by a fine-tune worker
+(``checker.ModelChecker``) before it becomes the task's current version; ``UploadHeader.defer_check``
+postpones the check to the other half's upload (a new architecture needs both).
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from ftps.common.errors import (FailedPrecondition, InvalidArgument, NotFound, P
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.v1 import common_pb2, registry_pb2
+from services.builder_registry.checker import ModelChecker
 
 log = logging.getLogger(__name__)
 
 PREFIX = "registry/tasks/"
+STAGING = "registry/staging/"
+_PAIR = {common_pb2.BLOB_KIND_BASE_MODEL: common_pb2.BLOB_KIND_STRATEGY,
+         common_pb2.BLOB_KIND_STRATEGY: common_pb2.BLOB_KIND_BASE_MODEL}
 _FILES = {
     common_pb2.BLOB_KIND_BASE_MODEL: ("base-model", "base-model.safetensors"),
     common_pb2.BLOB_KIND_STRATEGY: ("strategy", "strategy.py"),
@@ -83,9 +92,11 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
 
 
 class Registry:
-    def __init__(self, store: ObjectStore, *, max_bytes: dict[int, int]) -> None:
+    def __init__(self, store: ObjectStore, *, max_bytes: dict[int, int],
+                 checker: ModelChecker | None = None) -> None:
         self._store = store
         self._max_bytes = max_bytes
+        self._checker = checker
         self._lock = threading.Lock()
         self._tasks: dict[str, registry_pb2.Task] = {}
         for key in store.list_keys(PREFIX):
@@ -95,7 +106,8 @@ class Registry:
         log.info("registry: %d task(s) loaded", len(self._tasks))
 
     def _save(self, task: registry_pb2.Task) -> None:
-        task.ready = all(getattr(task, f).key for f in _FIELD.values())
+        task.ready = all(getattr(task, f).key for f in _FIELD.values()) and (
+            self._checker is None or self._pair_checked(task))
         self._store.put_bytes(f"{PREFIX}{task.task_id}/task.json",
                               json_format.MessageToJson(task).encode(), content_type="application/json")
         self._tasks[task.task_id] = task
@@ -169,6 +181,9 @@ class Registry:
             raise InvalidArgument(f"upload sha256 {digest.hexdigest()} does not match the declared {header.sha256}")
         data = b"".join(parts)
         _validate_blob(header.kind, data, task.settings)
+        check = None
+        if not header.defer_check:
+            check = self._check_pair(task, header.kind, data, header.sha256)
         with self._lock:
             task = registry_pb2.Task()
             task.CopyFrom(self._tasks[header.task_id])
@@ -178,9 +193,35 @@ class Registry:
             ref = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/v{version}/{filename}",
                                         data, version=version)
             getattr(task, field).CopyFrom(ref)
+            if check is not None:
+                task.model_check.CopyFrom(check)
             self._save(task)
-        log.info("task %s: %s v%d stored (%d bytes)", task.task_id, folder, version, len(data))
+        log.info("task %s: %s v%d stored (%d bytes)%s", task.task_id, folder, version, len(data),
+                 "" if self._checker is None or header.kind not in _PAIR else
+                 ", checked against the other half" if check is not None else ", not checked yet")
         return ref
+
+    def _pair_checked(self, task: registry_pb2.Task) -> bool:
+        c = task.model_check
+        return c.base_model_sha256 == task.base_model.sha256 and c.strategy_sha256 == task.strategy.sha256
+
+    def _check_pair(self, task: registry_pb2.Task, kind: int, data: bytes,
+                    sha256: str) -> common_pb2.ModelCheck | None:
+        """A base model or strategy against the task's current other half, by a worker (the
+        registry never runs uploaded code): None when there is nothing to check."""
+        other = getattr(task, _FIELD[_PAIR[kind]]) if kind in _PAIR else None
+        if self._checker is None or other is None or not other.key:
+            return None
+        filename = _FILES[kind][1]
+        staged = self._store.put_bytes(f"{STAGING}{task.task_id}/{sha256}/{filename}", data)
+        try:
+            base, strategy = (staged, other) if kind == common_pb2.BLOB_KIND_BASE_MODEL else (other, staged)
+            check = self._checker.check(task.task_id, base, strategy, task.settings)
+        finally:
+            self._store.delete(staged.key)
+        check.base_model_sha256, check.strategy_sha256 = base.sha256, strategy.sha256
+        check.checked_at = now()
+        return check
 
 
 _COMPILE_LOCK = threading.Lock()
@@ -230,9 +271,3 @@ def iter_upload(request_iterator: Iterator[registry_pb2.UploadBlobRequest]):
             yield msg.chunk
 
     return first.header, chunks()
-
-
-def require_ready(task: registry_pb2.Task) -> None:
-    missing = [f for f in _FIELD.values() if not getattr(task, f).key]
-    if missing:
-        raise FailedPrecondition(f"task {task.task_id} is missing uploads: {', '.join(missing)}")

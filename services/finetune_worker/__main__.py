@@ -32,7 +32,8 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     # this process may use), not torch's default in this process.
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
                                  threads=configure_threads(),
-                                 worker_id=settings.worker_id or f"{socket.gethostname()}")
+                                 worker_id=settings.worker_id or f"{socket.gethostname()}",
+                                 engine=settings.engine)
     server = grpcutil.Security.from_settings(settings, "finetune-worker").server(
         max_message_mb=settings.max_message_mb)
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,

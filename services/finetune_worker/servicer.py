@@ -19,6 +19,11 @@ class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServicer):
         return self.worker.run_job(request)
 
     @rpc
+    def CheckModel(self, request, context):
+        current().require_role("service", "admin", what="check models")
+        return self.worker.check_model(request)
+
+    @rpc
     def GetInfo(self, request, context):
         current().require_role("service", "admin", what="read worker info")
         return self.info

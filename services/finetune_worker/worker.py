@@ -129,7 +129,51 @@ class Worker:
                  len(models), len(eval_x), seconds, self.device, info.get("engine", "?"))
         return worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[m[0] for m in models],
                                          phi=tensor_from_array(np.asarray(phi, dtype=np.float64)),
-                                         device=self.device, seconds=seconds)
+                                         device=self.device, seconds=seconds, engine=str(info.get("engine", "")))
+
+    def check_model(self, req: worker_pb2.CheckModelRequest) -> common_pb2.ModelCheck:
+        """Build the strategy's model in the sandbox, load the weights into it and run probe
+        records of the task's shape through it; FailedPrecondition says why they do not fit."""
+        from ftps.ml.engine import CHECK_ONLY
+
+        shape = tuple(int(d) for d in req.record_shape)
+        if not shape or len(shape) > 4 or any(d <= 0 or d > 4096 for d in shape):
+            raise InvalidArgument(f"record_shape must be 1-4 positive dims, got {list(shape)}")
+        if req.num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, got {req.num_classes}")
+        strategy = self._cache.get(req.strategy, "strategy")
+        weights = self._cache.get(req.base_model, "base_model")
+        try:
+            source = strategy.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
+        probe_x = np.zeros((2, *shape), dtype=np.float32)
+        probe_y = np.zeros(2, dtype=np.int64)
+        inputs = dict(strategy_source=source, base_weights=weights, train_x=probe_x, train_y=probe_y,
+                      eval_x=probe_x, eval_y=probe_y, models=[(0, 0, np.zeros(2, dtype=bool))],
+                      engine=CHECK_ONLY)
+        info: dict = {}
+        with self._slots:
+            t0 = time.perf_counter()
+            try:
+                if self._pool is not None:
+                    # The task's warm child: its first round job then starts at once.
+                    self._pool.run(task_key=f"{req.task_id}/{req.strategy.sha256}", info=info, **inputs)
+                else:
+                    run_sandboxed(device=self.device, timeout_s=self._timeout_s, memory_mb=self._memory_mb,
+                                  info=info, **inputs)
+            except (EngineError, SandboxError) as exc:
+                raise FailedPrecondition(f"model check failed: {exc}") from exc
+            seconds = time.perf_counter() - t0
+        classes = int(info.get("classes", -1))
+        if classes != req.num_classes:
+            raise FailedPrecondition(f"the model returns {classes} logits per record but the task has "
+                                     f"num_classes = {req.num_classes}")
+        log.info("task %s: base model %s fits strategy %s (%d classes, %s parameters) in %.1fs", req.task_id,
+                 req.base_model.sha256[:12], req.strategy.sha256[:12], classes, info.get("parameters"), seconds)
+        return common_pb2.ModelCheck(base_model_sha256=req.base_model.sha256, strategy_sha256=req.strategy.sha256,
+                                     num_classes=classes, parameters=int(info.get("parameters", 0)),
+                                     device=self.device, seconds=seconds)
 
 
 def _records(data: bytes, field: str) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from ftps.common import serde
 from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
 from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied
 from ftps.common.storage import ObjectStore, check_id
+from ftps.common.registry_client import require_ready
 from ftps.v1 import common_pb2, registry_pb2, worker_pb2
 from services.lira_scorer import scoring
 from services.lira_scorer.workers import WorkerPool
@@ -161,9 +162,7 @@ class Scorer:
         check_id(task_id, "task_id")
         task = self._get_task(task_id)
         authorize_task(who, task_id, task.owner, action=action)
-        missing = [f for f in ("base_model", "strategy", "builder_data") if not getattr(task, f).key]
-        if missing:
-            raise FailedPrecondition(f"task {task_id} is missing uploads: {', '.join(missing)}")
+        require_ready(task)
         return task
 
     # -- rounds --------------------------------------------------------------------------------
