@@ -204,3 +204,41 @@ def test_a_round_on_two_worker_processes_scores_exactly_as_on_one(
     assert [(m.method, m.auc) for m in one.method_metrics] == [(m.method, m.auc) for m in two.method_metrics]
     # Not a vacuous match: the models learned and the records got different scores.
     assert len({s.auc for s in scores}) > 1 and all(s.n_in == s.n_out == 4 for s in scores)
+
+
+def test_stack_children_die_with_a_killed_parent(tmp_path):
+    """A local stack's children get SIGTERM when the stack process dies, even by SIGKILL
+    (``PR_SET_PDEATHSIG``, set by every service and the store at start)."""
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "env = dict(os.environ, PRIVACYSCORE_PARENT_PID=str(os.getpid()))\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; from ftps.common.grpcutil import "
+        "die_with_parent; die_with_parent(); print(\"armed\", flush=True); time.sleep(120)'], env=env, "
+        "stdout=subprocess.PIPE, text=True)\n"
+        "assert child.stdout.readline().strip() == 'armed'\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        child_pid = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            # A zombie waiting for init to reap it counts as gone.
+            state = Path(f"/proc/{child_pid}/stat").read_text().split(") ")[-1][:1] if Path(
+                f"/proc/{child_pid}").exists() else "Z"
+            if state == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child_pid, signal.SIGKILL)
+            pytest.fail("the child outlived its SIGKILLed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

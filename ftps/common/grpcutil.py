@@ -7,6 +7,8 @@ import functools
 import inspect
 import json
 import logging
+import signal
+import sys
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +189,11 @@ class Server:
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
-        for fn in self._on_stop:
-            fn()
+        try:
+            self.grpc_server.stop(grace).wait()
+        finally:
+            for fn in self._on_stop:
+                fn()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
@@ -260,12 +264,34 @@ def serve_until_signal(*servers: Server) -> None:
         server.stop()
 
 
+PARENT_PID_ENV = "PRIVACYSCORE_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """When started by a local stack (``$PRIVACYSCORE_PARENT_PID``), get SIGTERM as soon as that
+    parent dies — even by SIGKILL — instead of living on as an orphan (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+    import os
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, ValueError):
+        return
+    if os.getppid() != int(parent):  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv: Sequence[str] | None, *,
                 module: str, description: str) -> int:
     """``python -m services.X``: settings from flags and env, logging, serve until SIGINT/SIGTERM."""
     from ftps.common.log import setup_logging
     from ftps.common.settings import load_settings
 
+    die_with_parent()
     settings = load_settings(settings_cls, argv, prog=f"python -m {module}", description=description)
     setup_logging(settings.log_level)
     server = create_server(settings)

@@ -220,6 +220,7 @@ class ProcessStack:
         env = {k: v for k, v in os.environ.items() if k not in settings}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
         env["PYTHONUNBUFFERED"] = "1"
+        env[grpcutil.PARENT_PID_ENV] = str(os.getpid())  # the children die with this process, even when it is killed
         env.update(extra)
         return env
 

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from ftps.common.embedded_s3 import EmbeddedS3
+from ftps.common.grpcutil import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000, help="0 picks a free port")
     args = parser.parse_args(argv)
+    die_with_parent()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -38,17 +38,9 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
         max_message_mb=settings.max_message_mb)
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
-    stop = server.stop
-
-    def stop_then_close_sandboxes(grace: float | None = 2.0) -> None:
-        # The warm sandbox children go with the server (they would otherwise wait for this
-        # process to exit, which closes their job channel).
-        try:
-            stop(grace)
-        finally:
-            worker.close()
-
-    server.stop = stop_then_close_sandboxes
+    # The warm sandbox children go with the server (they would otherwise wait for this process to
+    # exit, which closes their job channel).
+    server.on_stop(worker.close)
     return server
 
 
