@@ -123,3 +123,24 @@ def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_
     finally:
         worker.close()
     assert worker._pool.idle_children() == []
+
+
+def test_connection_age_never_cuts_a_job_in_flight(storage_kwargs, serve, store, digits_splits, digits_strategy,
+                                                   digits_base_weights):
+    """Workers close connections after max_connection_age (so dns:/// clients re-resolve and reach
+    pods added since); a job longer than that age still completes, and the next call reconnects."""
+    addr = serve(create_server(WorkerSettings(**storage_kwargs, job_timeout_s=120, max_connection_age_s=0.5)))
+    ch = grpcutil.make_channel(addr)
+    stub = worker_pb2_grpc.FinetuneWorkerStub(ch)
+    x, y = digits_records(digits_splits, 12)
+    refs = dict(base_model=store.put_bytes("w.safetensors", digits_base_weights),
+                strategy=store.put_bytes("s.py", digits_strategy.encode()),
+                records=store.put_bytes("r.npz", serde.records_to_npz(x, y)))
+    masks = [np.arange(12) % 2 == i % 2 for i in range(4)]
+    try:
+        first = stub.RunJob(_job(refs, masks), timeout=120)  # sandbox start-up + 4 models: well over 0.5 s
+        assert first.seconds > 0.5 and first.engine
+        again = stub.RunJob(_job(refs, masks), timeout=120)
+        np.testing.assert_array_equal(serde.array_from_tensor(again.phi), serde.array_from_tensor(first.phi))
+    finally:
+        ch.close()

@@ -126,11 +126,12 @@ class Security:
         tls = Tls.from_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
         return cls(signer=TokenSigner(key) if key else None, tls=tls, subject=subject)
 
-    def server(self, *, max_message_mb: int = 64) -> "Server":
+    def server(self, *, max_message_mb: int = 64, max_connection_age_s: float = 0) -> "Server":
         from ftps.common.auth import AuthInterceptor
 
         interceptors = [AuthInterceptor(self.signer)] if self.signer else []
-        return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls)
+        return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls,
+                      max_connection_age_s=max_connection_age_s)
 
     def channel(self, target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
         return make_channel(target, max_message_mb=max_message_mb, round_robin=round_robin,
@@ -150,11 +151,18 @@ class Server:
     """A threaded gRPC server with the stock health service and reflection."""
 
     def __init__(self, *, max_message_mb: int = 64, max_workers: int = 64,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None,
+                 max_connection_age_s: float = 0) -> None:
+        options = message_options(max_message_mb) + _SERVER_KEEPALIVE
+        if max_connection_age_s > 0:
+            # GOAWAY after this long: the client reconnects and re-resolves its target (new pods
+            # behind a dns:/// name get traffic). Calls in flight are never cut (infinite grace).
+            options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", 2**31 - 1)]
         # Streams (WatchRound, WatchScores) hold a thread each while they last.
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            options=message_options(max_message_mb) + _SERVER_KEEPALIVE, interceptors=list(interceptors),
+            options=options, interceptors=list(interceptors),
         )
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)

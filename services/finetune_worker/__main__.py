@@ -35,7 +35,7 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
                                  engine=settings.engine)
     server = grpcutil.Security.from_settings(settings, "finetune-worker").server(
-        max_message_mb=settings.max_message_mb)
+        max_message_mb=settings.max_message_mb, max_connection_age_s=settings.max_connection_age_s)
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
     # The warm sandbox children go with the server (they would otherwise wait for this process to

@@ -21,3 +21,6 @@ class WorkerSettings(CommonSettings):
                                 "the first job of a new task does not wait for torch to import")
     blob_cache_mb: int = Field(1024, description="in-memory cache of task blobs, by sha256, MiB")
     worker_id: str = Field("", description="name reported by GetInfo (default: hostname:port)")
+    max_connection_age_s: float = Field(300.0, description="close each client connection after this long "
+                                        "(jobs in flight finish first), so that clients re-resolve "
+                                        "dns:/// targets and spread over worker pods added since; 0: never")
