@@ -226,33 +226,42 @@ def load_records(path: str | Path, *, shape: tuple[int, ...] | None = None,
 
 
 def load_npz(path: str | Path) -> Records:
-    from ftps.common.errors import InvalidArgument
-    from ftps.common.serde import npz_arrays
-
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_npz_records(data, str(path))
+
+
+def parse_npz_records(data: bytes, what: str) -> Records:
+    """An .npz with arrays x [N, ...] (numeric) and y [N] (labels >= 0), and optionally record_id [N]
+    (strings), read without unpickling; InputError names ``what`` and the problem."""
+    from ftps.common.errors import InvalidArgument
+    from ftps.common.serde import npz_arrays
+
+    if not data:
+        raise InputError(f"{what} is empty: an .npz with arrays x (records) and y (labels) is needed")
     try:
         arrays = npz_arrays(data)
     except InvalidArgument as exc:
-        raise InputError(f"{path}: {exc}") from exc
+        raise InputError(f"{what}: {exc}") from exc
     if "x" not in arrays or "y" not in arrays:
-        raise InputError(f"{path}: an npz with arrays x (records) and y (labels) is needed; found {sorted(arrays)}")
+        raise InputError(f"{what}: an .npz with arrays x (records) and y (labels) is needed; found "
+                         f"{', '.join(sorted(arrays)) or 'no arrays'}")
     x, y = arrays["x"], arrays["y"]
     if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
-        raise InputError(f"{path}: x must be numeric and y integer labels (got {x.dtype}, {y.dtype})")
+        raise InputError(f"{what}: x must be numeric and y integer labels (got {x.dtype}, {y.dtype})")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise InputError(f"{path}: x must be [N, ...] and y [N]; got x {x.shape}, y {y.shape}")
+        raise InputError(f"{what}: x must be [N, ...] and y [N]; got x {list(x.shape)}, y {list(y.shape)}")
     if len(y) and y.min() < 0:
-        raise InputError(f"{path}: labels must be >= 0, got {int(y.min())}")
+        raise InputError(f"{what}: labels must be >= 0, got {int(y.min())}")
     ids = None
     if "record_id" in arrays:
         rid = arrays["record_id"]
         if rid.dtype.kind != "U" or rid.shape != (len(x),):
-            raise InputError(f"{path}: record_id must be {len(x)} strings, got {rid.dtype} {rid.shape}")
+            raise InputError(f"{what}: record_id must be {len(x)} strings, got {rid.dtype} {list(rid.shape)}")
         ids = [str(r) for r in rid]
-    return Records(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), str(path), ids)
+    return Records(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), what, ids)
 
 
 def load_npz_records(path: str) -> tuple[np.ndarray, np.ndarray]:

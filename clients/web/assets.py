@@ -243,31 +243,14 @@ def demo_base_model(dataset: str, report: Callable[[int, int, str], None]) -> tu
 
 def load_npz_upload(data: bytes, *, what: str = "the file") -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """An uploaded .npz with arrays x [N, ...] and y [N] (and optional record_id [N] strings), read
-    without unpickling."""
-    from ftps.common.errors import InvalidArgument
-    from ftps.common.serde import npz_arrays
+    without unpickling (the command-line tools' check)."""
+    from clients.cli_common import InputError, parse_npz_records
 
-    if not data:
-        raise AssetError(f"{what} is empty: choose an .npz file")
     try:
-        arrays = npz_arrays(data)
-    except InvalidArgument as exc:
-        raise AssetError(f"{what}: {exc}") from None
-    if "x" not in arrays or "y" not in arrays:
-        raise AssetError(f"{what}: an .npz with arrays x (records) and y (labels) is needed; found "
-                         f"{', '.join(sorted(arrays)) or 'no arrays'}")
-    x, y = arrays["x"], arrays["y"]
-    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
-        raise AssetError(f"{what}: x must be numeric and y integer labels (got {x.dtype}, {y.dtype})")
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise AssetError(f"{what}: x must be [N, ...] and y [N]; got x {list(x.shape)}, y {list(y.shape)}")
-    ids = None
-    if "record_id" in arrays:
-        rid = arrays["record_id"]
-        if rid.dtype.kind != "U" or rid.shape != (len(x),):
-            raise AssetError(f"{what}: record_id must be {len(x)} strings")
-        ids = [str(r) for r in rid]
-    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), ids
+        recs = parse_npz_records(data, what)
+    except InputError as exc:
+        raise AssetError(str(exc)) from None
+    return recs.x, recs.y, recs.record_ids
 
 
 # -- figures ------------------------------------------------------------------------------------
