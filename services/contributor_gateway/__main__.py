@@ -52,7 +52,7 @@ def create_server(settings: GatewaySettings) -> grpcutil.Server:
     security = grpcutil.Security.from_settings(settings, "contributor-gateway")
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = security.channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
-    gateway = Gateway(store, registry_getter(registry), ScorerClient(scorer),
+    gateway = Gateway(store, registry_getter(registry, cache_s=settings.task_cache_s), ScorerClient(scorer),
                       max_records_per_request=settings.max_records_per_request,
                       max_pending_per_contributor=settings.max_pending_per_contributor)
     server = security.server(max_message_mb=settings.max_message_mb)
