@@ -1,5 +1,6 @@
 """Client tools end to end: records from an .npz and from a folder of images, a real digits round on
-the embedded stack, the contributor's and the builder's HTML reports, and where settings come from."""
+the embedded stack, the contributor's and the builder's HTML reports (headlined by the model-based
+score, as the web client is), and where settings come from."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clients import reports
 from clients.builder.cli import main as builder_main
 from clients.cli_common import InputError, load_records, save_image_folder
 from clients.contributor.cli import build_parser as contributor_parser
@@ -24,6 +26,7 @@ from clients.contributor.cli import main as contributor_main
 from clients.reports import reading
 from ftps.common import serde
 from ftps.stack.embedded import EmbeddedStack
+from ftps.v1 import common_pb2
 from tests.conftest import digits_records
 
 CHROMIUM = "/usr/bin/chromium"
@@ -106,6 +109,16 @@ def _check_pngs(files: dict) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 100, p
 
 
+def _headline_reading(r: dict) -> str:
+    """The reading a report shows for a record of ``--json`` output: of its model-based score."""
+    return html.escape(reading(r["model_score"], r["model_ci_low"], r["model_ci_high"],
+                               n_models=r["n_in"] + r["n_out"]))
+
+
+def _card_order(page: str) -> list[str]:
+    return re.findall(r'<section class="record" id="[^"]+" data-record="([^"]+)"', page)
+
+
 def _self_contained(page: str) -> None:
     assert "<script" not in page.lower()
     for src in re.findall(r'(?:src|href)="([^"]+)"', page):
@@ -132,10 +145,16 @@ def test_contributor_report(scored, tmp_path, capsys):
     assert {r["record_id"] for r in scores} == set(_ids(scored, "alice")) and len(scores) == 8
     for r in scores:
         assert r["record_id"] in page
-        assert html.escape(reading(r["score"], r["ci_low"], r["ci_high"], n_models=8)) in page
+        assert r["n_in"] + r["n_out"] == 8 and r["model_ci_low"] <= r["model_score"] <= r["model_ci_high"]
+        assert _headline_reading(r) in page
+        # The counted P is still there, secondary, in the record's facts line.
+        assert f"counted P {r['score']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]" in page
         assert (out / "records" / f"diag-{r['record_id']}.png").stat().st_size > 1000
         assert (out / "records" / f"thumb-{r['record_id']}.png").stat().st_size > 50  # from --records
     assert "more often than chance" in page and "Summary" in page
+    # Highest model-based score first.
+    assert _card_order(page) == [r["record_id"] for r in sorted(
+        scores, key=lambda r: (-r["model_score"], -r["model_ci_low"], r["record_id"]))]
     for rid in _ids(scored, "bob"):  # another contributor's records never appear
         assert rid not in page
     assert len(files["pngs"]) == 1 + 2 * 8  # scores.png + diagnosis and thumbnail per record
@@ -179,14 +198,18 @@ def test_builder_report(scored, tmp_path, capsys):
     page = Path(files["html"]).read_text()
     everything = json.loads(_run(builder_main, b + ["scores", "--task", task, "--json"], capsys))
     assert len(everything["records"]) == 16
-    for r in everything["records"]:
+    ranked = sorted(everything["records"], key=lambda r: (-r["model_score"], -r["model_ci_low"], r["record_id"]))
+    for r in ranked:
         assert r["record_id"] in page
-        assert html.escape(reading(r["score"], r["ci_low"], r["ci_high"], n_models=8)) in page
+        assert _headline_reading(r) in page  # the all-records table's reading column
     for method in ("offline-global", "offline-per-record", "online-per-record"):
         assert method in page
     assert (out / "scores.png").stat().st_size > 1000
     assert (out / f"roc-{scored['round']}.png").stat().st_size > 1000
     assert "TPR @ 1% FPR" in page and "TPR @ 0.1% FPR" in page and "Highest-risk records" in page
+    assert _card_order(page) == [r["record_id"] for r in ranked[:10]]  # the top 10 by the model-based score
+    table = page.split("<h2>All records")[1]
+    assert re.findall(r'<td class="rid"><span class="mono">([^<]+)</span>', table) == [r["record_id"] for r in ranked]
     # No thumbnails without a local file, and the page says why.
     assert not list((out / "records").glob("thumb-*")) and "never gives a builder raw records" in page
     _check_pngs(files)
@@ -340,3 +363,69 @@ def test_diagnosis_rule_matches_the_model_based_score():
         png = diagnosis_png(**kwargs, method="online-per-record", title="t")
         assert png[:4] == b"\x89PNG"
     assert diagnosis_png(**g, method="offline-global", title="t", note="builder only")[:4] == b"\x89PNG"
+
+
+def _score(rid: str, p: tuple[float, float, float], model: tuple[float, float, float], *,
+           contributor: str = "alice") -> common_pb2.RecordScore:
+    return common_pb2.RecordScore(
+        record_id=rid, contributor=contributor, round_id="r-1", index=int(rid.rsplit("-", 1)[1]),
+        score=p[0], ci_low=p[1], ci_high=p[2], model_score=model[0], model_ci_low=model[1],
+        model_ci_high=model[2], n_in=16, n_out=16, auc=0.7, mu_in=1.0, sigma_in=1.0, mu_out=0.0, sigma_out=1.0,
+        method=common_pb2.METHOD_ONLINE_PER_RECORD)
+
+
+def test_reports_headline_the_model_based_score(tmp_path, monkeypatch):
+    """A record whose model-based score differs from its counted P is ranked, read, counted and
+    drawn by the model-based one, in both reports; its counted P stays on the page, secondary.
+    A round scored before the model-based interval existed falls back to P."""
+    from clients import report_plots
+    from services.lira_scorer import plots
+
+    low_model = _score("s-a-0", (0.90, 0.70, 1.00), (0.10, -0.05, 0.25))  # counted P says high, model says not
+    high_model = _score("s-a-1", (0.20, -0.10, 0.50), (0.60, 0.45, 0.75))  # the reverse
+    legacy = _score("s-a-2", (0.40, 0.10, 0.70), (0.0, 0.0, 0.0))  # no model-based interval: P is the headline
+    scores = [low_model, high_model, legacy]
+    titles, figures = [], []
+    diagnosis_png, scores_png = report_plots.diagnosis_png, plots.scores_with_intervals_png
+    monkeypatch.setattr(report_plots, "diagnosis_png", lambda **kw: titles.append(kw["title"]) or diagnosis_png(**kw))
+    monkeypatch.setattr(plots, "scores_with_intervals_png",
+                        lambda *a, **kw: figures.append((a, kw)) or scores_png(*a, **kw))
+
+    page = reports.contributor_report(tmp_path / "c", task_id="t-1", contributor="alice",
+                                      scores=scores).html.read_text()
+    order = ["s-a-1", "s-a-2", "s-a-0"]
+    assert _card_order(page) == order
+    card = page.split('data-record="s-a-1"')[1].split("</section>")[0]
+    assert '<span class="score">+0.60</span><span class="ci">95% interval [+0.45, +0.75]</span>' in card
+    assert '<span class="badge elevated">identifiable</span>' in card
+    assert html.escape(reading(0.60, 0.45, 0.75, n_models=32)) in card
+    assert "counted P +0.20 [-0.10, +0.50]" in card
+    low = page.split('data-record="s-a-0"')[1].split("</section>")[0]
+    assert '<span class="score">+0.10</span>' in low and "counted P +0.90 [+0.70, +1.00]" in low
+    assert html.escape(reading(0.90, 0.70, 1.00, n_models=32)) not in page  # no reading of a counted P
+    assert '<span class="badge high">' not in page  # P's interval [+0.70, +1.00] would have been "high risk"
+    # Summary and cards: 2 of 3 have the headline interval above 0 (s-a-0's P interval would make 3).
+    assert "<b>2 of your 3 records</b> are identifiable more often than chance" in page
+    assert 'href="#r-s-a-1">s-a-1</a>, +0.60 [+0.45, +0.75] (counted P +0.20' in page
+    assert "<b>+0.60</b><span>highest score</span>" in page and "<b>+0.40</b><span>median score</span>" in page
+    assert "model-based" in page.split("How to read this page")[1]
+    assert titles == ["score +0.60 [+0.45, +0.75] · counted P +0.20 · online-per-record",  # in card order
+                      "score +0.40 [+0.10, +0.70] · counted P +0.40 · online-per-record",
+                      "score +0.10 [-0.05, +0.25] · counted P +0.90 · online-per-record"]
+    (values, lows, highs), kw = figures[0]
+    assert sorted(values) == [0.10, 0.40, 0.60] and sorted(lows) == [-0.05, 0.10, 0.45]
+    assert kw["what"] == "model-based score"
+
+    page = reports.builder_report(tmp_path / "b", task_id="t-1", scores=scores, rounds={}, top=2).html.read_text()
+    assert _card_order(page) == order[:2]
+    assert '<span class="rank">#1</span><span class="mono">s-a-1</span>' in page
+    assert "contributor <b>alice</b>" in page
+    table = page.split("<h2>All records")[1]
+    assert re.findall(r'<td class="rid"><span class="mono">([^<]+)</span>', table) == order
+    row = table.split("s-a-0")[1].split("</tr>")[0]  # headline first, counted P secondary
+    assert row.index("<b>+0.10</b>") < row.index("+0.90")
+    assert html.escape(reading(0.10, -0.05, 0.25, n_models=32)) in row
+    assert "<th class=\"num\">counted P [95%]</th>" in table
+    # The CSV keeps every field of both scores.
+    rows = (tmp_path / "b" / "scores.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["record_id", "contributor", "round_id"] and "model_ci_high" in rows[0]

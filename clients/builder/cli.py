@@ -234,10 +234,13 @@ def cmd_scores(args) -> int:
         print_json({"task": args.task, "records": [score_dict(s) for s in resp.scores],
                     "batches": [batch_dict(b) for b in resp.batches]})
         return 0
-    table = Table("record", "contributor", "round", "score", "95% interval", "AUC")
+    from clients.score_html import headline
+
+    table = Table("record", "contributor", "round", "score", "95% interval", "counted P", "AUC")
     for s in resp.scores:
-        table.add_row(s.record_id, s.contributor, s.round_id, f"{s.score:+.3f}",
-                      f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", f"{s.auc:.2f}")
+        h = headline(s)
+        table.add_row(s.record_id, s.contributor, s.round_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]",
+                      f"{s.score:+.2f}", f"{s.auc:.2f}")
     console = Console()
     console.print(table)
     for b in resp.batches:

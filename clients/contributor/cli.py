@@ -108,12 +108,6 @@ def cmd_submission(args) -> int:
     return 0
 
 
-def _reading(s) -> str:
-    from clients.reports import reading
-
-    return reading(s.score, s.ci_low, s.ci_high, n_models=s.n_in + s.n_out)
-
-
 def cmd_scores(args) -> int:
     scores = _client(args).scores(args.task, args.round)
     if args.json:
@@ -123,15 +117,20 @@ def cmd_scores(args) -> int:
     if not scores:
         print("no scores yet: your records are waiting for a round")
         return 0
-    table = Table("record", "score", "95% interval", "reading")
+    from clients.score_html import headline, record_reading
+
+    table = Table("record", "score", "95% interval", "counted P", "reading")
     for s in scores:
-        table.add_row(s.record_id, f"{s.score:+.3f}", f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", _reading(s))
+        h = headline(s)
+        table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.score:+.2f}", record_reading(s))
     Console().print(table)
     return 0
 
 
 def cmd_watch(args) -> int:
     import grpc
+
+    from clients.score_html import headline
 
     client = _client(args)
     try:
@@ -141,8 +140,9 @@ def cmd_watch(args) -> int:
 
                 print(json.dumps(score_dict(s)), flush=True)
             else:
-                print(f"{s.record_id} (round {s.round_id}): score {s.score:+.3f} "
-                      f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]", flush=True)
+                h = headline(s)
+                print(f"{s.record_id} (round {s.round_id}): score {h[0]:+.3f} [{h[1]:+.2f}, {h[2]:+.2f}] "
+                      f"(counted P {s.score:+.2f})", flush=True)
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
@@ -174,7 +174,9 @@ def cmd_report(args) -> int:
     if args.json:
         print_json(files.as_dict())
     else:
-        above = sum(s.ci_low > 0 for s in scores)
+        from clients.score_html import headline
+
+        above = sum(headline(s)[1] > 0 for s in scores)
         print(f"report written: {files.html} ({files.n_records} records, {above} with the interval above 0)")
     return 0
 

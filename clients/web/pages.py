@@ -1,11 +1,12 @@
 """HTML of the web client's pages: plain functions from what the services returned (protobuf
 messages) and the session's own state to a string. Every value is escaped; no inline script or
-style (the server sends a strict Content-Security-Policy); the token never appears.
+style (the server sends a strict Content-Security-Policy); the token never appears. Scores (record
+cards, summary, stat cards, "how to read", tables) are rendered by :mod:`clients.score_html`, as
+in the HTML reports: the headline is the model-based score with its 95% interval.
 """
 
 from __future__ import annotations
 
-import html
 import secrets
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote
@@ -13,6 +14,20 @@ from urllib.parse import quote
 import grpc
 import numpy as np
 
+from clients.score_html import (
+    TOP_RISK,
+    card,
+    e,
+    headline,  # noqa: F401 - the server titles its figures with it (pages.headline)
+    how_to_read,
+    method_name,
+    method_table,
+    rank_key,
+    record_card,
+    records_table,
+    stat_cards,
+    summary_sentence,
+)
 from clients.web import assets
 from clients.web.session import (
     Job,
@@ -21,7 +36,6 @@ from clients.web.session import (
     SubmissionView,
     submission_state,
 )
-from ftps.common import serde
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
 
 METHODS = {
@@ -30,21 +44,11 @@ METHODS = {
     "offline-global": "offline-global — the paper's single offline Gaussian (preparation stage)",
     "rmia": "rmia — RMIA with the round's OUT models as references",
 }
-FEW_MODELS = 16
-TOP_RISK = 10
-
-
-def e(value: object) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def u(value: str) -> str:
     """A path segment."""
     return quote(str(value), safe="")
-
-
-def method_name(m: int) -> str:
-    return serde.METHOD_NAMES.get(m, "?")
 
 
 # -- frame --------------------------------------------------------------------------------------
@@ -99,47 +103,6 @@ def error_page(session: Session | None, title: str, message: str) -> str:
 
 
 # -- small parts --------------------------------------------------------------------------------
-
-def risk_level(lo: float, hi: float) -> tuple[str, str]:
-    from clients.reports import risk_level as level
-
-    return level(lo, hi)
-
-
-def headline(s: common_pb2.RecordScore) -> tuple[float, float, float]:
-    """The headline score of a record and its 95% interval: the model-based 2Φ(d′/2) − 1 (README;
-    steadier than the counted P). Rounds scored before it carried an interval fall back to P."""
-    if s.model_ci_low == s.model_ci_high == 0.0 and (s.ci_low or s.ci_high):
-        return s.score, s.ci_low, s.ci_high
-    return s.model_score, s.model_ci_low, s.model_ci_high
-
-
-def rank_key(s: common_pb2.RecordScore) -> tuple:
-    h = headline(s)
-    return (-h[0], -h[1], s.record_id)
-
-
-def reading(s: common_pb2.RecordScore) -> str:
-    from clients.reports import reading as read
-
-    return read(*headline(s), n_models=s.n_in + s.n_out)
-
-
-def badge(s: common_pb2.RecordScore) -> str:
-    cls, label = risk_level(*headline(s)[1:])
-    return f'<span class="badge {cls}">{e(label)}</span>'
-
-
-def interval_svg(score: float, lo: float, hi: float, *, width: int = 190) -> str:
-    """The score (dot) and its 95% interval (bar) on the [-1, 1] axis, as in the HTML reports."""
-    from clients.reports import interval_svg as svg
-
-    return svg(score, lo, hi, width=width)
-
-
-def card(value: str, label: str) -> str:
-    return f'<div class="card"><b>{e(value)}</b><span>{e(label)}</span></div>'
-
 
 def live_row(item: dict, *, key: str | None = None) -> str:
     """A progress row the page's script updates from the event stream."""
@@ -311,77 +274,13 @@ def npz_form(session: Session, t: registry_pb2.Task) -> str:
         + upload_progress() + '<button type="submit">Submit records</button></form>')
 
 
-def record_card(tid: str, s: common_pb2.RecordScore, has_thumb: bool, *, open_diag: bool = True,
-                rank: int = 0, contributor: bool = False) -> str:
-    rid = s.record_id
-    base = f"/tasks/{u(tid)}/records/{u(rid)}"
-    thumb = (f'<img class="thumb" src="{base}/thumb.png" alt="record {e(rid)}" width="72" height="72">' if has_thumb
-             else '<div class="nothumb">no image</div>')
-    lazy = "" if open_diag else ' loading="lazy"'
-    diag = (f'<img src="{base}/diagnosis.png?round={u(s.round_id)}" width="500" height="270"{lazy} '
-            f'alt="diagnosis plot of {e(rid)}">')
-    if not open_diag:
-        diag = f"<details><summary>Diagnose</summary>{diag}</details>"
-    sub, _, idx = rid.rpartition("-")
-    where = f"record {int(idx) + 1} of submission {e(sub)}; " if idx.isdigit() and sub else ""
-    if contributor:
-        where = f"contributor <b>{e(s.contributor)}</b>; " + where
-    h = headline(s)
-    head = (f'<span class="rank">#{rank}</span>' if rank else "") + f'<span class="mono">{e(rid)}</span>'
-    return (f'<section class="record" id="r-{e(rid)}" data-record="{e(rid)}"><div>{thumb}</div><div>'
-            f'<h3>{head}</h3><div><span class="score">{h[0]:+.2f}</span>'
-            f'<span class="ci">95% interval [{h[1]:+.2f}, {h[2]:+.2f}]</span> {badge(s)}</div>'
-            f"<div>{interval_svg(*h)}</div>"
-            f'<p class="reading">{e(reading(s))}</p><div class="facts">{where}round {e(s.round_id)}; '
-            f"{s.n_in} models trained on it, {s.n_out} did not; counted P {s.score:+.2f} "
-            f"[{s.ci_low:+.2f}, {s.ci_high:+.2f}]; AUC {s.auc:.2f} ({e(method_name(s.method))})</div></div>"
-            f'<div class="diag">{diag}</div></section>')
-
-
-def how_to_read(n_models: set[int], *, builder: bool) -> str:
-    n = ", ".join(str(k) for k in sorted(n_models)) or "n"
-    few = min(n_models, default=FEW_MODELS) < FEW_MODELS
-    items = [
-        f"<li><b>Privacy score</b> = TPR − FPR of the membership attack on the record over the round's {n} "
-        "fine-tuned models, half of which trained on it: 0 is a coin flip, 1 means membership is always "
-        "identified. The headline is the model-based score 2Φ(d′/2) − 1 from the record's fitted IN and OUT "
-        "Gaussians; the paper's <b>counted P</b> (n yes/no decisions) is shown next to it, noisier.</li>",
-        "<li><b>95% interval</b>: only a record whose whole interval is above 0 is identifiable with "
-        "confidence; an interval that includes 0 is compatible with no risk — and, if wide, with real risk.</li>",
-        "<li><b>Diagnose</b>: the record's statistic phi over the models that trained on it (IN, red) and "
-        "those that did not (OUT, blue); the attack says “member” in the shaded region. Separated curves "
-        "mean the record stands out.</li>"]
-    if builder:
-        items.append("<li><b>ROC</b> (log-log) over every (model, record) pair: what matters is the true "
-                     "positive rate at a low false positive rate.</li>")
-    warn = (f'<p class="warn">Only {n} models per round: a single record\'s score is mostly noise at this n '
-            f"(wide intervals); {FEW_MODELS}+ models are needed for record-level decisions, 64 for stable ones.</p>"
-            if few else "")
-    return f'<details><summary>How to read the scores</summary><ul>{"".join(items)}</ul></details>{warn}'
-
-
-def summary_sentence(scores: Sequence[common_pb2.RecordScore], whose: str) -> str:
-    above = [s for s in scores if headline(s)[1] > 0]
-    top = min(scores, key=rank_key)
-    h = headline(top)
-    if above:
-        first = (f"<b>{len(above)} of {whose} {len(scores)} records</b> {'is' if len(above) == 1 else 'are'} "
-                 "identifiable more often than chance (the whole 95% interval above 0).")
-    else:
-        first = (f"<b>None of {whose} {len(scores)} records</b> is identifiable more often than chance with "
-                 "confidence (every 95% interval includes 0 or lies below it).")
-    return (f"<p>{first} Highest score: <a class=\"mono\" href=\"#r-{e(top.record_id)}\">{e(top.record_id)}</a>, "
-            f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}].</p>")
-
-
-def stat_cards(scores: Sequence[common_pb2.RecordScore], extra: Sequence[str] = ()) -> str:
-    p = np.array([headline(s)[0] for s in scores])
-    lows = np.array([headline(s)[1] for s in scores])
-    return ('<div class="cards">' + card(str(len(scores)), "records scored")
-            + card(str(int((lows > 0).sum())), "interval above 0")
-            + card(str(int((lows >= 0.5).sum())), "high risk (interval above +0.5)")
-            + card(f"{p.max():+.2f}", "highest score") + card(f"{np.median(p):+.2f}", "median score")
-            + "".join(extra) + "</div>")
+def web_record_card(tid: str, s: common_pb2.RecordScore, has_thumb: bool, *, open_diag: bool = True,
+                    rank: int = 0, contributor: bool = False) -> str:
+    """The shared record card with this server's figure URLs; a closed diagnosis loads lazily."""
+    base = f"/tasks/{u(tid)}/records/{u(s.record_id)}"
+    return record_card(s, thumb_src=f"{base}/thumb.png" if has_thumb else None,
+                       diag_src=f"{base}/diagnosis.png?round={u(s.round_id)}", diag_width=500,
+                       diag_collapsed=not open_diag, rank=rank, show_contributor=contributor)
 
 
 def ended_round_rows(scores: Sequence[common_pb2.RecordScore], followed: Sequence[RoundView]) -> str:
@@ -439,14 +338,13 @@ def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequen
                  "has enough records (or when the builder starts one); this page then updates by itself.</p></div>")
     else:
         own = {rid for v in subs for rid in v.record_ids}
-        n_models = {s.n_in + s.n_out for s in scores}
         ordered = sorted(scores, key=rank_key)
-        body += (summary_sentence(scores, "your") + stat_cards(scores) + how_to_read(n_models, builder=False)
+        body += (summary_sentence(scores, "your") + stat_cards(scores) + how_to_read(scores, builder=False, collapsed=True)
                  + f'<p><a class="button secondary" href="/tasks/{u(tid)}/scores.csv">Download the scores (CSV)</a> '
                    f'<a class="button secondary" href="/tasks/{u(tid)}/report.zip">Download the report (HTML + plots, zip)</a>'
                  + (f' <a class="button secondary" href="/tasks/{u(tid)}/my-records.npz">Download your submitted records '
                     "with their ids (.npz)</a>" if own else "") + "</p>"
-                 + "".join(record_card(tid, s, s.record_id in own, open_diag=k < 20) for k, s in enumerate(ordered)))
+                 + "".join(web_record_card(tid, s, s.record_id in own, open_diag=k < 20) for k, s in enumerate(ordered)))
         if not own:
             body += ('<p class="note">No images: records submitted in another session are not kept on this '
                      "server; the scores are.</p>")
@@ -594,13 +492,12 @@ def batch_page(session: Session, t: registry_pb2.Task, scored: gateway_pb2.GetSc
         return layout(f"{t.name} — batch view", body, session)
     ranked = sorted(scores, key=rank_key)
     contributors = sorted({s.contributor for s in scores})
-    n_models = {s.n_in + s.n_out for s in scores}
     aucs = [r.batch.auc for r in rounds.values() if r.HasField("batch") and r.batch.n_models]
     q = f"?round={u(round_filter)}" if round_filter else ""
     body += (summary_sentence(scores, "the")
              + stat_cards(scores, [card(str(len(contributors)), "contributors"), card(str(len(rounds)), "rounds")]
                           + ([card(f"{np.mean(aucs):.2f}", "batch AUC (headline)")] if aucs else []))
-             + how_to_read(n_models, builder=True)
+             + how_to_read(scores, builder=True, collapsed=True)
              + f'<p><a class="button secondary" href="/tasks/{tid}/scores.csv{q}">Download every score (CSV)</a> '
                f'<a class="button secondary" href="/tasks/{tid}/report.zip{q}">Download the batch report (HTML + plots, zip)</a></p>'
              + f'<h2>Scores of the batch</h2><figure><img src="/tasks/{tid}/batch/scores.png{q}" width="1100" '
@@ -611,12 +508,6 @@ def batch_page(session: Session, t: registry_pb2.Task, scored: gateway_pb2.GetSc
     for rid in sorted(rounds):
         r = rounds[rid]
         metrics = list(r.method_metrics) or ([r.batch] if r.HasField("batch") else [])
-        lead = r.batch.method
-        table = "".join(
-            f'<tr class="{"headline" if b.method == lead else ""}"><td>{e(method_name(b.method))}'
-            f'{" ★" if b.method == lead else ""}</td><td class="num">{b.auc:.3f}</td>'
-            f'<td class="num">{b.tpr_at_1pct_fpr:.3f}</td><td class="num">{b.tpr_at_0_1pct_fpr:.3f}</td>'
-            f'<td class="num">{b.mean_score:+.3f}</td></tr>' for b in metrics)
         notes = []
         if r.HasField("offline") and r.offline.k:
             notes.append(f"Offline Gaussian: mu = {r.offline.mu:.3f}, sigma = {r.offline.sigma:.3f} from "
@@ -627,13 +518,11 @@ def batch_page(session: Session, t: registry_pb2.Task, scored: gateway_pb2.GetSc
         body += (f'<h3>Round <span class="mono">{e(rid)}</span> — {r.batch.n_records or r.status.n_records} records, '
                  f'{r.batch.n_models} models</h3><div class="grid2"><figure><img src="/tasks/{tid}/rounds/{u(rid)}/roc.png" '
                  f'width="550" height="500" alt="log-log ROC of every method, round {e(rid)}"></figure><div>'
-                 '<table><tr><th>method</th><th class="num">AUC</th><th class="num">TPR @ 1% FPR</th>'
-                 f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean P</th></tr>{table}</table>'
-                 '<p class="note">★ the headline method; every method scores the same fine-tuned models.</p>'
+                 + method_table(metrics, r.batch.method) + '<p class="note">★ the headline method; every method scores the same fine-tuned models.</p>'
                  + "".join(f'<p class="note">{n}</p>' for n in notes) + "</div></div>")
     have = session.local_records
     top = ranked[:TOP_RISK]
-    cards = "".join(record_card(t.task_id, s, s.record_id in have, rank=k + 1, contributor=True)
+    cards = "".join(web_record_card(t.task_id, s, s.record_id in have, rank=k + 1, contributor=True)
                     for k, s in enumerate(top))
     body += f"<h2>Highest-risk records (top {len(top)} by score)</h2>{cards}"
     body += (f'<form method="post" action="/tasks/{tid}/local-records" enctype="multipart/form-data" '
@@ -644,16 +533,6 @@ def batch_page(session: Session, t: registry_pb2.Task, scored: gateway_pb2.GetSc
              f"sent to the services. {len(have)} record image(s) loaded.</p>"
              '<input type="file" name="records" accept=".npz" required>' + upload_progress()
              + '<button type="submit">Load images</button></form>')
-    all_rows = "".join(
-        f'<tr><td class="mono">{e(s.record_id)}</td><td>{e(s.contributor)}</td><td class="mono">{e(s.round_id)}</td>'
-        f'<td class="num">{headline(s)[0]:+.3f}</td><td class="num">[{headline(s)[1]:+.2f}, {headline(s)[2]:+.2f}]</td>'
-        f"<td>{interval_svg(*headline(s), width=150)}</td>"
-        f'<td class="num">{s.score:+.3f}</td><td class="num">[{s.ci_low:+.2f}, {s.ci_high:+.2f}]</td>'
-        f"<td class=\"num\">{s.auc:.2f}</td>"
-        f"<td>{badge(s)}</td></tr>" for s in ranked)
     body += (f"<h2>All records ({len(scores)})</h2><details><summary>every record, highest score first</summary>"
-             '<table><tr><th>record</th><th>contributor</th><th>round</th><th class="num">score</th>'
-             '<th class="num">95% interval</th><th></th><th class="num">counted P</th><th class="num">95% interval</th>'
-             '<th class="num">AUC</th><th>level</th></tr>'
-             + all_rows + "</table></details>")
+             + records_table(ranked, readings=False) + "</details>")
     return layout(f"{t.name} — batch view", body, session)

@@ -1,0 +1,293 @@
+"""HTML of per-record privacy scores, one renderer for the HTML reports (``clients/reports.py``)
+and the web client's pages (``clients/web/pages.py``): the headline score with its 95% interval,
+the one-line reading, the risk badge, the record card, the summary sentence, the stat cards, the
+"how to read" text, the table of methods and the table of every record.
+
+The headline of a record is its model-based score 2Φ(d′/2) − 1 from the IN and OUT Gaussians
+fitted over the round's models, with its 95% interval (``RecordScore.model_score``,
+``model_ci_low``, ``model_ci_high``): steadier than the paper's counted P = TPR − FPR
+(``score``, ``ci_low``, ``ci_high``), which is shown next to it. Rounds scored before the
+model-based interval existed fall back to P.
+
+Plain functions over protobuf messages returning strings; every value is escaped. No inline
+style or script (the web client's Content-Security-Policy forbids both): the classes used here
+are styled by :data:`SCORE_CSS` and :data:`BADGE_CSS`, which both stylesheets include, and by
+each one's own ``.record``, ``.card`` and table rules.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from ftps.common import serde
+from ftps.v1 import common_pb2
+
+__all__ = ["SCORE_CSS", "BADGE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
+           "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
+           "badge", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
+           "records_table"]
+
+FEW_MODELS = 16  # below this a single record's score is mostly binomial noise (DESIGN.md section 3)
+TOP_RISK = 10
+# An interval that includes 0 but reaches this high does not show the record is safe: say so.
+WIDE = 0.25
+
+# Score, thumbnail, risk-badge and score-table styles: in the reports' stylesheet and the web client's
+# (clients/web/static.py).
+SCORE_CSS = """.score{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums}
+.ci{color:#5b6475;font-size:14px;margin-left:6px;font-variant-numeric:tabular-nums}
+.thumb{width:72px;height:72px;border:1px solid #d5d9e0;image-rendering:pixelated;background:#fff}
+.nothumb{width:72px;height:72px;border:1px dashed #c9ced8;color:#8a92a3;font-size:11px;display:flex;
+align-items:center;justify-content:center;text-align:center}
+td .minor{display:block;color:#5b6475;font-size:12px;font-weight:400}
+td.rid{white-space:nowrap}td.reading{font-size:13px;min-width:220px}
+"""
+BADGE_CSS = """.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;
+vertical-align:middle;white-space:nowrap}
+.high{background:#fbd9d6;color:#9b1209}.elevated{background:#ffedc9;color:#7d4a00}
+.chance{background:#e3f2e7;color:#1d6532}.below{background:#e6ebf5;color:#34496e}
+.uncertain{background:#eceef2;color:#4a5263}
+"""
+LEVEL_FILL = {"high": "#c0392b", "elevated": "#d68910", "chance": "#5d9c6b", "below": "#5a6f99", "uncertain": "#8a92a3"}
+
+
+def e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def method_name(m: int) -> str:
+    return serde.METHOD_NAMES.get(m, "?")
+
+
+def safe_name(name: str) -> str:
+    """A file name or HTML id from a record id (ids are validated by the service; this keeps it so)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    return s[:80] or "record"
+
+
+def anchor_id(record_id: str) -> str:
+    """The id of a record's card, which the summary sentence links to."""
+    return f"r-{safe_name(record_id)}"
+
+
+# -- words --------------------------------------------------------------------------------------
+
+def _pct(v: float) -> str:
+    return f"{abs(round(100 * v))}%"
+
+
+def _signed_pct(v: float) -> str:
+    sign = "+" if v > 0 else "−" if v < 0 else ""
+    if 0 < abs(v) < 0.005:  # "0%" would hide which side of 0 a bound is on
+        return f"{sign}{abs(100 * v):.1f}%"
+    return f"{sign if round(100 * v) else ''}{abs(round(100 * v))}%"
+
+
+def reading(score: float, ci_low: float, ci_high: float, *, n_models: int = 0) -> str:
+    """One plain-language line for a score with its 95% interval [ci_low, ci_high]."""
+    interval = f"95% interval {_signed_pct(ci_low)} to {_signed_pct(ci_high)}"
+    if ci_low > 0:
+        return (f"An attacker who can train models like this one identifies this record's membership "
+                f"{_pct(score)} more often than chance ({interval}).")
+    if ci_high < 0:
+        return (f"No measured risk: the attack does worse than chance on this record ({interval}, all below 0); "
+                "that is a quirk of this attack on this record, not a protection.")
+    line = f"No better than chance (the interval includes 0: {interval})"
+    if ci_high >= WIDE:
+        models = f"{n_models} models" if n_models else "this few models"
+        return f"{line}; but the interval is wide: up to {_pct(ci_high)} is not ruled out with {models}."
+    return f"{line}."
+
+
+def risk_level(ci_low: float, ci_high: float) -> tuple[str, str]:
+    """(css class, label) of a record by where its whole interval lies."""
+    if ci_low >= 0.5:
+        return "high", "high risk"
+    if ci_low > 0:
+        return "elevated", "identifiable"
+    if ci_high < 0:
+        return "below", "below chance"
+    if ci_high >= WIDE:
+        return "uncertain", "uncertain"
+    return "chance", "not above chance"
+
+
+def interval_svg(score: float, lo: float, hi: float, *, width: int = 190) -> str:
+    """The score (dot) and its interval (bar) on the [-1, 1] axis, 0 marked: no script, no image file."""
+    def x(v: float) -> float:
+        return 8 + (min(max(v, -1.0), 1.0) + 1) / 2 * (width - 16)
+
+    cls, _ = risk_level(lo, hi)
+    return (f'<svg class="iv" width="{width}" height="26" viewBox="0 0 {width} 26" role="img" '
+            f'aria-label="score {score:+.2f}, interval {lo:+.2f} to {hi:+.2f}">'
+            f'<line x1="{x(-1):.1f}" y1="10" x2="{x(1):.1f}" y2="10" stroke="#c5cad3" stroke-width="2"/>'
+            f'<line x1="{x(0):.1f}" y1="3" x2="{x(0):.1f}" y2="17" stroke="#7a8294" stroke-dasharray="2,2"/>'
+            f'<rect x="{x(lo):.1f}" y="6" width="{max(x(hi) - x(lo), 2):.1f}" height="8" rx="3" '
+            f'fill="{LEVEL_FILL[cls]}" opacity="0.55"/>'
+            f'<circle cx="{x(score):.1f}" cy="10" r="4" fill="#1d2330"/>'
+            f'<text x="{x(-1):.1f}" y="25" font-size="9" fill="#7a8294">−1</text>'
+            f'<text x="{x(0) - 2:.1f}" y="25" font-size="9" fill="#7a8294">0</text>'
+            f'<text x="{x(1) - 8:.1f}" y="25" font-size="9" fill="#7a8294">+1</text></svg>')
+
+
+# -- a record's headline ------------------------------------------------------------------------
+
+def headline(s: common_pb2.RecordScore) -> tuple[float, float, float]:
+    """(score, 95% low, 95% high) of the record's headline: the model-based 2Φ(d′/2) − 1, steadier
+    than the counted P. Rounds scored before the model-based score carried an interval fall back to P."""
+    if s.model_ci_low == s.model_ci_high == 0.0 and (s.ci_low or s.ci_high):
+        return s.score, s.ci_low, s.ci_high
+    return s.model_score, s.model_ci_low, s.model_ci_high
+
+
+def rank_key(s: common_pb2.RecordScore) -> tuple:
+    """Sort key: highest headline first, then the higher lower bound, then the id."""
+    h = headline(s)
+    return (-h[0], -h[1], s.record_id)
+
+
+def record_reading(s: common_pb2.RecordScore) -> str:
+    """The plain-language reading of the record's headline score."""
+    return reading(*headline(s), n_models=s.n_in + s.n_out)
+
+
+def badge(s: common_pb2.RecordScore) -> str:
+    cls, label = risk_level(*headline(s)[1:])
+    return f'<span class="badge {cls}">{e(label)}</span>'
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:+.2f}, {hi:+.2f}]"
+
+
+def _counted(s: common_pb2.RecordScore) -> str:
+    return f"counted P {s.score:+.2f} {_interval(s.ci_low, s.ci_high)}"
+
+
+# -- page parts ---------------------------------------------------------------------------------
+
+def card(value: str, label: str, *, small: bool = False) -> str:
+    return f'<div class="card"><b{" class=small" if small else ""}>{e(value)}</b><span>{e(label)}</span></div>'
+
+
+def summary_sentence(scores: Sequence[common_pb2.RecordScore], whose: str) -> str:
+    """How many records are identifiable with confidence, and the highest-scoring one (linked)."""
+    above = [s for s in scores if headline(s)[1] > 0]
+    top = min(scores, key=rank_key)
+    h = headline(top)
+    if above:
+        first = (f"<b>{len(above)} of {e(whose)} {len(scores)} records</b> {'is' if len(above) == 1 else 'are'} "
+                 "identifiable more often than chance (the whole 95% interval above 0).")
+    else:
+        first = (f"<b>None of {e(whose)} {len(scores)} records</b> is identifiable more often than chance with "
+                 "confidence (every 95% interval includes 0 or lies below it).")
+    return (f'<p class="lead">{first} The highest score: <a class="mono" href="#{e(anchor_id(top.record_id))}">'
+            f"{e(top.record_id)}</a>, {h[0]:+.2f} {_interval(*h[1:])} ({_counted(top)}).</p>")
+
+
+def stat_cards(scores: Sequence[common_pb2.RecordScore], extra: Sequence[str] = ()) -> str:
+    h = np.array([headline(s) for s in scores], dtype=float).reshape(-1, 3)
+    lows = h[:, 1]
+    return ('<div class="cards">' + card(str(len(scores)), "records scored")
+            + card(str(int((lows > 0).sum())), "with the interval above 0")
+            + card(str(int((lows >= 0.5).sum())), "high risk (interval above +0.5)")
+            + card(f"{h[:, 0].max():+.2f}", "highest score") + card(f"{np.median(h[:, 0]):+.2f}", "median score")
+            + "".join(extra) + "</div>")
+
+
+def how_to_read(scores: Sequence[common_pb2.RecordScore], *, builder: bool, collapsed: bool) -> str:
+    """What the numbers mean; ``collapsed`` puts it in a closed <details>. A warning follows when the
+    round had too few models for record-level decisions."""
+    n_models = {s.n_in + s.n_out for s in scores}
+    n = ", ".join(str(k) for k in sorted(n_models)) or "n"
+    methods = ", ".join(sorted({method_name(s.method) for s in scores}))
+    attack = f"the membership attack ({e(methods)})" if methods else "the membership attack"
+    items = [
+        f"<li><b>Privacy score</b> = TPR − FPR of {attack} on the record over the round's {n} fine-tuned "
+        "models, half of which trained on it: 0 is a coin flip, 1 means membership is always identified. "
+        "The headline is the <b>model-based</b> score 2Φ(d′/2) − 1 from the record's IN and OUT Gaussians "
+        "fitted over those models; the paper's <b>counted P</b> (the share of n yes/no decisions) is shown "
+        "next to it, and is noisier. “N% more often than chance” reads the score as a percentage: 0.30 "
+        "means the attacker says “member” 30 percentage points more often for the models that trained on "
+        "the record than for those that did not (right 65% of the time where a coin is right 50%).</li>",
+        "<li><b>95% interval</b>: the score is estimated from n models, so it is uncertain. Only a record "
+        "whose whole interval is above 0 is identifiable with confidence; an interval that includes 0 is "
+        "compatible with no risk — and, if it is wide, with real risk too.</li>",
+        "<li><b>Diagnosis plot</b>: the record's statistic phi (how confidently a model predicts its label) "
+        "fitted as a Gaussian over the models that trained on it (IN, red) and those that did not (OUT, "
+        "blue). The attack says “member” in the shaded region, beyond the dashed threshold. Overlapping "
+        "curves mean the record is hard to tell apart; separated curves mean it is exposed.</li>",
+        "<li><b>AUC</b> is threshold-free: the chance that a model that trained on the record scores it "
+        "higher than one that did not (0.5 = chance).</li>"]
+    if builder:
+        items.append("<li><b>ROC</b> (log-log): the attack over every (model, record) pair of the batch; what "
+                     "matters is the true positive rate at a low false positive rate.</li>")
+    text = f'<ul>{"".join(items)}</ul>'
+    text = (f"<details><summary>How to read the scores</summary>{text}</details>" if collapsed
+            else f'<div class="box">{text}</div>')
+    if min(n_models, default=FEW_MODELS) < FEW_MODELS:
+        text += (f'<p class="box warn">Only {n} models per round: a single record\'s score is mostly noise at '
+                 f"this n (intervals are wide); {FEW_MODELS} or more models are needed for a record-level "
+                 "decision, 64 for stable ones.</p>")
+    return text
+
+
+def record_card(s: common_pb2.RecordScore, *, thumb_src: str | None, diag_src: str, diag_width: int,
+                thumb_missing: str = "no image", diag_collapsed: bool = False, rank: int = 0,
+                show_contributor: bool = False) -> str:
+    """One record: thumbnail (or why there is none), the headline score with its interval and badge,
+    the reading, the facts (counted P among them) and the diagnosis plot, open or in a <details>."""
+    rid = s.record_id
+    thumb = (f'<img class="thumb" src="{e(thumb_src)}" alt="record {e(rid)}" width="72" height="72">'
+             if thumb_src else f'<div class="nothumb">{e(thumb_missing)}</div>')
+    lazy = ' loading="lazy"' if diag_collapsed else ""
+    diag = (f'<img src="{e(diag_src)}" width="{diag_width}" height="270"{lazy} '
+            f'alt="diagnosis plot of {e(rid)}">')
+    if diag_collapsed:
+        diag = f"<details><summary>Diagnose</summary>{diag}</details>"
+    sub, _, idx = rid.rpartition("-")
+    where = f"record {int(idx) + 1} of submission {e(sub)}; " if idx.isdigit() and sub else ""
+    if show_contributor:
+        where = f"contributor <b>{e(s.contributor)}</b>; " + where
+    h = headline(s)
+    head = (f'<span class="rank">#{rank}</span>' if rank else "") + f'<span class="mono">{e(rid)}</span>'
+    return (f'<section class="record" id="{e(anchor_id(rid))}" data-record="{e(rid)}"><div>{thumb}</div><div>'
+            f'<h3>{head}</h3><div><span class="score">{h[0]:+.2f}</span>'
+            f'<span class="ci">95% interval {_interval(*h[1:])}</span> {badge(s)}</div>'
+            f"<div>{interval_svg(*h)}</div>"
+            f'<p class="reading">{e(record_reading(s))}</p><div class="facts">{where}round {e(s.round_id)}; '
+            f"{s.n_in} models trained on it, {s.n_out} did not; {_counted(s)}; "
+            f"AUC {s.auc:.2f} ({e(method_name(s.method))})</div></div>"
+            f'<div class="diag">{diag}</div></section>')
+
+
+def method_table(metrics: Sequence[common_pb2.BatchMetrics], lead: int) -> str:
+    """Every method's batch metrics over the same models; ★ marks the headline method ``lead``."""
+    rows = "".join(
+        f'<tr class="{"headline" if b.method == lead else ""}"><td class="method">{e(method_name(b.method))}'
+        f'{" ★" if b.method == lead else ""}</td><td class="num">{b.auc:.3f}</td>'
+        f'<td class="num">{b.tpr_at_1pct_fpr:.3f}</td><td class="num">{b.tpr_at_0_1pct_fpr:.3f}</td>'
+        f'<td class="num">{b.mean_score:+.3f}</td></tr>' for b in metrics)
+    return ('<table><tr><th>method</th><th class="num">AUC</th><th class="num">TPR @ 1% FPR</th>'
+            f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean P</th></tr>{rows}</table>')
+
+
+def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -> str:
+    """Every record in the given order: headline score and interval, counted P as the secondary
+    column, AUC, level and, with ``readings``, the plain-language line."""
+    rows = "".join(
+        f'<tr><td class="rid"><span class="mono">{e(s.record_id)}</span>'
+        f'<span class="minor">{e(s.contributor)}, round {e(s.round_id)}</span></td>'
+        f'<td class="num"><b>{headline(s)[0]:+.2f}</b><span class="minor">{_interval(*headline(s)[1:])}</span></td>'
+        f"<td>{interval_svg(*headline(s), width=130)}</td>"
+        f'<td class="num">{s.score:+.2f}<span class="minor">{_interval(s.ci_low, s.ci_high)}</span></td>'
+        f'<td class="num">{s.auc:.2f}</td><td>{badge(s)}</td>'
+        + (f'<td class="reading">{e(record_reading(s))}</td>' if readings else "") + "</tr>"
+        for s in ranked)
+    return ('<table><tr><th>record, contributor, round</th><th class="num">score [95% interval]</th><th></th>'
+            '<th class="num">counted P [95%]</th><th class="num">AUC</th><th>level</th>'
+            + ("<th>reading</th>" if readings else "") + f"</tr>{rows}</table>")
