@@ -8,9 +8,16 @@ on stdin. Before any strategy code runs, the child
 - lowers its resource limits: address space (``memory_mb``; data segment on CUDA, whose driver
   reserves huge address ranges), CPU seconds (a hard limit over its life, a soft one per job),
   processes, file size, open files, no core dumps;
+- asks the OOM killer to pick it and everything it starts first (oom_score_adj 1000);
 - enters a new network namespace (only a downed loopback inside), via ``unshare(CLONE_NEWNET)``
   or, without CAP_SYS_ADMIN, ``unshare(CLONE_NEWUSER | CLONE_NEWNET)``; when the kernel refuses
   both the job still runs and a warning is logged;
+- restricts itself with Landlock (Linux >= 5.13; any uid): files readable only in the
+  interpreter, its import path, the repository's packages, system libraries, a few files of
+  /etc, /proc and /sys; writable only beneath its own sandbox root (home and job directories);
+  no ptrace of processes outside (so no /proc/PID/environ or mem of the worker), no signals to
+  them (ABI 6, Linux >= 6.12); TCP refused when there is no network namespace (ABI 4). When the
+  kernel has no Landlock the job still runs and a warning is logged;
 - imports torch and runs every engine once on a built-in model (the ~2-3 s a job used to pay);
 - when started as root: at its first job, after reading that job's inputs, drops to a fresh
   unprivileged uid/gid used by this child only, with no_new_privs, so it cannot raise its limits
@@ -26,10 +33,18 @@ stdout (the strategy's own prints go to its stderr) and leaves ``phi.npy`` in th
 directory, which the parent opens without following links. Between jobs every process the job
 left behind (its process group, and its uid when it has its own) is killed.
 
+The job channel is bounded too: overlong lines are dropped, at most ``_MAX_QUEUED_MESSAGES``
+messages wait (the child blocks beyond), and a child that writes more than ``_MAX_JUNK_BYTES`` of
+non-protocol bytes or ``_MAX_IGNORED_MESSAGES`` stray messages into it fails its job at once.
+
 Failures come back as the matching EngineError (StrategyError, WeightsError, RecordsError) or
-SandboxError; the worker process itself is never affected. What is *not* isolated: the
-filesystem is still readable where file permissions allow (no mount namespace); a non-root
-worker cannot change uid, so all its children share one uid; and the jobs of one task in one
+SandboxError; the worker process itself is never affected. What is *not* isolated: without
+Landlock, the filesystem is readable (and world-writable places such as /tmp writable) where
+file permissions allow (there is no mount namespace); a non-root worker cannot change uid, so
+all its children share one uid (RLIMIT_NPROC then counts the worker's tasks too, and processes
+that leave the child's process group are not found between jobs); memory is limited per process
+(a strategy's processes together can use more: the OOM killer then picks them first), disk
+space in the scratch directory only by RLIMIT_FSIZE per file; and the jobs of one task in one
 child share that process (a strategy that changes process-wide state in one job can affect the
 task's next job in the same child: the child resets torch's default dtype and grad mode, seeds
 every model, and declarative recipes cannot change anything else).
@@ -72,6 +87,12 @@ CHILD_MODULE = "services.finetune_worker.sandbox_child"
 # worker's memory through its pipes.
 _TAIL_BYTES = 4096
 _MAX_PROTOCOL_LINE = 16384
+# Protocol messages waiting for the job's thread (the child blocks on its writes beyond that),
+# bytes of non-protocol output tolerated on the job channel over a child's life, and messages a
+# job may send that the parent ignores (stale, repeated or implausible ones).
+_MAX_QUEUED_MESSAGES = 256
+_MAX_JUNK_BYTES = 1 << 20
+_MAX_IGNORED_MESSAGES = 10_000
 _ERROR_MESSAGE_LIMIT = 4096
 # Environment passed through to the child when set (threading, engine and GPU selection).
 _PASSTHROUGH_ENV = (
@@ -134,16 +155,44 @@ def _drain(stream, tail: _Tail) -> None:
         tail.add(chunk)
 
 
-def _read_protocol(stream, lines: queue.Queue, tail: _Tail) -> None:
-    """Split the child's stdout into protocol lines; overlong lines are dropped, not buffered."""
+class _ChannelAbuse(Exception):
+    """Queued by the protocol reader when the child wrote too much that is not protocol."""
+
+
+def _parse_message(line: bytes) -> dict | None:
+    try:
+        msg = json.loads(line)
+    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, RecursionError ([[[[...)
+        return None
+    return msg if isinstance(msg, dict) else None
+
+
+def _read_protocol(stream, lines: queue.Queue, tail: _Tail, stop: threading.Event) -> None:
+    """Split the child's stdout into protocol messages (dicts) on ``lines``, then None at its
+    end. Overlong lines are dropped, not buffered; what is not a message goes to ``tail``, and
+    past ``_MAX_JUNK_BYTES`` of it (only a strategy writing into the channel produces any) the
+    reader queues a _ChannelAbuse and stops reading. ``lines`` is bounded: while nobody takes
+    messages the child blocks on its writes; ``stop`` ends the reader."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                lines.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     pending = bytearray()
     overlong = False
+    junk = 0
     for chunk in iter(lambda: stream.read1(65536), b""):
         pending += chunk
         while True:
             nl = pending.find(b"\n")
             if nl < 0:
                 if len(pending) > _MAX_PROTOCOL_LINE:
+                    junk += len(pending)
                     tail.add(bytes(pending[-_TAIL_BYTES:]))
                     pending.clear()
                     overlong = True
@@ -152,11 +201,23 @@ def _read_protocol(stream, lines: queue.Queue, tail: _Tail) -> None:
             del pending[: nl + 1]
             if overlong:
                 overlong = False
+                junk += nl + 1
                 continue
-            lines.put(line)
+            msg = _parse_message(line)
+            if msg is None:
+                junk += nl + 1
+                tail.add(line + b"\n")
+            elif not put(msg):
+                return
+        if junk > _MAX_JUNK_BYTES:
+            put(_ChannelAbuse(f"strategy wrote over {_MAX_JUNK_BYTES // 1024} KB that is not "
+                              "sandbox protocol into the sandbox's job channel"))
+            return
     if pending and not overlong:
-        lines.put(bytes(pending))
-    lines.put(None)
+        msg = _parse_message(bytes(pending))
+        if msg is not None and not put(msg):
+            return
+    put(None)
 
 
 def _child_env(home: Path) -> dict[str, str]:
@@ -276,7 +337,8 @@ class SandboxChild:
         self._ready = False
         self._proc: subprocess.Popen | None = None
         self._readers: list[tuple[threading.Thread, object]] = []
-        self._lines: queue.Queue = queue.Queue()
+        self._lines: queue.Queue = queue.Queue(maxsize=_MAX_QUEUED_MESSAGES)
+        self._stop_readers = threading.Event()
         self._out_tail, self._err_tail = _Tail(), _Tail()
         is_root = os.geteuid() == 0
         uid = _JOB_UID_BASE + secrets.randbelow(_JOB_UID_SPAN) if is_root else None
@@ -321,7 +383,8 @@ class SandboxChild:
             raise
         self._readers = [
             (threading.Thread(target=_read_protocol,
-                              args=(self._proc.stdout, self._lines, self._out_tail),
+                              args=(self._proc.stdout, self._lines, self._out_tail,
+                                    self._stop_readers),
                               daemon=True), self._proc.stdout),
             (threading.Thread(target=_drain, args=(self._proc.stderr, self._err_tail),
                               daemon=True), self._proc.stderr),
@@ -385,11 +448,12 @@ class SandboxChild:
             except OSError:
                 pass  # it died: the next read says how
             last_done = 0
+            ignored = 0
             while True:
                 msg = self._next_message(deadline, "running")
                 if msg.get("job") != k:
-                    continue
-                if "sandbox" in msg:
+                    ignored += 1
+                elif "sandbox" in msg:
                     _log_isolation(msg["sandbox"])
                 elif "error" in msg:
                     self._fail_report(msg["error"])
@@ -405,6 +469,11 @@ class SandboxChild:
                         last_done = done
                         if on_progress is not None:
                             on_progress(done, inputs.n_models)
+                    else:
+                        ignored += 1
+                if ignored > _MAX_IGNORED_MESSAGES:
+                    raise SandboxError(f"strategy flooded the sandbox's job channel (over "
+                                       f"{_MAX_IGNORED_MESSAGES} stray messages)")
             phi = _read_phi(out_dir / "phi.npy", inputs.n_models, inputs.n_records)
         except BaseException:
             self.close()
@@ -420,6 +489,7 @@ class SandboxChild:
     def close(self) -> None:
         """Stop the child (and everything it started) and remove its directory. Idempotent."""
         proc, self._proc = self._proc, None
+        self._stop_readers.set()
         if proc is not None:
             _kill_group(proc)
             if self.limits["uid"] is not None:
@@ -460,22 +530,22 @@ class SandboxChild:
             if remaining <= 0:
                 raise SandboxError(f"strategy timed out after {self._timeout_s:g} s")
             try:
-                line = self._lines.get(timeout=min(remaining, 0.2))
+                msg = self._lines.get(timeout=min(remaining, 0.2))
             except queue.Empty:
                 # A grandchild may hold stdout open after the child exited.
                 if self._proc.poll() is not None and self._lines.empty():
                     self._fail_exit()
                 continue
-            if line is None:
-                self._lines.put(None)  # stays at the end for later calls
-                self._fail_exit()
-            try:
-                msg = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                msg = None
-            if isinstance(msg, dict):
-                return msg
-            self._out_tail.add(line + b"\n")
+            if msg is None or isinstance(msg, _ChannelAbuse):
+                # The reader has stopped: this stays at the end for later calls.
+                try:
+                    self._lines.put_nowait(msg)
+                except queue.Full:  # pragma: no cover - nothing else puts once it stopped
+                    pass
+                if msg is None:
+                    self._fail_exit()
+                raise SandboxError(str(msg))
+            return msg
 
     def _fail_exit(self) -> None:
         assert self._proc is not None
@@ -799,21 +869,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of a child's uid (only that child ever runs as it)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid == uid:
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
+    """SIGKILL every process of a child's uid (only that child ever runs as it), pass after
+    pass until one finds none it has not killed yet: a process still forking while an earlier
+    pass killed its siblings could otherwise be missed (a killed one cannot fork any more)."""
+    killed: set[int] = set()
+    for _ in range(100):
+        found = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in killed:
+                continue
+            try:
+                if entry.stat().st_uid == uid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.add(int(entry.name))
+                    found = True
+            except (OSError, ValueError):
+                continue
+        if not found:
+            return
 
 
 def isolation_status() -> dict | None:
     """What the last sandbox child reported about its isolation, e.g.
-    ``{"network": {"isolated": True, "detail": "unshare(CLONE_NEWNET)"}, "privileges":
-    {"uid": 1912345678, "dropped": True}, "limits": {...}}``; None before the first job."""
+    ``{"network": {"isolated": True, "detail": "unshare(CLONE_NEWNET)"}, "filesystem":
+    {"restricted": True, "detail": "landlock ABI 7", ...}, "privileges": {"uid": 1912345678,
+    "dropped": True}, "limits": {...}}``; None before the first job."""
     with _isolation_lock:
         return None if _last_isolation is None else dict(_last_isolation)
 
@@ -838,6 +918,10 @@ def _log_isolation(status: object) -> None:
     if isinstance(net, dict) and not net.get("isolated"):
         _warn_once("netns", "sandbox: the kernel refused a new network namespace (%s); "
                    "strategies run with the worker's network access", net.get("detail"))
+    fs = status.get("filesystem")
+    if isinstance(fs, dict) and not fs.get("restricted"):
+        _warn_once("landlock", "sandbox: no Landlock restriction (%s); strategies can read and "
+                   "write whatever their uid may", fs.get("detail"))
     priv = status.get("privileges")
     if isinstance(priv, dict) and priv.get("error"):
         _warn_once("uid", "sandbox: could not drop to a job uid (%s); strategies run as uid %s",

@@ -3,11 +3,12 @@
 Started by ``services.finetune_worker.sandbox.SandboxChild``; see there for the protocol. One
 child serves the jobs of one task, one at a time, until its parent closes its job channel.
 
-Order matters: limits and namespaces while the process is still single-threaded and before
-anything untrusted runs; imports and the engine's warm-up while still privileged; the first job's
-input files and the modules its strategy needs while still privileged; then the privilege drop;
-only then the strategy. Only the standard library is imported at module level, so that
-``unshare(CLONE_NEWUSER)`` (which requires a single-threaded process) can still succeed.
+Order matters: limits, namespaces and the Landlock restriction while the process is still
+single-threaded and before anything untrusted runs; imports and the engine's warm-up while still
+privileged; the first job's input files and the modules its strategy needs while still
+privileged; then the privilege drop; only then the strategy. Only the standard library is
+imported at module level, so that ``unshare(CLONE_NEWUSER)`` and ``landlock_restrict_self``
+(which require, or only cover, a single-threaded process) still can.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import os
 import resource
 import select
+import stat
 import sys
 from pathlib import Path
 
@@ -25,6 +27,28 @@ CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_NO_NEW_PRIVS = 38
 MiB = 1024 * 1024
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The repository's packages a child imports (the rest of the repository stays unreadable).
+_REPO_PACKAGES = ("ftps", "services")
+
+# Landlock (linux/landlock.h): the same syscall numbers on every architecture but alpha.
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_FS_FILE_ONLY = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+_READ = _FS_READ_FILE | _FS_READ_DIR
+_READ_EXEC = _READ | _FS_EXECUTE
+# System files a process may need after the restriction (the dynamic loader, name lookups,
+# time zones); nothing else of /etc (where deployments mount secrets) is readable.
+_ETC_FILES = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
+    "nsswitch.conf", "hosts", "host.conf", "gai.conf", "resolv.conf", "protocols", "services",
+    "os-release", "mime.types",
+)
 _ERROR_MESSAGE_LIMIT = 4096
 
 # Modules a strategy may import that live outside site-packages: imported here while still
@@ -108,6 +132,142 @@ def _isolate_network() -> dict:
     except OSError:
         pass
     return {"isolated": True, "detail": "unshare(CLONE_NEWUSER|CLONE_NEWNET)"}
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _landlock_abi(libc: ctypes.CDLL) -> int:
+    """The kernel's Landlock ABI version (> 0), or -errno when it has none."""
+    abi = libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                       ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    return abi if abi > 0 else -ctypes.get_errno()
+
+
+def _readable_paths(device: str, sandbox_root: str) -> list[tuple[str, int]]:
+    """What a child may still read (execute, write) once restricted: the interpreter and its
+    import path, the repository's packages, system libraries and a few system files, /proc and
+    /sys, a few devices (all of /dev on CUDA). Its own sandbox root is added by the caller."""
+    rules: list[tuple[str, int]] = []
+    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        rules.append((d, _READ_EXEC))
+    for d in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.realpath(sys.executable))}:
+        rules.append((d, _READ_EXEC))
+    repo = str(REPO_ROOT)
+    for entry in sys.path:
+        if not entry:
+            continue
+        entry = os.path.realpath(entry)
+        contains = [p for p in (repo, sandbox_root) if p == entry or p.startswith(entry + "/")]
+        # A path entry holding the repository (or the scratch directories) may be listed (the
+        # import system lists it) but not read beyond the packages named below.
+        rules.append((entry, _FS_READ_DIR if contains else _READ_EXEC))
+    rules.append((repo, _FS_READ_DIR))
+    rules += [(os.path.join(repo, name), _READ) for name in _REPO_PACKAGES]
+    rules += [(os.path.join("/etc", name), _READ) for name in _ETC_FILES]
+    rules += [("/proc", _READ), ("/sys", _READ)]
+    rules += [("/dev/null", _FS_READ_FILE | _FS_WRITE_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV),
+              ("/dev/zero", _FS_READ_FILE), ("/dev/full", _FS_READ_FILE | _FS_WRITE_FILE),
+              ("/dev/random", _FS_READ_FILE), ("/dev/urandom", _FS_READ_FILE)]
+    if device.startswith("cuda"):
+        rules.append(("/dev", _READ | _FS_WRITE_FILE | _FS_IOCTL_DEV))
+    return rules
+
+
+def _restrict_filesystem(device: str, *, network_isolated: bool) -> dict:
+    """Landlock this process and everything it starts: files are readable only where
+    ``_readable_paths`` says, writable only beneath the sandbox root (our cwd's parent: the
+    scratch home and the job directories); other processes cannot be ptraced (their
+    /proc/PID/environ, mem, fd included) and, with ABI >= 6, not signalled; without a network
+    namespace of our own, TCP bind and connect are refused (ABI >= 4).
+
+    Must run while the process is single-threaded: Landlock restricts the calling thread and
+    the threads and processes it creates, not threads that already exist. Fails open, like the
+    network namespace: the status says what happened and the parent logs a warning.
+    """
+    if sys.platform != "linux":
+        return {"restricted": False, "detail": f"not supported on {sys.platform}"}
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # pragma: no cover - serve() calls us before anything starts a thread
+        return {"restricted": False, "detail": f"{threads} threads: too late to restrict"}
+    try:
+        libc = _libc()
+        libc.syscall.restype = ctypes.c_long
+    except OSError as e:
+        return {"restricted": False, "detail": f"no libc: {e}"}
+    abi = _landlock_abi(libc)
+    if abi <= 0:
+        return {"restricted": False, "detail": f"no Landlock: {os.strerror(-abi)}"}
+    handled = (1 << 13) - 1  # ABI 1: execute .. make_sym
+    if abi >= 2:
+        handled |= _FS_REFER
+    if abi >= 3:
+        handled |= _FS_TRUNCATE
+    if abi >= 5:
+        handled |= _FS_IOCTL_DEV
+    attr = _RulesetAttr(handled_access_fs=handled)
+    size = 8
+    if abi >= 4 and not network_isolated:
+        attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP  # no rule: none allowed
+        size = 16
+    if abi >= 6:
+        attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
+        size = 24
+    ruleset = libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                           ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return {"restricted": False,
+                "detail": f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}"}
+    try:
+        sandbox_root = os.path.realpath("..")
+        rules = _readable_paths(device, sandbox_root) + [(sandbox_root, handled)]
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # absent here
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    access &= _FS_FILE_ONLY
+                rule = _PathBeneathAttr(allowed_access=access & handled, parent_fd=fd)
+                if libc.syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
+                                ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+                                ctypes.c_uint32(0)) != 0:
+                    err = ctypes.get_errno()
+                    return {"restricted": False,
+                            "detail": f"landlock_add_rule({path}): {os.strerror(err)}"}
+            finally:
+                os.close(fd)
+        # Required of an unprivileged process; the child never gains privileges by exec anyway.
+        libc.prctl(ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0))
+        if libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
+                        ctypes.c_uint32(0)) != 0:
+            return {"restricted": False,
+                    "detail": f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}"}
+    finally:
+        os.close(ruleset)
+    return {"restricted": True, "detail": f"landlock ABI {abi}", "abi": abi,
+            "tcp_denied": bool(attr.handled_access_net), "signals_scoped": abi >= 6}
+
+
+def _prefer_for_oom_kill() -> int | None:
+    """Make this process and all it starts the OOM killer's first choice: RLIMIT_AS bounds each
+    process, not a strategy's processes together. A strategy cannot lower it back (/proc is
+    read-only under Landlock; a root child's write also sets the floor its job uid is held to)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        return None
+    return 1000
 
 
 def _lower(kind: int, soft: int, hard: int | None = None) -> None:
@@ -311,7 +471,10 @@ def serve(root_dir: str) -> int:
     status: dict = {}
     try:
         status["limits"] = _apply_limits(limits, device)
+        status["limits"]["oom_score_adj"] = _prefer_for_oom_kill()
         status["network"] = _isolate_network()
+        status["filesystem"] = _restrict_filesystem(
+            device, network_isolated=status["network"]["isolated"])
         import importlib
 
         for name in _PRELOAD:
