@@ -5,7 +5,7 @@ STAMP := $(VENV)/.bootstrapped
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow protos check-protos clean
+.PHONY: setup demo test test-slow bench-quick bench protos check-protos clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+## Every benchmark of the README's Results in its quick mode (~10 min; figures at lower precision),
+## or in full (over an hour). Outputs in bench/out/.
+bench-quick: $(STAMP)
+	$(PY) -m bench.attacks --quick && $(PY) -m bench.finetune --quick && $(PY) -m bench.e2e --quick
+
+bench: $(STAMP)
+	$(PY) -m bench.attacks && $(PY) -m bench.finetune && $(PY) -m bench.e2e
 
 ## Regenerate ftps/v1/*_pb2*.py from protos/ with the pinned grpcio-tools.
 protos: $(STAMP)

@@ -275,12 +275,14 @@ class Scorer:
                      message=f"fine-tuning {n} models on {m} records")
         phi = np.full((n, m), np.nan)
         t_ft = time.perf_counter()
+        job_seconds: list[float] = []
 
         def on_done(result: worker_pb2.FinetuneResult) -> None:
             rows = serde.array_from_tensor(result.phi, field="phi")
             if rows.shape != (len(result.model_indices), m):
                 raise InvalidArgument(f"worker returned phi of shape {rows.shape}")
             phi[list(result.model_indices)] = rows
+            job_seconds.append(result.seconds)
             self._update(rnd, models_done=int(np.isfinite(phi).all(axis=1).sum()))
 
         self._pool.run_all(jobs, on_done)
@@ -295,6 +297,8 @@ class Scorer:
         result.status.CopyFrom(rnd.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
         result.timings["finetune_s"] = finetune_s
+        # The workers' own seconds (sandbox, summed over jobs): finetune_s minus this is the fan-out.
+        result.timings["worker_jobs_s"] = float(sum(job_seconds))
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
