@@ -31,16 +31,16 @@ engine and in each worker of the cost stack, so phi is the same on both sides.
 Where each figure comes from:
 
 - ``e2e``, ``submit``, ``dispatch`` (submit acknowledged -> round id seen, polled every 10 ms) and
-  the preparation stage (the ``PrepareOffline`` call): the client's clock. The preparation stage
-  reports no timing of its own (``OfflineGaussian`` has no seconds field), hence the client side.
+  the preparation stage (the ``PrepareOffline`` call): the client's clock (``OfflineGaussian.timings``
+  has the scorer's side).
 - ``fine-tune``, ``scoring``, ``scorer total``: ``RoundResult.timings`` (``finetune_s``,
   ``scoring_s``, ``total_s``), what the demo prints. ``overhead`` = e2e - fine-tune - scoring,
   split into submit, scorer bookkeeping (total - fine-tune - scoring: task lookup, masks, state
   and PHI writes) and gateway (e2e - submit - total: batching, StartRound, following the round,
   delivering the scores).
 - ``sandbox jobs``: the workers' seconds per job (``FinetuneResult.seconds``) summed, which the
-  scorer reports as ``RoundResult.timings["worker_jobs_s"]``; the number of jobs (and, for the
-  preparation stage, the seconds) from the worker's log line ``job ...: ... in X.Xs``.
+  scorer reports as ``RoundResult.timings["worker_jobs_s"]`` (and ``OfflineGaussian.timings``); the
+  number of jobs from the worker's log line ``job ...: ... in X.Xs``.
   ``fan-out`` = fine-tune - sandbox jobs (one worker: jobs run one at a time).
 - CPU seconds: every process of the stack and their children (``/proc``, sandbox children
   included) plus this process during the round, vs this process's CPU time for the bare run;
@@ -211,6 +211,7 @@ def register_task(stack: Stack, task, *, m: int, n: int, k: int) -> ServiceTask:
     prep_s = time.perf_counter() - t
     prep_cpu = stack.cpu() - c + time.process_time() - cpu
     jobs_s, _ = stack.job_seconds(f"offline-{created.task_id}-j")
+    jobs_s = offline.timings.get("worker_jobs_s", jobs_s)  # the scorer reports the workers' seconds
     return ServiceTask(created.task_id, created.settings, prep_s, prep_cpu, jobs_s,
                        (offline.mu, offline.sigma))
 

@@ -191,12 +191,13 @@ def cmd_prepare(args) -> int:
     with console.status(f"preparation stage for {args.task}: fine-tuning shadow models..."):
         g = _client(args).prepare_offline(args.task, refit=args.refit)
     out = {"mu": g.mu, "sigma": g.sigma, "k": g.k, "n_values": g.n_values, "fitted_at": g.fitted_at,
-           "base_model_sha256": g.base_model_sha256}
+           "base_model_sha256": g.base_model_sha256, "timings": dict(g.timings)}
     if args.json:
         print_json(out)
     else:
+        took = f" in {g.timings['total_s']:.1f} s" if "total_s" in g.timings else ""
         print(f"offline Gaussian: mu={g.mu:.4f} sigma={g.sigma:.4f} from k={g.k} shadow models "
-              f"({g.n_values} statistics), fitted {g.fitted_at}")
+              f"({g.n_values} statistics), fitted {g.fitted_at}{took}")
     return 0
 
 

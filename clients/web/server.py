@@ -671,7 +671,8 @@ class WebServer:
         def work(job) -> str:
             g = b.prepare_offline(tid, refit=refit)
             return (f"offline Gaussian fitted: mu = {g.mu:.3f}, sigma = {g.sigma:.3f} from k = {g.k} shadow models "
-                    f"({g.n_values} statistics)")
+                    f"({g.n_values} statistics" + (f", fitted in {g.timings['total_s']:.1f} s" if "total_s" in g.timings
+                                                   else "") + ")")
 
         s.start_job(tid, f"preparation stage: {t.settings.shadow_models} shadow fine-tunes of the base model", work)
         raise Redirect(f"/tasks/{tid}")

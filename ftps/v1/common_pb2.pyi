@@ -202,7 +202,14 @@ class BatchMetrics(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ..., auc: _Optional[float] = ..., tpr_at_1pct_fpr: _Optional[float] = ..., tpr_at_0_1pct_fpr: _Optional[float] = ..., mean_score: _Optional[float] = ..., roc_fpr: _Optional[_Iterable[float]] = ..., roc_tpr: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OfflineGaussian(_message.Message):
-    __slots__ = ("task_id", "mu", "sigma", "k", "n_values", "fitted_at", "base_model_sha256")
+    __slots__ = ("task_id", "mu", "sigma", "k", "n_values", "fitted_at", "base_model_sha256", "timings")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +217,7 @@ class OfflineGaussian(_message.Message):
     N_VALUES_FIELD_NUMBER: _ClassVar[int]
     FITTED_AT_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     mu: float
     sigma: float
@@ -217,7 +225,8 @@ class OfflineGaussian(_message.Message):
     n_values: int
     fitted_at: str
     base_model_sha256: str
-    def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[str] = ..., base_model_sha256: _Optional[str] = ...) -> None: ...
+    timings: _containers.ScalarMap[str, float]
+    def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
     __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline")

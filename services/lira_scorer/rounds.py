@@ -144,12 +144,16 @@ class Scorer:
                 if progress:
                     progress(done[0], k)
 
+            t_ft = time.perf_counter()
             results = self._pool.run_all(jobs, on_done)
+            finetune_s = time.perf_counter() - t_ft
             phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
             mu, sigma = scoring.fit_offline_gaussian(phi)
             gaussian = common_pb2.OfflineGaussian(
                 task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now(),
-                base_model_sha256=task.base_model.sha256)
+                base_model_sha256=task.base_model.sha256,
+                timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
+                         "total_s": time.perf_counter() - t0})
             self._store.put_bytes(f"{prefix}/gaussian.json",
                                   json_format.MessageToJson(gaussian).encode(), content_type="application/json")
             log.info("task %s: offline Gaussian mu=%.3f sigma=%.3f from k=%d shadow models (%.1fs)",
