@@ -144,3 +144,18 @@ def test_connection_age_never_cuts_a_job_in_flight(storage_kwargs, serve, store,
         np.testing.assert_array_equal(serde.array_from_tensor(again.phi), serde.array_from_tensor(first.phi))
     finally:
         ch.close()
+
+
+def test_threads_per_job_share_the_cpus_among_concurrent_jobs(monkeypatch, storage_kwargs):
+    from services.finetune_worker.__main__ import threads_per_job
+    from services.finetune_worker.sandbox import usable_cpus
+
+    kw = dict(storage_kwargs)
+    assert threads_per_job(WorkerSettings(**kw, job_threads=3)) == 3
+    monkeypatch.setenv("FTPS_TORCH_THREADS", "1")
+    assert threads_per_job(WorkerSettings(**kw, max_concurrent_jobs=2)) is None  # the children inherit it
+    monkeypatch.delenv("FTPS_TORCH_THREADS")
+    assert threads_per_job(WorkerSettings(**kw)) is None  # one job: it takes every CPU
+    assert threads_per_job(WorkerSettings(**kw, max_concurrent_jobs=2)) == max(1, usable_cpus() // 2)
+    with pytest.raises(ValueError):
+        WorkerSettings(**kw, job_threads=-1)

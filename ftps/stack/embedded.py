@@ -46,6 +46,7 @@ class EmbeddedStack:
         from services.contributor_gateway.config import GatewaySettings
         from services.finetune_worker.__main__ import create_server as worker_server
         from services.finetune_worker.config import WorkerSettings
+        from services.finetune_worker.sandbox import usable_cpus
         from services.lira_scorer.__main__ import create_server as scorer_server
         from services.lira_scorer.config import ScorerSettings
 
@@ -60,12 +61,15 @@ class EmbeddedStack:
 
                 load_or_create_key_file(self.key_file)
                 common["auth_key_file"] = str(self.key_file)
-            self.addresses["worker"] = self._serve(
-                worker_server(WorkerSettings(**common, **self.worker_settings)), "worker")
+            # Concurrent jobs of one thread each beat one job on every thread on small models
+            # (README, Results: 2 processes 1.74x, 2 threads 1.35x); capped for memory.
+            worker = {"max_concurrent_jobs": max(1, min(4, usable_cpus()))} | self.worker_settings
+            self.addresses["worker"] = self._serve(worker_server(WorkerSettings(**common, **worker)), "worker")
             self.addresses["registry"] = self._serve(registry_server(RegistrySettings(
                 **common, worker_addrs=self.addresses["worker"])), "registry")
             self.addresses["scorer"] = self._serve(scorer_server(ScorerSettings(
-                **common, registry_addr=self.addresses["registry"], worker_addrs=self.addresses["worker"])),
+                **common, registry_addr=self.addresses["registry"], worker_addrs=self.addresses["worker"],
+                jobs_per_worker=worker["max_concurrent_jobs"])),
                 "scorer")
             self.addresses["gateway"] = self._serve(gateway_server(GatewaySettings(
                 **common, registry_addr=self.addresses["registry"], scorer_addr=self.addresses["scorer"])),

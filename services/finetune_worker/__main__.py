@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -13,6 +14,18 @@ from services.finetune_worker.servicer import FinetuneWorkerServicer
 from services.finetune_worker.worker import Worker, pick_device
 
 MiB = 1024 * 1024
+
+
+def threads_per_job(settings: WorkerSettings) -> int | None:
+    """Torch threads of each job's child: the setting; else $FTPS_TORCH_THREADS (passed through);
+    else, with concurrent jobs, the CPUs shared among them (None: the child takes every CPU)."""
+    from services.finetune_worker.sandbox import usable_cpus
+
+    if settings.job_threads > 0:
+        return settings.job_threads
+    if os.environ.get("FTPS_TORCH_THREADS") or settings.max_concurrent_jobs <= 1:
+        return None
+    return max(1, usable_cpus() // settings.max_concurrent_jobs)
 
 
 def create_server(settings: WorkerSettings) -> grpcutil.Server:
@@ -27,11 +40,11 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
                     cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,
                     warm_sandboxes=settings.warm_sandboxes, sandbox_idle_s=settings.sandbox_idle_s,
                     sandbox_max_jobs=settings.sandbox_max_jobs,
-                    spare_sandbox=settings.spare_sandbox)
-    # threads: what every job's child uses (configure_threads: $FTPS_TORCH_THREADS, else the CPUs
-    # this process may use), not torch's default in this process.
+                    spare_sandbox=settings.spare_sandbox, threads=threads_per_job(settings))
+    # threads: what every job's child uses (threads_per_job, else configure_threads: $FTPS_TORCH_THREADS,
+    # else the CPUs this process may use), not torch's default in this process.
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
-                                 threads=configure_threads(),
+                                 threads=threads_per_job(settings) or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
                                  engine=settings.engine)
     server = grpcutil.Security.from_settings(settings, "finetune-worker").server(

@@ -10,6 +10,9 @@ class WorkerSettings(CommonSettings):
                         "ftps/ml/engines.py: one after another on CPU, stacked on CUDA), "
                         "sequential or stacked")
     max_concurrent_jobs: int = Field(1, description="jobs run at once; more wait their turn")
+    job_threads: int = Field(0, ge=0, description="torch threads of each job; 0: $FTPS_TORCH_THREADS, else the "
+                               "CPUs this worker may use divided by max_concurrent_jobs (on small models "
+                               "concurrent jobs beat threads: README, Results)")
     job_timeout_s: float = Field(1800.0, description="wall-time limit of one job's sandbox")
     job_memory_mb: int = Field(8192, description="address-space limit of one job's sandbox, MiB")
     warm_sandboxes: bool = Field(True, description="reuse a sandbox child for the jobs of one "

@@ -220,7 +220,7 @@ def _read_protocol(stream, lines: queue.Queue, tail: _Tail, stop: threading.Even
     put(None)
 
 
-def _child_env(home: Path) -> dict[str, str]:
+def _child_env(home: Path, threads: int | None = None) -> dict[str, str]:
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(home),
@@ -234,10 +234,12 @@ def _child_env(home: Path) -> dict[str, str]:
     for name in _PASSTHROUGH_ENV:
         if name in os.environ:
             env[name] = os.environ[name]
+    if threads:
+        env["FTPS_TORCH_THREADS"] = str(threads)
     return env
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -246,7 +248,7 @@ def _usable_cpus() -> int:
 
 def job_cpu_seconds(timeout_s: float) -> int:
     """A job's CPU budget: its wall time on every CPU this process may use, plus slack."""
-    return math.ceil(timeout_s * _usable_cpus()) + 10
+    return math.ceil(timeout_s * usable_cpus()) + 10
 
 
 @dataclass(frozen=True)
@@ -323,10 +325,11 @@ class SandboxChild:
 
     def __init__(self, *, device: str, memory_mb: int, job_cpu_s: int, max_jobs: int = 1,
                  idle_s: float = _CHILD_IDLE_EXIT_S,
-                 scratch_root: str | os.PathLike | None = None) -> None:
+                 scratch_root: str | os.PathLike | None = None, threads: int | None = None) -> None:
         if memory_mb <= 0:
             raise ValueError(f"memory_mb must be > 0, got {memory_mb}")
         self.device = device
+        self.threads = threads  # torch threads of its jobs (None: $FTPS_TORCH_THREADS, else every CPU)
         self.memory_mb = memory_mb
         self.max_jobs = max_jobs
         self.task_key: str | None = None
@@ -371,7 +374,7 @@ class SandboxChild:
             self._proc = subprocess.Popen(
                 [sys.executable, "-P", "-s", "-m", CHILD_MODULE, str(self._root)],
                 cwd=self._home,
-                env=_child_env(self._home),
+                env=_child_env(self._home, self.threads),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -671,6 +674,7 @@ def run_sandboxed(
     scratch_root: str | os.PathLike | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     info: dict | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """``ftps.ml.engine.finetune_and_score`` in a fresh sandboxed child, closed afterwards
     -> PHI float64 [len(models), m]. ``SandboxPool.run`` reuses children instead.
@@ -691,7 +695,7 @@ def run_sandboxed(
         builder_y=builder_y, builder_mix=builder_mix, engine=engine)
     child = SandboxChild(device=_resolve_device(device), memory_mb=memory_mb,
                          job_cpu_s=job_cpu_seconds(timeout_s), max_jobs=1,
-                         scratch_root=scratch_root)
+                         scratch_root=scratch_root, threads=threads)
     try:
         return child.run(inputs, timeout_s=timeout_s, on_progress=on_progress, info=info)
     finally:
@@ -715,7 +719,8 @@ class SandboxPool:
     def __init__(self, *, device: str | None = None, memory_mb: int = 4096,
                  timeout_s: float = 600, max_idle: int = 2, idle_s: float = 300,
                  max_jobs_per_child: int = 64, max_idle_rss_mb: float = 2048,
-                 spare: bool = False, scratch_root: str | os.PathLike | None = None) -> None:
+                 spare: bool = False, scratch_root: str | os.PathLike | None = None,
+                 threads: int | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if memory_mb <= 0:
@@ -729,6 +734,7 @@ class SandboxPool:
         self.max_idle_rss_mb = max_idle_rss_mb
         self.spare = spare
         self.scratch_root = scratch_root
+        self.threads = threads
         self._idle: list[SandboxChild] = []
         self._spare: SandboxChild | None = None
         self._lock = threading.Lock()
@@ -743,7 +749,7 @@ class SandboxPool:
         child = SandboxChild(device=self.device, memory_mb=self.memory_mb,
                              job_cpu_s=job_cpu_seconds(self.timeout_s),
                              max_jobs=self.max_jobs_per_child,
-                             scratch_root=self.scratch_root)
+                             scratch_root=self.scratch_root, threads=self.threads)
         with self._lock:
             self.stats["started"] += 1
         return child

@@ -53,7 +53,7 @@ class Worker:
     def __init__(self, store: ObjectStore, *, device: str, max_concurrent_jobs: int,
                  timeout_s: float, memory_mb: int, cache_bytes: int, engine: str = "auto",
                  warm_sandboxes: bool = True, sandbox_idle_s: float = 300,
-                 sandbox_max_jobs: int = 64, spare_sandbox: bool = True) -> None:
+                 sandbox_max_jobs: int = 64, spare_sandbox: bool = True, threads: int | None = None) -> None:
         from ftps.ml.engines import REQUESTS
 
         if engine not in REQUESTS:
@@ -64,11 +64,12 @@ class Worker:
         self._slots = threading.Semaphore(max_concurrent_jobs)
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
+        self._threads = threads
         self._pool: SandboxPool | None = None
         if warm_sandboxes:
             self._pool = SandboxPool(device=device, memory_mb=memory_mb, timeout_s=timeout_s,
                                      max_idle=max(1, max_concurrent_jobs), idle_s=sandbox_idle_s,
-                                     max_jobs_per_child=sandbox_max_jobs, spare=spare_sandbox)
+                                     max_jobs_per_child=sandbox_max_jobs, spare=spare_sandbox, threads=threads)
             if spare_sandbox:
                 self._pool.prestart()
 
@@ -120,7 +121,7 @@ class Worker:
                                          info=info, **inputs)
                 else:
                     phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s,
-                                        memory_mb=self._memory_mb, info=info, **inputs)
+                                        memory_mb=self._memory_mb, info=info, threads=self._threads, **inputs)
             except (EngineError, SandboxError) as exc:
                 # The task's strategy, weights or data are at fault, not the worker: a task error.
                 raise FailedPrecondition(f"job {job.job_id} failed: {exc}") from exc
@@ -161,7 +162,7 @@ class Worker:
                     self._pool.run(task_key=f"{req.task_id}/{req.strategy.sha256}", info=info, **inputs)
                 else:
                     run_sandboxed(device=self.device, timeout_s=self._timeout_s, memory_mb=self._memory_mb,
-                                  info=info, **inputs)
+                                  info=info, threads=self._threads, **inputs)
             except (EngineError, SandboxError) as exc:
                 raise FailedPrecondition(f"model check failed: {exc}") from exc
             seconds = time.perf_counter() - t0
