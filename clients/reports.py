@@ -33,6 +33,7 @@ from clients.score_html import (
     BADGE_CSS,
     LEVEL_FILL,
     SCORE_CSS,
+    TABLE_CSS,
     TOP_RISK,
     card,
     e,
@@ -220,13 +221,7 @@ code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,monospace;font-size
 padding:8px 18px;margin:16px 0}
 .box p,.box li{margin:6px 0}.box ul{padding-left:20px;margin:6px 0}
 .warn{border-left-color:#d08a00;background:#fffaf0}
-table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e1e4ea;font-size:14px}
-th,td{padding:6px 10px;border-bottom:1px solid #eceef2;text-align:left;vertical-align:middle}
-th{background:#f0f2f5;font-weight:600;font-size:13px}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.headline td{font-weight:600}
-img{max-width:100%;height:auto}
-figure{margin:12px 0;background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:8px}
+"""+TABLE_CSS+"""figure{margin:12px 0;background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:8px}
 figcaption{color:#5b6475;font-size:13px;padding:4px 6px}
 .pair{display:grid;grid-template-columns:minmax(0,520px) minmax(0,1fr);gap:18px;align-items:start}
 .pair th.num{white-space:normal}td.method{white-space:nowrap}

@@ -26,7 +26,7 @@ import numpy as np
 from ftps.common import serde
 from ftps.v1 import common_pb2
 
-__all__ = ["SCORE_CSS", "BADGE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
+__all__ = ["SCORE_CSS", "BADGE_CSS", "TABLE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
            "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
            "badge", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
            "records_table"]
@@ -51,6 +51,13 @@ vertical-align:middle;white-space:nowrap}
 .high{background:#fbd9d6;color:#9b1209}.elevated{background:#ffedc9;color:#7d4a00}
 .chance{background:#e3f2e7;color:#1d6532}.below{background:#e6ebf5;color:#34496e}
 .uncertain{background:#eceef2;color:#4a5263}
+"""
+TABLE_CSS = """table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e1e4ea;font-size:14px}
+th,td{padding:6px 10px;border-bottom:1px solid #eceef2;text-align:left;vertical-align:middle}
+th{background:#f0f2f5;font-weight:600;font-size:13px}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.headline td{font-weight:600}
+img{max-width:100%;height:auto}
 """
 LEVEL_FILL = {"high": "#c0392b", "elevated": "#d68910", "chance": "#5d9c6b", "below": "#5a6f99", "uncertain": "#8a92a3"}
 

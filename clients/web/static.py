@@ -5,7 +5,7 @@ progress bars. Every form also works without it (plain POST, then a redirect). T
 no inline script or style (Content-Security-Policy), so everything lives here.
 """
 
-from clients.reports import BADGE_CSS, SCORE_CSS
+from clients.score_html import BADGE_CSS, SCORE_CSS, TABLE_CSS
 
 CSS = """
 *{box-sizing:border-box}
@@ -55,13 +55,7 @@ button,.button{display:inline-block;background:#2f57a8;color:#fff;border:0;borde
 font:inherit;font-size:14px;cursor:pointer;text-decoration:none;margin-top:10px}
 button.secondary,.button.secondary{background:#e8ecf4;color:#1d2330}
 button:disabled{opacity:.5;cursor:default}
-table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e1e4ea;font-size:14px}
-th,td{padding:6px 10px;border-bottom:1px solid #eceef2;text-align:left;vertical-align:middle}
-th{background:#f0f2f5;font-weight:600;font-size:13px}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.headline td{font-weight:600}
-img{max-width:100%;height:auto}
-figure{margin:10px 0;background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:8px}
+"""+TABLE_CSS+"""figure{margin:10px 0;background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:8px}
 figcaption{color:#5b6475;font-size:13px;padding:4px 6px}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:12px 0}
 .card{background:#fff;border:1px solid #e1e4ea;border-radius:8px;padding:8px 12px;min-width:110px;flex:1 1 0}
