@@ -148,7 +148,7 @@ def test_connection_age_never_cuts_a_job_in_flight(storage_kwargs, serve, store,
 
 def test_threads_per_job_share_the_cpus_among_concurrent_jobs(monkeypatch, storage_kwargs):
     from services.finetune_worker.__main__ import threads_per_job
-    from services.finetune_worker.sandbox import usable_cpus
+    from ftps.common.cpus import usable_cpus
 
     kw = dict(storage_kwargs)
     assert threads_per_job(WorkerSettings(**kw, job_threads=3)) == 3

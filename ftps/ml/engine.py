@@ -19,7 +19,6 @@ This module runs strategy code in-process; untrusted strategies go through
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from ftps.common.cpus import usable_cpus
 from ftps.ml.datasets import validate_records
 from ftps.ml.strategy import (
     EngineError,
@@ -86,17 +86,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def _cpu_quota() -> int | None:
-    """CPUs granted by a cgroup v2 quota (Kubernetes CPU limits), if any."""
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, math.ceil(int(quota) / int(period)))
-
-
 def configure_threads() -> int:
     """Set torch's intra-op threads: $FTPS_TORCH_THREADS, else the CPUs this process may use.
 
@@ -112,13 +101,7 @@ def configure_threads() -> int:
         if threads < 1:
             raise EngineError(f"FTPS_TORCH_THREADS must be >= 1, got {threads}")
     else:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            threads = os.cpu_count() or 1
-        quota = _cpu_quota()
-        if quota is not None:
-            threads = min(threads, quota)
+        threads = usable_cpus()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

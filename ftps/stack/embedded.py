@@ -46,7 +46,7 @@ class EmbeddedStack:
         from services.contributor_gateway.config import GatewaySettings
         from services.finetune_worker.__main__ import create_server as worker_server
         from services.finetune_worker.config import WorkerSettings
-        from services.finetune_worker.sandbox import usable_cpus
+        from ftps.common.cpus import usable_cpus
         from services.lira_scorer.__main__ import create_server as scorer_server
         from services.lira_scorer.config import ScorerSettings
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from ftps.common import grpcutil
+from ftps.common.cpus import usable_cpus
 from ftps.stack.embedded import DEFAULT_PORTS, default_data_dir, signing_key_file
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class ProcessStack:
         worker_env = dict(self.worker_env)
         if "FTPS_TORCH_THREADS" not in worker_env and "FTPS_TORCH_THREADS" not in os.environ:
             # N workers on one machine: share the CPUs instead of each taking all of them.
-            worker_env["FTPS_TORCH_THREADS"] = str(max(1, _usable_cpus() // self.workers))
+            worker_env["FTPS_TORCH_THREADS"] = str(max(1, usable_cpus() // self.workers))
         started = [self._spawn("registry", ["services.builder_registry"], addr["registry"],
                                env=common | {"FTPS_LISTEN": listen["registry"],
                                              "FTPS_WORKER_ADDRS": self.addresses["worker"]})]
@@ -289,13 +290,6 @@ def _settings_env_names() -> set[str]:
     return {"FTPS_" + name.upper()
             for cls in (RegistrySettings, GatewaySettings, WorkerSettings, ScorerSettings)
             for name in cls.model_fields}
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

@@ -7,6 +7,7 @@ import socket
 import sys
 
 from ftps.common import grpcutil
+from ftps.common.cpus import usable_cpus
 from ftps.common.storage import ObjectStore
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.config import WorkerSettings
@@ -19,8 +20,6 @@ MiB = 1024 * 1024
 def threads_per_job(settings: WorkerSettings) -> int | None:
     """Torch threads of each job's child: the setting; else $FTPS_TORCH_THREADS (passed through);
     else, with concurrent jobs, the CPUs shared among them (None: the child takes every CPU)."""
-    from services.finetune_worker.sandbox import usable_cpus
-
     if settings.job_threads > 0:
         return settings.job_threads
     if os.environ.get("FTPS_TORCH_THREADS") or settings.max_concurrent_jobs <= 1:
@@ -34,17 +33,18 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     from ftps.ml.engine import configure_threads
 
     device = pick_device(settings.device)
+    threads = threads_per_job(settings)
     store = ObjectStore(settings)
     worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
                     timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
                     cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,
                     warm_sandboxes=settings.warm_sandboxes, sandbox_idle_s=settings.sandbox_idle_s,
                     sandbox_max_jobs=settings.sandbox_max_jobs,
-                    spare_sandbox=settings.spare_sandbox, threads=threads_per_job(settings))
+                    spare_sandbox=settings.spare_sandbox, threads=threads)
     # threads: what every job's child uses (threads_per_job, else configure_threads: $FTPS_TORCH_THREADS,
     # else the CPUs this process may use), not torch's default in this process.
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
-                                 threads=threads_per_job(settings) or configure_threads(),
+                                 threads=threads or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
                                  engine=settings.engine)
     server = grpcutil.Security.from_settings(settings, "finetune-worker").server(

@@ -73,6 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftps.common.cpus import usable_cpus
 from ftps.ml.datasets import save_records
 from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
 
@@ -237,13 +238,6 @@ def _child_env(home: Path, threads: int | None = None) -> dict[str, str]:
     if threads:
         env["FTPS_TORCH_THREADS"] = str(threads)
     return env
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def job_cpu_seconds(timeout_s: float) -> int:
