@@ -103,29 +103,11 @@ class Worker:
             if mask.max(initial=0) > 1:
                 raise InvalidArgument(f"job.models[{i}].mask must hold only 0 and 1")
             models.append((spec.index, spec.seed, mask.astype(bool)))
-        try:
-            source = strategy.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
-        inputs = dict(strategy_source=source, base_weights=weights, train_x=train_x,
-                      train_y=train_y, eval_x=eval_x, eval_y=eval_y, models=models,
-                      builder_x=builder_x, builder_y=builder_y, builder_mix=job.builder_mix,
-                      engine=self.engine)
-        info: dict = {}
-        with self._slots:
-            t0 = time.perf_counter()
-            try:
-                if self._pool is not None:
-                    # One child per task and strategy: a child never sees another task's data.
-                    phi = self._pool.run(task_key=f"{job.task_id}/{job.strategy.sha256}",
-                                         info=info, **inputs)
-                else:
-                    phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s,
-                                        memory_mb=self._memory_mb, info=info, threads=self._threads, **inputs)
-            except (EngineError, SandboxError) as exc:
-                # The task's strategy, weights or data are at fault, not the worker: a task error.
-                raise FailedPrecondition(f"job {job.job_id} failed: {exc}") from exc
-            seconds = time.perf_counter() - t0
+        phi, info, seconds = self._sandboxed(
+            f"{job.task_id}/{job.strategy.sha256}", f"job {job.job_id} failed",
+            strategy_source=_source(strategy), base_weights=weights, train_x=train_x, train_y=train_y,
+            eval_x=eval_x, eval_y=eval_y, models=models, builder_x=builder_x, builder_y=builder_y,
+            builder_mix=job.builder_mix, engine=self.engine)
         log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
                  len(models), len(eval_x), seconds, self.device, info.get("engine", "?"))
         return worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[m[0] for m in models],
@@ -144,28 +126,13 @@ class Worker:
             raise InvalidArgument(f"num_classes must be >= 2, got {req.num_classes}")
         strategy = self._cache.get(req.strategy, "strategy")
         weights = self._cache.get(req.base_model, "base_model")
-        try:
-            source = strategy.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
         probe_x = np.zeros((2, *shape), dtype=np.float32)
         probe_y = np.zeros(2, dtype=np.int64)
-        inputs = dict(strategy_source=source, base_weights=weights, train_x=probe_x, train_y=probe_y,
-                      eval_x=probe_x, eval_y=probe_y, models=[(0, 0, np.zeros(2, dtype=bool))],
-                      engine=CHECK_ONLY)
-        info: dict = {}
-        with self._slots:
-            t0 = time.perf_counter()
-            try:
-                if self._pool is not None:
-                    # The task's warm child: its first round job then starts at once.
-                    self._pool.run(task_key=f"{req.task_id}/{req.strategy.sha256}", info=info, **inputs)
-                else:
-                    run_sandboxed(device=self.device, timeout_s=self._timeout_s, memory_mb=self._memory_mb,
-                                  info=info, threads=self._threads, **inputs)
-            except (EngineError, SandboxError) as exc:
-                raise FailedPrecondition(f"model check failed: {exc}") from exc
-            seconds = time.perf_counter() - t0
+        # In the task's warm child (as its jobs): its first round job then starts at once.
+        _, info, seconds = self._sandboxed(
+            f"{req.task_id}/{req.strategy.sha256}", "model check failed",
+            strategy_source=_source(strategy), base_weights=weights, train_x=probe_x, train_y=probe_y,
+            eval_x=probe_x, eval_y=probe_y, models=[(0, 0, np.zeros(2, dtype=bool))], engine=CHECK_ONLY)
         classes = int(info.get("classes", -1))
         if classes != req.num_classes:
             raise FailedPrecondition(f"the model returns {classes} logits per record but the task has "
@@ -175,6 +142,32 @@ class Worker:
         return common_pb2.ModelCheck(base_model_sha256=req.base_model.sha256, strategy_sha256=req.strategy.sha256,
                                      num_classes=classes, parameters=int(info.get("parameters", 0)),
                                      device=self.device, seconds=seconds)
+
+
+    def _sandboxed(self, task_key: str, failed: str, **inputs) -> tuple[np.ndarray, dict, float]:
+        """``finetune_and_score(**inputs)`` in a sandboxed child, within a job slot -> (PHI, the
+        engine's info, seconds). With warm sandboxes one child per task and strategy
+        (``task_key``): a child never sees another task's data. A failure of the strategy,
+        weights or data is the task's, not the worker's: FailedPrecondition("{failed}: ...")."""
+        info: dict = {}
+        with self._slots:
+            t0 = time.perf_counter()
+            try:
+                if self._pool is not None:
+                    phi = self._pool.run(task_key=task_key, info=info, **inputs)
+                else:
+                    phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s, memory_mb=self._memory_mb,
+                                        info=info, threads=self._threads, **inputs)
+            except (EngineError, SandboxError) as exc:
+                raise FailedPrecondition(f"{failed}: {exc}") from exc
+            return phi, info, time.perf_counter() - t0
+
+
+def _source(strategy: bytes) -> str:
+    try:
+        return strategy.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
 
 
 def _records(data: bytes, field: str) -> tuple[np.ndarray, np.ndarray]:
