@@ -97,6 +97,24 @@ def _render(fig: Figure, path: str | Path | None, dpi: int = 100) -> bytes:
     return data
 
 
+def record_diagnosis_png(s, *, alpha: float, offline: tuple[float, float] | None,
+                         offline_hidden: bool = False, path: str | Path | None = None) -> bytes:
+    """The diagnosis plot of one ``RecordScore`` as the reports and the web client show it: titled
+    with its headline score, interval and counted P. ``offline_hidden``: the viewer may not see the
+    task's offline Gaussian (a contributor), which the offline-global threshold needs."""
+    from clients.score_html import headline, method_name
+
+    method = method_name(s.method)
+    h = headline(s)
+    note = ""
+    if method == "offline-global" and offline is None and offline_hidden:
+        note = "threshold: the task's offline Gaussian (builder only)"
+    return diagnosis_png(
+        mu_in=s.mu_in, sigma_in=s.sigma_in, mu_out=s.mu_out, sigma_out=s.sigma_out, method=method,
+        alpha=alpha, offline=offline, note=note, path=path,
+        title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {s.score:+.2f} · {method}")
+
+
 def diagnosis_png(*, mu_in: float, sigma_in: float, mu_out: float, sigma_out: float, method: str,
                   title: str, alpha: float = 0.05, offline: tuple[float, float] | None = None,
                   note: str = "", path: str | Path | None = None) -> bytes:

@@ -162,15 +162,8 @@ class _Figures:
         from clients import report_plots
 
         rel = f"records/diag-{safe_name(s.record_id)}.png"
-        method = method_name(s.method)
-        h = headline(s)
-        note = ""
-        if method == "offline-global" and offline is None and offline_hidden:
-            note = "threshold: the task's offline Gaussian (builder only)"
-        report_plots.diagnosis_png(
-            mu_in=s.mu_in, sigma_in=s.sigma_in, mu_out=s.mu_out, sigma_out=s.sigma_out, method=method,
-            alpha=alpha, offline=offline, note=note, path=self.add(rel),
-            title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {s.score:+.2f} · {method}")
+        report_plots.record_diagnosis_png(s, alpha=alpha, offline=offline, offline_hidden=offline_hidden,
+                                          path=self.add(rel))
         return rel
 
     def scores(self, scores: Sequence[common_pb2.RecordScore], *, title: str) -> str:

@@ -18,6 +18,7 @@ from rich.table import Table
 from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
 from clients.cli_common import (InputError, add_address, add_config, add_security, parse_shape, print_json,
                                 progress_bar, run, security_kwargs)
+from clients.score_html import headline
 from ftps.common import serde
 from ftps.v1 import common_pb2
 
@@ -235,8 +236,6 @@ def cmd_scores(args) -> int:
         print_json({"task": args.task, "records": [score_dict(s) for s in resp.scores],
                     "batches": [batch_dict(b) for b in resp.batches]})
         return 0
-    from clients.score_html import headline
-
     table = Table("record", "contributor", "round", "score", "95% interval", "counted P", "AUC")
     for s in resp.scores:
         h = headline(s)

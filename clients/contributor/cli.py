@@ -17,6 +17,7 @@ from clients.api import ContributorClient, score_dict
 from clients.cli_common import (InputError, add_address, add_config, add_contributor, add_security, fetch_task,
                                 load_records, print_json, progress_bar, record_shape, records_arg, run,
                                 security_kwargs)
+from clients.score_html import headline, record_reading
 
 PROG = "ftps-contributor"
 
@@ -117,8 +118,6 @@ def cmd_scores(args) -> int:
     if not scores:
         print("no scores yet: your records are waiting for a round")
         return 0
-    from clients.score_html import headline, record_reading
-
     table = Table("record", "score", "95% interval", "counted P", "reading")
     for s in scores:
         h = headline(s)
@@ -129,8 +128,6 @@ def cmd_scores(args) -> int:
 
 def cmd_watch(args) -> int:
     import grpc
-
-    from clients.score_html import headline
 
     client = _client(args)
     try:
@@ -174,8 +171,6 @@ def cmd_report(args) -> int:
     if args.json:
         print_json(files.as_dict())
     else:
-        from clients.score_html import headline
-
         above = sum(headline(s)[1] > 0 for s in scores)
         print(f"report written: {files.html} ({files.n_records} records, {above} with the interval above 0)")
     return 0

@@ -18,7 +18,6 @@ from clients.score_html import (
     TOP_RISK,
     card,
     e,
-    headline,  # noqa: F401 - the server titles its figures with it (pages.headline)
     how_to_read,
     method_name,
     method_table,

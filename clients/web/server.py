@@ -40,6 +40,7 @@ import grpc
 import numpy as np
 
 from clients.api import KIND_NAMES
+from clients.score_html import headline
 from clients.web import assets, pages
 from clients.web.session import Session, SubmissionView, error_text, token_claims
 from ftps.common import grpcutil, serde
@@ -727,21 +728,14 @@ class WebServer:
         if key not in s.cache:
             from clients import report_plots
 
-            method = pages.method_name(sc.method)
-            h = pages.headline(sc)
             alpha = s.builder().get_task(tid).settings.alpha or 0.05
-            offline, note = None, ""
-            if method == "offline-global":
-                if s.is_contributor:
-                    note = "threshold: the task's offline Gaussian (builder only)"
-                else:
-                    r = s.builder().get_round(sc.round_id)
-                    if r.HasField("offline") and r.offline.k:
-                        offline = (r.offline.mu, r.offline.sigma)
-            s.cache[key] = plotting(report_plots.diagnosis_png,
-                mu_in=sc.mu_in, sigma_in=sc.sigma_in, mu_out=sc.mu_out, sigma_out=sc.sigma_out, method=method,
-                alpha=alpha, offline=offline, note=note,
-                title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {sc.score:+.2f} · {method}")
+            offline = None
+            if pages.method_name(sc.method) == "offline-global" and not s.is_contributor:
+                r = s.builder().get_round(sc.round_id)
+                if r.HasField("offline") and r.offline.k:
+                    offline = (r.offline.mu, r.offline.sigma)
+            s.cache[key] = plotting(report_plots.record_diagnosis_png, sc, alpha=alpha, offline=offline,
+                                    offline_hidden=s.is_contributor)
         return png(s.cache[key])
 
     def thumb_png(self, req: Request) -> Response:
@@ -787,7 +781,7 @@ class WebServer:
 
         t = s.builder().get_task(tid)
         methods = ", ".join(sorted({pages.method_name(x.method) for x in scores}))
-        h = np.array([pages.headline(x) for x in scores]).reshape(-1, 3)
+        h = np.array([headline(x) for x in scores]).reshape(-1, 3)
         return png(plotting(plots.scores_with_intervals_png, h[:, 0], h[:, 1], h[:, 2], what="model-based score",
                             title=f"Privacy scores, task {t.name or tid} ({methods})"))
 
