@@ -209,6 +209,8 @@ def test_a_round_on_two_worker_processes_scores_exactly_as_on_one(
 def test_stack_children_die_with_a_killed_parent(tmp_path):
     """A local stack's children get SIGTERM when the stack process dies, even by SIGKILL
     (``PR_SET_PDEATHSIG``, set by every service and the store at start)."""
+    from services.finetune_worker.sandbox import _running as running
+
     parent_code = (
         "import os, subprocess, sys, time\n"
         "env = dict(os.environ, PRIVACYSCORE_PARENT_PID=str(os.getpid()))\n"
@@ -226,14 +228,7 @@ def test_stack_children_die_with_a_killed_parent(tmp_path):
         parent.wait(10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(child_pid, 0)
-            except ProcessLookupError:
-                break
-            # A zombie waiting for init to reap it counts as gone.
-            state = Path(f"/proc/{child_pid}/stat").read_text().split(") ")[-1][:1] if Path(
-                f"/proc/{child_pid}").exists() else "Z"
-            if state == "Z":
+            if not running(child_pid):  # gone, or a zombie waiting for init to reap it
                 break
             time.sleep(0.1)
         else:

@@ -28,8 +28,7 @@ from safetensors.numpy import load as load_safetensors
 
 from ftps.common import serde
 from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
-from ftps.common.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
-                                ResourceExhausted)
+from ftps.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.v1 import common_pb2, registry_pb2

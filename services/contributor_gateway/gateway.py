@@ -15,9 +15,8 @@ import datetime as dt
 import hashlib
 import logging
 import threading
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -26,7 +25,7 @@ from google.protobuf import json_format
 from ftps.common import serde
 from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
-                                PermissionDenied, ResourceExhausted, Unavailable)
+                                PermissionDenied, ResourceExhausted)
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2

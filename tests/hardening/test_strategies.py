@@ -53,7 +53,7 @@ from ftps.ml.strategy import load_strategy
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.__main__ import create_server
 from services.finetune_worker.config import WorkerSettings
-from services.finetune_worker.sandbox import isolation_status
+from services.finetune_worker.sandbox import _running, isolation_status
 from tests.conftest import digits_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,10 +112,9 @@ def _live_pids(match) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state not in ("Z", "X") and match(entry):
+            if _running(int(entry.name)) and match(entry):
                 found.append(int(entry.name))
-        except (OSError, IndexError):
+        except OSError:
             continue
     return found
 
