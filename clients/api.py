@@ -4,7 +4,9 @@ the end-to-end tests. Every call has a deadline; errors surface as ``grpc.RpcErr
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator
+import threading
+import time
+from typing import Any, Callable, Hashable, Iterator
 
 import grpc
 import numpy as np
@@ -82,8 +84,9 @@ class BuilderClient:
     def get_round(self, round_id: str) -> common_pb2.RoundResult:
         return self.gateway.GetRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=DEFAULT_TIMEOUT)
 
-    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RoundStatus]:
-        return self.gateway.WatchRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=timeout)
+    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """The round's progress until DONE or FAILED (or ``timeout``), across the server's early ends."""
+        return watch_round(self.gateway, round_id, timeout=timeout)
 
     def scores(self, task_id: str, round_id: str = "") -> gateway_pb2.GetScoresResponse:
         return self.gateway.GetScores(gateway_pb2.GetScoresRequest(task_id=task_id, round_id=round_id),
@@ -117,12 +120,115 @@ class ContributorClient:
         return list(self.stub.GetScores(gateway_pb2.GetScoresRequest(
             task_id=task_id, contributor=self.contributor, round_id=round_id), timeout=DEFAULT_TIMEOUT).scores)
 
-    def watch_scores(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RecordScore]:
-        return self.stub.WatchScores(gateway_pb2.WatchScoresRequest(task_id=task_id, contributor=self.contributor),
-                                     timeout=timeout)
+    def watch_scores(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """Scores as rounds finish (existing ones first), each once, until ``timeout`` (then
+        DEADLINE_EXCEEDED) or ``cancel()``, across the server's early ends."""
+        request = gateway_pb2.WatchScoresRequest(task_id=task_id, contributor=self.contributor)
+        # A re-opened stream sends the existing scores again: each record's score is given once.
+        return ResumedStream(lambda t: self.stub.WatchScores(request, timeout=t), timeout=timeout,
+                             key=lambda s: (s.round_id, s.record_id))
 
-    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> Iterator[common_pb2.RoundStatus]:
-        return self.stub.WatchRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=timeout)
+    def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """The round's progress until DONE or FAILED (or ``timeout``), across the server's early ends."""
+        return watch_round(self.stub, round_id, timeout=timeout)
+
+
+def watch_round(stub: gateway_pb2_grpc.ContributorGatewayStub, round_id: str, *, timeout: float) -> "ResumedStream":
+    request = gateway_pb2.GetRoundRequest(round_id=round_id)
+    return ResumedStream(lambda t: stub.WatchRound(request, timeout=t), timeout=timeout,
+                         finished=lambda s: s.state in (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED),
+                         key=lambda s: s.SerializeToString(deterministic=True), only_last_key=True)
+
+
+class ResumedStream:
+    """A server stream followed across the server's early ends: the services end a stream that sat
+    idle or lived too long (``ftps.common.limits``; status OK before a terminal message, trailer
+    ``ftps-stream-end``), and this opens it again, within the one overall ``timeout``. Messages the
+    new stream repeats are skipped by ``key`` (every key ever given, or with ``only_last_key`` the
+    last one). Iterate it like the gRPC call; ``cancel()`` ends it.
+
+    Errors are the caller's (``grpc.RpcError``), but for RESOURCE_EXHAUSTED when opening again with
+    the server's retry advice (it was busy just then): waited out, a few times, within the timeout.
+    """
+
+    REOPEN_REFUSALS = 3
+    MAX_ADVISED_WAIT_S = 30.0
+
+    def __init__(self, open_call: Callable[[float], Any], *, timeout: float,
+                 finished: Callable[[Any], bool] = lambda _: False, key: Callable[[Any], Hashable] | None = None,
+                 only_last_key: bool = False) -> None:
+        self._open = open_call
+        self._deadline = time.monotonic() + timeout
+        self._finished = finished
+        self._key = key
+        self._only_last = only_last_key
+        self._seen: set = set()
+        self._call: Any = None
+        self._cancelled = threading.Event()
+        self._messages = self._follow()
+        self.reopened = 0
+
+    def __iter__(self) -> "ResumedStream":
+        return self
+
+    def __next__(self):
+        return next(self._messages)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    def _remaining(self) -> float:
+        # Never 0: a call with no time left still runs, and ends DEADLINE_EXCEEDED like the first.
+        return max(self._deadline - time.monotonic(), 0.001)
+
+    def _follow(self) -> Iterator:
+        try:
+            yield from self._reopening()
+        finally:  # the caller stopped iterating: nothing stays open on the server
+            if self._call is not None:
+                self._call.cancel()
+
+    def _reopening(self) -> Iterator:
+        from ftps.common.limits import retry_after
+
+        refusals, idle_ends = 0, 0
+        while True:
+            self._call = self._open(self._remaining())
+            if self._cancelled.is_set():  # cancelled while opening: the new call too
+                self._call.cancel()
+            fresh = False
+            try:
+                for message in self._call:
+                    if self._key is not None:
+                        k = self._key(message)
+                        if k in self._seen:
+                            continue
+                        if self._only_last:
+                            self._seen.clear()
+                        self._seen.add(k)
+                    fresh = True
+                    yield message
+                    if self._finished(message):
+                        return
+            except grpc.RpcError as exc:
+                advice = retry_after(exc) if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if (not self.reopened or advice is None or refusals >= self.REOPEN_REFUSALS
+                        or advice > min(self.MAX_ADVISED_WAIT_S, self._deadline - time.monotonic())):
+                    raise
+                refusals += 1
+                if self._cancelled.wait(advice):
+                    raise
+                continue
+            # Ended by the server before a terminal message (or, for a stream without one, before the
+            # deadline): open it again. At once, unless the last ones brought nothing new.
+            if self._cancelled.is_set():
+                return
+            idle_ends = 0 if fresh else idle_ends + 1
+            if idle_ends and self._cancelled.wait(min(0.5 * 2 ** (idle_ends - 1), 5.0, self._remaining())):
+                return
+            self.reopened += 1
 
 
 def score_dict(s: common_pb2.RecordScore) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import tomllib
@@ -189,6 +190,17 @@ def parse_shape(text: str, *, flag: str = "--shape") -> tuple[int, ...]:
     return shape
 
 
+def parse_value_range(text: str, *, flag: str = "--value-range") -> tuple[float, float]:
+    """``MIN,MAX`` as two finite floats with MIN < MAX."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise InputError(f"{flag} {text!r} must be MIN,MAX, e.g. 0,1") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise InputError(f"{flag} {text!r}: MIN and MAX must be finite with MIN < MAX")
+    return lo, hi
+
+
 @dataclass
 class Records:
     """Labelled records read from disk: ``x`` float32 ``[N, *shape]``, ``y`` int64 ``[N]``, and the
@@ -235,16 +247,22 @@ def load_npz(path: str | Path) -> Records:
 
 def parse_npz_records(data: bytes, what: str) -> Records:
     """An .npz with arrays x [N, ...] (numeric) and y [N] (labels >= 0), and optionally record_id [N]
-    (strings), read without unpickling; InputError names ``what`` and the problem."""
+    (strings), read without unpickling and bounded before it is read (``archives.EDGE_LIMITS``: the
+    file may come from anyone, and the web client reads uploads with this); InputError names
+    ``what`` and the problem."""
+    from ftps.common import archives
     from ftps.common.errors import InvalidArgument
     from ftps.common.serde import npz_arrays
 
     if not data:
         raise InputError(f"{what} is empty: an .npz with arrays x (records) and y (labels) is needed")
     try:
-        arrays = npz_arrays(data)
+        # Shapes and dtypes on the headers, so a wrong file is refused before its data is read.
+        arrays = npz_arrays(data, what=what, limits=archives.EDGE_LIMITS, expect={
+            "x": archives.ArraySpec(("m", None, ...), "fiu"), "y": archives.ArraySpec(("m",), "iu"),
+            "record_id": archives.ArraySpec(("m",), "U", required=False)})
     except InvalidArgument as exc:
-        raise InputError(f"{what}: {exc}") from exc
+        raise InputError(str(exc)) from exc  # it names ``what`` already
     if "x" not in arrays or "y" not in arrays:
         raise InputError(f"{what}: an .npz with arrays x (records) and y (labels) is needed; found "
                          f"{', '.join(sorted(arrays)) or 'no arrays'}")

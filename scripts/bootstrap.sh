@@ -9,7 +9,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # chromium: the web client's browser tests (driven by Playwright, no browser download)
-apt_pkgs=(dataset-fashion-mnist chromium)
+# postgresql: the SQL stores' contract tests start a throwaway server (tests/pg.py)
+apt_pkgs=(dataset-fashion-mnist chromium postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -25,11 +25,34 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (tests/pg.py); each test takes a database."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A fresh, empty metadata database on each backend: the store contract tests run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/meta.db"
+    return request.getfixturevalue("pg_server").create_database()
+
+
 @pytest.fixture
-def storage_kwargs(s3_endpoint):
-    """Settings fields pointing a service at a fresh bucket of the shared S3 server."""
+def storage_kwargs(s3_endpoint, tmp_path):
+    """Settings fields pointing a service at a fresh bucket of the shared S3 server and a fresh
+    SQLite metadata database (shared by the services of one test, as in the embedded stack), with auth
+    switched off explicitly (services refuse to start with no key and no ``auth_disabled``; the
+    tests of auth run with keys: test_auth.py, tests/hardening/test_auth_refusals.py)."""
     return dict(s3_endpoint=s3_endpoint, s3_bucket="t-" + uuid.uuid4().hex[:12],
-                s3_access_key="test", s3_secret_key="test-secret", listen="127.0.0.1:0")
+                s3_access_key="test", s3_secret_key="test-secret", listen="127.0.0.1:0",
+                auth_disabled=True, database_url=f"sqlite:///{tmp_path}/meta.db")
 
 
 @pytest.fixture

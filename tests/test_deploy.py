@@ -184,12 +184,18 @@ def test_manifest_env_is_the_services_settings_and_sets_every_required_one(rende
         assert not missing, f"{workload}: {missing} must be set in a pod"
         assert isinstance(env["FTPS_S3_ACCESS_KEY"], tuple) and isinstance(env["FTPS_S3_SECRET_KEY"], tuple), \
             f"{workload}: S3 credentials must come from a Secret"
-        if "auth_key_file" in fields:  # with neither key set, auth is off and everyone is admin
+        if "auth_key_file" in fields:  # with neither key set, the service refuses to start
             assert "FTPS_AUTH_KEY_FILE" in env or "FTPS_AUTH_KEY" in env, f"{workload}: no auth key"
+            assert "FTPS_AUTH_DISABLED" not in env, f"{workload}: auth switched off in a manifest"
+            assert not isinstance(env.get("FTPS_AUTH_KEY"), str), f"{workload}: the auth key must come from a Secret"
             if "FTPS_AUTH_KEY_FILE" in env:
                 mount = Path(env["FTPS_AUTH_KEY_FILE"]).parent.as_posix()
                 assert any(m["mountPath"] == mount for m in container.get("volumeMounts", [])), \
                     f"{workload}: nothing mounted at {mount}"
+                spec = next(s for d, s, _ in _pods(docs) if d["metadata"]["name"] == workload)
+                volume = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == mount)
+                assert any(v["name"] == volume and "secret" in v for v in spec.get("volumes", [])), \
+                    f"{workload}: the auth key at {mount} is not from a Secret"
         # Every value parses as the setting's type (what the service does at start).
         literal = {name: env["FTPS_" + name.upper()] for name in fields
                    if isinstance(env.get("FTPS_" + name.upper()), str)}

@@ -99,7 +99,8 @@ def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, 
     path.write_bytes(serde.records_to_npz(np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)))
     assert contributor_main(c + ["submit", "--task", "t-unknown", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[0]] and "NOT_FOUND" in err[0]
+    # An unknown task reads exactly like someone else's: no answer tells what exists.
+    assert err == ["ftps-contributor: error: PERMISSION_DENIED: contributor 'zed' may not submit to task t-unknown"]
     b = _b(stack)
     assert builder_main(b + ["create-task", "--name", "x", "--record-shape", "1,8,8", "--models", "5"]) == 1
     assert "n_models" in capsys.readouterr().err

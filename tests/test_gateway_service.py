@@ -67,7 +67,7 @@ def env(storage_kwargs, serve):
         gw = Gateway(ObjectStore(settings), registry_getter(reg_ch), scorer,
                      max_records_per_request=settings.max_records_per_request,
                      max_pending_per_contributor=settings.max_pending_per_contributor)
-        server = grpcutil.Server()
+        server = grpcutil.Security.from_settings(settings, "contributor-gateway").server()  # auth_disabled
         server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server, ContributorGatewayServicer(gw),
                    "ftps.v1.ContributorGateway")
         return server, serve(server)
@@ -198,3 +198,36 @@ def test_failed_round_puts_records_back_to_pending(env):
             break
         time.sleep(0.05)
     assert s.state == gateway_pb2.SUBMISSION_STATE_PENDING and s.pending_in_task == 6
+    assert s.failed_rounds == 1 and not s.failure_reason
+
+
+def test_a_submission_in_two_failed_rounds_is_not_retried_again(env):
+    """Nothing is re-queued forever: the second failed round ends the submission FAILED, with
+    a reason its contributor reads, and the task's queue is free for the others."""
+    task, scorer, start = env
+    scorer.fail = True
+    _, addr = start()
+    c = ContributorClient(gateway=addr, contributor="ivy")
+    sub = c.submit(task.task_id, *_records(6))  # reaches m = 6: the first round starts by itself
+    gw = gateway_pb2_grpc.ContributorGatewayStub(grpcutil.make_channel(addr))
+
+    def settled(failed_rounds: int) -> gateway_pb2.Submission:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            s = c.get_submission(sub.submission_id)
+            if s.failed_rounds == failed_rounds and not s.round_id:
+                return s
+            time.sleep(0.05)
+        raise AssertionError(f"submission never reached {failed_rounds} failed round(s): {s}")
+
+    assert settled(1).state == gateway_pb2.SUBMISSION_STATE_PENDING
+    gw.StartRound(gateway_pb2.StartRoundRequest(task_id=task.task_id, force=True), timeout=5)
+    s = settled(2)
+    assert s.state == gateway_pb2.SUBMISSION_STATE_FAILED
+    assert s.failure_reason == ("2 rounds holding these records failed; not retried automatically "
+                                "(submit again to retry). Last: scripted")
+    assert s.pending_in_task == 0
+    code, details = _code(lambda: gw.StartRound(gateway_pb2.StartRoundRequest(task_id=task.task_id, force=True),
+                                                timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "0 record(s) pending" in details
+    c.close()

@@ -221,10 +221,11 @@ def test_tta_averages_the_queries():
     np.testing.assert_allclose(compute_phi(_LogitsAreInputs(), z, y, tta=["hflip"]), expected)
 
 
-def test_phi_rejects_non_finite_logits():
-    z = np.array([[np.inf, 0.0], [1.0, 0.0]], dtype=np.float32)
-    with pytest.raises(StrategyError, match="non.*finite|infinite"):
-        compute_phi(_LogitsAreInputs(), z, np.array([0, 0]))
+def test_phi_is_nan_where_logits_are_not_finite():
+    # The record's statistic is NaN (the scorer traces it to the record); the others are kept.
+    z = np.array([[np.inf, 0.0], [1.0, 0.0], [np.nan, 2.0]], dtype=np.float32)
+    phi = compute_phi(_LogitsAreInputs(), z, np.array([0, 0, 1]))
+    assert np.isnan(phi[0]) and np.isnan(phi[2]) and phi[1] == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- fine-tuning

@@ -27,7 +27,8 @@ BUCKET = "mc-" + uuid.uuid4().hex[:12]
 
 
 def _storage(s3_endpoint: str) -> dict:
-    return dict(s3_endpoint=s3_endpoint, s3_bucket=BUCKET, s3_access_key="test", s3_secret_key="test-secret")
+    return dict(s3_endpoint=s3_endpoint, s3_bucket=BUCKET, s3_access_key="test", s3_secret_key="test-secret",
+                auth_disabled=True)
 
 
 @pytest.fixture(scope="module")

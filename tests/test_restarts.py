@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import time
 
-import numpy as np
 import pytest
 
 from clients.api import BuilderClient, ContributorClient

@@ -65,7 +65,7 @@ def test_bad_jobs_get_precise_statuses(env):
         stub.RunJob(_job(refs, np.ones((1, 5), bool)), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mask" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        stub.RunJob(worker_pb2.FinetuneJob(job_id="empty", **refs), timeout=30)
+        stub.RunJob(worker_pb2.FinetuneJob(task_id="t-1", job_id="empty", **refs), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "models" in e.value.details()
     bad = dict(refs, strategy=store.put_bytes("bad.py", b"RECIPE = {}\n"))
     with pytest.raises(grpc.RpcError) as e:

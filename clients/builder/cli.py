@@ -16,8 +16,8 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
-from clients.cli_common import (InputError, add_address, add_config, add_security, parse_shape, print_json,
-                                progress_bar, run, security_kwargs)
+from clients.cli_common import (InputError, add_address, add_config, add_security, parse_shape,
+                                parse_value_range, print_json, progress_bar, run, security_kwargs)
 from clients.score_html import headline
 from ftps.common import serde
 from ftps.v1 import common_pb2
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.05)
     c.add_argument("--fixed-variance", action="store_true")
     c.add_argument("--builder-mix", type=int, default=0, help="builder records mixed into each model")
+    c.add_argument("--value-range", default="0,1", metavar="MIN,MAX",
+                   help="values a record may hold; contributors' records and builder data outside it are "
+                        "refused (default 0,1: the shipped image strategies; 'any': any finite float32)")
     c.add_argument("--models-per-job", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
@@ -109,6 +112,9 @@ def cmd_create(args) -> int:
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
         record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
         seed=args.seed, models_per_job=args.models_per_job)
+    if args.value_range != "any":
+        lo, hi = parse_value_range(args.value_range)
+        settings.value_range.CopyFrom(common_pb2.ValueRange(min=lo, max=hi))
     task = _client(args).create_task(args.name, settings, owner=args.owner)
     if args.json:
         print_json({"task_id": task.task_id, "name": task.name})

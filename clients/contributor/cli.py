@@ -76,7 +76,8 @@ def _sub_dict(sub) -> dict:
     return {"submission_id": sub.submission_id, "task_id": sub.task_id, "contributor": sub.contributor,
             "records": len(sub.record_ids), "record_ids": list(sub.record_ids),
             "state": gateway_pb2.SubmissionState.Name(sub.state).removeprefix("SUBMISSION_STATE_").lower(),
-            "round_id": sub.round_id, "pending_in_task": sub.pending_in_task}
+            "round_id": sub.round_id, "pending_in_task": sub.pending_in_task,
+            "failed_rounds": sub.failed_rounds, "failure_reason": sub.failure_reason}
 
 
 def cmd_submit(args) -> int:

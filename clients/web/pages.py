@@ -315,6 +315,8 @@ def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequen
                     f'<td class="num">{len(s.record_ids)}</td>'
                     f'<td><span class="state {e(state)}">{e(state.replace("_", " "))}</span></td>'
                     f'<td class="mono label">{e(s.round_id or "—")}</td></tr>')
+        if s.failure_reason:  # why it was not scored, in the contributor's own view
+            live.append(f'<tr><td colspan="5" class="note">{e(s.failure_reason)}</td></tr>')
     rows = "".join(live_row(r.item()) for r in rounds) + ended_round_rows(scores, rounds)
     body += '<h2>Your submissions and rounds</h2><div id="live">'
     if subs:

@@ -477,7 +477,8 @@ class WebServer:
                 alpha=_float(req, "alpha", 0.05), shadow_models=_int(req, "shadow_models"),
                 fixed_variance=req.field("fixed_variance") == "1", record_shape=shape,
                 num_classes=_int(req, "num_classes", 10), builder_mix=_int(req, "builder_mix", 0),
-                seed=_int(req, "seed", 0), models_per_job=_int(req, "models_per_job", 4))
+                seed=_int(req, "seed", 0), models_per_job=_int(req, "models_per_job", 4),
+                value_range=common_pb2.ValueRange(min=0.0, max=1.0))  # the shipped strategies' images
         except ValueError as exc:
             raise UserError(str(exc)) from None
         task = s.builder().create_task(req.field("name").strip(), settings)

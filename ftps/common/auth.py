@@ -10,6 +10,10 @@ owns), ``admin`` (everything), ``service`` (the services themselves).
 
 Wrong, expired or forged token: UNAUTHENTICATED. Right token, wrong resource: PERMISSION_DENIED —
 decided by each service's domain code with :func:`current` and the helpers below.
+
+Fail closed: a service without a signing key does not start unless auth is switched off by an
+explicit setting (``auth_disabled``); then every caller is :data:`AUTH_DISABLED`. No code path
+turns a missing principal into an admin: :func:`current` raises outside an authenticated call.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, Callable
 
 import grpc
 
-from ftps.common.errors import PermissionDenied, Unauthenticated
+from ftps.common.errors import NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("ftps.auth")
 
@@ -59,16 +63,32 @@ class Principal:
         return not self.tasks or task_id in self.tasks
 
 
-# When no signing key is configured, auth is off and every caller acts as this principal.
-ANONYMOUS_ADMIN = Principal("anonymous", "admin")
+# The caller of every RPC of a service whose auth was switched off explicitly (``auth_disabled``,
+# ``ftps-stack up --no-auth``). Named so that every log line and record it reaches says so; it is
+# never a fallback for a missing principal.
+AUTH_DISABLED = Principal("auth-disabled", "admin")
+
+
+class NoPrincipal(RuntimeError):
+    """:func:`current` outside an RPC served through an auth interceptor: a bug of the server's
+    wiring, answered INTERNAL (never a reason to treat the caller as anyone)."""
+
+
+class AuthNotConfigured(ValueError):
+    """A service has neither a signing key nor auth switched off explicitly: it must not start."""
+
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("ftps_principal", default=None)
 
 
 def current() -> Principal:
-    """The caller of the RPC being served (set by :class:`AuthInterceptor`)."""
+    """The caller of the RPC being served (set by :class:`AuthInterceptor` or, with auth switched
+    off, :class:`NoAuthInterceptor`). Raises :class:`NoPrincipal` anywhere else."""
     p = _current.get()
-    return ANONYMOUS_ADMIN if p is None else p
+    if p is None:
+        raise NoPrincipal("auth.current() outside an authenticated call: the server has no auth interceptor, "
+                          "or the caller is not an RPC handler")
+    return p
 
 
 def _b64(data: bytes) -> str:
@@ -76,7 +96,13 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode unpadded base64url, accepting only the one spelling :func:`_b64` produces: the
+    decoder alone also takes padding, '+' and '/', whitespace and set trailing bits, which would
+    give one token many spellings (and a deny list or log match could be dodged)."""
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 class TokenSigner:
@@ -131,8 +157,8 @@ def load_key(*, key: str = "", key_file: str = "") -> bytes | None:
             return key.encode()
     if key_file:
         data = Path(key_file).read_bytes().strip()
-        if not data:  # never let an empty file silently turn authentication off
-            raise ValueError(f"auth key file {key_file} is empty")
+        if not data:  # never let an empty file pass for "no key"
+            raise AuthNotConfigured(f"auth key file {key_file} is empty")
         return data
     return None
 
@@ -193,6 +219,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
             log.warning("refused %s: %s", method, exc)
             return _refusal(handler, str(exc))
         return _with_principal(handler, principal)
+
+
+class NoAuthInterceptor(grpc.ServerInterceptor):
+    """Auth switched off explicitly (``auth_disabled``): every RPC runs as :data:`AUTH_DISABLED`,
+    whatever token it carries, so that :func:`current` still names a principal that says so."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        return _with_principal(handler, AUTH_DISABLED)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -276,14 +313,38 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return continuation(self._details(details), request_iterator)
 
 
+def denied(who: Principal, action: str, what: str) -> PermissionDenied:
+    """The one refusal a non-privileged caller gets, whether ``what`` does not exist or is not its:
+    the same status and words on every service, so no answer tells anyone what others have."""
+    return PermissionDenied(f"{who.role} {who.subject!r} may not {action} {what}")
+
+
 def authorize_task(who: Principal, task_id: str, owner: str, *, action: str,
                    contributors_may: bool = False) -> None:
     """The task rule every service applies: admins and services may do anything; a builder only
-    on the tasks it owns; a contributor only where ``contributors_may`` and the task is in its scope."""
+    on the tasks it owns; a contributor only where ``contributors_may``; both only on the tasks in
+    their token's scope (when it names some)."""
     if who.is_privileged:
         return
-    if who.role == "builder" and owner == who.subject:
-        return
-    if who.role == "contributor" and contributors_may and who.may_see_task(task_id):
-        return
-    raise PermissionDenied(f"{who.role} {who.subject!r} may not {action} task {task_id}")
+    if who.may_see_task(task_id):
+        if who.role == "builder" and owner == who.subject:
+            return
+        if who.role == "contributor" and contributors_may:
+            return
+    raise denied(who, action, f"task {task_id}")
+
+
+def authorized_task(who: Principal, task_id: str, get_task: Callable[[str], Any], *, action: str,
+                    contributors_may: bool = False) -> Any:
+    """``get_task(task_id)`` once ``who`` may ``action`` it. An unknown task is NOT_FOUND only for
+    privileged callers; everyone else gets exactly the refusal of a task that is not theirs."""
+    if not who.is_privileged and not who.may_see_task(task_id):
+        raise denied(who, action, f"task {task_id}")
+    try:
+        task = get_task(task_id)
+    except NotFound:
+        if who.is_privileged:
+            raise NotFound(f"task {task_id} not found") from None
+        raise denied(who, action, f"task {task_id}") from None
+    authorize_task(who, task_id, task.owner, action=action, contributors_may=contributors_may)
+    return task

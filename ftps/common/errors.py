@@ -6,11 +6,16 @@ Domain code raises these (it never imports grpc); the servicer decorator in
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+log = logging.getLogger(__name__)
 
 
 class FtpsError(Exception):
-    """Base of every error a caller should see with a precise status."""
+    """Base of every error a caller should see with a precise status. The base class itself
+    (INTERNAL) is never shown: the caller gets an incident id, the log gets the message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
@@ -58,11 +63,28 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, 
                                       Unavailable, DataLoss)}
 
 
+UPSTREAM_UNAVAILABLE = "temporarily unavailable, retry"
+
+
 def from_rpc_error(exc: grpc.RpcError, *, context: str = "") -> FtpsError:
-    """The domain error for a status another service answered with, so it can be relayed as is."""
+    """The domain error for a status another service answered with, so it can be relayed to the
+    caller without naming that service.
+
+    ``context`` (which service, which target) goes to the log line only: client-facing messages
+    never name internal services or addresses. UNAVAILABLE and DEADLINE_EXCEEDED (often written by
+    gRPC itself, with the address it could not reach) become one fixed message; UNAUTHENTICATED
+    (this service's own token refused: a deployment fault, not the caller's) and anything else
+    without a domain error become INTERNAL, which the ``rpc`` decorator answers with an incident id.
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    cls = _BY_CODE.get(code, FtpsError)
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        cls = Unavailable
-    return cls(f"{context}: {details}" if context else details)
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        log.warning("%s answered %s: %s", context or "a service", name, details)
+        return Unavailable(UPSTREAM_UNAVAILABLE)
+    cls = _BY_CODE.get(code, FtpsError) if code != grpc.StatusCode.UNAUTHENTICATED else FtpsError
+    if cls is FtpsError:
+        log.warning("%s answered %s: %s", context or "a service", name, details)
+        return FtpsError(f"{context or 'a service'} answered {name}: {details}")  # for the log only
+    log.debug("%s answered %s: %s", context or "a service", name, details)
+    return cls(details)

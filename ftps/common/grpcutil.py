@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import logging
+import secrets
 import signal
 import sys
 from concurrent import futures
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ftps.common.errors import FtpsError
+from ftps.common.limits import Limits, RpcLimiter
 
 if TYPE_CHECKING:
     from ftps.common.auth import TokenSigner
@@ -104,34 +106,62 @@ def make_channel(target: str, *, max_message_mb: int = 64, round_robin: bool = F
     return channel
 
 
+_NO_KEY = ("no token signing key: set FTPS_AUTH_KEY_FILE (--auth-key-file) or FTPS_AUTH_KEY (--auth-key), "
+           "or switch authentication off explicitly with FTPS_AUTH_DISABLED=true (--auth-disabled)")
+_KEY_AND_DISABLED = ("a token signing key and auth_disabled are both set: unset FTPS_AUTH_DISABLED "
+                     "(--no-auth-disabled) or the key")
+
+
 class Security:
     """A service's auth and TLS, built once from its settings: the server side (interceptor,
     credentials) and the client side (channels to other services with a service token)."""
 
     def __init__(self, *, signer: "TokenSigner | None" = None, tls: Tls | None = None,
-                 subject: str = "service") -> None:
-        from ftps.common.auth import ServiceTokens
+                 subject: str = "service", auth_disabled: bool = False) -> None:
+        from ftps.common.auth import AuthNotConfigured, ServiceTokens
 
+        # Fail closed: no signer means no service, unless the caller said so in as many words.
+        if (signer is None) != auth_disabled:
+            raise AuthNotConfigured(_NO_KEY if signer is None else _KEY_AND_DISABLED)
         self.signer = signer
+        self.auth_disabled = auth_disabled
         self.tls = tls
         self._tokens = ServiceTokens(signer, subject) if signer else None
 
     @classmethod
     def from_settings(cls, settings: Any, subject: str) -> "Security":
-        from ftps.common.auth import TokenSigner, load_key
+        """Raises :class:`ftps.common.auth.AuthNotConfigured` (one line: what to set) when there is
+        no usable signing key and auth is not switched off by ``auth_disabled``."""
+        from ftps.common.auth import AuthNotConfigured, TokenSigner, load_key
 
-        key = load_key(key=settings.auth_key, key_file=settings.auth_key_file)
-        if key is None:
-            log.warning("%s: no auth key configured: authentication is OFF, every caller is admin", subject)
+        try:
+            key = load_key(key=settings.auth_key, key_file=settings.auth_key_file)
+            signer = TokenSigner(key) if key is not None else None
+        except OSError as exc:
+            raise AuthNotConfigured(f"cannot read auth key file {settings.auth_key_file}: {exc.strerror}") from exc
+        except AuthNotConfigured:
+            raise
+        except ValueError as exc:  # a key shorter than 32 bytes
+            raise AuthNotConfigured(f"auth key: {exc}") from exc
+        if settings.auth_disabled and signer is None:
+            log.warning("%s: AUTHENTICATION IS DISABLED (auth_disabled): every caller is admin %r, "
+                        "tokens are not checked. Local experiments only.", subject, "auth-disabled")
         tls = Tls.from_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
-        return cls(signer=TokenSigner(key) if key else None, tls=tls, subject=subject)
+        return cls(signer=signer, tls=tls, subject=subject, auth_disabled=settings.auth_disabled)
 
-    def server(self, *, max_message_mb: int = 64, max_connection_age_s: float = 0) -> "Server":
-        from ftps.common.auth import AuthInterceptor
+    def interceptor(self) -> grpc.ServerInterceptor:
+        """Checks every call's token; with auth switched off, names every caller AUTH_DISABLED."""
+        from ftps.common.auth import AuthInterceptor, NoAuthInterceptor
 
-        interceptors = [AuthInterceptor(self.signer)] if self.signer else []
+        return NoAuthInterceptor() if self.signer is None else AuthInterceptor(self.signer)
+
+    def server(self, *, max_message_mb: int = 64, max_connection_age_s: float = 0,
+               limits: Limits | None = None) -> "Server":
+        """``limits``: the service's bounds on work per caller (``Limits.from_settings(settings)``);
+        None: the defaults. The limiter goes after the auth interceptor, whose principal it counts."""
+        interceptors = [self.interceptor()]
         return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls,
-                      max_connection_age_s=max_connection_age_s)
+                      max_connection_age_s=max_connection_age_s, limits=limits)
 
     def channel(self, target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
         return make_channel(target, max_message_mb=max_message_mb, round_robin=round_robin,
@@ -148,9 +178,11 @@ _SERVER_KEEPALIVE = [
 
 
 class Server:
-    """A threaded gRPC server with the stock health service and reflection."""
+    """A threaded gRPC server with the stock health service and reflection, and bounded work per
+    caller (:mod:`ftps.common.limits`): at most ``limits.max_concurrent_rpcs`` calls at once, each
+    caller's open streams capped, idle and old streams ended; health checks always answer."""
 
-    def __init__(self, *, max_message_mb: int = 64, max_workers: int = 64,
+    def __init__(self, *, max_message_mb: int = 64, limits: Limits | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None,
                  max_connection_age_s: float = 0) -> None:
         options = message_options(max_message_mb) + _SERVER_KEEPALIVE
@@ -159,10 +191,13 @@ class Server:
             # behind a dns:/// name get traffic). Calls in flight are never cut (infinite grace).
             options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", 2**31 - 1)]
-        # Streams (WatchRound, WatchScores) hold a thread each while they last.
+        # Streams (WatchRound, WatchScores) hold a thread each while they last. The limiter admits
+        # at most max_concurrent_rpcs calls, so HEALTH_RESERVE threads stay free for health checks
+        # and for refusing the calls over the limit at once (never queued behind stuck work).
+        self.limiter = RpcLimiter(limits or Limits())
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            options=options, interceptors=list(interceptors),
+            futures.ThreadPoolExecutor(max_workers=self.limiter.limits.pool_size, thread_name_prefix="rpc"),
+            options=options, interceptors=[*interceptors, self.limiter],
         )
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -200,6 +235,7 @@ class Server:
         try:
             self.grpc_server.stop(grace).wait()
         finally:
+            self.limiter.close()
             for fn in self._on_stop:
                 fn()
 
@@ -214,14 +250,19 @@ def full_name(descriptor_module: Any, service: str) -> str:
 def rpc(method: Callable) -> Callable:
     """Servicer-method decorator: domain errors become precise statuses, the rest INTERNAL.
 
-    Works for unary and server-streaming handlers (generator functions).
+    INTERNAL says only ``internal error, incident <id>``: the exception and its traceback go to
+    the log under that id, never to the caller (they can hold paths, object keys, other services'
+    addresses, other tenants' ids). Works for unary and server-streaming handlers (generator
+    functions).
     """
 
     def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-        if isinstance(exc, FtpsError):
+        if isinstance(exc, FtpsError) and exc.code != grpc.StatusCode.INTERNAL:
             context.abort(exc.code, str(exc))
-        log.exception("unexpected error in %s", method.__qualname__)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        incident = secrets.token_hex(6)
+        log.error("incident %s: unexpected error in %s: %s: %s", incident, method.__qualname__,
+                  type(exc).__name__, exc, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
@@ -246,8 +287,12 @@ def rpc(method: Callable) -> Callable:
 
 
 def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises a bare Exception subclass private to grpc; let it through untouched.
-    return type(exc).__module__.startswith("grpc")
+    # context.abort records the status, then raises a bare Exception() (a subclass private to grpc
+    # in some versions): let it through untouched. A grpc.RpcError is another service's answer that
+    # nobody mapped (errors.from_rpc_error): unexpected, so an incident like any other.
+    if isinstance(exc, grpc.RpcError):
+        return False
+    return (type(exc) is Exception and not exc.args) or type(exc).__module__.startswith("grpc")
 
 
 def wait_healthy(channel: grpc.Channel, *, timeout: float = 30.0, service: str = "") -> None:
@@ -294,7 +339,7 @@ def die_with_parent() -> None:
 
 
 def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv: Sequence[str] | None, *,
-                module: str, description: str) -> int:
+                module: str, description: str, migrate: Callable[[Any], None] | None = None) -> int:
     """``python -m services.X``: settings from flags and env, logging, serve until SIGINT/SIGTERM."""
     from ftps.common.log import setup_logging
     from ftps.common.settings import load_settings
@@ -302,7 +347,22 @@ def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv
     die_with_parent()
     settings = load_settings(settings_cls, argv, prog=f"python -m {module}", description=description)
     setup_logging(settings.log_level)
-    server = create_server(settings)
+    from ftps.common.auth import AuthNotConfigured
+    from ftps.common.db import MigrationError
+
+    try:
+        if migrate is not None and getattr(settings, "migrate_only", False):
+            migrate(settings)  # the migration Job: the schema, then exit
+            logging.getLogger(module).info("%s: database migrated", description)
+            return 0
+        server = create_server(settings)
+    except AuthNotConfigured as exc:
+        # Fail closed, with one line saying what to set (no traceback: nothing is broken but the settings).
+        print(f"python -m {module}: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except MigrationError as exc:  # a schema that cannot be brought up to date: one line, no serving
+        print(f"python -m {module}: refusing to start: {exc}", file=sys.stderr)
+        return 2
     port = server.start(settings.listen)
     logging.getLogger(module).info("%s listening on %s (port %d)", description, settings.listen, port)
     serve_until_signal(server)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
+from ftps.common import archives
 from ftps.common.errors import InvalidArgument
 from ftps.v1 import common_pb2
 
@@ -43,7 +45,11 @@ def array_from_tensor(t: common_pb2.Tensor, *, field: str = "tensor") -> np.ndar
     if count * dtype.itemsize != len(t.data):
         raise InvalidArgument(
             f"{field}.data: {len(t.data)} bytes do not match shape {list(t.shape)} of {dtype.name}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape)).copy()
+    try:
+        return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape)).copy()
+    except (ValueError, MemoryError) as exc:
+        # e.g. an empty tensor whose other dimensions multiply past what numpy can index
+        raise InvalidArgument(f"{field}.shape: shape {list(t.shape)} cannot be represented") from exc
 
 
 def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
@@ -60,15 +66,18 @@ def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npz_arrays(data: bytes) -> dict[str, np.ndarray]:
-    """Load an npz without ever unpickling (object arrays are refused)."""
+def npz_arrays(data: bytes, *, what: str = "npz", limits: archives.ArchiveLimits = archives.INTERNAL_LIMITS,
+               expect: Mapping[str, archives.ArraySpec] | None = None) -> dict[str, np.ndarray]:
+    """Load an npz without ever unpickling (object arrays are refused), every member bounded by
+    ``limits`` and checked against ``expect`` before it is read (:func:`archives.read_npz`).
+
+    The default limits suit blobs the deployment wrote itself; anything from outside passes its
+    own (e.g. ``archives.EDGE_LIMITS``). InvalidArgument names ``what``, the member and the limit.
+    """
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except ValueError as exc:
-        raise InvalidArgument(f"npz holds object arrays (pickle), refused: {exc}") from exc
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
-        raise InvalidArgument(f"not a readable npz file: {exc}") from exc
+        return archives.read_npz(data, what=what, limits=limits, expect=expect)
+    except archives.ArchiveError as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
 # Method enum <-> the names the scoring maths and the command lines use.

@@ -29,17 +29,45 @@ class StorageSettings(BaseSettings):
     s3_region: str = Field("us-east-1", description="object store region")
 
 
+class DatabaseSettings(BaseSettings):
+    """Where a stateful service's metadata lives (registry, gateway, scorer): ftps.common.db."""
+
+    model_config = SettingsConfigDict(env_prefix="FTPS_", extra="ignore")
+
+    database_url: str = Field("", description="SQLAlchemy URL of this service's metadata database: "
+                              "sqlite:///path/file.db (embedded) or postgresql+psycopg://user:pw@host/db; "
+                              "required")
+    db_migrate: bool = Field(True, description="apply this service's database migrations at start; false: "
+                             "only serve a schema already at the code's version (a migration Job applies them)")
+    migrate_only: bool = Field(False, description="apply this service's database migrations, then exit "
+                               "(the Kubernetes migration Job)")
+
+
 class CommonSettings(StorageSettings):
     log_level: str = Field("INFO", description="logging level")
     listen: str = Field("127.0.0.1:0", description="host:port to serve on (port 0: any free port)")
     max_message_mb: int = Field(64, description="largest gRPC message accepted or sent, MiB")
     auth_key: str = Field("", description="token signing key (hex or >= 32 chars); empty: see auth_key_file")
     auth_key_file: str = Field("", description="file holding the token signing key; with neither "
-                                                "set, auth is OFF and every caller is admin")
+                                                "set the service refuses to start (unless auth_disabled)")
+    auth_disabled: bool = Field(False, description="serve WITHOUT authentication: every caller is admin "
+                                "'auth-disabled' (local experiments only; no signing key may be set)")
     tls_cert_file: str = Field("", description="PEM certificate: serve TLS (and present it as a client for mTLS)")
     tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
     tls_ca_file: str = Field("", description="PEM CA bundle: verify peers; with a server certificate, "
                                              "also require client certificates (mutual TLS)")
+    # Bounded work per caller (ftps.common.limits): one caller must not hold every thread.
+    max_concurrent_rpcs: int = Field(64, ge=1, description="calls this service runs at once, streams "
+                                     "included; one more is refused at once (RESOURCE_EXHAUSTED). Health "
+                                     "checks have threads of their own besides")
+    max_streams_per_principal: int = Field(8, ge=1, description="streams one caller (token subject; without "
+                                           "one, client address) may hold open on this service; one more is "
+                                           "RESOURCE_EXHAUSTED with retry advice. Services' own calls are not capped")
+    stream_idle_s: float = Field(300.0, ge=0, description="the server ends a stream that moved no message "
+                                 "this long, seconds (status OK, trailer ftps-stream-end: idle; clients "
+                                 "re-watch); 0: never")
+    stream_max_s: float = Field(3600.0, ge=0, description="the server ends a stream that has lived this "
+                                "long, seconds (trailer ftps-stream-end: max-lifetime); 0: never")
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None, *, prog: str | None = None,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from ftps.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from ftps.common.settings import StorageSettings
@@ -26,14 +26,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SHA_META = "x-amz-meta-sha256"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Matched whole (fullmatch): with match() and "$", "t-1\n" passed ("$" also matches before a final newline).
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+# S3 answers the callers below handle themselves (a missing key, a bucket that already exists).
+_S3_ANSWERS = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "BucketAlreadyOwnedByYou",
+                         "BucketAlreadyExists"})
+# S3 errors worth another try, like a connection that failed.
+_S3_TRANSIENT = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+                           "XMinioServerNotInitialized"})
+# What a caller is told: the details (endpoint, object key, the store's own message) go to the log.
+STORE_UNREACHABLE = "object store unreachable, retry"
+STORE_FAILING = "object store unavailable, retry"
 
 
 def check_id(value: str, field: str) -> str:
     """IDs become parts of object keys: refuse anything path-like or oversized."""
     if not value:
         raise InvalidArgument(f"{field} is required")
-    if not _ID_RE.match(value) or ".." in value:
+    if not _ID_RE.fullmatch(value) or ".." in value:
         raise InvalidArgument(
             f"{field} {value[:80]!r} is not a valid id (1-64 of letters, digits, '_', '-', '.')")
     return value
@@ -60,19 +71,32 @@ class ObjectStore:
 
     # -- retries -------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, retried with backoff while the store is unreachable or failing; then
+        Unavailable. Only the S3 answers in ``_S3_ANSWERS`` come out as S3Error."""
         delay = self._backoff
         for attempt in range(self._retries + 1):
             try:
                 return fn()
-            except S3Error:
-                raise
+            except S3Error as exc:
+                if exc.code in _S3_ANSWERS:
+                    raise
+                failure, transient, message = exc, exc.code in _S3_TRANSIENT, STORE_FAILING
+            except MinioException as exc:  # a 5xx or a response that is not S3's XML
+                failure, transient, message = exc, True, STORE_FAILING
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if attempt == self._retries:
-                    raise Unavailable(f"object store unreachable during {what}: {exc}") from exc
-                log.warning("object store %s failed (%s); retrying in %.1fs", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                failure, transient, message = exc, True, STORE_UNREACHABLE
+            if not transient or attempt == self._retries:
+                log.error("object store %s failed: %s: %s", what, type(failure).__name__, failure)
+                raise Unavailable(message) from failure
+            log.warning("object store %s failed (%s); retrying in %.1fs", what, failure, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _failing(what: str, exc: S3Error) -> Unavailable:
+        log.error("object store %s failed: %s", what, exc)
+        return Unavailable(STORE_FAILING)
 
     def ensure_bucket(self) -> None:
         if not self._call("bucket check", lambda: self.client.bucket_exists(self.bucket)):
@@ -80,7 +104,7 @@ class ObjectStore:
                 self._call("bucket create", lambda: self.client.make_bucket(self.bucket))
             except S3Error as exc:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
+                    raise self._failing("bucket create", exc) from exc
 
     # -- bytes ---------------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
@@ -108,7 +132,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"object {key} not found") from exc
-            raise
+            raise self._failing(f"get {key}", exc) from exc
         expected = sha256 or stored
         if expected is None:
             raise DataLoss(f"object {key} has no checksum; refusing to read it")
@@ -130,7 +154,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                 return False
-            raise
+            raise self._failing(f"stat {key}", exc) from exc
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         objs = self._call(f"list {prefix}",

@@ -8,11 +8,9 @@ services as ``.npz`` files with exactly two arrays, ``x`` and ``y``, read with
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import struct
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -236,15 +234,16 @@ def load_records(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     Raises RecordsError (a ValueError) on anything but exactly arrays x and y that pass
     ``validate_records``.
     """
+    from ftps.common.archives import ArchiveError, read_npz
+
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            names = sorted(npz.files)
-            if names != ["x", "y"]:
-                raise RecordsError(f"records npz must hold exactly arrays x and y, got {names}")
-            x, y = npz["x"], npz["y"]
-    except RecordsError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        # Bounded before it is read (archives.INTERNAL_LIMITS: records the services wrote).
+        arrays = read_npz(data, what="records")
+    except ArchiveError as e:
         raise RecordsError(f"records are not a valid npz file: {e}") from e
+    names = sorted(arrays)
+    if names != ["x", "y"]:
+        raise RecordsError(f"records npz must hold exactly arrays x and y, got {names}")
+    x, y = arrays["x"], arrays["y"]
     validate_records(x, y)
     return x, y

@@ -223,7 +223,8 @@ def compute_phi(
     phi_j = z_{y_j} - logsumexp_{c != y_j} z_c over the logits z of ``model(x_j)``, i.e. the
     logit-scaled confidence log(p / (1 - p)) computed without forming p. With ``tta`` the
     identity query and each listed query (e.g. "hflip") are evaluated and their phi averaged.
-    Raises StrategyError when the model's outputs are not finite logits ``[batch, classes>=2]``.
+    A record whose logits are not finite gets NaN (the scorer isolates such records).
+    Raises StrategyError when the model's outputs are not logits ``[batch, classes>=2]``.
     """
     device = _model_device(model)
     x_t = _owned_tensor(x, device, torch.float32)
@@ -245,13 +246,12 @@ def compute_phi(
                     raise RecordsError(
                         f"labels must be in [0, {logits.shape[1]}), got {int(yb.max())}"
                     )
+                # Non-finite logits give NaN phi for those records (every record, for a model
+                # whose fine-tuning diverged) instead of failing the job: the scorer traces them
+                # to the records that caused them and scores the round without those.
                 bad = ~torch.isfinite(logits).all(dim=1)
-                if bool(bad.any()):
-                    raise StrategyError(
-                        f"model produced NaN or infinite logits for {int(bad.sum())} of "
-                        f"{xb.shape[0]} records (diverged fine-tuning?)"
-                    )
-                total += _phi_from_logits(logits, yb)
+                phi_b = _phi_from_logits(torch.nan_to_num(logits), yb)
+                total += torch.where(bad, torch.nan, phi_b)
             out[start : start + xb.shape[0]] = (total / len(queries)).cpu().numpy()
     return out
 

@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.auth:
         print(f"  tokens: `ftps-stack token --role builder --subject NAME` (key {stack.key_file})")
     else:
-        print("  auth is OFF (--no-auth): every caller is admin")
+        print("  AUTH IS OFF (--no-auth): tokens are not checked, every caller is admin 'auth-disabled'")
     for name in ("gateway", "registry", "scorer", "worker", "s3"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
     if args.processes:

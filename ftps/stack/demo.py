@@ -93,7 +93,8 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
             settings = common_pb2.TaskSettings(
                 n_models=models, batch_threshold=records, method=serde.method_enum(method),
                 shadow_models=shadow_models, record_shape=list(cx.shape[1:]), num_classes=10,
-                seed=seed, models_per_job=max(1, min(8, models // 4)))
+                seed=seed, models_per_job=max(1, min(8, models // 4)),
+                value_range=common_pb2.ValueRange(min=0.0, max=1.0))  # images scaled to [0, 1]
             task = builder.create_task(f"{dataset} demo", settings)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy_source.encode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,9 @@ class EmbeddedStack:
     worker_settings: dict = field(default_factory=dict)
     data_dir: Path = field(default_factory=default_data_dir)
     auth: bool = True
+    database_url: str = ""  # the services' metadata database; empty: a temporary SQLite file
     addresses: dict[str, str] = field(default_factory=dict)
+    _tmp: tempfile.TemporaryDirectory | None = None
     _servers: list[grpcutil.Server] = field(default_factory=list)
     _s3: EmbeddedS3 | None = None
 
@@ -53,14 +56,20 @@ class EmbeddedStack:
         try:
             self._s3 = EmbeddedS3(self.host, self.ports["s3"])
             self.addresses["s3"] = self._s3.start()
+            if not self.database_url:  # as ephemeral as the in-memory object store beside it
+                self._tmp = tempfile.TemporaryDirectory(prefix="ftps-meta-")
+                self.database_url = f"sqlite:///{self._tmp.name}/metadata.db"
             common = dict(s3_endpoint=self.addresses["s3"], s3_bucket=self.bucket,
-                          s3_access_key="ftps", s3_secret_key="ftps-secret-key")
+                          s3_access_key="ftps", s3_secret_key="ftps-secret-key",
+                          database_url=self.database_url)
             if self.auth:
                 # Generated on first start, kept in the data dir: tokens outlive a restart.
                 from ftps.common.auth import load_or_create_key_file
 
                 load_or_create_key_file(self.key_file)
                 common["auth_key_file"] = str(self.key_file)
+            else:
+                common["auth_disabled"] = True  # the services refuse to start with neither
             # Concurrent jobs of one thread each beat one job on every thread on small models
             # (README, Results: 2 processes 1.74x, 2 threads 1.35x); capped for memory.
             worker = {"max_concurrent_jobs": max(1, min(4, usable_cpus()))} | self.worker_settings
@@ -105,6 +114,10 @@ class EmbeddedStack:
         if self._s3 is not None:
             self._s3.stop()
             self._s3 = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self.database_url = ""
 
     def __enter__(self) -> "EmbeddedStack":
         self.start()

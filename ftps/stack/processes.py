@@ -116,12 +116,16 @@ class ProcessStack:
 
         common = {"FTPS_S3_ENDPOINT": addr["s3"], "FTPS_S3_BUCKET": self.bucket,
                   "FTPS_S3_ACCESS_KEY": S3_ACCESS_KEY, "FTPS_S3_SECRET_KEY": S3_SECRET_KEY,
-                  "FTPS_LOG_LEVEL": self.log_level}
+                  "FTPS_LOG_LEVEL": self.log_level,
+                  # One SQLite file shared by the services, each with tables of its own.
+                  "FTPS_DATABASE_URL": f"sqlite:///{self.data_dir}/metadata-{self.bucket}.db"}
         if self.auth:
             from ftps.common.auth import load_or_create_key_file
 
             load_or_create_key_file(self.key_file)  # generated once, kept: tokens outlive a restart
             common["FTPS_AUTH_KEY_FILE"] = str(self.key_file)
+        else:
+            common["FTPS_AUTH_DISABLED"] = "true"  # the services refuse to start with neither
         common |= self.env
         listen = {name: f"{self.host}:{port}" for name, port in ports.items()}
         worker_env = dict(self.worker_env)

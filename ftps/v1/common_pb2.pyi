@@ -96,7 +96,7 @@ class BlobRef(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TaskSettings(_message.Message):
-    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job")
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range")
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class TaskSettings(_message.Message):
     BUILDER_MIX_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MODELS_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     n_models: int
     batch_threshold: int
     method: Method
@@ -119,7 +120,26 @@ class TaskSettings(_message.Message):
     builder_mix: int
     seed: int
     models_per_job: int
-    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ...) -> None: ...
+    value_range: ValueRange
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ...) -> None: ...
+
+class ValueRange(_message.Message):
+    __slots__ = ("min", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class ExcludedRecord(_message.Message):
+    __slots__ = ("record_id", "contributor", "reason")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    contributor: str
+    reason: str
+    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("task_id", "round_id", "state", "models_done", "models_total", "message", "n_records")
@@ -229,7 +249,7 @@ class OfflineGaussian(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline")
+    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,13 +263,15 @@ class RoundResult(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     METHOD_METRICS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
     batch: BatchMetrics
     timings: _containers.ScalarMap[str, float]
     method_metrics: _containers.RepeatedCompositeFieldContainer[BatchMetrics]
     offline: OfflineGaussian
-    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ...) -> None: ...
+    excluded: _containers.RepeatedCompositeFieldContainer[ExcludedRecord]
+    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ...) -> None: ...
 
 class ModelCheck(_message.Message):
     __slots__ = ("base_model_sha256", "strategy_sha256", "num_classes", "parameters", "device", "seconds", "checked_at")

@@ -34,7 +34,7 @@ class SubmitRecordsRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., records: _Optional[_Union[_common_pb2.Records, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Submission(_message.Message):
-    __slots__ = ("submission_id", "task_id", "contributor", "record_ids", "state", "round_id", "pending_in_task", "created_at")
+    __slots__ = ("submission_id", "task_id", "contributor", "record_ids", "state", "round_id", "pending_in_task", "created_at", "failure_reason", "failed_rounds")
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class Submission(_message.Message):
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PENDING_IN_TASK_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     submission_id: str
     task_id: str
     contributor: str
@@ -51,7 +53,9 @@ class Submission(_message.Message):
     round_id: str
     pending_in_task: int
     created_at: str
-    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., record_ids: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., round_id: _Optional[str] = ..., pending_in_task: _Optional[int] = ..., created_at: _Optional[str] = ...) -> None: ...
+    failure_reason: str
+    failed_rounds: int
+    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., record_ids: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., round_id: _Optional[str] = ..., pending_in_task: _Optional[int] = ..., created_at: _Optional[str] = ..., failure_reason: _Optional[str] = ..., failed_rounds: _Optional[int] = ...) -> None: ...
 
 class GetSubmissionRequest(_message.Message):
     __slots__ = ("submission_id",)

@@ -96,7 +96,11 @@ class ContributorGatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchScores(self, request, context):
-        """Server stream: scores as rounds finish (existing scores first), until the deadline or cancel.
+        """Server stream: scores as rounds finish (existing scores first), until the deadline or cancel,
+        or until the server ends it: after stream_idle_s with nothing sent, or stream_max_s in all, it
+        ends with status OK and trailing metadata "ftps-stream-end: idle|max-lifetime"; watch again
+        (existing scores come first again). A caller's open streams are capped
+        (max_streams_per_principal): one more is RESOURCE_EXHAUSTED with google.rpc.RetryInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,7 +120,9 @@ class ContributorGatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchRound(self, request, context):
-        """Server stream of a round's progress until it is DONE or FAILED.
+        """Server stream of a round's progress until it is DONE or FAILED. The server may end it before
+        (idle or maximum stream lifetime: status OK, trailer "ftps-stream-end"); watch again, the
+        current status comes first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,7 +87,9 @@ class LiraScorerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchRound(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The round's progress until DONE or FAILED, or until the server ends the stream early (idle or
+        maximum stream lifetime: status OK, trailer "ftps-stream-end"): watch again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

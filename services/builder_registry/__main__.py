@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def create_server(settings: RegistrySettings) -> grpcutil.Server:
+    # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
+    security = grpcutil.Security.from_settings(settings, "builder-registry")
     store = ObjectStore(settings)
     store.ensure_bucket()
-    security = grpcutil.Security.from_settings(settings, "builder-registry")
     targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
     checker = None
     if targets:
@@ -33,8 +34,8 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
         common_pb2.BLOB_KIND_BASE_MODEL: settings.max_base_model_mb * MiB,
         common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
         common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
-    }, checker=checker)
-    server = security.server(max_message_mb=settings.max_message_mb)
+    }, max_expanded_bytes=settings.max_expanded_mb * MiB, checker=checker)
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
     server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
                BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
     return server

@@ -17,20 +17,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import threading
 import uuid
 from typing import Iterable, Iterator
 
 import numpy as np
 from google.protobuf import json_format
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_safetensors
 
-from ftps.common import serde
-from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
+from ftps.common import archives, serde
+from ftps.common.auth import Principal, authorized_task
 from ftps.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
+from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
 
@@ -55,6 +55,7 @@ DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLIN
                 alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4)
 MAX_MODELS = 4096
 MAX_RECORDS = 100_000
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def now() -> str:
@@ -87,14 +88,29 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
         raise InvalidArgument(f"settings.builder_mix must be >= 0, got {s.builder_mix}")
     if not 1 <= s.models_per_job <= s.n_models:
         raise InvalidArgument(f"settings.models_per_job must be in [1, n_models], got {s.models_per_job}")
+    if s.HasField("value_range"):
+        lo, hi = s.value_range.min, s.value_range.max
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi) or max(abs(lo), abs(hi)) > FLOAT32_MAX:
+            raise InvalidArgument(f"settings.value_range must be finite float32 bounds with min < max, "
+                                  f"got [{lo:g}, {hi:g}]")
+    # A task whose rounds are bound to fail is refused now, with the smallest values that work.
+    need = min_records(s.n_models)
+    if s.batch_threshold < need:
+        fewer = [n for n in range(4, s.n_models, 2) if min_records(n) <= s.batch_threshold]
+        raise InvalidArgument(
+            f"settings: {s.n_models} models need batch_threshold >= {need} (each pair of models must "
+            f"train on its own half of the batch); raise batch_threshold to {need}"
+            + (f" or lower n_models to {fewer[-1]}" if fewer else ""))
     return s
 
 
 class Registry:
     def __init__(self, store: ObjectStore, *, max_bytes: dict[int, int],
+                 max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES,
                  checker: ModelChecker | None = None) -> None:
         self._store = store
         self._max_bytes = max_bytes
+        self._max_expanded_bytes = max_expanded_bytes
         self._checker = checker
         self._lock = threading.Lock()
         self._tasks: dict[str, registry_pb2.Task] = {}
@@ -111,8 +127,8 @@ class Registry:
                               json_format.MessageToJson(task).encode(), content_type="application/json")
         self._tasks[task.task_id] = task
 
-    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str = "",
-                    who: Principal = ANONYMOUS_ADMIN) -> registry_pb2.Task:
+    def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str,
+                    who: Principal) -> registry_pb2.Task:
         who.require_role("builder", "admin", what="create tasks")
         if who.role == "builder":
             if owner and owner != who.subject:
@@ -129,20 +145,18 @@ class Registry:
         log.info("task %s created (%s)", task.task_id, name)
         return task
 
-    def get_task(self, task_id: str, who: Principal = ANONYMOUS_ADMIN, *, action: str = "read",
+    def get_task(self, task_id: str, who: Principal, *, action: str = "read",
                  contributors_may: bool = True) -> registry_pb2.Task:
         check_id(task_id, "task_id")
-        if not who.may_see_task(task_id):
-            raise PermissionDenied(f"{who.role} {who.subject!r} may not {action} task {task_id}")
+        return authorized_task(who, task_id, self._task, action=action, contributors_may=contributors_may)
+
+    def _task(self, task_id: str) -> registry_pb2.Task:
         task = self._tasks.get(task_id)
         if task is None:
-            if who.role == "builder":  # not NOT_FOUND: no answer tells a builder what others have
-                raise PermissionDenied(f"builder {who.subject!r} may not {action} task {task_id}")
             raise NotFound(f"task {task_id} not found")
-        authorize_task(who, task_id, task.owner, action=action, contributors_may=contributors_may)
         return task
 
-    def list_tasks(self, who: Principal = ANONYMOUS_ADMIN) -> list[registry_pb2.Task]:
+    def list_tasks(self, who: Principal) -> list[registry_pb2.Task]:
         def visible(t: registry_pb2.Task) -> bool:
             if who.is_privileged:
                 return True
@@ -152,7 +166,7 @@ class Registry:
         return sorted((t for t in self._tasks.values() if visible(t)), key=lambda t: t.created_at)
 
     def upload(self, header: registry_pb2.UploadHeader, chunks: Iterable[bytes],
-               who: Principal = ANONYMOUS_ADMIN) -> common_pb2.BlobRef:
+               who: Principal) -> common_pb2.BlobRef:
         """Receive a blob, verify declared size and sha256, validate its content, then store it."""
         task = self.get_task(header.task_id, who, action="upload to", contributors_may=False)
         if header.kind not in _FILES:
@@ -179,7 +193,7 @@ class Registry:
         if digest.hexdigest() != header.sha256:
             raise InvalidArgument(f"upload sha256 {digest.hexdigest()} does not match the declared {header.sha256}")
         data = b"".join(parts)
-        _validate_blob(header.kind, data, task.settings)
+        _validate_blob(header.kind, data, task.settings, max_expanded_bytes=self._max_expanded_bytes)
         check = None
         if not header.defer_check:
             check = self._check_pair(task, header.kind, data, header.sha256)
@@ -226,18 +240,23 @@ class Registry:
 _COMPILE_LOCK = threading.Lock()
 
 
-def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings) -> None:
+def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
+                   max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES) -> None:
+    # Archives are bounded before they are read: what they declare (member count and sizes, each
+    # array's dtype and shape, the safetensors header and offsets) is checked against the task and
+    # max_expanded_bytes before anything of that size is inflated or allocated.
+    limits = archives.ArchiveLimits(max_bytes=max_expanded_bytes)
     if kind == common_pb2.BLOB_KIND_BASE_MODEL:
         # safetensors only: a header plus raw tensors, never a pickle.
         try:
-            tensors = load_safetensors(data)
-        except (SafetensorError, ValueError, Exception) as exc:  # noqa: BLE001
-            raise InvalidArgument(f"base model is not a valid safetensors file: {exc}") from exc
+            tensors = archives.load_safetensors(data, what="base_model", limits=limits)
+        except archives.ArchiveError as exc:
+            raise InvalidArgument(str(exc)) from exc
         if not tensors:
             raise InvalidArgument("base model holds no tensors")
         for name, t in tensors.items():
             if t.dtype.kind == "f" and not np.isfinite(t).all():
-                raise InvalidArgument(f"base model tensor {name} holds NaN or infinite values")
+                raise InvalidArgument(f"base model tensor {name[:200]!r} holds NaN or infinite values")
     elif kind == common_pb2.BLOB_KIND_STRATEGY:
         try:
             source = data.decode("utf-8")
@@ -249,9 +268,9 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings) ->
         except SyntaxError as exc:
             raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}") from exc
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
-        arrays = serde.npz_arrays(data)
-        if "x" not in arrays or "y" not in arrays:
-            raise InvalidArgument("builder data must be an npz with arrays x and y")
+        # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
+        arrays = serde.npz_arrays(data, what="builder_data", limits=limits,
+                                  expect=archives.records_spec(settings.record_shape))
         x, y = validate_records(arrays["x"], arrays["y"], settings, field="builder_data")
         if len(x) < 8:
             raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed")

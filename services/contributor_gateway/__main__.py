@@ -47,15 +47,16 @@ class ScorerClient:
 
 
 def create_server(settings: GatewaySettings) -> grpcutil.Server:
+    # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
+    security = grpcutil.Security.from_settings(settings, "contributor-gateway")
     store = ObjectStore(settings)
     store.ensure_bucket()
-    security = grpcutil.Security.from_settings(settings, "contributor-gateway")
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = security.channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
     gateway = Gateway(store, registry_getter(registry, cache_s=settings.task_cache_s), ScorerClient(scorer),
                       max_records_per_request=settings.max_records_per_request,
                       max_pending_per_contributor=settings.max_pending_per_contributor)
-    server = security.server(max_message_mb=settings.max_message_mb)
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
     server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
                ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
     server.on_stop(gateway.close)

@@ -17,22 +17,25 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from google.protobuf import json_format
 
 from ftps.common import serde
-from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
+from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
                                 PermissionDenied, ResourceExhausted)
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
+from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
 TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+# The gateway acting on its own: the round it starts when a task's batch threshold is reached.
+SELF = Principal("contributor-gateway", "service")
 
 
 class ScorerPort(Protocol):
@@ -123,16 +126,14 @@ class Gateway:
 
     # -- submissions ---------------------------------------------------------------------------
     def submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
-               idempotency_key: str = "", who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.Submission:
+               idempotency_key: str, who: Principal) -> gateway_pb2.Submission:
         check_id(task_id, "task_id")
         who.require_role("contributor", "admin", what="submit records")
         contributor = self._own_contributor(who, contributor, action="submit as")
         check_id(contributor, "contributor")
-        if not who.may_see_task(task_id):
-            raise PermissionDenied(f"contributor {who.subject!r} may not submit to task {task_id}")
         if len(idempotency_key) > 200:
             raise InvalidArgument("idempotency_key is longer than 200 characters")
-        task = self._get_task(task_id)
+        task = authorized_task(who, task_id, self._get_task, action="submit to", contributors_may=True)
         if len(x) > self._max_request:
             raise ResourceExhausted(f"records: {len(x)} records in one request; at most {self._max_request}")
         x, y = validate_records(x, y, task.settings)
@@ -193,13 +194,14 @@ class Gateway:
             return sum(len(s.record_ids) for s in self._subs.values()
                        if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
 
-    def get_submission(self, submission_id: str, who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.Submission:
+    def get_submission(self, submission_id: str, who: Principal) -> gateway_pb2.Submission:
         check_id(submission_id, "submission_id")
         with self._lock:
             sub = self._subs.get(submission_id)
-        if not who.is_privileged and (sub is None or who.role != "contributor" or sub.contributor != who.subject):
+        if not who.is_privileged and (sub is None or who.role != "contributor" or sub.contributor != who.subject
+                                      or not who.may_see_task(sub.task_id)):
             # The same answer whether it exists or not: nothing leaks about others' submissions.
-            raise PermissionDenied(f"{who.role} {who.subject!r} may not read submission {submission_id}")
+            raise denied(who, "read", f"submission {submission_id}")
         if sub is None:
             raise NotFound(f"submission {submission_id} not found")
         return self._with_pending(sub)
@@ -207,25 +209,26 @@ class Gateway:
     # -- rounds --------------------------------------------------------------------------------
     def _auto_start(self, task_id: str) -> None:
         try:
-            self.start_round(task_id, force=False)
+            self.start_round(task_id, force=False, who=SELF)
         except FailedPrecondition:
             pass  # another submit started it first
         except FtpsError as exc:
             log.warning("task %s: automatic round did not start: %s", task_id, exc)
 
-    def start_round(self, task_id: str, *, force: bool, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundStatus:
+    def start_round(self, task_id: str, *, force: bool, who: Principal) -> common_pb2.RoundStatus:
         check_id(task_id, "task_id")
         who.require_role("builder", "admin", "service", what="start rounds")
-        task = self._get_task(task_id)
-        authorize_task(who, task_id, task.owner, action="start rounds of")
+        task = authorized_task(who, task_id, self._get_task, action="start rounds of")
         with self._lock:
             subs = sorted((s for s in self._subs.values()
                            if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING),
                           key=lambda s: (s.created_at, s.submission_id))
             total = sum(len(s.record_ids) for s in subs)
             m = task.settings.batch_threshold
-            if total < 2:
-                raise FailedPrecondition(f"task {task_id} has {total} record(s) pending; a round needs at least 2")
+            least = max(2, min_records(task.settings.n_models))
+            if total < least:
+                raise FailedPrecondition(f"task {task_id} has {total} record(s) pending; a round of "
+                                         f"{task.settings.n_models} models needs at least {least}")
             if total < m and not force:
                 raise FailedPrecondition(f"task {task_id} has {total} of {m} records pending; "
                                          "start with force to score them now")
@@ -262,13 +265,17 @@ class Gateway:
         self._follow(entry)
         return status
 
-    def _set_subs(self, entry: RoundEntry, state: int, round_id: str) -> None:
+    def _set_subs(self, entry: RoundEntry, state: int, round_id: str,
+                  change: Callable[[gateway_pb2.Submission], None] | None = None) -> None:
+        """Every submission of the round to ``state`` (then ``change`` may adjust each one)."""
         with self._lock:
             for sid in entry.submission_ids:
                 sub = gateway_pb2.Submission()
                 sub.CopyFrom(self._subs[sid])
                 sub.state = state
                 sub.round_id = round_id
+                if change is not None:
+                    change(sub)
                 self._save_sub(sub)
                 self._subs[sid] = sub
 
@@ -288,10 +295,11 @@ class Gateway:
                                       json_format.MessageToJson(result).encode(),
                                       content_type="application/json")
                 entry.result = result
-                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_SCORED, entry.round_id)
+                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_SCORED, entry.round_id,
+                               _fail_excluded(result.excluded))
             else:
-                # A failed round loses no record: its submissions wait for the next round.
-                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_PENDING, "")
+                # A failed round loses no record: its submissions wait for the next round, once.
+                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_PENDING, "", _count_failure(status.message))
             self._set_status(entry, status)
 
     def _follow(self, entry: RoundEntry) -> None:
@@ -301,8 +309,10 @@ class Gateway:
     def _watch_scorer(self, entry: RoundEntry) -> None:
         delay = 0.5
         while not self._closed.is_set():
+            got = False
             try:
                 for status in self._scorer.watch_round(entry.round_id):
+                    got = True
                     if self._closed.is_set():
                         return
                     if status.state == common_pb2.ROUND_STATE_DONE:
@@ -320,11 +330,20 @@ class Gateway:
                 return
             except FtpsError as exc:
                 log.warning("round %s: lost the scorer (%s); reconnecting in %.1fs", entry.round_id, exc, delay)
+            else:
+                if got:
+                    # The scorer ended the stream before a terminal state (its idle or maximum stream
+                    # lifetime): follow again right away (it answers with the current status first),
+                    # and from the shortest backoff, as the scorer is there.
+                    delay = 0.5
+                    if self._closed.wait(0.1):
+                        return
+                    continue
             if self._closed.wait(delay):
                 return
             delay = min(delay * 2, 10.0)
 
-    def get_round(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundResult:
+    def get_round(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
         entry = self._round(round_id, who, contributors_may=False)
         if entry.result is not None:
             return entry.result
@@ -339,15 +358,16 @@ class Gateway:
             entry = self._rounds.get(round_id)
         if entry is not None and (
                 who.is_privileged
-                or (who.role == "builder" and self._get_task(entry.task_id).owner == who.subject)
-                or (contributors_may and who.role == "contributor" and who.subject in entry.contributors)):
+                or (who.may_see_task(entry.task_id) and (
+                    (who.role == "builder" and self._get_task(entry.task_id).owner == who.subject)
+                    or (contributors_may and who.role == "contributor" and who.subject in entry.contributors)))):
             return entry
         if entry is None and who.is_privileged:
             raise NotFound(f"round {round_id} not found")
-        raise PermissionDenied(f"{who.role} {who.subject!r} may not read round {round_id}")
+        raise denied(who, "read", f"round {round_id}")
 
     def watch_round(self, round_id: str, *, is_active: Callable[[], bool],
-                    who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RoundStatus]:
+                    who: Principal) -> Iterator[common_pb2.RoundStatus]:
         entry = self._round(round_id, who, contributors_may=True)
         last = None
         while is_active():
@@ -362,16 +382,15 @@ class Gateway:
                     return
 
     # -- results -------------------------------------------------------------------------------
-    def get_scores(self, task_id: str, contributor: str = "", round_id: str = "",
-                   who: Principal = ANONYMOUS_ADMIN) -> gateway_pb2.GetScoresResponse:
+    def get_scores(self, task_id: str, contributor: str, round_id: str,
+                   who: Principal) -> gateway_pb2.GetScoresResponse:
         """A contributor gets its own records' scores; the task's builder and admins get every
         record's, and the batch metrics."""
         check_id(task_id, "task_id")
         contributor = self._own_contributor(who, contributor, action="read the scores of")
         if contributor:
             check_id(contributor, "contributor")
-        task = self._get_task(task_id)
-        authorize_task(who, task_id, task.owner, action="read scores of", contributors_may=True)
+        authorized_task(who, task_id, self._get_task, action="read scores of", contributors_may=True)
         resp = gateway_pb2.GetScoresResponse()
         with self._lock:
             rounds = [e for e in self._rounds.values()
@@ -384,12 +403,11 @@ class Gateway:
         return resp
 
     def watch_scores(self, task_id: str, contributor: str, *, is_active: Callable[[], bool],
-                     who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RecordScore]:
+                     who: Principal) -> Iterator[common_pb2.RecordScore]:
         check_id(task_id, "task_id")
         contributor = self._own_contributor(who, contributor, action="watch the scores of")
         check_id(contributor, "contributor")
-        task = self._get_task(task_id)
-        authorize_task(who, task_id, task.owner, action="watch scores of", contributors_may=True)
+        authorized_task(who, task_id, self._get_task, action="watch scores of", contributors_may=True)
         sent: set[str] = set()
         while is_active():
             with self._changed:
@@ -403,3 +421,33 @@ class Gateway:
                 for s in entry.result.scores:
                     if s.contributor == contributor:
                         yield s
+
+
+# A submission in this many failed rounds is not retried automatically: no batch is re-queued forever.
+MAX_FAILED_ROUNDS = 2
+
+
+def _count_failure(message: str) -> Callable[[gateway_pb2.Submission], None]:
+    def change(sub: gateway_pb2.Submission) -> None:
+        sub.failed_rounds += 1
+        if sub.failed_rounds >= MAX_FAILED_ROUNDS:
+            sub.state = gateway_pb2.SUBMISSION_STATE_FAILED
+            sub.failure_reason = (f"{sub.failed_rounds} rounds holding these records failed; not retried "
+                                  f"automatically (submit again to retry). Last: {message}")
+    return change
+
+
+def _fail_excluded(excluded: Iterable[common_pb2.ExcludedRecord]) -> Callable[[gateway_pb2.Submission], None]:
+    """Submissions holding records the scorer left out end FAILED, naming those records."""
+    by_sub: dict[str, list[common_pb2.ExcludedRecord]] = {}
+    for e in excluded:
+        by_sub.setdefault(e.record_id.rsplit("-", 1)[0], []).append(e)
+
+    def change(sub: gateway_pb2.Submission) -> None:
+        mine = by_sub.get(sub.submission_id)
+        if mine:
+            sub.state = gateway_pb2.SUBMISSION_STATE_FAILED
+            sub.failure_reason = "; ".join(f"record {e.record_id} (#{e.record_id.rsplit('-', 1)[1]} of the "
+                                           f"submission) left out of round {sub.round_id}: {e.reason}"
+                                           for e in mine[:5]) + (f"; and {len(mine) - 5} more" if len(mine) > 5 else "")
+    return change

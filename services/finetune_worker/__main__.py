@@ -28,6 +28,9 @@ def threads_per_job(settings: WorkerSettings) -> int | None:
 
 
 def create_server(settings: WorkerSettings) -> grpcutil.Server:
+    # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
+    security = grpcutil.Security.from_settings(settings, "finetune-worker")
+
     import torch
 
     from ftps.ml.engine import configure_threads
@@ -47,8 +50,9 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
                                  threads=threads or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
                                  engine=settings.engine)
-    server = grpcutil.Security.from_settings(settings, "finetune-worker").server(
-        max_message_mb=settings.max_message_mb, max_connection_age_s=settings.max_connection_age_s)
+    server = security.server(
+        max_message_mb=settings.max_message_mb, max_connection_age_s=settings.max_connection_age_s,
+        limits=grpcutil.Limits.from_settings(settings))
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
     # The warm sandbox children go with the server (they would otherwise wait for this process to

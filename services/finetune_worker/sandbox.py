@@ -73,6 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftps.common import archives
 from ftps.common.cpus import usable_cpus
 from ftps.ml.datasets import save_records
 from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
@@ -627,8 +628,12 @@ def _read_phi(path: Path, n_models: int, n_records: int) -> np.ndarray:
             raise SandboxError("sandbox returned a phi.npy that is not a plain file of the "
                                "expected size")
         try:
-            phi = np.load(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+            # The strategy could have written any header: checked against the expected shape
+            # before anything is allocated (np.load would allocate what the header declares).
+            phi = archives.read_npy(f.read(expected + 4097), what="phi.npy",
+                                    limits=archives.ArchiveLimits(max_bytes=expected + 4096),
+                                    spec=archives.ArraySpec((n_models, n_records), "f"))
+        except (ValueError, OSError) as e:  # archives.ArchiveError is a ValueError
             raise SandboxError(f"sandbox returned an unreadable phi.npy: {e}") from e
     if not isinstance(phi, np.ndarray) or phi.dtype != np.float64 or \
             phi.shape != (n_models, n_records):
@@ -636,8 +641,9 @@ def _read_phi(path: Path, n_models: int, n_records: int) -> np.ndarray:
             f"sandbox returned phi {getattr(phi, 'dtype', None)} {getattr(phi, 'shape', None)}, "
             f"expected float64 {(n_models, n_records)}"
         )
-    if not np.isfinite(phi).all():
-        raise SandboxError("sandbox returned NaN or infinite phi")
+    # NaN marks records with non-finite logits (engine.compute_phi); the scorer isolates them.
+    if np.isinf(phi).any():
+        raise SandboxError("sandbox returned infinite phi (NaN marks a non-finite statistic)")
     return phi
 
 

@@ -439,9 +439,13 @@ def _error(kind: str, message: str, phase: str) -> dict:
 class _Job:
     """One job's inputs, read from its directory (written by the parent, read-only to us)."""
 
-    def __init__(self, directory: Path, np, load_records) -> None:
+    def __init__(self, directory: Path, archives, load_records) -> None:
+        # Every file is bounded before it is read (archives.INTERNAL_LIMITS: the parent wrote
+        # them from blobs validated at the edge); load_records reads the npz files that way too.
         self.source = (directory / "strategy.txt").read_text(encoding="utf-8")
         self.base_weights = (directory / "base.safetensors").read_bytes()
+        # Its header and offsets only: the engine loads the tensors (safetensors, never a pickle).
+        archives.safetensors_index(self.base_weights, what="base.safetensors")
         spec = json.loads((directory / "job.json").read_text(encoding="utf-8"))
         self.train_x, self.train_y = load_records((directory / "train.npz").read_bytes())
         if spec.get("eval_is_train"):
@@ -452,7 +456,8 @@ class _Job:
         if spec["has_builder"]:
             self.builder_x, self.builder_y = load_records(
                 (directory / "builder.npz").read_bytes())
-        masks = np.load(directory / "masks.npy", allow_pickle=False)
+        masks = archives.read_npy((directory / "masks.npy").read_bytes(), what="masks.npy",
+                                  spec=archives.ArraySpec((len(spec["models"]), None), "b"))
         self.models = [(m["index"], m["seed"], masks[row])
                        for row, m in enumerate(spec["models"])]
         self.builder_mix = spec["builder_mix"]
@@ -482,6 +487,7 @@ def serve(root_dir: str) -> int:
         import numpy as np
         import torch
 
+        from ftps.common import archives
         from ftps.ml import engine
         from ftps.ml.datasets import load_records
         from ftps.ml.strategy import EngineError, describe_exception
@@ -501,7 +507,7 @@ def serve(root_dir: str) -> int:
         k = job["job"]
         _reap_children()
         try:
-            inputs = _Job(Path(job["in"]), np, load_records)
+            inputs = _Job(Path(job["in"]), archives, load_records)
             if not dropped:
                 _preload_for(inputs.source)
                 status["privileges"] = _drop_privileges(limits.get("uid"))

@@ -11,7 +11,7 @@ import numpy as np
 
 from ftps.common.errors import FailedPrecondition, InvalidArgument
 from ftps.common.serde import tensor_from_array
-from ftps.common.storage import ObjectStore
+from ftps.common.storage import ObjectStore, check_id
 from ftps.ml.datasets import load_records
 from ftps.ml.strategy import EngineError
 from ftps.v1 import common_pb2, worker_pb2
@@ -79,6 +79,9 @@ class Worker:
             self._pool.close()
 
     def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        # Ids name sandbox folders and log lines: whole-match them like every other service.
+        check_id(job.task_id, "job.task_id")
+        check_id(job.job_id, "job.job_id")
         if not job.models:
             raise InvalidArgument("job.models is empty")
         if len(job.models) > MAX_MODELS_PER_JOB:
@@ -119,6 +122,7 @@ class Worker:
         records of the task's shape through it; FailedPrecondition says why they do not fit."""
         from ftps.ml.engine import CHECK_ONLY
 
+        check_id(req.task_id, "task_id")
         shape = tuple(int(d) for d in req.record_shape)
         if not shape or len(shape) > 4 or any(d <= 0 or d > 4096 for d in shape):
             raise InvalidArgument(f"record_shape must be 1-4 positive dims, got {list(shape)}")

@@ -15,9 +15,10 @@ from services.lira_scorer.workers import WorkerPool
 
 
 def create_server(settings: ScorerSettings) -> grpcutil.Server:
+    # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
+    security = grpcutil.Security.from_settings(settings, "lira-scorer")
     store = ObjectStore(settings)
     store.ensure_bucket()
-    security = grpcutil.Security.from_settings(settings, "lira-scorer")
     targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
     pool = WorkerPool(targets, jobs_per_worker=settings.jobs_per_worker, timeout_s=settings.job_timeout_s,
                       attempts=settings.job_attempts, max_message_mb=settings.max_message_mb,
@@ -25,7 +26,7 @@ def create_server(settings: ScorerSettings) -> grpcutil.Server:
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = Scorer(store, registry_getter(registry), pool, heldout_max=settings.heldout_max)
     scorer.resume()
-    server = security.server(max_message_mb=settings.max_message_mb)
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
     server.add(scorer_pb2_grpc.add_LiraScorerServicer_to_server, LiraScorerServicer(scorer),
                grpcutil.full_name(scorer_pb2, "LiraScorer"))
     return server

@@ -26,10 +26,11 @@ import numpy as np
 from google.protobuf import json_format
 
 from ftps.common import serde
-from ftps.common.auth import ANONYMOUS_ADMIN, Principal, authorize_task
+from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
+from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, registry_pb2, worker_pb2
 from services.lira_scorer import scoring
 from services.lira_scorer.workers import WorkerPool
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
 GetTask = Callable[[str], registry_pb2.Task]
+# The scorer acting on its own: rounds it resumes, the preparation stage an offline-global round needs.
+SELF = Principal("lira-scorer", "service")
 
 
 def now() -> str:
@@ -102,7 +105,7 @@ class Scorer:
     def _offline_prefix(self, task: registry_pb2.Task) -> str:
         return f"scorer/tasks/{task.task_id}/offline/{task.base_model.sha256[:16]}"
 
-    def get_offline(self, task_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.OfflineGaussian:
+    def get_offline(self, task_id: str, who: Principal) -> common_pb2.OfflineGaussian:
         task = self._ready_task(task_id, who, action="read the offline Gaussian of")
         key = f"{self._offline_prefix(task)}/gaussian.json"
         if not self._store.exists(key):
@@ -110,7 +113,7 @@ class Scorer:
                            f"v{task.base_model.version}; run the preparation stage")
         return json_format.Parse(self._store.get_bytes(key), common_pb2.OfflineGaussian())
 
-    def prepare_offline(self, task_id: str, *, refit: bool = False, who: Principal = ANONYMOUS_ADMIN,
+    def prepare_offline(self, task_id: str, *, refit: bool = False, who: Principal,
                         progress: Callable[[int, int], None] | None = None) -> common_pb2.OfflineGaussian:
         """k shadow fine-tunes of M0 on random halves of a pool of the builder's records; phi on
         held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it."""
@@ -120,7 +123,7 @@ class Scorer:
         with lock:
             prefix = self._offline_prefix(task)
             if not refit and self._store.exists(f"{prefix}/gaussian.json"):
-                return self.get_offline(task_id)
+                return self.get_offline(task_id, who)
             t0 = time.perf_counter()
             arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
             x, y = arrays["x"], arrays["y"]
@@ -160,26 +163,24 @@ class Scorer:
                      task_id, mu, sigma, k, time.perf_counter() - t0)
             return gaussian
 
-    def _ready_task(self, task_id: str, who: Principal = ANONYMOUS_ADMIN, *,
-                    action: str = "use") -> registry_pb2.Task:
+    def _ready_task(self, task_id: str, who: Principal, *, action: str = "use") -> registry_pb2.Task:
         """The task, once ``who`` may ``action`` it and all its uploads are in."""
         check_id(task_id, "task_id")
-        task = self._get_task(task_id)
-        authorize_task(who, task_id, task.owner, action=action)
+        task = authorized_task(who, task_id, self._get_task, action=action)
         require_ready(task)
         return task
 
     # -- rounds --------------------------------------------------------------------------------
     def start_round(self, task_id: str, round_id: str, batch: common_pb2.BlobRef,
                     record_ids: list[str], contributors: list[str],
-                    who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundStatus:
+                    who: Principal) -> common_pb2.RoundStatus:
         who.require_role("service", "admin", what="start scoring rounds (the gateway does)")
         check_id(round_id, "round_id")
         with self._lock:
             existing = self._rounds.get(round_id)
         if existing is not None:
             return existing.status
-        task = self._ready_task(task_id)
+        task = self._ready_task(task_id, who, action="score rounds of")
         if not batch.key or not batch.sha256:
             raise InvalidArgument("batch is required (key and sha256)")
         if len(record_ids) != len(contributors):
@@ -256,48 +257,74 @@ class Scorer:
             self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FAILED, message=reason)
 
     def _score_round(self, rnd: Round) -> common_pb2.RoundResult:
-        task = self._ready_task(rnd.task_id)
+        task = self._ready_task(rnd.task_id, SELF)
         s = task.settings
         method = serde.method_name(s.method)
         offline = None
         if s.method == common_pb2.METHOD_OFFLINE_GLOBAL:
             self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_PREPARING,
                          message="fitting the offline Gaussian")
-            offline = self.prepare_offline(rnd.task_id)
+            offline = self.prepare_offline(rnd.task_id, who=SELF)
         else:
             try:
-                offline = self.get_offline(rnd.task_id)
+                offline = self.get_offline(rnd.task_id, SELF)
             except NotFound:
                 offline = None
-        m, n = len(rnd.record_ids), s.n_models
-        # Seeded by the batch's content, not the round id: the same batch of the same task always
-        # gets the same masks and models, on any stack, after any restart.
-        seed = derive_seed(s.seed, rnd.batch.sha256)
-        masks = scoring.make_masks(n, m, seed=seed)
-        jobs = make_jobs(task, rnd.round_id, rnd.batch, masks, model_seeds(seed, n), builder_mix=s.builder_mix)
-        self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
-                     message=f"fine-tuning {n} models on {m} records")
-        phi = np.full((n, m), np.nan)
+        n = s.n_models
+        batch, record_ids, contributors = rnd.batch, list(rnd.record_ids), list(rnd.contributors)
+        excluded: list[common_pb2.ExcludedRecord] = []
         t_ft = time.perf_counter()
         job_seconds: list[float] = []
-
-        def on_done(result: worker_pb2.FinetuneResult) -> None:
-            rows = serde.array_from_tensor(result.phi, field="phi")
-            if rows.shape != (len(result.model_indices), m):
-                raise InvalidArgument(f"worker returned phi of shape {rows.shape}")
-            phi[list(result.model_indices)] = rows
-            job_seconds.append(result.seconds)
-            self._update(rnd, models_done=int(np.isfinite(phi).all(axis=1).sum()))
-
-        self._pool.run_all(jobs, on_done)
+        # At most two passes: the batch, then once more without the records traced as the cause
+        # of failed models. One contributor's records never fail the round for everyone.
+        for attempt in range(2):
+            m = len(record_ids)
+            # Seeded by the batch's content, not the round id: the same batch of the same task always
+            # gets the same masks and models, on any stack, after any restart.
+            seed = derive_seed(s.seed, batch.sha256)
+            masks = scoring.make_masks(n, m, seed=seed)
+            jobs = make_jobs(task, rnd.round_id if attempt == 0 else f"{rnd.round_id}-a{attempt}", batch,
+                             masks, model_seeds(seed, n), builder_mix=s.builder_mix)
+            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
+                         message=f"fine-tuning {n} models on {m} records" + (
+                             f" (again, without {len(excluded)} record(s) that made fine-tuning fail)"
+                             if attempt else ""))
+            phi, failed = self._finetune(rnd, jobs, n, m, job_seconds)
+            causes, broken, unexplained = trace_failures(phi, masks, failed)
+            if unexplained:
+                raise FailedPrecondition(f"fine-tuning failed on {broken} of {n} models, not traced to "
+                                         f"particular records: {unexplained}")
+            if not causes:
+                break
+            if attempt == 1:
+                raise FailedPrecondition("fine-tuning failed again after leaving out the records traced "
+                                         f"as its cause: {next(iter(causes.values()))}")
+            keep = np.setdiff1d(np.arange(m), list(causes))
+            if len(keep) < max(2, min_records(n)):
+                raise FailedPrecondition(f"{len(causes)} of {m} records made fine-tuning fail; too few are "
+                                         f"left to score ({len(keep)})")
+            for j, reason in sorted(causes.items()):
+                excluded.append(common_pb2.ExcludedRecord(record_id=record_ids[j], contributor=contributors[j],
+                                                          reason=reason))
+                log.warning("round %s: record %s of %s excluded: %s", rnd.round_id, record_ids[j],
+                            contributors[j], reason)
+            record_ids = [record_ids[j] for j in keep]
+            contributors = [contributors[j] for j in keep]
+            if not broken:  # only statistics of those records were bad: every model is sound
+                phi, masks = phi[:, keep], masks[:, keep]
+                break
+            arrays = serde.npz_arrays(self._store.get_ref(batch))
+            batch = self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/batch-a{attempt + 1}.npz",
+                                          serde.records_to_npz(arrays["x"][keep], arrays["y"][keep]))
         finetune_s = time.perf_counter() - t_ft
         self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/phi.npz",
                               serde.records_to_npz(phi, masks))  # x=phi, y=member
         self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
         t_sc = time.perf_counter()
         result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
-                           offline=offline, record_ids=rnd.record_ids, contributors=rnd.contributors,
+                           offline=offline, record_ids=record_ids, contributors=contributors,
                            round_id=rnd.round_id)
+        result.excluded.extend(excluded)
         result.status.CopyFrom(rnd.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
         result.timings["finetune_s"] = finetune_s
@@ -306,7 +333,48 @@ class Scorer:
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
-    def get(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> Round:
+    def _finetune(self, rnd: Round, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
+                  job_seconds: list[float]) -> tuple[np.ndarray, dict[int, str]]:
+        """phi ``[n, m]`` of every job (NaN where a record's statistic is not finite), and the models
+        whose job failed with a task error, each with the reason. A failed job of several models is
+        run again one model at a time, so a failure is pinned to the models (and records) behind it."""
+        phi = np.full((n, m), np.nan)
+        fine = np.zeros(n, dtype=bool)
+        failed: dict[int, str] = {}
+        failed_jobs: list[worker_pb2.FinetuneJob] = []
+
+        def on_done(result: worker_pb2.FinetuneResult) -> None:
+            rows = serde.array_from_tensor(result.phi, field="phi")
+            if rows.shape != (len(result.model_indices), m):
+                raise InvalidArgument(f"worker returned phi of shape {rows.shape}")
+            phi[list(result.model_indices)] = rows
+            fine[list(result.model_indices)] = True
+            job_seconds.append(result.seconds)
+            self._update(rnd, models_done=int(fine.sum()))
+
+        def on_task_error(job: worker_pb2.FinetuneJob, exc: FtpsError) -> None:
+            if len(job.models) > 1:
+                failed_jobs.append(job)
+            else:
+                failed[job.models[0].index] = str(exc)
+
+        self._pool.run_all(jobs, on_done, on_task_error=on_task_error)
+        singles = []
+        for job in failed_jobs:
+            for spec in job.models:
+                single = worker_pb2.FinetuneJob()
+                single.CopyFrom(job)
+                single.job_id = f"{job.job_id}-m{spec.index}"
+                del single.models[:]
+                single.models.append(spec)
+                singles.append(single)
+        if singles:
+            log.warning("round %s: %d job(s) failed; running their %d models one by one to trace the failure",
+                        rnd.round_id, len(failed_jobs), len(singles))
+            self._pool.run_all(singles, on_done, on_task_error=on_task_error)
+        return phi, failed
+
+    def get(self, round_id: str, who: Principal) -> Round:
         check_id(round_id, "round_id")
         with self._lock:
             rnd = self._rounds.get(round_id)
@@ -315,18 +383,21 @@ class Scorer:
                 raise NotFound(f"round {round_id} not found")
             return rnd
         if rnd is None:  # not NOT_FOUND: no answer tells a caller which rounds exist
-            raise PermissionDenied(f"{who.role} {who.subject!r} may not read round {round_id}")
-        authorize_task(who, rnd.task_id, self._get_task(rnd.task_id).owner, action="read rounds of")
+            raise denied(who, "read", f"round {round_id}")
+        try:
+            authorize_task(who, rnd.task_id, self._get_task(rnd.task_id).owner, action="read")
+        except PermissionDenied:
+            raise denied(who, "read", f"round {round_id}") from None
         return rnd
 
-    def get_result(self, round_id: str, who: Principal = ANONYMOUS_ADMIN) -> common_pb2.RoundResult:
+    def get_result(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
         rnd = self.get(round_id, who)
         if rnd.result is not None:
             return rnd.result
         return common_pb2.RoundResult(status=rnd.status)
 
     def watch(self, round_id: str, *, is_active: Callable[[], bool],
-              who: Principal = ANONYMOUS_ADMIN) -> Iterator[common_pb2.RoundStatus]:
+              who: Principal) -> Iterator[common_pb2.RoundStatus]:
         rnd = self.get(round_id, who)
         last = None
         while True:
@@ -341,6 +412,48 @@ class Scorer:
                     return
             if not is_active():
                 return
+
+
+def trace_failures(phi: np.ndarray, member: np.ndarray,
+                   failed: dict[int, str]) -> tuple[dict[int, str], int, str]:
+    """The records to blame for what went wrong in a round, each with the reason for its contributor.
+
+    Args:
+        phi: float ``[n, m]``, NaN where a record's statistic was not finite (a model whose
+            fine-tuning diverged has a NaN row).
+        member: bool ``[n, m]``, record ``j`` IN model ``i``.
+        failed: models whose job failed with a task error, with the error.
+
+    A record is blamed when its statistic is NaN on a model that worked for the other records; when
+    those records do not account for every broken (failed or diverged) model, also each record that
+    trained a broken model and no sound one. With complementary pairs a single such record is found
+    by its IN models, which are precisely the broken ones; an innocent record shares all n/2 of
+    them with probability 2^(-n/2) (1/65536 at n = 32) and is then left out with it.
+
+    Returns ``({column: reason}, number of broken models, why they broke if no record explains
+    every one of them, else "")``: e.g. a strategy that fails on every model is nobody's record.
+    """
+    n, m = phi.shape
+    broken = {i: "fine-tuning diverged (every logit NaN or infinite)" for i in range(n)
+              if i not in failed and np.isnan(phi[i]).all()}
+    broken.update(failed)
+    sound = np.array([i for i in range(n) if i not in broken], dtype=int)
+    causes: dict[int, str] = {}
+    for j in np.flatnonzero(np.isnan(phi[sound]).any(axis=0)) if len(sound) else ():
+        causes[int(j)] = "its statistic is not finite (the model's logits for it overflow)"
+    if not broken:
+        return causes, 0, ""
+    rows = sorted(broken)
+    reason = broken[rows[0]]
+    if causes and member[np.ix_(rows, sorted(causes))].any(axis=1).all():
+        return causes, len(broken), ""  # the records with bad statistics trained every broken model
+    suspects = member[rows].any(axis=0) & ~member[sound].any(axis=0)
+    # Blame only what explains every broken model, and never half the batch or more.
+    if not suspects.any() or suspects.sum() > m // 2 or not member[np.ix_(rows, suspects)].any(axis=1).all():
+        return causes, len(broken), reason
+    for j in np.flatnonzero(suspects):
+        causes.setdefault(int(j), f"fine-tuning failed on every model that trained on it: {reason}")
+    return causes, len(broken), ""
 
 
 def _shadow_masks(k: int, n_pool: int, *, seed: int) -> np.ndarray:

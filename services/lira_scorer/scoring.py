@@ -64,6 +64,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from ftps.common.task_rules import distinct_splits, min_records  # noqa: F401 - re-exported
+
 __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
@@ -215,10 +217,28 @@ def make_masks(n_models: int, n_records: int, *, seed: int) -> np.ndarray:
     rank = rng.permuted(np.broadcast_to(np.arange(m), (n_pairs, m)), axis=1)
     first_size = np.where(np.arange(n_pairs) % 2 == 0, (m + 1) // 2, m // 2)
     first = rank < first_size[:, None]
+    if distinct_splits(m) >= n_pairs:
+        _redraw_repeated_splits(first, first_size, rng)
     masks = np.empty((2 * n_pairs, m), dtype=bool)
     masks[0::2] = first
     masks[1::2] = ~first
     return masks
+
+
+def _redraw_repeated_splits(first: np.ndarray, first_size: np.ndarray, rng: np.random.Generator) -> None:
+    """Give every pair its own split, in place, redrawing a pair whose split repeats an earlier one.
+
+    Only small batches ever repeat a split (at m >= 20 the chance is below 1e-4 per pair), so for
+    the batches of real rounds no redraw happens and the masks are exactly those of the plain draw.
+    """
+    def key(row: np.ndarray) -> bytes:  # the half holding record 0 names the split
+        return (row if row[0] else ~row).tobytes()
+
+    seen: set[bytes] = set()
+    for k in range(len(first)):
+        while key(first[k]) in seen:
+            first[k] = rng.permutation(first.shape[1]) < first_size[k]
+        seen.add(key(first[k]))
 
 
 def fit_offline_gaussian(phi_out: np.ndarray) -> tuple[float, float]:

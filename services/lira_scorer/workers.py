@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import grpc
 
 from ftps.common import grpcutil
-from ftps.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,24 @@ class WorkerPool:
         raise Unavailable(f"job {job.job_id} failed {self._attempts} times: {last}")
 
     def run_all(self, jobs: Sequence[worker_pb2.FinetuneJob],
-                on_done: Callable[[worker_pb2.FinetuneResult], None]) -> list[worker_pb2.FinetuneResult]:
-        """Run every job; ``on_done`` is called as each finishes. The first task error cancels the rest."""
+                on_done: Callable[[worker_pb2.FinetuneResult], None], *,
+                on_task_error: Callable[[worker_pb2.FinetuneJob, FtpsError], None] | None = None,
+                ) -> list[worker_pb2.FinetuneResult]:
+        """Run every job; ``on_done`` is called as each finishes. A task error (the job itself
+        failed: FAILED_PRECONDITION, INVALID_ARGUMENT) goes to ``on_task_error`` and the other jobs
+        go on; without it, the first task error cancels the rest. An unreachable pool always raises."""
         results: list[worker_pb2.FinetuneResult] = []
         with futures.ThreadPoolExecutor(self.parallelism, thread_name_prefix="job") as pool:
-            pending = {pool.submit(self.run_one, job) for job in jobs}
+            pending = {pool.submit(self.run_one, job): job for job in jobs}
             try:
                 for fut in futures.as_completed(pending):
-                    result = fut.result()
+                    try:
+                        result = fut.result()
+                    except (FailedPrecondition, InvalidArgument) as exc:
+                        if on_task_error is None:
+                            raise
+                        on_task_error(pending[fut], exc)
+                        continue
                     results.append(result)
                     on_done(result)
             except BaseException:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ftps.common import grpcutil, serde
-from ftps.common.errors import FtpsError, InvalidArgument
+from ftps.common.errors import InvalidArgument
 from ftps.common.records import validate_records
 from ftps.common.storage import check_id
 from ftps.stack.embedded import EmbeddedStack

@@ -193,7 +193,8 @@ def worker(s3_endpoint, digits_splits):
         mp.setenv("FTPS_S3_SECRET_KEY", CANARY)
         settings = WorkerSettings(s3_endpoint=s3_endpoint, s3_bucket=bucket, s3_access_key="test",
                                   s3_secret_key=CANARY, listen="127.0.0.1:0", device="cpu",
-                                  job_timeout_s=60, job_memory_mb=4096, max_concurrent_jobs=2)
+                                  job_timeout_s=60, job_memory_mb=4096, max_concurrent_jobs=2,
+                                  auth_disabled=True)
         store = ObjectStore(settings)
         store.ensure_bucket()
         server = create_server(settings)

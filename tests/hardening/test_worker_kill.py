@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
 from clients.api import BuilderClient, ContributorClient

@@ -1,0 +1,26 @@
+"""What task settings can produce a score: rules the registry checks when a task is created, the
+gateway when a round is forced, and the scorer's masks follow (one home, no service imports another)."""
+
+from __future__ import annotations
+
+import math
+
+
+def distinct_splits(n_records: int) -> int:
+    """How many different ways a batch of ``n_records`` splits into two halves (unordered)."""
+    m = int(n_records)
+    return math.comb(m, m // 2) // (2 if m % 2 == 0 else 1)
+
+
+def min_records(n_models: int) -> int:
+    """The smallest batch in which every complementary pair of ``n_models`` can take its own split.
+
+    Two pairs with the same split fine-tune on the same records; with a deterministic recipe (one
+    batch per epoch, no augmentation) they are the same two models, so every record's IN (and OUT)
+    statistics repeat and no per-record Gaussian can be fitted. A round of fewer records is bound
+    to fail for such strategies, so tasks and forced rounds below this size are refused.
+    """
+    m = 2
+    while distinct_splits(m) < n_models // 2:
+        m += 1
+    return m
