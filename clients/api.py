@@ -50,7 +50,19 @@ class BuilderClient:
         return self.registry.GetTask(registry_pb2.GetTaskRequest(task_id=task_id), timeout=DEFAULT_TIMEOUT)
 
     def list_tasks(self) -> list[registry_pb2.Task]:
-        return list(self.registry.ListTasks(registry_pb2.ListTasksRequest(), timeout=DEFAULT_TIMEOUT).tasks)
+        """Every task the caller may see, oldest first (all pages)."""
+        tasks, token = self.list_tasks_page()
+        while token:
+            page, token = self.list_tasks_page(page_token=token)
+            tasks.extend(page)
+        return tasks
+
+    def list_tasks_page(self, *, page_size: int = 0,
+                        page_token: str = "") -> tuple[list[registry_pb2.Task], str]:
+        """One page -> (tasks, next_page_token; "" after the last page). page_size 0: the server's default."""
+        resp = self.registry.ListTasks(registry_pb2.ListTasksRequest(page_size=page_size, page_token=page_token),
+                                       timeout=DEFAULT_TIMEOUT)
+        return list(resp.tasks), resp.next_page_token
 
     def upload(self, task_id: str, kind: int, data: bytes,
                progress: Callable[[int, int], None] | None = None, *,
@@ -88,9 +100,10 @@ class BuilderClient:
         """The round's progress until DONE or FAILED (or ``timeout``), across the server's early ends."""
         return watch_round(self.gateway, round_id, timeout=timeout)
 
-    def scores(self, task_id: str, round_id: str = "") -> gateway_pb2.GetScoresResponse:
-        return self.gateway.GetScores(gateway_pb2.GetScoresRequest(task_id=task_id, round_id=round_id),
-                                      timeout=DEFAULT_TIMEOUT)
+    def scores(self, task_id: str, round_id: str = "", *, page_size: int = 0) -> gateway_pb2.GetScoresResponse:
+        """Every record's scores and every round's batch metrics (all pages, in one response)."""
+        return all_scores(self.gateway, gateway_pb2.GetScoresRequest(task_id=task_id, round_id=round_id,
+                                                                     page_size=page_size))
 
 
 class ContributorClient:
@@ -116,9 +129,22 @@ class ContributorClient:
         return self.stub.GetSubmission(gateway_pb2.GetSubmissionRequest(submission_id=submission_id),
                                        timeout=DEFAULT_TIMEOUT)
 
-    def scores(self, task_id: str, round_id: str = "") -> list[common_pb2.RecordScore]:
-        return list(self.stub.GetScores(gateway_pb2.GetScoresRequest(
-            task_id=task_id, contributor=self.contributor, round_id=round_id), timeout=DEFAULT_TIMEOUT).scores)
+    def scores(self, task_id: str, round_id: str = "", *, page_size: int = 0) -> list[common_pb2.RecordScore]:
+        """This contributor's scores in the task (all pages)."""
+        return list(all_scores(self.stub, gateway_pb2.GetScoresRequest(
+            task_id=task_id, contributor=self.contributor, round_id=round_id, page_size=page_size)).scores)
+
+    def list_submissions(self, task_id: str = "", *, page_size: int = 0) -> list[gateway_pb2.Submission]:
+        """This contributor's submissions (of one task, if given), oldest first (all pages)."""
+        out, token = [], ""
+        while True:
+            resp = self.stub.ListSubmissions(gateway_pb2.ListSubmissionsRequest(
+                task_id=task_id, contributor=self.contributor, page_size=page_size, page_token=token),
+                timeout=DEFAULT_TIMEOUT)
+            out += resp.submissions
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def watch_scores(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
         """Scores as rounds finish (existing ones first), each once, until ``timeout`` (then
@@ -131,6 +157,19 @@ class ContributorClient:
     def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
         """The round's progress until DONE or FAILED (or ``timeout``), across the server's early ends."""
         return watch_round(self.stub, round_id, timeout=timeout)
+
+
+def all_scores(stub: gateway_pb2_grpc.ContributorGatewayStub,
+               request: gateway_pb2.GetScoresRequest) -> gateway_pb2.GetScoresResponse:
+    """Every page of GetScores, gathered into one response."""
+    out = gateway_pb2.GetScoresResponse()
+    while True:
+        resp = stub.GetScores(request, timeout=DEFAULT_TIMEOUT)
+        out.scores.extend(resp.scores)
+        out.batches.extend(resp.batches)
+        if not resp.next_page_token:
+            return out
+        request.page_token = resp.next_page_token
 
 
 def watch_round(stub: gateway_pb2_grpc.ContributorGatewayStub, round_id: str, *, timeout: float) -> "ResumedStream":

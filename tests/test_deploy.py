@@ -5,11 +5,14 @@ Every overlay (cpu, gpu), with and without the network-policies component, rende
 API schemas with ``kubernetes-validate --strict``. On the rendered objects: the env vars are the
 services' settings and every setting without a safe default in a pod is set; addresses name the
 right Services and ports; every pod is locked down and probed over gRPC; workers scale on their
-own; the NetworkPolicies allow exactly the data flow.
+own; registry, gateway and scorer run 2 replicas, each reading its own database from a Secret after
+a migrate initContainer; the bundled PostgreSQL's init script gives each service its database (run
+against a real server); the NetworkPolicies allow exactly the data flow.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
 import ipaddress
@@ -32,6 +35,8 @@ ENGINE_ENV = {"FTPS_TORCH_THREADS": ROOT / "ftps" / "ml" / "engine.py"}
 SERVICE_PORTS = {"contributor-gateway": 50051, "builder-registry": 50052, "lira-scorer": 50053,
                  "finetune-worker": 50054}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
+# The services that keep metadata in a database, and their key in the Secret ftps-database.
+STATEFUL = {"builder-registry": "registry-url", "contributor-gateway": "gateway-url", "lira-scorer": "scorer-url"}
 
 
 def _renderer() -> list[str] | None:
@@ -90,6 +95,27 @@ def _service_containers(docs):
             cmd = c.get("command", [])
             if cmd[:2] == ["python", "-m"] and cmd[2].startswith("services."):
                 yield d["metadata"]["name"], c, _settings_class(cmd[2])
+
+
+def _migrate_containers(docs):
+    """(workload name, init container, settings class) of every initContainer running ``python -m services.X``."""
+    for d, spec, _ in _pods(docs):
+        for c in spec.get("initContainers", []):
+            cmd = c.get("command", [])
+            if cmd[:2] == ["python", "-m"] and cmd[2].startswith("services."):
+                yield d["metadata"]["name"], c, _settings_class(cmd[2])
+
+
+def _secret_value(docs, secret_key_ref: dict) -> str:
+    secret = _one(docs, "Secret", secret_key_ref["name"])
+    return base64.b64decode(secret["data"][secret_key_ref["key"]]).decode()
+
+
+def _env_ref(container, name: str) -> dict:
+    """The valueFrom of the container's env var ``name``."""
+    found = [e["valueFrom"] for e in container.get("env", []) if e["name"] == name and "valueFrom" in e]
+    assert len(found) == 1, f"{container['name']}: {name} is not set once from a reference"
+    return found[0]
 
 
 def _settings_class(module: str):
@@ -203,6 +229,12 @@ def test_manifest_env_is_the_services_settings_and_sets_every_required_one(rende
 
         assert env["FTPS_LISTEN"] == f"0.0.0.0:{_grpc_port(container)}", workload
     assert seen == set(SERVICE_PORTS)
+    for workload, container, settings in _migrate_containers(docs):
+        env = _env(docs, container)
+        known = {"FTPS_" + name.upper() for name in settings.model_fields}
+        unknown = sorted(set(env) - known)
+        assert not unknown, f"{workload}/{container['name']}: {unknown} are not settings of {settings.__name__}"
+        settings(**{k.removeprefix("FTPS_").lower(): v for k, v in env.items() if isinstance(v, str)})
     for name, path in ENGINE_ENV.items():
         assert name in path.read_text(), f"{name} is no longer read by {path}: drop it from ENGINE_ENV"
 
@@ -303,14 +335,197 @@ def test_workers_scale_on_their_own(rendered, overlay):
     # than the pods the HPA may start would leave some idle.
     scorer = next(c for w, c, _ in _service_containers(docs) if w == "lira-scorer")
     assert int(_env(docs, scorer)["FTPS_JOBS_PER_WORKER"]) >= hpa["spec"]["maxReplicas"]
-    # Other services run one replica each (their state of rounds and submissions is per process).
-    for name in ("builder-registry", "contributor-gateway", "lira-scorer"):
-        d = _one(docs, "Deployment", name)
-        assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate", name
     # torch's threads follow the worker's CPU limit.
     env = _env(docs, worker["spec"]["template"]["spec"]["containers"][0])
     assert env["FTPS_TORCH_THREADS"] == ("field", {"resourceFieldRef": {
         "containerName": "server", "resource": "limits.cpu", "divisor": "1"}})
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_stateful_services_replicate_and_migrate_their_own_database_first(rendered, overlay):
+    from ftps.common.settings import DatabaseSettings
+
+    docs = rendered[(overlay, True)]
+    servers = {w: (c, s) for w, c, s in _service_containers(docs)}
+    migrates = {w: (c, s) for w, c, s in _migrate_containers(docs)}
+    assert set(migrates) == set(STATEFUL), "only the registry, gateway and scorer have a database"
+    urls = {}
+    for name, key in STATEFUL.items():
+        d = _one(docs, "Deployment", name)
+        pod_labels = d["spec"]["template"]["metadata"]["labels"]
+        # Replicated, and a deploy never takes the last ready replica away.
+        assert d["spec"]["replicas"] == 2, name
+        assert d["spec"]["strategy"] == {"type": "RollingUpdate",
+                                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}, name
+        pdbs = [p for p in docs if p["kind"] == "PodDisruptionBudget"
+                and p["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()]
+        assert len(pdbs) == 1 and pdbs[0]["spec"] == {
+            "minAvailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}}, name
+
+        server, settings = servers[name]
+        assert issubclass(settings, DatabaseSettings), f"{settings.__name__} does not read FTPS_DATABASE_URL"
+        ref = _env_ref(server, "FTPS_DATABASE_URL")
+        assert set(ref) == {"secretKeyRef"} and ref["secretKeyRef"]["key"] == key, f"{name}: {ref}"
+        assert ref["secretKeyRef"]["name"].startswith("ftps-database"), name
+        env = _env(docs, server)
+        assert env["FTPS_DB_MIGRATE"] == "false", f"{name}: the initContainer migrates, not each replica"
+        assert "FTPS_MIGRATE_ONLY" not in env, name
+
+        # The initContainer: the same image and module, the same database, migrations only.
+        migrate, _ = migrates[name]
+        assert migrate["image"] == server["image"], name
+        assert migrate["command"] == [*server["command"], "--migrate-only"], name
+        assert _env_ref(migrate, "FTPS_DATABASE_URL") == ref, name
+        assert _env(docs, migrate).get("FTPS_DB_MIGRATE") != "false", name
+        urls[name] = _secret_value(docs, ref["secretKeyRef"])
+
+    # The scorer's replicas lease rounds, each under its pod's name.
+    scorer, settings = servers["lira-scorer"]
+    assert _env_ref(scorer, "FTPS_REPLICA_ID") == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert float(_env(docs, scorer)["FTPS_ROUND_LEASE_S"]) > 0
+    for name in set(servers) - {"lira-scorer"}:
+        assert "FTPS_REPLICA_ID" not in _env(docs, servers[name][0]), name
+
+    # The base's URLs: a database and a role per service, on the bundled PostgreSQL.
+    from sqlalchemy.engine import make_url
+
+    parsed = {name: make_url(url) for name, url in urls.items()}
+    for name, url in parsed.items():
+        assert url.drivername == "postgresql+psycopg" and (url.host, url.port) == ("postgres", 5432), name
+    assert len({u.database for u in parsed.values()}) == len({u.username for u in parsed.values()}) == 3
+    pg = _one(docs, "StatefulSet", "postgres")
+    svc = _one(docs, "Service", "postgres")
+    assert svc["spec"]["selector"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == 5432] == [5432]
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_bundled_postgres_is_pinned_persistent_and_probed(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    pg = _one(docs, "StatefulSet", "postgres")
+    assert pg["spec"]["replicas"] == 1
+    spec = pg["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    image, _, tag = c["image"].partition(":")
+    assert image == "postgres" and tag.startswith("16.") and tag[3:4].isdigit(), c["image"]
+    [claim] = pg["spec"]["volumeClaimTemplates"]
+    data = next(m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PGDATA"]["value"].startswith(data["mountPath"] + "/"), "PGDATA: a subdirectory of the volume"
+    assert set(env["POSTGRES_PASSWORD"]["valueFrom"]) == {"secretKeyRef"}
+    # The init script comes from a ConfigMap, executable, and reads the services' own URLs.
+    init = next(m for m in c["volumeMounts"] if m["mountPath"] == "/docker-entrypoint-initdb.d")
+    volume = next(v for v in spec["volumes"] if v["name"] == init["name"])
+    assert volume["configMap"]["defaultMode"] & 0o111
+    for key in STATEFUL.values():
+        assert any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == key for e in env.values()), key
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "pg_isready" in c[probe]["exec"]["command"], probe
+
+
+@needs_renderer
+def test_postgres_init_script_gives_each_service_its_own_database(rendered, pg_server, tmp_path):
+    """The init script, run against a real server as the image's entrypoint runs it: a role and a
+    database per URL of ftps-database; each role can create tables in its database and cannot
+    connect to another service's; each migrate initContainer's command, as that role, applies its
+    service's migrations."""
+    import psycopg
+
+    docs = rendered[("cpu", True)]
+    pg = _one(docs, "StatefulSet", "postgres")
+    c = pg["spec"]["template"]["spec"]["containers"][0]
+    volume = next(v for v in pg["spec"]["template"]["spec"]["volumes"] if v["name"] == "init")
+    scripts = _one(docs, "ConfigMap", volume["configMap"]["name"])["data"]
+    env = {"PATH": "/usr/bin:/bin", "PGHOST": "127.0.0.1", "PGPORT": str(pg_server.port),
+           "POSTGRES_USER": "ftps"}  # the test server's superuser (trust)
+    for e in c["env"]:
+        if e["name"].endswith("_DATABASE_URL"):
+            env[e["name"]] = _secret_value(docs, e["valueFrom"]["secretKeyRef"])
+    assert len(env) == 4 + 3
+    for name, text in sorted(scripts.items()):
+        (tmp_path / name).write_text(text)
+        proc = subprocess.run(["bash", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    from sqlalchemy.engine import make_url
+
+    urls = [make_url(v) for k, v in env.items() if k.endswith("_DATABASE_URL")]
+    superuser = f"host=127.0.0.1 port={pg_server.port} user=ftps dbname=postgres"
+    with psycopg.connect(superuser) as conn:
+        for url in urls:
+            owner, has_password = conn.execute(
+                "SELECT pg_get_userbyid(d.datdba), a.rolpassword IS NOT NULL FROM pg_database d "
+                "JOIN pg_authid a ON a.rolname = %s WHERE d.datname = %s", (url.username, url.database)).fetchone()
+            assert owner == url.username and has_password, url.database
+    for url in urls:
+        with psycopg.connect(f"host=127.0.0.1 port={pg_server.port} user={url.username} dbname={url.database}",
+                             autocommit=True) as conn:
+            conn.execute("CREATE TABLE probe (id integer PRIMARY KEY)")
+        for other in urls:
+            if other.database != url.database:
+                with pytest.raises(psycopg.OperationalError, match="permission denied"):
+                    psycopg.connect(f"host=127.0.0.1 port={pg_server.port} user={url.username} "
+                                    f"dbname={other.database}").close()
+
+    # The initContainers, as the pods run them (their ConfigMap env too), against this server.
+    by_key = {e["valueFrom"]["secretKeyRef"]["key"]: make_url(env[e["name"]]) for e in c["env"]
+              if e["name"].endswith("_DATABASE_URL")}
+    for workload, container, _ in _migrate_containers(docs):
+        url = by_key[_env_ref(container, "FTPS_DATABASE_URL")["secretKeyRef"]["key"]]
+        run_env = {k: v for k, v in _env(docs, container).items() if isinstance(v, str)}
+        run_env["FTPS_DATABASE_URL"] = url.set(host="127.0.0.1", port=pg_server.port).render_as_string(
+            hide_password=False)
+        run_env["PATH"] = "/usr/bin:/bin"
+        cmd = [sys.executable, *container["command"][1:]]
+        proc = subprocess.run(cmd, env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{workload}: {proc.stderr[-2000:]}"
+        with psycopg.connect(f"host=127.0.0.1 port={pg_server.port} user={url.username} dbname={url.database}") as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert any(t.startswith("alembic_version_") for t in tables), f"{workload}: {sorted(tables)}"
+
+
+@needs_renderer
+def test_external_database_component_drops_the_bundled_one(tmp_path):
+    """The documented site overlay for a managed PostgreSQL renders and validates: no bundled database,
+    the services read the replaced URLs, and egress-to-database admits the database's address."""
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    site = tmp_path / "site"
+    shutil.copytree(K8S, tmp_path / "deploy" / "k8s")
+    site.mkdir()
+    (site / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "ftps",
+        "resources": ["../deploy/k8s/overlays/cpu"],
+        "components": ["../deploy/k8s/components/external-database"],
+        "secretGenerator": [{"name": "ftps-database", "behavior": "replace", "literals": [
+            f"{key}=postgresql+psycopg://{key[:-4]}:pw@db.example.com:5432/{key[:-4]}?sslmode=require"
+            for key in STATEFUL.values()]}],
+        "patches": [{"target": {"kind": "NetworkPolicy", "name": "egress-to-database"},
+                     "patch": yaml.safe_dump([{"op": "replace", "path": "/spec/egress/0/to",
+                                               "value": [{"ipBlock": {"cidr": "10.20.0.0/24"}}]}])}],
+    }))
+    proc = subprocess.run([*RENDER, str(site)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert not [d for d in docs if d["kind"] != "NetworkPolicy" and "postgres" in d["metadata"]["name"]]
+    for workload, container, _ in [*_service_containers(docs), *_migrate_containers(docs)]:
+        if workload in STATEFUL:
+            url = _secret_value(docs, _env_ref(container, "FTPS_DATABASE_URL")["secretKeyRef"])
+            assert "@db.example.com:5432/" in url, workload
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    db = {"ip": "10.20.0.7"}
+    for name in STATEFUL:
+        labels = _one(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert _allowed(policies, {"labels": labels}, "Egress", db, 5432, "TCP"), name
+    labels = _one(docs, "Deployment", "finetune-worker")["spec"]["template"]["metadata"]["labels"]
+    assert not _allowed(policies, {"labels": labels}, "Egress", db, 5432, "TCP")
+    path = tmp_path / "site.yaml"
+    path.write_text(proc.stdout)
+    check = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", OLDEST_K8S,
+                            str(path)], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
 
 
 @needs_renderer
@@ -398,7 +613,7 @@ def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
                                               for p in c.get("ports", [])}}
             for d, spec, labels in _pods(docs)}
     assert set(pods) == {"builder-registry", "contributor-gateway", "lira-scorer", "finetune-worker",
-                         "minio", "minio-setup"}
+                         "minio", "minio-setup", "postgres"}
 
     def ours(p: dict) -> bool:  # policies bind pods of this namespace only
         return p.get("ip") is None and p["ns"] == "ftps"
@@ -412,7 +627,8 @@ def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
     expected = {("contributor-gateway", "builder-registry", 50052), ("contributor-gateway", "lira-scorer", 50053),
                 ("lira-scorer", "builder-registry", 50052), ("lira-scorer", "finetune-worker", 50054),
                 ("builder-registry", "finetune-worker", 50054)}  # upload checks
-    expected |= {(s, "minio", 9000) for s in pods}
+    expected |= {(s, "minio", 9000) for s in pods if s != "postgres"}  # the database keeps no blobs
+    expected |= {(s, "postgres", 5432) for s in STATEFUL}  # each reaches its own database there
     assert flows == expected, f"unexpected: {sorted(flows - expected)}; missing: {sorted(expected - flows)}"
 
     dns = {"ns": "kube-system", "ns_labels": {"kubernetes.io/metadata.name": "kube-system"},
@@ -433,7 +649,7 @@ def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
         port = SERVICE_PORTS[name]
         assert connects(client, pods[name], port) and connects(ingress_ns, pods[name], port), name
         assert not connects(stranger, pods[name], port) and not connects(internet, pods[name], port), name
-    for name, port in (("finetune-worker", 50054), ("minio", 9000)):
+    for name, port in (("finetune-worker", 50054), ("minio", 9000), ("postgres", 5432)):
         assert not any(connects(p, pods[name], port) for p in (client, ingress_ns, stranger, internet)), name
 
 

@@ -11,40 +11,55 @@ import pytest
 
 from clients.api import ContributorClient
 from ftps.common import grpcutil
-from ftps.common.errors import NotFound
+from ftps.common.db import Database
+from ftps.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import ObjectStore
+from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.builder_registry.__main__ import create_server as registry_server
 from services.builder_registry.config import RegistrySettings
 from services.contributor_gateway.config import GatewaySettings
 from services.contributor_gateway.gateway import Gateway
 from services.contributor_gateway.servicer import ContributorGatewayServicer
+from services.contributor_gateway.store import SqlSubmissionStore
 
 SHAPE = [1, 8, 8]
 
 
 class ScriptedScorer:
-    """Stands in for the scorer: finishes each round with score = index / m, or fails it."""
+    """Stands in for the scorer: finishes each round (once ``release`` is set) with score =
+    index / m, or fails it. ``starts`` lists every StartRound call, in order."""
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.rounds: dict[str, tuple[list[str], list[str]]] = {}
+        self.starts: list[str] = []
+        self._lock = threading.Lock()
         self.release = threading.Event()
         self.release.set()
 
     def start_round(self, task_id, round_id, batch, record_ids, contributors):
-        self.rounds[round_id] = (record_ids, contributors)
+        with self._lock:
+            self.starts.append(round_id)
+            self.rounds.setdefault(round_id, (list(record_ids), list(contributors)))
         return common_pb2.RoundStatus(task_id=task_id, round_id=round_id, state=common_pb2.ROUND_STATE_PENDING)
 
     def watch_round(self, round_id):
         if round_id not in self.rounds:
             raise NotFound(round_id)
         self.release.wait(10)
-        state = common_pb2.ROUND_STATE_FAILED if self.fail else common_pb2.ROUND_STATE_DONE
-        yield common_pb2.RoundStatus(round_id=round_id, state=state, message="scripted")
+        yield self.get_result(round_id).status
 
     def get_result(self, round_id):
+        if round_id not in self.rounds:
+            raise NotFound(f"round {round_id} not found")
+        if not self.release.is_set():
+            return common_pb2.RoundResult(status=common_pb2.RoundStatus(
+                round_id=round_id, state=common_pb2.ROUND_STATE_FINETUNING))
+        if self.fail:
+            return common_pb2.RoundResult(status=common_pb2.RoundStatus(
+                round_id=round_id, state=common_pb2.ROUND_STATE_FAILED, message="scripted"))
         ids, who = self.rounds[round_id]
         res = common_pb2.RoundResult(status=common_pb2.RoundStatus(round_id=round_id, state=common_pb2.ROUND_STATE_DONE))
         for j, (rid, c) in enumerate(zip(ids, who)):
@@ -64,12 +79,16 @@ def env(storage_kwargs, serve):
     settings = GatewaySettings(**storage_kwargs, max_records_per_request=50, max_pending_per_contributor=60)
 
     def start_gateway():
-        gw = Gateway(ObjectStore(settings), registry_getter(reg_ch), scorer,
+        # Every gateway of the test shares the database (replicas, or one restarted).
+        db = Database(settings.database_url, name="gateway database")
+        gw = Gateway(ObjectStore(settings), registry_getter(reg_ch), scorer, SqlSubmissionStore.open(db),
                      max_records_per_request=settings.max_records_per_request,
-                     max_pending_per_contributor=settings.max_pending_per_contributor)
+                     max_pending_per_contributor=settings.max_pending_per_contributor, reconcile_s=0.1)
         server = grpcutil.Security.from_settings(settings, "contributor-gateway").server()  # auth_disabled
         server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server, ContributorGatewayServicer(gw),
                    "ftps.v1.ContributorGateway")
+        server.on_stop(gw.close)
+        server.on_stop(db.dispose)
         return server, serve(server)
 
     yield task, scorer, start_gateway
@@ -231,3 +250,119 @@ def test_a_submission_in_two_failed_rounds_is_not_retried_again(env):
                                                 timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "0 record(s) pending" in details
     c.close()
+
+
+def test_list_submissions_and_scores_page_through(env):
+    task, scorer, start = env
+    _, addr = start()
+    alice = ContributorClient(gateway=addr, contributor="alice")
+    subs = [alice.submit(task.task_id, *_records(3, seed=i)) for i in range(4)]  # two rounds of 6
+    assert [s.submission_id for s in alice.list_submissions(task.task_id, page_size=3)] == \
+        [s.submission_id for s in subs]
+    page = alice.stub.ListSubmissions(gateway_pb2.ListSubmissionsRequest(page_size=3), timeout=5)
+    assert len(page.submissions) == 3 and page.next_page_token
+    deadline = time.time() + 10
+    while len(alice.scores(task.task_id)) < 12 and time.time() < deadline:
+        time.sleep(0.05)
+    want = [r for s in subs for r in s.record_ids]
+    assert sorted(s.record_id for s in alice.scores(task.task_id, page_size=5)) == sorted(want)
+    first = alice.stub.GetScores(gateway_pb2.GetScoresRequest(task_id=task.task_id, page_size=5), timeout=5)
+    assert len(first.scores) == 5 and first.next_page_token
+    bob = ContributorClient(gateway=addr, contributor="bob")
+    assert bob.list_submissions(task.task_id) == []  # (auth is off here: the field picks whose)
+    alice.close(); bob.close()
+
+
+def test_a_round_the_scorer_never_got_gives_its_records_back_without_a_failure(env, storage_kwargs):
+    """The gateway died between claiming the records and StartRound: after the grace period the
+    reconciler puts them back in the queue, counting no failed round."""
+    task, scorer, start = env
+    settings = GatewaySettings(**storage_kwargs)
+    db = Database(settings.database_url)
+    subs = SqlSubmissionStore.open(db)
+    _, addr = start()
+    c = ContributorClient(gateway=addr, contributor="jay")
+    sub = c.submit(task.task_id, *_records(2))
+    assert subs.claim(task.task_id, "r-orphan", at_least=2, now=time.time() - 1000).submissions
+    deadline = time.time() + 10
+    while c.get_submission(sub.submission_id).state != gateway_pb2.SUBMISSION_STATE_PENDING and time.time() < deadline:
+        time.sleep(0.05)
+    s = c.get_submission(sub.submission_id)
+    assert (s.state, s.round_id, s.failed_rounds) == (gateway_pb2.SUBMISSION_STATE_PENDING, "", 0)
+    assert "r-orphan" not in scorer.rounds
+    c.close(); db.dispose()
+
+
+def test_two_replicas_at_the_threshold_put_each_record_in_exactly_one_round(database_url):
+    """Two gateways share one database and one scorer; contributors submit concurrently to both,
+    each submit able to reach the batch threshold: no record in two rounds, no round started
+    twice, none lost."""
+    import tempfile
+
+    from ftps.common.auth import Principal
+    from ftps.common.settings import StorageSettings
+    from ftps.common.storage import open_blob_store
+
+    task = registry_pb2.Task(task_id="t-replicas", owner="acme", settings=common_pb2.TaskSettings(
+        record_shape=SHAPE, batch_threshold=6, n_models=4, num_classes=10))
+    blobs = open_blob_store(StorageSettings(s3_endpoint=f"file://{tempfile.mkdtemp()}"))
+    blobs.ensure_bucket()
+    scorer = ScriptedScorer()
+    dbs = [Database(database_url, name="gateway database") for _ in range(2)]
+    gws = [Gateway(blobs, lambda _id: task, scorer, SqlSubmissionStore.open(db), reconcile_s=0.1) for db in dbs]
+    acked, errors = [], []
+
+    def contributor(k: int) -> None:
+        who = Principal(f"c{k}", "contributor")
+        try:
+            for j in range(6):
+                sub = gws[(k + j) % 2].submit(task.task_id, who.subject, *_records(1 + (j % 2), seed=k * 10 + j),
+                                              "", who)
+                acked.extend(sub.record_ids)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=contributor, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    admin = Principal("root", "admin")
+    least = max(2, min_records(task.settings.n_models))
+
+    def in_state(state):
+        return [r for s in _all_subs(gws[0], task.task_id, admin) if s.state == state for r in s.record_ids]
+
+    deadline = time.time() + 30
+    # Whatever is left below the threshold, while a round can hold it. A claim skips rows another
+    # claim holds (SKIP LOCKED), so while automatic starts are still deciding it may see fewer: again.
+    while time.time() < deadline and len(in_state(gateway_pb2.SUBMISSION_STATE_PENDING)) >= least:
+        try:
+            gws[0].start_round(task.task_id, force=True, who=admin)
+        except FailedPrecondition:
+            time.sleep(0.1)
+    while time.time() < deadline and in_state(gateway_pb2.SUBMISSION_STATE_IN_ROUND):
+        time.sleep(0.1)
+    assert len(scorer.starts) == len(set(scorer.starts))  # no round started twice
+    in_rounds = [r for ids, _ in scorer.rounds.values() for r in ids]
+    assert len(in_rounds) == len(set(in_rounds))  # no record in two rounds
+    left = in_state(gateway_pb2.SUBMISSION_STATE_PENDING)
+    assert len(left) < least and sorted(in_rounds + left) == sorted(acked)  # none lost
+    assert sorted(in_state(gateway_pb2.SUBMISSION_STATE_SCORED)) == sorted(in_rounds)
+    with pytest.raises(PermissionDenied):  # a contributor lists only its own submissions
+        gws[0].list_submissions(task.task_id, "c1", 0, "", Principal("c2", "contributor"))
+    assert gws[0].list_submissions(task.task_id, "", 0, "", Principal("c2", "contributor")).submissions
+    for gw, db in zip(gws, dbs):
+        gw.close()
+        db.dispose()
+
+
+def _all_subs(gw, task_id, who):
+    out, token = [], ""
+    while True:
+        page = gw.list_submissions(task_id, "", 1000, token, who)
+        out += page.submissions
+        token = page.next_page_token
+        if not token:
+            return out

@@ -42,8 +42,9 @@ def worker(s3_endpoint):
 
 
 @pytest.fixture
-def builder(worker, s3_endpoint, serve):
-    settings = RegistrySettings(**_storage(s3_endpoint), worker_addrs=worker)
+def builder(worker, s3_endpoint, serve, tmp_path):
+    settings = RegistrySettings(**_storage(s3_endpoint), worker_addrs=worker,
+                                database_url=f"sqlite:///{tmp_path}/meta.db")
     addr = serve(registry_server(settings))
     client = BuilderClient(registry=addr, gateway=addr, scorer=addr)
     yield client
@@ -148,13 +149,14 @@ def test_defer_check_lets_both_halves_change(builder, digits_base_weights, digit
 
 
 def test_no_worker_answering_is_unavailable_and_stores_nothing(s3_endpoint, serve, digits_base_weights,
-                                                               digits_strategy):
+                                                               digits_strategy, tmp_path):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    settings = RegistrySettings(**_storage(s3_endpoint), worker_addrs=dead, check_timeout_s=5)
+    settings = RegistrySettings(**_storage(s3_endpoint), worker_addrs=dead, check_timeout_s=5,
+                                database_url=f"sqlite:///{tmp_path}/meta.db")
     addr = serve(registry_server(settings))
     builder = BuilderClient(registry=addr, gateway=addr, scorer=addr)
     try:

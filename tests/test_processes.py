@@ -31,7 +31,7 @@ from clients.api import BuilderClient, ContributorClient
 from ftps.common import grpcutil, serde
 from ftps.common.auth import TokenSigner, load_key
 from ftps.common.settings import StorageSettings
-from ftps.common.storage import ObjectStore
+from ftps.common.storage import open_blob_store
 from ftps.stack.processes import ProcessStack
 from ftps.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from tests.conftest import digits_records
@@ -156,8 +156,8 @@ def _same_round_with_one_worker(tmp_path, splits, strategy, weights, round_id, x
         assert len(stack.worker_addresses) == 1
         signer = stack.signer()
         task_id = _register_task(stack.addresses, signer, splits, strategy, weights)
-        store = ObjectStore(StorageSettings(s3_endpoint=stack.addresses["s3"], s3_bucket=stack.bucket,
-                                            s3_access_key="ftps", s3_secret_key="ftps-secret-key"))
+        store = open_blob_store(StorageSettings(s3_endpoint=stack.addresses["s3"], s3_bucket=stack.bucket,
+                                                s3_access_key="ftps", s3_secret_key="ftps-secret-key"))
         batch = store.put_bytes(f"test/rounds/{round_id}/batch.npz", serde.records_to_npz(x_batch, y_batch))
         channel = grpcutil.make_channel(stack.addresses["scorer"], token=signer.issue("test", "admin"))
         scorer = scorer_pb2_grpc.LiraScorerStub(channel)
@@ -237,3 +237,37 @@ def test_stack_children_die_with_a_killed_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_service_is_restarted_on_its_port_and_serves_again(tmp_path, caplog):
+    """``ftps-stack up --processes``: kill -9 the registry, the supervisor starts it again on the
+    same address, with the same (kept) data; a second death waits twice as long before the restart."""
+    caplog.set_level("INFO", logger="ftps.stack.processes")
+    with ProcessStack(workers=1, data_dir=tmp_path, persistent=True,
+                      worker_env={"FTPS_TORCH_THREADS": "1"}) as stack:
+        assert "s3" not in stack.children  # blobs are files in the data dir
+        token = stack.signer().issue("acme", "builder")
+        addr = stack.addresses
+        b = BuilderClient(registry=addr["registry"], gateway=addr["gateway"], scorer=addr["scorer"], token=token)
+        task = b.create_task("survives", common_pb2.TaskSettings(**SETTINGS), owner="acme")
+        b.close()
+        for kill in (1, 2):
+            victim = stack.children["registry"].proc
+            os.kill(victim.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while stack.restarts.get("registry", 0) < kill:
+                assert time.monotonic() < deadline, "the registry was not restarted"
+                time.sleep(0.1)
+            again = stack.children["registry"]
+            assert again.proc.pid != victim.pid and again.address == addr["registry"]
+            channel = grpcutil.make_channel(addr["registry"])
+            grpcutil.wait_healthy(channel, timeout=60, service="ftps.v1.BuilderRegistry")
+            channel.close()
+            b = BuilderClient(registry=addr["registry"], gateway=addr["gateway"], scorer=addr["scorer"],
+                              token=token)
+            assert [t.task_id for t in b.list_tasks()] == [task.task_id]  # kept across the restart
+            b.close()
+        assert stack.exited() == []
+    delays = [r.getMessage() for r in caplog.records if "exited with code -9" in r.getMessage()]
+    assert len(delays) == 2 and "restarting it in 0.5s" in delays[0] and "restarting it in 1.0s" in delays[1], delays

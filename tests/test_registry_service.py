@@ -170,3 +170,60 @@ def test_health_and_reflection_are_served(storage_kwargs, serve):
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
     assert "ftps.v1.BuilderRegistry" in {s.name for s in resp.list_services_response.service}
     ch.close()
+
+
+def test_list_tasks_is_paged_and_the_client_reads_every_page(stub, storage_kwargs, serve, monkeypatch):
+    made = [_task(stub).task_id for _ in range(5)]
+    first = stub.ListTasks(registry_pb2.ListTasksRequest(page_size=2), timeout=5)
+    assert [t.task_id for t in first.tasks] == made[:2] and first.next_page_token
+    second = stub.ListTasks(registry_pb2.ListTasksRequest(page_size=2, page_token=first.next_page_token), timeout=5)
+    assert [t.task_id for t in second.tasks] == made[2:4]
+    code, details = _code(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(page_token="nope"), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details
+    code, details = _code(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(page_size=-1), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in details
+
+    from clients.api import BuilderClient
+    from services.builder_registry import store
+
+    # A second replica on the same database: the client pages through it with the server's page size.
+    addr = serve(create_server(RegistrySettings(**storage_kwargs)))
+    client = BuilderClient(registry=addr, gateway=addr, scorer=addr)
+    try:
+        monkeypatch.setattr(store, "DEFAULT_PAGE_SIZE", 2)
+        assert [t.task_id for t in client.list_tasks()] == made
+        tasks, token = client.list_tasks_page(page_size=3)
+        assert [t.task_id for t in tasks] == made[:3] and token
+    finally:
+        client.close()
+
+
+def test_database_down_is_unavailable_and_says_so(storage_kwargs, serve):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = RegistrySettings(**(storage_kwargs | dict(
+        database_url=f"postgresql+psycopg://ftps@127.0.0.1:{port}/ftps", db_migrate=False)))
+    ch = grpcutil.make_channel(serve(create_server(settings)))
+    code, details = _code(lambda: registry_pb2_grpc.BuilderRegistryStub(ch).CreateTask(
+        registry_pb2.CreateTaskRequest(name="x", settings=common_pb2.TaskSettings(record_shape=SHAPE)), timeout=20))
+    assert code == grpc.StatusCode.UNAVAILABLE and "registry database unavailable" in details
+    ch.close()
+
+
+def test_migrate_only_applies_the_schema(storage_kwargs):
+    import sqlalchemy as sa
+
+    from services.builder_registry.__main__ import migrate
+
+    settings = RegistrySettings(**storage_kwargs)
+    migrate(settings)
+    migrate(settings)  # again: nothing to do
+    engine = sa.create_engine(settings.database_url)
+    try:
+        names = sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    assert {"registry_tasks", "alembic_version_registry"} <= set(names)

@@ -1,6 +1,7 @@
-"""Rounds survive restarts: the scorer re-runs a round it was in the middle of (its seeds are
-derived from the round id, so the re-run computes the same models); the gateway re-attaches to
-rounds in flight; no acknowledged record is lost or doubled."""
+"""Rounds survive restarts: a scorer stopped mid-round releases its lease and the next one takes
+the round over at once and runs it again (its seeds are derived from the batch's content, so the
+re-run computes the same models); the gateway re-attaches to rounds in flight; no acknowledged
+record is lost or doubled. Takeover after a lease runs out: tests/test_scorer_store.py."""
 
 from __future__ import annotations
 

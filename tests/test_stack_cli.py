@@ -35,6 +35,10 @@ def test_up_serves_until_sigterm(tmp_path):
         addrs = dict(re.findall(r"^\s+(contributor gateway|builder registry|LiRA scorer|fine-tune worker)\s+(\S+)$",
                                 text, re.M))
         assert len(addrs) == 4, text
+        # `up` keeps its data in the data dir: SQLite metadata and blob files, no store server.
+        assert re.search(rf"metadata \(SQLite\)\s+{re.escape(str(tmp_path))}/metadata.db$", text, re.M), text
+        assert re.search(rf"blobs \(files\)\s+{re.escape(str(tmp_path))}/blobs$", text, re.M), text
+        assert (tmp_path / "metadata.db").is_file()
         for addr in addrs.values():
             grpcutil.wait_healthy(grpcutil.make_channel(addr), timeout=10)
         web = re.search(r"web client\s+(http://\S+)", text)

@@ -21,7 +21,8 @@ class StorageSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FTPS_", extra="ignore")
 
-    s3_endpoint: str = Field("127.0.0.1:9000", description="object store host:port")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="object store host:port (S3 protocol), or "
+                             "file:///abs/folder: blobs as files in that folder (one machine)")
     s3_access_key: str = Field("ftps", description="object store access key")
     s3_secret_key: str = Field("ftps-secret-key", description="object store secret key")
     s3_bucket: str = Field("ftps", description="bucket holding every object of the deployment")

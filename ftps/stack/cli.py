@@ -17,15 +17,17 @@ from rich.console import Console
 from ftps.common.errors import FtpsError
 
 from ftps.common.log import setup_logging
-from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack, default_data_dir
+from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack, blob_dir, default_data_dir
 
 NAMES = {"gateway": "contributor gateway", "registry": "builder registry", "scorer": "LiRA scorer",
          "worker": "fine-tune worker", "s3": "object store (S3 protocol, moto)"}
 
 
-def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool) -> None:
+def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool, s3: bool) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address every listener binds (default 127.0.0.1)")
     for name, port in DEFAULT_PORTS.items():
+        if name == "s3" and not s3:  # `up` keeps its blobs as files: no store server to place
+            continue
         p.add_argument(f"--{name}-port", type=int, default=None,
                        help=f"port of the {NAMES[name]} (default {port}; 0 picks a free one)")
     p.add_argument("--ephemeral-ports", action="store_true", default=ephemeral_default,
@@ -41,33 +43,35 @@ def _add_stack_flags(p: argparse.ArgumentParser, *, ephemeral_default: bool) -> 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                   help="where the embedded stack keeps its token signing key "
-                        "(env FTPS_DATA_DIR; default ~/.local/share/ftps)")
+                   help="where the embedded stack keeps its token signing key and, for `up`, everything "
+                        "it stores: metadata.db (SQLite), blobs/ (files), logs/; delete metadata.db and "
+                        "blobs/ to start empty (env FTPS_DATA_DIR; default ~/.local/share/ftps)")
 
 
 def _ports(args: argparse.Namespace) -> dict[str, int]:
     out = {}
     for name, port in DEFAULT_PORTS.items():
-        given = getattr(args, f"{name}_port")
+        given = getattr(args, f"{name}_port", None)
         out[name] = given if given is not None else (0 if args.ephemeral_ports else port)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftps-stack", description=(
-        "FT-PrivacyScore embedded default: an S3-protocol object store and the four gRPC services "
-        "(gateway, registry, scorer, worker) on loopback, plaintext."))
+        "FT-PrivacyScore embedded default: the four gRPC services (gateway, registry, scorer, worker) "
+        "on loopback, plaintext; `up` keeps metadata and blobs in the data dir, `demo` keeps nothing."))
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run the embedded stack until Ctrl-C / SIGTERM")
-    _add_stack_flags(up, ephemeral_default=False)
+    up = sub.add_parser("up", help="run the embedded stack until Ctrl-C / SIGTERM; it keeps its data "
+                                   "in --data-dir across restarts")
+    _add_stack_flags(up, ephemeral_default=False, s3=False)
     up.add_argument("--processes", action="store_true",
-                    help="run the store and each service as its own OS process (`python -m services.X`, "
-                         "as the pods do) instead of all in this process")
+                    help="run each service as its own OS process (`python -m services.X`, as the pods "
+                         "do) instead of all in this process; one that dies is restarted, with backoff")
     up.add_argument("--workers", type=int, default=1,
                     help="fine-tune worker processes, with --processes (default 1; worker i listens on "
                          "the worker port + i)")
     demo = sub.add_parser("demo", help="bring the stack up and run the end-to-end demo on real data")
-    _add_stack_flags(demo, ephemeral_default=True)
+    _add_stack_flags(demo, ephemeral_default=True, s3=True)
     demo.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     demo.add_argument("--records", "-m", type=int, default=200, help="records submitted, m (default 200)")
     demo.add_argument("--models", "-n", type=int, default=32, help="fine-tuned models, n (even, default 32)")
@@ -115,9 +119,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         from ftps.stack.processes import ProcessStack
 
         stack = ProcessStack(workers=args.workers, host=args.host, ports=_ports(args), data_dir=args.data_dir,
-                             auth=args.auth, log_level=args.log_level or "INFO")
+                             auth=args.auth, log_level=args.log_level or "INFO", persistent=True)
     else:
-        stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth)
+        stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth,
+                              persistent=True)
     stack.start()
     kind = f"stack is up as {len(stack.children)} processes" if args.processes else "embedded stack is up"
     print(f"FT-PrivacyScore {kind} (plaintext on loopback; use TLS settings elsewhere):")
@@ -125,26 +130,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  tokens: `ftps-stack token --role builder --subject NAME` (key {stack.key_file})")
     else:
         print("  AUTH IS OFF (--no-auth): tokens are not checked, every caller is admin 'auth-disabled'")
-    for name in ("gateway", "registry", "scorer", "worker", "s3"):
+    for name in ("gateway", "registry", "scorer", "worker"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
+    print(f"  {'metadata (SQLite)':<34} {args.data_dir.resolve() / 'metadata.db'}")
+    print(f"  {'blobs (files)':<34} {blob_dir(args.data_dir)}")
     if args.processes:
-        print(f"  logs in {stack.log_dir}")
+        print(f"  logs in {stack.log_dir} (a process that dies is restarted)")
     web = _start_web(args, stack.addresses)
     if web is not None:
         print(f"  {'web client':<34} {web.url}")
     print("Ctrl-C to stop.", flush=True)
-    rc = 0
-    while not stop.wait(1.0):
-        if args.processes and (gone := stack.exited()):
-            print(f"ftps-stack: error: {', '.join(gone)} exited; see the logs in {stack.log_dir}",
-                  file=sys.stderr)
-            rc = 1
-            break
+    while not stop.wait(1.0):  # with --processes, the stack's supervisor restarts a process that dies
+        pass
     print("stopping...", flush=True)
     if web is not None:
         web.stop()
     stack.stop()
-    return rc
+    return 0
 
 
 def _start_web(args: argparse.Namespace, addresses: dict[str, str]):

@@ -1,7 +1,13 @@
-"""The embedded default: an S3-protocol store and the four services in one process, on loopback.
+"""The embedded default: the four services in one process, on loopback, with their state either
+kept in the data dir or thrown away at stop.
 
 The same ``create_server`` functions run each service on its own (``python -m services.X``) and as
 pods; here they share a process and talk gRPC over 127.0.0.1 exactly as they would apart.
+
+Kept (``persistent=True``, ``ftps-stack up``): metadata in ``<data_dir>/metadata.db`` (SQLite),
+blobs as files under ``<data_dir>/blobs`` (no store server); a restart on the same data dir shows
+the same tasks, submissions and scores. Thrown away (the demo, tests): blobs in an S3-protocol
+server in memory (moto) and metadata in a temporary SQLite file.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ def signing_key_file(data_dir: Path) -> Path:
     return data_dir / "signing.key"
 
 
+def metadata_url(data_dir: Path) -> str:
+    """The kept stacks' metadata database: one SQLite file, each service with tables of its own."""
+    return f"sqlite:///{Path(data_dir).resolve()}/metadata.db"
+
+
+def blob_dir(data_dir: Path) -> Path:
+    """The kept stacks' blobs (a :class:`ftps.common.storage.FileBlobStore` folder)."""
+    return Path(data_dir).resolve() / "blobs"
+
+
 @dataclass
 class EmbeddedStack:
     host: str = "127.0.0.1"
@@ -36,7 +52,8 @@ class EmbeddedStack:
     worker_settings: dict = field(default_factory=dict)
     data_dir: Path = field(default_factory=default_data_dir)
     auth: bool = True
-    database_url: str = ""  # the services' metadata database; empty: a temporary SQLite file
+    persistent: bool = False  # keep metadata and blobs in data_dir (see the module's docstring)
+    database_url: str = ""  # the services' metadata database; empty: by ``persistent``
     addresses: dict[str, str] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = None
     _servers: list[grpcutil.Server] = field(default_factory=list)
@@ -53,9 +70,16 @@ class EmbeddedStack:
         from services.lira_scorer.__main__ import create_server as scorer_server
         from services.lira_scorer.config import ScorerSettings
 
+        from ftps.common.storage import file_url
+
         try:
-            self._s3 = EmbeddedS3(self.host, self.ports["s3"])
-            self.addresses["s3"] = self._s3.start()
+            if self.persistent:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                self.addresses["s3"] = file_url(blob_dir(self.data_dir))
+                self.database_url = self.database_url or metadata_url(self.data_dir)
+            else:
+                self._s3 = EmbeddedS3(self.host, self.ports["s3"])
+                self.addresses["s3"] = self._s3.start()
             if not self.database_url:  # as ephemeral as the in-memory object store beside it
                 self._tmp = tempfile.TemporaryDirectory(prefix="ftps-meta-")
                 self.database_url = f"sqlite:///{self._tmp.name}/metadata.db"

@@ -1,11 +1,17 @@
-"""The multi-process local mode: the object store and every service, N fine-tune workers among them,
-each a separate OS process on loopback.
+"""The multi-process local mode: every service, N fine-tune workers among them, and (unless blobs
+are files) the object store, each a separate OS process on loopback.
 
 Each service starts exactly as its pod does (``python -m services.<name>``, settings in ``FTPS_*``
 environment variables), so this mode exercises what Kubernetes runs: separate address spaces, gRPC
 between processes, the scorer's worker pool fanning jobs out over several workers. The parent picks
 free ports, creates the bucket (the Job's role in Kubernetes), waits until every service reports
 SERVING on grpc.health.v1, and stops them all (SIGTERM, then SIGKILL after a grace period).
+
+Once up, a supervisor thread restarts any process that dies, on the same port and settings (as a
+Deployment's restart policy would), with backoff: 0.5 s doubling to 30 s between tries, back to
+0.5 s once a process stayed up 60 s. ``persistent=True`` (``ftps-stack up --processes``) keeps
+metadata and blobs in the data dir exactly as the embedded stack does (:mod:`ftps.stack.embedded`);
+otherwise blobs live in an in-memory S3 server process and metadata in a temporary SQLite file.
 """
 
 from __future__ import annotations
@@ -16,16 +22,24 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from ftps.common import grpcutil
 from ftps.common.cpus import usable_cpus
-from ftps.stack.embedded import DEFAULT_PORTS, default_data_dir, signing_key_file
+from ftps.stack.embedded import (
+    DEFAULT_PORTS,
+    blob_dir,
+    default_data_dir,
+    metadata_url,
+    signing_key_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +64,10 @@ class Child:
     address: str
     log_path: Path
     proc: subprocess.Popen
+    # What started it, to start it again the same way.
+    module_args: list[str] = field(default_factory=list)
+    env: Mapping[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -67,13 +85,21 @@ class ProcessStack:
     Each process's output goes to ``log_dir/<name>.log`` (default: the data dir's ``logs/``).
     ``env`` is added to every service's environment, ``worker_env`` to the workers'. Inherited
     ``FTPS_*`` variables that are service settings are dropped, so the stack is configured only
-    by what is passed here; others (``FTPS_TORCH_THREADS``, ...) pass through.
+    by what is passed here; others (``FTPS_TORCH_THREADS``, ...) pass through. ``persistent``
+    keeps metadata and blobs in ``data_dir`` (module docstring). A process that dies is restarted
+    (module docstring; ``restarts`` counts them per name).
     """
+
+    # Restart backoff, seconds: first delay, cap, and the uptime after which it starts over.
+    RESTART_DELAY_S = 0.5
+    RESTART_MAX_DELAY_S = 30.0
+    RESTART_RESET_AFTER_S = 60.0
 
     def __init__(self, *, workers: int = 1, host: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
                  bucket: str = "ftps", data_dir: Path | None = None, auth: bool = True,
                  log_dir: Path | None = None, log_level: str = "INFO", env: Mapping[str, str] | None = None,
-                 worker_env: Mapping[str, str] | None = None, startup_timeout: float = 90.0) -> None:
+                 worker_env: Mapping[str, str] | None = None, startup_timeout: float = 90.0,
+                 persistent: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -87,38 +113,57 @@ class ProcessStack:
         self.env = dict(env or {})
         self.worker_env = dict(worker_env or {})
         self.startup_timeout = startup_timeout
+        self.persistent = persistent
         self.addresses: dict[str, str] = {}
         self.worker_addresses: list[str] = []
         self.children: dict[str, Child] = {}
+        self.restarts: dict[str, int] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> dict[str, str]:
         """Start everything and wait until it is healthy; on any failure stop what started."""
+        self._stopping.clear()
         try:
             self._start()
         except BaseException:
             self.stop(grace=2.0)
             raise
+        self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+        self._supervisor.start()
         return self.addresses
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        names = ["s3", "registry", "scorer", "gateway"] + [f"worker-{i}" for i in range(self.workers)]
+        names = (["registry", "scorer", "gateway"] + [f"worker-{i}" for i in range(self.workers)]
+                 + ([] if self.persistent else ["s3"]))
         ports = self._pick_ports(names)
         addr = {name: f"{self._connect_host()}:{port}" for name, port in ports.items()}
         self.worker_addresses = [addr[f"worker-{i}"] for i in range(self.workers)]
-        self.addresses = {"s3": addr["s3"], "registry": addr["registry"], "scorer": addr["scorer"],
+        self.addresses = {"registry": addr["registry"], "scorer": addr["scorer"],
                           "gateway": addr["gateway"], "worker": ",".join(self.worker_addresses)}
 
-        s3 = self._spawn("s3", [S3_MODULE, "--host", self.host, "--port", str(ports["s3"])], addr["s3"],
-                         env={})
-        self._ensure_bucket(s3)
+        if self.persistent:
+            from ftps.common.storage import file_url
 
-        common = {"FTPS_S3_ENDPOINT": addr["s3"], "FTPS_S3_BUCKET": self.bucket,
+            self.addresses["s3"] = file_url(blob_dir(self.data_dir))
+            database_url = metadata_url(self.data_dir)
+        else:
+            self.addresses["s3"] = addr["s3"]
+            s3 = self._spawn("s3", [S3_MODULE, "--host", self.host, "--port", str(ports["s3"])], addr["s3"],
+                             env={})
+            self._ensure_bucket(s3)
+            # As ephemeral as the in-memory object store beside it.
+            self._tmp = tempfile.TemporaryDirectory(prefix="ftps-meta-")
+            database_url = f"sqlite:///{self._tmp.name}/metadata.db"
+
+        common = {"FTPS_S3_ENDPOINT": self.addresses["s3"], "FTPS_S3_BUCKET": self.bucket,
                   "FTPS_S3_ACCESS_KEY": S3_ACCESS_KEY, "FTPS_S3_SECRET_KEY": S3_SECRET_KEY,
                   "FTPS_LOG_LEVEL": self.log_level,
                   # One SQLite file shared by the services, each with tables of its own.
-                  "FTPS_DATABASE_URL": f"sqlite:///{self.data_dir}/metadata-{self.bucket}.db"}
+                  "FTPS_DATABASE_URL": database_url}
         if self.auth:
             from ftps.common.auth import load_or_create_key_file
 
@@ -151,7 +196,12 @@ class ProcessStack:
             self._wait_healthy(child, deadline)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every process, SIGKILL (with whatever it started) those alive after ``grace``."""
+        """Stop restarting, then SIGTERM every process, SIGKILL (with whatever it started) those
+        alive after ``grace``."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         children = list(reversed(self.children.values()))
         for child in children:
             _signal(child.proc, signal.SIGTERM)
@@ -172,10 +222,52 @@ class ProcessStack:
                         pass
                 child.proc.wait(timeout=10)
         self.children.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def exited(self) -> list[str]:
-        """Names of the processes that are no longer running."""
-        return [c.name for c in self.children.values() if c.proc.poll() is not None]
+        """Names of the processes that are not running now (the supervisor restarts them)."""
+        return [c.name for c in list(self.children.values()) if c.proc.poll() is not None]
+
+    # -- supervision ---------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Restart every process that dies, with backoff per process, until :meth:`stop`."""
+        delay: dict[str, float] = {}
+        due: dict[str, float] = {}  # name -> when to start it again
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                name = child.name
+                if child.proc.poll() is None:
+                    continue
+                if name not in due:
+                    uptime = now - child.started_at
+                    if uptime >= self.RESTART_RESET_AFTER_S or name not in delay:
+                        delay[name] = self.RESTART_DELAY_S
+                    due[name] = now + delay[name]
+                    log.error("%s (pid %d) exited with code %s after %.1fs; restarting it in %.1fs "
+                              "(log %s)", name, child.proc.pid, child.proc.returncode, uptime,
+                              delay[name], child.log_path)
+                    continue
+                if now < due[name]:
+                    continue
+                del due[name]
+                delay[name] = min(delay[name] * 2, self.RESTART_MAX_DELAY_S)
+                try:
+                    again = self._spawn(name, child.module_args, child.address, env=child.env, append=True)
+                except OSError as exc:  # e.g. out of processes: try again after the next delay
+                    log.error("%s could not be restarted: %s", name, exc)
+                    due[name] = time.monotonic() + delay[name]
+                    continue
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                log.warning("restarted %s (pid %d) on %s, restart %d", name, again.proc.pid,
+                            child.address, self.restarts[name])
+                if name == "s3":  # an in-memory store comes back empty, without the bucket
+                    try:
+                        self._ensure_bucket(again)
+                    except RuntimeError as exc:
+                        log.error("%s", exc)
 
     def __enter__(self) -> "ProcessStack":
         self.start()
@@ -229,13 +321,16 @@ class ProcessStack:
         env.update(extra)
         return env
 
-    def _spawn(self, name: str, module_args: list[str], address: str, *, env: Mapping[str, str]) -> Child:
+    def _spawn(self, name: str, module_args: list[str], address: str, *, env: Mapping[str, str],
+               append: bool = False) -> Child:
         log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "wb") as out:  # one run's output per file
+        # One run of the stack per file; a restart appends, keeping what the dead process said.
+        with open(log_path, "ab" if append else "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", *module_args], env=self._child_env(env),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=PROJECT_ROOT, start_new_session=True)
-        child = Child(name=name, address=address, log_path=log_path, proc=proc)
+        child = Child(name=name, address=address, log_path=log_path, proc=proc,
+                      module_args=list(module_args), env=dict(env))
         self.children[name] = child
         log.debug("started %s (pid %d) on %s", name, proc.pid, address)
         return child
@@ -260,7 +355,7 @@ class ProcessStack:
                 store.ensure_bucket()
                 return
             except Unavailable:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._stopping.is_set():
                     raise RuntimeError(f"the object store on {s3.address} did not answer within "
                                        f"{self.startup_timeout:.0f}s") from None
                 time.sleep(0.1)

@@ -64,22 +64,48 @@ class GetSubmissionRequest(_message.Message):
     def __init__(self, submission_id: _Optional[str] = ...) -> None: ...
 
 class GetScoresRequest(_message.Message):
-    __slots__ = ("task_id", "contributor", "round_id")
+    __slots__ = ("task_id", "contributor", "round_id", "page_size", "page_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     contributor: str
     round_id: str
-    def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetScoresResponse(_message.Message):
-    __slots__ = ("scores", "batches")
+    __slots__ = ("scores", "batches", "next_page_token")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.RecordScore]
     batches: _containers.RepeatedCompositeFieldContainer[_common_pb2.BatchMetrics]
-    def __init__(self, scores: _Optional[_Iterable[_Union[_common_pb2.RecordScore, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.BatchMetrics, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, scores: _Optional[_Iterable[_Union[_common_pb2.RecordScore, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.BatchMetrics, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListSubmissionsRequest(_message.Message):
+    __slots__ = ("task_id", "page_size", "page_token", "contributor")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    page_size: int
+    page_token: str
+    contributor: str
+    def __init__(self, task_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., contributor: _Optional[str] = ...) -> None: ...
+
+class ListSubmissionsResponse(_message.Message):
+    __slots__ = ("submissions", "next_page_token")
+    SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    submissions: _containers.RepeatedCompositeFieldContainer[Submission]
+    next_page_token: str
+    def __init__(self, submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchScoresRequest(_message.Message):
     __slots__ = ("task_id", "contributor")

@@ -45,6 +45,11 @@ class ContributorGatewayStub:
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GetSubmissionRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
                 _registered_method=True)
+        self.ListSubmissions = channel.unary_unary(
+                '/ftps.v1.ContributorGateway/ListSubmissions',
+                request_serializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsResponse.FromString,
+                _registered_method=True)
         self.GetScores = channel.unary_unary(
                 '/ftps.v1.ContributorGateway/GetScores',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GetScoresRequest.SerializeToString,
@@ -88,8 +93,16 @@ class ContributorGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSubmissions(self, request, context):
+        """A contributor's own submissions in arrival order, a page at a time (admins: anyone's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetScores(self, request, context):
-        """Scores of a task's records: a contributor's own, or all of them (builder).
+        """Scores of a task's records: a contributor's own, or all of them (builder); rounds in id order,
+        records in round order, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +153,11 @@ def add_ContributorGatewayServicer_to_server(servicer, server):
                     servicer.GetSubmission,
                     request_deserializer=ftps_dot_v1_dot_gateway__pb2.GetSubmissionRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_gateway__pb2.Submission.SerializeToString,
+            ),
+            'ListSubmissions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubmissions,
+                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsResponse.SerializeToString,
             ),
             'GetScores': grpc.unary_unary_rpc_method_handler(
                     servicer.GetScores,
@@ -221,6 +239,33 @@ class ContributorGateway:
             '/ftps.v1.ContributorGateway/GetSubmission',
             ftps_dot_v1_dot_gateway__pb2.GetSubmissionRequest.SerializeToString,
             ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubmissions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.ContributorGateway/ListSubmissions',
+            ftps_dot_v1_dot_gateway__pb2.ListSubmissionsRequest.SerializeToString,
+            ftps_dot_v1_dot_gateway__pb2.ListSubmissionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

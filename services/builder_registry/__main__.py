@@ -6,21 +6,38 @@ import logging
 import sys
 
 from ftps.common import grpcutil
-from ftps.common.storage import ObjectStore
+from ftps.common.db import Database
+from ftps.common.storage import open_blob_store
 from ftps.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.builder_registry.checker import WorkerChecker
 from services.builder_registry.config import RegistrySettings
 from services.builder_registry.registry import Registry
 from services.builder_registry.servicer import BuilderRegistryServicer
+from services.builder_registry.store import SqlTaskStore
 
 MiB = 1024 * 1024
 log = logging.getLogger(__name__)
 
 
+def open_tasks(settings: RegistrySettings) -> SqlTaskStore:
+    return SqlTaskStore(Database(settings.database_url, name="registry database"))
+
+
+def migrate(settings: RegistrySettings) -> None:
+    tasks = open_tasks(settings)
+    try:
+        tasks.migrate()
+    finally:
+        tasks.db.dispose()
+
+
 def create_server(settings: RegistrySettings) -> grpcutil.Server:
     # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
     security = grpcutil.Security.from_settings(settings, "builder-registry")
-    store = ObjectStore(settings)
+    tasks = open_tasks(settings)
+    if settings.db_migrate:
+        tasks.migrate()
+    store = open_blob_store(settings)
     store.ensure_bucket()
     targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
     checker = None
@@ -30,7 +47,7 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
     else:
         log.warning("builder registry: no FTPS_WORKER_ADDRS: base models are not checked against their "
                     "strategy at upload (a mismatch fails at round time)")
-    registry = Registry(store, max_bytes={
+    registry = Registry(store, tasks, max_bytes={
         common_pb2.BLOB_KIND_BASE_MODEL: settings.max_base_model_mb * MiB,
         common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
         common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
@@ -43,7 +60,7 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
 
 def main(argv: list[str] | None = None) -> int:
     return grpcutil.run_service(RegistrySettings, create_server, argv, module="services.builder_registry",
-                                description="FT-PrivacyScore builder registry")
+                                description="FT-PrivacyScore builder registry", migrate=migrate)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 from pydantic import Field
 
-from ftps.common.settings import CommonSettings
+from ftps.common.settings import CommonSettings, DatabaseSettings
 
 
-class RegistrySettings(CommonSettings):
+class RegistrySettings(CommonSettings, DatabaseSettings):
     listen: str = Field("127.0.0.1:50052", description="host:port to serve on")
     max_base_model_mb: int = Field(512, description="largest base model upload, MiB")
     max_strategy_kb: int = Field(256, description="largest strategy script upload, KiB")

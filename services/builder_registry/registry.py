@@ -1,11 +1,17 @@
 """Modelling tasks and their blobs: the builder registry's domain logic (no gRPC here).
 
-Object layout (bucket ``FTPS_S3_BUCKET``)::
+Tasks are rows of a database (:mod:`services.builder_registry.store`, table ``registry_tasks``), shared
+by every replica; blobs are objects (bucket ``FTPS_S3_BUCKET``)::
 
-    registry/tasks/{task_id}/task.json                        the Task (protobuf JSON)
-    registry/tasks/{task_id}/{kind}/v{version}/{file}         base-model.safetensors, strategy.py,
-                                                              builder-data.npz
-    registry/staging/{task_id}/{sha256}/{file}                an upload being checked (deleted after)
+    registry/tasks/{task_id}/{kind}/{sha256}/{file}           base-model.safetensors, strategy.py,
+                                                              builder-data.npz (a version's BlobRef
+                                                              points here; equal bytes, one object)
+    registry/staging/{task_id}/{sha256}/{upload}/{file}       an upload being checked (deleted after)
+
+An upload stores its blob first, at a key named by its content (two replicas never write different
+bytes to one key), then in one transaction under the task's row lock takes the next version and sets
+the reference: concurrent uploads to one task get versions 1, 2, 3, ... and none is lost. A failure
+in between leaves an unreferenced object, never a reference to a missing one.
 
 A base model or strategy upload is checked against the task's other half by a fine-tune worker
 (``checker.ModelChecker``) before it becomes the task's current version; ``UploadHeader.defer_check``
@@ -23,7 +29,6 @@ import uuid
 from typing import Iterable, Iterator
 
 import numpy as np
-from google.protobuf import json_format
 
 from ftps.common import archives, serde
 from ftps.common.auth import Principal, authorized_task
@@ -33,6 +38,7 @@ from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
+from services.builder_registry.store import TaskStore, page_size
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +111,21 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
 
 
 class Registry:
-    def __init__(self, store: ObjectStore, *, max_bytes: dict[int, int],
+    """The registry's domain logic over ``tasks`` (the database) and ``store`` (the blobs). It keeps
+    no task in memory: replicas sharing one database see each other's tasks and uploads at once."""
+
+    def __init__(self, store: ObjectStore, tasks: TaskStore, *, max_bytes: dict[int, int],
                  max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES,
                  checker: ModelChecker | None = None) -> None:
         self._store = store
+        self._tasks = tasks
         self._max_bytes = max_bytes
         self._max_expanded_bytes = max_expanded_bytes
         self._checker = checker
-        self._lock = threading.Lock()
-        self._tasks: dict[str, registry_pb2.Task] = {}
-        for key in store.list_keys(PREFIX):
-            if key.endswith("/task.json"):
-                task = json_format.Parse(store.get_bytes(key), registry_pb2.Task())
-                self._tasks[task.task_id] = task
-        log.info("registry: %d task(s) loaded", len(self._tasks))
 
-    def _save(self, task: registry_pb2.Task) -> None:
+    def _set_ready(self, task: registry_pb2.Task) -> None:
         task.ready = all(getattr(task, f).key for f in _FIELD.values()) and (
             self._checker is None or self._pair_checked(task))
-        self._store.put_bytes(f"{PREFIX}{task.task_id}/task.json",
-                              json_format.MessageToJson(task).encode(), content_type="application/json")
-        self._tasks[task.task_id] = task
 
     def create_task(self, name: str, settings: common_pb2.TaskSettings, owner: str,
                     who: Principal) -> registry_pb2.Task:
@@ -140,8 +140,8 @@ class Registry:
             check_id(owner, "owner")
         task = registry_pb2.Task(task_id="t-" + uuid.uuid4().hex[:12], name=name, owner=owner,
                                  settings=with_defaults(settings), created_at=now())
-        with self._lock:
-            self._save(task)
+        self._set_ready(task)
+        self._tasks.create(task)
         log.info("task %s created (%s)", task.task_id, name)
         return task
 
@@ -156,14 +156,17 @@ class Registry:
             raise NotFound(f"task {task_id} not found")
         return task
 
-    def list_tasks(self, who: Principal) -> list[registry_pb2.Task]:
-        def visible(t: registry_pb2.Task) -> bool:
-            if who.is_privileged:
-                return True
-            if who.role == "builder":
-                return t.owner == who.subject
-            return who.may_see_task(t.task_id)
-        return sorted((t for t in self._tasks.values() if visible(t)), key=lambda t: t.created_at)
+    def list_tasks(self, who: Principal, *, size: int = 0,
+                   token: str = "") -> tuple[list[registry_pb2.Task], str]:
+        """One page of the tasks ``who`` may see, oldest first -> (tasks, next_page_token): every
+        task for admin/service, a builder's own, a contributor's token tasks (all if it names none)."""
+        if who.is_privileged:
+            owner, ids = None, None
+        elif who.role == "builder":
+            owner, ids = who.subject, None
+        else:
+            owner, ids = None, (who.tasks or None)
+        return self._tasks.list(owner=owner, task_ids=ids, page_size=page_size(size), page_token=token)
 
     def upload(self, header: registry_pb2.UploadHeader, chunks: Iterable[bytes],
                who: Principal) -> common_pb2.BlobRef:
@@ -197,19 +200,23 @@ class Registry:
         check = None
         if not header.defer_check:
             check = self._check_pair(task, header.kind, data, header.sha256)
-        with self._lock:
-            task = registry_pb2.Task()
-            task.CopyFrom(self._tasks[header.task_id])
-            field = _FIELD[header.kind]
-            version = getattr(task, field).version + 1
-            folder, filename = _FILES[header.kind]
-            ref = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/v{version}/{filename}",
-                                        data, version=version)
-            getattr(task, field).CopyFrom(ref)
+        # The blob first (outside any transaction or lock), then the row that points to it.
+        folder, filename = _FILES[header.kind]
+        stored = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/{header.sha256}/{filename}", data)
+        field = _FIELD[header.kind]
+
+        def add_version(t: registry_pb2.Task) -> None:
+            ref = getattr(t, field)
+            version = ref.version + 1  # under the row lock: another replica's upload is already counted
+            ref.CopyFrom(stored)
+            ref.version = version
             if check is not None:
-                task.model_check.CopyFrom(check)
-            self._save(task)
-        log.info("task %s: %s v%d stored (%d bytes)%s", task.task_id, folder, version, len(data),
+                t.model_check.CopyFrom(check)
+            self._set_ready(t)
+
+        task = self._tasks.update(task.task_id, add_version)
+        ref = getattr(task, field)
+        log.info("task %s: %s v%d stored (%d bytes)%s", task.task_id, folder, ref.version, len(data),
                  "" if self._checker is None or header.kind not in _PAIR else
                  ", checked against the other half" if check is not None else ", not checked yet")
         return ref
@@ -226,7 +233,8 @@ class Registry:
         if self._checker is None or other is None or not other.key:
             return None
         filename = _FILES[kind][1]
-        staged = self._store.put_bytes(f"{STAGING}{task.task_id}/{sha256}/{filename}", data)
+        # Per upload: two replicas checking equal bytes must not delete each other's staged copy.
+        staged = self._store.put_bytes(f"{STAGING}{task.task_id}/{sha256}/{uuid.uuid4().hex}/{filename}", data)
         try:
             base, strategy = (staged, other) if kind == common_pb2.BLOB_KIND_BASE_MODEL else (other, staged)
             check = self._checker.check(task.task_id, base, strategy, task.settings)

@@ -22,7 +22,8 @@ class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServicer):
 
     @rpc
     def ListTasks(self, request, context):
-        return registry_pb2.ListTasksResponse(tasks=self.registry.list_tasks(current()))
+        tasks, token = self.registry.list_tasks(current(), size=request.page_size, token=request.page_token)
+        return registry_pb2.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     @rpc
     def UploadBlob(self, request_iterator, context):

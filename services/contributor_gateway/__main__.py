@@ -8,13 +8,15 @@ from typing import Iterator
 import grpc
 
 from ftps.common import grpcutil
+from ftps.common.db import Database
 from ftps.common.errors import from_rpc_error
 from ftps.common.registry_client import registry_getter
-from ftps.common.storage import ObjectStore
+from ftps.common.storage import open_blob_store
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 from services.contributor_gateway.config import GatewaySettings
 from services.contributor_gateway.gateway import Gateway
 from services.contributor_gateway.servicer import ContributorGatewayServicer
+from services.contributor_gateway.store import MIGRATIONS, VERSION_TABLE, SqlSubmissionStore
 
 
 class ScorerClient:
@@ -49,23 +51,36 @@ class ScorerClient:
 def create_server(settings: GatewaySettings) -> grpcutil.Server:
     # First: without a signing key (or auth_disabled) the service must not start, and says so at once.
     security = grpcutil.Security.from_settings(settings, "contributor-gateway")
-    store = ObjectStore(settings)
+    store = open_blob_store(settings)
     store.ensure_bucket()
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = security.channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
+    db = Database(settings.database_url, name="gateway database")
+    submissions = SqlSubmissionStore.open(db, migrate=settings.db_migrate)
     gateway = Gateway(store, registry_getter(registry, cache_s=settings.task_cache_s), ScorerClient(scorer),
-                      max_records_per_request=settings.max_records_per_request,
-                      max_pending_per_contributor=settings.max_pending_per_contributor)
+                      submissions, max_records_per_request=settings.max_records_per_request,
+                      max_pending_per_contributor=settings.max_pending_per_contributor,
+                      reconcile_s=settings.reconcile_s, round_grace_s=settings.round_grace_s)
     server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
     server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
                ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
     server.on_stop(gateway.close)
+    server.on_stop(db.dispose)
     return server
+
+
+def migrate(settings: GatewaySettings) -> None:
+    """The gateway's tables to the code's version (``--migrate-only``: the migration Job)."""
+    db = Database(settings.database_url, name="gateway database")
+    try:
+        db.migrate(MIGRATIONS, version_table=VERSION_TABLE)
+    finally:
+        db.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
     return grpcutil.run_service(GatewaySettings, create_server, argv, module="services.contributor_gateway",
-                                description="FT-PrivacyScore contributor gateway")
+                                description="FT-PrivacyScore contributor gateway", migrate=migrate)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Submissions, batching into rounds, results fan-out: the contributor gateway's domain logic.
 
-Object layout::
+One owner per fact. The gateway owns submissions and which round holds each (its tables, see
+:mod:`services.contributor_gateway.store`), and the batch it hands the scorer; the scorer owns the
+rounds (state, progress, result): GetRound, WatchRound and the scores are read from it. Any number
+of gateway replicas share one database: claims lock rows, and every replica runs a reconciler that
+applies the outcome of rounds that ended to the submissions they hold (idempotently).
 
-    gateway/tasks/{task_id}/submissions/{submission_id}/records.npz     written first
-    gateway/tasks/{task_id}/submissions/{submission_id}/submission.json written second = the ack
-    gateway/rounds/{round_id}/batch.npz     the round's records, in round order
-    gateway/rounds/{round_id}/round.json    members, state
-    gateway/rounds/{round_id}/result.json   the scorer's RoundResult, once done
+Blobs::
+
+    gateway/tasks/{task_id}/submissions/{submission_id}/records.npz   written before the row = the ack
+    gateway/rounds/{round_id}/batch.npz     the round's records, in round order (the scorer reads it)
 """
 
 from __future__ import annotations
@@ -15,21 +18,24 @@ import datetime as dt
 import hashlib
 import logging
 import threading
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from collections import OrderedDict
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
-from google.protobuf import json_format
 
 from ftps.common import serde
 from ftps.common.auth import Principal, authorized_task, denied
+from ftps.common.db import Database
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
-                                PermissionDenied, ResourceExhausted)
+                                PermissionDenied, ResourceExhausted, Unavailable)
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
+from services.contributor_gateway.store import (MAX_FAILED_ROUNDS, RoundRef, SqlSubmissionStore,  # noqa: F401
+                                                SubmissionStore, clamp_page_size, decode_token, encode_token)
 
 log = logging.getLogger(__name__)
 
@@ -46,83 +52,46 @@ class ScorerPort(Protocol):
 
     def watch_round(self, round_id: str) -> Iterator[common_pb2.RoundStatus]: ...
 
-    def get_result(self, round_id: str) -> common_pb2.RoundResult: ...
+    def get_result(self, round_id: str) -> common_pb2.RoundResult:
+        """The round's result once DONE, else ``RoundResult(status=...)``; NotFound if unknown."""
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-@dataclass
-class RoundEntry:
-    round_id: str
-    task_id: str
-    submission_ids: list[str]
-    record_ids: list[str]
-    contributors: list[str]
-    batch: common_pb2.BlobRef
-    status: common_pb2.RoundStatus
-    result: common_pb2.RoundResult | None = None
-
-    def to_json(self) -> dict:
-        return {"round_id": self.round_id, "task_id": self.task_id,
-                "submission_ids": self.submission_ids, "record_ids": self.record_ids,
-                "contributors": self.contributors, "batch": json_format.MessageToDict(self.batch),
-                "status": json_format.MessageToDict(self.status)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "RoundEntry":
-        return cls(round_id=d["round_id"], task_id=d["task_id"], submission_ids=d["submission_ids"],
-                   record_ids=d["record_ids"], contributors=d["contributors"],
-                   batch=json_format.ParseDict(d["batch"], common_pb2.BlobRef()),
-                   status=json_format.ParseDict(d["status"], common_pb2.RoundStatus()))
-
-
 class Gateway:
     def __init__(self, store: ObjectStore, get_task: Callable[[str], registry_pb2.Task],
-                 scorer: ScorerPort, *, max_records_per_request: int = 10_000,
-                 max_pending_per_contributor: int = 100_000) -> None:
+                 scorer: ScorerPort, submissions: SubmissionStore | None = None, *,
+                 max_records_per_request: int = 10_000, max_pending_per_contributor: int = 100_000,
+                 reconcile_s: float = 1.0, round_grace_s: float = 300.0, result_cache: int = 256) -> None:
+        """``submissions``: the shared store (None: a private in-memory SQLite one, for tools and
+        tests). ``reconcile_s``: how often this replica asks the scorer about rounds that hold
+        submissions; ``round_grace_s``: how long a round the scorer does not know may take to reach
+        it (claimed, batch being written, StartRound under way) before its records are pending again."""
         self._store = store
         self._get_task = get_task
         self._scorer = scorer
+        self._subs = submissions if submissions is not None else SqlSubmissionStore.open(
+            Database("sqlite://", name="gateway database"))
         self._max_request = max_records_per_request
         self._max_pending = max_pending_per_contributor
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._subs: dict[str, gateway_pb2.Submission] = {}
-        self._submit_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._rounds: dict[str, RoundEntry] = {}
+        self._reconcile_s = reconcile_s
+        self._grace_s = round_grace_s
+        # Only what cannot change: DONE rounds' results, a bounded number of them.
+        self._results: OrderedDict[str, common_pb2.RoundResult] = OrderedDict()
+        self._result_cap = result_cache
+        self._results_lock = threading.Lock()
+        self._changed = threading.Condition()  # an outcome was applied here: wake local watchers
+        self._wake = threading.Event()
         self._closed = threading.Event()
-        self._load()
+        self._reconciler = threading.Thread(target=self._reconcile_loop, name="gateway-reconciler", daemon=True)
+        self._reconciler.start()
 
     def close(self) -> None:
-        """Stop following rounds (the server stopped; a new gateway re-attaches from storage)."""
+        """Stop reconciling (the server stopped; any replica carries on from the database)."""
         self._closed.set()
-
-    # -- persistence ---------------------------------------------------------------------------
-    def _load(self) -> None:
-        for key in self._store.list_keys("gateway/tasks/"):
-            if key.endswith("/submission.json"):
-                sub = json_format.Parse(self._store.get_bytes(key), gateway_pb2.Submission())
-                self._subs[sub.submission_id] = sub
-        for key in self._store.list_keys("gateway/rounds/"):
-            if key.endswith("/round.json"):
-                entry = RoundEntry.from_json(self._store.get_json(key))
-                result_key = f"gateway/rounds/{entry.round_id}/result.json"
-                if entry.status.state == common_pb2.ROUND_STATE_DONE and self._store.exists(result_key):
-                    entry.result = json_format.Parse(self._store.get_bytes(result_key), common_pb2.RoundResult())
-                self._rounds[entry.round_id] = entry
-        log.info("gateway: %d submission(s), %d round(s) loaded", len(self._subs), len(self._rounds))
-        for entry in self._rounds.values():
-            if entry.status.state not in TERMINAL:
-                self._follow(entry)
-
-    def _save_sub(self, sub: gateway_pb2.Submission) -> None:
-        self._store.put_bytes(f"gateway/tasks/{sub.task_id}/submissions/{sub.submission_id}/submission.json",
-                              json_format.MessageToJson(sub).encode(), content_type="application/json")
-
-    def _save_round(self, entry: RoundEntry) -> None:
-        self._store.put_json(f"gateway/rounds/{entry.round_id}/round.json", entry.to_json())
+        self._wake.set()
 
     # -- submissions ---------------------------------------------------------------------------
     def submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
@@ -140,39 +109,30 @@ class Gateway:
         if idempotency_key:
             digest = hashlib.sha256(f"{task_id}\0{contributor}\0{idempotency_key}".encode()).hexdigest()
             sub_id = "s-" + digest[:16]
-        else:
-            sub_id = "s-" + uuid.uuid4().hex[:16]
-        # One contributor's submits to a task go one at a time (exact idempotency and limits);
-        # different contributors write to storage in parallel.
-        with self._lock:
-            mine = self._submit_locks.setdefault((task_id, contributor), threading.Lock())
-        with mine:
-            with self._lock:
-                existing = self._subs.get(sub_id)
-                pending_mine = sum(len(s.record_ids) for s in self._subs.values()
-                                   if s.task_id == task_id and s.contributor == contributor
-                                   and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
+            existing = self._subs.get(sub_id)
             if existing is not None:  # a retried submit: the first acknowledgement, nothing stored twice
                 return self._with_pending(existing)
-            if pending_mine + len(x) > self._max_pending:
-                raise ResourceExhausted(f"contributor {contributor} would have {pending_mine + len(x)} "
-                                        f"records pending; at most {self._max_pending}")
-            sub = gateway_pb2.Submission(
-                submission_id=sub_id, task_id=task_id, contributor=contributor,
-                record_ids=[f"{sub_id}-{i}" for i in range(len(x))],
-                state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now())
-            # Durable before acknowledged: the records, then the submission that points at them.
-            self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
-                                  serde.records_to_npz(x, y))
-            self._save_sub(sub)
-            with self._lock:
-                self._subs[sub_id] = sub
-                pending = self._pending_count(task_id)
+        else:
+            sub_id = "s-" + uuid.uuid4().hex[:16]
+        # Checked here to spare the blob, and again atomically with the insert.
+        pending_mine = self._subs.pending_records(task_id, contributor)
+        if pending_mine + len(x) > self._max_pending:
+            raise ResourceExhausted(f"contributor {contributor} would have {pending_mine + len(x)} "
+                                    f"records pending; at most {self._max_pending}")
+        sub = gateway_pb2.Submission(
+            submission_id=sub_id, task_id=task_id, contributor=contributor,
+            record_ids=[f"{sub_id}-{i}" for i in range(len(x))],
+            state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now())
+        # Durable before acknowledged: the records, then the row that points at them.
+        self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
+                              serde.records_to_npz(x, y))
+        sub = self._subs.add(sub, max_pending=self._max_pending)
+        out = self._with_pending(sub)
         log.info("task %s: %d record(s) from %s acknowledged (%s); %d pending", task_id, len(x),
-                 contributor, sub_id, pending)
-        if pending >= task.settings.batch_threshold:
+                 contributor, sub_id, out.pending_in_task)
+        if out.pending_in_task >= task.settings.batch_threshold:
             threading.Thread(target=self._auto_start, args=(task_id,), daemon=True).start()
-        return self._with_pending(sub)
+        return out
 
     @staticmethod
     def _own_contributor(who: Principal, contributor: str, *, action: str) -> str:
@@ -186,18 +146,12 @@ class Gateway:
     def _with_pending(self, sub: gateway_pb2.Submission) -> gateway_pb2.Submission:
         out = gateway_pb2.Submission()
         out.CopyFrom(sub)
-        out.pending_in_task = self._pending_count(sub.task_id)
+        out.pending_in_task = self._subs.pending_records(sub.task_id)
         return out
-
-    def _pending_count(self, task_id: str) -> int:
-        with self._lock:
-            return sum(len(s.record_ids) for s in self._subs.values()
-                       if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING)
 
     def get_submission(self, submission_id: str, who: Principal) -> gateway_pb2.Submission:
         check_id(submission_id, "submission_id")
-        with self._lock:
-            sub = self._subs.get(submission_id)
+        sub = self._subs.get(submission_id)
         if not who.is_privileged and (sub is None or who.role != "contributor" or sub.contributor != who.subject
                                       or not who.may_see_task(sub.task_id)):
             # The same answer whether it exists or not: nothing leaks about others' submissions.
@@ -206,12 +160,32 @@ class Gateway:
             raise NotFound(f"submission {submission_id} not found")
         return self._with_pending(sub)
 
+    def list_submissions(self, task_id: str, contributor: str, page_size: int, page_token: str,
+                         who: Principal) -> gateway_pb2.ListSubmissionsResponse:
+        """A contributor's own submissions in arrival order (admins: anyone's, or everyone's)."""
+        who.require_role("contributor", "admin", what="list submissions")
+        contributor = self._own_contributor(who, contributor, action="list the submissions of")
+        if contributor:
+            check_id(contributor, "contributor")
+        if task_id:
+            check_id(task_id, "task_id")
+            if not who.may_see_task(task_id):
+                raise denied(who, "list submissions of", f"task {task_id}")
+        elif who.tasks and not who.is_privileged:
+            raise InvalidArgument("this token is limited to some tasks: give task_id")
+        subs, token = self._subs.list_submissions(contributor=contributor, task_id=task_id,
+                                                  page_size=page_size, page_token=page_token)
+        pending = {t: self._subs.pending_records(t) for t in {s.task_id for s in subs}}
+        for s in subs:
+            s.pending_in_task = pending[s.task_id]
+        return gateway_pb2.ListSubmissionsResponse(submissions=subs, next_page_token=token)
+
     # -- rounds --------------------------------------------------------------------------------
     def _auto_start(self, task_id: str) -> None:
         try:
             self.start_round(task_id, force=False, who=SELF)
         except FailedPrecondition:
-            pass  # another submit started it first
+            pass  # another submit (or replica) started it first
         except FtpsError as exc:
             log.warning("task %s: automatic round did not start: %s", task_id, exc)
 
@@ -219,187 +193,208 @@ class Gateway:
         check_id(task_id, "task_id")
         who.require_role("builder", "admin", "service", what="start rounds")
         task = authorized_task(who, task_id, self._get_task, action="start rounds of")
-        with self._lock:
-            subs = sorted((s for s in self._subs.values()
-                           if s.task_id == task_id and s.state == gateway_pb2.SUBMISSION_STATE_PENDING),
-                          key=lambda s: (s.created_at, s.submission_id))
-            total = sum(len(s.record_ids) for s in subs)
-            m = task.settings.batch_threshold
-            least = max(2, min_records(task.settings.n_models))
-            if total < least:
-                raise FailedPrecondition(f"task {task_id} has {total} record(s) pending; a round of "
+        m = task.settings.batch_threshold
+        least = max(2, min_records(task.settings.n_models))
+        round_id = "r-" + uuid.uuid4().hex[:12]
+        claim = self._subs.claim(task_id, round_id, at_least=least if force else max(least, m))
+        if not claim.submissions:
+            if claim.pending < least:
+                raise FailedPrecondition(f"task {task_id} has {claim.pending} record(s) pending; a round of "
                                          f"{task.settings.n_models} models needs at least {least}")
-            if total < m and not force:
-                raise FailedPrecondition(f"task {task_id} has {total} of {m} records pending; "
-                                         "start with force to score them now")
-            xs, ys, record_ids, contributors = [], [], [], []
+            raise FailedPrecondition(f"task {task_id} has {claim.pending} of {m} records pending; "
+                                     "start with force to score them now")
+        subs = claim.submissions
+        record_ids = [r for s in subs for r in s.record_ids]
+        contributors = [s.contributor for s in subs for _ in s.record_ids]
+        try:
+            # Storage I/O with no lock held: other tasks' submits and rounds go on meanwhile.
+            xs, ys = [], []
             for s in subs:
                 arrays = serde.npz_arrays(self._store.get_bytes(
                     f"gateway/tasks/{task_id}/submissions/{s.submission_id}/records.npz"))
                 xs.append(arrays["x"])
                 ys.append(arrays["y"])
-                record_ids += list(s.record_ids)
-                contributors += [s.contributor] * len(s.record_ids)
-            round_id = "r-" + uuid.uuid4().hex[:12]
             batch = self._store.put_bytes(f"gateway/rounds/{round_id}/batch.npz",
                                           serde.records_to_npz(np.concatenate(xs), np.concatenate(ys)))
-            entry = RoundEntry(round_id=round_id, task_id=task_id,
-                               submission_ids=[s.submission_id for s in subs], record_ids=record_ids,
-                               contributors=contributors, batch=batch,
-                               status=common_pb2.RoundStatus(task_id=task_id, round_id=round_id,
-                                                             state=common_pb2.ROUND_STATE_PENDING,
-                                                             models_total=task.settings.n_models,
-                                                             n_records=len(record_ids)))
-            self._save_round(entry)
-            self._rounds[round_id] = entry
-            self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_IN_ROUND, round_id)
+        except BaseException:
+            # The scorer never saw it: the records wait for the next round, no failure counted.
+            self._subs.release(round_id, not_since=float("inf"))
+            raise
+        if not self._subs.hand_over(round_id, batch):
+            raise Unavailable(f"round {round_id} took longer than {self._grace_s:.0f}s to start; "
+                              "its records are pending again, retry")
         try:
             status = self._scorer.start_round(task_id, round_id, batch, record_ids, contributors)
+        except Unavailable:
+            # The scorer may or may not have it: the reconciler asks it, and gives the records back
+            # after the grace period if it never got the round.
+            self._wake.set()
+            raise
         except FtpsError as exc:
-            self._finish(entry, common_pb2.RoundStatus(task_id=task_id, round_id=round_id,
-                                                       state=common_pb2.ROUND_STATE_FAILED,
-                                                       message=f"scorer refused the round: {exc}"))
+            self._subs.apply_failed(round_id, f"scorer refused the round: {exc}")
+            self._subs.release(round_id, not_since=float("inf"))
             raise
         log.info("task %s: round %s started with %d records", task_id, round_id, len(record_ids))
-        self._set_status(entry, status)
-        self._follow(entry)
+        self._wake.set()
         return status
 
-    def _set_subs(self, entry: RoundEntry, state: int, round_id: str,
-                  change: Callable[[gateway_pb2.Submission], None] | None = None) -> None:
-        """Every submission of the round to ``state`` (then ``change`` may adjust each one)."""
-        with self._lock:
-            for sid in entry.submission_ids:
-                sub = gateway_pb2.Submission()
-                sub.CopyFrom(self._subs[sid])
-                sub.state = state
-                sub.round_id = round_id
-                if change is not None:
-                    change(sub)
-                self._save_sub(sub)
-                self._subs[sid] = sub
-
-    def _set_status(self, entry: RoundEntry, status: common_pb2.RoundStatus) -> None:
-        with self._changed:
-            persist = status.state != entry.status.state
-            entry.status = status
-            if persist:
-                self._save_round(entry)
-            self._changed.notify_all()
-
-    def _finish(self, entry: RoundEntry, status: common_pb2.RoundStatus,
-                result: common_pb2.RoundResult | None = None) -> None:
-        with self._changed:
-            if result is not None:
-                self._store.put_bytes(f"gateway/rounds/{entry.round_id}/result.json",
-                                      json_format.MessageToJson(result).encode(),
-                                      content_type="application/json")
-                entry.result = result
-                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_SCORED, entry.round_id,
-                               _fail_excluded(result.excluded))
-            else:
-                # A failed round loses no record: its submissions wait for the next round, once.
-                self._set_subs(entry, gateway_pb2.SUBMISSION_STATE_PENDING, "", _count_failure(status.message))
-            self._set_status(entry, status)
-
-    def _follow(self, entry: RoundEntry) -> None:
-        threading.Thread(target=self._watch_scorer, args=(entry,), name=f"follow-{entry.round_id}",
-                         daemon=True).start()
-
-    def _watch_scorer(self, entry: RoundEntry) -> None:
-        delay = 0.5
-        while not self._closed.is_set():
-            got = False
-            try:
-                for status in self._scorer.watch_round(entry.round_id):
-                    got = True
-                    if self._closed.is_set():
-                        return
-                    if status.state == common_pb2.ROUND_STATE_DONE:
-                        result = self._scorer.get_result(entry.round_id)
-                        self._finish(entry, result.status, result)
-                        return
-                    if status.state == common_pb2.ROUND_STATE_FAILED:
-                        self._finish(entry, status)
-                        return
-                    self._set_status(entry, status)
-            except NotFound:
-                self._finish(entry, common_pb2.RoundStatus(
-                    task_id=entry.task_id, round_id=entry.round_id, state=common_pb2.ROUND_STATE_FAILED,
-                    message="the scorer lost the round; its records are pending again"))
-                return
-            except FtpsError as exc:
-                log.warning("round %s: lost the scorer (%s); reconnecting in %.1fs", entry.round_id, exc, delay)
-            else:
-                if got:
-                    # The scorer ended the stream before a terminal state (its idle or maximum stream
-                    # lifetime): follow again right away (it answers with the current status first),
-                    # and from the shortest backoff, as the scorer is there.
-                    delay = 0.5
-                    if self._closed.wait(0.1):
-                        return
-                    continue
-            if self._closed.wait(delay):
-                return
-            delay = min(delay * 2, 10.0)
-
-    def get_round(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
-        entry = self._round(round_id, who, contributors_may=False)
-        if entry.result is not None:
-            return entry.result
-        return common_pb2.RoundResult(status=entry.status)
-
-    def _round(self, round_id: str, who: Principal, *, contributors_may: bool) -> RoundEntry:
+    def _round(self, round_id: str, who: Principal, *, contributors_may: bool) -> RoundRef:
         """The round, if ``who`` may see it: privileged callers, the task's builder, and (where
         ``contributors_may``) a contributor with records in it. Others get PERMISSION_DENIED
         whether or not it exists."""
         check_id(round_id, "round_id")
-        with self._lock:
-            entry = self._rounds.get(round_id)
-        if entry is not None and (
+        ref = self._subs.round(round_id)
+        if ref is not None and (
                 who.is_privileged
-                or (who.may_see_task(entry.task_id) and (
-                    (who.role == "builder" and self._get_task(entry.task_id).owner == who.subject)
-                    or (contributors_may and who.role == "contributor" and who.subject in entry.contributors)))):
-            return entry
-        if entry is None and who.is_privileged:
+                or (who.may_see_task(ref.task_id) and (
+                    (who.role == "builder" and self._get_task(ref.task_id).owner == who.subject)
+                    or (contributors_may and who.role == "contributor"
+                        and self._subs.has_records_in(round_id, who.subject))))):
+            return ref
+        if ref is None and who.is_privileged:
             raise NotFound(f"round {round_id} not found")
         raise denied(who, "read", f"round {round_id}")
 
+    def _read_round(self, ref: RoundRef) -> common_pb2.RoundResult:
+        """The scorer's word on the round (applying its outcome here if it ended)."""
+        with self._results_lock:
+            cached = self._results.get(ref.round_id)
+        if cached is not None:
+            return cached
+        try:
+            result = self._scorer.get_result(ref.round_id)
+        except NotFound:
+            return common_pb2.RoundResult(status=self._unknown_status(ref))
+        self._settle(ref.round_id, result)
+        return result
+
+    def _unknown_status(self, ref: RoundRef) -> common_pb2.RoundStatus:
+        """A round the gateway claimed but the scorer does not know: starting, or never started."""
+        status = common_pb2.RoundStatus(task_id=ref.task_id, round_id=ref.round_id, n_records=ref.n_records,
+                                        state=common_pb2.ROUND_STATE_PENDING)
+        since = ref.handed_at if ref.handed_at is not None else ref.claimed_at
+        if ref.released_at is not None or time.time() - since > self._grace_s:
+            status.state = common_pb2.ROUND_STATE_FAILED
+            status.message = f"round {ref.round_id} never reached the scorer; its records are pending again"
+        return status
+
+    def get_round(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
+        return self._read_round(self._round(round_id, who, contributors_may=False))
+
     def watch_round(self, round_id: str, *, is_active: Callable[[], bool],
                     who: Principal) -> Iterator[common_pb2.RoundStatus]:
-        entry = self._round(round_id, who, contributors_may=True)
+        """The scorer's status of the round, each change once, until DONE or FAILED. Read from the
+        scorer every half second (no stream held open to it per watcher)."""
+        ref = self._round(round_id, who, contributors_may=True)
         last = None
         while is_active():
-            with self._changed:
-                if entry.status == last:
-                    self._changed.wait(timeout=1.0)
-                status = entry.status
+            status = self._read_round(ref).status
             if status != last:
                 last = status
                 yield status
                 if status.state in TERMINAL:
                     return
+            with self._changed:
+                self._changed.wait(timeout=0.5)
+
+    # -- reconciling submissions with the scorer's rounds --------------------------------------
+    def _settle(self, round_id: str, result: common_pb2.RoundResult) -> None:
+        """Apply an ended round's outcome to the submissions still IN_ROUND of it (idempotent)."""
+        state = result.status.state
+        if state == common_pb2.ROUND_STATE_DONE:
+            with self._results_lock:
+                self._results[round_id] = result
+                self._results.move_to_end(round_id)
+                while len(self._results) > self._result_cap:
+                    self._results.popitem(last=False)
+            changed = self._subs.apply_done(round_id, result.excluded)
+        elif state == common_pb2.ROUND_STATE_FAILED:
+            changed = self._subs.apply_failed(round_id, result.status.message)
+        else:
+            return
+        if changed:
+            log.info("round %s %s: %d submission(s) updated", round_id,
+                     common_pb2.RoundState.Name(state), changed)
+            with self._changed:
+                self._changed.notify_all()
+
+    def reconcile(self) -> None:
+        """One pass: ask the scorer about every round holding IN_ROUND submissions."""
+        for ref in self._subs.open_rounds():
+            if self._closed.is_set():
+                return
+            try:
+                result = self._scorer.get_result(ref.round_id)
+            except NotFound:
+                if self._subs.release(ref.round_id, not_since=time.time() - self._grace_s):
+                    log.warning("round %s never reached the scorer; its records are pending again", ref.round_id)
+                continue
+            self._settle(ref.round_id, result)
+
+    def _reconcile_loop(self) -> None:
+        delay = self._reconcile_s
+        while not self._closed.is_set():
+            try:
+                self.reconcile()
+                delay = self._reconcile_s
+            except FtpsError as exc:  # the scorer or the database away: try again, backing off
+                delay = min(max(delay, 0.5) * 2, 10.0)
+                log.warning("reconciling rounds: %s; again in %.1fs", exc, delay)
+            except Exception:  # the reconciler must outlive any one bad pass
+                log.exception("reconciling rounds failed")
+            self._wake.wait(delay)
+            self._wake.clear()
 
     # -- results -------------------------------------------------------------------------------
-    def get_scores(self, task_id: str, contributor: str, round_id: str,
-                   who: Principal) -> gateway_pb2.GetScoresResponse:
+    def _done_result(self, round_id: str) -> common_pb2.RoundResult | None:
+        with self._results_lock:
+            cached = self._results.get(round_id)
+            if cached is not None:
+                self._results.move_to_end(round_id)
+                return cached
+        try:
+            result = self._scorer.get_result(round_id)
+        except NotFound:
+            return None
+        if result.status.state != common_pb2.ROUND_STATE_DONE:
+            return None
+        self._settle(round_id, result)
+        return result
+
+    def get_scores(self, task_id: str, contributor: str, round_id: str, who: Principal, *,
+                   page_size: int = 0, page_token: str = "") -> gateway_pb2.GetScoresResponse:
         """A contributor gets its own records' scores; the task's builder and admins get every
-        record's, and the batch metrics."""
+        record's, and the batch metrics (each round's with the page holding its first score).
+        Rounds in id order, records in round order, ``page_size`` scores a page."""
         check_id(task_id, "task_id")
         contributor = self._own_contributor(who, contributor, action="read the scores of")
         if contributor:
             check_id(contributor, "contributor")
         authorized_task(who, task_id, self._get_task, action="read scores of", contributors_may=True)
+        n = clamp_page_size(page_size)
+        after = decode_token(page_token, 2)
+        rounds = self._subs.scored_rounds(task_id, contributor=contributor)
+        if round_id:
+            rounds = [r for r in rounds if r == round_id]
+        if after is not None:
+            rounds = [r for r in rounds if r >= after[0]]
         resp = gateway_pb2.GetScoresResponse()
-        with self._lock:
-            rounds = [e for e in self._rounds.values()
-                      if e.task_id == task_id and e.result is not None
-                      and (not round_id or e.round_id == round_id)]
-        for entry in sorted(rounds, key=lambda e: e.result.status.round_id):
-            resp.scores.extend(s for s in entry.result.scores if not contributor or s.contributor == contributor)
-            if not contributor:
-                resp.batches.append(entry.result.batch)
+        for rid in rounds:
+            result = self._done_result(rid)
+            if result is None:
+                continue
+            scores = [s for s in result.scores if not contributor or s.contributor == contributor]
+            start = int(after[1]) if after is not None and rid == after[0] else 0
+            if len(resp.scores) >= n:
+                resp.next_page_token = encode_token([rid, start])
+                break
+            take = scores[start:start + n - len(resp.scores)]
+            if not contributor and start == 0:
+                resp.batches.append(result.batch)
+            resp.scores.extend(take)
+            if start + len(take) < len(scores):
+                resp.next_page_token = encode_token([rid, start + len(take)])
+                break
         return resp
 
     def watch_scores(self, task_id: str, contributor: str, *, is_active: Callable[[], bool],
@@ -410,44 +405,16 @@ class Gateway:
         authorized_task(who, task_id, self._get_task, action="watch scores of", contributors_may=True)
         sent: set[str] = set()
         while is_active():
-            with self._changed:
-                done = [e for e in self._rounds.values()
-                        if e.task_id == task_id and e.result is not None and e.round_id not in sent]
-                if not done:
-                    self._changed.wait(timeout=1.0)
+            for rid in self._subs.scored_rounds(task_id, contributor=contributor):
+                if rid in sent:
                     continue
-            for entry in done:
-                sent.add(entry.round_id)
-                for s in entry.result.scores:
+                result = self._done_result(rid)
+                if result is None:
+                    continue
+                sent.add(rid)
+                for s in result.scores:
                     if s.contributor == contributor:
                         yield s
-
-
-# A submission in this many failed rounds is not retried automatically: no batch is re-queued forever.
-MAX_FAILED_ROUNDS = 2
-
-
-def _count_failure(message: str) -> Callable[[gateway_pb2.Submission], None]:
-    def change(sub: gateway_pb2.Submission) -> None:
-        sub.failed_rounds += 1
-        if sub.failed_rounds >= MAX_FAILED_ROUNDS:
-            sub.state = gateway_pb2.SUBMISSION_STATE_FAILED
-            sub.failure_reason = (f"{sub.failed_rounds} rounds holding these records failed; not retried "
-                                  f"automatically (submit again to retry). Last: {message}")
-    return change
-
-
-def _fail_excluded(excluded: Iterable[common_pb2.ExcludedRecord]) -> Callable[[gateway_pb2.Submission], None]:
-    """Submissions holding records the scorer left out end FAILED, naming those records."""
-    by_sub: dict[str, list[common_pb2.ExcludedRecord]] = {}
-    for e in excluded:
-        by_sub.setdefault(e.record_id.rsplit("-", 1)[0], []).append(e)
-
-    def change(sub: gateway_pb2.Submission) -> None:
-        mine = by_sub.get(sub.submission_id)
-        if mine:
-            sub.state = gateway_pb2.SUBMISSION_STATE_FAILED
-            sub.failure_reason = "; ".join(f"record {e.record_id} (#{e.record_id.rsplit('-', 1)[1]} of the "
-                                           f"submission) left out of round {sub.round_id}: {e.reason}"
-                                           for e in mine[:5]) + (f"; and {len(mine) - 5} more" if len(mine) > 5 else "")
-    return change
+            # Woken at once by this replica's reconciler; another replica's within a second.
+            with self._changed:
+                self._changed.wait(timeout=1.0)

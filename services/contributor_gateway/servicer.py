@@ -27,8 +27,14 @@ class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServicer):
         return self.gateway.get_submission(request.submission_id, current())
 
     @rpc
+    def ListSubmissions(self, request, context):
+        return self.gateway.list_submissions(request.task_id, request.contributor, request.page_size,
+                                             request.page_token, current())
+
+    @rpc
     def GetScores(self, request, context):
-        return self.gateway.get_scores(request.task_id, request.contributor, request.round_id, current())
+        return self.gateway.get_scores(request.task_id, request.contributor, request.round_id, current(),
+                                       page_size=request.page_size, page_token=request.page_token)
 
     @rpc
     def WatchScores(self, request, context):

@@ -8,7 +8,7 @@ import sys
 
 from ftps.common import grpcutil
 from ftps.common.cpus import usable_cpus
-from ftps.common.storage import ObjectStore
+from ftps.common.storage import open_blob_store
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.config import WorkerSettings
 from services.finetune_worker.servicer import FinetuneWorkerServicer
@@ -37,7 +37,7 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
 
     device = pick_device(settings.device)
     threads = threads_per_job(settings)
-    store = ObjectStore(settings)
+    store = open_blob_store(settings)
     worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
                     timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
                     cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,

@@ -3,13 +3,16 @@
 A round: masks (Algorithm 1's balanced complementary halves), n models fine-tuned by the worker
 pool, the statistic matrix PHI[n, m], then every score variant from :mod:`scoring`.
 
-Object layout::
+State (:mod:`services.lira_scorer.store`): a round is one row of ``scorer_rounds`` (state, progress,
+lease, batch and result references), an offline Gaussian one row of ``scorer_offline``. Blobs::
 
-    scorer/tasks/{task_id}/offline/{base_sha[:16]}/gaussian.json   the offline Gaussian
-    scorer/tasks/{task_id}/offline/{base_sha[:16]}/{pool,heldout}.npz
-    scorer/rounds/{round_id}/state.json     what is needed to resume it, and its state
-    scorer/rounds/{round_id}/phi.npz        phi [n, m] and member [n, m]
-    scorer/rounds/{round_id}/result.json    the RoundResult (protobuf JSON)
+    scorer/tasks/{task_id}/offline/{base_sha[:16]}/{pool,heldout}.npz   the preparation stage's records
+    scorer/rounds/{round_id}/phi.npz              phi [n, m] and member [n, m]
+    scorer/rounds/{round_id}/batch-a1-{run}.npz   the batch without the records left out (a second pass)
+    scorer/rounds/{round_id}/result-{run}.pb      the RoundResult (serialized protobuf)
+
+``{run}`` names one replica's run of the round: a replica that lost the round (its lease ran out
+while it was slow, not dead) and writes late never overwrites a blob the row already points at.
 """
 
 from __future__ import annotations
@@ -17,30 +20,35 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
-from google.protobuf import json_format
 
 from ftps.common import serde
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
-from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied
+from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
+                                Unavailable)
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, registry_pb2, worker_pb2
 from services.lira_scorer import scoring
+from services.lira_scorer.store import NewRound, OfflineStore, RoundRow, RoundStore
 from services.lira_scorer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
 GetTask = Callable[[str], registry_pb2.Task]
 # The scorer acting on its own: rounds it resumes, the preparation stage an offline-global round needs.
 SELF = Principal("lira-scorer", "service")
+_RESULTS_CACHED = 64  # finished results kept in memory (they never change)
 
 
 def now() -> str:
@@ -72,34 +80,152 @@ def make_jobs(task: registry_pb2.Task, job_prefix: str, records: common_pb2.Blob
     return jobs
 
 
-@dataclass
-class Round:
-    task_id: str
-    round_id: str
-    batch: common_pb2.BlobRef
-    record_ids: list[str]
-    contributors: list[str]
-    status: common_pb2.RoundStatus
-    result: common_pb2.RoundResult | None = None
-    changed: threading.Condition = field(default_factory=threading.Condition)
+class RoundAbandoned(Exception):
+    """This replica stops running the round without ending it: its lease ends and a replica (maybe
+    this one) runs it again from its batch."""
 
-    def state_json(self) -> dict:
-        return {"task_id": self.task_id, "round_id": self.round_id,
-                "batch": json_format.MessageToDict(self.batch),
-                "record_ids": self.record_ids, "contributors": self.contributors,
-                "status": json_format.MessageToDict(self.status)}
+
+class LeaseLost(RoundAbandoned):
+    """Another replica took the round over (this one's lease ran out) or this one released it."""
+
+
+@dataclass
+class Run:
+    """A round running on this replica: its row as claimed, its status as last written here, and
+    whether this replica still holds it."""
+
+    row: RoundRow
+    status: common_pb2.RoundStatus
+    lost: threading.Event = field(default_factory=threading.Event)
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    @property
+    def round_id(self) -> str:
+        return self.row.round_id
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Scorer:
-    def __init__(self, store: ObjectStore, get_task: GetTask, pool: WorkerPool, *,
-                 heldout_max: int = 500) -> None:
+    """Rounds and the preparation stage over the scorer's stores.
+
+    Replicas: every replica serves every round from the database; the replica that stored a round
+    (StartRound) runs it under a lease it renews every ``lease_s / 3``; :meth:`tick` (the lease loop,
+    :meth:`start`) also claims rounds whose lease ran out, their owner having died, and runs them
+    again. A lease is held by ``owner`` = replica id + '#' + this incarnation, so that a replica
+    restarted under the same id (a pod's hostname, pid 1) takes its predecessor's rounds at once.
+    """
+
+    def __init__(self, store: ObjectStore, get_task: GetTask, pool: WorkerPool, *, rounds: RoundStore,
+                 offline: OfflineStore, heldout_max: int = 500, replica_id: str = "",
+                 lease_s: float = 30.0, poll_s: float = 0.5, claim_limit: int = 4) -> None:
         self._store = store
         self._get_task = get_task
         self._pool = pool
+        self._rounds = rounds
+        self._offline = offline
         self._heldout_max = heldout_max
-        self._rounds: dict[str, Round] = {}
+        self.replica_id = replica_id or default_replica_id()
+        self.owner = f"{self.replica_id}#{secrets.token_hex(4)}"
+        self._lease_s = lease_s
+        self._poll_s = poll_s
+        self._claim_limit = claim_limit
+        # Guards the dicts below only; never held around storage or database I/O.
         self._lock = threading.Lock()
+        self._runs: dict[str, Run] = {}
         self._prep_locks: dict[str, threading.Lock] = {}
+        self._results: OrderedDict[str, common_pb2.RoundResult] = OrderedDict()  # finished: immutable
+        # Notified on every write of a round running here: watchers re-read at once, not at the poll.
+        self._progress = threading.Condition()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    # -- leases ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the lease loop: the rounds of this replica's earlier incarnation are released, then
+        every ``lease_s / 3`` leases are renewed and expired rounds claimed (the first pass at once)."""
+        try:
+            released = self._rounds.release_owners(f"{self.replica_id}#", keep=self.owner)
+            if released:
+                log.info("released %d round(s) of an earlier run of replica %s", released, self.replica_id)
+        except Unavailable as exc:  # the expired leases are claimed later all the same
+            log.warning("could not release earlier rounds: %s", exc)
+        self._loop = threading.Thread(target=self._lease_loop, name="scorer-leases", daemon=True)
+        self._loop.start()
+
+    def close(self) -> None:
+        """Stop the lease loop and stop writing the rounds running here; their leases are released
+        so that another replica takes them over at its next pass instead of after the lease."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=10)
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.lost.set()
+        try:
+            self._rounds.release([run.round_id for run in runs], owner=self.owner)
+        except Unavailable as exc:
+            log.warning("could not release %d round(s) at stop (they are taken over after the lease): %s",
+                        len(runs), exc)
+
+    def _lease_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Unavailable as exc:  # leases not renewed may run out: the rounds move, scores do not
+                log.warning("lease loop: %s", exc)
+            except Exception:  # noqa: BLE001 - the loop outlives whatever one pass ran into
+                log.exception("lease loop")
+            self._stop.wait(self._lease_s / 3)
+
+    def tick(self) -> None:
+        """One pass of the lease loop: renew the leases of the rounds running here, then claim
+        rounds whose lease ran out and run them."""
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            if not run.lost.is_set() and not self._rounds.renew(run.round_id, owner=self.owner,
+                                                                 lease_s=self._lease_s):
+                run.lost.set()
+                log.warning("round %s: lease lost (taken over or finished elsewhere)", run.round_id)
+        if self._stop.is_set():
+            return
+        for row in self._rounds.claim_expired(owner=self.owner, lease_s=self._lease_s, limit=self._claim_limit):
+            log.info("round %s: its lease ran out (owner %s); running it here again", row.round_id,
+                     row.lease_owner or "none")
+            self._launch(row)
+
+    def _launch(self, row: RoundRow) -> None:
+        run = Run(row=row, status=row.status())
+        with self._lock:
+            if row.round_id in self._runs:
+                return
+            self._runs[row.round_id] = run
+        threading.Thread(target=self._run_round, args=(run,), name=f"round-{row.round_id}", daemon=True).start()
+
+    def _write(self, run: Run, **fields) -> None:
+        """Write the round's progress, as its owner: a lost lease, or a database that cannot be
+        reached, ends this replica's run of the round (:class:`RoundAbandoned`)."""
+        if run.lost.is_set():
+            raise LeaseLost(run.round_id)
+        try:
+            held = self._rounds.update(run.round_id, owner=self.owner, **fields)
+        except Unavailable as exc:
+            raise RoundAbandoned(f"round {run.round_id}: {exc}") from exc
+        if not held:
+            run.lost.set()
+            raise LeaseLost(run.round_id)
+        status = common_pb2.RoundStatus()
+        status.CopyFrom(run.status)
+        for k in ("state", "models_done", "message"):
+            if fields.get(k) is not None:
+                setattr(status, k, fields[k])
+        run.status = status
+        with self._progress:
+            self._progress.notify_all()
 
     # -- preparation stage -------------------------------------------------------------------
     def _offline_prefix(self, task: registry_pb2.Task) -> str:
@@ -107,23 +233,26 @@ class Scorer:
 
     def get_offline(self, task_id: str, who: Principal) -> common_pb2.OfflineGaussian:
         task = self._ready_task(task_id, who, action="read the offline Gaussian of")
-        key = f"{self._offline_prefix(task)}/gaussian.json"
-        if not self._store.exists(key):
+        gaussian = self._offline.get(task_id, task.base_model.sha256)
+        if gaussian is None:
             raise NotFound(f"task {task_id} has no offline Gaussian for base model "
                            f"v{task.base_model.version}; run the preparation stage")
-        return json_format.Parse(self._store.get_bytes(key), common_pb2.OfflineGaussian())
+        return gaussian
 
     def prepare_offline(self, task_id: str, *, refit: bool = False, who: Principal,
                         progress: Callable[[int, int], None] | None = None) -> common_pb2.OfflineGaussian:
         """k shadow fine-tunes of M0 on random halves of a pool of the builder's records; phi on
-        held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it."""
+        held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it.
+
+        One fit per task at a time on this replica; two replicas may fit at once, which is only
+        duplicate work: the fit is seeded by the task and base model, and the first stored wins."""
         task = self._ready_task(task_id, who, action="prepare")
         with self._lock:
             lock = self._prep_locks.setdefault(task_id, threading.Lock())
         with lock:
             prefix = self._offline_prefix(task)
-            if not refit and self._store.exists(f"{prefix}/gaussian.json"):
-                return self.get_offline(task_id, who)
+            if not refit and (stored := self._offline.get(task_id, task.base_model.sha256)) is not None:
+                return stored
             t0 = time.perf_counter()
             arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
             x, y = arrays["x"], arrays["y"]
@@ -157,10 +286,9 @@ class Scorer:
                 base_model_sha256=task.base_model.sha256,
                 timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
                          "total_s": time.perf_counter() - t0})
-            self._store.put_bytes(f"{prefix}/gaussian.json",
-                                  json_format.MessageToJson(gaussian).encode(), content_type="application/json")
+            gaussian = self._offline.put(gaussian, replace=refit)
             log.info("task %s: offline Gaussian mu=%.3f sigma=%.3f from k=%d shadow models (%.1fs)",
-                     task_id, mu, sigma, k, time.perf_counter() - t0)
+                     task_id, gaussian.mu, gaussian.sigma, k, time.perf_counter() - t0)
             return gaussian
 
     def _ready_task(self, task_id: str, who: Principal, *, action: str = "use") -> registry_pb2.Task:
@@ -176,10 +304,9 @@ class Scorer:
                     who: Principal) -> common_pb2.RoundStatus:
         who.require_role("service", "admin", what="start scoring rounds (the gateway does)")
         check_id(round_id, "round_id")
-        with self._lock:
-            existing = self._rounds.get(round_id)
+        existing = self._rounds.get(round_id)
         if existing is not None:
-            return existing.status
+            return existing.status()
         task = self._ready_task(task_id, who, action="score rounds of")
         if not batch.key or not batch.sha256:
             raise InvalidArgument("batch is required (key and sha256)")
@@ -188,90 +315,58 @@ class Scorer:
                                   f"({len(contributors)}) differ in length")
         if len(record_ids) < 2:
             raise InvalidArgument("a round needs at least 2 records")
-        rnd = Round(task_id=task_id, round_id=round_id, batch=batch, record_ids=list(record_ids),
-                    contributors=list(contributors),
-                    status=common_pb2.RoundStatus(task_id=task_id, round_id=round_id,
-                                                  state=common_pb2.ROUND_STATE_PENDING,
-                                                  models_total=task.settings.n_models,
-                                                  n_records=len(record_ids)))
-        with self._lock:
-            if round_id in self._rounds:
-                return self._rounds[round_id].status
-            self._rounds[round_id] = rnd
-        self._persist(rnd)
-        threading.Thread(target=self._run_round, args=(rnd,), name=f"round-{round_id}", daemon=True).start()
-        return rnd.status
+        row, created = self._rounds.create(
+            NewRound(round_id=round_id, task_id=task_id, models_total=task.settings.n_models, batch=batch,
+                     record_ids=list(record_ids), contributors=list(contributors)),
+            owner=self.owner, lease_s=self._lease_s)
+        if created:  # this replica stored it and holds its lease: it runs it
+            self._launch(row)
+        return row.status()
 
-    def resume(self) -> None:
-        """After a restart: rounds that were in flight run again (same seeds, same scores)."""
-        for key in self._store.list_keys("scorer/rounds/"):
-            if not key.endswith("/state.json"):
-                continue
-            state = self._store.get_json(key)
-            status = json_format.ParseDict(state["status"], common_pb2.RoundStatus())
-            rnd = Round(task_id=state["task_id"], round_id=state["round_id"],
-                        batch=json_format.ParseDict(state["batch"], common_pb2.BlobRef()),
-                        record_ids=state["record_ids"], contributors=state["contributors"], status=status)
-            if status.state in TERMINAL:
-                result_key = f"scorer/rounds/{rnd.round_id}/result.json"
-                if self._store.exists(result_key):
-                    rnd.result = json_format.Parse(self._store.get_bytes(result_key), common_pb2.RoundResult())
-                self._rounds[rnd.round_id] = rnd
-                continue
-            log.info("round %s was in flight at restart; running it again", rnd.round_id)
-            self._rounds[rnd.round_id] = rnd
-            threading.Thread(target=self._run_round, args=(rnd,), daemon=True).start()
-
-    def _persist(self, rnd: Round) -> None:
-        self._store.put_json(f"scorer/rounds/{rnd.round_id}/state.json", rnd.state_json())
-
-    def _update(self, rnd: Round, *, persist: bool = False, **fields) -> None:
-        with rnd.changed:
-            status = common_pb2.RoundStatus()
-            status.CopyFrom(rnd.status)
-            for k, v in fields.items():
-                setattr(status, k, v)
-            rnd.status = status
-            rnd.changed.notify_all()
-        if persist:
-            self._persist(rnd)
-
-    def _run_round(self, rnd: Round) -> None:
+    def _run_round(self, run: Run) -> None:
         t0 = time.perf_counter()
         try:
-            result = self._score_round(rnd)
-            result.timings["total_s"] = time.perf_counter() - t0
-            self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/result.json",
-                                  json_format.MessageToJson(result).encode(), content_type="application/json")
-            with rnd.changed:
-                rnd.result = result
-            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_DONE,
-                         message=f"scored {len(rnd.record_ids)} records with {result.batch.n_models} models")
-            log.info("round %s done in %.1fs", rnd.round_id, time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - every failure ends the round with a reason
-            reason = str(exc) if isinstance(exc, (FtpsError, ValueError)) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (FtpsError, ValueError)):
-                log.exception("round %s failed", rnd.round_id)
-            else:
-                log.warning("round %s failed: %s", rnd.round_id, reason)
-            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FAILED, message=reason)
+            try:
+                result = self._score_round(run)
+                result.timings["total_s"] = time.perf_counter() - t0
+                # The result is stored before the row points at it.
+                ref = self._store.put_bytes(f"scorer/rounds/{run.round_id}/result-{run.nonce}.pb",
+                                            result.SerializeToString())
+                self._write(run, state=common_pb2.ROUND_STATE_DONE, result=ref,
+                            message=f"scored {len(run.row.record_ids)} records with {result.batch.n_models} models")
+                log.info("round %s done in %.1fs", run.round_id, time.perf_counter() - t0)
+            except RoundAbandoned:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure ends the round with a reason
+                reason = str(exc) if isinstance(exc, (FtpsError, ValueError)) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, (FtpsError, ValueError)):
+                    log.exception("round %s failed", run.round_id)
+                else:
+                    log.warning("round %s failed: %s", run.round_id, reason)
+                self._write(run, state=common_pb2.ROUND_STATE_FAILED, message=reason)
+        except LeaseLost:
+            log.warning("round %s: no longer this replica's (lease lost); stopped running it", run.round_id)
+        except RoundAbandoned as exc:
+            log.warning("%s; the round runs again once its lease ends", exc)
+        finally:
+            with self._lock:
+                self._runs.pop(run.round_id, None)
 
-    def _score_round(self, rnd: Round) -> common_pb2.RoundResult:
-        task = self._ready_task(rnd.task_id, SELF)
+    def _score_round(self, run: Run) -> common_pb2.RoundResult:
+        task = self._ready_task(run.row.task_id, SELF)
         s = task.settings
         method = serde.method_name(s.method)
         offline = None
         if s.method == common_pb2.METHOD_OFFLINE_GLOBAL:
-            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_PREPARING,
-                         message="fitting the offline Gaussian")
-            offline = self.prepare_offline(rnd.task_id, who=SELF)
+            self._write(run, state=common_pb2.ROUND_STATE_PREPARING, message="fitting the offline Gaussian")
+            offline = self.prepare_offline(run.row.task_id, who=SELF)
         else:
             try:
-                offline = self.get_offline(rnd.task_id, SELF)
+                offline = self.get_offline(run.row.task_id, SELF)
             except NotFound:
                 offline = None
         n = s.n_models
-        batch, record_ids, contributors = rnd.batch, list(rnd.record_ids), list(rnd.contributors)
+        batch, record_ids, contributors = run.row.batch, list(run.row.record_ids), list(run.row.contributors)
         excluded: list[common_pb2.ExcludedRecord] = []
         t_ft = time.perf_counter()
         job_seconds: list[float] = []
@@ -280,16 +375,16 @@ class Scorer:
         for attempt in range(2):
             m = len(record_ids)
             # Seeded by the batch's content, not the round id: the same batch of the same task always
-            # gets the same masks and models, on any stack, after any restart.
+            # gets the same masks and models, on any stack, after any restart or takeover.
             seed = derive_seed(s.seed, batch.sha256)
             masks = scoring.make_masks(n, m, seed=seed)
-            jobs = make_jobs(task, rnd.round_id if attempt == 0 else f"{rnd.round_id}-a{attempt}", batch,
+            jobs = make_jobs(task, run.round_id if attempt == 0 else f"{run.round_id}-a{attempt}", batch,
                              masks, model_seeds(seed, n), builder_mix=s.builder_mix)
-            self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
-                         message=f"fine-tuning {n} models on {m} records" + (
-                             f" (again, without {len(excluded)} record(s) that made fine-tuning fail)"
-                             if attempt else ""))
-            phi, failed = self._finetune(rnd, jobs, n, m, job_seconds)
+            self._write(run, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
+                        message=f"fine-tuning {n} models on {m} records" + (
+                            f" (again, without {len(excluded)} record(s) that made fine-tuning fail)"
+                            if attempt else ""))
+            phi, failed = self._finetune(run, jobs, n, m, job_seconds)
             causes, broken, unexplained = trace_failures(phi, masks, failed)
             if unexplained:
                 raise FailedPrecondition(f"fine-tuning failed on {broken} of {n} models, not traced to "
@@ -306,7 +401,7 @@ class Scorer:
             for j, reason in sorted(causes.items()):
                 excluded.append(common_pb2.ExcludedRecord(record_id=record_ids[j], contributor=contributors[j],
                                                           reason=reason))
-                log.warning("round %s: record %s of %s excluded: %s", rnd.round_id, record_ids[j],
+                log.warning("round %s: record %s of %s excluded: %s", run.round_id, record_ids[j],
                             contributors[j], reason)
             record_ids = [record_ids[j] for j in keep]
             contributors = [contributors[j] for j in keep]
@@ -314,18 +409,18 @@ class Scorer:
                 phi, masks = phi[:, keep], masks[:, keep]
                 break
             arrays = serde.npz_arrays(self._store.get_ref(batch))
-            batch = self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/batch-a{attempt + 1}.npz",
+            batch = self._store.put_bytes(f"scorer/rounds/{run.round_id}/batch-a{attempt + 1}-{run.nonce}.npz",
                                           serde.records_to_npz(arrays["x"][keep], arrays["y"][keep]))
         finetune_s = time.perf_counter() - t_ft
-        self._store.put_bytes(f"scorer/rounds/{rnd.round_id}/phi.npz",
+        self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi.npz",
                               serde.records_to_npz(phi, masks))  # x=phi, y=member
-        self._update(rnd, persist=True, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
+        self._write(run, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
         t_sc = time.perf_counter()
         result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
                            offline=offline, record_ids=record_ids, contributors=contributors,
-                           round_id=rnd.round_id)
+                           round_id=run.round_id)
         result.excluded.extend(excluded)
-        result.status.CopyFrom(rnd.status)
+        result.status.CopyFrom(run.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
         result.timings["finetune_s"] = finetune_s
         # The workers' own seconds (sandbox, summed over jobs): finetune_s minus this is the fan-out.
@@ -333,7 +428,7 @@ class Scorer:
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
-    def _finetune(self, rnd: Round, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
+    def _finetune(self, run: Run, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
                   job_seconds: list[float]) -> tuple[np.ndarray, dict[int, str]]:
         """phi ``[n, m]`` of every job (NaN where a record's statistic is not finite), and the models
         whose job failed with a task error, each with the reason. A failed job of several models is
@@ -350,7 +445,7 @@ class Scorer:
             phi[list(result.model_indices)] = rows
             fine[list(result.model_indices)] = True
             job_seconds.append(result.seconds)
-            self._update(rnd, models_done=int(fine.sum()))
+            self._write(run, models_done=int(fine.sum()))
 
         def on_task_error(job: worker_pb2.FinetuneJob, exc: FtpsError) -> None:
             if len(job.models) > 1:
@@ -370,48 +465,57 @@ class Scorer:
                 singles.append(single)
         if singles:
             log.warning("round %s: %d job(s) failed; running their %d models one by one to trace the failure",
-                        rnd.round_id, len(failed_jobs), len(singles))
+                        run.round_id, len(failed_jobs), len(singles))
             self._pool.run_all(singles, on_done, on_task_error=on_task_error)
         return phi, failed
 
-    def get(self, round_id: str, who: Principal) -> Round:
+    def get(self, round_id: str, who: Principal) -> RoundRow:
         check_id(round_id, "round_id")
-        with self._lock:
-            rnd = self._rounds.get(round_id)
+        row = self._rounds.get(round_id)
         if who.is_privileged:
-            if rnd is None:
+            if row is None:
                 raise NotFound(f"round {round_id} not found")
-            return rnd
-        if rnd is None:  # not NOT_FOUND: no answer tells a caller which rounds exist
+            return row
+        if row is None:  # not NOT_FOUND: no answer tells a caller which rounds exist
             raise denied(who, "read", f"round {round_id}")
         try:
-            authorize_task(who, rnd.task_id, self._get_task(rnd.task_id).owner, action="read")
+            authorize_task(who, row.task_id, self._get_task(row.task_id).owner, action="read")
         except PermissionDenied:
             raise denied(who, "read", f"round {round_id}") from None
-        return rnd
+        return row
 
     def get_result(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
-        rnd = self.get(round_id, who)
-        if rnd.result is not None:
-            return rnd.result
-        return common_pb2.RoundResult(status=rnd.status)
+        row = self.get(round_id, who)
+        if row.result is None:
+            return common_pb2.RoundResult(status=row.status())
+        with self._lock:
+            cached = self._results.get(round_id)
+        if cached is None:
+            cached = common_pb2.RoundResult.FromString(self._store.get_ref(row.result))
+            with self._lock:
+                self._results[round_id] = cached
+                while len(self._results) > _RESULTS_CACHED:
+                    self._results.popitem(last=False)
+        return cached
 
     def watch(self, round_id: str, *, is_active: Callable[[], bool],
               who: Principal) -> Iterator[common_pb2.RoundStatus]:
-        rnd = self.get(round_id, who)
+        """The round's status from the database (whichever replica runs it) each time it changes,
+        until DONE or FAILED: read every ``poll_s``, or at once when a round running here moves."""
+        row = self.get(round_id, who)
         last = None
         while True:
-            with rnd.changed:
-                if rnd.status == last:
-                    rnd.changed.wait(timeout=1.0)
-                status = rnd.status
+            status = row.status()
             if status != last:
                 last = status
                 yield status
-                if status.state in TERMINAL:
+                if row.terminal:
                     return
             if not is_active():
                 return
+            with self._progress:
+                self._progress.wait(timeout=self._poll_s)
+            row = self._rounds.get(round_id) or row
 
 
 def trace_failures(phi: np.ndarray, member: np.ndarray,

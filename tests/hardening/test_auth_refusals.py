@@ -7,6 +7,7 @@ internal service; control characters escaped in log lines."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 
 from ftps.common import auth, grpcutil
 from ftps.common.auth import AUTH_DISABLED, AuthNotConfigured, NoPrincipal, TokenSigner, current
+from ftps.common.db import Database
 from ftps.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable, from_rpc_error
 from ftps.common.log import _FORMAT, EscapingFormatter
 from ftps.common.settings import load_settings
@@ -31,6 +33,7 @@ from services.builder_registry.__main__ import create_server as registry_server
 from services.builder_registry.config import RegistrySettings
 from services.builder_registry.registry import Registry
 from services.builder_registry.servicer import BuilderRegistryServicer
+from services.builder_registry.store import SqlTaskStore
 from services.contributor_gateway.__main__ import create_server as gateway_server
 from services.contributor_gateway.config import GatewaySettings
 from services.finetune_worker.config import WorkerSettings
@@ -120,9 +123,10 @@ def test_auth_disabled_starts_loudly_and_every_caller_is_the_explicit_principal(
     assert seen == [AUTH_DISABLED, AUTH_DISABLED] and AUTH_DISABLED == auth.Principal("auth-disabled", "admin")
 
 
-def test_a_process_with_auth_disabled_serves_and_says_so(s3_endpoint):
+def test_a_process_with_auth_disabled_serves_and_says_so(s3_endpoint, tmp_path):
     env = _child_env(FTPS_AUTH_DISABLED="true", FTPS_S3_ENDPOINT=s3_endpoint, FTPS_S3_BUCKET="auth-off",
-                     FTPS_S3_ACCESS_KEY="test", FTPS_S3_SECRET_KEY="test-secret")
+                     FTPS_S3_ACCESS_KEY="test", FTPS_S3_SECRET_KEY="test-secret",
+                     FTPS_DATABASE_URL=f"sqlite:///{tmp_path}/meta.db")
     proc = subprocess.Popen([sys.executable, "-m", "services.builder_registry", "--listen", "127.0.0.1:0"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -153,7 +157,8 @@ def test_current_outside_an_authenticated_call_raises_and_is_never_admin(storage
     # an incident, never an admin call.
     server = grpcutil.Server()
     server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
-               BuilderRegistryServicer(Registry(store, max_bytes={})), "ftps.v1.BuilderRegistry")
+               BuilderRegistryServicer(Registry(store, SqlTaskStore(Database("sqlite://")), max_bytes={})),
+               "ftps.v1.BuilderRegistry")
     stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(serve(server)))
     code, details = _status(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10))
     assert code == grpc.StatusCode.INTERNAL and INCIDENT.fullmatch(details), details
@@ -285,17 +290,24 @@ def test_object_store_failures_are_unavailable_with_a_fixed_message(s3_endpoint,
         # A channel without the clients' retry policy (which would retry each UNAVAILABLE 5 times).
         stub = registry_pb2_grpc.BuilderRegistryStub(grpc.insecure_channel(serve(registry_server(
             RegistrySettings(**kw)))))
-        create = lambda: stub.CreateTask(registry_pb2.CreateTaskRequest(  # noqa: E731
+        # A task is a database row; what reaches the object store is an upload.
+        task = stub.CreateTask(registry_pb2.CreateTaskRequest(
             name="x", settings=common_pb2.TaskSettings(record_shape=[1])), timeout=60)
+        blob = b"x = 1\n"
+        upload = lambda: stub.UploadBlob(iter([  # noqa: E731
+            registry_pb2.UploadBlobRequest(header=registry_pb2.UploadHeader(
+                task_id=task.task_id, kind=common_pb2.BLOB_KIND_STRATEGY, size=len(blob),
+                sha256=hashlib.sha256(blob).hexdigest())),
+            registry_pb2.UploadBlobRequest(chunk=blob)]), timeout=60)
         # The store answers, with an error (its bucket is gone): not INTERNAL with the store's text.
         store = ObjectStore(RegistrySettings(**storage_kwargs))
         store.client.remove_bucket(store.bucket)
-        assert _status(create) == (grpc.StatusCode.UNAVAILABLE, STORE_FAILING)
+        assert _status(upload) == (grpc.StatusCode.UNAVAILABLE, STORE_FAILING)
         store.ensure_bucket()
-        assert create().task_id
+        assert upload().version == 1
         # The store does not answer at all (after the retries): the endpoint is not in the message.
         proxy.cut()
-        assert _status(create) == (grpc.StatusCode.UNAVAILABLE, STORE_UNREACHABLE)
+        assert _status(upload) == (grpc.StatusCode.UNAVAILABLE, STORE_UNREACHABLE)
     finally:
         proxy.close()
 

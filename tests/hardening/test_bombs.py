@@ -80,6 +80,7 @@ class RegistryProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FTPS_")}
         env.update({f"FTPS_{k.upper()}": v for k, v in storage.items()})
         env.update({"FTPS_LISTEN": self.address, "FTPS_AUTH_KEY": key, "FTPS_LOG_LEVEL": "WARNING",
+                    "FTPS_DATABASE_URL": f"sqlite:///{log_path.parent}/registry.db",
                     "PYTHONUNBUFFERED": "1", grpcutil.PARENT_PID_ENV: str(os.getpid())})
         env.update({f"FTPS_{k.upper()}": v for k, v in settings.items()})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
@@ -129,7 +130,7 @@ class RegistryProcess:
         growth = memory(self.proc.pid)["VmHWM"] - before["VmRSS"]
         after = self.stub.GetTask(registry_pb2.GetTaskRequest(task_id=t.task_id), timeout=5)
         assert not after.base_model.key and not after.builder_data.key
-        assert list(self.store.list_keys(f"registry/tasks/{t.task_id}/")) == [f"registry/tasks/{t.task_id}/task.json"]
+        assert list(self.store.list_keys(f"registry/tasks/{t.task_id}/")) == []  # the task is a database row
         return e.value.code(), e.value.details(), growth
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@ UNAVAILABLE), and many contributors submitting at once (all acknowledged, each s
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import threading
 import time
@@ -59,14 +60,22 @@ def test_long_outage_fails_clearly_and_nothing_half_written_is_read(proxy, stora
     # Through a service: the registry answers UNAVAILABLE with the cause, then recovers.
     reg_addr = serve(registry_server(RegistrySettings(**kw, listen="127.0.0.1:0")))
     stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(reg_addr))
+    # A task is a database row; an upload is what reaches the object store.
+    task = stub.CreateTask(registry_pb2.CreateTaskRequest(name="x", settings=common_pb2.TaskSettings(
+        record_shape=[1])), timeout=60)
+    blob = b"x = 1\n"
+    upload = lambda: stub.UploadBlob(iter([  # noqa: E731
+        registry_pb2.UploadBlobRequest(header=registry_pb2.UploadHeader(
+            task_id=task.task_id, kind=common_pb2.BLOB_KIND_STRATEGY, size=len(blob),
+            sha256=hashlib.sha256(blob).hexdigest())),
+        registry_pb2.UploadBlobRequest(chunk=blob)]), timeout=60)
     proxy.cut()
     with pytest.raises(grpc.RpcError) as e:
-        stub.CreateTask(registry_pb2.CreateTaskRequest(name="x", settings=common_pb2.TaskSettings(record_shape=[1])),
-                        timeout=60)
+        upload()
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "object store" in e.value.details()
+    assert not stub.GetTask(registry_pb2.GetTaskRequest(task_id=task.task_id), timeout=10).strategy.key
     proxy.restore()
-    assert stub.CreateTask(registry_pb2.CreateTaskRequest(name="y", settings=common_pb2.TaskSettings(
-        record_shape=[1])), timeout=60).task_id
+    assert upload().version == 1
 
 
 def test_fifty_concurrent_contributors_all_stored_exactly_once(storage_kwargs, serve, capsys):

@@ -207,38 +207,6 @@ def test_clients_reconnect_when_the_server_ends_a_stream(storage_kwargs, registr
     builder.close()
 
 
-def test_gateway_follows_the_scorer_again_when_its_stream_ends_early(storage_kwargs, registry):
-    """The scorer ends WatchRound before the round is done (its lifetime limits): the gateway
-    watches again and sees the round finish."""
-    reg_addr, task = registry
-
-    class EndsEarly(ScriptedScorer):
-        def __init__(self):
-            super().__init__()
-            self.watches = 0
-
-        def watch_round(self, round_id):
-            self.watches += 1
-            if self.watches < 3:  # twice: a status, then the stream ends without a terminal state
-                yield common_pb2.RoundStatus(round_id=round_id, state=common_pb2.ROUND_STATE_FINETUNING)
-                return
-            yield from super().watch_round(round_id)
-
-    scorer = EndsEarly()
-    security = grpcutil.Security(signer=SIGNER)
-    gw = Gateway(ObjectStore(GatewaySettings(**storage_kwargs)), registry_getter(security.channel(reg_addr)), scorer)
-    try:
-        from ftps.common.auth import Principal
-
-        admin = Principal("root", "admin")
-        gw.submit(task.task_id, "alice", *_records(3), "", Principal("alice", "contributor"))
-        status = gw.start_round(task.task_id, force=True, who=admin)
-        _until(lambda: gw.get_round(status.round_id, admin).status.state == common_pb2.ROUND_STATE_DONE, 3.0)
-        assert scorer.watches == 3
-    finally:
-        gw.close()
-
-
 def test_a_stream_that_ignores_its_limits_is_cancelled(registry, serve, monkeypatch):
     """Reflection (no token needed, a bidi stream that waits on its client) is capped per address
     and, idle, cancelled after the grace period: it cannot hold the threads health relies on."""

@@ -1,0 +1,3 @@
+from ftps.common.db import run_migrations
+
+run_migrations()

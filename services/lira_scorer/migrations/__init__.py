@@ -1,0 +1,1 @@
+"""The scorer's Alembic migrations (applied by ftps.common.db.Database.migrate)."""

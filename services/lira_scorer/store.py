@@ -1,0 +1,299 @@
+"""The scorer's state: rounds (state, progress, lease, result reference) and offline Gaussians.
+
+The scorer is the only owner of a round; the row is the one place its state lives, so any replica
+answers GetResult and WatchRound from it. Blobs (batch, PHI, RoundResult) stay in object storage and
+a row points at one only once it is stored.
+
+Leases: the replica running a round holds it (``lease_owner``) until ``lease_until`` (epoch seconds of
+the replicas' clocks, which must agree within a small part of a lease) and renews it while it runs.
+A round whose lease ran out is claimed by another replica and run again from its batch (the jobs are
+deterministic given the batch, so the scores are the same). Every write of a running round names its
+owner: once another replica took the round over, the old owner's writes change nothing.
+
+Tables (``services/lira_scorer/migrations``, version table ``alembic_version_scorer``)::
+
+    scorer_rounds    round_id PK, task_id, state, progress, batch/result BlobRefs, lease
+    scorer_offline   (task_id, base_model_sha256) PK, the OfflineGaussian
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ftps.common.db import Database
+from ftps.v1 import common_pb2
+
+MIGRATIONS = str(Path(__file__).parent / "migrations")
+VERSION_TABLE = "alembic_version_scorer"
+TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+
+
+def migrate(db: Database) -> None:
+    """The scorer's tables at the code's version (raises MigrationError with one line)."""
+    db.migrate(MIGRATIONS, version_table=VERSION_TABLE)
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round as stored."""
+
+    round_id: str
+    task_id: str
+    state: int  # common_pb2.RoundState
+    models_done: int
+    models_total: int
+    n_records: int
+    message: str
+    batch: common_pb2.BlobRef
+    record_ids: list[str]
+    contributors: list[str]
+    result: common_pb2.BlobRef | None = None  # the RoundResult blob, once DONE
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def status(self) -> common_pb2.RoundStatus:
+        return common_pb2.RoundStatus(task_id=self.task_id, round_id=self.round_id, state=self.state,
+                                      models_done=self.models_done, models_total=self.models_total,
+                                      message=self.message, n_records=self.n_records)
+
+
+@dataclass(frozen=True)
+class NewRound:
+    """What StartRound stores: the round, PENDING."""
+
+    round_id: str
+    task_id: str
+    models_total: int
+    batch: common_pb2.BlobRef
+    record_ids: list[str]
+    contributors: list[str]
+    message: str = ""
+
+
+class RoundStore(abc.ABC):
+    """The scorer's rounds. Every method is one transaction; none does work proportional to the
+    number of rounds stored (indexed by round_id, and by (state, lease_until) for claims)."""
+
+    @abc.abstractmethod
+    def create(self, new: NewRound, *, owner: str, lease_s: float,
+               now: float | None = None) -> tuple[RoundRow, bool]:
+        """Store ``new`` (PENDING, leased to ``owner`` until ``now + lease_s``) unless a round with its
+        id exists. Returns ``(row, True)`` when this call created it, ``(the existing row, False)``
+        otherwise (the existing one is left exactly as it was: StartRound is idempotent)."""
+
+    @abc.abstractmethod
+    def get(self, round_id: str) -> RoundRow | None:
+        """The round, or None."""
+
+    @abc.abstractmethod
+    def claim_expired(self, *, owner: str, lease_s: float, limit: int = 8,
+                      now: float | None = None) -> list[RoundRow]:
+        """Rounds not DONE or FAILED whose lease ran out (or was released), at most ``limit``, now
+        leased to ``owner`` until ``now + lease_s``. Concurrent claimers never get the same round:
+        one wins, the other gets the rest (row locks skipped on PostgreSQL, one writer on SQLite)."""
+
+    @abc.abstractmethod
+    def renew(self, round_id: str, *, owner: str, lease_s: float, now: float | None = None) -> bool:
+        """Extend ``owner``'s lease to ``now + lease_s``; False (nothing changed) when ``owner`` no
+        longer holds the round (taken over, released, or finished)."""
+
+    @abc.abstractmethod
+    def update(self, round_id: str, *, owner: str, state: int | None = None, models_done: int | None = None,
+               message: str | None = None, result: common_pb2.BlobRef | None = None) -> bool:
+        """Write the round's progress if ``owner`` holds its lease and it is not DONE or FAILED; False
+        (nothing written) otherwise. Ending it (DONE, FAILED) also ends the lease."""
+
+    @abc.abstractmethod
+    def release(self, round_ids: Sequence[str], *, owner: str) -> int:
+        """End ``owner``'s leases on these rounds at once (a replica shutting down): another
+        replica claims them on its next pass instead of after the lease. Returns how many."""
+
+    @abc.abstractmethod
+    def release_owners(self, prefix: str, *, keep: str) -> int:
+        """End every lease held by an owner named ``prefix`` + anything, except ``keep``: the rounds
+        of an earlier incarnation of this replica (same replica id, it died), claimable at once."""
+
+
+class OfflineStore(abc.ABC):
+    """Offline Gaussians, one per task and base model."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str, base_model_sha256: str) -> common_pb2.OfflineGaussian | None:
+        """The stored Gaussian, or None."""
+
+    @abc.abstractmethod
+    def put(self, gaussian: common_pb2.OfflineGaussian, *, replace: bool = False) -> common_pb2.OfflineGaussian:
+        """Store ``gaussian`` (keyed by its task_id and base_model_sha256). Without ``replace`` a stored
+        one wins (two replicas fitting at once fit the same numbers) and is returned; with it, the new
+        one replaces it (a refit). Returns the Gaussian stored."""
+
+
+metadata = sa.MetaData()
+rounds_t = sa.Table(
+    "scorer_rounds", metadata,
+    sa.Column("round_id", sa.String(128), primary_key=True),
+    sa.Column("task_id", sa.String(128), nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("models_done", sa.Integer, nullable=False),
+    sa.Column("models_total", sa.Integer, nullable=False),
+    sa.Column("n_records", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("batch_ref", sa.LargeBinary, nullable=False),
+    sa.Column("record_ids", sa.Text, nullable=False),
+    sa.Column("contributors", sa.Text, nullable=False),
+    sa.Column("result_ref", sa.LargeBinary, nullable=True),
+    sa.Column("lease_owner", sa.String(255), nullable=True),
+    sa.Column("lease_until", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+offline_t = sa.Table(
+    "scorer_offline", metadata,
+    sa.Column("task_id", sa.String(128), primary_key=True),
+    sa.Column("base_model_sha256", sa.String(64), primary_key=True),
+    sa.Column("gaussian", sa.LargeBinary, nullable=False),
+    sa.Column("fitted_at", sa.Float, nullable=False),
+)
+_NOT_TERMINAL = rounds_t.c.state.notin_(TERMINAL)
+
+
+def _insert(db: Database):
+    return (postgresql.insert if db.dialect == "postgresql" else sqlite.insert)
+
+
+def _ref(data: bytes | None) -> common_pb2.BlobRef | None:
+    return None if data is None else common_pb2.BlobRef.FromString(data)
+
+
+def _row(r: sa.Row) -> RoundRow:
+    return RoundRow(round_id=r.round_id, task_id=r.task_id, state=r.state, models_done=r.models_done,
+                    models_total=r.models_total, n_records=r.n_records, message=r.message,
+                    batch=_ref(r.batch_ref), record_ids=json.loads(r.record_ids),
+                    contributors=json.loads(r.contributors), result=_ref(r.result_ref),
+                    lease_owner=r.lease_owner, lease_until=r.lease_until, created_at=r.created_at,
+                    updated_at=r.updated_at)
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class SqlRoundStore(RoundStore):
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create(self, new, *, owner, lease_s, now=None):
+        now = time.time() if now is None else now
+        values = dict(round_id=new.round_id, task_id=new.task_id, state=common_pb2.ROUND_STATE_PENDING,
+                      models_done=0, models_total=new.models_total, n_records=len(new.record_ids),
+                      message=new.message, batch_ref=new.batch.SerializeToString(),
+                      record_ids=json.dumps(list(new.record_ids)),
+                      contributors=json.dumps(list(new.contributors)), result_ref=None,
+                      lease_owner=owner, lease_until=now + lease_s, created_at=now, updated_at=now)
+        with self._db.write() as conn:
+            created = conn.execute(_insert(self._db)(rounds_t).values(**values)
+                                   .on_conflict_do_nothing(index_elements=["round_id"])
+                                   .returning(rounds_t.c.round_id)).first() is not None
+            row = conn.execute(sa.select(rounds_t).where(rounds_t.c.round_id == new.round_id)).one()
+        return _row(row), created
+
+    def get(self, round_id):
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(rounds_t).where(rounds_t.c.round_id == round_id)).first()
+        return None if row is None else _row(row)
+
+    def claim_expired(self, *, owner, lease_s, limit=8, now=None):
+        now = time.time() if now is None else now
+        expired = sa.or_(rounds_t.c.lease_until.is_(None), rounds_t.c.lease_until < now)
+        with self._db.write() as conn:
+            # Locks the rows it picks and skips rows another claimer holds (PostgreSQL; SQLite has
+            # one writer at a time): each round goes to one claimer.
+            ids = conn.execute(sa.select(rounds_t.c.round_id).where(_NOT_TERMINAL, expired)
+                               .order_by(rounds_t.c.lease_until).limit(limit)
+                               .with_for_update(skip_locked=True)).scalars().all()
+            if not ids:
+                return []
+            # Still conditional: whatever happened between the two statements, only expired leases move.
+            conn.execute(rounds_t.update().where(rounds_t.c.round_id.in_(ids), _NOT_TERMINAL, expired)
+                         .values(lease_owner=owner, lease_until=now + lease_s, updated_at=now))
+            rows = conn.execute(sa.select(rounds_t).where(rounds_t.c.round_id.in_(ids),
+                                                          rounds_t.c.lease_owner == owner)).all()
+        return [_row(r) for r in rows]
+
+    def renew(self, round_id, *, owner, lease_s, now=None):
+        now = time.time() if now is None else now
+        with self._db.write() as conn:
+            return conn.execute(rounds_t.update().where(rounds_t.c.round_id == round_id,
+                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
+                                .values(lease_until=now + lease_s)).rowcount == 1
+
+    def update(self, round_id, *, owner, state=None, models_done=None, message=None, result=None):
+        values: dict = {"updated_at": time.time()}
+        if state is not None:
+            values["state"] = state
+            if state in TERMINAL:
+                values.update(lease_until=None)
+        if models_done is not None:
+            values["models_done"] = models_done
+        if message is not None:
+            values["message"] = message
+        if result is not None:
+            values["result_ref"] = result.SerializeToString()
+        with self._db.write() as conn:
+            return conn.execute(rounds_t.update().where(rounds_t.c.round_id == round_id,
+                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
+                                .values(**values)).rowcount == 1
+
+    def release(self, round_ids, *, owner):
+        if not round_ids:
+            return 0
+        with self._db.write() as conn:
+            return conn.execute(rounds_t.update().where(rounds_t.c.round_id.in_(list(round_ids)),
+                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
+                                .values(lease_owner=None, lease_until=None)).rowcount
+
+    def release_owners(self, prefix, *, keep):
+        with self._db.write() as conn:
+            return conn.execute(rounds_t.update().where(
+                _NOT_TERMINAL, rounds_t.c.lease_owner.like(_like_prefix(prefix), escape="\\"),
+                rounds_t.c.lease_owner != keep).values(lease_owner=None, lease_until=None)).rowcount
+
+
+class SqlOfflineStore(OfflineStore):
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def get(self, task_id, base_model_sha256):
+        with self._db.read() as conn:
+            data = conn.execute(sa.select(offline_t.c.gaussian).where(
+                offline_t.c.task_id == task_id, offline_t.c.base_model_sha256 == base_model_sha256)).scalar()
+        return None if data is None else common_pb2.OfflineGaussian.FromString(data)
+
+    def put(self, gaussian, *, replace=False):
+        values = dict(task_id=gaussian.task_id, base_model_sha256=gaussian.base_model_sha256,
+                      gaussian=gaussian.SerializeToString(), fitted_at=time.time())
+        stmt = _insert(self._db)(offline_t).values(**values)
+        keys = ["task_id", "base_model_sha256"]
+        stmt = (stmt.on_conflict_do_update(index_elements=keys, set_=dict(gaussian=stmt.excluded.gaussian,
+                                                                          fitted_at=stmt.excluded.fitted_at))
+                if replace else stmt.on_conflict_do_nothing(index_elements=keys))
+        with self._db.write() as conn:
+            conn.execute(stmt)
+            data = conn.execute(sa.select(offline_t.c.gaussian).where(
+                offline_t.c.task_id == gaussian.task_id,
+                offline_t.c.base_model_sha256 == gaussian.base_model_sha256)).scalar_one()
+        return common_pb2.OfflineGaussian.FromString(data)
