@@ -209,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1,000 and 10,000 stored; a 1,000-submission round")
     p.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     p.add_argument("--submits", type=int, default=200, help="submits per latency measurement")
+    p.add_argument("--sizes", help="comma-separated stored-submission counts (default by --quick); "
+                                   "'none' to measure only the round start")
+    p.add_argument("--round-submissions", type=int, help="pending submissions the round starts over")
     args = p.parse_args(argv)
     sizes = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
-    round_subs = 1_000 if args.quick else 5_000
+    if args.sizes:
+        sizes = [] if args.sizes == "none" else [int(v) for v in args.sizes.split(",")]
+    round_subs = args.round_submissions or (1_000 if args.quick else 5_000)
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="ftps-bench-state-"))
     counter = iter(range(10**6))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clients.api import BuilderClient
+import time
+
+from clients.api import BuilderClient, ContributorClient
 from ftps.stack.embedded import EmbeddedStack
-from ftps.v1 import common_pb2
+from ftps.v1 import common_pb2, gateway_pb2
 
 
 def embedded_stack(data_dir: Path) -> EmbeddedStack:
@@ -33,3 +35,14 @@ def force_round(addresses: dict, token: str, task_id: str) -> tuple[common_pb2.R
         return status, sorted(b.scores(task_id, round_id=status.round_id).scores, key=lambda s: s.index)
     finally:
         b.close()
+
+
+def settled(client: ContributorClient, submission_id: str, timeout: float = 30) -> gateway_pb2.Submission:
+    """The submission once its round has ended for it (SCORED or FAILED), or as it is at ``timeout``."""
+    deadline = time.time() + timeout
+    while True:
+        sub = client.get_submission(submission_id)
+        if sub.state in (gateway_pb2.SUBMISSION_STATE_SCORED, gateway_pb2.SUBMISSION_STATE_FAILED) \
+                or time.time() > deadline:
+            return sub
+        time.sleep(0.1)

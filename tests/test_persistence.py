@@ -4,7 +4,6 @@ through the public RPCs, and goes on serving (real fine-tuning on digits)."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -13,7 +12,7 @@ from ftps.common import serde
 from ftps.stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2
 from tests.conftest import digits_records
-from tests.stacks import builder, force_round
+from tests.stacks import builder, force_round, settled as _settled
 
 SHAPE = [1, 8, 8]
 PORTS = {k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")}
@@ -23,16 +22,6 @@ def _kept_stack(data_dir) -> EmbeddedStack:
     stack = EmbeddedStack(ports=dict(PORTS), data_dir=data_dir, persistent=True)
     stack.start()
     return stack
-
-
-def _settled(client: ContributorClient, submission_id: str, timeout: float = 30) -> gateway_pb2.Submission:
-    deadline = time.time() + timeout
-    while True:
-        sub = client.get_submission(submission_id)
-        if sub.state in (gateway_pb2.SUBMISSION_STATE_SCORED, gateway_pb2.SUBMISSION_STATE_FAILED) \
-                or time.time() > deadline:
-            return sub
-        time.sleep(0.1)
 
 
 def _seen(addresses: dict, tokens: dict, task_id: str, round_id: str, submission_ids: dict) -> dict:

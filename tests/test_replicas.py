@@ -24,7 +24,7 @@ from clients.api import ContributorClient
 from ftps.common import grpcutil, serde
 from ftps.common.auth import TokenSigner
 from ftps.common.storage import file_url
-from ftps.v1 import common_pb2, gateway_pb2
+from ftps.v1 import common_pb2, gateway_pb2, scorer_pb2, scorer_pb2_grpc
 from tests.conftest import digits_records
 from tests.stacks import builder
 
@@ -147,13 +147,14 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
     gateways[1].kill()  # mid-submits: its acknowledged records must survive in the database
     # Kill the scorer that holds a round's lease while it runs it (peeking at the scorer's table).
     engine = sa.create_engine(scorer_db)
-    deadline, killed = time.time() + 90, None
+    deadline, killed, orphaned = time.time() + 90, None, []
     while time.time() < deadline and killed is None:
         with engine.connect() as conn:
-            owners = [r[0] for r in conn.execute(sa.text(
-                "SELECT lease_owner FROM scorer_rounds WHERE lease_owner IS NOT NULL AND state NOT IN (5, 6)"))]
+            leases = conn.execute(sa.text("SELECT round_id, lease_owner FROM scorer_rounds "
+                                          "WHERE lease_owner IS NOT NULL AND state NOT IN (5, 6)")).all()
         for s in scorers:
-            if any(o.startswith(s.name + "#") for o in owners):
+            orphaned = [rid for rid, owner in leases if owner.startswith(s.name + "#")]
+            if orphaned:
                 s.kill()
                 killed = s
                 break
@@ -187,5 +188,43 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
         rows = conn.execute(sa.text("SELECT state FROM scorer_rounds")).all()
     assert rows and all(r[0] == common_pb2.ROUND_STATE_DONE for r in rows), rows
     engine.dispose()
+    # The rounds the dead scorer held, finished by the other, score exactly as the same batch
+    # scored from scratch (a new round of the same records: the same seeds, from the batch's content).
+    live = [x for x in scorers if x is not killed][0]
+    stub = scorer_pb2_grpc.LiraScorerStub(grpcutil.make_channel(live.addr, token=SIGNER.issue("root", "admin")))
+    for rid in orphaned:
+        taken_over = stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=rid), timeout=30)
+        assert taken_over.status.state == common_pb2.ROUND_STATE_DONE
+        again = _fresh_round(stub, taken_over, ingredients=_round_ingredients(scorer_db, rid))
+        assert [x.model_score for x in again.scores] == [x.model_score for x in taken_over.scores]
+        assert [x.score for x in again.scores] == [x.score for x in taken_over.scores]
     survivor.close()
     b.close()
+
+
+def _round_ingredients(url: str, round_id: str) -> tuple[str, common_pb2.BlobRef, list[str], list[str]]:
+    """What the gateway handed the scorer for a round (task, batch, record ids, contributors)."""
+    import json
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        task_id, batch, rids, who = conn.execute(sa.text(
+            "SELECT task_id, batch_ref, record_ids, contributors FROM scorer_rounds WHERE round_id = :r"),
+            {"r": round_id}).one()
+    engine.dispose()
+    return task_id, common_pb2.BlobRef.FromString(bytes(batch)), json.loads(rids), json.loads(who)
+
+
+def _fresh_round(stub, old: common_pb2.RoundResult, *, ingredients) -> common_pb2.RoundResult:
+    task_id, batch, rids, who = ingredients
+    new_id = old.status.round_id + "-again"
+    stub.StartRound(scorer_pb2.ScorerStartRoundRequest(task_id=task_id, round_id=new_id, batch=batch,
+                                                       record_ids=rids, contributors=who), timeout=30)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        res = stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=new_id), timeout=30)
+        if res.status.state in (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED):
+            assert res.status.state == common_pb2.ROUND_STATE_DONE, res.status.message
+            return res
+        time.sleep(0.3)
+    raise AssertionError("the fresh round did not finish")

@@ -68,6 +68,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _verified(key: str, data: bytes, expected: str | None) -> bytes:
+    """``data`` if it hashes to ``expected`` (the caller's or the stored checksum); DataLoss if not,
+    or if there is no checksum to check against (every backend reads this way)."""
+    if expected is None:
+        raise DataLoss(f"object {key} has no checksum; refusing to read it")
+    actual = sha256_hex(data)
+    if actual != expected:
+        raise DataLoss(f"object {key} is corrupt: sha256 {actual[:12]}... != {expected[:12]}...")
+    return data
+
+
 class BlobStore(abc.ABC):
     """A flat namespace of checksummed blobs (one bucket), keys ``a/b/c.ext``.
 
@@ -209,13 +220,7 @@ class ObjectStore(BlobStore):
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"object {key} not found") from exc
             raise self._failing(f"get {key}", exc) from exc
-        expected = sha256 or stored
-        if expected is None:
-            raise DataLoss(f"object {key} has no checksum; refusing to read it")
-        actual = sha256_hex(data)
-        if actual != expected:
-            raise DataLoss(f"object {key} is corrupt: sha256 {actual[:12]}... != {expected[:12]}...")
-        return data
+        return _verified(key, data, sha256 or stored)
 
     def exists(self, key: str) -> bool:
         try:
@@ -354,13 +359,7 @@ class FileBlobStore(BlobStore):
             data = raw[_FILE_HEADER_LEN:]
         else:  # not written by put_bytes: all of it is the object, with no checksum
             data = raw
-        expected = sha256 or stored
-        if expected is None:
-            raise DataLoss(f"object {key} has no checksum; refusing to read it")
-        actual = sha256_hex(data)
-        if actual != expected:
-            raise DataLoss(f"object {key} is corrupt: sha256 {actual[:12]}... != {expected[:12]}...")
-        return data
+        return _verified(key, data, sha256 or stored)
 
     def exists(self, key: str) -> bool:
         try:

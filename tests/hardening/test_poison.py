@@ -5,7 +5,6 @@ with exactly the scores it would have had without them."""
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import numpy as np
@@ -17,7 +16,7 @@ from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.lira_scorer import scoring
 from services.lira_scorer.rounds import trace_failures
 from tests.conftest import digits_records
-from tests.stacks import builder, embedded_stack, force_round
+from tests.stacks import builder, embedded_stack, force_round, settled as _settled
 
 SHAPE = [1, 8, 8]
 
@@ -76,16 +75,6 @@ def _code(fn):
     with pytest.raises(grpc.RpcError) as e:
         fn()
     return e.value.code(), e.value.details()
-
-
-def _settled(client: ContributorClient, submission_id: str, timeout: float = 30) -> gateway_pb2.Submission:
-    deadline = time.time() + timeout
-    while True:
-        sub = client.get_submission(submission_id)
-        if sub.state in (gateway_pb2.SUBMISSION_STATE_SCORED, gateway_pb2.SUBMISSION_STATE_FAILED) \
-                or time.time() > deadline:
-            return sub
-        time.sleep(0.1)
 
 
 def test_records_are_checked_in_the_dtype_they_are_used_in(stack, digits_splits, digits_strategy,
