@@ -175,7 +175,7 @@ def all_scores(stub: gateway_pb2_grpc.ContributorGatewayStub,
 def watch_round(stub: gateway_pb2_grpc.ContributorGatewayStub, round_id: str, *, timeout: float) -> "ResumedStream":
     request = gateway_pb2.GetRoundRequest(round_id=round_id)
     return ResumedStream(lambda t: stub.WatchRound(request, timeout=t), timeout=timeout,
-                         finished=lambda s: s.state in (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED),
+                         finished=lambda s: s.state in serde.TERMINAL_ROUND_STATES,
                          key=lambda s: s.SerializeToString(deterministic=True), only_last_key=True)
 
 

@@ -24,12 +24,13 @@ import grpc
 import numpy as np
 
 from clients.api import BuilderClient, ContributorClient, describe_rpc_error
+from ftps.common import serde
 from ftps.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger("ftps.web")
 
 IDLE_TIMEOUT_S = 12 * 3600
-TERMINAL_ROUND = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+TERMINAL_ROUND = serde.TERMINAL_ROUND_STATES
 KEEP_JOBS = 12
 
 

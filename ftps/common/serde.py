@@ -80,6 +80,10 @@ def npz_arrays(data: bytes, *, what: str = "npz", limits: archives.ArchiveLimits
         raise InvalidArgument(str(exc)) from exc
 
 
+# A round in one of these states changes no more (every service and client tests for this).
+TERMINAL_ROUND_STATES = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+
+
 # Method enum <-> the names the scoring maths and the command lines use.
 METHOD_NAMES = {
     common_pb2.METHOD_OFFLINE_GLOBAL: "offline-global",

@@ -20,7 +20,6 @@ postpones the check to the other half's upload (a new architecture needs both).
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import math
@@ -31,6 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ftps.common import archives, serde
+from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorized_task
 from ftps.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
@@ -62,10 +62,6 @@ DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLIN
 MAX_MODELS = 4096
 MAX_RECORDS = 100_000
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
@@ -139,7 +135,7 @@ class Registry:
         if owner:
             check_id(owner, "owner")
         task = registry_pb2.Task(task_id="t-" + uuid.uuid4().hex[:12], name=name, owner=owner,
-                                 settings=with_defaults(settings), created_at=now())
+                                 settings=with_defaults(settings), created_at=now_iso())
         self._set_ready(task)
         self._tasks.create(task)
         log.info("task %s created (%s)", task.task_id, name)
@@ -241,7 +237,7 @@ class Registry:
         finally:
             self._store.delete(staged.key)
         check.base_model_sha256, check.strategy_sha256 = base.sha256, strategy.sha256
-        check.checked_at = now()
+        check.checked_at = now_iso()
         return check
 
 

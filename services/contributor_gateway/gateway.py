@@ -14,7 +14,6 @@ Blobs::
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import threading
@@ -26,6 +25,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from ftps.common import serde
+from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
@@ -39,7 +39,7 @@ from services.contributor_gateway.store import (MAX_FAILED_ROUNDS, RoundRef, Sql
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+TERMINAL = serde.TERMINAL_ROUND_STATES
 # The gateway acting on its own: the round it starts when a task's batch threshold is reached.
 SELF = Principal("contributor-gateway", "service")
 
@@ -54,10 +54,6 @@ class ScorerPort(Protocol):
 
     def get_result(self, round_id: str) -> common_pb2.RoundResult:
         """The round's result once DONE, else ``RoundResult(status=...)``; NotFound if unknown."""
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Gateway:
@@ -122,7 +118,7 @@ class Gateway:
         sub = gateway_pb2.Submission(
             submission_id=sub_id, task_id=task_id, contributor=contributor,
             record_ids=[f"{sub_id}-{i}" for i in range(len(x))],
-            state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now())
+            state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now_iso())
         # Durable before acknowledged: the records, then the row that points at them.
         self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
                               serde.records_to_npz(x, y))

@@ -17,7 +17,6 @@ while it was slow, not dead) and writes late never overwrites a blob the row alr
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ftps.common import serde
+from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
                                 Unavailable)
@@ -49,10 +49,6 @@ GetTask = Callable[[str], registry_pb2.Task]
 # The scorer acting on its own: rounds it resumes, the preparation stage an offline-global round needs.
 SELF = Principal("lira-scorer", "service")
 _RESULTS_CACHED = 64  # finished results kept in memory (they never change)
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def derive_seed(*parts: object) -> int:
@@ -282,7 +278,7 @@ class Scorer:
             phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
             mu, sigma = scoring.fit_offline_gaussian(phi)
             gaussian = common_pb2.OfflineGaussian(
-                task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now(),
+                task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now_iso(),
                 base_model_sha256=task.base_model.sha256,
                 timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
                          "total_s": time.perf_counter() - t0})

@@ -28,12 +28,13 @@ from typing import Sequence
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ftps.common import serde
 from ftps.common.db import Database
 from ftps.v1 import common_pb2
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 VERSION_TABLE = "alembic_version_scorer"
-TERMINAL = (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED)
+TERMINAL = serde.TERMINAL_ROUND_STATES
 
 
 def migrate(db: Database) -> None:
