@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import importlib
+import importlib.util
 import inspect
 import ipaddress
+import json
 import shutil
 import subprocess
 import sys
@@ -65,7 +67,9 @@ def rendered(tmp_path_factory) -> dict[tuple[str, bool], list[dict]]:
             root = copy
             path = copy / "overlays" / overlay / "kustomization.yaml"
             kustomization = yaml.safe_load(path.read_text())
-            assert kustomization.pop("components") == ["../../components/network-policies"]
+            components = kustomization.pop("components")
+            assert components == ["../../components/network-policies", "../../components/autoscale-on-pending"]
+            kustomization["components"] = components[1:]
             path.write_text(yaml.safe_dump(kustomization))
         proc = subprocess.run([*RENDER, str(root / "overlays" / overlay)], capture_output=True, text=True,
                               timeout=120)
@@ -651,6 +655,262 @@ def test_network_policies_allow_exactly_the_data_flow(rendered, overlay):
         assert not connects(stranger, pods[name], port) and not connects(internet, pods[name], port), name
     for name, port in (("finetune-worker", 50054), ("minio", 9000), ("postgres", 5432)):
         assert not any(connects(p, pods[name], port) for p in (client, ingress_ns, stranger, internet)), name
+
+
+# -- metrics, autoscaling on pending work, dashboard and alerts --------------------------------
+
+OBSERVABILITY = ROOT / "deploy" / "observability"
+AUTOSCALE = K8S / "components" / "autoscale-on-pending"
+METRICS_PORT = 9464
+# The services' metric names (ftps/common/metrics.py) -> their labels; histograms also have
+# _bucket/_sum/_count series. `up` is Prometheus' own.
+METRICS = {
+    "ftps_rpc_requests_total": {"service", "method", "code"}, "ftps_rpc_duration_seconds": {"service", "method"},
+    "ftps_gateway_pending_records": {"task"}, "ftps_gateway_pending_submissions": {"task"},
+    "ftps_gateway_submits_total": {"result"}, "ftps_scorer_rounds": {"state"},
+    "ftps_scorer_rounds_finished_total": {"state"}, "ftps_scorer_round_duration_seconds": set(),
+    "ftps_scorer_jobs_pending": set(), "ftps_scorer_jobs_in_flight": set(),
+    "ftps_scorer_jobs_pending_per_worker": set(), "ftps_scorer_jobs_retried_total": set(),
+    "ftps_scorer_jobs_failed_total": set(), "ftps_scorer_job_duration_seconds": set(),
+    "ftps_scorer_models_finetuned_total": set(), "ftps_scorer_preparations_total": {"result"},
+    "ftps_worker_jobs_in_flight": set(), "ftps_worker_sandbox_children": set(),
+    "ftps_worker_models_finetuned_total": set(), "ftps_worker_gpu_memory_used_bytes": set(),
+    "ftps_worker_gpu_utilization_ratio": set(),
+}
+HISTOGRAMS = {"ftps_rpc_duration_seconds", "ftps_scorer_round_duration_seconds", "ftps_scorer_job_duration_seconds"}
+# Labels Prometheus' pod discovery adds, and a histogram's bucket bound.
+TARGET_LABELS = {"namespace", "pod", "job", "instance", "le"}
+PROMQL_WORDS = {
+    "sum", "avg", "min", "max", "count", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "and", "or", "unless", "rate", "irate", "increase", "delta", "histogram_quantile", "absent",
+    "avg_over_time", "max_over_time", "min_over_time", "clamp_min", "topk", "bool", "offset", "time",
+    "vector", "scalar", "label_values"}
+
+
+def _promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) an expression uses: strings, durations and Grafana variables
+    dropped; label names from matchers and by/without/on/ignoring lists."""
+    import re
+
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\$\{?\w+\}?", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    assert text.count("(") == text.count(")") and text.count("{") == text.count("}"), expr
+    labels = set()
+    for group in re.findall(r"\{([^}]*)\}", text):
+        labels |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", group))
+    for group in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", text):
+        labels |= {x.strip() for x in group.split(",") if x.strip()}
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", "", text)
+    words = set(re.findall(r"(?<![\w.])([a-zA-Z_:][\w:]*)", text))
+    return {w for w in words if w not in PROMQL_WORDS}, labels
+
+
+def _check_promql(expr: str, where: str) -> set[str]:
+    """Every metric an expression names is one the services export (or `up`); its labels exist."""
+    allowed = set(METRICS) | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")} | {"up"}
+    allowed -= HISTOGRAMS  # a histogram is queried by its series
+    names, labels = _promql_names(expr)
+    assert names, f"{where}: no metric in {expr!r}"
+    assert names <= allowed, f"{where}: unknown metric(s) {sorted(names - allowed)} in {expr!r}"
+    known = set().union(*(METRICS.get(n.rsplit("_", 1)[0] if n.rsplit("_", 1)[0] in HISTOGRAMS else n, set())
+                          for n in names)) | TARGET_LABELS
+    assert labels <= known, f"{where}: unknown label(s) {sorted(labels - known)} in {expr!r}"
+    return names
+
+
+def test_metric_names_are_the_services_own():
+    """Every metric named here is registered by ftps/common/metrics.py, where that module exists."""
+    path = ROOT / "ftps" / "common" / "metrics.py"
+    if not path.exists():
+        pytest.skip("ftps/common/metrics.py not there yet")
+    text = path.read_text()
+    for name in METRICS:
+        base = name.removesuffix("_total")
+        assert f'"{base}"' in text, f"{base} is not registered in {path}"
+
+
+def test_grafana_dashboard_uses_only_the_services_metrics():
+    dash = json.loads((OBSERVABILITY / "grafana-dashboard.json").read_text())
+    assert dash["uid"] and dash["title"]
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    seen = set()
+    for p in panels:
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            seen |= _check_promql(t["expr"], f"panel {p['title']!r}")
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":  # label_values(<series>, <label>)
+            series, _, label = v["query"]["query"].removeprefix("label_values(").removesuffix(")").rpartition(",")
+            names = _check_promql(series, f"variable {v['name']}")
+            assert label.strip() in TARGET_LABELS | set().union(*(METRICS[n] for n in names)), v
+    # The panels cover what operators need: every metric but the adapter's own is on a panel.
+    covered = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in seen}
+    assert set(METRICS) <= covered, sorted(set(METRICS) - covered)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_alert_rules_parse_and_cover_the_obvious_failures():
+    rules = yaml.safe_load((OBSERVABILITY / "alert-rules.yaml").read_text())
+    alerts = {}
+    for group in rules["groups"]:
+        assert group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+            alerts[rule["alert"]] = (rule["expr"], _check_promql(rule["expr"], rule["alert"]), rule.get("for", "0s"))
+    assert len(alerts) == sum(len(g["rules"]) for g in rules["groups"]), "alert names are unique"
+    uses = {name: names for name, (_, names, _) in alerts.items()}
+
+    def alert_on(*metrics):
+        return [a for a, names in uses.items() if set(metrics) <= names]
+
+    assert alert_on("ftps_scorer_rounds_finished_total"), "a task's rounds failing"
+    pending = alert_on("ftps_scorer_jobs_pending", "ftps_scorer_jobs_in_flight")
+    assert pending and alerts[pending[0]][2] == "10m", "jobs pending with no worker for 10 min"
+    assert any("== 0" in alerts[a][0] for a in alert_on("up")), "a service down"
+    assert any("/" in alerts[a][0] for a in alert_on("ftps_rpc_requests_total")), "RPC error ratio"
+
+
+def _adapter_rules() -> list[dict]:
+    """The external rules of the adapter's ConfigMap and of its Helm values, which must agree."""
+    cm = yaml.safe_load((AUTOSCALE / "prometheus-adapter-rules.yaml").read_text())
+    assert cm["kind"] == "ConfigMap"
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    values = yaml.safe_load((AUTOSCALE / "prometheus-adapter-values.yaml").read_text())
+    assert config["externalRules"] == values["rules"]["external"]
+    return config["externalRules"]
+
+
+def test_prometheus_adapter_serves_the_pending_jobs_metric(tmp_path):
+    rules = _adapter_rules()
+    served = {}
+    for rule in rules:
+        _check_promql(rule["seriesQuery"], "seriesQuery")
+        query = rule["metricsQuery"].replace("<<.Series>>", rule["name"]["as"]).replace("<<.LabelMatchers>>", "")
+        _check_promql(query, "metricsQuery")
+        assert rule["resources"]["overrides"]["namespace"] == {"resource": "namespace"}, "per namespace"
+        assert "by (namespace)" in rule["metricsQuery"]
+        served[rule["name"]["as"]] = rule
+    assert set(served) == {"ftps_scorer_jobs_pending_per_worker"}
+    # The ConfigMap is a valid object (applied in the adapter's namespace, not rendered with ftps).
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", OLDEST_K8S,
+                           str(AUTOSCALE / "prometheus-adapter-rules.yaml")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_hpa_scales_on_pending_jobs(rendered, overlay):
+    """The worker HPA's first metric is the adapter's pending jobs; CPU stays as the fallback in
+    the cpu overlay only; scale-down is slow. (Schema: test_overlay_renders_and_validates_strictly.)"""
+    docs = rendered[(overlay, True)]
+    hpa = _one(docs, "HorizontalPodAutoscaler", "finetune-worker")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    metrics = hpa["spec"]["metrics"]
+    assert metrics[0] == {"type": "External", "external": {
+        "metric": {"name": "ftps_scorer_jobs_pending_per_worker"},
+        "target": {"type": "AverageValue", "averageValue": "1"}}}
+    assert {r["name"]["as"] for r in _adapter_rules()} == {metrics[0]["external"]["metric"]["name"]}
+    rest = [(m["type"], m.get("resource", {}).get("name")) for m in metrics[1:]]
+    assert rest == ([("Resource", "cpu")] if overlay == "cpu" else [])
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 300
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_scale_down_never_cuts_a_job(rendered, overlay):
+    """terminationGracePeriodSeconds outlasts the longest job plus the time a terminating pod may
+    still be sent one (the connection age), and the preStop hook is the drain script, mounted."""
+    docs = rendered[(overlay, True)]
+    worker = _one(docs, "Deployment", "finetune-worker")
+    spec = worker["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    env = _env(docs, c)
+    settings = _settings_class("services.finetune_worker")
+    fields = settings.model_fields
+    timeout = float(env.get("FTPS_JOB_TIMEOUT_S", fields["job_timeout_s"].default))
+    age = float(env.get("FTPS_MAX_CONNECTION_AGE_S", fields["max_connection_age_s"].default))
+    assert spec["terminationGracePeriodSeconds"] > timeout + age, (spec["terminationGracePeriodSeconds"], timeout)
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "python"
+    mount = next(m for m in c["volumeMounts"] if command[1].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    script = _one(docs, "ConfigMap", volume["configMap"]["name"])["data"][Path(command[1]).name]
+    assert script == (K8S / "base" / "worker-drain.py").read_text()
+
+
+def test_worker_drain_waits_for_the_job_in_flight():
+    """The preStop script returns once ftps_worker_jobs_in_flight reads 0 twice, not before; with no
+    metrics to read it does not wait."""
+    import http.server
+    import threading
+
+    spec = importlib.util.spec_from_file_location("worker_drain", K8S / "base" / "worker-drain.py")
+    drain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drain)
+    readings = [1, 1, 0, 1, 0, 0, 0]
+    served = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            value = readings[min(len(served), len(readings) - 1)]
+            served.append(value)
+            body = (f"# TYPE ftps_worker_jobs_in_flight gauge\nftps_worker_jobs_in_flight {value}.0\n"
+                    "ftps_worker_sandbox_children 1.0\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        assert drain.in_flight(url) == 1
+        served.clear()
+        assert drain.drain(url, poll_s=0.01) == 0
+        assert served == [1, 1, 0, 1, 0, 0], served
+    finally:
+        server.shutdown()
+    assert drain.drain("http://127.0.0.1:9/metrics", poll_s=0.01) == 0  # nothing listening
+    assert drain.in_flight("http://127.0.0.1:9/metrics") is None
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_serve_metrics_to_prometheus_only(rendered, overlay):
+    docs = rendered[(overlay, True)]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    ns_labels = {"kubernetes.io/metadata.name": "ftps"}
+    monitoring = {"ns": "monitoring", "ns_labels": {"ftps.io/monitoring": "true"}, "labels": {}}
+    others = [{"ns": "ftps", "ns_labels": ns_labels, "labels": {"ftps.io/client": "true"}},
+              {"ns": "ingress", "ns_labels": {"ftps.io/clients": "true"}, "labels": {}},
+              {"ns": "other", "ns_labels": {}, "labels": {}}]
+    seen = set()
+    for workload, container, _ in _service_containers(docs):
+        seen.add(workload)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == METRICS_PORT, workload
+        assert _env(docs, container)["FTPS_METRICS_LISTEN"] == f"0.0.0.0:{METRICS_PORT}", workload
+        d = _one(docs, "Deployment", workload)
+        annotations = d["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                               "prometheus.io/path": "/metrics"}, workload
+        pod = {"labels": d["spec"]["template"]["metadata"]["labels"]}
+        assert _allowed(policies, pod, "Ingress", monitoring, METRICS_PORT, "TCP"), workload
+        assert not any(_allowed(policies, pod, "Ingress", o, METRICS_PORT, "TCP") for o in others), workload
+        assert not _allowed(policies, pod, "Ingress", monitoring, ports["grpc"], "TCP"), workload
+    assert seen == set(SERVICE_PORTS)
 
 
 # -- images --------------------------------------------------------------------------------------

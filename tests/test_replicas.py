@@ -24,7 +24,7 @@ from clients.api import ContributorClient
 from ftps.common import grpcutil, serde
 from ftps.common.auth import TokenSigner
 from ftps.common.storage import file_url
-from ftps.v1 import common_pb2, gateway_pb2, scorer_pb2, scorer_pb2_grpc
+from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 from tests.conftest import digits_records
 from tests.stacks import builder
 
@@ -116,7 +116,7 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
     acme = SIGNER.issue("acme", "builder")
     b = builder(addresses, acme)
     task = b.create_task("replicas", common_pb2.TaskSettings(
-        record_shape=[1, 8, 8], n_models=4, batch_threshold=M, models_per_job=2, seed=7,
+        record_shape=[1, 8, 8], n_models=8, batch_threshold=M, models_per_job=2, seed=7,
         value_range=common_pb2.ValueRange(min=0, max=1))).task_id
     b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     b.upload(task, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
@@ -127,28 +127,35 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
 
     def contributor(i: int) -> None:
         name = f"c{i}"
-        clients = [ContributorClient(gateway=g.addr, token=SIGNER.issue(name, "contributor")) for g in gateways]
-        for k in range(6):
+        # Raw stubs with a short deadline: a submit to the killed gateway fails fast, unacknowledged.
+        channels = [grpcutil.make_channel(g.addr, token=SIGNER.issue(name, "contributor")) for g in gateways]
+        stubs = [gateway_pb2_grpc.ContributorGatewayStub(ch) for ch in channels]
+        for k in range(10):
             x, y = digits_records(digits_splits, 3, seed=100 * i + k)
             try:
-                sub = clients[(i + k) % 2].submit(task, x, y, idempotency_key=f"{name}-{k}")
+                sub = stubs[(i + k) % 2].SubmitRecords(gateway_pb2.SubmitRecordsRequest(
+                    task_id=task, idempotency_key=f"{name}-{k}", records=common_pb2.Records(
+                        x=serde.tensor_from_array(x), y=serde.tensor_from_array(y))), timeout=5)
             except grpc.RpcError:
                 continue  # not acknowledged (its gateway was killed): nothing is promised
             with lock:
                 acknowledged[sub.submission_id] = (name, list(sub.record_ids))
-            time.sleep(0.2)
-        for c in clients:
-            c.close()
+            time.sleep(0.3)
+        for ch in channels:
+            ch.close()
 
     threads = [threading.Thread(target=contributor, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    gateways[1].kill()  # mid-submits: its acknowledged records must survive in the database
-    # Kill the scorer that holds a round's lease while it runs it (peeking at the scorer's table).
+    # Kill gateway-1 once a few submits went through it, and the scorer that holds a round's lease
+    # while it runs that round (peeking at the scorer's table); rounds take a second or two, so
+    # when the submits are all in before a lease was seen, a forced round gives one.
     engine = sa.create_engine(scorer_db)
-    deadline, killed, orphaned = time.time() + 90, None, []
+    deadline, killed, orphaned, gateway_killed = time.time() + 120, None, [], False
     while time.time() < deadline and killed is None:
+        if not gateway_killed and len(acknowledged) >= 6:
+            gateways[1].kill()  # mid-submits: its acknowledged records must survive in the database
+            gateway_killed = True
         with engine.connect() as conn:
             leases = conn.execute(sa.text("SELECT round_id, lease_owner FROM scorer_rounds "
                                           "WHERE lease_owner IS NOT NULL AND state NOT IN (5, 6)")).all()
@@ -158,7 +165,14 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
                 s.kill()
                 killed = s
                 break
-        time.sleep(0.05)
+        if killed is None and not any(t.is_alive() for t in threads):
+            try:
+                b.start_round(task, force=True)
+            except grpc.RpcError:
+                pass  # nothing pending, or a round is being claimed
+        time.sleep(0.02)
+    if not gateway_killed:
+        gateways[1].kill()
     for t in threads:
         t.join(120)
     assert killed is not None, "no scorer started a round"

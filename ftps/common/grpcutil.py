@@ -156,12 +156,12 @@ class Security:
         return NoAuthInterceptor() if self.signer is None else AuthInterceptor(self.signer)
 
     def server(self, *, max_message_mb: int = 64, max_connection_age_s: float = 0,
-               limits: Limits | None = None) -> "Server":
+               limits: Limits | None = None, metrics_listen: str = "") -> "Server":
         """``limits``: the service's bounds on work per caller (``Limits.from_settings(settings)``);
         None: the defaults. The limiter goes after the auth interceptor, whose principal it counts."""
         interceptors = [self.interceptor()]
         return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls,
-                      max_connection_age_s=max_connection_age_s, limits=limits)
+                      max_connection_age_s=max_connection_age_s, limits=limits, metrics_listen=metrics_listen)
 
     def channel(self, target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
         return make_channel(target, max_message_mb=max_message_mb, round_robin=round_robin,
@@ -184,7 +184,9 @@ class Server:
 
     def __init__(self, *, max_message_mb: int = 64, limits: Limits | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None,
-                 max_connection_age_s: float = 0) -> None:
+                 max_connection_age_s: float = 0, metrics_listen: str = "") -> None:
+        from ftps.common.metrics import CollectorRegistry, RpcMetrics
+
         options = message_options(max_message_mb) + _SERVER_KEEPALIVE
         if max_connection_age_s > 0:
             # GOAWAY after this long: the client reconnects and re-resolves its target (new pods
@@ -195,9 +197,15 @@ class Server:
         # at most max_concurrent_rpcs calls, so HEALTH_RESERVE threads stay free for health checks
         # and for refusing the calls over the limit at once (never queued behind stuck work).
         self.limiter = RpcLimiter(limits or Limits())
+        # This server's own registry (services sharing a process export only their own series);
+        # served on metrics_listen ("host:port"; empty: not served) from start() to stop().
+        self.metrics_registry = CollectorRegistry()
+        self.metrics_listen = metrics_listen
+        self.metrics_port: int | None = None
+        self._metrics_endpoint = None
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.limiter.limits.pool_size, thread_name_prefix="rpc"),
-            options=options, interceptors=[*interceptors, self.limiter],
+            options=options, interceptors=[*interceptors, self.limiter, RpcMetrics(self.metrics_registry)],
         )
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -224,6 +232,11 @@ class Server:
             self.port = self.grpc_server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
+        if self.metrics_listen:
+            from ftps.common.metrics import MetricsEndpoint
+
+            self._metrics_endpoint = MetricsEndpoint(self.metrics_registry, self.metrics_listen)
+            self.metrics_port = self._metrics_endpoint.port
         self.grpc_server.start()
         for name in self._service_names:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -236,6 +249,9 @@ class Server:
             self.grpc_server.stop(grace).wait()
         finally:
             self.limiter.close()
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.stop()
+                self._metrics_endpoint = None
             for fn in self._on_stop:
                 fn()
 
@@ -365,5 +381,8 @@ def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv
         return 2
     port = server.start(settings.listen)
     logging.getLogger(module).info("%s listening on %s (port %d)", description, settings.listen, port)
+    if server.metrics_port is not None:
+        logging.getLogger(module).info("%s metrics on %s (port %d)", description, settings.metrics_listen,
+                                       server.metrics_port)
     serve_until_signal(server)
     return 0

@@ -69,6 +69,8 @@ class CommonSettings(StorageSettings):
                                  "re-watch); 0: never")
     stream_max_s: float = Field(3600.0, ge=0, description="the server ends a stream that has lived this "
                                 "long, seconds (trailer ftps-stream-end: max-lifetime); 0: never")
+    metrics_listen: str = Field("", description="host:port of the Prometheus metrics endpoint (/metrics; "
+                                "port 0: any free port); empty: no metrics endpoint")
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None, *, prog: str | None = None,

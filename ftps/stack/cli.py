@@ -122,7 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                              auth=args.auth, log_level=args.log_level or "INFO", persistent=True)
     else:
         stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth,
-                              persistent=True)
+                              persistent=True, metrics=True)
     stack.start()
     kind = f"stack is up as {len(stack.children)} processes" if args.processes else "embedded stack is up"
     print(f"FT-PrivacyScore {kind} (plaintext on loopback; use TLS settings elsewhere):")
@@ -132,6 +132,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("  AUTH IS OFF (--no-auth): tokens are not checked, every caller is admin 'auth-disabled'")
     for name in ("gateway", "registry", "scorer", "worker"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
+    for name, url in getattr(stack, "metrics_addresses", {}).items():
+        print(f"  {NAMES[name] + ' metrics':<34} {url}")
     print(f"  {'metadata (SQLite)':<34} {args.data_dir.resolve() / 'metadata.db'}")
     print(f"  {'blobs (files)':<34} {blob_dir(args.data_dir)}")
     if args.processes:

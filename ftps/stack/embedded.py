@@ -54,6 +54,8 @@ class EmbeddedStack:
     auth: bool = True
     persistent: bool = False  # keep metadata and blobs in data_dir (see the module's docstring)
     database_url: str = ""  # the services' metadata database; empty: by ``persistent``
+    metrics: bool = False  # serve each service's /metrics on a free port (metrics_addresses)
+    metrics_addresses: dict[str, str] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = None
     _servers: list[grpcutil.Server] = field(default_factory=list)
@@ -94,6 +96,8 @@ class EmbeddedStack:
                 common["auth_key_file"] = str(self.key_file)
             else:
                 common["auth_disabled"] = True  # the services refuse to start with neither
+            if self.metrics:
+                common["metrics_listen"] = f"{self.host}:0"
             # Concurrent jobs of one thread each beat one job on every thread on small models
             # (README, Results: 2 processes 1.74x, 2 threads 1.35x); capped for memory.
             worker = {"max_concurrent_jobs": max(1, min(4, usable_cpus()))} | self.worker_settings
@@ -129,6 +133,8 @@ class EmbeddedStack:
         except (OSError, RuntimeError) as exc:
             raise OSError(f"{name}: cannot listen on {listen} ({exc}); pick another port") from exc
         self._servers.append(server)
+        if server.metrics_port is not None:
+            self.metrics_addresses[name] = f"http://{self.host}:{server.metrics_port}/metrics"
         return f"{self.host}:{port}"
 
     def stop(self) -> None:

@@ -52,7 +52,8 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
         common_pb2.BLOB_KIND_STRATEGY: settings.max_strategy_kb * 1024,
         common_pb2.BLOB_KIND_BUILDER_DATA: settings.max_builder_data_mb * MiB,
     }, max_expanded_bytes=settings.max_expanded_mb * MiB, checker=checker)
-    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings),
+                             metrics_listen=settings.metrics_listen)
     server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
                BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
     return server

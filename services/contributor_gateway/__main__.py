@@ -10,6 +10,7 @@ import grpc
 from ftps.common import grpcutil
 from ftps.common.db import Database
 from ftps.common.errors import from_rpc_error
+from ftps.common.metrics import GatewayMetrics
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import open_blob_store
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
@@ -57,11 +58,13 @@ def create_server(settings: GatewaySettings) -> grpcutil.Server:
     scorer = security.channel(settings.scorer_addr, max_message_mb=settings.max_message_mb)
     db = Database(settings.database_url, name="gateway database")
     submissions = SqlSubmissionStore.open(db, migrate=settings.db_migrate)
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings),
+                             metrics_listen=settings.metrics_listen)
     gateway = Gateway(store, registry_getter(registry, cache_s=settings.task_cache_s), ScorerClient(scorer),
                       submissions, max_records_per_request=settings.max_records_per_request,
                       max_pending_per_contributor=settings.max_pending_per_contributor,
-                      reconcile_s=settings.reconcile_s, round_grace_s=settings.round_grace_s)
-    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
+                      reconcile_s=settings.reconcile_s, round_grace_s=settings.round_grace_s,
+                      metrics=GatewayMetrics(server.metrics_registry))
     server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
                ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
     server.on_stop(gateway.close)

@@ -28,6 +28,7 @@ from ftps.common import serde
 from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
+from ftps.common.metrics import GatewayMetrics
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
                                 PermissionDenied, ResourceExhausted, Unavailable)
 from ftps.common.records import validate_records
@@ -60,7 +61,8 @@ class Gateway:
     def __init__(self, store: ObjectStore, get_task: Callable[[str], registry_pb2.Task],
                  scorer: ScorerPort, submissions: SubmissionStore | None = None, *,
                  max_records_per_request: int = 10_000, max_pending_per_contributor: int = 100_000,
-                 reconcile_s: float = 1.0, round_grace_s: float = 300.0, result_cache: int = 256) -> None:
+                 reconcile_s: float = 1.0, round_grace_s: float = 300.0, result_cache: int = 256,
+                 metrics: GatewayMetrics | None = None) -> None:
         """``submissions``: the shared store (None: a private in-memory SQLite one, for tools and
         tests). ``reconcile_s``: how often this replica asks the scorer about rounds that hold
         submissions; ``round_grace_s``: how long a round the scorer does not know may take to reach
@@ -70,6 +72,9 @@ class Gateway:
         self._scorer = scorer
         self._subs = submissions if submissions is not None else SqlSubmissionStore.open(
             Database("sqlite://", name="gateway database"))
+        self._metrics = metrics
+        if metrics is not None:  # pending work per task, read from the shared store at scrape time
+            metrics.watch_pending(self._subs.pending_by_task)
         self._max_request = max_records_per_request
         self._max_pending = max_pending_per_contributor
         self._reconcile_s = reconcile_s
@@ -92,6 +97,18 @@ class Gateway:
     # -- submissions ---------------------------------------------------------------------------
     def submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
                idempotency_key: str, who: Principal) -> gateway_pb2.Submission:
+        try:
+            out = self._submit(task_id, contributor, x, y, idempotency_key, who)
+        except FtpsError:
+            if self._metrics is not None:
+                self._metrics.submits.labels("refused").inc()
+            raise
+        if self._metrics is not None:
+            self._metrics.submits.labels("acknowledged").inc()
+        return out
+
+    def _submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
+                idempotency_key: str, who: Principal) -> gateway_pb2.Submission:
         check_id(task_id, "task_id")
         who.require_role("contributor", "admin", what="submit records")
         contributor = self._own_contributor(who, contributor, action="submit as")

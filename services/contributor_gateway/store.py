@@ -264,6 +264,14 @@ class SqlSubmissionStore(SubmissionStore):
         with self._db.read() as conn:
             return self._pending(conn, task_id, contributor)
 
+    def pending_by_task(self) -> dict[str, tuple[int, int]]:
+        """``{task_id: (records, submissions)}`` pending, of the tasks with pending work (metrics)."""
+        s = self.subs.c
+        q = (sa.select(s.task_id, sa.func.coalesce(sa.func.sum(s.n_records), 0), sa.func.count())
+             .where(s.state == PENDING).group_by(s.task_id))
+        with self._db.read() as conn:
+            return {row[0]: (int(row[1]), int(row[2])) for row in conn.execute(q)}
+
     def claim(self, task_id, round_id, *, at_least, now=None):
         s = self.subs.c
         with self._db.write() as conn:

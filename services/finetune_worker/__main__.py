@@ -8,6 +8,7 @@ import sys
 
 from ftps.common import grpcutil
 from ftps.common.cpus import usable_cpus
+from ftps.common.metrics import WorkerMetrics
 from ftps.common.storage import open_blob_store
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.config import WorkerSettings
@@ -38,21 +39,22 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     device = pick_device(settings.device)
     threads = threads_per_job(settings)
     store = open_blob_store(settings)
+    server = security.server(
+        max_message_mb=settings.max_message_mb, max_connection_age_s=settings.max_connection_age_s,
+        limits=grpcutil.Limits.from_settings(settings), metrics_listen=settings.metrics_listen)
     worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
                     timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
                     cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,
                     warm_sandboxes=settings.warm_sandboxes, sandbox_idle_s=settings.sandbox_idle_s,
                     sandbox_max_jobs=settings.sandbox_max_jobs,
-                    spare_sandbox=settings.spare_sandbox, threads=threads)
+                    spare_sandbox=settings.spare_sandbox, threads=threads,
+                    metrics=WorkerMetrics(server.metrics_registry, gpu=device.startswith("cuda")))
     # threads: what every job's child uses (threads_per_job, else configure_threads: $FTPS_TORCH_THREADS,
     # else the CPUs this process may use), not torch's default in this process.
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
                                  threads=threads or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
                                  engine=settings.engine)
-    server = security.server(
-        max_message_mb=settings.max_message_mb, max_connection_age_s=settings.max_connection_age_s,
-        limits=grpcutil.Limits.from_settings(settings))
     server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
     # The warm sandbox children go with the server (they would otherwise wait for this process to

@@ -67,6 +67,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -744,6 +745,7 @@ class SandboxPool:
                                         daemon=True)
         self._reaper.start()
         self.stats = {"started": 0, "reused": 0, "spare_used": 0}
+        self._children: weakref.WeakSet[SandboxChild] = weakref.WeakSet()  # every child started, busy or not
 
     def _spawn(self) -> SandboxChild:
         child = SandboxChild(device=self.device, memory_mb=self.memory_mb,
@@ -752,7 +754,14 @@ class SandboxPool:
                              scratch_root=self.scratch_root, threads=self.threads)
         with self._lock:
             self.stats["started"] += 1
+            self._children.add(child)
         return child
+
+    def children_alive(self) -> int:
+        """Children of this pool whose process is alive (idle, spare or running a job)."""
+        with self._lock:
+            children = list(self._children)
+        return sum(1 for c in children if c.alive)
 
     def prestart(self) -> None:
         """Start the spare child now unless there is one (returns at once: the child imports

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from ftps.common.errors import FailedPrecondition, InvalidArgument
+from ftps.common.metrics import WorkerMetrics
 from ftps.common.serde import tensor_from_array
 from ftps.common.storage import ObjectStore, check_id
 from ftps.ml.datasets import load_records
@@ -53,7 +54,8 @@ class Worker:
     def __init__(self, store: ObjectStore, *, device: str, max_concurrent_jobs: int,
                  timeout_s: float, memory_mb: int, cache_bytes: int, engine: str = "auto",
                  warm_sandboxes: bool = True, sandbox_idle_s: float = 300,
-                 sandbox_max_jobs: int = 64, spare_sandbox: bool = True, threads: int | None = None) -> None:
+                 sandbox_max_jobs: int = 64, spare_sandbox: bool = True, threads: int | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         from ftps.ml.engines import REQUESTS
 
         if engine not in REQUESTS:
@@ -72,6 +74,16 @@ class Worker:
                                      max_jobs_per_child=sandbox_max_jobs, spare=spare_sandbox, threads=threads)
             if spare_sandbox:
                 self._pool.prestart()
+        self._metrics = metrics
+        self._cold_children = 0  # without warm sandboxes: one child per running job
+        self._cold_lock = threading.Lock()
+        if metrics is not None:
+            metrics.watch_children(self.sandbox_children_alive)
+
+    def sandbox_children_alive(self) -> int:
+        if self._pool is not None:
+            return self._pool.children_alive()
+        return self._cold_children
 
     def close(self) -> None:
         """Stop the warm sandbox children (jobs still running finish first)."""
@@ -79,6 +91,17 @@ class Worker:
             self._pool.close()
 
     def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        if self._metrics is None:
+            return self._run_job(job)
+        self._metrics.job_started()
+        try:
+            result = self._run_job(job)
+        finally:
+            self._metrics.job_ended()
+        self._metrics.models_finetuned.inc(len(result.model_indices))
+        return result
+
+    def _run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
         # Ids name sandbox folders and log lines: whole-match them like every other service.
         check_id(job.task_id, "job.task_id")
         check_id(job.job_id, "job.job_id")
@@ -160,8 +183,14 @@ class Worker:
                 if self._pool is not None:
                     phi = self._pool.run(task_key=task_key, info=info, **inputs)
                 else:
-                    phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s, memory_mb=self._memory_mb,
-                                        info=info, threads=self._threads, **inputs)
+                    with self._cold_lock:
+                        self._cold_children += 1
+                    try:
+                        phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s,
+                                            memory_mb=self._memory_mb, info=info, threads=self._threads, **inputs)
+                    finally:
+                        with self._cold_lock:
+                            self._cold_children -= 1
             except (EngineError, SandboxError) as exc:
                 raise FailedPrecondition(f"{failed}: {exc}") from exc
             return phi, info, time.perf_counter() - t0

@@ -6,6 +6,7 @@ import sys
 
 from ftps.common import grpcutil
 from ftps.common.db import Database
+from ftps.common.metrics import ScorerMetrics
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import open_blob_store
 from ftps.v1 import scorer_pb2, scorer_pb2_grpc
@@ -25,14 +26,16 @@ def create_server(settings: ScorerSettings) -> grpcutil.Server:
     store = open_blob_store(settings)
     store.ensure_bucket()
     targets = [t.strip() for t in settings.worker_addrs.split(",") if t.strip()]
+    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings),
+                             metrics_listen=settings.metrics_listen)
+    metrics = ScorerMetrics(server.metrics_registry)
     pool = WorkerPool(targets, jobs_per_worker=settings.jobs_per_worker, timeout_s=settings.job_timeout_s,
                       attempts=settings.job_attempts, max_message_mb=settings.max_message_mb,
-                      channel=security.channel)
+                      channel=security.channel, metrics=metrics)
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = Scorer(store, registry_getter(registry), pool, rounds=SqlRoundStore(db), offline=SqlOfflineStore(db),
                     heldout_max=settings.heldout_max, replica_id=settings.replica_id,
-                    lease_s=settings.round_lease_s)
-    server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings))
+                    lease_s=settings.round_lease_s, metrics=metrics)
     # The lease loop (renewals, takeovers) lives as long as the server; rounds running here are
     # released when it stops, for another replica to take over at once.
     scorer.start()

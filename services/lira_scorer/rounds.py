@@ -35,6 +35,7 @@ from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
                                 Unavailable)
+from ftps.common.metrics import ScorerMetrics
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
 from ftps.common.task_rules import min_records
@@ -116,7 +117,8 @@ class Scorer:
 
     def __init__(self, store: ObjectStore, get_task: GetTask, pool: WorkerPool, *, rounds: RoundStore,
                  offline: OfflineStore, heldout_max: int = 500, replica_id: str = "",
-                 lease_s: float = 30.0, poll_s: float = 0.5, claim_limit: int = 4) -> None:
+                 lease_s: float = 30.0, poll_s: float = 0.5, claim_limit: int = 4,
+                 metrics: ScorerMetrics | None = None) -> None:
         self._store = store
         self._get_task = get_task
         self._pool = pool
@@ -137,6 +139,24 @@ class Scorer:
         self._progress = threading.Condition()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_rounds(self._running_by_state)
+
+    def _running_by_state(self) -> dict[str, int]:
+        """Rounds running on this replica by state name ("finetuning", ...): the metrics' gauge."""
+        with self._lock:
+            states = [run.status.state for run in self._runs.values()]
+        counts: dict[str, int] = {}
+        for state in states:
+            name = common_pb2.RoundState.Name(state).removeprefix("ROUND_STATE_").lower()
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def _finished(self, state: str, t0: float) -> None:
+        if self._metrics is not None:
+            self._metrics.rounds_finished.labels(state).inc()
+            self._metrics.round_duration.observe(time.perf_counter() - t0)
 
     # -- leases ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -246,46 +266,61 @@ class Scorer:
         with self._lock:
             lock = self._prep_locks.setdefault(task_id, threading.Lock())
         with lock:
-            prefix = self._offline_prefix(task)
             if not refit and (stored := self._offline.get(task_id, task.base_model.sha256)) is not None:
+                if self._metrics is not None:
+                    self._metrics.preparations.labels("cached").inc()
                 return stored
-            t0 = time.perf_counter()
-            arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
-            x, y = arrays["x"], arrays["y"]
-            seed = derive_seed(task.settings.seed, task.base_model.sha256, "offline")
-            perm = np.random.default_rng(seed).permutation(len(x))
-            n_heldout = min(len(x) // 2, self._heldout_max)
-            # Shadow models see as many records as a round's models do (about m/2 each).
-            n_pool = min(len(x) - n_heldout, task.settings.batch_threshold)
-            heldout, pool = perm[:n_heldout], perm[n_heldout:n_heldout + n_pool]
-            pool_ref = self._store.put_bytes(f"{prefix}/pool.npz", serde.records_to_npz(x[pool], y[pool]))
-            heldout_ref = self._store.put_bytes(f"{prefix}/heldout.npz",
-                                                serde.records_to_npz(x[heldout], y[heldout]))
-            k = task.settings.shadow_models
-            masks = _shadow_masks(k, n_pool, seed=seed)
-            jobs = make_jobs(task, f"offline-{task.task_id}", pool_ref, masks, model_seeds(seed, k),
-                             eval_records=heldout_ref)
-            done = [0]
-
-            def on_done(result: worker_pb2.FinetuneResult) -> None:
-                done[0] += len(result.model_indices)
-                if progress:
-                    progress(done[0], k)
-
-            t_ft = time.perf_counter()
-            results = self._pool.run_all(jobs, on_done)
-            finetune_s = time.perf_counter() - t_ft
-            phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
-            mu, sigma = scoring.fit_offline_gaussian(phi)
-            gaussian = common_pb2.OfflineGaussian(
-                task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now_iso(),
-                base_model_sha256=task.base_model.sha256,
-                timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
-                         "total_s": time.perf_counter() - t0})
-            gaussian = self._offline.put(gaussian, replace=refit)
-            log.info("task %s: offline Gaussian mu=%.3f sigma=%.3f from k=%d shadow models (%.1fs)",
-                     task_id, gaussian.mu, gaussian.sigma, k, time.perf_counter() - t0)
+            try:
+                gaussian = self._prepare(task, refit=refit, progress=progress)
+            except Exception:
+                if self._metrics is not None:
+                    self._metrics.preparations.labels("failed").inc()
+                raise
+            if self._metrics is not None:
+                self._metrics.preparations.labels("done").inc()
             return gaussian
+
+    def _prepare(self, task: registry_pb2.Task, *, refit: bool,
+                 progress: Callable[[int, int], None] | None) -> common_pb2.OfflineGaussian:
+        task_id = task.task_id
+        prefix = self._offline_prefix(task)
+        t0 = time.perf_counter()
+        arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
+        x, y = arrays["x"], arrays["y"]
+        seed = derive_seed(task.settings.seed, task.base_model.sha256, "offline")
+        perm = np.random.default_rng(seed).permutation(len(x))
+        n_heldout = min(len(x) // 2, self._heldout_max)
+        # Shadow models see as many records as a round's models do (about m/2 each).
+        n_pool = min(len(x) - n_heldout, task.settings.batch_threshold)
+        heldout, pool = perm[:n_heldout], perm[n_heldout:n_heldout + n_pool]
+        pool_ref = self._store.put_bytes(f"{prefix}/pool.npz", serde.records_to_npz(x[pool], y[pool]))
+        heldout_ref = self._store.put_bytes(f"{prefix}/heldout.npz",
+                                            serde.records_to_npz(x[heldout], y[heldout]))
+        k = task.settings.shadow_models
+        masks = _shadow_masks(k, n_pool, seed=seed)
+        jobs = make_jobs(task, f"offline-{task.task_id}", pool_ref, masks, model_seeds(seed, k),
+                         eval_records=heldout_ref)
+        done = [0]
+
+        def on_done(result: worker_pb2.FinetuneResult) -> None:
+            done[0] += len(result.model_indices)
+            if progress:
+                progress(done[0], k)
+
+        t_ft = time.perf_counter()
+        results = self._pool.run_all(jobs, on_done)
+        finetune_s = time.perf_counter() - t_ft
+        phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
+        mu, sigma = scoring.fit_offline_gaussian(phi)
+        gaussian = common_pb2.OfflineGaussian(
+            task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now_iso(),
+            base_model_sha256=task.base_model.sha256,
+            timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
+                     "total_s": time.perf_counter() - t0})
+        gaussian = self._offline.put(gaussian, replace=refit)
+        log.info("task %s: offline Gaussian mu=%.3f sigma=%.3f from k=%d shadow models (%.1fs)",
+                 task_id, gaussian.mu, gaussian.sigma, k, time.perf_counter() - t0)
+        return gaussian
 
     def _ready_task(self, task_id: str, who: Principal, *, action: str = "use") -> registry_pb2.Task:
         """The task, once ``who`` may ``action`` it and all its uploads are in."""
@@ -330,6 +365,7 @@ class Scorer:
                                             result.SerializeToString())
                 self._write(run, state=common_pb2.ROUND_STATE_DONE, result=ref,
                             message=f"scored {len(run.row.record_ids)} records with {result.batch.n_models} models")
+                self._finished("done", t0)
                 log.info("round %s done in %.1fs", run.round_id, time.perf_counter() - t0)
             except RoundAbandoned:
                 raise
@@ -340,6 +376,7 @@ class Scorer:
                 else:
                     log.warning("round %s failed: %s", run.round_id, reason)
                 self._write(run, state=common_pb2.ROUND_STATE_FAILED, message=reason)
+                self._finished("failed", t0)
         except LeaseLost:
             log.warning("round %s: no longer this replica's (lease lost); stopped running it", run.round_id)
         except RoundAbandoned as exc:

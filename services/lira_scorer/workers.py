@@ -14,6 +14,7 @@ import grpc
 
 from ftps.common import grpcutil
 from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable
+from ftps.common.metrics import ScorerMetrics
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
 class WorkerPool:
     def __init__(self, targets: Sequence[str], *, jobs_per_worker: int = 1, timeout_s: float = 3600,
                  attempts: int = 4, max_message_mb: int = 64,
-                 channel: Callable[..., grpc.Channel] = grpcutil.make_channel) -> None:
+                 channel: Callable[..., grpc.Channel] = grpcutil.make_channel,
+                 metrics: ScorerMetrics | None = None) -> None:
         if not targets:
             raise ValueError("at least one worker target is needed")
         balanced = len(targets) == 1 and targets[0].startswith("dns:///")
@@ -40,6 +42,9 @@ class WorkerPool:
         self.connect_timeout_s = 10.0
         self._next = itertools.count()
         self._lock = threading.Lock()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.worker_targets = len(targets)
 
     def _stub_index(self) -> int:
         with self._lock:
@@ -55,6 +60,32 @@ class WorkerPool:
     def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
         """Run ``job`` on some worker; a worker that is gone or unreachable is skipped and the job
         tried on the next (never waiting on a dead one: no wait_for_ready on the call itself)."""
+        try:
+            return self._run_one(job)
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.jobs_failed.inc()
+            raise
+
+    def _call(self, i: int, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        m = self._metrics
+        if m is None:
+            return self._stubs[i].RunJob(job, timeout=self._timeout)
+        m.job_sent()
+        t0 = time.perf_counter()
+        try:
+            result = self._stubs[i].RunJob(job, timeout=self._timeout)
+        finally:
+            m.job_answered()
+        m.job_duration.observe(time.perf_counter() - t0)
+        m.models_finetuned.inc(len(result.model_indices))
+        return result
+
+    def _retried(self, attempt: int) -> None:
+        if self._metrics is not None and attempt + 1 < self._attempts:  # another attempt follows
+            self._metrics.jobs_retried.inc()
+
+    def _run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
         delay = 0.5
         last = "no worker reachable"
         for attempt in range(self._attempts):
@@ -63,9 +94,10 @@ class WorkerPool:
                 last = f"worker {self.targets[i]} unreachable for {self.connect_timeout_s:.0f}s"
                 log.warning("job %s: %s; trying another (attempt %d/%d)", job.job_id, last, attempt + 1,
                             self._attempts)
+                self._retried(attempt)
                 continue
             try:
-                return self._stubs[i].RunJob(job, timeout=self._timeout)
+                return self._call(i, job)
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -78,6 +110,7 @@ class WorkerPool:
                 last = f"{code.name}: {exc.details()}"
                 log.warning("job %s on %s: %s; retrying elsewhere (attempt %d/%d)",
                             job.job_id, self.targets[i], last, attempt + 1, self._attempts)
+                self._retried(attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
         raise Unavailable(f"job {job.job_id} failed {self._attempts} times: {last}")
@@ -90,8 +123,17 @@ class WorkerPool:
         failed: FAILED_PRECONDITION, INVALID_ARGUMENT) goes to ``on_task_error`` and the other jobs
         go on; without it, the first task error cancels the rest. An unreachable pool always raises."""
         results: list[worker_pb2.FinetuneResult] = []
+        m = self._metrics
+
+        def run(job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+            if m is not None:  # out of the queue: on its way to a worker
+                m.job_unqueued()
+            return self.run_one(job)
+
+        if m is not None:
+            m.jobs_queued(len(jobs))
         with futures.ThreadPoolExecutor(self.parallelism, thread_name_prefix="job") as pool:
-            pending = {pool.submit(self.run_one, job): job for job in jobs}
+            pending = {pool.submit(run, job): job for job in jobs}
             try:
                 for fut in futures.as_completed(pending):
                     try:
@@ -105,7 +147,8 @@ class WorkerPool:
                     on_done(result)
             except BaseException:
                 for fut in pending:
-                    fut.cancel()
+                    if fut.cancel() and m is not None:  # never ran: no longer queued
+                        m.job_unqueued()
                 raise
         return results
 
