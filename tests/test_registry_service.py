@@ -184,13 +184,13 @@ def test_list_tasks_is_paged_and_the_client_reads_every_page(stub, storage_kwarg
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in details
 
     from clients.api import BuilderClient
-    from services.builder_registry import store
+    from ftps.common import paging
 
     # A second replica on the same database: the client pages through it with the server's page size.
     addr = serve(create_server(RegistrySettings(**storage_kwargs)))
     client = BuilderClient(registry=addr, gateway=addr, scorer=addr)
     try:
-        monkeypatch.setattr(store, "DEFAULT_PAGE_SIZE", 2)
+        monkeypatch.setattr(paging, "DEFAULT_PAGE_SIZE", 2)
         assert [t.task_id for t in client.list_tasks()] == made
         tasks, token = client.list_tasks_page(page_size=3)
         assert [t.task_id for t in tasks] == made[:3] and token

@@ -15,7 +15,8 @@ from ftps.common.db import Database, MigrationError
 from ftps.common.errors import AlreadyExists, InvalidArgument, NotFound
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.registry import Registry
-from services.builder_registry.store import MAX_PAGE_SIZE, SqlTaskStore, page_size
+from ftps.common.paging import MAX_PAGE_SIZE, page_size
+from services.builder_registry.store import SqlTaskStore
 
 ADMIN = Principal("root", "admin")
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ftps.common import archives, serde
 from ftps.common.clock import now_iso
+from ftps.common.paging import page_size
 from ftps.common.auth import Principal, authorized_task
 from ftps.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
@@ -38,7 +39,7 @@ from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
-from services.builder_registry.store import TaskStore, page_size
+from services.builder_registry.store import TaskStore
 
 log = logging.getLogger(__name__)
 

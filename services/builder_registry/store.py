@@ -12,10 +12,7 @@ task's row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write lock, `
 from __future__ import annotations
 
 import abc
-import base64
-import binascii
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -24,21 +21,11 @@ from sqlalchemy import exc as sa_exc
 
 from ftps.common.db import Database
 from ftps.common.errors import AlreadyExists, InvalidArgument, NotFound
+from ftps.common.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_token, encode_token
 from ftps.v1 import registry_pb2
 
 MIGRATIONS = str(Path(__file__).resolve().with_name("migrations"))
 VERSION_TABLE = "alembic_version_registry"
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
-
-def page_size(requested: int) -> int:
-    """A request's ``page_size``: 0 -> the default, above the maximum -> the maximum."""
-    if requested < 0:
-        raise InvalidArgument(f"page_size must be >= 0, got {requested}")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 class TaskStore(abc.ABC):
     """The registry's tasks. Implementations are safe to call from many threads and from many
     processes sharing one backend; none keeps tasks in process memory between calls."""
@@ -152,13 +139,12 @@ class SqlTaskStore(TaskStore):
 
 
 def _encode_token(created: dt.datetime, task_id: str) -> str:
-    raw = json.dumps([created.isoformat(), task_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_token([created.isoformat(), task_id])
 
 
 def _decode_token(token: str) -> tuple[dt.datetime, str]:
+    created, task_id = decode_token(token, 2, rpc="ListTasks")
     try:
-        created, task_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         return dt.datetime.fromisoformat(created), str(task_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+    except (TypeError, ValueError):
         raise InvalidArgument("page_token is not one that ListTasks returned") from None

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ftps.common import serde
+from ftps.common import paging, serde
 from ftps.common.clock import now_iso
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
@@ -35,8 +35,7 @@ from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
-from services.contributor_gateway.store import (MAX_FAILED_ROUNDS, RoundRef, SqlSubmissionStore,  # noqa: F401
-                                                SubmissionStore, clamp_page_size, decode_token, encode_token)
+from services.contributor_gateway.store import RoundRef, SqlSubmissionStore, SubmissionStore
 
 log = logging.getLogger(__name__)
 
@@ -268,18 +267,23 @@ class Gateway:
             raise NotFound(f"round {round_id} not found")
         raise denied(who, "read", f"round {round_id}")
 
-    def _read_round(self, ref: RoundRef) -> common_pb2.RoundResult:
-        """The scorer's word on the round (applying its outcome here if it ended)."""
+    def _result(self, round_id: str) -> common_pb2.RoundResult:
+        """The round's result: a cached DONE one, else the scorer's word (its outcome applied here
+        if it ended). NotFound when the scorer does not know the round."""
         with self._results_lock:
-            cached = self._results.get(ref.round_id)
-        if cached is not None:
-            return cached
+            cached = self._results.get(round_id)
+            if cached is not None:
+                self._results.move_to_end(round_id)
+                return cached
+        result = self._scorer.get_result(round_id)
+        self._settle(round_id, result)
+        return result
+
+    def _read_round(self, ref: RoundRef) -> common_pb2.RoundResult:
         try:
-            result = self._scorer.get_result(ref.round_id)
+            return self._result(ref.round_id)
         except NotFound:
             return common_pb2.RoundResult(status=self._unknown_status(ref))
-        self._settle(ref.round_id, result)
-        return result
 
     def _unknown_status(self, ref: RoundRef) -> common_pb2.RoundStatus:
         """A round the gateway claimed but the scorer does not know: starting, or never started."""
@@ -360,19 +364,11 @@ class Gateway:
 
     # -- results -------------------------------------------------------------------------------
     def _done_result(self, round_id: str) -> common_pb2.RoundResult | None:
-        with self._results_lock:
-            cached = self._results.get(round_id)
-            if cached is not None:
-                self._results.move_to_end(round_id)
-                return cached
         try:
-            result = self._scorer.get_result(round_id)
+            result = self._result(round_id)
         except NotFound:
             return None
-        if result.status.state != common_pb2.ROUND_STATE_DONE:
-            return None
-        self._settle(round_id, result)
-        return result
+        return result if result.status.state == common_pb2.ROUND_STATE_DONE else None
 
     def get_scores(self, task_id: str, contributor: str, round_id: str, who: Principal, *,
                    page_size: int = 0, page_token: str = "") -> gateway_pb2.GetScoresResponse:
@@ -384,8 +380,8 @@ class Gateway:
         if contributor:
             check_id(contributor, "contributor")
         authorized_task(who, task_id, self._get_task, action="read scores of", contributors_may=True)
-        n = clamp_page_size(page_size)
-        after = decode_token(page_token, 2)
+        n = paging.page_size(page_size)
+        after = paging.decode_token(page_token, 2, rpc="GetScores")
         rounds = self._subs.scored_rounds(task_id, contributor=contributor)
         if round_id:
             rounds = [r for r in rounds if r == round_id]
@@ -399,14 +395,14 @@ class Gateway:
             scores = [s for s in result.scores if not contributor or s.contributor == contributor]
             start = int(after[1]) if after is not None and rid == after[0] else 0
             if len(resp.scores) >= n:
-                resp.next_page_token = encode_token([rid, start])
+                resp.next_page_token = paging.encode_token([rid, start])
                 break
             take = scores[start:start + n - len(resp.scores)]
             if not contributor and start == 0:
                 resp.batches.append(result.batch)
             resp.scores.extend(take)
             if start + len(take) < len(scores):
-                resp.next_page_token = encode_token([rid, start + len(take)])
+                resp.next_page_token = paging.encode_token([rid, start + len(take)])
                 break
         return resp
 

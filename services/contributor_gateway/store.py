@@ -10,8 +10,6 @@ the batch threshold never put a record into two rounds.
 from __future__ import annotations
 
 import abc
-import base64
-import json
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -21,8 +19,9 @@ from typing import Iterable
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from ftps.common import paging
 from ftps.common.db import Database
-from ftps.common.errors import InvalidArgument, ResourceExhausted
+from ftps.common.errors import ResourceExhausted
 from ftps.v1 import common_pb2, gateway_pb2
 
 MIGRATIONS = str(Path(__file__).resolve().parent / "migrations")
@@ -35,8 +34,6 @@ FAILED = gateway_pb2.SUBMISSION_STATE_FAILED
 
 # A submission in this many failed rounds is not retried automatically: no batch is re-queued forever.
 MAX_FAILED_ROUNDS = 2
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass
@@ -63,29 +60,6 @@ class RoundRef:
 
 def record_ids(submission_id: str, n_records: int) -> list[str]:
     return [f"{submission_id}-{i}" for i in range(n_records)]
-
-
-def clamp_page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument(f"page_size must be >= 0, got {requested}")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_token(key: list) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
-
-
-def decode_token(token: str, n: int) -> list | None:
-    """The key a page token carries (``n`` parts), or None for the first page."""
-    if not token:
-        return None
-    try:
-        key = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except ValueError:
-        key = None
-    if not isinstance(key, list) or len(key) != n:
-        raise InvalidArgument("page_token is not one this service issued")
-    return key
 
 
 class SubmissionStore(abc.ABC):
@@ -349,19 +323,19 @@ class SqlSubmissionStore(SubmissionStore):
 
     def list_submissions(self, *, contributor="", task_id="", page_size=0, page_token=""):
         s = self.subs.c
-        n = clamp_page_size(page_size)
+        n = paging.page_size(page_size)
         q = sa.select(self.subs).order_by(s.created_at, s.submission_id).limit(n + 1)
         if contributor:
             q = q.where(s.contributor == contributor)
         if task_id:
             q = q.where(s.task_id == task_id)
-        after = decode_token(page_token, 2)
+        after = paging.decode_token(page_token, 2, rpc="ListSubmissions")
         if after is not None:
             q = q.where(sa.tuple_(s.created_at, s.submission_id) > sa.tuple_(*after))
         with self._db.read() as conn:
             rows = conn.execute(q).all()
         subs = [self._sub(r) for r in rows[:n]]
-        token = encode_token([subs[-1].created_at, subs[-1].submission_id]) if len(rows) > n else ""
+        token = paging.encode_token([subs[-1].created_at, subs[-1].submission_id]) if len(rows) > n else ""
         return subs, token
 
     def scored_rounds(self, task_id, *, contributor=""):
