@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow bench-quick bench protos check-protos clean
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml scripts/bootstrap.sh clients/node/package-lock.json
 	bash scripts/bootstrap.sh
 
 setup: $(STAMP)
@@ -31,9 +31,12 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.attacks && $(PY) -m bench.finetune && $(PY) -m bench.e2e
 
-## Regenerate ftps/v1/*_pb2*.py from protos/ with the pinned grpcio-tools.
+## Regenerate ftps/v1/*_pb2*.py from protos/ with the pinned grpcio-tools, and the Node.js client's
+## clients/node/gen/ with the pinned buf + protoc-gen-es; then lint the protos.
 protos: $(STAMP)
 	bash scripts/protoc.sh
+	bash clients/node/generate.sh
+	bash scripts/buf.sh lint
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache clients/node/node_modules

@@ -87,10 +87,10 @@ VARIANTS = (
 REFERENCE = Variant("online-per-record", "online-per-record")
 DEFAULT_VARIANT = next(v for v in VARIANTS if v.method == DEFAULT_METHOD and not v.fixed_variance)
 DEFAULT_LABEL = DEFAULT_VARIANT.label
-# Per-record score types: (name, RecordScores field, interval fields or None).
+# Per-record score types: (name in the tables and JSON, RecordScores field, interval fields or None).
 SCORES = (
-    ("P", "score", ("ci_low", "ci_high")),
-    ("model", "model_score", ("model_ci_low", "model_ci_high")),
+    ("P", "counted_p", ("counted_p_ci_low", "counted_p_ci_high")),
+    ("model", "score", ("score_ci_low", "score_ci_high")),
     ("auc", "auc", None),
 )
 
@@ -297,8 +297,8 @@ def measure(phi: np.ndarray, member: np.ndarray, *, sizes: list[int], offline: t
                 "auc_sd": float(np.std([f.batch.auc for f in fast])),
                 "tpr_at_1pct_fpr": _mean(f.batch.tpr_at_1pct_fpr for f in fast),
                 "tpr_at_0_1pct_fpr": _mean(f.batch.tpr_at_0_1pct_fpr for f in fast),
-                "mean_P": _mean(float(f.records.score.mean()) for f in fast),
-                "mean_model": _mean(float(f.records.model_score.mean()) for f in fast),
+                "mean_P": _mean(float(f.records.counted_p.mean()) for f in fast),
+                "mean_model": _mean(float(f.records.score.mean()) for f in fast),
                 "reference_auc": _mean(s.batch.auc for s in same),
             })
             pairs = [(fast[i], fast[i + 1]) for i in range(0, len(fast) - 1, 2)]
@@ -309,7 +309,7 @@ def measure(phi: np.ndarray, member: np.ndarray, *, sizes: list[int], offline: t
                 row[f"{name}_spearman"] = _mean(c[1] for c in cs)
             out["stability"].append(row)
             for name, field, _ in SCORES:
-                ref_field = "auc" if name == "auc" else "score"
+                ref_field = "auc" if name == "auc" else "counted_p"  # the reference: online LiRA's P
                 cs = [_corr(getattr(f.records, field), getattr(r.records, ref_field))
                       for f, r in zip(fast, ref)]
                 out["fidelity"].append({
@@ -344,8 +344,8 @@ def measure(phi: np.ndarray, member: np.ndarray, *, sizes: list[int], offline: t
             log(f"  n={n:<3} {v.label:<26} {len(bl):>2} blocks  {time.perf_counter() - t0:5.1f}s")
             if v == DEFAULT_VARIANT:
                 out["scatter"].append({
-                    "n": n, "reference": ref[0].records.score, "P": fast[0].records.score,
-                    "model": fast[0].records.model_score,
+                    "n": n, "reference": ref[0].records.counted_p, "P": fast[0].records.counted_p,
+                    "model": fast[0].records.score,
                 })
             if n == roc_n:
                 f = fast[0]

@@ -31,14 +31,14 @@ engine and in each worker of the cost stack, so phi is the same on both sides.
 Where each figure comes from:
 
 - ``e2e``, ``submit``, ``dispatch`` (submit acknowledged -> round id seen, polled every 10 ms) and
-  the preparation stage (the ``PrepareOffline`` call): the client's clock (``OfflineGaussian.timings``
+  the preparation stage (``StartPreparation`` until READY): the client's clock (``OfflineGaussian.timings``
   has the scorer's side).
 - ``fine-tune``, ``scoring``, ``scorer total``: ``RoundResult.timings`` (``finetune_s``,
   ``scoring_s``, ``total_s``), what the demo prints. ``overhead`` = e2e - fine-tune - scoring,
   split into submit, scorer bookkeeping (total - fine-tune - scoring: task lookup, masks, state
   and PHI writes) and gateway (e2e - submit - total: batching, StartRound, following the round,
   delivering the scores).
-- ``sandbox jobs``: the workers' seconds per job (``FinetuneResult.seconds``) summed, which the
+- ``sandbox jobs``: the workers' seconds per job (``RunJobResponse.seconds``) summed, which the
   scorer reports as ``RoundResult.timings["worker_jobs_s"]`` (and ``OfflineGaussian.timings``); the
   number of jobs from the worker's log line ``job ...: ... in X.Xs``.
   ``fan-out`` = fine-tune - sandbox jobs (one worker: jobs run one at a time).
@@ -193,7 +193,7 @@ class ServiceTask:
 def register_task(stack: Stack, task, *, m: int, n: int, k: int) -> ServiceTask:
     """The demo's builder steps: task, uploads, preparation stage (timed from the client)."""
     from ftps.common import serde
-    from ftps.v1 import common_pb2
+    from ftps.v1 import common_pb2, scorer_pb2
 
     settings = common_pb2.TaskSettings(
         n_models=n, batch_threshold=m, method=serde.method_enum("online-per-record"),
@@ -207,7 +207,10 @@ def register_task(stack: Stack, task, *, m: int, n: int, k: int) -> ServiceTask:
              serde.records_to_npz(task.builder_x, task.builder_y))
     settle([stack])
     c, cpu, t = stack.cpu(), time.process_time(), time.perf_counter()
-    offline = b.prepare_offline(created.task_id)
+    prepared = b.prepare(created.task_id)
+    if prepared.state != scorer_pb2.PREPARATION_STATE_READY:
+        raise RuntimeError(f"preparation stage of {created.task_id} failed: {prepared.message}")
+    offline = prepared.gaussian
     prep_s = time.perf_counter() - t
     prep_cpu = stack.cpu() - c + time.process_time() - cpu
     jobs_s, _ = stack.job_seconds(f"offline-{created.task_id}-j")
@@ -261,7 +264,7 @@ def service_round(stack: Stack, st: ServiceTask, x: np.ndarray, y: np.ndarray, t
         "scorer_total_s": timings.get("total_s", float("nan")),
         "sandbox_jobs_s": jobs_s, "jobs": jobs, "cpu_s": cpu,
         "first": scores[0].contributor,  # whose records open the batch (the gateway's order)
-        "model_score": np.array([s.model_score for s in scores]),
+        "score": np.array([s.score for s in scores]),  # the headline, per record
     }
 
 
@@ -306,7 +309,7 @@ def bare_round(task, x: np.ndarray, y: np.ndarray, settings, offline: tuple[floa
             headline = res
     t2 = time.perf_counter()
     return {"finetune_s": t1 - t0, "scoring_s": t2 - t1, "total_s": t2 - t0,
-            "cpu_s": time.process_time() - cpu0, "model_score": headline.records.model_score}
+            "cpu_s": time.process_time() - cpu0, "score": headline.records.score}
 
 
 def bare_prep(task, *, k: int, m: int) -> dict:
@@ -371,9 +374,9 @@ def measure_cost(stack: Stack, tasks: dict, configs: list[tuple[int, int]], *, k
             bx, by = batch_order(task.x, task.y, sv["first"])
             bare = bare_round(task, bx, by, st.settings, st.offline)
             row = {"m": m, "n": n, "repeat": r, "round_id": sv["round_id"]}
-            row |= {k_: v for k_, v in sv.items() if k_ not in ("round_id", "first", "model_score")}
-            row |= {f"bare_{k_}": v for k_, v in bare.items() if k_ != "model_score"}
-            row["max_abs_score_diff"] = float(np.max(np.abs(sv["model_score"] - bare["model_score"])))
+            row |= {k_: v for k_, v in sv.items() if k_ not in ("round_id", "first", "score")}
+            row |= {f"bare_{k_}": v for k_, v in bare.items() if k_ != "score"}
+            row["max_abs_score_diff"] = float(np.max(np.abs(sv["score"] - bare["score"])))
             mine.append(row)
             log(f"  round {r + 1}/{repeats}: services {sv['e2e_s']:.1f} s (fine-tune "
                 f"{sv['finetune_s']:.1f} s), bare {bare['total_s']:.1f} s, "
@@ -762,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "less: compare the ratios and the CPU columns.",
         "## Preparation stage (once per task and base model, cached afterwards; not part of a "
         "round's cost)\n\n"
-        "Services: the `PrepareOffline` call (client clock); sandbox jobs: the worker's own "
+        "Services: `StartPreparation` until READY (client clock); sandbox jobs: the worker's own "
         "seconds (its log); bare: k shadow fine-tunes + the Gaussian fit in-process.\n\n" + t["prep"],
         "## Cost of a round: submit -> scores available, through the services vs the bare engine\n\n"
         "e2e: alice's submit until both contributors read their scores; fine-tune / scoring: the "

@@ -54,7 +54,7 @@ class Bench:
         self.registry = registry_server(RegistrySettings(**self._common()))
         self.registry_addr = f"127.0.0.1:{self.registry.start('127.0.0.1:0')}"
         with grpcutil.make_channel(self.registry_addr, token=self.signer.issue("acme", "builder")) as ch:
-            self.task_id = registry_pb2_grpc.BuilderRegistryStub(ch).CreateTask(registry_pb2.CreateTaskRequest(
+            self.task_id = registry_pb2_grpc.BuilderRegistryServiceStub(ch).CreateTask(registry_pb2.CreateTaskRequest(
                 name="flood", settings=common_pb2.TaskSettings(record_shape=SHAPE, batch_threshold=100_000,
                                                                n_models=4)),
                 timeout=30, wait_for_ready=True).task_id
@@ -94,7 +94,7 @@ class Bench:
         raw = grpc.server(futures.ThreadPoolExecutor(max_workers=64), interceptors=[AuthInterceptor(self.signer)])
         hs = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(hs, raw)
-        gateway_pb2_grpc.add_ContributorGatewayServicer_to_server(ContributorGatewayServicer(gw), raw)
+        gateway_pb2_grpc.add_ContributorGatewayServiceServicer_to_server(ContributorGatewayServicer(gw), raw)
         port = raw.add_insecure_port("127.0.0.1:0")
         raw.start()
         hs.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -119,7 +119,7 @@ class Bench:
         try:
             grpcutil.wait_healthy(probe, timeout=30)
             alice.submit(self.task_id, *self._records(records, 0))  # warm: channel, task cache
-            stub = gateway_pb2_grpc.ContributorGatewayStub(flood)
+            stub = gateway_pb2_grpc.ContributorGatewayServiceStub(flood)
             calls = [stub.WatchScores(gateway_pb2.WatchScoresRequest(task_id=self.task_id), timeout=600)
                      for _ in range(streams)]
             time.sleep(1.0 if streams else 0)  # every stream opened or refused

@@ -44,7 +44,7 @@ SCORED = gateway_pb2.SUBMISSION_STATE_SCORED
 PENDING = gateway_pb2.SUBMISSION_STATE_PENDING
 
 
-class AcceptingScorer(scorer_pb2_grpc.LiraScorerServicer):
+class AcceptingScorer(scorer_pb2_grpc.LiraScorerServiceServicer):
     """Accepts every round and never finishes one: the bench measures the gateway's side."""
 
     def StartRound(self, request, context):
@@ -134,9 +134,9 @@ def run_backend(name: str, url_factory, sizes: list[int], round_subs: int, submi
     reg_port = reg.start("127.0.0.1:0")
     reg_addr = f"127.0.0.1:{reg_port}"
     scorer = grpcutil.Security(auth_disabled=True).server()
-    scorer.add(scorer_pb2_grpc.add_LiraScorerServicer_to_server, AcceptingScorer(), "ftps.v1.LiraScorer")
+    scorer.add(scorer_pb2_grpc.add_LiraScorerServiceServicer_to_server, AcceptingScorer(), "ftps.v1.LiraScorerService")
     scorer_addr = f"127.0.0.1:{scorer.start('127.0.0.1:0')}"
-    reg_stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(reg_addr))
+    reg_stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(reg_addr))
 
     def task(m: int) -> str:
         return reg_stub.CreateTask(registry_pb2.CreateTaskRequest(name="bench", settings=common_pb2.TaskSettings(
@@ -182,7 +182,7 @@ def run_backend(name: str, url_factory, sizes: list[int], round_subs: int, submi
             t.start()
             time.sleep(0.5)
             t0 = time.perf_counter()
-            stub = gateway_pb2_grpc.ContributorGatewayStub(grpcutil.make_channel(addr))
+            stub = gateway_pb2_grpc.ContributorGatewayServiceStub(grpcutil.make_channel(addr))
             stub.StartRound(gateway_pb2.StartRoundRequest(task_id=big, force=True), timeout=600)
             start_s = time.perf_counter() - t0
             time.sleep(0.5)

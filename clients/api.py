@@ -16,9 +16,11 @@ from ftps.v1 import (common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, re
                      scorer_pb2, scorer_pb2_grpc)
 
 CHUNK = 1024 * 1024
+MAX_CHUNK_RECORDS = 10_000  # records in one UploadBuilderData chunk (registry.proto)
+RECORDS_CHUNK_BYTES = 4 * 1024 * 1024  # about this many bytes of x and y in one chunk
 DEFAULT_TIMEOUT = 60.0
 CHECK_TIMEOUT = 300.0  # an upload's model check in a worker's sandbox
-LONG_TIMEOUT = 6 * 3600.0  # the preparation stage fine-tunes k models before it answers
+LONG_TIMEOUT = 6 * 3600.0  # following a long-running operation (a preparation, a round) to its end
 
 KIND_NAMES = {
     "base-model": common_pb2.BLOB_KIND_BASE_MODEL,
@@ -34,9 +36,9 @@ class BuilderClient:
                  tls: grpcutil.Tls | None = None, max_message_mb: int = 64) -> None:
         self._channels = [grpcutil.make_channel(a, max_message_mb=max_message_mb, token=token, tls=tls)
                           for a in (registry, gateway, scorer)]
-        self.registry = registry_pb2_grpc.BuilderRegistryStub(self._channels[0])
-        self.gateway = gateway_pb2_grpc.ContributorGatewayStub(self._channels[1])
-        self.scorer = scorer_pb2_grpc.LiraScorerStub(self._channels[2])
+        self.registry = registry_pb2_grpc.BuilderRegistryServiceStub(self._channels[0])
+        self.gateway = gateway_pb2_grpc.ContributorGatewayServiceStub(self._channels[1])
+        self.scorer = scorer_pb2_grpc.LiraScorerServiceStub(self._channels[2])
 
     def close(self) -> None:
         for c in self._channels:
@@ -82,12 +84,62 @@ class BuilderClient:
 
         return self.registry.UploadBlob(messages(), timeout=max(DEFAULT_TIMEOUT, len(data) / 1e6) + CHECK_TIMEOUT)
 
-    def prepare_offline(self, task_id: str, *, refit: bool = False) -> common_pb2.OfflineGaussian:
-        return self.scorer.PrepareOffline(scorer_pb2.PrepareOfflineRequest(task_id=task_id, refit=refit),
-                                          timeout=LONG_TIMEOUT)
+    def upload_builder_records(self, task_id: str, x: np.ndarray, y: np.ndarray, *,
+                               chunk_records: int = MAX_CHUNK_RECORDS,
+                               progress: Callable[[int, int], None] | None = None) -> common_pb2.BlobRef:
+        """Builder data as Records (UploadBuilderData): a header, then chunks of at most
+        ``chunk_records`` (and at most 10,000) records and about 4 MiB each. Stored like an npz
+        upload of builder data (a new version); an error names the chunk (numbered from 1)."""
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind == "f" and x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
+        if y.dtype.kind in "iu" and y.dtype not in (np.uint8, np.int64):
+            y = y.astype(np.int64)  # the Tensor dtypes: any integer labels travel as int64
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} records but y has {len(y)} labels")
+        per_record = max(1, x[:1].nbytes + y[:1].nbytes)
+        step = max(1, min(chunk_records, MAX_CHUNK_RECORDS, RECORDS_CHUNK_BYTES // per_record))
 
-    def get_offline(self, task_id: str) -> common_pb2.OfflineGaussian:
-        return self.scorer.GetOffline(scorer_pb2.GetOfflineRequest(task_id=task_id), timeout=DEFAULT_TIMEOUT)
+        def messages() -> Iterator[registry_pb2.UploadBuilderDataRequest]:
+            yield registry_pb2.UploadBuilderDataRequest(header=registry_pb2.UploadBuilderDataHeader(task_id=task_id))
+            for start in range(0, len(x), step):
+                yield registry_pb2.UploadBuilderDataRequest(records=common_pb2.Records(
+                    x=serde.tensor_from_array(x[start:start + step]), y=serde.tensor_from_array(y[start:start + step])))
+                if progress:
+                    progress(min(start + step, len(x)), len(x))
+
+        size = x.nbytes + y.nbytes
+        return self.registry.UploadBuilderData(messages(), timeout=max(DEFAULT_TIMEOUT, size / 1e6) + CHECK_TIMEOUT)
+
+    def start_preparation(self, task_id: str, *, refit: bool = False) -> scorer_pb2.Preparation:
+        """Start the preparation stage; returns at once (PREPARING, or READY when already fitted)."""
+        return self.scorer.StartPreparation(scorer_pb2.StartPreparationRequest(task_id=task_id, refit=refit),
+                                            timeout=DEFAULT_TIMEOUT)
+
+    def get_preparation(self, task_id: str) -> scorer_pb2.Preparation:
+        """The task's preparation (NOT_FOUND [PREPARATION_NOT_FOUND] when never started)."""
+        return self.scorer.GetPreparation(scorer_pb2.GetPreparationRequest(task_id=task_id), timeout=DEFAULT_TIMEOUT)
+
+    def watch_preparation(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """The preparation's progress until READY or FAILED (or ``timeout``), across the server's early ends."""
+        request = scorer_pb2.WatchPreparationRequest(task_id=task_id)
+        return ResumedStream(lambda t: self.scorer.WatchPreparation(request, timeout=t), timeout=timeout,
+                             finished=preparation_ended,
+                             key=lambda p: (p.preparation_id, p.state, p.models_done, p.message), only_last_key=True)
+
+    def prepare(self, task_id: str, *, refit: bool = False, timeout: float = LONG_TIMEOUT,
+                progress: Callable[[scorer_pb2.Preparation], None] | None = None) -> scorer_pb2.Preparation:
+        """Start the preparation stage and follow it to its end (``progress`` gets every state):
+        the final Preparation, READY (with its Gaussian) or FAILED (with its message)."""
+        prep = self.start_preparation(task_id, refit=refit)
+        if progress:
+            progress(prep)
+        if preparation_ended(prep):
+            return prep
+        for prep in self.watch_preparation(task_id, timeout=timeout):
+            if progress:
+                progress(prep)
+        return prep
 
     def start_round(self, task_id: str, *, force: bool = False) -> common_pb2.RoundStatus:
         return self.gateway.StartRound(gateway_pb2.StartRoundRequest(task_id=task_id, force=force),
@@ -105,6 +157,15 @@ class BuilderClient:
         return all_scores(self.gateway, gateway_pb2.GetScoresRequest(task_id=task_id, round_id=round_id,
                                                                      page_size=page_size))
 
+    def watch_scores(self, task_id: str, *, contributor: str = "", round_id: str = "",
+                     timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """Every record's scores (``contributor``'s only, if given) as rounds finish, existing ones
+        first, each once. With ``round_id``: that round's, and the iteration ends once they are all
+        given (at once if the round FAILED); without it: until ``timeout`` (then DEADLINE_EXCEEDED)
+        or ``cancel()``. Across the server's early ends."""
+        return watch_scores(self.gateway, gateway_pb2.WatchScoresRequest(
+            task_id=task_id, contributor=contributor, round_id=round_id), timeout=timeout)
+
 
 class ContributorClient:
     """A data contributor's calls to the gateway."""
@@ -112,7 +173,7 @@ class ContributorClient:
     def __init__(self, *, gateway: str, contributor: str = "", token: str | None = None,
                  tls: grpcutil.Tls | None = None, max_message_mb: int = 64) -> None:
         self._channel = grpcutil.make_channel(gateway, max_message_mb=max_message_mb, token=token, tls=tls)
-        self.stub = gateway_pb2_grpc.ContributorGatewayStub(self._channel)
+        self.stub = gateway_pb2_grpc.ContributorGatewayServiceStub(self._channel)
         self.contributor = contributor
 
     def close(self) -> None:
@@ -146,20 +207,20 @@ class ContributorClient:
             if not token:
                 return out
 
-    def watch_scores(self, task_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
-        """Scores as rounds finish (existing ones first), each once, until ``timeout`` (then
-        DEADLINE_EXCEEDED) or ``cancel()``, across the server's early ends."""
-        request = gateway_pb2.WatchScoresRequest(task_id=task_id, contributor=self.contributor)
-        # A re-opened stream sends the existing scores again: each record's score is given once.
-        return ResumedStream(lambda t: self.stub.WatchScores(request, timeout=t), timeout=timeout,
-                             key=lambda s: (s.round_id, s.record_id))
+    def watch_scores(self, task_id: str, *, round_id: str = "", timeout: float = LONG_TIMEOUT) -> "ResumedStream":
+        """This contributor's scores as rounds finish (existing ones first), each once. With
+        ``round_id``: that round's, and the iteration ends once they are all given (at once if the
+        round FAILED); without it: until ``timeout`` (then DEADLINE_EXCEEDED) or ``cancel()``.
+        Across the server's early ends."""
+        return watch_scores(self.stub, gateway_pb2.WatchScoresRequest(
+            task_id=task_id, contributor=self.contributor, round_id=round_id), timeout=timeout)
 
     def watch_round(self, round_id: str, *, timeout: float = LONG_TIMEOUT) -> "ResumedStream":
         """The round's progress until DONE or FAILED (or ``timeout``), across the server's early ends."""
         return watch_round(self.stub, round_id, timeout=timeout)
 
 
-def all_scores(stub: gateway_pb2_grpc.ContributorGatewayStub,
+def all_scores(stub: gateway_pb2_grpc.ContributorGatewayServiceStub,
                request: gateway_pb2.GetScoresRequest) -> gateway_pb2.GetScoresResponse:
     """Every page of GetScores, gathered into one response."""
     out = gateway_pb2.GetScoresResponse()
@@ -172,8 +233,16 @@ def all_scores(stub: gateway_pb2_grpc.ContributorGatewayStub,
         request.page_token = resp.next_page_token
 
 
-def watch_round(stub: gateway_pb2_grpc.ContributorGatewayStub, round_id: str, *, timeout: float) -> "ResumedStream":
-    request = gateway_pb2.GetRoundRequest(round_id=round_id)
+def watch_scores(stub: gateway_pb2_grpc.ContributorGatewayServiceStub, request: gateway_pb2.WatchScoresRequest, *,
+                 timeout: float) -> "ResumedStream":
+    # A re-opened stream sends the existing scores again: each record's score is given once. A
+    # one-round watch ends when the server ends it by itself (no ftps-stream-end trailer).
+    return ResumedStream(lambda t: stub.WatchScores(request, timeout=t), timeout=timeout,
+                         key=lambda s: (s.round_id, s.record_id), ends_by_itself=bool(request.round_id))
+
+
+def watch_round(stub: gateway_pb2_grpc.ContributorGatewayServiceStub, round_id: str, *, timeout: float) -> "ResumedStream":
+    request = gateway_pb2.WatchRoundRequest(round_id=round_id)
     return ResumedStream(lambda t: stub.WatchRound(request, timeout=t), timeout=timeout,
                          finished=lambda s: s.state in serde.TERMINAL_ROUND_STATES,
                          key=lambda s: s.SerializeToString(deterministic=True), only_last_key=True)
@@ -184,7 +253,8 @@ class ResumedStream:
     idle or lived too long (``ftps.common.limits``; status OK before a terminal message, trailer
     ``ftps-stream-end``), and this opens it again, within the one overall ``timeout``. Messages the
     new stream repeats are skipped by ``key`` (every key ever given, or with ``only_last_key`` the
-    last one). Iterate it like the gRPC call; ``cancel()`` ends it.
+    last one). Iterate it like the gRPC call; ``cancel()`` ends it. With ``ends_by_itself``, a stream
+    the server ends with status OK and no ``ftps-stream-end`` trailer is complete: iteration stops.
 
     Errors are the caller's (``grpc.RpcError``), but for RESOURCE_EXHAUSTED when opening again with
     the server's retry advice (it was busy just then): waited out, a few times, within the timeout.
@@ -195,8 +265,9 @@ class ResumedStream:
 
     def __init__(self, open_call: Callable[[float], Any], *, timeout: float,
                  finished: Callable[[Any], bool] = lambda _: False, key: Callable[[Any], Hashable] | None = None,
-                 only_last_key: bool = False) -> None:
+                 only_last_key: bool = False, ends_by_itself: bool = False) -> None:
         self._open = open_call
+        self._ends_by_itself = ends_by_itself
         self._deadline = time.monotonic() + timeout
         self._finished = finished
         self._key = key
@@ -222,6 +293,14 @@ class ResumedStream:
         # Never 0: a call with no time left still runs, and ends DEADLINE_EXCEEDED like the first.
         return max(self._deadline - time.monotonic(), 0.001)
 
+    @staticmethod
+    def _ended_early(call: Any) -> bool:
+        """Whether the server ended the stream for its limits (trailer ``ftps-stream-end``)."""
+        from ftps.common.limits import STREAM_END_KEY
+
+        trailers = call.trailing_metadata() if hasattr(call, "trailing_metadata") else None
+        return any(k == STREAM_END_KEY for k, _ in trailers or ())
+
     def _follow(self) -> Iterator:
         try:
             yield from self._reopening()
@@ -230,7 +309,7 @@ class ResumedStream:
                 self._call.cancel()
 
     def _reopening(self) -> Iterator:
-        from ftps.common.limits import retry_after
+        from ftps.common.errors import retry_after
 
         refusals, idle_ends = 0, 0
         while True:
@@ -264,19 +343,42 @@ class ResumedStream:
             # deadline): open it again. At once, unless the last ones brought nothing new.
             if self._cancelled.is_set():
                 return
+            if self._ends_by_itself and not self._ended_early(self._call):
+                return  # the stream's own end: everything it had to give was given
             idle_ends = 0 if fresh else idle_ends + 1
             if idle_ends and self._cancelled.wait(min(0.5 * 2 ** (idle_ends - 1), 5.0, self._remaining())):
                 return
             self.reopened += 1
 
 
+def preparation_ended(p: scorer_pb2.Preparation) -> bool:
+    return p.state in (scorer_pb2.PREPARATION_STATE_READY, scorer_pb2.PREPARATION_STATE_FAILED)
+
+
+def preparation_dict(p: scorer_pb2.Preparation) -> dict:
+    """The JSON shape of a Preparation in every client's --json output (``gaussian`` once READY)."""
+    from ftps.common.clock import iso
+
+    g = p.gaussian if p.HasField("gaussian") else None
+    return {"task_id": p.task_id, "preparation_id": p.preparation_id,
+            "state": scorer_pb2.PreparationState.Name(p.state).removeprefix("PREPARATION_STATE_"),
+            "models_done": p.models_done, "models_total": p.models_total, "elapsed_s": round(p.elapsed_s, 3),
+            "remaining_s": round(p.remaining_s, 3), "message": p.message, "started_at": iso(p.started_at),
+            "base_model_sha256": p.base_model_sha256,
+            "gaussian": None if g is None else {
+                "mu": g.mu, "sigma": g.sigma, "k": g.k, "n_values": g.n_values, "fitted_at": iso(g.fitted_at),
+                "base_model_sha256": g.base_model_sha256, "timings": dict(g.timings)}}
+
+
 def score_dict(s: common_pb2.RecordScore) -> dict:
-    """The JSON shape of one record's score in every client's --json output."""
+    """The JSON shape of one record's score in every client's --json output: ``score`` with
+    ``score_ci_low``/``score_ci_high`` is the headline (model-based), ``counted_p`` with
+    ``counted_p_ci_low``/``counted_p_ci_high`` the paper's counted P (as in RecordScore)."""
     return {"record_id": s.record_id, "contributor": s.contributor, "round_id": s.round_id,
-            "index": s.index, "method": serde.METHOD_NAMES.get(s.method, ""), "score": s.score,
-            "ci_low": s.ci_low, "ci_high": s.ci_high, "n_in": s.n_in, "n_out": s.n_out, "auc": s.auc,
-            "model_score": s.model_score, "model_ci_low": s.model_ci_low, "model_ci_high": s.model_ci_high,
-            "headline": "model_score"}
+            "index": s.index, "method": serde.METHOD_NAMES.get(s.method, ""),
+            "score": s.score, "score_ci_low": s.score_ci_low, "score_ci_high": s.score_ci_high,
+            "counted_p": s.counted_p, "counted_p_ci_low": s.counted_p_ci_low,
+            "counted_p_ci_high": s.counted_p_ci_high, "n_in": s.n_in, "n_out": s.n_out, "auc": s.auc}
 
 
 def batch_dict(b: common_pb2.BatchMetrics) -> dict:
@@ -286,6 +388,11 @@ def batch_dict(b: common_pb2.BatchMetrics) -> dict:
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
+    """``CODE: details``, with the server's reason when it says more than the code:
+    ``INVALID_ARGUMENT [RECORDS_NOT_FINITE]: records.x[2, 0, 3, 4] = 1e+39 is not finite as float32``."""
+    from ftps.common.errors import error_details
+
     code = exc.code().name if hasattr(exc, "code") and exc.code() else "ERROR"
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code}: {details}"
+    reason = error_details(exc).reason
+    return f"{code} [{reason}]: {details}" if reason and reason != code else f"{code}: {details}"

@@ -25,12 +25,13 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
 
-from clients.api import describe_rpc_error
+from clients.api import describe_rpc_error, score_dict
+from clients.score_html import headline
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -393,7 +394,7 @@ def fetch_task(args: argparse.Namespace):
 
     channel = grpcutil.make_channel(args.registry, **security_kwargs(args))
     try:
-        return registry_pb2_grpc.BuilderRegistryStub(channel).GetTask(
+        return registry_pb2_grpc.BuilderRegistryServiceStub(channel).GetTask(
             registry_pb2.GetTaskRequest(task_id=args.task), timeout=30.0)
     finally:
         channel.close()
@@ -418,3 +419,21 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
                   console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task(label, total=None)
         yield lambda done, total: progress.update(bar, completed=done, total=total)
+
+
+def print_score_stream(scores: Iterable[Any], *, as_json: bool, with_contributor: bool = False) -> int:
+    """Print a WatchScores stream as it comes, one JSON object or one line per record, until the
+    stream ends (a round's scores all delivered) or its deadline passes (following a task) -> 0."""
+    try:
+        for s in scores:
+            if as_json:
+                print(json.dumps(score_dict(s)), flush=True)
+                continue
+            h = headline(s)
+            who = f"{s.contributor}, " if with_contributor else ""
+            print(f"{s.record_id} ({who}round {s.round_id}): score {h[0]:+.3f} [{h[1]:+.2f}, {h[2]:+.2f}] "
+                  f"(counted P {s.counted_p:+.2f})", flush=True)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    return 0

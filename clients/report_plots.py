@@ -112,7 +112,7 @@ def record_diagnosis_png(s, *, alpha: float, offline: tuple[float, float] | None
     return diagnosis_png(
         mu_in=s.mu_in, sigma_in=s.sigma_in, mu_out=s.mu_out, sigma_out=s.sigma_out, method=method,
         alpha=alpha, offline=offline, note=note, path=path,
-        title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {s.score:+.2f} · {method}")
+        title=f"score {h[0]:+.2f} [{h[1]:+.2f}, {h[2]:+.2f}] · counted P {s.counted_p:+.2f} · {method}")
 
 
 def diagnosis_png(*, mu_in: float, sigma_in: float, mu_out: float, sigma_out: float, method: str,

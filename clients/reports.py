@@ -52,6 +52,7 @@ from clients.score_html import (
     stat_cards,
     summary_sentence,
 )
+from ftps.common.clock import iso
 from ftps.v1 import common_pb2, registry_pb2
 
 __all__ = ["ReportFiles", "RecordImages", "LEVEL_FILL", "SCORE_CSS", "BADGE_CSS", "reading", "risk_level",
@@ -350,7 +351,7 @@ def _round_section(rid: str, result: common_pb2.RoundResult, figs: _Figures) -> 
     if result.HasField("offline") and result.offline.k:
         o = result.offline
         extra.append(f"Offline Gaussian (the paper's offline-global attack): mu = {o.mu:.3f}, sigma = {o.sigma:.3f} "
-                     f"from k = {o.k} shadow models, fitted {e(o.fitted_at)}.")
+                     f"from k = {o.k} shadow models, fitted {e(iso(o.fitted_at))}.")
     elif "offline-global" not in names:
         extra.append("offline-global is not in this round: the task had no offline Gaussian "
                      "(run <code>ftps-builder prepare</code> before the round).")

@@ -4,9 +4,9 @@ the one-line reading, the risk badge, the record card, the summary sentence, the
 "how to read" text, the table of methods and the table of every record.
 
 The headline of a record is its model-based score 2Φ(d′/2) − 1 from the IN and OUT Gaussians
-fitted over the round's models, with its 95% interval (``RecordScore.model_score``,
-``model_ci_low``, ``model_ci_high``): steadier than the paper's counted P = TPR − FPR
-(``score``, ``ci_low``, ``ci_high``), which is shown next to it. Rounds scored before the
+fitted over the round's models, with its 95% interval (``RecordScore.score``,
+``score_ci_low``, ``score_ci_high``): steadier than the paper's counted P = TPR − FPR
+(``counted_p``, ``counted_p_ci_low``, ``counted_p_ci_high``), which is shown next to it. Rounds scored before the
 model-based interval existed fall back to P.
 
 Plain functions over protobuf messages returning strings; every value is escaped. No inline
@@ -146,9 +146,9 @@ def interval_svg(score: float, lo: float, hi: float, *, width: int = 190) -> str
 def headline(s: common_pb2.RecordScore) -> tuple[float, float, float]:
     """(score, 95% low, 95% high) of the record's headline: the model-based 2Φ(d′/2) − 1, steadier
     than the counted P. Rounds scored before the model-based score carried an interval fall back to P."""
-    if s.model_ci_low == s.model_ci_high == 0.0 and (s.ci_low or s.ci_high):
-        return s.score, s.ci_low, s.ci_high
-    return s.model_score, s.model_ci_low, s.model_ci_high
+    if s.score_ci_low == s.score_ci_high == 0.0 and (s.counted_p_ci_low or s.counted_p_ci_high):
+        return s.counted_p, s.counted_p_ci_low, s.counted_p_ci_high
+    return s.score, s.score_ci_low, s.score_ci_high
 
 
 def rank_key(s: common_pb2.RecordScore) -> tuple:
@@ -172,7 +172,7 @@ def _interval(lo: float, hi: float) -> str:
 
 
 def _counted(s: common_pb2.RecordScore) -> str:
-    return f"counted P {s.score:+.2f} {_interval(s.ci_low, s.ci_high)}"
+    return f"counted P {s.counted_p:+.2f} {_interval(s.counted_p_ci_low, s.counted_p_ci_high)}"
 
 
 # -- page parts ---------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def method_table(metrics: Sequence[common_pb2.BatchMetrics], lead: int) -> str:
         f'<td class="num">{b.tpr_at_1pct_fpr:.3f}</td><td class="num">{b.tpr_at_0_1pct_fpr:.3f}</td>'
         f'<td class="num">{b.mean_score:+.3f}</td></tr>' for b in metrics)
     return ('<table><tr><th>method</th><th class="num">AUC</th><th class="num">TPR @ 1% FPR</th>'
-            f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean P</th></tr>{rows}</table>')
+            f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean score</th></tr>{rows}</table>')
 
 
 def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -> str:
@@ -291,7 +291,7 @@ def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -
         f'<span class="minor">{e(s.contributor)}, round {e(s.round_id)}</span></td>'
         f'<td class="num"><b>{headline(s)[0]:+.2f}</b><span class="minor">{_interval(*headline(s)[1:])}</span></td>'
         f"<td>{interval_svg(*headline(s), width=130)}</td>"
-        f'<td class="num">{s.score:+.2f}<span class="minor">{_interval(s.ci_low, s.ci_high)}</span></td>'
+        f'<td class="num">{s.counted_p:+.2f}<span class="minor">{_interval(s.counted_p_ci_low, s.counted_p_ci_high)}</span></td>'
         f'<td class="num">{s.auc:.2f}</td><td>{badge(s)}</td>'
         + (f'<td class="reading">{e(record_reading(s))}</td>' if readings else "") + "</tr>"
         for s in ranked)

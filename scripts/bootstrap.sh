@@ -36,5 +36,12 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 echo "bootstrap: installing the project"
 $PIP install -q -e ".[dev]"
+# The Node.js client (clients/node): its pinned npm packages, locally (no global installs).
+if command -v npm >/dev/null 2>&1; then
+  echo "bootstrap: installing the Node.js client's packages (clients/node)"
+  npm ci --prefix clients/node --no-audit --no-fund --silent
+else
+  echo "bootstrap: npm not found; skipping clients/node (its tests skip without node_modules)"
+fi
 touch "$VENV/.bootstrapped"
 echo "bootstrap: done ($VENV)"

@@ -66,10 +66,10 @@ def _stubs(env, who):
     a = env["addr"]
     token = env["tok"][who] if who else None
     mk = lambda t: grpcutil.make_channel(t, token=token)  # noqa: E731
-    return (registry_pb2_grpc.BuilderRegistryStub(mk(a["registry"])),
-            gateway_pb2_grpc.ContributorGatewayStub(mk(a["gateway"])),
-            scorer_pb2_grpc.LiraScorerStub(mk(a["scorer"])),
-            worker_pb2_grpc.FinetuneWorkerStub(mk(a["worker"])))
+    return (registry_pb2_grpc.BuilderRegistryServiceStub(mk(a["registry"])),
+            gateway_pb2_grpc.ContributorGatewayServiceStub(mk(a["gateway"])),
+            scorer_pb2_grpc.LiraScorerServiceStub(mk(a["scorer"])),
+            worker_pb2_grpc.FinetuneWorkerServiceStub(mk(a["worker"])))
 
 
 def _code(fn) -> grpc.StatusCode:
@@ -84,13 +84,16 @@ def test_missing_expired_and_forged_tokens_are_unauthenticated_and_logged(env, c
     U = grpc.StatusCode.UNAUTHENTICATED
     assert _code(lambda: reg.ListTasks(registry_pb2.ListTasksRequest(), timeout=5)) == U
     assert _code(lambda: gw.GetScores(gateway_pb2.GetScoresRequest(task_id=env["task"].task_id), timeout=5)) == U
-    assert _code(lambda: sc.GetOffline(scorer_pb2.GetOfflineRequest(task_id=env["task"].task_id), timeout=5)) == U
+    assert _code(lambda: sc.GetPreparation(scorer_pb2.GetPreparationRequest(task_id=env["task"].task_id),
+                                           timeout=5)) == U
+    assert _code(lambda: list(sc.WatchPreparation(scorer_pb2.WatchPreparationRequest(task_id=env["task"].task_id),
+                                                  timeout=5))) == U
     assert _code(lambda: wk.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)) == U
     a = env["addr"]
     expired = env["signer"].issue("alice", "contributor", ttl_s=1, now=time.time() - 10)
     forged = TokenSigner(b"z" * 32).issue("root", "admin")
     for bad in (expired, forged, "garbage"):
-        stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(a["registry"], token=bad))
+        stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(a["registry"], token=bad))
         assert _code(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=5)) == U
     assert any("refused" in r.message for r in caplog.records)
     # Health checks need no token (probes).
@@ -127,9 +130,11 @@ def test_contributors_cannot_act_as_builders_or_services(env):
     assert _code(lambda: reg.CreateTask(registry_pb2.CreateTaskRequest(
         name="x", settings=common_pb2.TaskSettings(record_shape=[1])), timeout=5)) == D
     assert _code(lambda: gw.StartRound(gateway_pb2.StartRoundRequest(task_id=t, force=True), timeout=5)) == D
-    assert _code(lambda: sc.PrepareOffline(scorer_pb2.PrepareOfflineRequest(task_id=t), timeout=5)) == D
-    assert _code(lambda: sc.StartRound(scorer_pb2.ScorerStartRoundRequest(task_id=t, round_id="r-x"), timeout=5)) == D
-    assert _code(lambda: wk.RunJob(worker_pb2.FinetuneJob(job_id="j"), timeout=5)) == D
+    assert _code(lambda: sc.StartPreparation(scorer_pb2.StartPreparationRequest(task_id=t), timeout=5)) == D
+    assert _code(lambda: sc.GetPreparation(scorer_pb2.GetPreparationRequest(task_id=t), timeout=5)) == D
+    assert _code(lambda: list(sc.WatchPreparation(scorer_pb2.WatchPreparationRequest(task_id=t), timeout=5))) == D
+    assert _code(lambda: sc.StartScoring(scorer_pb2.StartScoringRequest(task_id=t, round_id="r-x"), timeout=5)) == D
+    assert _code(lambda: wk.RunJob(worker_pb2.RunJobRequest(job=worker_pb2.FinetuneJob(job_id="j")), timeout=5)) == D
     assert _code(lambda: wk.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)) == D
 
 

@@ -315,8 +315,8 @@ def test_services_have_native_grpc_probes_on_their_port(rendered, overlay):
     for workload, container, settings in _service_containers(docs):
         port = _grpc_port(container)
         assert port == SERVICE_PORTS[workload]
-        service = {"builder-registry": "ftps.v1.BuilderRegistry", "contributor-gateway": "ftps.v1.ContributorGateway",
-                   "lira-scorer": "ftps.v1.LiraScorer", "finetune-worker": "ftps.v1.FinetuneWorker"}[workload]
+        service = {"builder-registry": "ftps.v1.BuilderRegistryService", "contributor-gateway": "ftps.v1.ContributorGatewayService",
+                   "lira-scorer": "ftps.v1.LiraScorerService", "finetune-worker": "ftps.v1.FinetuneWorkerService"}[workload]
         assert container["readinessProbe"]["grpc"] == {"port": port, "service": service}, workload
         assert container["livenessProbe"]["grpc"]["port"] == port, workload
         assert container["startupProbe"]["grpc"]["port"] == port, workload

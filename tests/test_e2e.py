@@ -55,7 +55,9 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     for kind, f in (("base-model", "w.safetensors"), ("strategy", "s.py"), ("data", "d.npz")):
         assert _json(capsys, builder_main, b + ["upload", "--task", task, "--kind", kind,
                                                 str(tmp_path / f), "--json"])["version"] == 1
-    g = _json(capsys, builder_main, b + ["prepare", "--task", task, "--json"])
+    prep = _json(capsys, builder_main, b + ["prepare", "--task", task, "--json"])
+    g = prep["gaussian"]
+    assert prep["state"] == "READY" and prep["models_done"] == prep["models_total"] == 4
     assert g["k"] == 4 and g["sigma"] > 0 and np.isfinite(g["mu"])
 
     x, y = digits_records(digits_splits, 24, seed=3)
@@ -82,7 +84,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     assert [r["record_id"] for r in alice["records"]] == subs["alice"]["record_ids"]
     for r in alice["records"]:
         assert r["contributor"] == "alice" and r["method"] == "online-per-record"
-        assert -1 <= r["ci_low"] <= r["score"] <= r["ci_high"] <= 1
+        assert -1 <= r["counted_p_ci_low"] <= r["counted_p"] <= r["counted_p_ci_high"] <= 1
         assert r["n_in"] == r["n_out"] == 4
     everything = _json(capsys, builder_main, b + ["scores", "--task", task, "--json"])
     assert len(everything["records"]) == 24 and everything["batches"][0]["n_models"] == 8
@@ -120,7 +122,7 @@ def test_demo_digits_json(tmp_path, monkeypatch, capsys):
     out = json.loads(captured.out)
     assert out["method"] == "online-per-record" and len(out["records"]) == 40
     assert {r["contributor"] for r in out["records"]} == {"alice", "bob"}
-    assert all(-1 <= r["ci_low"] <= r["score"] <= r["ci_high"] <= 1 for r in out["records"])
+    assert all(-1 <= r["counted_p_ci_low"] <= r["counted_p"] <= r["counted_p_ci_high"] <= 1 for r in out["records"])
     assert {m["method"] for m in out["methods"]} >= {"offline-global", "online-per-record"}
     assert out["offline"]["k"] == 4 and out["timings"]["wall_s"] > 0
     for name in ("result.json", "scores.csv", "roc.png", "scores.png"):

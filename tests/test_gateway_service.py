@@ -73,7 +73,7 @@ class ScriptedScorer:
 def env(storage_kwargs, serve):
     reg_addr = serve(registry_server(RegistrySettings(**storage_kwargs)))
     reg_ch = grpcutil.make_channel(reg_addr)
-    task = registry_pb2_grpc.BuilderRegistryStub(reg_ch).CreateTask(registry_pb2.CreateTaskRequest(
+    task = registry_pb2_grpc.BuilderRegistryServiceStub(reg_ch).CreateTask(registry_pb2.CreateTaskRequest(
         name="t", settings=common_pb2.TaskSettings(record_shape=SHAPE, batch_threshold=6, n_models=4)), timeout=5)
     scorer = ScriptedScorer()
     settings = GatewaySettings(**storage_kwargs, max_records_per_request=50, max_pending_per_contributor=60)
@@ -85,8 +85,8 @@ def env(storage_kwargs, serve):
                      max_records_per_request=settings.max_records_per_request,
                      max_pending_per_contributor=settings.max_pending_per_contributor, reconcile_s=0.1)
         server = grpcutil.Security.from_settings(settings, "contributor-gateway").server()  # auth_disabled
-        server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server, ContributorGatewayServicer(gw),
-                   "ftps.v1.ContributorGateway")
+        server.add(gateway_pb2_grpc.add_ContributorGatewayServiceServicer_to_server, ContributorGatewayServicer(gw),
+                   "ftps.v1.ContributorGatewayService")
         server.on_stop(gw.close)
         server.on_stop(db.dispose)
         return server, serve(server)
@@ -136,6 +136,72 @@ def test_watch_scores_streams_existing_and_new(env):
             got.append(s)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(got) == 6 and all(s.contributor == "alice" for s in got)
+
+
+def test_watch_scores_of_one_round_ends_after_its_records(env):
+    """With round_id: the round's scores (all, or one contributor's), then the stream ends by itself;
+    a round of another task, or none, is NOT_FOUND (the caller is an admin: auth is off here)."""
+    task, scorer, start = env
+    _, addr = start()
+    alice = ContributorClient(gateway=addr, contributor="alice")
+    bob = ContributorClient(gateway=addr, contributor="bob")
+    scorer.release.clear()  # the round runs until released
+    mine = alice.submit(task.task_id, *_records(4))
+    theirs = bob.submit(task.task_id, *_records(2, seed=1))  # reaches m = 6: a round starts
+    deadline = time.time() + 10
+    while not alice.get_submission(mine.submission_id).round_id and time.time() < deadline:
+        time.sleep(0.05)
+    rid = alice.get_submission(mine.submission_id).round_id
+    ch = grpcutil.make_channel(addr)
+    stub = gateway_pb2_grpc.ContributorGatewayServiceStub(ch)
+    got: dict[str, list] = {}
+
+    def watch(name, **req):
+        got[name] = [s.record_id for s in stub.WatchScores(
+            gateway_pb2.WatchScoresRequest(task_id=task.task_id, round_id=rid, **req), timeout=20)]
+
+    threads = [threading.Thread(target=watch, args=("alice",), kwargs={"contributor": "alice"}),
+               threading.Thread(target=watch, args=("all",))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert not got  # nothing before the round is DONE
+    scorer.release.set()
+    for t in threads:
+        t.join(15)
+    assert got["alice"] == list(mine.record_ids)
+    assert got["all"] == [*mine.record_ids, *theirs.record_ids]
+    # Every record of the task, no contributor named (builders and admins).
+    every = []
+    with pytest.raises(grpc.RpcError) as e:
+        for s in stub.WatchScores(gateway_pb2.WatchScoresRequest(task_id=task.task_id), timeout=2):
+            every.append(s.record_id)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and len(every) == 6
+    code, _ = _code(lambda: list(stub.WatchScores(gateway_pb2.WatchScoresRequest(
+        task_id=task.task_id, round_id="r-000000000000"), timeout=5)))
+    assert code == grpc.StatusCode.NOT_FOUND
+    # The client library's one-round watch returns when the stream ends by itself.
+    assert [s.record_id for s in bob.watch_scores(task.task_id, round_id=rid, timeout=20)] == list(theirs.record_ids)
+    ch.close(); alice.close(); bob.close()
+
+
+def test_watch_scores_of_a_failed_round_ends_at_once(env):
+    task, scorer, start = env
+    scorer.fail = True
+    _, addr = start()
+    c = ContributorClient(gateway=addr, contributor="ivy")
+    sub = c.submit(task.task_id, *_records(6))  # reaches m = 6: the round starts, and fails
+    deadline = time.time() + 10
+    while not scorer.rounds and time.time() < deadline:
+        time.sleep(0.05)
+    rid = next(iter(scorer.rounds))
+    t0 = time.time()
+    assert list(c.watch_scores(task.task_id, round_id=rid, timeout=30)) == []
+    assert time.time() - t0 < 5
+    final = list(c.watch_round(rid, timeout=10))
+    assert final[-1].state == common_pb2.ROUND_STATE_FAILED and final[-1].message == "scripted"
+    assert sub.record_ids
+    c.close()
 
 
 def test_retried_submit_with_same_key_does_not_duplicate(env):
@@ -193,12 +259,12 @@ def test_start_round_below_threshold_needs_force(env):
     task, scorer, start = env
     _, addr = start()
     ch = grpcutil.make_channel(addr)
-    stub = gateway_pb2_grpc.ContributorGatewayStub(ch)
+    stub = gateway_pb2_grpc.ContributorGatewayServiceStub(ch)
     ContributorClient(gateway=addr, contributor="hal").submit(task.task_id, *_records(3))
     code, details = _code(lambda: stub.StartRound(gateway_pb2.StartRoundRequest(task_id=task.task_id), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "3 of 6" in details
     status = stub.StartRound(gateway_pb2.StartRoundRequest(task_id=task.task_id, force=True), timeout=5)
-    final = list(stub.WatchRound(gateway_pb2.GetRoundRequest(round_id=status.round_id), timeout=10))
+    final = list(stub.WatchRound(gateway_pb2.WatchRoundRequest(round_id=status.round_id), timeout=10))
     assert final[-1].state == common_pb2.ROUND_STATE_DONE
     assert len(stub.GetRound(gateway_pb2.GetRoundRequest(round_id=status.round_id), timeout=5).scores) == 3
     ch.close()
@@ -228,7 +294,7 @@ def test_a_submission_in_two_failed_rounds_is_not_retried_again(env):
     _, addr = start()
     c = ContributorClient(gateway=addr, contributor="ivy")
     sub = c.submit(task.task_id, *_records(6))  # reaches m = 6: the first round starts by itself
-    gw = gateway_pb2_grpc.ContributorGatewayStub(grpcutil.make_channel(addr))
+    gw = gateway_pb2_grpc.ContributorGatewayServiceStub(grpcutil.make_channel(addr))
 
     def settled(failed_rounds: int) -> gateway_pb2.Submission:
         deadline = time.time() + 10

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from ftps.common.clock import to_ts
 from ftps.common.db import Database
 from ftps.common.errors import InvalidArgument, ResourceExhausted
 from ftps.v1 import common_pb2, gateway_pb2
@@ -19,7 +20,7 @@ FAILED = gateway_pb2.SUBMISSION_STATE_FAILED
 
 def _sub(sid: str, n: int = 2, *, task: str = "t-1", who: str = "alice", at: str = "") -> gateway_pb2.Submission:
     return gateway_pb2.Submission(submission_id=sid, task_id=task, contributor=who, record_ids=record_ids(sid, n),
-                                  state=PENDING, created_at=at or f"2024-01-01T00:00:00.{sid[-3:]}Z")
+                                  state=PENDING, created_at=to_ts(at or f"2024-01-01T00:00:00.{sid[-3:]}Z"))
 
 
 class TestSubmissionStoreContract:

@@ -71,7 +71,7 @@ def test_a_scrape_after_a_round_shows_rpcs_rounds_jobs_and_pending_work(stack, d
     alice.close()
 
     gw = scrape(stack.metrics_addresses["gateway"])
-    assert value(gw, "ftps_rpc_requests_total", service="ftps.v1.ContributorGateway", method="SubmitRecords",
+    assert value(gw, "ftps_rpc_requests_total", service="ftps.v1.ContributorGatewayService", method="SubmitRecords",
                  code="OK") == 1
     assert value(gw, "ftps_rpc_duration_seconds_count", method="SubmitRecords") == 1
     assert value(gw, "ftps_gateway_pending_records", task=task.task_id) == 0  # back to 0, not vanished
@@ -88,13 +88,13 @@ def test_a_scrape_after_a_round_shows_rpcs_rounds_jobs_and_pending_work(stack, d
                  "ftps_scorer_jobs_failed_total"):
         assert idle in sc and value(sc, idle) == 0, idle
     assert value(sc, "ftps_scorer_rounds") == 0  # nothing running here any more
-    assert value(sc, "ftps_rpc_requests_total", service="ftps.v1.LiraScorer", method="StartRound", code="OK") >= 1
+    assert value(sc, "ftps_rpc_requests_total", service="ftps.v1.LiraScorerService", method="StartScoring", code="OK") >= 1
 
     wk = scrape(stack.metrics_addresses["worker"])
     assert value(wk, "ftps_worker_models_finetuned_total") >= 4
     assert value(wk, "ftps_worker_jobs_in_flight") == 0
     assert value(wk, "ftps_worker_sandbox_children") >= 0
-    assert value(wk, "ftps_rpc_requests_total", service="ftps.v1.FinetuneWorker", method="RunJob", code="OK") > 0
+    assert value(wk, "ftps_rpc_requests_total", service="ftps.v1.FinetuneWorkerService", method="RunJob", code="OK") > 0
 
     import os
     if os.environ.get("FTPS_METRICS_SAMPLE"):

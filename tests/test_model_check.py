@@ -72,12 +72,12 @@ def _renamed(weights: bytes) -> bytes:
 def test_a_fitting_pair_is_checked_and_the_task_ready(builder, digits_base_weights, digits_strategy, digits_splits):
     t = _task(builder)
     builder.upload(t.task_id, BASE, digits_base_weights)  # nothing to check it against yet
-    assert not builder.get_task(t.task_id).model_check.checked_at
+    assert not builder.get_task(t.task_id).model_check.HasField("checked_at")
     ref = builder.upload(t.task_id, STRATEGY, digits_strategy.encode())
     builder.upload(t.task_id, DATA, serde.records_to_npz(*digits_splits["builder"]))
     task = builder.get_task(t.task_id)
     c = task.model_check
-    assert task.ready and c.checked_at and c.strategy_sha256 == ref.sha256
+    assert task.ready and c.HasField("checked_at") and c.strategy_sha256 == ref.sha256
     assert c.base_model_sha256 == task.base_model.sha256
     assert c.num_classes == 10 and c.parameters > 1000 and c.device == "cpu" and c.seconds > 0
 
@@ -171,7 +171,7 @@ def test_no_worker_answering_is_unavailable_and_stores_nothing(s3_endpoint, serv
 
 def test_check_model_rpc_validates_its_request(worker):
     ch = grpcutil.make_channel(worker)
-    stub = worker_pb2_grpc.FinetuneWorkerStub(ch)
+    stub = worker_pb2_grpc.FinetuneWorkerServiceStub(ch)
     try:
         code, msg = _refused(lambda: stub.CheckModel(worker_pb2.CheckModelRequest(
             task_id="t-x", record_shape=[], num_classes=10), timeout=10))

@@ -100,7 +100,7 @@ def _by_index(result: common_pb2.RoundResult) -> list[common_pb2.RecordScore]:
 
 
 def _row(s: common_pb2.RecordScore) -> tuple:
-    return (s.score, s.ci_low, s.ci_high, s.n_in, s.n_out, s.auc, s.model_score,
+    return (s.counted_p, s.counted_p_ci_low, s.counted_p_ci_high, s.n_in, s.n_out, s.auc, s.score,
             s.mu_in, s.sigma_in, s.mu_out, s.sigma_out)
 
 
@@ -160,13 +160,13 @@ def _same_round_with_one_worker(tmp_path, splits, strategy, weights, round_id, x
                                                 s3_access_key="ftps", s3_secret_key="ftps-secret-key"))
         batch = store.put_bytes(f"test/rounds/{round_id}/batch.npz", serde.records_to_npz(x_batch, y_batch))
         channel = grpcutil.make_channel(stack.addresses["scorer"], token=signer.issue("test", "admin"))
-        scorer = scorer_pb2_grpc.LiraScorerStub(channel)
-        scorer.StartRound(scorer_pb2.ScorerStartRoundRequest(
+        scorer = scorer_pb2_grpc.LiraScorerServiceStub(channel)
+        scorer.StartScoring(scorer_pb2.StartScoringRequest(
             task_id=task_id, round_id=round_id, batch=batch, record_ids=record_ids,
             contributors=contributors), timeout=60)
-        states = [s.state for s in scorer.WatchRound(scorer_pb2.ScorerRoundRequest(round_id=round_id),
+        states = [s.state for s in scorer.WatchScoring(scorer_pb2.WatchScoringRequest(round_id=round_id),
                                                      timeout=ROUND_TIMEOUT)]
-        result = scorer.GetResult(scorer_pb2.ScorerRoundRequest(round_id=round_id), timeout=60)
+        result = scorer.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=round_id), timeout=60)
         channel.close()
         assert states[-1] == common_pb2.ROUND_STATE_DONE, result.status.message
         log = (stack.log_dir / "worker-0.log").read_text()
@@ -262,7 +262,7 @@ def test_a_killed_service_is_restarted_on_its_port_and_serves_again(tmp_path, ca
             again = stack.children["registry"]
             assert again.proc.pid != victim.pid and again.address == addr["registry"]
             channel = grpcutil.make_channel(addr["registry"])
-            grpcutil.wait_healthy(channel, timeout=60, service="ftps.v1.BuilderRegistry")
+            grpcutil.wait_healthy(channel, timeout=60, service="ftps.v1.BuilderRegistryService")
             channel.close()
             b = BuilderClient(registry=addr["registry"], gateway=addr["gateway"], scorer=addr["scorer"],
                               token=token)

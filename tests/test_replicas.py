@@ -129,7 +129,7 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
         name = f"c{i}"
         # Raw stubs with a short deadline: a submit to the killed gateway fails fast, unacknowledged.
         channels = [grpcutil.make_channel(g.addr, token=SIGNER.issue(name, "contributor")) for g in gateways]
-        stubs = [gateway_pb2_grpc.ContributorGatewayStub(ch) for ch in channels]
+        stubs = [gateway_pb2_grpc.ContributorGatewayServiceStub(ch) for ch in channels]
         for k in range(10):
             x, y = digits_records(digits_splits, 3, seed=100 * i + k)
             try:
@@ -192,12 +192,15 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
         time.sleep(0.5)
-    assert all(st == gateway_pb2.SUBMISSION_STATE_SCORED for st in states.values()), states
+    unscored = {sid: (gateway_pb2.SubmissionState.Name(st), sub.round_id, sub.failure_reason)
+                for sid in acknowledged if (st := (sub := survivor.get_submission(sid)).state)
+                != gateway_pb2.SUBMISSION_STATE_SCORED}
+    assert not unscored, f"{len(unscored)} of {len(states)} not scored: {unscored}"
     scores = b.scores(task).scores
     scored = [s.record_id for s in scores]
     assert len(scored) == len(set(scored)), "a record was scored twice"
     assert set(scored) == {r for _, rids in acknowledged.values() for r in rids}
-    assert all(np.isfinite(s.model_score) for s in scores)
+    assert all(np.isfinite(s.score) for s in scores)
     with engine.connect() as conn:  # the dead scorer's round was finished by the other one
         rows = conn.execute(sa.text("SELECT state FROM scorer_rounds")).all()
     assert rows and all(r[0] == common_pb2.ROUND_STATE_DONE for r in rows), rows
@@ -205,13 +208,13 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
     # The rounds the dead scorer held, finished by the other, score exactly as the same batch
     # scored from scratch (a new round of the same records: the same seeds, from the batch's content).
     live = [x for x in scorers if x is not killed][0]
-    stub = scorer_pb2_grpc.LiraScorerStub(grpcutil.make_channel(live.addr, token=SIGNER.issue("root", "admin")))
+    stub = scorer_pb2_grpc.LiraScorerServiceStub(grpcutil.make_channel(live.addr, token=SIGNER.issue("root", "admin")))
     for rid in orphaned:
-        taken_over = stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=rid), timeout=30)
+        taken_over = stub.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=rid), timeout=30)
         assert taken_over.status.state == common_pb2.ROUND_STATE_DONE
         again = _fresh_round(stub, taken_over, ingredients=_round_ingredients(scorer_db, rid))
-        assert [x.model_score for x in again.scores] == [x.model_score for x in taken_over.scores]
         assert [x.score for x in again.scores] == [x.score for x in taken_over.scores]
+        assert [x.counted_p for x in again.scores] == [x.counted_p for x in taken_over.scores]
     survivor.close()
     b.close()
 
@@ -232,11 +235,11 @@ def _round_ingredients(url: str, round_id: str) -> tuple[str, common_pb2.BlobRef
 def _fresh_round(stub, old: common_pb2.RoundResult, *, ingredients) -> common_pb2.RoundResult:
     task_id, batch, rids, who = ingredients
     new_id = old.status.round_id + "-again"
-    stub.StartRound(scorer_pb2.ScorerStartRoundRequest(task_id=task_id, round_id=new_id, batch=batch,
+    stub.StartScoring(scorer_pb2.StartScoringRequest(task_id=task_id, round_id=new_id, batch=batch,
                                                        record_ids=rids, contributors=who), timeout=30)
     deadline = time.time() + 120
     while time.time() < deadline:
-        res = stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=new_id), timeout=30)
+        res = stub.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=new_id), timeout=30)
         if res.status.state in (common_pb2.ROUND_STATE_DONE, common_pb2.ROUND_STATE_FAILED):
             assert res.status.state == common_pb2.ROUND_STATE_DONE, res.status.message
             return res

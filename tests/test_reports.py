@@ -111,7 +111,7 @@ def _check_pngs(files: dict) -> None:
 
 def _headline_reading(r: dict) -> str:
     """The reading a report shows for a record of ``--json`` output: of its model-based score."""
-    return html.escape(reading(r["model_score"], r["model_ci_low"], r["model_ci_high"],
+    return html.escape(reading(r["score"], r["score_ci_low"], r["score_ci_high"],
                                n_models=r["n_in"] + r["n_out"]))
 
 
@@ -145,16 +145,16 @@ def test_contributor_report(scored, tmp_path, capsys):
     assert {r["record_id"] for r in scores} == set(_ids(scored, "alice")) and len(scores) == 8
     for r in scores:
         assert r["record_id"] in page
-        assert r["n_in"] + r["n_out"] == 8 and r["model_ci_low"] <= r["model_score"] <= r["model_ci_high"]
+        assert r["n_in"] + r["n_out"] == 8 and r["score_ci_low"] <= r["score"] <= r["score_ci_high"]
         assert _headline_reading(r) in page
         # The counted P is still there, secondary, in the record's facts line.
-        assert f"counted P {r['score']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]" in page
+        assert f"counted P {r['counted_p']:+.2f} [{r['counted_p_ci_low']:+.2f}, {r['counted_p_ci_high']:+.2f}]" in page
         assert (out / "records" / f"diag-{r['record_id']}.png").stat().st_size > 1000
         assert (out / "records" / f"thumb-{r['record_id']}.png").stat().st_size > 50  # from --records
     assert "more often than chance" in page and "Summary" in page
     # Highest model-based score first.
     assert _card_order(page) == [r["record_id"] for r in sorted(
-        scores, key=lambda r: (-r["model_score"], -r["model_ci_low"], r["record_id"]))]
+        scores, key=lambda r: (-r["score"], -r["score_ci_low"], r["record_id"]))]
     for rid in _ids(scored, "bob"):  # another contributor's records never appear
         assert rid not in page
     assert len(files["pngs"]) == 1 + 2 * 8  # scores.png + diagnosis and thumbnail per record
@@ -198,7 +198,7 @@ def test_builder_report(scored, tmp_path, capsys):
     page = Path(files["html"]).read_text()
     everything = json.loads(_run(builder_main, b + ["scores", "--task", task, "--json"], capsys))
     assert len(everything["records"]) == 16
-    ranked = sorted(everything["records"], key=lambda r: (-r["model_score"], -r["model_ci_low"], r["record_id"]))
+    ranked = sorted(everything["records"], key=lambda r: (-r["score"], -r["score_ci_low"], r["record_id"]))
     for r in ranked:
         assert r["record_id"] in page
         assert _headline_reading(r) in page  # the all-records table's reading column
@@ -369,8 +369,8 @@ def _score(rid: str, p: tuple[float, float, float], model: tuple[float, float, f
            contributor: str = "alice") -> common_pb2.RecordScore:
     return common_pb2.RecordScore(
         record_id=rid, contributor=contributor, round_id="r-1", index=int(rid.rsplit("-", 1)[1]),
-        score=p[0], ci_low=p[1], ci_high=p[2], model_score=model[0], model_ci_low=model[1],
-        model_ci_high=model[2], n_in=16, n_out=16, auc=0.7, mu_in=1.0, sigma_in=1.0, mu_out=0.0, sigma_out=1.0,
+        counted_p=p[0], counted_p_ci_low=p[1], counted_p_ci_high=p[2], score=model[0], score_ci_low=model[1],
+        score_ci_high=model[2], n_in=16, n_out=16, auc=0.7, mu_in=1.0, sigma_in=1.0, mu_out=0.0, sigma_out=1.0,
         method=common_pb2.METHOD_ONLINE_PER_RECORD)
 
 
@@ -428,4 +428,4 @@ def test_reports_headline_the_model_based_score(tmp_path, monkeypatch):
     assert "<th class=\"num\">counted P [95%]</th>" in table
     # The CSV keeps every field of both scores.
     rows = (tmp_path / "b" / "scores.csv").read_text().splitlines()
-    assert rows[0].split(",")[:3] == ["record_id", "contributor", "round_id"] and "model_ci_high" in rows[0]
+    assert rows[0].split(",")[:3] == ["record_id", "contributor", "round_id"] and "score_ci_high" in rows[0]

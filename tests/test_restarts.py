@@ -104,7 +104,7 @@ def test_scorer_restart_mid_round_resumes_the_round(stack):
     assert result.status.state == common_pb2.ROUND_STATE_DONE, result.status.message
     scores = c.scores(stack["task"].task_id)
     assert [s.record_id for s in scores] == list(sub.record_ids)  # each record once
-    assert all(-1 <= s.ci_low <= s.score <= s.ci_high <= 1 for s in scores)
+    assert all(-1 <= s.counted_p_ci_low <= s.counted_p <= s.counted_p_ci_high <= 1 for s in scores)
     c.close()
 
 

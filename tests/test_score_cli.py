@@ -51,17 +51,17 @@ def test_json_output_matches_scorer(npz, capsys, method):
         "method", "n_models", "n_records", "headline", "records", "batch", "warnings",
     }  # fmt: skip
     assert (obj["method"], obj["n_models"], obj["n_records"]) == (method, 16, 8)
-    assert obj["headline"] == HEADLINE == "model_score"
+    assert obj["headline"] == HEADLINE == "score"
     kw = {"offline_mu": 0.5, "offline_sigma": 1.2} if method == "offline-global" else {}
     ref = score(phi, member, method=method, **kw)
     assert [r["index"] for r in obj["records"]] == list(range(8))
     keys = (
-        "score", "ci_low", "ci_high", "n_in", "n_out", "auc",
-        "model_score", "model_ci_low", "model_ci_high",
+        "score", "score_ci_low", "score_ci_high",
+        "counted_p", "counted_p_ci_low", "counted_p_ci_high", "n_in", "n_out", "auc",
     )  # fmt: skip
     for key in keys:
         np.testing.assert_allclose([r[key] for r in obj["records"]], getattr(ref.records, key))
-    # the keys, plus the headline model-based score and its interval
+    # the headline model-based score and the counted P, each with its interval (RecordScore's names)
     assert set(obj["records"][0]) == {"index", *keys}
     assert isinstance(obj["records"][0]["n_in"], int)
     assert obj["batch"] == pytest.approx(
@@ -82,7 +82,7 @@ def test_options_reach_the_scorer(npz, capsys):
     assert main(args) == 0
     obj = json.loads(capsys.readouterr().out)
     ref = score(phi, member, method="offline-per-record", alpha=0.2, fixed_variance=True)
-    np.testing.assert_allclose([r["score"] for r in obj["records"]], ref.records.score)
+    np.testing.assert_allclose([r["counted_p"] for r in obj["records"]], ref.records.counted_p)
 
 
 def test_flags_override_file_offline_gaussian(npz, capsys):
@@ -90,12 +90,12 @@ def test_flags_override_file_offline_gaussian(npz, capsys):
     path = npz(phi=phi, member=member, offline_mu=100.0, offline_sigma=1.0)
     assert main([path, "--json", "--method", "offline-global"]) == 0
     obj = json.loads(capsys.readouterr().out)
-    assert all(r["score"] == 0 for r in obj["records"])  # mu = 100: nothing is ever called
+    assert all(r["counted_p"] == 0 for r in obj["records"])  # mu = 100: nothing is ever called
     flags = ["--offline-mu", "0", "--offline-sigma", "1"]
     assert main([path, "--json", "--method", "offline-global", *flags]) == 0
     obj = json.loads(capsys.readouterr().out)
     ref = score(phi, member, method="offline-global", offline_mu=0.0, offline_sigma=1.0)
-    np.testing.assert_allclose([r["score"] for r in obj["records"]], ref.records.score)
+    np.testing.assert_allclose([r["counted_p"] for r in obj["records"]], ref.records.counted_p)
 
 
 def test_table_output(npz, capsys):
@@ -119,8 +119,8 @@ def test_out_dir_writes_csv_and_pngs(npz, tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8
     ref = score(phi, member)
-    np.testing.assert_allclose([float(r["score"]) for r in rows], ref.records.score)
-    for key in ("model_score", "model_ci_low", "model_ci_high", "ci_low", "ci_high"):
+    np.testing.assert_allclose([float(r["counted_p"]) for r in rows], ref.records.counted_p)
+    for key in ("score", "score_ci_low", "score_ci_high", "counted_p_ci_low", "counted_p_ci_high"):
         np.testing.assert_allclose([float(r[key]) for r in rows], getattr(ref.records, key))
     assert [int(r["index"]) for r in rows] == list(range(8))
 

@@ -17,7 +17,7 @@ from ftps.common.db import Database
 from ftps.v1 import common_pb2, registry_pb2, worker_pb2
 from services.lira_scorer import store as scorer_store
 from services.lira_scorer.rounds import SELF, Scorer
-from services.lira_scorer.store import NewRound, SqlOfflineStore, SqlRoundStore
+from services.lira_scorer.store import NewRound, SqlOfflineStore, SqlPreparationStore, SqlRoundStore
 
 BATCH = common_pb2.BlobRef(bucket="b", key="gateway/batches/r1.npz", sha256="ab" * 32, size=10)
 
@@ -171,7 +171,7 @@ class ScriptedPool:
             for spec in job.models:
                 member = np.frombuffer(spec.mask, dtype=np.uint8).astype(bool)
                 rows.append(np.random.default_rng(spec.seed).normal(size=len(member)) + 1.5 * member)
-            result = worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[s.index for s in job.models],
+            result = worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[s.index for s in job.models],
                                                phi=serde.tensor_from_array(np.array(rows)), seconds=0.01)
             self.done += 1
             results.append(result)
@@ -189,7 +189,7 @@ def _task(task_id: str = "t1") -> registry_pb2.Task:
 
 def _scorer(store, db, pool, replica: str, lease_s: float) -> Scorer:
     return Scorer(store, lambda task_id: _task(task_id), pool, rounds=SqlRoundStore(db),
-                  offline=SqlOfflineStore(db), replica_id=replica, lease_s=lease_s, poll_s=0.05)
+                  offline=SqlOfflineStore(db), preparations=SqlPreparationStore(db), replica_id=replica, lease_s=lease_s, poll_s=0.05)
 
 
 def _wait_done(scorer: Scorer, round_id: str, timeout: float = 30) -> common_pb2.RoundStatus:
@@ -227,8 +227,8 @@ def test_a_replica_takes_over_a_round_whose_owner_died(db, store):
         # Any replica serves the result from the database; the scores are those of a normal run.
         result = a.get_result("r1", SELF)
         assert result == b.get_result("r1", SELF)
-        assert [(s.record_id, s.contributor, s.score, s.ci_low, s.ci_high, s.auc) for s in result.scores] == \
-            [(s.record_id, s.contributor, s.score, s.ci_low, s.ci_high, s.auc) for s in expected.scores]
+        assert [(s.record_id, s.contributor, s.counted_p, s.counted_p_ci_low, s.counted_p_ci_high, s.auc) for s in result.scores] == \
+            [(s.record_id, s.contributor, s.counted_p, s.counted_p_ci_low, s.counted_p_ci_high, s.auc) for s in expected.scores]
         assert result.batch.auc == expected.batch.auc
         # a, back from the dead, writes nothing any more.
         assert not SqlRoundStore(db).update("r1", owner=a.owner, models_done=1)

@@ -181,12 +181,12 @@ def test_offline_global_golden():
     np.testing.assert_array_equal(r.decisions, phi > 1.6449)
     np.testing.assert_allclose(r.test_stat, phi)
     # record 0: TPR 2/2, FPR 0/2 -> 1; record 1: TPR 1/2 (2 yes, -1 no), FPR 0/2 -> 0.5
-    np.testing.assert_allclose(r.records.score, [1.0, 0.5])
+    np.testing.assert_allclose(r.records.counted_p, [1.0, 0.5])
     np.testing.assert_array_equal(r.records.n_in, [2, 2])
     np.testing.assert_array_equal(r.records.n_out, [2, 2])
     np.testing.assert_allclose(r.records.auc, [1.0, 0.5])
-    np.testing.assert_allclose(r.records.ci_low[1], -0.272573, atol=2e-6)
-    np.testing.assert_allclose(r.records.ci_high[1], 0.905469, atol=2e-6)
+    np.testing.assert_allclose(r.records.counted_p_ci_low[1], -0.272573, atol=2e-6)
+    np.testing.assert_allclose(r.records.counted_p_ci_high[1], 0.905469, atol=2e-6)
     # batch ROC over 8 pairs: stats IN {3,2,2,-1}, OUT {0,1,0,0.5}: AUC = (4+4+4+0)/16
     assert r.batch.auc == pytest.approx(0.75)
     assert r.batch.tpr_at_1pct_fpr == pytest.approx(0.75)
@@ -208,11 +208,11 @@ def test_online_fixed_variance_golden():
     # Model 2 (x=6): var 2.5/3, IN mean 4.5: (25 - 2.25) / (5/3) = 13.65. OUT models mirror.
     r = score(PHI6, MEM6, method="online-per-record", fixed_variance=True)
     np.testing.assert_allclose(r.test_stat[:, 0], [4.05, 6.0, 13.65, -13.65, -6.0, -4.05])
-    np.testing.assert_allclose(r.records.score, [1.0])
+    np.testing.assert_allclose(r.records.counted_p, [1.0])
     np.testing.assert_allclose(r.records.sigma_in, [1.0])
     np.testing.assert_allclose(r.records.sigma_out, [1.0])
     # d' = (5 - 1) / 1 = 4 -> 2 Phi(2) - 1
-    np.testing.assert_allclose(r.records.model_score, [0.9544997361036416])
+    np.testing.assert_allclose(r.records.score, [0.9544997361036416])
     np.testing.assert_allclose(r.records.mu_in, [5.0])
     np.testing.assert_allclose(r.records.mu_out, [1.0])
 
@@ -224,7 +224,7 @@ def test_online_per_record_variance_golden():
     r = score(PHI6, MEM6, method="online-per-record")
     np.testing.assert_allclose(r.test_stat[:2, 0], [2.596574, 7.653426], atol=1e-6)
     np.testing.assert_allclose(r.test_stat[3:, 0], -r.test_stat[2::-1, 0])  # mirror image
-    np.testing.assert_allclose(r.records.score, [1.0])
+    np.testing.assert_allclose(r.records.counted_p, [1.0])
 
 
 def test_offline_per_record_golden():
@@ -238,10 +238,10 @@ def test_offline_per_record_golden():
         r.test_stat[:, 0], [3.0, 4.0, 5.0, -2.1213203, 0.0, 2.1213203], atol=1e-7
     )
     np.testing.assert_array_equal(r.decisions[:, 0], [1, 1, 1, 0, 0, 1])
-    np.testing.assert_allclose(r.records.score, [2.0 / 3.0])
+    np.testing.assert_allclose(r.records.counted_p, [2.0 / 3.0])
     # with alpha = 0.01 the z = 2.12 model is no longer called (p = 0.017 > 0.01)
     r = score(PHI6, MEM6, method="offline-per-record", alpha=0.01)
-    np.testing.assert_allclose(r.records.score, [1.0])
+    np.testing.assert_allclose(r.records.counted_p, [1.0])
 
 
 def test_rmia_golden():
@@ -259,7 +259,7 @@ def test_rmia_golden():
     assert r.test_stat[0, 1] == pytest.approx(0.5)
     assert r.decisions.sum() == 1 and r.decisions[0, 0]
     # record 0: TPR 1/2 (models 0, 2 IN; only model 0 called), FPR 0/2 -> 0.5
-    np.testing.assert_allclose(r.records.score, [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(r.records.counted_p, [0.5, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,15 +346,15 @@ def test_matches_loop_reference_on_unbalanced_masks(method, fixed):
     n_in = member.sum(0)
     tpr = (dec & member).sum(0) / n_in
     fpr = (dec & ~member).sum(0) / (n - n_in)
-    np.testing.assert_allclose(r.records.score, tpr - fpr)
+    np.testing.assert_allclose(r.records.counted_p, tpr - fpr)
     np.testing.assert_array_equal(r.records.n_in, n_in)
     np.testing.assert_array_equal(r.records.n_out, n - n_in)
     lo, hi = newcombe_interval((dec & member).sum(0), n_in, (dec & ~member).sum(0), n - n_in)
     if method == "rmia":
-        np.testing.assert_allclose(r.records.ci_low, lo)
-        np.testing.assert_allclose(r.records.ci_high, hi)
+        np.testing.assert_allclose(r.records.counted_p_ci_low, lo)
+        np.testing.assert_allclose(r.records.counted_p_ci_high, hi)
     else:  # Newcombe widened by the jackknife, never narrowed
-        assert np.all(r.records.ci_low <= lo + 1e-12) and np.all(hi - 1e-12 <= r.records.ci_high)
+        assert np.all(r.records.counted_p_ci_low <= lo + 1e-12) and np.all(hi - 1e-12 <= r.records.counted_p_ci_high)
 
 
 def test_balanced_score_equals_agreement_formula():
@@ -363,7 +363,7 @@ def test_balanced_score_equals_agreement_formula():
     for method in METHODS:
         r = score(phi, member, **_kw(method))
         agreement = np.mean(r.decisions == member, axis=0)
-        np.testing.assert_allclose(r.records.score, 2 * agreement - 1, atol=1e-12)
+        np.testing.assert_allclose(r.records.counted_p, 2 * agreement - 1, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,11 +429,11 @@ def test_perfectly_separated_online_scores_one(n_pairs, m, seed, gap, fixed):
         n_pairs = max(n_pairs, 8)
     phi, member = _batch(2 * n_pairs, m, seed=seed, effect=gap, offsets=5.0)
     r = score(phi, member, method="online-per-record", fixed_variance=fixed)
-    np.testing.assert_array_equal(r.records.score, 1.0)
+    np.testing.assert_array_equal(r.records.counted_p, 1.0)
     np.testing.assert_array_equal(r.records.auc, 1.0)
     assert r.batch.auc == pytest.approx(1.0) and r.batch.tpr_at_0_1pct_fpr == 1.0
-    np.testing.assert_array_less(0.99, r.records.model_score)
-    assert np.all(r.records.ci_high == 1.0) and np.all(r.records.ci_low > 0)
+    np.testing.assert_array_less(0.99, r.records.score)
+    assert np.all(r.records.counted_p_ci_high == 1.0) and np.all(r.records.counted_p_ci_low > 0)
 
 
 @pytest.mark.parametrize("method", ["offline-per-record", "rmia"])
@@ -449,7 +449,7 @@ def test_perfectly_separated_threshold_methods_catch_every_member(method):
     tpr = (r.decisions & member).sum(0) / r.records.n_in
     np.testing.assert_array_equal(tpr, 1.0)
     np.testing.assert_array_equal(r.records.auc, 1.0)
-    assert 0.85 < r.records.score.mean() < 1.0
+    assert 0.85 < r.records.counted_p.mean() < 1.0
     if method == "offline-per-record":
         assert r.batch.auc == pytest.approx(1.0)
     # rmia's statistic is a rank among the model's ~m/2 population records, so it saturates at 1
@@ -470,12 +470,12 @@ def test_independent_statistic_scores_centred_on_zero_with_nominal_coverage(meth
     phi, member = _null_batch()
     kw = {"offline_mu": float(phi.mean()), "offline_sigma": float(phi.std())}
     r = score(phi, member, method=method, **(kw if method == "offline-global" else {}))
-    p = r.records.score
+    p = r.records.counted_p
     assert abs(p.mean()) < 3 * p.std() / np.sqrt(p.size) + 0.005
     assert abs(r.records.auc.mean() - 0.5) < 0.01
-    assert abs(r.records.model_score.mean()) < 0.02
+    assert abs(r.records.score.mean()) < 0.02
     assert abs(r.batch.auc - 0.5) < 0.02
-    covered = np.mean((r.records.ci_low <= 0) & (0 <= r.records.ci_high))
+    covered = np.mean((r.records.counted_p_ci_low <= 0) & (0 <= r.records.counted_p_ci_high))
     # Newcombe's interval is conservative for rare events (decision rates ~ alpha here).
     assert 0.93 <= covered <= 1.0
 
@@ -483,7 +483,7 @@ def test_independent_statistic_scores_centred_on_zero_with_nominal_coverage(meth
 def test_independent_statistic_online_scores_centred_on_zero():
     phi, member = _null_batch()
     for fixed in (False, True):
-        p = score(phi, member, method="online-per-record", fixed_variance=fixed).records.score
+        p = score(phi, member, method="online-per-record", fixed_variance=fixed).records.counted_p
         assert abs(p.mean()) < 3 * p.std() / np.sqrt(p.size) + 0.005
 
 
@@ -494,7 +494,7 @@ def test_independent_statistic_online_interval_nominal_coverage(fixed):
     # ~0.86 of records here (0.82 with fixed variance). The jackknife widening restores it.
     phi, member = _null_batch()
     r = score(phi, member, method="online-per-record", fixed_variance=fixed)
-    covered = np.mean((r.records.ci_low <= 0) & (0 <= r.records.ci_high))
+    covered = np.mean((r.records.counted_p_ci_low <= 0) & (0 <= r.records.counted_p_ci_high))
     assert 0.94 <= covered <= 0.999
     tp, fp = (r.decisions & member).sum(0), (r.decisions & ~member).sum(0)
     lo, hi = newcombe_interval(tp, r.records.n_in, fp, r.records.n_out)
@@ -515,9 +515,9 @@ def test_independent_statistic_model_interval_nominal_coverage(paired, n, fixed)
     if not paired:
         member = _unpaired_masks(n, phi.shape[1], seed=n)
     r = score(phi, member, method="online-per-record", fixed_variance=fixed)
-    covered = np.mean((r.records.model_ci_low <= 0) & (0 <= r.records.model_ci_high))
+    covered = np.mean((r.records.score_ci_low <= 0) & (0 <= r.records.score_ci_high))
     assert 0.92 <= covered <= 0.985
-    assert abs(r.records.model_score.mean()) < 0.02
+    assert abs(r.records.score.mean()) < 0.02
 
 
 def test_model_interval_follows_pair_correlation():
@@ -532,7 +532,7 @@ def test_model_interval_follows_pair_correlation():
     phi = shared * np.where(member, 0.8, -0.8) + rng.normal(0, 0.6, (n, m)) + offsets
 
     def coverage(r):
-        return np.mean((r.records.model_ci_low <= 0) & (0 <= r.records.model_ci_high))
+        return np.mean((r.records.score_ci_low <= 0) & (0 <= r.records.score_ci_high))
 
     assert coverage(score(phi, member)) >= 0.93
     # One extra model (n odd) hides the pairing: Welch's interval is too narrow, as expected.
@@ -554,9 +554,9 @@ def test_model_interval_golden_paired():
     # Var(d') = 0.515625/2.697917 + d'^2/(2*6) = 0.654923, se 0.809273; t(0.975, 3) = 3.182446.
     # d' -+ t se = -0.216, 4.934 -> 2 Phi(./2) - 1.
     r = score(PHI8, MEM8, method="online-per-record")
-    np.testing.assert_allclose(r.records.model_score, [2 * stats.norm.cdf(2.359160 / 2) - 1], atol=1e-6)
-    np.testing.assert_allclose(r.records.model_ci_low, [-0.086126305], atol=1e-7)
-    np.testing.assert_allclose(r.records.model_ci_high, [0.986386904], atol=1e-7)
+    np.testing.assert_allclose(r.records.score, [2 * stats.norm.cdf(2.359160 / 2) - 1], atol=1e-6)
+    np.testing.assert_allclose(r.records.score_ci_low, [-0.086126305], atol=1e-7)
+    np.testing.assert_allclose(r.records.score_ci_high, [0.986386904], atol=1e-7)
 
 
 def test_model_interval_golden_welch():
@@ -565,8 +565,8 @@ def test_model_interval_golden_welch():
     # = 3.990094. Pooled var (2 + 2.1875)/5 = 0.8375, d' = 2.875/0.915150 = 3.141560;
     # Var(d') = 0.515625/0.8375 + d'^2/10 = 1.602612, se 1.265943; t(0.975, 3.990094) = 2.779166.
     r = score(PHI8[[0, 1, 2, 4, 5, 6, 7]], MEM8[[0, 1, 2, 4, 5, 6, 7]])
-    np.testing.assert_allclose(r.records.model_ci_low, [-0.149399648], atol=1e-7)
-    np.testing.assert_allclose(r.records.model_ci_high, [0.999131268], atol=1e-7)
+    np.testing.assert_allclose(r.records.score_ci_low, [-0.149399648], atol=1e-7)
+    np.testing.assert_allclose(r.records.score_ci_high, [0.999131268], atol=1e-7)
 
 
 def test_jackknife_matches_loop_reference():
@@ -590,16 +590,16 @@ def test_jackknife_matches_loop_reference():
         for g in np.array_split(np.arange(12), 8):
             drop = [i for k in g for i in pairs[k]]
             keep = np.setdiff1d(np.arange(24), drop)
-            ps.append(score(phi[keep], member[keep], method=method).records.score)
+            ps.append(score(phi[keep], member[keep], method=method).records.counted_p)
         ps = np.array(ps)
         v_jack = 7 / 8 * ((ps - ps.mean(0)) ** 2).sum(0)
         tp, fp = (r.decisions & member).sum(0), (r.decisions & ~member).sum(0)
         lo, hi = newcombe_interval(tp, 12, fp, 12)
         z = stats.norm.isf(0.025)
         f = np.sqrt(np.maximum(1, v_jack / ((hi - lo) / (2 * z)) ** 2))
-        p = r.records.score
-        np.testing.assert_allclose(r.records.ci_low, np.clip(p - (p - lo) * f, -1, 1), atol=1e-12)
-        np.testing.assert_allclose(r.records.ci_high, np.clip(p + (hi - p) * f, -1, 1), atol=1e-12)
+        p = r.records.counted_p
+        np.testing.assert_allclose(r.records.counted_p_ci_low, np.clip(p - (p - lo) * f, -1, 1), atol=1e-12)
+        np.testing.assert_allclose(r.records.counted_p_ci_high, np.clip(p + (hi - p) * f, -1, 1), atol=1e-12)
         assert np.any(f > 1), method
 
 
@@ -612,7 +612,7 @@ def test_jackknife_skips_records_with_too_few_models_with_warning():
     assert any("too few IN or OUT models for the jackknife" in w for w in r.warnings)
     tp, fp = (r.decisions & member).sum(0), (r.decisions & ~member).sum(0)
     lo, hi = newcombe_interval(tp[:1], 2, fp[:1], 6)
-    np.testing.assert_allclose([r.records.ci_low[0], r.records.ci_high[0]], [lo[0], hi[0]])
+    np.testing.assert_allclose([r.records.counted_p_ci_low[0], r.records.counted_p_ci_high[0]], [lo[0], hi[0]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +654,7 @@ def test_offline_per_record_without_any_out_spread_raises():
     phi, member = _batch(4, 1, seed=0)
     with pytest.raises(ValueError, match="zero variance.*too few"):
         score(phi, member, method="offline-per-record")
-    assert np.isfinite(score(phi, member, method="online-per-record").records.score).all()
+    assert np.isfinite(score(phi, member, method="online-per-record").records.counted_p).all()
 
 
 @pytest.mark.parametrize(
@@ -709,7 +709,7 @@ def test_extreme_statistics_never_give_nan():
     for method in METHODS:
         r = score(phi, member, **_kw(method))
         assert not np.isnan(r.test_stat).any(), method
-        assert np.all(np.isfinite(r.records.score)), method
+        assert np.all(np.isfinite(r.records.counted_p)), method
 
 
 def test_warnings_for_few_models_ignored_options_and_silent_attacks():
@@ -721,7 +721,7 @@ def test_warnings_for_few_models_ignored_options_and_silent_attacks():
     assert "only used by offline-global" in text
     assert "cannot reach p < alpha" in text
     r = score(phi, member, method="offline-global", offline_mu=100.0, offline_sigma=1.0)
-    assert np.all(r.records.score == 0)
+    assert np.all(r.records.counted_p == 0)
     assert any("never decided 'member'" in w for w in r.warnings)
 
 
@@ -740,16 +740,16 @@ def test_result_shapes_and_types():
         assert r.decisions.shape == r.test_stat.shape == (16, 12)
         assert r.decisions.dtype == bool
         assert r.records.n_in.dtype.kind == "i"
-        assert np.all((-1 <= r.records.ci_low) & (r.records.ci_low <= r.records.score))
-        assert np.all((r.records.score <= r.records.ci_high) & (r.records.ci_high <= 1))
-        lo, mid, hi = r.records.model_ci_low, r.records.model_score, r.records.model_ci_high
+        assert np.all((-1 <= r.records.counted_p_ci_low) & (r.records.counted_p_ci_low <= r.records.counted_p))
+        assert np.all((r.records.counted_p <= r.records.counted_p_ci_high) & (r.records.counted_p_ci_high <= 1))
+        lo, mid, hi = r.records.score_ci_low, r.records.score, r.records.score_ci_high
         assert np.all((-1 <= lo) & (lo <= mid) & (mid <= hi) & (hi <= 1))
         b = r.batch
         assert b.fpr[0] == b.tpr[0] == 0 and b.fpr[-1] == b.tpr[-1] == 1
         assert 0 <= b.tpr_at_0_1pct_fpr <= b.tpr_at_1pct_fpr <= 1
         assert isinstance(b.auc, float)
     assert DEFAULT_METHOD == "online-per-record"
-    assert HEADLINE == "model_score" and HEADLINE in r.records.__dataclass_fields__
+    assert HEADLINE == "score" and HEADLINE in r.records.__dataclass_fields__
 
 
 def test_scores_m500_n256_fast():

@@ -50,9 +50,9 @@ def test_up_serves_until_sigterm(tmp_path):
         token = subprocess.run([sys.executable, "-m", "ftps.stack.cli", "token", "--role", "builder",
                                 "--subject", "acme", "--data-dir", str(tmp_path)],
                                check=True, capture_output=True, text=True).stdout.strip()
-        reg = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(addrs["builder registry"], token=token))
+        reg = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addrs["builder registry"], token=token))
         assert reg.ListTasks(registry_pb2.ListTasksRequest(), timeout=5).tasks == []
-        anonymous = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(addrs["builder registry"]))
+        anonymous = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addrs["builder registry"]))
         with pytest.raises(grpc.RpcError) as e:
             anonymous.ListTasks(registry_pb2.ListTasksRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

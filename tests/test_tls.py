@@ -48,7 +48,7 @@ def pki(tmp_path):
 
 
 def _list(channel):
-    return registry_pb2_grpc.BuilderRegistryStub(channel).ListTasks(registry_pb2.ListTasksRequest(), timeout=5)
+    return registry_pb2_grpc.BuilderRegistryServiceStub(channel).ListTasks(registry_pb2.ListTasksRequest(), timeout=5)
 
 
 def test_mutual_tls(storage_kwargs, pki):

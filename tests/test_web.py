@@ -243,8 +243,8 @@ def test_contributor_submits_records_and_sees_scores(alice_scored):
     assert len(ids) == 16 and len(set(ids)) == 16
     assert {r["record_id"] for r in rows} == set(ids) and {r["contributor"] for r in rows} == {"alice"}
     for r in rows:
-        assert -1 <= float(r["ci_low"]) <= float(r["score"]) <= float(r["ci_high"]) <= 1
-        assert -1 <= float(r["model_ci_low"]) <= float(r["model_score"]) <= float(r["model_ci_high"]) <= 1
+        assert -1 <= float(r["counted_p_ci_low"]) <= float(r["counted_p"]) <= float(r["counted_p_ci_high"]) <= 1
+        assert -1 <= float(r["score_ci_low"]) <= float(r["score"]) <= float(r["score_ci_high"]) <= 1
         assert r["reading"] and int(r["n_in"]) + int(r["n_out"]) == 8
     cards = page.locator("section.record")
     first = cards.first

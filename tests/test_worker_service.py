@@ -24,14 +24,14 @@ def env(storage_kwargs, serve, store, digits_splits, digits_strategy, digits_bas
         records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
         builder_data=store.put_bytes("b.npz", serde.records_to_npz(*digits_splits["builder"])),
     )
-    yield worker_pb2_grpc.FinetuneWorkerStub(ch), refs, store
+    yield worker_pb2_grpc.FinetuneWorkerServiceStub(ch), refs, store
     ch.close()
 
 
 def _job(refs, masks, **kw):
-    return worker_pb2.FinetuneJob(task_id="t-1", job_id="j-1", models=[
+    return worker_pb2.RunJobRequest(job=worker_pb2.FinetuneJob(task_id="t-1", job_id="j-1", models=[
         worker_pb2.ModelSpec(index=i, seed=100 + i, mask=m.astype(np.uint8).tobytes()) for i, m in enumerate(masks)],
-        **refs, **kw)
+        **refs, **kw))
 
 
 def test_run_job_returns_phi_per_model_and_record_deterministically(env):
@@ -65,7 +65,8 @@ def test_bad_jobs_get_precise_statuses(env):
         stub.RunJob(_job(refs, np.ones((1, 5), bool)), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mask" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        stub.RunJob(worker_pb2.FinetuneJob(task_id="t-1", job_id="empty", **refs), timeout=30)
+        stub.RunJob(worker_pb2.RunJobRequest(job=worker_pb2.FinetuneJob(task_id="t-1", job_id="empty", **refs)),
+                   timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "models" in e.value.details()
     bad = dict(refs, strategy=store.put_bytes("bad.py", b"RECIPE = {}\n"))
     with pytest.raises(grpc.RpcError) as e:
@@ -78,7 +79,8 @@ def test_bad_jobs_get_precise_statuses(env):
         stub.RunJob(_job(wrong, np.ones((1, 12), bool)), timeout=60)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     # The worker still serves the next job.
-    assert stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5).device == "cpu"
+    info = stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
+    assert info.device == "cpu" and info.started_at.seconds > 0
 
 
 def test_corrupt_blob_is_data_loss(env):
@@ -111,12 +113,12 @@ def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_
                     cache_bytes=1 << 26, spare_sandbox=False)
     try:
         masks = np.array([[1, 0] * 6, [0, 1] * 6], dtype=bool)
-        first = worker.run_job(_job(refs, masks))
-        second = worker.run_job(_job(refs, masks))
+        first = worker.run_job(_job(refs, masks).job)
+        second = worker.run_job(_job(refs, masks).job)
         assert worker._pool.stats == {"started": 1, "reused": 1, "spare_used": 0}
         np.testing.assert_array_equal(serde.array_from_tensor(first.phi),
                                       serde.array_from_tensor(second.phi))
-        other = _job(refs, masks)
+        other = _job(refs, masks).job
         other.task_id = "t-2"
         worker.run_job(other)
         assert worker._pool.stats["started"] == 2  # another task, another child
@@ -131,7 +133,7 @@ def test_connection_age_never_cuts_a_job_in_flight(storage_kwargs, serve, store,
     pods added since); a job longer than that age still completes, and the next call reconnects."""
     addr = serve(create_server(WorkerSettings(**storage_kwargs, job_timeout_s=120, max_connection_age_s=0.5)))
     ch = grpcutil.make_channel(addr)
-    stub = worker_pb2_grpc.FinetuneWorkerStub(ch)
+    stub = worker_pb2_grpc.FinetuneWorkerServiceStub(ch)
     x, y = digits_records(digits_splits, 12)
     refs = dict(base_model=store.put_bytes("w.safetensors", digits_base_weights),
                 strategy=store.put_bytes("s.py", digits_strategy.encode()),

@@ -15,12 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from clients.api import KIND_NAMES, BuilderClient, batch_dict, score_dict
-from clients.cli_common import (InputError, add_address, add_config, add_security, parse_shape,
-                                parse_value_range, print_json, progress_bar, run, security_kwargs)
+from clients.api import KIND_NAMES, BuilderClient, batch_dict, preparation_dict, score_dict
+from clients.cli_common import (InputError, add_address, add_config, add_security, load_npz, parse_shape,
+                                parse_value_range, print_json, print_score_stream, progress_bar, run,
+                                security_kwargs)
 from clients.score_html import headline
 from ftps.common import serde
-from ftps.v1 import common_pb2
+from ftps.common.clock import iso
+from ftps.v1 import common_pb2, scorer_pb2
 
 PROG = "ftps-builder"
 
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--defer-check", action="store_true",
                    help="base model or strategy: do not check it against the task's current other half now; "
                         "the other half's upload checks the pair (changing the architecture needs both)")
+    u.add_argument("--npz-blob", action="store_true",
+                   help="data: send the .npz file as it is (UploadBlob) instead of streaming its records "
+                        "in chunks (UploadBuilderData); both store the same builder data")
     u.add_argument("--json", action="store_true")
 
     t = sub.add_parser("tasks", help="list tasks")
@@ -71,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prepare", help="run the preparation stage (offline Gaussian on k shadow models)")
     pr.add_argument("--task", required=True)
-    pr.add_argument("--refit", action="store_true")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--refit", action="store_true", help="fit again even if a Gaussian exists")
+    pr.add_argument("--no-wait", action="store_true",
+                    help="start it (or join the running one) and return at once with its state")
+    pr.add_argument("--json", action="store_true", help="print the final Preparation as JSON")
 
     r = sub.add_parser("start-round", help="score the task's pending records now")
     r.add_argument("--task", required=True)
@@ -81,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("watch", help="follow a round's progress until it ends")
     w.add_argument("--round", required=True)
+
+    ws = sub.add_parser("watch-scores", help="print every record's score as rounds finish (Ctrl-C to stop)")
+    ws.add_argument("--task", required=True)
+    ws.add_argument("--round", default="", help="only this round: stop once its scores are printed")
+    ws.add_argument("--contributor", default="", help="only this contributor's records")
+    ws.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
+    ws.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sc = sub.add_parser("scores", help="every record's score and the batch metrics of a task")
     sc.add_argument("--task", required=True)
@@ -124,6 +138,17 @@ def cmd_create(args) -> int:
 
 
 def cmd_upload(args) -> int:
+    if KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and not args.npz_blob:
+        recs = load_npz(args.file)  # InputError names the file and the problem
+        with progress_bar(f"uploading {args.file.name}") as update:
+            ref = _client(args).upload_builder_records(args.task, recs.x, recs.y, progress=update)
+        if args.json:
+            print_json({"key": ref.key, "sha256": ref.sha256, "size": ref.size, "version": ref.version,
+                        "records": len(recs.x), "model_check": None})
+        else:
+            print(f"{args.kind} v{ref.version} stored: {len(recs.x)} records, {ref.size} bytes, "
+                  f"sha256 {ref.sha256[:16]}...")
+        return 0
     try:
         data = args.file.read_bytes()
     except OSError as exc:
@@ -153,17 +178,17 @@ def cmd_upload(args) -> int:
 
 
 def _check_dict(c) -> dict | None:
-    if not c.checked_at:
+    if not c.HasField("checked_at"):
         return None
     return {"base_model_sha256": c.base_model_sha256, "strategy_sha256": c.strategy_sha256,
             "num_classes": c.num_classes, "parameters": c.parameters, "device": c.device,
-            "seconds": round(c.seconds, 3), "checked_at": c.checked_at}
+            "seconds": round(c.seconds, 3), "checked_at": iso(c.checked_at)}
 
 
 def _task_dict(t) -> dict:
     s = t.settings
     return {"task_id": t.task_id, "name": t.name, "owner": t.owner, "ready": t.ready,
-            "created_at": t.created_at, "n_models": s.n_models, "batch_threshold": s.batch_threshold,
+            "created_at": iso(t.created_at), "n_models": s.n_models, "batch_threshold": s.batch_threshold,
             "method": serde.METHOD_NAMES.get(s.method, ""), "shadow_models": s.shadow_models,
             "record_shape": list(s.record_shape), "num_classes": s.num_classes,
             "uploads": {k: (getattr(t, k).version or None) for k in ("base_model", "strategy", "builder_data")},
@@ -193,19 +218,39 @@ def cmd_task(args) -> int:
     return 0
 
 
+def _prep_line(p) -> str:
+    """``3/8 shadow models, 42s elapsed, ~70s left``: the preparation's progress in one line."""
+    line = f"{p.models_done}/{p.models_total} shadow models, {p.elapsed_s:.0f}s elapsed"
+    if p.remaining_s > 0:
+        line += f", ~{p.remaining_s:.0f}s left"
+    return line
+
+
 def cmd_prepare(args) -> int:
-    console = Console(stderr=True)
-    with console.status(f"preparation stage for {args.task}: fine-tuning shadow models..."):
-        g = _client(args).prepare_offline(args.task, refit=args.refit)
-    out = {"mu": g.mu, "sigma": g.sigma, "k": g.k, "n_values": g.n_values, "fitted_at": g.fitted_at,
-           "base_model_sha256": g.base_model_sha256, "timings": dict(g.timings)}
+    client = _client(args)
+    if args.no_wait:
+        p = client.start_preparation(args.task, refit=args.refit)
+    else:
+        console = Console(stderr=True)
+        with console.status(f"preparation stage of {args.task}: starting...") as status:
+            def show(prep) -> None:
+                status.update(f"preparation {prep.preparation_id} of {args.task}: {_prep_line(prep)}")
+                if not console.is_terminal:  # no live status line: one line per change
+                    console.print(f"preparation {prep.preparation_id}: {_prep_line(prep)}", highlight=False)
+            p = client.prepare(args.task, refit=args.refit, progress=show)
+    out = preparation_dict(p)
     if args.json:
         print_json(out)
     else:
-        took = f" in {g.timings['total_s']:.1f} s" if "total_s" in g.timings else ""
-        print(f"offline Gaussian: mu={g.mu:.4f} sigma={g.sigma:.4f} from k={g.k} shadow models "
-              f"({g.n_values} statistics), fitted {g.fitted_at}{took}")
-    return 0
+        state = out["state"]
+        if p.state == scorer_pb2.PREPARATION_STATE_READY:
+            g = p.gaussian
+            print(f"preparation {p.preparation_id}: READY; offline Gaussian mu={g.mu:.4f} sigma={g.sigma:.4f} "
+                  f"from k={g.k} shadow models ({g.n_values} statistics), fitted {iso(g.fitted_at)} "
+                  f"in {p.elapsed_s:.1f} s")
+        else:
+            print(f"preparation {p.preparation_id}: {state}; {_prep_line(p)}" + (f"; {p.message}" if p.message else ""))
+    return 1 if p.state == scorer_pb2.PREPARATION_STATE_FAILED else 0
 
 
 def _watch(client: BuilderClient, round_id: str) -> int:
@@ -236,6 +281,12 @@ def cmd_watch(args) -> int:
     return _watch(_client(args), args.round)
 
 
+def cmd_watch_scores(args) -> int:
+    return print_score_stream(_client(args).watch_scores(args.task, contributor=args.contributor,
+                                                         round_id=args.round, timeout=args.timeout),
+                              as_json=args.json, with_contributor=True)
+
+
 def cmd_scores(args) -> int:
     resp = _client(args).scores(args.task, args.round)
     if args.json:
@@ -246,7 +297,7 @@ def cmd_scores(args) -> int:
     for s in resp.scores:
         h = headline(s)
         table.add_row(s.record_id, s.contributor, s.round_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]",
-                      f"{s.score:+.2f}", f"{s.auc:.2f}")
+                      f"{s.counted_p:+.2f}", f"{s.auc:.2f}")
     console = Console()
     console.print(table)
     for b in resp.batches:
@@ -275,7 +326,7 @@ def cmd_report(args) -> int:
     if args.json:
         print_json(files.as_dict())
     else:
-        above = sum(s.ci_low > 0 for s in resp.scores)
+        above = sum(headline(s)[1] > 0 for s in resp.scores)  # as the report counts them
         print(f"report written: {files.html} ({files.n_records} records in {len(rounds)} round(s), "
               f"{above} with the interval above 0)")
     return 0
@@ -284,7 +335,8 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
         "create-task": cmd_create, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
-        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch, "scores": cmd_scores,
+        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch,
+        "watch-scores": cmd_watch_scores, "scores": cmd_scores,
         "report": cmd_report})
 
 

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from clients.api import ContributorClient, score_dict
 from clients.cli_common import (InputError, add_address, add_config, add_contributor, add_security, fetch_task,
-                                load_records, print_json, progress_bar, record_shape, records_arg, run,
-                                security_kwargs)
+                                load_records, print_json, print_score_stream, progress_bar, record_shape,
+                                records_arg, run, security_kwargs)
 from clients.score_html import headline, record_reading
 
 PROG = "ftps-contributor"
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("watch", help="print scores as rounds finish (Ctrl-C to stop)")
     w.add_argument("--task", required=True)
+    w.add_argument("--round", default="", help="only this round: stop once its scores are printed")
     w.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -122,29 +123,14 @@ def cmd_scores(args) -> int:
     table = Table("record", "score", "95% interval", "counted P", "reading")
     for s in scores:
         h = headline(s)
-        table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.score:+.2f}", record_reading(s))
+        table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.counted_p:+.2f}", record_reading(s))
     Console().print(table)
     return 0
 
 
 def cmd_watch(args) -> int:
-    import grpc
-
-    client = _client(args)
-    try:
-        for s in client.watch_scores(args.task, timeout=args.timeout):
-            if args.json:
-                import json
-
-                print(json.dumps(score_dict(s)), flush=True)
-            else:
-                h = headline(s)
-                print(f"{s.record_id} (round {s.round_id}): score {h[0]:+.3f} [{h[1]:+.2f}, {h[2]:+.2f}] "
-                      f"(counted P {s.score:+.2f})", flush=True)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-    return 0
+    return print_score_stream(_client(args).watch_scores(args.task, round_id=args.round, timeout=args.timeout),
+                              as_json=args.json)
 
 
 def cmd_report(args) -> int:

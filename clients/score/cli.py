@@ -11,8 +11,9 @@ record ``j`` was in model ``i``'s fine-tuning set) and optionally the scalars ``
 them). It is loaded with ``allow_pickle=False``.
 
 Per record it prints the headline model-based score with its interval, the paper's counted P
-with its interval, n_in, n_out and the per-record AUC (``--json``: the keys of the issue plus
-``model_score``, ``model_ci_low``, ``model_ci_high``, and ``"headline": "model_score"``).
+with its interval, n_in, n_out and the per-record AUC (``--json``: per record ``score``,
+``score_ci_low``, ``score_ci_high`` (the headline), ``counted_p``, ``counted_p_ci_low``,
+``counted_p_ci_high``, ``n_in``, ``n_out``, ``auc``; and ``"headline": "score"``).
 
 Exit codes: 0 success; 2 bad usage or bad input (one line ``ftps-score: error: <cause>`` on
 stderr); 1 the results could not be written.
@@ -33,8 +34,8 @@ from services.lira_scorer.scoring import DEFAULT_METHOD, HEADLINE, METHODS, Scor
 
 PROG = "ftps-score"
 _CSV_FIELDS = (
-    "score", "ci_low", "ci_high", "n_in", "n_out", "auc",
-    "model_score", "model_ci_low", "model_ci_high", "mu_in", "sigma_in", "mu_out", "sigma_out",
+    "score", "score_ci_low", "score_ci_high", "counted_p", "counted_p_ci_low", "counted_p_ci_high",
+    "n_in", "n_out", "auc", "mu_in", "sigma_in", "mu_out", "sigma_out",
 )  # fmt: skip
 
 
@@ -128,14 +129,14 @@ def _to_json(result: ScoreResult) -> dict:
             {
                 "index": j,
                 "score": float(r.score[j]),
-                "ci_low": float(r.ci_low[j]),
-                "ci_high": float(r.ci_high[j]),
+                "score_ci_low": float(r.score_ci_low[j]),
+                "score_ci_high": float(r.score_ci_high[j]),
+                "counted_p": float(r.counted_p[j]),
+                "counted_p_ci_low": float(r.counted_p_ci_low[j]),
+                "counted_p_ci_high": float(r.counted_p_ci_high[j]),
                 "n_in": int(r.n_in[j]),
                 "n_out": int(r.n_out[j]),
                 "auc": float(r.auc[j]),
-                "model_score": float(r.model_score[j]),
-                "model_ci_low": float(r.model_ci_low[j]),
-                "model_ci_high": float(r.model_ci_high[j]),
             }
             for j in range(result.n_records)
         ],
@@ -162,19 +163,19 @@ def _print_table(result: ScoreResult) -> None:
         ),
         caption=(
             "score = 2 Phi(d'/2) - 1 from the fitted IN/OUT Gaussians (headline); "
-            "P = TPR - FPR counted over the n models; 0 = coin flip, 1 = always identified"
+            "counted P = TPR - FPR counted over the n models; 0 = coin flip, 1 = always identified"
         ),
     )
     interval = f"{result.confidence:.0%} interval"
-    for name in ("record", "score", interval, "P", f"P {interval}", "n_in/n_out", "AUC"):
+    for name in ("record", "score", interval, "counted P", f"counted P {interval}", "n_in/n_out", "AUC"):
         table.add_column(name, justify="right", no_wrap=True)
     for j in range(result.n_records):
         table.add_row(
             str(j),
-            f"{r.model_score[j]:+.3f}",
-            f"[{r.model_ci_low[j]:+.2f}, {r.model_ci_high[j]:+.2f}]",
             f"{r.score[j]:+.3f}",
-            f"[{r.ci_low[j]:+.2f}, {r.ci_high[j]:+.2f}]",
+            f"[{r.score_ci_low[j]:+.2f}, {r.score_ci_high[j]:+.2f}]",
+            f"{r.counted_p[j]:+.3f}",
+            f"[{r.counted_p_ci_low[j]:+.2f}, {r.counted_p_ci_high[j]:+.2f}]",
             f"{int(r.n_in[j])}/{int(r.n_out[j])}",
             f"{r.auc[j]:.3f}",
         )

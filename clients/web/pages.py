@@ -35,6 +35,7 @@ from clients.web.session import (
     SubmissionView,
     submission_state,
 )
+from ftps.common.clock import iso
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
 
 METHODS = {
@@ -89,9 +90,10 @@ def once_field() -> str:
 
 
 def flash_html(kind: str, text: str) -> str:
-    """A message; a gRPC error ("STATUS: details") shows its status name apart."""
+    """A message; a gRPC error ("STATUS: details" or "STATUS [REASON]: details") shows its status
+    name (and reason) apart."""
     code, sep, rest = text.partition(": ")
-    if sep and code in _STATUS_NAMES:
+    if sep and code.partition(" [")[0] in _STATUS_NAMES:
         return f'<div class="flash {e(kind)}" role="alert"><span class="code">{e(code)}</span>{e(rest)}</div>'
     return f'<div class="flash {e(kind)}" role="{"alert" if kind == "error" else "status"}">{e(text)}</div>'
 
@@ -167,7 +169,7 @@ def tasks_page(session: Session, tasks: Sequence[registry_pb2.Task], error: str 
         f'<td class="mono">{e(t.task_id)}</td><td>{e(t.owner)}</td>'
         f'<td>{"ready" if t.ready else "waiting for uploads"}</td><td class="num">{t.settings.n_models}</td>'
         f'<td class="num">{t.settings.batch_threshold}</td><td>{e(method_name(t.settings.method))}</td>'
-        f'<td>{e(t.created_at[:16].replace("T", " "))}</td></tr>' for t in tasks)
+        f'<td>{e(iso(t.created_at)[:16].replace("T", " "))}</td></tr>' for t in tasks)
     table = ('<table><tr><th>task</th><th>id</th><th>owner</th><th>status</th><th class="num">n models</th>'
              '<th class="num">m records</th><th>method</th><th>created</th></tr>' + rows + "</table>") if tasks else (
         '<div class="panel"><p>No tasks ' + ("you may see yet." if session.is_contributor else
@@ -436,12 +438,12 @@ def builder_task_page(session: Session, t: registry_pb2.Task, *, dataset: str | 
     if offline is not None:
         body += (f'<div class="grid2"><div><dl class="kv"><dt>mu</dt><dd>{offline.mu:.4f}</dd><dt>sigma</dt>'
                  f"<dd>{offline.sigma:.4f}</dd><dt>k (shadow models)</dt><dd>{offline.k}</dd><dt>statistics</dt>"
-                 f"<dd>{offline.n_values}</dd><dt>fitted</dt><dd>{e(offline.fitted_at)}</dd><dt>base model</dt>"
+                 f"<dd>{offline.n_values}</dd><dt>fitted</dt><dd>{e(iso(offline.fitted_at))}</dd><dt>base model</dt>"
                  f'<dd class="mono">{e(offline.base_model_sha256[:16])}…</dd></dl>'
                  '<p class="note">phi of held-out builder records under k shadow fine-tunes of M0: the paper\'s '
                  "offline LiRA compares a record's phi with this Gaussian. It is reused by every round of the task "
                  "until the base model changes.</p></div>"
-                 f'<div><img src="/tasks/{tid}/offline.png?v={e(offline.fitted_at)}" width="500" height="260" '
+                 f'<div><img src="/tasks/{tid}/offline.png?v={e(iso(offline.fitted_at))}" width="500" height="260" '
                  'alt="the offline Gaussian"></div></div>')
     else:
         body += f'<p class="note">{e(offline_note)}</p>'

@@ -44,8 +44,9 @@ from clients.score_html import headline
 from clients.web import assets, pages
 from clients.web.session import Session, SubmissionView, error_text, token_claims
 from ftps.common import grpcutil, serde
+from ftps.common.clock import iso
 from ftps.common.errors import FtpsError
-from ftps.v1 import common_pb2
+from ftps.v1 import common_pb2, scorer_pb2
 
 __all__ = ["WebServer"]
 
@@ -454,7 +455,7 @@ class WebServer:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise
             tasks, error = [], error_text(exc)
-        return html(pages.tasks_page(s, sorted(tasks, key=lambda t: t.created_at, reverse=True), error))
+        return html(pages.tasks_page(s, sorted(tasks, key=lambda t: iso(t.created_at), reverse=True), error))
 
     def create_task(self, req: Request) -> Response:
         s = self._signed_in(req)
@@ -509,7 +510,15 @@ class WebServer:
         b = s.builder()
         offline, note = None, ""
         try:
-            offline = b.get_offline(tid)
+            prep = b.get_preparation(tid)
+            if prep.state == scorer_pb2.PREPARATION_STATE_READY and prep.HasField("gaussian"):
+                offline = prep.gaussian
+            elif prep.state == scorer_pb2.PREPARATION_STATE_FAILED:
+                note = f"The preparation stage failed: {prep.message}"
+            else:
+                left = f", about {prep.remaining_s:.0f} s left" if prep.remaining_s > 0 else ""
+                note = (f"Preparing: {prep.models_done} of {prep.models_total} shadow models fine-tuned, "
+                        f"{prep.elapsed_s:.0f} s elapsed{left}.")
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise
@@ -671,7 +680,16 @@ class WebServer:
         refit = req.field("refit") == "1"
 
         def work(job) -> str:
-            g = b.prepare_offline(tid, refit=refit)
+            def show(p) -> None:
+                left = f", ~{p.remaining_s:.0f} s left" if p.remaining_s > 0 else ""
+                job.text = (f"preparation stage {p.preparation_id}: {p.models_done}/{p.models_total} shadow "
+                            f"fine-tunes, {p.elapsed_s:.0f} s elapsed{left}")
+                s.progress(job, p.models_done, p.models_total)
+
+            prep = b.prepare(tid, refit=refit, progress=show)
+            if prep.state != scorer_pb2.PREPARATION_STATE_READY:
+                raise ValueError(f"the preparation stage failed: {prep.message}")
+            g = prep.gaussian
             return (f"offline Gaussian fitted: mu = {g.mu:.3f}, sigma = {g.sigma:.3f} from k = {g.k} shadow models "
                     f"({g.n_values} statistics" + (f", fitted in {g.timings['total_s']:.1f} s" if "total_s" in g.timings
                                                    else "") + ")")
@@ -725,7 +743,7 @@ class WebServer:
         if not found:
             raise Refused(404, "no such record among the scores this token may see")
         sc = found[-1]
-        key = ("diag", tid, rid, sc.round_id, sc.model_score, sc.score, sc.mu_in, sc.mu_out)
+        key = ("diag", tid, rid, sc.round_id, sc.score, sc.counted_p, sc.mu_in, sc.mu_out)
         if key not in s.cache:
             from clients import report_plots
 
@@ -768,7 +786,10 @@ class WebServer:
         s = self._signed_in(req)
         tid = req.params["tid"]
         b = s.builder()
-        g = b.get_offline(tid)
+        prep = b.get_preparation(tid)
+        if prep.state != scorer_pb2.PREPARATION_STATE_READY or not prep.HasField("gaussian"):
+            raise Refused(404, "the task's preparation stage is not READY")
+        g = prep.gaussian
         alpha = b.get_task(tid).settings.alpha or 0.05
         return png(plotting(assets.offline_gaussian_png, g.mu, g.sigma, g.k, g.n_values, alpha))
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import grpc
 
+from ftps.common import errors
 from ftps.common.errors import NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("ftps.auth")
@@ -144,7 +145,7 @@ class TokenSigner:
         if role not in ROLES:
             raise Unauthenticated(f"token role {role!r} is unknown")
         if (time.time() if now is None else now) >= exp:
-            raise Unauthenticated("token has expired")
+            raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED")
         return Principal(subject, role, tasks)
 
 
@@ -213,11 +214,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         token = token_from_metadata(handler_call_details.invocation_metadata)
         try:
             if token is None:
-                raise Unauthenticated("no token: send 'authorization: Bearer <token>' metadata")
+                raise Unauthenticated("no token: send 'authorization: Bearer <token>' metadata",
+                                      reason="TOKEN_MISSING")
             principal = self._signer.verify(token)
         except Unauthenticated as exc:
             log.warning("refused %s: %s", method, exc)
-            return _refusal(handler, str(exc))
+            return _refusal(handler, exc)
         return _with_principal(handler, principal)
 
 
@@ -232,12 +234,12 @@ class NoAuthInterceptor(grpc.ServerInterceptor):
         return _with_principal(handler, AUTH_DISABLED)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, refused: Unauthenticated) -> grpc.RpcMethodHandler:
     def abort(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        errors.abort(context, refused)  # UNAUTHENTICATED with its reason (TOKEN_EXPIRED, ...)
 
     def abort_stream(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        errors.abort(context, refused)
         yield  # pragma: no cover
 
     return _replace(handler, abort, abort_stream)
@@ -344,7 +346,7 @@ def authorized_task(who: Principal, task_id: str, get_task: Callable[[str], Any]
         task = get_task(task_id)
     except NotFound:
         if who.is_privileged:
-            raise NotFound(f"task {task_id} not found") from None
+            raise NotFound(f"task {task_id} not found", reason="TASK_NOT_FOUND", field="task_id") from None
         raise denied(who, action, f"task {task_id}") from None
     authorize_task(who, task_id, task.owner, action=action, contributors_may=contributors_may)
     return task

@@ -105,7 +105,7 @@ class Database:
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
             # Unreachable, restarting, or (SQLite) locked past busy_timeout: the caller may retry.
             log.warning("%s unavailable: %s", self.name, getattr(e, "orig", e))
-            raise Unavailable(f"{self.name} unavailable, retry") from e
+            raise Unavailable(f"{self.name} unavailable, retry", reason="DATABASE_UNAVAILABLE") from e
         finally:
             if lock is not None:
                 lock.release()

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from ftps.common import errors, reflection
 from ftps.common.errors import FtpsError
 from ftps.common.limits import Limits, RpcLimiter
 
@@ -56,10 +56,10 @@ def _retry_service_config(service_names: Iterable[str]) -> str:
 
 
 _ALL_SERVICES = (
-    "ftps.v1.BuilderRegistry",
-    "ftps.v1.ContributorGateway",
-    "ftps.v1.FinetuneWorker",
-    "ftps.v1.LiraScorer",
+    "ftps.v1.BuilderRegistryService",
+    "ftps.v1.ContributorGatewayService",
+    "ftps.v1.FinetuneWorkerService",
+    "ftps.v1.LiraScorerService",
 )
 
 
@@ -210,7 +210,7 @@ class Server:
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._service_names: list[str] = [health.SERVICE_NAME, *reflection.SERVICE_NAMES]
         self._on_stop: list[Callable[[], None]] = []
         self.port: int | None = None
 
@@ -223,7 +223,7 @@ class Server:
         self._service_names.append(service_name)
 
     def start(self, listen: str) -> int:
-        reflection.enable_server_reflection(self._service_names, self.grpc_server)
+        reflection.enable(self._service_names, self.grpc_server)
         if self._tls is not None and self._tls.cert:
             creds = grpc.ssl_server_credentials([(self._tls.key, self._tls.cert)], root_certificates=self._tls.ca,
                                                 require_client_auth=self._tls.ca is not None)
@@ -273,12 +273,13 @@ def rpc(method: Callable) -> Callable:
     """
 
     def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+        # The code and message as plain clients see them, plus the rich status (errors.rich_status).
         if isinstance(exc, FtpsError) and exc.code != grpc.StatusCode.INTERNAL:
-            context.abort(exc.code, str(exc))
+            errors.abort(context, exc)
         incident = secrets.token_hex(6)
         log.error("incident %s: unexpected error in %s: %s: %s", incident, method.__qualname__,
                   type(exc).__name__, exc, exc_info=exc)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error, incident {incident}")
+        context.abort_with_status(errors.internal_status(incident))
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)

@@ -43,6 +43,9 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from ftps.common import errors
+from ftps.common.errors import ResourceExhausted
+
 log = logging.getLogger("ftps.limits")
 
 # Threads of the server's pool beyond max_concurrent_rpcs: admitted calls never hold them, so health
@@ -84,11 +87,11 @@ class Limits:
         return self.max_concurrent_rpcs + HEALTH_RESERVE
 
 
-class Refused(Exception):
-    """A call over a limit: RESOURCE_EXHAUSTED with ``message``, retry after ``retry_s``."""
+class Refused(ResourceExhausted):
+    """A call over a limit: RESOURCE_EXHAUSTED with ``message`` and ``reason``, retry after ``retry_s``."""
 
-    def __init__(self, message: str, retry_s: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_s: float, reason: str = "SERVICE_BUSY") -> None:
+        super().__init__(message, reason=reason, retry_after_s=retry_s)
         self.retry_s = retry_s
 
 
@@ -158,11 +161,12 @@ class RpcLimiter(grpc.ServerInterceptor):
                     retry = self._first_end_in(mine)
                     raise Refused(f"too many open streams: {stream.who} has {len(mine)} open on this service "
                                   f"(at most {lim.max_streams_per_principal}); close one, or retry in "
-                                  f"{retry:.0f}s when the first of them ends", retry)
+                                  f"{retry:.0f}s when the first of them ends", retry, "STREAMS_EXHAUSTED")
             if self._active >= lim.max_concurrent_rpcs:
                 self.refused_total += 1
                 raise Refused(f"service busy: {self._active} calls in progress (at most "
-                              f"{lim.max_concurrent_rpcs}); retry in {BUSY_RETRY_S:.0f}s", BUSY_RETRY_S)
+                              f"{lim.max_concurrent_rpcs}); retry in {BUSY_RETRY_S:.0f}s", BUSY_RETRY_S,
+                              "SERVICE_BUSY")
             self._active += 1
             if stream is not None:
                 self._streams.setdefault(stream.who, []).append(stream)
@@ -254,7 +258,7 @@ class RpcLimiter(grpc.ServerInterceptor):
 
     def _refuse(self, context: grpc.ServicerContext, who: str, exc: Refused) -> None:
         self._warn(who, str(exc))
-        abort_with_retry(context, str(exc), exc.retry_s)
+        errors.abort(context, exc)  # RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo
 
     def _unary(self, behavior: Callable) -> Callable:
         def unary(request, context):
@@ -328,32 +332,5 @@ class _StreamContext:
         return getattr(self._context, name)
 
 
-def abort_with_retry(context: grpc.ServicerContext, message: str, retry_s: float) -> None:
-    """RESOURCE_EXHAUSTED with ``message`` and ``google.rpc.RetryInfo`` (retry after ``retry_s``)
-    in the rich status, which gRPC clients of every language read."""
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import code_pb2, error_details_pb2, status_pb2
-    from grpc_status import rpc_status
-
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-        seconds=int(retry_s), nanos=int((retry_s % 1) * 1e9))))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
-
-
-def retry_after(exc: grpc.RpcError) -> float | None:
-    """The server's retry advice (``google.rpc.RetryInfo``) on a refused call, in seconds; None without."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    try:
-        status = rpc_status.from_call(exc)
-    except (ValueError, AttributeError):
-        return None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return None
+# Clients read the retry advice with errors.error_details (or this, its short form).
+retry_after = errors.retry_after

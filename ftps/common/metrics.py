@@ -29,7 +29,7 @@ LONG_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 720
 
 
 def _split(full_method: str) -> tuple[str, str]:
-    # "/ftps.v1.ContributorGateway/SubmitRecords" -> ("ftps.v1.ContributorGateway", "SubmitRecords")
+    # "/ftps.v1.ContributorGatewayService/SubmitRecords" -> ("ftps.v1.ContributorGatewayService", "SubmitRecords")
     _, _, rest = full_method.partition("/")
     service, _, method = rest.rpartition("/")
     return service or "unknown", method or rest or "unknown"

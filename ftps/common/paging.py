@@ -18,7 +18,7 @@ MAX_PAGE_SIZE = 1000
 def page_size(requested: int) -> int:
     """A request's ``page_size``: 0 -> the default, above the maximum -> the maximum."""
     if requested < 0:
-        raise InvalidArgument(f"page_size must be >= 0, got {requested}")
+        raise InvalidArgument(f"page_size must be >= 0, got {requested}", field="page_size")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
@@ -37,5 +37,6 @@ def decode_token(token: str, n: int, *, rpc: str) -> list | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         key = None
     if not isinstance(key, list) or len(key) != n:
-        raise InvalidArgument(f"page_token is not one that {rpc} returned")
+        raise InvalidArgument(f"page_token is not one that {rpc} returned", reason="INVALID_PAGE_TOKEN",
+                              field="page_token")
     return key

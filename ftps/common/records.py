@@ -34,15 +34,19 @@ def validate_records(x: np.ndarray, y: np.ndarray, settings: common_pb2.TaskSett
     range. Returns (float32 x, int64 y); raises InvalidArgument naming the field and first bad index."""
     shape = tuple(settings.record_shape)
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-        raise InvalidArgument(f"{field}.x has shape {list(x.shape)}, expected [m, {', '.join(map(str, shape))}]")
+        raise InvalidArgument(f"{field}.x has shape {list(x.shape)}, expected [m, {', '.join(map(str, shape))}]",
+                              reason="RECORDS_BAD_SHAPE", field=f"{field}.x")
     if x.dtype not in (np.float32, np.float64):
-        raise InvalidArgument(f"{field}.x must be float32 (or float64, converted to float32), got {x.dtype}")
+        raise InvalidArgument(f"{field}.x must be float32 (or float64, converted to float32), got {x.dtype}",
+                              reason="RECORDS_BAD_DTYPE", field=f"{field}.x")
     if y.ndim != 1 or len(y) != len(x):
-        raise InvalidArgument(f"{field}.y has shape {list(y.shape)}, expected [{len(x)}]")
+        raise InvalidArgument(f"{field}.y has shape {list(y.shape)}, expected [{len(x)}]",
+                              reason="RECORDS_BAD_SHAPE", field=f"{field}.y")
     if y.dtype.kind not in "iu":
-        raise InvalidArgument(f"{field}.y must be integer class labels, got {y.dtype}")
+        raise InvalidArgument(f"{field}.y must be integer class labels, got {y.dtype}",
+                              reason="RECORDS_BAD_DTYPE", field=f"{field}.y")
     if len(x) == 0:
-        raise InvalidArgument(f"{field} is empty")
+        raise InvalidArgument(f"{field} is empty", reason="RECORDS_EMPTY", field=field)
     with np.errstate(over="ignore"):  # overflow to inf is exactly what is checked next
         x32 = x.astype(np.float32, copy=False)
     finite = np.isfinite(x32)
@@ -50,7 +54,8 @@ def validate_records(x: np.ndarray, y: np.ndarray, settings: common_pb2.TaskSett
         idx, where = _first(~finite)
         value = float(x[idx])
         what = "is NaN" if np.isnan(value) else f"= {value:g} is not finite as float32"
-        raise InvalidArgument(f"{field}.x{where} {what} ({int((~finite).sum())} non-finite value(s))")
+        raise InvalidArgument(f"{field}.x{where} {what} ({int((~finite).sum())} non-finite value(s))",
+                              reason="RECORDS_NOT_FINITE", field=f"{field}.x")
     bounds = value_range(settings)
     if bounds is not None:
         lo, hi = bounds
@@ -59,10 +64,12 @@ def validate_records(x: np.ndarray, y: np.ndarray, settings: common_pb2.TaskSett
             idx, where = _first(outside)
             raise InvalidArgument(
                 f"{field}.x{where} = {float(x32[idx]):g} is outside the task's value "
-                f"range [{lo:g}, {hi:g}] ({int(outside.sum())} such value(s))")
+                f"range [{lo:g}, {hi:g}] ({int(outside.sum())} such value(s))",
+                reason="RECORDS_OUT_OF_RANGE", field=f"{field}.x")
     labels_bad = (y < 0) | (y >= settings.num_classes)
     if labels_bad.any():
         j = int(np.argmax(labels_bad))
         raise InvalidArgument(f"{field}.y[{j}] = {int(y[j])}: labels outside [0, {settings.num_classes - 1}] "
-                              f"({int(labels_bad.sum())} such label(s))")
+                              f"({int(labels_bad.sum())} such label(s))",
+                              reason="LABEL_OUT_OF_RANGE", field=f"{field}.y")
     return x32, y.astype(np.int64, copy=False)

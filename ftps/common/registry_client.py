@@ -19,7 +19,7 @@ def registry_getter(channel: grpc.Channel, *, timeout: float = 30.0,
     ``cache_s`` > 0 keeps each task that long: for callers that read only what never changes after
     creation (settings, owner) — the gateway, once per submit. The scorer needs the current blob
     refs and asks every time."""
-    stub = registry_pb2_grpc.BuilderRegistryStub(channel)
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(channel)
     cache: dict[str, tuple[float, registry_pb2.Task]] = {}
     lock = threading.Lock()
 
@@ -49,7 +49,8 @@ def require_ready(task: registry_pb2.Task) -> None:
     against its strategy, where the registry checks models)."""
     missing = [f for f in ("base_model", "strategy", "builder_data") if not getattr(task, f).key]
     if missing:
-        raise FailedPrecondition(f"task {task.task_id} is missing uploads: {', '.join(missing)}")
+        raise FailedPrecondition(f"task {task.task_id} is missing uploads: {', '.join(missing)}",
+                                 reason="TASK_NOT_READY")
     if not task.ready:
         raise FailedPrecondition(f"task {task.task_id}: its base model was not checked against its strategy "
-                                 "(uploaded with defer_check): upload one of them again")
+                                 "(uploaded with defer_check): upload one of them again", reason="TASK_NOT_READY")

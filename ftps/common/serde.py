@@ -37,19 +37,23 @@ def tensor_from_array(a: np.ndarray) -> common_pb2.Tensor:
 def array_from_tensor(t: common_pb2.Tensor, *, field: str = "tensor") -> np.ndarray:
     """Decode a Tensor, checking dtype, shape and byte count (InvalidArgument names ``field``)."""
     if t.dtype not in _TO_NUMPY:
-        raise InvalidArgument(f"{field}.dtype: unsupported or unset dtype {t.dtype}")
+        raise InvalidArgument(f"{field}.dtype: unsupported or unset dtype {t.dtype}", reason="TENSOR_INVALID",
+                              field=f"{field}.dtype")
     if len(t.shape) > MAX_TENSOR_DIMS or any(d < 0 or d > MAX_DIM for d in t.shape):
-        raise InvalidArgument(f"{field}.shape: invalid shape {list(t.shape)}")
+        raise InvalidArgument(f"{field}.shape: invalid shape {list(t.shape)}", reason="TENSOR_INVALID",
+                              field=f"{field}.shape")
     dtype = _TO_NUMPY[t.dtype]
     count = math.prod(t.shape)  # Python ints: no overflow
     if count * dtype.itemsize != len(t.data):
         raise InvalidArgument(
-            f"{field}.data: {len(t.data)} bytes do not match shape {list(t.shape)} of {dtype.name}")
+            f"{field}.data: {len(t.data)} bytes do not match shape {list(t.shape)} of {dtype.name}",
+            reason="TENSOR_INVALID", field=f"{field}.data")
     try:
         return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape)).copy()
     except (ValueError, MemoryError) as exc:
         # e.g. an empty tensor whose other dimensions multiply past what numpy can index
-        raise InvalidArgument(f"{field}.shape: shape {list(t.shape)} cannot be represented") from exc
+        raise InvalidArgument(f"{field}.shape: shape {list(t.shape)} cannot be represented",
+                              reason="TENSOR_INVALID", field=f"{field}.shape") from exc
 
 
 def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
@@ -77,7 +81,7 @@ def npz_arrays(data: bytes, *, what: str = "npz", limits: archives.ArchiveLimits
     try:
         return archives.read_npz(data, what=what, limits=limits, expect=expect)
     except archives.ArchiveError as exc:
-        raise InvalidArgument(str(exc)) from exc
+        raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID") from exc
 
 
 # A round in one of these states changes no more (every service and client tests for this).
@@ -96,11 +100,11 @@ METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items()}
 
 def method_name(method: int) -> str:
     if method not in METHOD_NAMES:
-        raise InvalidArgument(f"method {method} is not a known method")
+        raise InvalidArgument(f"method {method} is not a known method", reason="UNKNOWN_METHOD")
     return METHOD_NAMES[method]
 
 
 def method_enum(name: str) -> int:
     if name not in METHOD_ENUMS:
-        raise InvalidArgument(f"method {name!r} is not one of {', '.join(METHOD_ENUMS)}")
+        raise InvalidArgument(f"method {name!r} is not one of {', '.join(METHOD_ENUMS)}", reason="UNKNOWN_METHOD")
     return METHOD_ENUMS[name]

@@ -57,10 +57,11 @@ STORE_FAILING = "object store unavailable, retry"
 def check_id(value: str, field: str) -> str:
     """IDs become parts of object keys: refuse anything path-like or oversized."""
     if not value:
-        raise InvalidArgument(f"{field} is required")
+        raise InvalidArgument(f"{field} is required", reason="FIELD_REQUIRED", field=field)
     if not _ID_RE.fullmatch(value) or ".." in value:
         raise InvalidArgument(
-            f"{field} {value[:80]!r} is not a valid id (1-64 of letters, digits, '_', '-', '.')")
+            f"{field} {value[:80]!r} is not a valid id (1-64 of letters, digits, '_', '-', '.')",
+            reason="INVALID_ID", field=field)
     return value
 
 
@@ -72,10 +73,10 @@ def _verified(key: str, data: bytes, expected: str | None) -> bytes:
     """``data`` if it hashes to ``expected`` (the caller's or the stored checksum); DataLoss if not,
     or if there is no checksum to check against (every backend reads this way)."""
     if expected is None:
-        raise DataLoss(f"object {key} has no checksum; refusing to read it")
+        raise DataLoss(f"object {key} has no checksum; refusing to read it", reason="BLOB_CORRUPT")
     actual = sha256_hex(data)
     if actual != expected:
-        raise DataLoss(f"object {key} is corrupt: sha256 {actual[:12]}... != {expected[:12]}...")
+        raise DataLoss(f"object {key} is corrupt: sha256 {actual[:12]}... != {expected[:12]}...", reason="BLOB_CORRUPT")
     return data
 
 
@@ -115,7 +116,7 @@ class BlobStore(abc.ABC):
         """Read the object a reference names, verified against its sha256 and size."""
         data = self.get_bytes(ref.key, sha256=ref.sha256 or None)
         if ref.size and len(data) != ref.size:
-            raise DataLoss(f"object {ref.key} has {len(data)} bytes, expected {ref.size}")
+            raise DataLoss(f"object {ref.key} has {len(data)} bytes, expected {ref.size}", reason="BLOB_CORRUPT")
         return data
 
     @abc.abstractmethod
@@ -174,7 +175,7 @@ class ObjectStore(BlobStore):
                 failure, transient, message = exc, True, STORE_UNREACHABLE
             if not transient or attempt == self._retries:
                 log.error("object store %s failed: %s: %s", what, type(failure).__name__, failure)
-                raise Unavailable(message) from failure
+                raise Unavailable(message, reason="STORE_UNAVAILABLE") from failure
             log.warning("object store %s failed (%s); retrying in %.1fs", what, failure, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -183,7 +184,7 @@ class ObjectStore(BlobStore):
     @staticmethod
     def _failing(what: str, exc: S3Error) -> Unavailable:
         log.error("object store %s failed: %s", what, exc)
-        return Unavailable(STORE_FAILING)
+        return Unavailable(STORE_FAILING, reason="STORE_UNAVAILABLE")
 
     def ensure_bucket(self) -> None:
         if not self._call("bucket check", lambda: self.client.bucket_exists(self.bucket)):
@@ -218,7 +219,7 @@ class ObjectStore(BlobStore):
             data, stored = self._call(f"get {key}", fetch)
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise NotFound(f"object {key} not found") from exc
+                raise NotFound(f"object {key} not found", reason="OBJECT_NOT_FOUND") from exc
             raise self._failing(f"get {key}", exc) from exc
         return _verified(key, data, sha256 or stored)
 
@@ -259,7 +260,8 @@ def check_key(key: str) -> str:
     it (absolute, ``..``, backslashes, empty parts) or name one of its temporary files."""
     if not key or len(key) > _MAX_KEY_CHARS or not all(_KEY_PART_RE.fullmatch(p) for p in key.split("/")):
         raise InvalidArgument(f"object key {key[:80]!r} is not valid (parts of letters, digits, "
-                              "'_', '-', '.', '=', '+', '@' joined by '/', none starting with '.')")
+                              "'_', '-', '.', '=', '+', '@' joined by '/', none starting with '.')",
+                              reason="OBJECT_KEY_INVALID")
     return key
 
 
@@ -268,7 +270,8 @@ def file_url_path(url: str) -> Path:
     parsed = urllib.parse.urlparse(url)
     path = Path(urllib.parse.unquote(parsed.path))
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not path.is_absolute():
-        raise InvalidArgument(f"blob folder {url!r} must be an absolute file URL: file:///path/to/folder")
+        raise InvalidArgument(f"blob folder {url!r} must be an absolute file URL: file:///path/to/folder",
+                              reason="OBJECT_KEY_INVALID")
     return path
 
 
@@ -298,7 +301,7 @@ class FileBlobStore(BlobStore):
     @staticmethod
     def _failing(what: str, exc: OSError) -> Unavailable:
         log.error("blob store %s failed: %s: %s", what, type(exc).__name__, exc)
-        return Unavailable(STORE_FAILING)
+        return Unavailable(STORE_FAILING, reason="STORE_UNAVAILABLE")
 
     def _makedirs(self, folder: Path) -> None:
         """``mkdir -p`` that also fsyncs the parent of each folder it creates."""
@@ -350,7 +353,7 @@ class FileBlobStore(BlobStore):
         try:
             raw = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise NotFound(f"object {key} not found") from exc
+            raise NotFound(f"object {key} not found", reason="OBJECT_NOT_FOUND") from exc
         except OSError as exc:
             raise self._failing(f"get {key}", exc) from exc
         stored = None

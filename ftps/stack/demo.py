@@ -23,7 +23,8 @@ from rich.table import Table
 
 from clients.api import BuilderClient, ContributorClient, batch_dict, score_dict
 from ftps.common import serde
-from ftps.v1 import common_pb2
+from ftps.common.clock import iso
+from ftps.v1 import common_pb2, scorer_pb2
 
 STRATEGIES = Path(__file__).resolve().parents[2] / "clients" / "strategies"
 DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py"}
@@ -103,9 +104,19 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
                         f"k={shadow_models} shadow models, method {method}")
 
             t = time.perf_counter()
-            prep = progress.add_task(f"preparation stage: {shadow_models} shadow fine-tunes", total=None)
-            offline = builder.prepare_offline(task.task_id)
+            prep = progress.add_task(f"preparation stage: {shadow_models} shadow fine-tunes", total=shadow_models)
+
+            def prep_progress(p) -> None:
+                left = f", ~{p.remaining_s:.0f}s left" if p.remaining_s > 0 else ""
+                progress.update(prep, completed=p.models_done, total=p.models_total or None,
+                                description=f"preparation stage: {p.models_done}/{p.models_total} shadow "
+                                            f"fine-tunes{left}")
+
+            prepared = builder.prepare(task.task_id, progress=prep_progress)
             progress.remove_task(prep)
+            if prepared.state != scorer_pb2.PREPARATION_STATE_READY:
+                raise RuntimeError(f"the preparation stage failed: {prepared.message}")
+            offline = prepared.gaussian
             timings["preparation_s"] = time.perf_counter() - t
             console.log(f"offline Gaussian: mu={offline.mu:.3f} sigma={offline.sigma:.3f} "
                         f"(k={offline.k}, {offline.n_values} statistics, {timings['preparation_s']:.1f}s)")
@@ -138,7 +149,7 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
         "records": [score_dict(s) for s in scores],
         "batch": batch_dict(result.batch),
         "methods": [batch_dict(b) for b in result.method_metrics],
-        "offline": {"mu": offline.mu, "sigma": offline.sigma, "k": offline.k, "fitted_at": offline.fitted_at},
+        "offline": {"mu": offline.mu, "sigma": offline.sigma, "k": offline.k, "fitted_at": iso(offline.fitted_at)},
         "timings": timings,
         "roc": {serde.METHOD_NAMES[b.method]: {"fpr": list(b.roc_fpr), "tpr": list(b.roc_tpr)}
                 for b in result.method_metrics},
@@ -159,27 +170,27 @@ def print_report(out: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Privacy scores — task {out['task']}, round {out['round']}, method {out['method']}")
     table.add_column("record", no_wrap=True)
     for col, just in (("contributor", "left"), ("score", "right"), ("95% interval", "right"),
-                      ("P counted", "right"), ("95% interval ", "right"), ("n_in/n_out", "right"),
+                      ("counted P", "right"), ("95% interval ", "right"), ("n_in/n_out", "right"),
                       ("AUC", "right")):
         table.add_column(col, justify=just, no_wrap=True)
     for r in out["records"]:
-        low = r["model_ci_low"]
+        low = r["score_ci_low"]
         style = "bold red" if low > 0.5 else ("yellow" if low > 0 else None)
-        table.add_row(r["record_id"], r["contributor"], f"{r['model_score']:+.3f}",
-                      f"[{low:+.2f}, {r['model_ci_high']:+.2f}]", f"{r['score']:+.3f}",
-                      f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]", f"{r['n_in']}/{r['n_out']}",
+        table.add_row(r["record_id"], r["contributor"], f"{r['score']:+.3f}",
+                      f"[{low:+.2f}, {r['score_ci_high']:+.2f}]", f"{r['counted_p']:+.3f}",
+                      f"[{r['counted_p_ci_low']:+.2f}, {r['counted_p_ci_high']:+.2f}]", f"{r['n_in']}/{r['n_out']}",
                       f"{r['auc']:.2f}", style=style)
     console.print(table)
     console.print("score = the headline privacy score, 2*Phi(d'/2)-1 from the record's fitted IN/OUT "
-                  "Gaussians (TPR-FPR of the attack at its best threshold); P counted = the paper's "
+                  "Gaussians (TPR-FPR of the attack at its best threshold); counted P = the paper's "
                   "TPR-FPR counted over the n models. 0 = a coin flip, 1 = always identified.")
-    scores = np.array([r["model_score"] for r in out["records"]])
-    lows = np.array([r["model_ci_low"] for r in out["records"]])
+    scores = np.array([r["score"] for r in out["records"]])
+    lows = np.array([r["score_ci_low"] for r in out["records"]])
     console.print(f"{len(scores)} records: mean score {scores.mean():+.3f}, median {np.median(scores):+.3f}, "
                   f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with the whole interval above 0 "
                   f"(identifiable more often than chance), {int((lows > 0.5).sum())} above 0.5")
     m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
-    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean P"):
+    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
         m.add_column(col, justify="left" if col == "method" else "right")
     for b in out["methods"]:
         name = b["method"] + (" *" if b["method"] == out["method"] else "")
@@ -208,8 +219,8 @@ def write_report(out: dict[str, Any], report_dir: Path) -> list[Path]:
                           for b in out["methods"]],
                          title=f"ROC, round {out['round']} (n={out['batch']['n_models']}, m={len(recs)})",
                          path=report_dir / "roc.png")
-    plots.scores_with_intervals_png([r["model_score"] for r in recs], [r["model_ci_low"] for r in recs],
-                                    [r["model_ci_high"] for r in recs], what="model-based score",
+    plots.scores_with_intervals_png([r["score"] for r in recs], [r["score_ci_low"] for r in recs],
+                                    [r["score_ci_high"] for r in recs], what="model-based score",
                                     title=f"Privacy scores, {out['dataset']} round {out['round']} ({out['method']})",
                                     path=report_dir / "scores.png")
     return written + [report_dir / "roc.png", report_dir / "scores.png"]

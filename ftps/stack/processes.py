@@ -47,10 +47,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (module started with ``python -m``, its service in grpc.health.v1)
 SERVICES = {
-    "registry": ("services.builder_registry", "ftps.v1.BuilderRegistry"),
-    "worker": ("services.finetune_worker", "ftps.v1.FinetuneWorker"),
-    "scorer": ("services.lira_scorer", "ftps.v1.LiraScorer"),
-    "gateway": ("services.contributor_gateway", "ftps.v1.ContributorGateway"),
+    "registry": ("services.builder_registry", "ftps.v1.BuilderRegistryService"),
+    "worker": ("services.finetune_worker", "ftps.v1.FinetuneWorkerService"),
+    "scorer": ("services.lira_scorer", "ftps.v1.LiraScorerService"),
+    "gateway": ("services.contributor_gateway", "ftps.v1.ContributorGatewayService"),
 }
 S3_MODULE = "ftps.stack.s3server"
 S3_ACCESS_KEY, S3_SECRET_KEY = "ftps", "ftps-secret-key"

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -7,14 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
-    DTYPE_UINT8: _ClassVar[DType]
-    DTYPE_INT64: _ClassVar[DType]
-    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_UINT8: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+    DTYPE_BOOL: _ClassVar[Dtype]
 
 class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,12 +43,12 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUND_STATE_SCORING: _ClassVar[RoundState]
     ROUND_STATE_DONE: _ClassVar[RoundState]
     ROUND_STATE_FAILED: _ClassVar[RoundState]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT64: DType
-DTYPE_UINT8: DType
-DTYPE_INT64: DType
-DTYPE_BOOL: DType
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_UINT8: Dtype
+DTYPE_INT64: Dtype
+DTYPE_BOOL: Dtype
 METHOD_UNSPECIFIED: Method
 METHOD_OFFLINE_GLOBAL: Method
 METHOD_OFFLINE_PER_RECORD: Method
@@ -69,9 +72,9 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    dtype: DType
+    dtype: Dtype
     data: bytes
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Records(_message.Message):
     __slots__ = ("x", "y")
@@ -160,44 +163,44 @@ class RoundStatus(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., models_done: _Optional[int] = ..., models_total: _Optional[int] = ..., message: _Optional[str] = ..., n_records: _Optional[int] = ...) -> None: ...
 
 class RecordScore(_message.Message):
-    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "ci_low", "ci_high", "n_in", "n_out", "auc", "model_score", "mu_in", "sigma_in", "mu_out", "sigma_out", "method", "model_ci_low", "model_ci_high")
+    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "score_ci_low", "score_ci_high", "counted_p", "counted_p_ci_low", "counted_p_ci_high", "n_in", "n_out", "auc", "mu_in", "sigma_in", "mu_out", "sigma_out", "method")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
-    CI_LOW_FIELD_NUMBER: _ClassVar[int]
-    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_P_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_P_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_P_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     N_IN_FIELD_NUMBER: _ClassVar[int]
     N_OUT_FIELD_NUMBER: _ClassVar[int]
     AUC_FIELD_NUMBER: _ClassVar[int]
-    MODEL_SCORE_FIELD_NUMBER: _ClassVar[int]
     MU_IN_FIELD_NUMBER: _ClassVar[int]
     SIGMA_IN_FIELD_NUMBER: _ClassVar[int]
     MU_OUT_FIELD_NUMBER: _ClassVar[int]
     SIGMA_OUT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CI_LOW_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     contributor: str
     round_id: str
     index: int
     score: float
-    ci_low: float
-    ci_high: float
+    score_ci_low: float
+    score_ci_high: float
+    counted_p: float
+    counted_p_ci_low: float
+    counted_p_ci_high: float
     n_in: int
     n_out: int
     auc: float
-    model_score: float
     mu_in: float
     sigma_in: float
     mu_out: float
     sigma_out: float
     method: Method
-    model_ci_low: float
-    model_ci_high: float
-    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., model_score: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., model_ci_low: _Optional[float] = ..., model_ci_high: _Optional[float] = ...) -> None: ...
+    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., score_ci_low: _Optional[float] = ..., score_ci_high: _Optional[float] = ..., counted_p: _Optional[float] = ..., counted_p_ci_low: _Optional[float] = ..., counted_p_ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
 
 class BatchMetrics(_message.Message):
     __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr")
@@ -243,10 +246,10 @@ class OfflineGaussian(_message.Message):
     sigma: float
     k: int
     n_values: int
-    fitted_at: str
+    fitted_at: _timestamp_pb2.Timestamp
     base_model_sha256: str
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
     __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded")
@@ -288,5 +291,5 @@ class ModelCheck(_message.Message):
     parameters: int
     device: str
     seconds: float
-    checked_at: str
-    def __init__(self, base_model_sha256: _Optional[str] = ..., strategy_sha256: _Optional[str] = ..., num_classes: _Optional[int] = ..., parameters: _Optional[int] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., checked_at: _Optional[str] = ...) -> None: ...
+    checked_at: _timestamp_pb2.Timestamp
+    def __init__(self, base_model_sha256: _Optional[str] = ..., strategy_sha256: _Optional[str] = ..., num_classes: _Optional[int] = ..., parameters: _Optional[int] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,4 +1,7 @@
+import datetime
+
 from ftps.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -52,10 +55,10 @@ class Submission(_message.Message):
     state: SubmissionState
     round_id: str
     pending_in_task: int
-    created_at: str
+    created_at: _timestamp_pb2.Timestamp
     failure_reason: str
     failed_rounds: int
-    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., record_ids: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., round_id: _Optional[str] = ..., pending_in_task: _Optional[int] = ..., created_at: _Optional[str] = ..., failure_reason: _Optional[str] = ..., failed_rounds: _Optional[int] = ...) -> None: ...
+    def __init__(self, submission_id: _Optional[str] = ..., task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., record_ids: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[SubmissionState, str]] = ..., round_id: _Optional[str] = ..., pending_in_task: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., failed_rounds: _Optional[int] = ...) -> None: ...
 
 class GetSubmissionRequest(_message.Message):
     __slots__ = ("submission_id",)
@@ -108,12 +111,14 @@ class ListSubmissionsResponse(_message.Message):
     def __init__(self, submissions: _Optional[_Iterable[_Union[Submission, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchScoresRequest(_message.Message):
-    __slots__ = ("task_id", "contributor")
+    __slots__ = ("task_id", "contributor", "round_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     contributor: str
-    def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ...) -> None: ...
+    round_id: str
+    def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
     __slots__ = ("task_id", "force")
@@ -124,6 +129,12 @@ class StartRoundRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class WatchRoundRequest(_message.Message):
     __slots__ = ("round_id",)
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     round_id: str

@@ -26,8 +26,22 @@ if _version_not_supported:
     )
 
 
-class ContributorGatewayStub:
-    """Missing associated documentation comment in .proto file."""
+class ContributorGatewayServiceStub:
+    """The one public entry point for contributors, and the builders' view of their tasks' rounds.
+
+    Authentication (every RPC): gRPC metadata `authorization: Bearer <token>`, a token signed by the
+    deployment (`ftps-stack token` for the embedded stack). Missing, forged or expired:
+    UNAUTHENTICATED (reason TOKEN_MISSING, TOKEN_INVALID or TOKEN_EXPIRED). Roles: `contributor`
+    (a subject, optionally limited to some tasks), `builder` (the tasks it owns), `admin`
+    (everything). A task,
+    submission or round the caller may not see is PERMISSION_DENIED whether or not it exists (only
+    admins see NOT_FOUND), so no answer tells anyone what others have.
+
+    Limits (every RPC): a service refuses calls beyond its concurrency cap, and a caller's streams
+    beyond max_streams_per_principal, with RESOURCE_EXHAUSTED and google.rpc.RetryInfo. A server
+    stream sending nothing for stream_idle_s, or open for stream_max_s, ends with status OK and
+    trailing metadata "ftps-stream-end: idle|max-lifetime": watch again, the current state comes first.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,113 +50,139 @@ class ContributorGatewayStub:
             channel: A grpc.Channel.
         """
         self.SubmitRecords = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/SubmitRecords',
+                '/ftps.v1.ContributorGatewayService/SubmitRecords',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.SubmitRecordsRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
                 _registered_method=True)
         self.GetSubmission = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/GetSubmission',
+                '/ftps.v1.ContributorGatewayService/GetSubmission',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GetSubmissionRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
                 _registered_method=True)
         self.ListSubmissions = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/ListSubmissions',
+                '/ftps.v1.ContributorGatewayService/ListSubmissions',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_gateway__pb2.ListSubmissionsResponse.FromString,
                 _registered_method=True)
         self.GetScores = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/GetScores',
+                '/ftps.v1.ContributorGatewayService/GetScores',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GetScoresRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_gateway__pb2.GetScoresResponse.FromString,
                 _registered_method=True)
         self.WatchScores = channel.unary_stream(
-                '/ftps.v1.ContributorGateway/WatchScores',
+                '/ftps.v1.ContributorGatewayService/WatchScores',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.WatchScoresRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RecordScore.FromString,
                 _registered_method=True)
         self.StartRound = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/StartRound',
+                '/ftps.v1.ContributorGatewayService/StartRound',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.StartRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
-                '/ftps.v1.ContributorGateway/GetRound',
+                '/ftps.v1.ContributorGatewayService/GetRound',
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GetRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
                 _registered_method=True)
         self.WatchRound = channel.unary_stream(
-                '/ftps.v1.ContributorGateway/WatchRound',
-                request_serializer=ftps_dot_v1_dot_gateway__pb2.GetRoundRequest.SerializeToString,
+                '/ftps.v1.ContributorGatewayService/WatchRound',
+                request_serializer=ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
 
 
-class ContributorGatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+class ContributorGatewayServiceServicer:
+    """The one public entry point for contributors, and the builders' view of their tasks' rounds.
+
+    Authentication (every RPC): gRPC metadata `authorization: Bearer <token>`, a token signed by the
+    deployment (`ftps-stack token` for the embedded stack). Missing, forged or expired:
+    UNAUTHENTICATED (reason TOKEN_MISSING, TOKEN_INVALID or TOKEN_EXPIRED). Roles: `contributor`
+    (a subject, optionally limited to some tasks), `builder` (the tasks it owns), `admin`
+    (everything). A task,
+    submission or round the caller may not see is PERMISSION_DENIED whether or not it exists (only
+    admins see NOT_FOUND), so no answer tells anyone what others have.
+
+    Limits (every RPC): a service refuses calls beyond its concurrency cap, and a caller's streams
+    beyond max_streams_per_principal, with RESOURCE_EXHAUSTED and google.rpc.RetryInfo. A server
+    stream sending nothing for stream_idle_s, or open for stream_max_s, ends with status OK and
+    trailing metadata "ftps-stream-end: idle|max-lifetime": watch again, the current state comes first.
+    """
 
     def SubmitRecords(self, request, context):
-        """Acknowledged only after the records are durably stored.
+        """Contributor: store records for a task; acknowledged only after they are durably stored. The
+        submission waits for a round (one starts when the task has batch_threshold records pending).
+        Errors: INVALID_ARGUMENT (records, see Records; reasons RECORDS_*), PERMISSION_DENIED (not a
+        contributor of the task), FAILED_PRECONDITION (TASK_NOT_READY: uploads missing),
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED: too many of the caller's records pending; RetryInfo).
+        Idempotent with idempotency_key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSubmission(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Contributor (own submissions) or admin: one submission. NOT_FOUND for admins only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSubmissions(self, request, context):
-        """A contributor's own submissions in arrival order, a page at a time (admins: anyone's).
+        """Contributor: the caller's own submissions in arrival order, a page at a time; admin: anyone's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetScores(self, request, context):
-        """Scores of a task's records: a contributor's own, or all of them (builder); rounds in id order,
-        records in round order, a page at a time.
+        """Scores of a task's records, rounds in id order, records in round order, a page at a time.
+        Contributor: their own records only; builder (owner) or admin: every record, with each round's
+        metrics. INVALID_ARGUMENT for a bad page token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchScores(self, request, context):
-        """Server stream: scores as rounds finish (existing scores first), until the deadline or cancel,
-        or until the server ends it: after stream_idle_s with nothing sent, or stream_max_s in all, it
-        ends with status OK and trailing metadata "ftps-stream-end: idle|max-lifetime"; watch again
-        (existing scores come first again). A caller's open streams are capped
-        (max_streams_per_principal): one more is RESOURCE_EXHAUSTED with google.rpc.RetryInfo.
+        """Server stream of scores as rounds finish (existing scores first). Contributor: their own
+        records; builder (owner) or admin: every record of the task, or one contributor's.
+        With round_id set, the stream ends (status OK) once every record of that round the caller may
+        see is delivered, or at once if the round ended FAILED; without it, it follows the task until
+        the deadline, a cancel or the server's stream limits (see the service comment).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartRound(self, request, context):
-        """Builder: start a round with the task's pending records now (or when >= m are pending).
+        """Builder (owner) or admin: start a round with the task's pending records now. A round is a
+        long-running operation: this returns its RoundStatus (PENDING) at once; follow it with
+        WatchRound or GetRound. Without force, FAILED_PRECONDITION (TOO_FEW_RECORDS) when fewer than
+        batch_threshold records are pending; with force, at least min_records(n) are needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRound(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Builder (owner) or admin: the round's status and, once DONE, all its results (contributors
+        read their own scores with GetScores / WatchScores).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRound(self, request, context):
-        """Server stream of a round's progress until it is DONE or FAILED. The server may end it before
-        (idle or maximum stream lifetime: status OK, trailer "ftps-stream-end"); watch again, the
-        current status comes first.
+        """Server stream of a round's progress; the current status comes first, the last message has
+        state DONE or FAILED (its message says "done: ..." or the failure reason), then the stream
+        ends with status OK. Builder (owner), admin, or a contributor with records in the round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ContributorGatewayServicer_to_server(servicer, server):
+def add_ContributorGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitRecords': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitRecords,
@@ -181,19 +221,33 @@ def add_ContributorGatewayServicer_to_server(servicer, server):
             ),
             'WatchRound': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRound,
-                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.GetRoundRequest.FromString,
+                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ftps.v1.ContributorGateway', rpc_method_handlers)
+            'ftps.v1.ContributorGatewayService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ftps.v1.ContributorGateway', rpc_method_handlers)
+    server.add_registered_method_handlers('ftps.v1.ContributorGatewayService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ContributorGateway:
-    """Missing associated documentation comment in .proto file."""
+class ContributorGatewayService:
+    """The one public entry point for contributors, and the builders' view of their tasks' rounds.
+
+    Authentication (every RPC): gRPC metadata `authorization: Bearer <token>`, a token signed by the
+    deployment (`ftps-stack token` for the embedded stack). Missing, forged or expired:
+    UNAUTHENTICATED (reason TOKEN_MISSING, TOKEN_INVALID or TOKEN_EXPIRED). Roles: `contributor`
+    (a subject, optionally limited to some tasks), `builder` (the tasks it owns), `admin`
+    (everything). A task,
+    submission or round the caller may not see is PERMISSION_DENIED whether or not it exists (only
+    admins see NOT_FOUND), so no answer tells anyone what others have.
+
+    Limits (every RPC): a service refuses calls beyond its concurrency cap, and a caller's streams
+    beyond max_streams_per_principal, with RESOURCE_EXHAUSTED and google.rpc.RetryInfo. A server
+    stream sending nothing for stream_idle_s, or open for stream_max_s, ends with status OK and
+    trailing metadata "ftps-stream-end: idle|max-lifetime": watch again, the current state comes first.
+    """
 
     @staticmethod
     def SubmitRecords(request,
@@ -209,7 +263,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/SubmitRecords',
+            '/ftps.v1.ContributorGatewayService/SubmitRecords',
             ftps_dot_v1_dot_gateway__pb2.SubmitRecordsRequest.SerializeToString,
             ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
             options,
@@ -236,7 +290,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/GetSubmission',
+            '/ftps.v1.ContributorGatewayService/GetSubmission',
             ftps_dot_v1_dot_gateway__pb2.GetSubmissionRequest.SerializeToString,
             ftps_dot_v1_dot_gateway__pb2.Submission.FromString,
             options,
@@ -263,7 +317,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/ListSubmissions',
+            '/ftps.v1.ContributorGatewayService/ListSubmissions',
             ftps_dot_v1_dot_gateway__pb2.ListSubmissionsRequest.SerializeToString,
             ftps_dot_v1_dot_gateway__pb2.ListSubmissionsResponse.FromString,
             options,
@@ -290,7 +344,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/GetScores',
+            '/ftps.v1.ContributorGatewayService/GetScores',
             ftps_dot_v1_dot_gateway__pb2.GetScoresRequest.SerializeToString,
             ftps_dot_v1_dot_gateway__pb2.GetScoresResponse.FromString,
             options,
@@ -317,7 +371,7 @@ class ContributorGateway:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ftps.v1.ContributorGateway/WatchScores',
+            '/ftps.v1.ContributorGatewayService/WatchScores',
             ftps_dot_v1_dot_gateway__pb2.WatchScoresRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RecordScore.FromString,
             options,
@@ -344,7 +398,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/StartRound',
+            '/ftps.v1.ContributorGatewayService/StartRound',
             ftps_dot_v1_dot_gateway__pb2.StartRoundRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
             options,
@@ -371,7 +425,7 @@ class ContributorGateway:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.ContributorGateway/GetRound',
+            '/ftps.v1.ContributorGatewayService/GetRound',
             ftps_dot_v1_dot_gateway__pb2.GetRoundRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
             options,
@@ -398,8 +452,8 @@ class ContributorGateway:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ftps.v1.ContributorGateway/WatchRound',
-            ftps_dot_v1_dot_gateway__pb2.GetRoundRequest.SerializeToString,
+            '/ftps.v1.ContributorGatewayService/WatchRound',
+            ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
             options,
             channel_credentials,

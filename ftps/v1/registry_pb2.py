@@ -23,29 +23,34 @@ _sym_db = _symbol_database.Default()
 
 
 from ftps.v1 import common_pb2 as ftps_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66tps/v1/registry.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\"\x9c\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\'\n\x08settings\x18\x04 \x01(\x0b\x32\x15.ftps.v1.TaskSettings\x12$\n\nbase_model\x18\x05 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x06 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x62uilder_data\x18\x07 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\r\n\x05ready\x18\t \x01(\x08\x12(\n\x0bmodel_check\x18\n \x01(\x0b\x32\x13.ftps.v1.ModelCheck\"Y\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.ftps.v1.TaskSettings\x12\r\n\x05owner\x18\x03 \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"J\n\x11ListTasksResponse\x12\x1c\n\x05tasks\x18\x01 \x03(\x0b\x32\r.ftps.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.ftps.v1.BlobKind\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65r_check\x18\x05 \x01(\x08\"U\n\x11UploadBlobRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.ftps.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\xff\x01\n\x0f\x42uilderRegistry\x12\x37\n\nCreateTask\x12\x1a.ftps.v1.CreateTaskRequest\x1a\r.ftps.v1.Task\x12\x31\n\x07GetTask\x12\x17.ftps.v1.GetTaskRequest\x1a\r.ftps.v1.Task\x12\x42\n\tListTasks\x12\x19.ftps.v1.ListTasksRequest\x1a\x1a.ftps.v1.ListTasksResponse\x12<\n\nUploadBlob\x12\x1a.ftps.v1.UploadBlobRequest\x1a\x10.ftps.v1.BlobRef(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66tps/v1/registry.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\'\n\x08settings\x18\x04 \x01(\x0b\x32\x15.ftps.v1.TaskSettings\x12$\n\nbase_model\x18\x05 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x06 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x62uilder_data\x18\x07 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ready\x18\t \x01(\x08\x12(\n\x0bmodel_check\x18\n \x01(\x0b\x32\x13.ftps.v1.ModelCheck\"Y\n\x11\x43reateTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x08settings\x18\x02 \x01(\x0b\x32\x15.ftps.v1.TaskSettings\x12\r\n\x05owner\x18\x03 \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"J\n\x11ListTasksResponse\x12\x1c\n\x05tasks\x18\x01 \x03(\x0b\x32\r.ftps.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.ftps.v1.BlobKind\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65r_check\x18\x05 \x01(\x08\"U\n\x11UploadBlobRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.ftps.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"*\n\x17UploadBuilderDataHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"{\n\x18UploadBuilderDataRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .ftps.v1.UploadBuilderDataHeaderH\x00\x12#\n\x07records\x18\x02 \x01(\x0b\x32\x10.ftps.v1.RecordsH\x00\x42\x06\n\x04part2\xd2\x02\n\x16\x42uilderRegistryService\x12\x37\n\nCreateTask\x12\x1a.ftps.v1.CreateTaskRequest\x1a\r.ftps.v1.Task\x12\x31\n\x07GetTask\x12\x17.ftps.v1.GetTaskRequest\x1a\r.ftps.v1.Task\x12\x42\n\tListTasks\x12\x19.ftps.v1.ListTasksRequest\x1a\x1a.ftps.v1.ListTasksResponse\x12<\n\nUploadBlob\x12\x1a.ftps.v1.UploadBlobRequest\x1a\x10.ftps.v1.BlobRef(\x01\x12J\n\x11UploadBuilderData\x12!.ftps.v1.UploadBuilderDataRequest\x1a\x10.ftps.v1.BlobRef(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftps.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=58
-  _globals['_TASK']._serialized_end=342
-  _globals['_CREATETASKREQUEST']._serialized_start=344
-  _globals['_CREATETASKREQUEST']._serialized_end=433
-  _globals['_GETTASKREQUEST']._serialized_start=435
-  _globals['_GETTASKREQUEST']._serialized_end=468
-  _globals['_LISTTASKSREQUEST']._serialized_start=470
-  _globals['_LISTTASKSREQUEST']._serialized_end=527
-  _globals['_LISTTASKSRESPONSE']._serialized_start=529
-  _globals['_LISTTASKSRESPONSE']._serialized_end=603
-  _globals['_UPLOADHEADER']._serialized_start=605
-  _globals['_UPLOADHEADER']._serialized_end=720
-  _globals['_UPLOADBLOBREQUEST']._serialized_start=722
-  _globals['_UPLOADBLOBREQUEST']._serialized_end=807
-  _globals['_BUILDERREGISTRY']._serialized_start=810
-  _globals['_BUILDERREGISTRY']._serialized_end=1065
+  _globals['_TASK']._serialized_start=91
+  _globals['_TASK']._serialized_end=403
+  _globals['_CREATETASKREQUEST']._serialized_start=405
+  _globals['_CREATETASKREQUEST']._serialized_end=494
+  _globals['_GETTASKREQUEST']._serialized_start=496
+  _globals['_GETTASKREQUEST']._serialized_end=529
+  _globals['_LISTTASKSREQUEST']._serialized_start=531
+  _globals['_LISTTASKSREQUEST']._serialized_end=588
+  _globals['_LISTTASKSRESPONSE']._serialized_start=590
+  _globals['_LISTTASKSRESPONSE']._serialized_end=664
+  _globals['_UPLOADHEADER']._serialized_start=666
+  _globals['_UPLOADHEADER']._serialized_end=781
+  _globals['_UPLOADBLOBREQUEST']._serialized_start=783
+  _globals['_UPLOADBLOBREQUEST']._serialized_end=868
+  _globals['_UPLOADBUILDERDATAHEADER']._serialized_start=870
+  _globals['_UPLOADBUILDERDATAHEADER']._serialized_end=912
+  _globals['_UPLOADBUILDERDATAREQUEST']._serialized_start=914
+  _globals['_UPLOADBUILDERDATAREQUEST']._serialized_end=1037
+  _globals['_BUILDERREGISTRYSERVICE']._serialized_start=1040
+  _globals['_BUILDERREGISTRYSERVICE']._serialized_end=1378
 # @@protoc_insertion_point(module_scope)

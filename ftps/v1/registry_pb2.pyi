@@ -1,4 +1,7 @@
+import datetime
+
 from ftps.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -26,10 +29,10 @@ class Task(_message.Message):
     base_model: _common_pb2.BlobRef
     strategy: _common_pb2.BlobRef
     builder_data: _common_pb2.BlobRef
-    created_at: str
+    created_at: _timestamp_pb2.Timestamp
     ready: bool
     model_check: _common_pb2.ModelCheck
-    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.TaskSettings, _Mapping]] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_at: _Optional[str] = ..., ready: _Optional[bool] = ..., model_check: _Optional[_Union[_common_pb2.ModelCheck, _Mapping]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., settings: _Optional[_Union[_common_pb2.TaskSettings, _Mapping]] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready: _Optional[bool] = ..., model_check: _Optional[_Union[_common_pb2.ModelCheck, _Mapping]] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
     __slots__ = ("name", "settings", "owner")
@@ -84,3 +87,17 @@ class UploadBlobRequest(_message.Message):
     header: UploadHeader
     chunk: bytes
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadBuilderDataHeader(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class UploadBuilderDataRequest(_message.Message):
+    __slots__ = ("header", "records")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    header: UploadBuilderDataHeader
+    records: _common_pb2.Records
+    def __init__(self, header: _Optional[_Union[UploadBuilderDataHeader, _Mapping]] = ..., records: _Optional[_Union[_common_pb2.Records, _Mapping]] = ...) -> None: ...

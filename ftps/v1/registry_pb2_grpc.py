@@ -26,8 +26,11 @@ if _version_not_supported:
     )
 
 
-class BuilderRegistryStub:
-    """Missing associated documentation comment in .proto file."""
+class BuilderRegistryServiceStub:
+    """Tasks and their uploads. Authentication, roles and limits as for ContributorGatewayService:
+    `authorization: Bearer <token>`; a task the caller may not see is PERMISSION_DENIED whether or not
+    it exists (only admins see NOT_FOUND).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,58 +39,90 @@ class BuilderRegistryStub:
             channel: A grpc.Channel.
         """
         self.CreateTask = channel.unary_unary(
-                '/ftps.v1.BuilderRegistry/CreateTask',
+                '/ftps.v1.BuilderRegistryService/CreateTask',
                 request_serializer=ftps_dot_v1_dot_registry__pb2.CreateTaskRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_registry__pb2.Task.FromString,
                 _registered_method=True)
         self.GetTask = channel.unary_unary(
-                '/ftps.v1.BuilderRegistry/GetTask',
+                '/ftps.v1.BuilderRegistryService/GetTask',
                 request_serializer=ftps_dot_v1_dot_registry__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_registry__pb2.Task.FromString,
                 _registered_method=True)
         self.ListTasks = channel.unary_unary(
-                '/ftps.v1.BuilderRegistry/ListTasks',
+                '/ftps.v1.BuilderRegistryService/ListTasks',
                 request_serializer=ftps_dot_v1_dot_registry__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_registry__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
         self.UploadBlob = channel.stream_unary(
-                '/ftps.v1.BuilderRegistry/UploadBlob',
+                '/ftps.v1.BuilderRegistryService/UploadBlob',
                 request_serializer=ftps_dot_v1_dot_registry__pb2.UploadBlobRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.BlobRef.FromString,
+                _registered_method=True)
+        self.UploadBuilderData = channel.stream_unary(
+                '/ftps.v1.BuilderRegistryService/UploadBuilderData',
+                request_serializer=ftps_dot_v1_dot_registry__pb2.UploadBuilderDataRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.BlobRef.FromString,
                 _registered_method=True)
 
 
-class BuilderRegistryServicer:
-    """Missing associated documentation comment in .proto file."""
+class BuilderRegistryServiceServicer:
+    """Tasks and their uploads. Authentication, roles and limits as for ContributorGatewayService:
+    `authorization: Bearer <token>`; a task the caller may not see is PERMISSION_DENIED whether or not
+    it exists (only admins see NOT_FOUND).
+    """
 
     def CreateTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Builder or admin: create a task owned by the caller. INVALID_ARGUMENT (INVALID_SETTINGS) names
+        the first setting that cannot work and the values that would.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Builder (owner), admin, or a contributor whose token allows the task: one task.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The tasks the caller may see, oldest first, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadBlob(self, request_iterator, context):
-        """Client stream: first message a header (task, kind, size, sha256), then data chunks.
-        The blob is accepted only when size and sha256 match what was received.
+        """Builder (owner) or admin. Client stream: first message a header (task, kind, size, sha256),
+        then data chunks (each at most 4 MiB). The blob is accepted only when the size and sha256
+        match what was received (else INVALID_ARGUMENT, BLOB_CHECKSUM_MISMATCH; nothing is stored);
+        over the kind's size limit is RESOURCE_EXHAUSTED (BLOB_TOO_LARGE). Base model and strategy are
+        checked against each other in a worker's sandbox: a mismatch is FAILED_PRECONDITION
+        (MODEL_CHECK_FAILED) with the reason. Every accepted upload is a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadBuilderData(self, request_iterator, context):
+        """Builder (owner) or admin: the builder's training-distribution data as Records (the same
+        messages contributors submit), in chunks. Client stream: first message a header (task), then
+        one or more Records chunks, numbered from 1, with the task's record shape, dtypes and value
+        range (INVALID_ARGUMENT otherwise, e.g. "chunk 2: records.x[3, 0, 2, 5] is NaN", with the
+        chunk in ErrorInfo metadata). A chunk over 10,000 records is RESOURCE_EXHAUSTED
+        (TOO_MANY_RECORDS); more data than the builder-data size limit is RESOURCE_EXHAUSTED
+        (BLOB_TOO_LARGE) as soon as it arrives; a header missing or not first is INVALID_ARGUMENT
+        (UPLOAD_OUT_OF_ORDER); fewer than 8 records in all is INVALID_ARGUMENT (BUILDER_DATA_INVALID).
+        Stored as a new BLOB_KIND_BUILDER_DATA version (the npz workers read) when the stream
+        completes; nothing is stored on error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_BuilderRegistryServicer_to_server(servicer, server):
+def add_BuilderRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTask,
@@ -109,16 +144,24 @@ def add_BuilderRegistryServicer_to_server(servicer, server):
                     request_deserializer=ftps_dot_v1_dot_registry__pb2.UploadBlobRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.BlobRef.SerializeToString,
             ),
+            'UploadBuilderData': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBuilderData,
+                    request_deserializer=ftps_dot_v1_dot_registry__pb2.UploadBuilderDataRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.BlobRef.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ftps.v1.BuilderRegistry', rpc_method_handlers)
+            'ftps.v1.BuilderRegistryService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ftps.v1.BuilderRegistry', rpc_method_handlers)
+    server.add_registered_method_handlers('ftps.v1.BuilderRegistryService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class BuilderRegistry:
-    """Missing associated documentation comment in .proto file."""
+class BuilderRegistryService:
+    """Tasks and their uploads. Authentication, roles and limits as for ContributorGatewayService:
+    `authorization: Bearer <token>`; a task the caller may not see is PERMISSION_DENIED whether or not
+    it exists (only admins see NOT_FOUND).
+    """
 
     @staticmethod
     def CreateTask(request,
@@ -134,7 +177,7 @@ class BuilderRegistry:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.BuilderRegistry/CreateTask',
+            '/ftps.v1.BuilderRegistryService/CreateTask',
             ftps_dot_v1_dot_registry__pb2.CreateTaskRequest.SerializeToString,
             ftps_dot_v1_dot_registry__pb2.Task.FromString,
             options,
@@ -161,7 +204,7 @@ class BuilderRegistry:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.BuilderRegistry/GetTask',
+            '/ftps.v1.BuilderRegistryService/GetTask',
             ftps_dot_v1_dot_registry__pb2.GetTaskRequest.SerializeToString,
             ftps_dot_v1_dot_registry__pb2.Task.FromString,
             options,
@@ -188,7 +231,7 @@ class BuilderRegistry:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.BuilderRegistry/ListTasks',
+            '/ftps.v1.BuilderRegistryService/ListTasks',
             ftps_dot_v1_dot_registry__pb2.ListTasksRequest.SerializeToString,
             ftps_dot_v1_dot_registry__pb2.ListTasksResponse.FromString,
             options,
@@ -215,8 +258,35 @@ class BuilderRegistry:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/ftps.v1.BuilderRegistry/UploadBlob',
+            '/ftps.v1.BuilderRegistryService/UploadBlob',
             ftps_dot_v1_dot_registry__pb2.UploadBlobRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.BlobRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBuilderData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ftps.v1.BuilderRegistryService/UploadBuilderData',
+            ftps_dot_v1_dot_registry__pb2.UploadBuilderDataRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.BlobRef.FromString,
             options,
             channel_credentials,

@@ -26,8 +26,11 @@ if _version_not_supported:
     )
 
 
-class LiraScorerStub:
-    """Missing associated documentation comment in .proto file."""
+class LiraScorerServiceStub:
+    """Authentication and limits as for ContributorGatewayService. Builders (owners) and admins use the
+    preparation RPCs; rounds are started by the gateway (role `service`) and admins, and may be read
+    by the task's builder too (builders normally follow rounds through the gateway).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,112 +38,142 @@ class LiraScorerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.PrepareOffline = channel.unary_unary(
-                '/ftps.v1.LiraScorer/PrepareOffline',
-                request_serializer=ftps_dot_v1_dot_scorer__pb2.PrepareOfflineRequest.SerializeToString,
-                response_deserializer=ftps_dot_v1_dot_common__pb2.OfflineGaussian.FromString,
+        self.StartPreparation = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/StartPreparation',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.StartPreparationRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
                 _registered_method=True)
-        self.GetOffline = channel.unary_unary(
-                '/ftps.v1.LiraScorer/GetOffline',
-                request_serializer=ftps_dot_v1_dot_scorer__pb2.GetOfflineRequest.SerializeToString,
-                response_deserializer=ftps_dot_v1_dot_common__pb2.OfflineGaussian.FromString,
+        self.GetPreparation = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/GetPreparation',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.GetPreparationRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
                 _registered_method=True)
-        self.StartRound = channel.unary_unary(
-                '/ftps.v1.LiraScorer/StartRound',
-                request_serializer=ftps_dot_v1_dot_scorer__pb2.ScorerStartRoundRequest.SerializeToString,
+        self.WatchPreparation = channel.unary_stream(
+                '/ftps.v1.LiraScorerService/WatchPreparation',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.WatchPreparationRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
+                _registered_method=True)
+        self.StartScoring = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/StartScoring',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.StartScoringRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
-        self.WatchRound = channel.unary_stream(
-                '/ftps.v1.LiraScorer/WatchRound',
-                request_serializer=ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.SerializeToString,
+        self.WatchScoring = channel.unary_stream(
+                '/ftps.v1.LiraScorerService/WatchScoring',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.WatchScoringRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
-        self.GetResult = channel.unary_unary(
-                '/ftps.v1.LiraScorer/GetResult',
-                request_serializer=ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.SerializeToString,
+        self.GetScoringResult = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/GetScoringResult',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
                 _registered_method=True)
 
 
-class LiraScorerServicer:
-    """Missing associated documentation comment in .proto file."""
+class LiraScorerServiceServicer:
+    """Authentication and limits as for ContributorGatewayService. Builders (owners) and admins use the
+    preparation RPCs; rounds are started by the gateway (role `service`) and admins, and may be read
+    by the task's builder too (builders normally follow rounds through the gateway).
+    """
 
-    def PrepareOffline(self, request, context):
-        """Preparation stage: k shadow fine-tunes on the builder's data; fits and stores the Gaussian.
-        Returns the stored one when it exists for the task's current base model (unless refit).
+    def StartPreparation(self, request, context):
+        """Builder (owner) or admin: start the preparation stage of a ready task (k shadow fine-tunes on
+        the builder's data, then the offline Gaussian is fitted and stored). A long-running operation:
+        returns at once with its Preparation (PREPARING, or READY when a Gaussian for the task's current
+        base model exists and refit is false); follow it with WatchPreparation or GetPreparation.
+        Idempotent: while one runs for the task, the running one is returned.
+        FAILED_PRECONDITION (TASK_NOT_READY) when uploads are missing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetOffline(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def StartRound(self, request, context):
-        """Starts scoring a stored batch; returns at once. Idempotent per round_id.
+    def GetPreparation(self, request, context):
+        """Builder (owner) or admin: the task's preparation (for its current base model). NOT_FOUND
+        (PREPARATION_NOT_FOUND) when none was started.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRound(self, request, context):
-        """The round's progress until DONE or FAILED, or until the server ends the stream early (idle or
-        maximum stream lifetime: status OK, trailer "ftps-stream-end"): watch again.
+    def WatchPreparation(self, request, context):
+        """Server stream of the preparation's progress; the current state comes first, the last message
+        is READY or FAILED, then the stream ends with status OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetResult(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def StartScoring(self, request, context):
+        """Service or admin: start scoring a stored batch; returns at once. Idempotent per round_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchScoring(self, request, context):
+        """Service, admin or the task's builder: the round's progress; the last message is DONE or FAILED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetScoringResult(self, request, context):
+        """Service, admin or the task's builder: the round's results (scores only when DONE).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_LiraScorerServicer_to_server(servicer, server):
+def add_LiraScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'PrepareOffline': grpc.unary_unary_rpc_method_handler(
-                    servicer.PrepareOffline,
-                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.PrepareOfflineRequest.FromString,
-                    response_serializer=ftps_dot_v1_dot_common__pb2.OfflineGaussian.SerializeToString,
+            'StartPreparation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPreparation,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.StartPreparationRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_scorer__pb2.Preparation.SerializeToString,
             ),
-            'GetOffline': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetOffline,
-                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.GetOfflineRequest.FromString,
-                    response_serializer=ftps_dot_v1_dot_common__pb2.OfflineGaussian.SerializeToString,
+            'GetPreparation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPreparation,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.GetPreparationRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_scorer__pb2.Preparation.SerializeToString,
             ),
-            'StartRound': grpc.unary_unary_rpc_method_handler(
-                    servicer.StartRound,
-                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.ScorerStartRoundRequest.FromString,
+            'WatchPreparation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPreparation,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.WatchPreparationRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_scorer__pb2.Preparation.SerializeToString,
+            ),
+            'StartScoring': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartScoring,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.StartScoringRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
             ),
-            'WatchRound': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchRound,
-                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.FromString,
+            'WatchScoring': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchScoring,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.WatchScoringRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
             ),
-            'GetResult': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetResult,
-                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.FromString,
+            'GetScoringResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScoringResult,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ftps.v1.LiraScorer', rpc_method_handlers)
+            'ftps.v1.LiraScorerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ftps.v1.LiraScorer', rpc_method_handlers)
+    server.add_registered_method_handlers('ftps.v1.LiraScorerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class LiraScorer:
-    """Missing associated documentation comment in .proto file."""
+class LiraScorerService:
+    """Authentication and limits as for ContributorGatewayService. Builders (owners) and admins use the
+    preparation RPCs; rounds are started by the gateway (role `service`) and admins, and may be read
+    by the task's builder too (builders normally follow rounds through the gateway).
+    """
 
     @staticmethod
-    def PrepareOffline(request,
+    def StartPreparation(request,
             target,
             options=(),
             channel_credentials=None,
@@ -153,9 +186,9 @@ class LiraScorer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.LiraScorer/PrepareOffline',
-            ftps_dot_v1_dot_scorer__pb2.PrepareOfflineRequest.SerializeToString,
-            ftps_dot_v1_dot_common__pb2.OfflineGaussian.FromString,
+            '/ftps.v1.LiraScorerService/StartPreparation',
+            ftps_dot_v1_dot_scorer__pb2.StartPreparationRequest.SerializeToString,
+            ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,7 +200,7 @@ class LiraScorer:
             _registered_method=True)
 
     @staticmethod
-    def GetOffline(request,
+    def GetPreparation(request,
             target,
             options=(),
             channel_credentials=None,
@@ -180,9 +213,9 @@ class LiraScorer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.LiraScorer/GetOffline',
-            ftps_dot_v1_dot_scorer__pb2.GetOfflineRequest.SerializeToString,
-            ftps_dot_v1_dot_common__pb2.OfflineGaussian.FromString,
+            '/ftps.v1.LiraScorerService/GetPreparation',
+            ftps_dot_v1_dot_scorer__pb2.GetPreparationRequest.SerializeToString,
+            ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,34 +227,7 @@ class LiraScorer:
             _registered_method=True)
 
     @staticmethod
-    def StartRound(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ftps.v1.LiraScorer/StartRound',
-            ftps_dot_v1_dot_scorer__pb2.ScorerStartRoundRequest.SerializeToString,
-            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WatchRound(request,
+    def WatchPreparation(request,
             target,
             options=(),
             channel_credentials=None,
@@ -234,9 +240,9 @@ class LiraScorer:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ftps.v1.LiraScorer/WatchRound',
-            ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.SerializeToString,
-            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            '/ftps.v1.LiraScorerService/WatchPreparation',
+            ftps_dot_v1_dot_scorer__pb2.WatchPreparationRequest.SerializeToString,
+            ftps_dot_v1_dot_scorer__pb2.Preparation.FromString,
             options,
             channel_credentials,
             insecure,
@@ -248,7 +254,7 @@ class LiraScorer:
             _registered_method=True)
 
     @staticmethod
-    def GetResult(request,
+    def StartScoring(request,
             target,
             options=(),
             channel_credentials=None,
@@ -261,8 +267,62 @@ class LiraScorer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.LiraScorer/GetResult',
-            ftps_dot_v1_dot_scorer__pb2.ScorerRoundRequest.SerializeToString,
+            '/ftps.v1.LiraScorerService/StartScoring',
+            ftps_dot_v1_dot_scorer__pb2.StartScoringRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchScoring(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/WatchScoring',
+            ftps_dot_v1_dot_scorer__pb2.WatchScoringRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScoringResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/GetScoringResult',
+            ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
             options,
             channel_credentials,

@@ -1,4 +1,7 @@
+import datetime
+
 from ftps.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -53,7 +56,13 @@ class FinetuneJob(_message.Message):
     builder_mix: int
     def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., strategy: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., builder_data: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., eval_records: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelSpec, _Mapping]]] = ..., builder_mix: _Optional[int] = ...) -> None: ...
 
-class FinetuneResult(_message.Message):
+class RunJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: FinetuneJob
+    def __init__(self, job: _Optional[_Union[FinetuneJob, _Mapping]] = ...) -> None: ...
+
+class RunJobResponse(_message.Message):
     __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -74,15 +83,17 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("device", "torch_version", "threads", "worker_id", "engine")
+    __slots__ = ("device", "torch_version", "threads", "worker_id", "engine", "started_at")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     device: str
     torch_version: str
     threads: int
     worker_id: str
     engine: str
-    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    started_at: _timestamp_pb2.Timestamp
+    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ..., engine: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

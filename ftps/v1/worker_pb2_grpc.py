@@ -26,8 +26,11 @@ if _version_not_supported:
     )
 
 
-class FinetuneWorkerStub:
-    """Missing associated documentation comment in .proto file."""
+class FinetuneWorkerServiceStub:
+    """Called by the scorer and the registry (role `service`) and admins only; authentication and
+    limits as for ContributorGatewayService. Strategies run in a sandbox: a strategy error is
+    FAILED_PRECONDITION (STRATEGY_FAILED) with its last lines, never the worker's crash.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,27 +39,32 @@ class FinetuneWorkerStub:
             channel: A grpc.Channel.
         """
         self.RunJob = channel.unary_unary(
-                '/ftps.v1.FinetuneWorker/RunJob',
-                request_serializer=ftps_dot_v1_dot_worker__pb2.FinetuneJob.SerializeToString,
-                response_deserializer=ftps_dot_v1_dot_worker__pb2.FinetuneResult.FromString,
+                '/ftps.v1.FinetuneWorkerService/RunJob',
+                request_serializer=ftps_dot_v1_dot_worker__pb2.RunJobRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_worker__pb2.RunJobResponse.FromString,
                 _registered_method=True)
         self.CheckModel = channel.unary_unary(
-                '/ftps.v1.FinetuneWorker/CheckModel',
+                '/ftps.v1.FinetuneWorkerService/CheckModel',
                 request_serializer=ftps_dot_v1_dot_worker__pb2.CheckModelRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.ModelCheck.FromString,
                 _registered_method=True)
         self.GetInfo = channel.unary_unary(
-                '/ftps.v1.FinetuneWorker/GetInfo',
+                '/ftps.v1.FinetuneWorkerService/GetInfo',
                 request_serializer=ftps_dot_v1_dot_worker__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
 
 
-class FinetuneWorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+class FinetuneWorkerServiceServicer:
+    """Called by the scorer and the registry (role `service`) and admins only; authentication and
+    limits as for ContributorGatewayService. Strategies run in a sandbox: a strategy error is
+    FAILED_PRECONDITION (STRATEGY_FAILED) with its last lines, never the worker's crash.
+    """
 
     def RunJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Fine-tune the job's models and return phi for every model and evaluated record. Non-finite
+        statistics come back as NaN (the scorer traces them to records) rather than failing the job.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -64,25 +72,26 @@ class FinetuneWorkerServicer:
     def CheckModel(self, request, context):
         """The registry's upload check, in the sandbox: the weights load into the strategy's
         build_model() and the model answers records of the task's shape with one logit per class.
-        A mismatch is FAILED_PRECONDITION with the reason; nothing is trained.
+        A mismatch is FAILED_PRECONDITION (MODEL_CHECK_FAILED) with the reason; nothing is trained.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The worker's device, threads and engine.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FinetuneWorkerServicer_to_server(servicer, server):
+def add_FinetuneWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RunJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RunJob,
-                    request_deserializer=ftps_dot_v1_dot_worker__pb2.FinetuneJob.FromString,
-                    response_serializer=ftps_dot_v1_dot_worker__pb2.FinetuneResult.SerializeToString,
+                    request_deserializer=ftps_dot_v1_dot_worker__pb2.RunJobRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_worker__pb2.RunJobResponse.SerializeToString,
             ),
             'CheckModel': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckModel,
@@ -96,14 +105,17 @@ def add_FinetuneWorkerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'ftps.v1.FinetuneWorker', rpc_method_handlers)
+            'ftps.v1.FinetuneWorkerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('ftps.v1.FinetuneWorker', rpc_method_handlers)
+    server.add_registered_method_handlers('ftps.v1.FinetuneWorkerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class FinetuneWorker:
-    """Missing associated documentation comment in .proto file."""
+class FinetuneWorkerService:
+    """Called by the scorer and the registry (role `service`) and admins only; authentication and
+    limits as for ContributorGatewayService. Strategies run in a sandbox: a strategy error is
+    FAILED_PRECONDITION (STRATEGY_FAILED) with its last lines, never the worker's crash.
+    """
 
     @staticmethod
     def RunJob(request,
@@ -119,9 +131,9 @@ class FinetuneWorker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.FinetuneWorker/RunJob',
-            ftps_dot_v1_dot_worker__pb2.FinetuneJob.SerializeToString,
-            ftps_dot_v1_dot_worker__pb2.FinetuneResult.FromString,
+            '/ftps.v1.FinetuneWorkerService/RunJob',
+            ftps_dot_v1_dot_worker__pb2.RunJobRequest.SerializeToString,
+            ftps_dot_v1_dot_worker__pb2.RunJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,7 +158,7 @@ class FinetuneWorker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.FinetuneWorker/CheckModel',
+            '/ftps.v1.FinetuneWorkerService/CheckModel',
             ftps_dot_v1_dot_worker__pb2.CheckModelRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.ModelCheck.FromString,
             options,
@@ -173,7 +185,7 @@ class FinetuneWorker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/ftps.v1.FinetuneWorker/GetInfo',
+            '/ftps.v1.FinetuneWorkerService/GetInfo',
             ftps_dot_v1_dot_worker__pb2.GetInfoRequest.SerializeToString,
             ftps_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
             options,

@@ -54,8 +54,8 @@ def create_server(settings: RegistrySettings) -> grpcutil.Server:
     }, max_expanded_bytes=settings.max_expanded_mb * MiB, checker=checker)
     server = security.server(max_message_mb=settings.max_message_mb, limits=grpcutil.Limits.from_settings(settings),
                              metrics_listen=settings.metrics_listen)
-    server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
-               BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistry"))
+    server.add(registry_pb2_grpc.add_BuilderRegistryServiceServicer_to_server,
+               BuilderRegistryServicer(registry), grpcutil.full_name(registry_pb2, "BuilderRegistryService"))
     return server
 
 

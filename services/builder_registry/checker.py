@@ -33,7 +33,7 @@ class WorkerChecker:
         if not targets:
             raise ValueError("WorkerChecker needs at least one worker target")
         self._targets = targets
-        self._stubs = [worker_pb2_grpc.FinetuneWorkerStub(channel(t)) for t in targets]
+        self._stubs = [worker_pb2_grpc.FinetuneWorkerServiceStub(channel(t)) for t in targets]
         self._timeout_s = timeout_s
 
     def check(self, task_id: str, base_model: common_pb2.BlobRef, strategy: common_pb2.BlobRef,
@@ -53,4 +53,4 @@ class WorkerChecker:
                 log.warning("model check for task %s: %s", task_id, err)
                 last = err
         raise Unavailable(f"cannot check the base model against the strategy: no fine-tune worker answered "
-                          f"({last}); upload again later")
+                          f"({last}); upload again later", reason="WORKERS_UNAVAILABLE")

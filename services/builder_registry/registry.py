@@ -30,10 +30,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ftps.common import archives, serde
-from ftps.common.clock import now_iso
+from ftps.common.clock import now_ts
 from ftps.common.paging import page_size
 from ftps.common.auth import Principal, authorized_task
-from ftps.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
@@ -73,29 +73,38 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
         if not getattr(s, name):
             setattr(s, name, value)
     if s.n_models < 4 or s.n_models % 2 or s.n_models > MAX_MODELS:
-        raise InvalidArgument(f"settings.n_models must be even and in [4, {MAX_MODELS}], got {s.n_models}")
+        raise InvalidArgument(f"settings.n_models must be even and in [4, {MAX_MODELS}], got {s.n_models}",
+                              reason="INVALID_SETTINGS", field="settings.n_models")
     if not 2 <= s.batch_threshold <= MAX_RECORDS:
-        raise InvalidArgument(f"settings.batch_threshold must be in [2, {MAX_RECORDS}], got {s.batch_threshold}")
+        raise InvalidArgument(f"settings.batch_threshold must be in [2, {MAX_RECORDS}], got {s.batch_threshold}",
+                              reason="INVALID_SETTINGS", field="settings.batch_threshold")
     if s.method not in serde.METHOD_NAMES:
-        raise InvalidArgument(f"settings.method {s.method} is not a known method")
+        raise InvalidArgument(f"settings.method {s.method} is not a known method", reason="UNKNOWN_METHOD",
+                              field="settings.method")
     if not 0.0 < s.alpha < 0.5:
-        raise InvalidArgument(f"settings.alpha must be in (0, 0.5), got {s.alpha}")
+        raise InvalidArgument(f"settings.alpha must be in (0, 0.5), got {s.alpha}",
+                              reason="INVALID_SETTINGS", field="settings.alpha")
     if not 2 <= s.shadow_models <= MAX_MODELS:
-        raise InvalidArgument(f"settings.shadow_models must be in [2, {MAX_MODELS}], got {s.shadow_models}")
+        raise InvalidArgument(f"settings.shadow_models must be in [2, {MAX_MODELS}], got {s.shadow_models}",
+                              reason="INVALID_SETTINGS", field="settings.shadow_models")
     if not s.record_shape or len(s.record_shape) > 4 or any(d <= 0 or d > 4096 for d in s.record_shape):
         raise InvalidArgument(
-            f"settings.record_shape must be 1-4 positive dims, got {list(s.record_shape)}")
+            f"settings.record_shape must be 1-4 positive dims, got {list(s.record_shape)}",
+            reason="INVALID_SETTINGS", field="settings.record_shape")
     if not 2 <= s.num_classes <= 100_000:
-        raise InvalidArgument(f"settings.num_classes must be in [2, 100000], got {s.num_classes}")
+        raise InvalidArgument(f"settings.num_classes must be in [2, 100000], got {s.num_classes}",
+                              reason="INVALID_SETTINGS", field="settings.num_classes")
     if s.builder_mix < 0:
-        raise InvalidArgument(f"settings.builder_mix must be >= 0, got {s.builder_mix}")
+        raise InvalidArgument(f"settings.builder_mix must be >= 0, got {s.builder_mix}",
+                              reason="INVALID_SETTINGS", field="settings.builder_mix")
     if not 1 <= s.models_per_job <= s.n_models:
-        raise InvalidArgument(f"settings.models_per_job must be in [1, n_models], got {s.models_per_job}")
+        raise InvalidArgument(f"settings.models_per_job must be in [1, n_models], got {s.models_per_job}",
+                              reason="INVALID_SETTINGS", field="settings.models_per_job")
     if s.HasField("value_range"):
         lo, hi = s.value_range.min, s.value_range.max
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi) or max(abs(lo), abs(hi)) > FLOAT32_MAX:
             raise InvalidArgument(f"settings.value_range must be finite float32 bounds with min < max, "
-                                  f"got [{lo:g}, {hi:g}]")
+                                  f"got [{lo:g}, {hi:g}]", reason="INVALID_SETTINGS", field="settings.value_range")
     # A task whose rounds are bound to fail is refused now, with the smallest values that work.
     need = min_records(s.n_models)
     if s.batch_threshold < need:
@@ -103,7 +112,8 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
         raise InvalidArgument(
             f"settings: {s.n_models} models need batch_threshold >= {need} (each pair of models must "
             f"train on its own half of the batch); raise batch_threshold to {need}"
-            + (f" or lower n_models to {fewer[-1]}" if fewer else ""))
+            + (f" or lower n_models to {fewer[-1]}" if fewer else ""),
+            reason="INVALID_SETTINGS", field="settings.batch_threshold")
     return s
 
 
@@ -132,11 +142,11 @@ class Registry:
                 raise PermissionDenied(f"builder {who.subject!r} may not create tasks for {owner!r}")
             owner = who.subject
         if not name or len(name) > 200:
-            raise InvalidArgument("name is required (at most 200 characters)")
+            raise InvalidArgument("name is required (at most 200 characters)", reason="FIELD_REQUIRED", field="name")
         if owner:
             check_id(owner, "owner")
         task = registry_pb2.Task(task_id="t-" + uuid.uuid4().hex[:12], name=name, owner=owner,
-                                 settings=with_defaults(settings), created_at=now_iso())
+                                 settings=with_defaults(settings), created_at=now_ts())
         self._set_ready(task)
         self._tasks.create(task)
         log.info("task %s created (%s)", task.task_id, name)
@@ -150,7 +160,7 @@ class Registry:
     def _task(self, task_id: str) -> registry_pb2.Task:
         task = self._tasks.get(task_id)
         if task is None:
-            raise NotFound(f"task {task_id} not found")
+            raise NotFound(f"task {task_id} not found", reason="TASK_NOT_FOUND", field="task_id")
         return task
 
     def list_tasks(self, who: Principal, *, size: int = 0,
@@ -170,37 +180,77 @@ class Registry:
         """Receive a blob, verify declared size and sha256, validate its content, then store it."""
         task = self.get_task(header.task_id, who, action="upload to", contributors_may=False)
         if header.kind not in _FILES:
-            raise InvalidArgument(f"header.kind {header.kind} is not a blob kind")
+            raise InvalidArgument(f"header.kind {header.kind} is not a blob kind", reason="BLOB_KIND_INVALID",
+                                  field="header.kind")
         limit = self._max_bytes[header.kind]
         if header.size <= 0:
-            raise InvalidArgument("header.size must be the positive total size in bytes")
+            raise InvalidArgument("header.size must be the positive total size in bytes", field="header.size")
         if header.size > limit:
             raise ResourceExhausted(f"header.size {header.size} exceeds the limit of {limit} bytes "
-                                    f"for {_FILES[header.kind][0]}")
+                                    f"for {_FILES[header.kind][0]}", reason="BLOB_TOO_LARGE", field="header.size")
         if len(header.sha256) != 64 or any(c not in "0123456789abcdef" for c in header.sha256):
-            raise InvalidArgument("header.sha256 must be 64 lowercase hex characters")
+            raise InvalidArgument("header.sha256 must be 64 lowercase hex characters", field="header.sha256")
         digest = hashlib.sha256()
         parts: list[bytes] = []
         received = 0
         for chunk in chunks:
             received += len(chunk)
             if received > header.size:
-                raise InvalidArgument(f"upload is larger than its declared size {header.size}")
+                raise InvalidArgument(f"upload is larger than its declared size {header.size}",
+                                      reason="BLOB_SIZE_MISMATCH")
             digest.update(chunk)
             parts.append(chunk)
         if received != header.size:
-            raise InvalidArgument(f"upload ended after {received} of {header.size} declared bytes")
+            raise InvalidArgument(f"upload ended after {received} of {header.size} declared bytes",
+                                  reason="BLOB_SIZE_MISMATCH")
         if digest.hexdigest() != header.sha256:
-            raise InvalidArgument(f"upload sha256 {digest.hexdigest()} does not match the declared {header.sha256}")
-        data = b"".join(parts)
-        _validate_blob(header.kind, data, task.settings, max_expanded_bytes=self._max_expanded_bytes)
+            raise InvalidArgument(f"upload sha256 {digest.hexdigest()} does not match the declared {header.sha256}",
+                                  reason="BLOB_CHECKSUM_MISMATCH")
+        return self._accept(task, header.kind, b"".join(parts), header.sha256, defer_check=header.defer_check)
+
+    def upload_records(self, header: registry_pb2.UploadBuilderDataHeader,
+                       chunks: Iterable[common_pb2.Records], who: Principal) -> common_pb2.BlobRef:
+        """Builder data as Records chunks (UploadBuilderData): each chunk decoded and checked like a
+        contributor's records (errors name the chunk, numbered from 1 after the header), the running
+        size bounded by the builder-data limit, then stored as the npz an UploadBlob BUILDER_DATA
+        upload would be (same checks, versioning and readiness: :meth:`_accept`)."""
+        task = self.get_task(header.task_id, who, action="upload to", contributors_may=False)
+        kind = common_pb2.BLOB_KIND_BUILDER_DATA
+        limit = self._max_bytes[kind]
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        total = 0
+        n = 0
+        for n, records in enumerate(chunks, start=1):
+            x, y = _chunk_records(n, records, task.settings)
+            total += x.nbytes + y.nbytes
+            if total > limit:
+                raise ResourceExhausted(f"chunk {n}: builder data exceeds the limit of {limit} bytes",
+                                        reason="BLOB_TOO_LARGE", field="records", metadata={"chunk": n})
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise InvalidArgument("builder data stream holds no records chunk after its header",
+                                  reason="RECORDS_EMPTY", field="records")
+        data = serde.records_to_npz(np.concatenate(xs), np.concatenate(ys))
+        del xs, ys
+        if len(data) > limit:
+            raise ResourceExhausted(f"builder data ({len(data)} bytes as npz) exceeds the limit of {limit} bytes",
+                                    reason="BLOB_TOO_LARGE", field="records")
+        return self._accept(task, kind, data, hashlib.sha256(data).hexdigest())
+
+    def _accept(self, task: registry_pb2.Task, kind: int, data: bytes, sha256: str, *,
+                defer_check: bool = False) -> common_pb2.BlobRef:
+        """The one home of storing a received blob: validate it, check the pair (unless deferred),
+        store it by content, then take the next version under the task's row lock."""
+        _validate_blob(kind, data, task.settings, max_expanded_bytes=self._max_expanded_bytes)
         check = None
-        if not header.defer_check:
-            check = self._check_pair(task, header.kind, data, header.sha256)
+        if not defer_check:
+            check = self._check_pair(task, kind, data, sha256)
         # The blob first (outside any transaction or lock), then the row that points to it.
-        folder, filename = _FILES[header.kind]
-        stored = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/{header.sha256}/{filename}", data)
-        field = _FIELD[header.kind]
+        folder, filename = _FILES[kind]
+        stored = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/{sha256}/{filename}", data)
+        field = _FIELD[kind]
 
         def add_version(t: registry_pb2.Task) -> None:
             ref = getattr(t, field)
@@ -214,7 +264,7 @@ class Registry:
         task = self._tasks.update(task.task_id, add_version)
         ref = getattr(task, field)
         log.info("task %s: %s v%d stored (%d bytes)%s", task.task_id, folder, ref.version, len(data),
-                 "" if self._checker is None or header.kind not in _PAIR else
+                 "" if self._checker is None or kind not in _PAIR else
                  ", checked against the other half" if check is not None else ", not checked yet")
         return ref
 
@@ -238,7 +288,7 @@ class Registry:
         finally:
             self._store.delete(staged.key)
         check.base_model_sha256, check.strategy_sha256 = base.sha256, strategy.sha256
-        check.checked_at = now_iso()
+        check.checked_at.CopyFrom(now_ts())
         return check
 
 
@@ -256,41 +306,82 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
         try:
             tensors = archives.load_safetensors(data, what="base_model", limits=limits)
         except archives.ArchiveError as exc:
-            raise InvalidArgument(str(exc)) from exc
+            raise InvalidArgument(str(exc), reason="BASE_MODEL_INVALID") from exc
         if not tensors:
-            raise InvalidArgument("base model holds no tensors")
+            raise InvalidArgument("base model holds no tensors", reason="BASE_MODEL_INVALID")
         for name, t in tensors.items():
             if t.dtype.kind == "f" and not np.isfinite(t).all():
-                raise InvalidArgument(f"base model tensor {name[:200]!r} holds NaN or infinite values")
+                raise InvalidArgument(f"base model tensor {name[:200]!r} holds NaN or infinite values",
+                                      reason="BASE_MODEL_INVALID")
     elif kind == common_pb2.BLOB_KIND_STRATEGY:
         try:
             source = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"strategy is not UTF-8 Python source: {exc}") from exc
+            raise InvalidArgument(f"strategy is not UTF-8 Python source: {exc}", reason="STRATEGY_INVALID") from exc
         try:
             with _COMPILE_LOCK:  # CPython 3.11 can fail concurrent parses ("AST ... recursion depth mismatch")
                 compile(source, "strategy.py", "exec")  # syntax only; it runs in the worker's sandbox
         except SyntaxError as exc:
-            raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}") from exc
+            raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}",
+                                  reason="STRATEGY_INVALID") from exc
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
         # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
         arrays = serde.npz_arrays(data, what="builder_data", limits=limits,
                                   expect=archives.records_spec(settings.record_shape))
         x, y = validate_records(arrays["x"], arrays["y"], settings, field="builder_data")
         if len(x) < 8:
-            raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed")
+            raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed",
+                                  reason="BUILDER_DATA_INVALID")
+
+
+MAX_CHUNK_RECORDS = 10_000  # records in one UploadBuilderData chunk (registry.proto)
+
+
+def _chunk_records(n: int, records: common_pb2.Records,
+                   settings: common_pb2.TaskSettings) -> tuple[np.ndarray, np.ndarray]:
+    """One UploadBuilderData chunk through the checks contributors' records get -> (float32 x,
+    int64 y); an error keeps its reason and field and its message starts with ``chunk n: ``."""
+    try:
+        if not records.HasField("x") or not records.HasField("y"):
+            raise InvalidArgument("records.x and records.y are required", reason="FIELD_REQUIRED", field="records")
+        x = serde.array_from_tensor(records.x, field="records.x")
+        y = serde.array_from_tensor(records.y, field="records.y")
+        if len(x) > MAX_CHUNK_RECORDS:
+            raise ResourceExhausted(f"records: {len(x)} records in one chunk; at most {MAX_CHUNK_RECORDS}",
+                                    reason="TOO_MANY_RECORDS", field="records")
+        return validate_records(x, y, settings)
+    except FtpsError as exc:
+        raise type(exc)(f"chunk {n}: {exc}", reason=exc.reason, field=exc.field,
+                        metadata={**exc.metadata, "chunk": str(n)}) from None
 
 
 def iter_upload(request_iterator: Iterator[registry_pb2.UploadBlobRequest]):
     """Split an upload stream into its header and an iterator of chunks (InvalidArgument if malformed)."""
     first = next(request_iterator, None)
     if first is None or first.WhichOneof("part") != "header":
-        raise InvalidArgument("the first upload message must be the header")
+        raise InvalidArgument("the first upload message must be the header", reason="UPLOAD_OUT_OF_ORDER")
 
     def chunks() -> Iterator[bytes]:
         for msg in request_iterator:
             if msg.WhichOneof("part") != "chunk":
-                raise InvalidArgument("only chunks may follow the upload header")
+                raise InvalidArgument("only chunks may follow the upload header", reason="UPLOAD_OUT_OF_ORDER")
             yield msg.chunk
+
+    return first.header, chunks()
+
+
+def iter_builder_data(request_iterator: Iterator[registry_pb2.UploadBuilderDataRequest]):
+    """Split an UploadBuilderData stream into its header and an iterator of Records chunks
+    (InvalidArgument, UPLOAD_OUT_OF_ORDER, if the header is not first or comes again)."""
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("the first UploadBuilderData message must be the header", reason="UPLOAD_OUT_OF_ORDER")
+
+    def chunks() -> Iterator[common_pb2.Records]:
+        for n, msg in enumerate(request_iterator, start=1):
+            if msg.WhichOneof("part") != "records":
+                raise InvalidArgument(f"chunk {n}: only records may follow the header",
+                                      reason="UPLOAD_OUT_OF_ORDER", metadata={"chunk": n})
+            yield msg.records
 
     return first.header, chunks()

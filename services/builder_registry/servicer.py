@@ -5,10 +5,10 @@ from __future__ import annotations
 from ftps.common.auth import current
 from ftps.common.grpcutil import rpc
 from ftps.v1 import registry_pb2, registry_pb2_grpc
-from services.builder_registry.registry import Registry, iter_upload
+from services.builder_registry.registry import Registry, iter_builder_data, iter_upload
 
 
-class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServicer):
+class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
@@ -29,3 +29,8 @@ class BuilderRegistryServicer(registry_pb2_grpc.BuilderRegistryServicer):
     def UploadBlob(self, request_iterator, context):
         header, chunks = iter_upload(request_iterator)
         return self.registry.upload(header, chunks, current())
+
+    @rpc
+    def UploadBuilderData(self, request_iterator, context):
+        header, chunks = iter_builder_data(request_iterator)
+        return self.registry.upload_records(header, chunks, current())

@@ -91,7 +91,7 @@ class SqlTaskStore(TaskStore):
                 conn.execute(t.insert().values(task_id=task.task_id, owner=task.owner, name=task.name,
                                                created_at=created, task=task.SerializeToString()))
         except sa_exc.IntegrityError:
-            raise AlreadyExists(f"task {task.task_id} already exists") from None
+            raise AlreadyExists(f"task {task.task_id} already exists", reason="TASK_ALREADY_EXISTS") from None
 
     def get(self, task_id: str) -> registry_pb2.Task | None:
         with self.db.read() as conn:
@@ -101,7 +101,7 @@ class SqlTaskStore(TaskStore):
     def list(self, *, owner: str | None = None, task_ids: Collection[str] | None = None,
              page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> tuple[list[registry_pb2.Task], str]:
         if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}")
+            raise InvalidArgument(f"page_size must be in [1, {MAX_PAGE_SIZE}], got {page_size}", field="page_size")
         t = self.tasks
         q = sa.select(t.c.created_at, t.c.task_id, t.c.task)
         if owner is not None:
@@ -128,7 +128,7 @@ class SqlTaskStore(TaskStore):
         with self.db.write() as conn:
             blob = conn.execute(sa.select(t.c.task).where(t.c.task_id == task_id).with_for_update()).scalar()
             if blob is None:
-                raise NotFound(f"task {task_id} not found")
+                raise NotFound(f"task {task_id} not found", reason="TASK_NOT_FOUND", field="task_id")
             task = registry_pb2.Task.FromString(blob)
             mutate(task)
             if task.task_id != task_id:
@@ -147,4 +147,5 @@ def _decode_token(token: str) -> tuple[dt.datetime, str]:
     try:
         return dt.datetime.fromisoformat(created), str(task_id)
     except (TypeError, ValueError):
-        raise InvalidArgument("page_token is not one that ListTasks returned") from None
+        raise InvalidArgument("page_token is not one that ListTasks returned", reason="INVALID_PAGE_TOKEN",
+                              field="page_token") from None

@@ -24,11 +24,11 @@ class ScorerClient:
     """The gateway's :class:`ScorerPort` over gRPC; statuses relayed as domain errors."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._stub = scorer_pb2_grpc.LiraScorerStub(channel)
+        self._stub = scorer_pb2_grpc.LiraScorerServiceStub(channel)
 
     def start_round(self, task_id, round_id, batch, record_ids, contributors) -> common_pb2.RoundStatus:
         try:
-            return self._stub.StartRound(scorer_pb2.ScorerStartRoundRequest(
+            return self._stub.StartScoring(scorer_pb2.StartScoringRequest(
                 task_id=task_id, round_id=round_id, batch=batch, record_ids=record_ids,
                 contributors=contributors), timeout=60, wait_for_ready=True)
         except grpc.RpcError as exc:
@@ -36,14 +36,14 @@ class ScorerClient:
 
     def watch_round(self, round_id: str) -> Iterator[common_pb2.RoundStatus]:
         try:
-            yield from self._stub.WatchRound(scorer_pb2.ScorerRoundRequest(round_id=round_id),
+            yield from self._stub.WatchScoring(scorer_pb2.WatchScoringRequest(round_id=round_id),
                                              wait_for_ready=True)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, context="scorer") from exc
 
     def get_result(self, round_id: str) -> common_pb2.RoundResult:
         try:
-            return self._stub.GetResult(scorer_pb2.ScorerRoundRequest(round_id=round_id), timeout=60,
+            return self._stub.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=round_id), timeout=60,
                                         wait_for_ready=True)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, context="scorer") from exc
@@ -65,8 +65,8 @@ def create_server(settings: GatewaySettings) -> grpcutil.Server:
                       max_pending_per_contributor=settings.max_pending_per_contributor,
                       reconcile_s=settings.reconcile_s, round_grace_s=settings.round_grace_s,
                       metrics=GatewayMetrics(server.metrics_registry))
-    server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server,
-               ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGateway"))
+    server.add(gateway_pb2_grpc.add_ContributorGatewayServiceServicer_to_server,
+               ContributorGatewayServicer(gateway), grpcutil.full_name(gateway_pb2, "ContributorGatewayService"))
     server.on_stop(gateway.close)
     server.on_stop(db.dispose)
     return server

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from ftps.common import paging, serde
-from ftps.common.clock import now_iso
+from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
 from ftps.common.metrics import GatewayMetrics
@@ -113,10 +113,11 @@ class Gateway:
         contributor = self._own_contributor(who, contributor, action="submit as")
         check_id(contributor, "contributor")
         if len(idempotency_key) > 200:
-            raise InvalidArgument("idempotency_key is longer than 200 characters")
+            raise InvalidArgument("idempotency_key is longer than 200 characters", field="idempotency_key")
         task = authorized_task(who, task_id, self._get_task, action="submit to", contributors_may=True)
         if len(x) > self._max_request:
-            raise ResourceExhausted(f"records: {len(x)} records in one request; at most {self._max_request}")
+            raise ResourceExhausted(f"records: {len(x)} records in one request; at most {self._max_request}",
+                                    reason="TOO_MANY_RECORDS", field="records")
         x, y = validate_records(x, y, task.settings)
         if idempotency_key:
             digest = hashlib.sha256(f"{task_id}\0{contributor}\0{idempotency_key}".encode()).hexdigest()
@@ -130,11 +131,11 @@ class Gateway:
         pending_mine = self._subs.pending_records(task_id, contributor)
         if pending_mine + len(x) > self._max_pending:
             raise ResourceExhausted(f"contributor {contributor} would have {pending_mine + len(x)} "
-                                    f"records pending; at most {self._max_pending}")
+                                    f"records pending; at most {self._max_pending}", reason="QUOTA_EXCEEDED")
         sub = gateway_pb2.Submission(
             submission_id=sub_id, task_id=task_id, contributor=contributor,
             record_ids=[f"{sub_id}-{i}" for i in range(len(x))],
-            state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now_iso())
+            state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now_ts())
         # Durable before acknowledged: the records, then the row that points at them.
         self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
                               serde.records_to_npz(x, y))
@@ -169,7 +170,8 @@ class Gateway:
             # The same answer whether it exists or not: nothing leaks about others' submissions.
             raise denied(who, "read", f"submission {submission_id}")
         if sub is None:
-            raise NotFound(f"submission {submission_id} not found")
+            raise NotFound(f"submission {submission_id} not found", reason="SUBMISSION_NOT_FOUND",
+                           field="submission_id")
         return self._with_pending(sub)
 
     def list_submissions(self, task_id: str, contributor: str, page_size: int, page_token: str,
@@ -184,7 +186,8 @@ class Gateway:
             if not who.may_see_task(task_id):
                 raise denied(who, "list submissions of", f"task {task_id}")
         elif who.tasks and not who.is_privileged:
-            raise InvalidArgument("this token is limited to some tasks: give task_id")
+            raise InvalidArgument("this token is limited to some tasks: give task_id", reason="FIELD_REQUIRED",
+                                  field="task_id")
         subs, token = self._subs.list_submissions(contributor=contributor, task_id=task_id,
                                                   page_size=page_size, page_token=page_token)
         pending = {t: self._subs.pending_records(t) for t in {s.task_id for s in subs}}
@@ -212,9 +215,10 @@ class Gateway:
         if not claim.submissions:
             if claim.pending < least:
                 raise FailedPrecondition(f"task {task_id} has {claim.pending} record(s) pending; a round of "
-                                         f"{task.settings.n_models} models needs at least {least}")
+                                         f"{task.settings.n_models} models needs at least {least}",
+                                         reason="TOO_FEW_RECORDS")
             raise FailedPrecondition(f"task {task_id} has {claim.pending} of {m} records pending; "
-                                     "start with force to score them now")
+                                     "start with force to score them now", reason="TOO_FEW_RECORDS")
         subs = claim.submissions
         record_ids = [r for s in subs for r in s.record_ids]
         contributors = [s.contributor for s in subs for _ in s.record_ids]
@@ -234,7 +238,7 @@ class Gateway:
             raise
         if not self._subs.hand_over(round_id, batch):
             raise Unavailable(f"round {round_id} took longer than {self._grace_s:.0f}s to start; "
-                              "its records are pending again, retry")
+                              "its records are pending again, retry", reason="ROUND_START_DELAYED")
         try:
             status = self._scorer.start_round(task_id, round_id, batch, record_ids, contributors)
         except Unavailable:
@@ -264,7 +268,7 @@ class Gateway:
                         and self._subs.has_records_in(round_id, who.subject))))):
             return ref
         if ref is None and who.is_privileged:
-            raise NotFound(f"round {round_id} not found")
+            raise NotFound(f"round {round_id} not found", reason="ROUND_NOT_FOUND", field="round_id")
         raise denied(who, "read", f"round {round_id}")
 
     def _result(self, round_id: str) -> common_pb2.RoundResult:
@@ -407,11 +411,19 @@ class Gateway:
         return resp
 
     def watch_scores(self, task_id: str, contributor: str, *, is_active: Callable[[], bool],
-                     who: Principal) -> Iterator[common_pb2.RecordScore]:
+                     who: Principal, round_id: str = "") -> Iterator[common_pb2.RecordScore]:
+        """Scores as rounds finish, existing ones first. A contributor gets its own records; the
+        task's builder and admins every record (or ``contributor``'s). Without ``round_id`` it follows
+        the task while ``is_active``; with it, it ends once that round's scores the caller may see are
+        sent (the round DONE), or at once when the round ended FAILED."""
         check_id(task_id, "task_id")
         contributor = self._own_contributor(who, contributor, action="watch the scores of")
-        check_id(contributor, "contributor")
+        if contributor:
+            check_id(contributor, "contributor")
         authorized_task(who, task_id, self._get_task, action="watch scores of", contributors_may=True)
+        if round_id:
+            yield from self._watch_round_scores(task_id, contributor, round_id, is_active=is_active, who=who)
+            return
         sent: set[str] = set()
         while is_active():
             for rid in self._subs.scored_rounds(task_id, contributor=contributor):
@@ -422,8 +434,34 @@ class Gateway:
                     continue
                 sent.add(rid)
                 for s in result.scores:
-                    if s.contributor == contributor:
+                    if not contributor or s.contributor == contributor:
                         yield s
             # Woken at once by this replica's reconciler; another replica's within a second.
             with self._changed:
                 self._changed.wait(timeout=1.0)
+
+    def _watch_round_scores(self, task_id: str, contributor: str, round_id: str, *,
+                            is_active: Callable[[], bool], who: Principal) -> Iterator[common_pb2.RecordScore]:
+        """One round's scores (``contributor``'s, or all): sent once the round is DONE, then the
+        stream ends; nothing, and the end at once, if it FAILED. Records the round excluded have no
+        score and are not waited for. The round is checked like GetRound (a contributor needs records
+        in it); a round of another task is as unknown as one that does not exist."""
+        ref = self._round(round_id, who, contributors_may=True)
+        if ref.task_id != task_id:
+            if who.is_privileged:
+                raise NotFound(f"round {round_id} is not a round of task {task_id}", reason="ROUND_NOT_FOUND",
+                               field="round_id")
+            raise denied(who, "read", f"round {round_id}")
+        if contributor and who.role != "contributor" and not self._subs.has_records_in(round_id, contributor):
+            return  # a builder or admin asking for someone with no records in it: nothing will come
+        while is_active():
+            result = self._read_round(ref)
+            if result.status.state == common_pb2.ROUND_STATE_FAILED:
+                return
+            if result.status.state == common_pb2.ROUND_STATE_DONE:
+                for s in result.scores:
+                    if not contributor or s.contributor == contributor:
+                        yield s
+                return
+            with self._changed:
+                self._changed.wait(timeout=0.5)

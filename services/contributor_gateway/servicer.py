@@ -10,14 +10,14 @@ from ftps.v1 import gateway_pb2_grpc
 from services.contributor_gateway.gateway import Gateway
 
 
-class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServicer):
+class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
     @rpc
     def SubmitRecords(self, request, context):
         if not request.HasField("records"):
-            raise InvalidArgument("records is required")
+            raise InvalidArgument("records is required", reason="FIELD_REQUIRED", field="records")
         x = array_from_tensor(request.records.x, field="records.x")
         y = array_from_tensor(request.records.y, field="records.y")
         return self.gateway.submit(request.task_id, request.contributor, x, y, request.idempotency_key, current())
@@ -39,7 +39,7 @@ class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServicer):
     @rpc
     def WatchScores(self, request, context):
         yield from self.gateway.watch_scores(request.task_id, request.contributor, is_active=context.is_active,
-                                             who=current())
+                                             who=current(), round_id=request.round_id)
 
     @rpc
     def StartRound(self, request, context):

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from ftps.common import paging
+from ftps.common.clock import iso, to_ts
 from ftps.common.db import Database
 from ftps.common.errors import ResourceExhausted
 from ftps.v1 import common_pb2, gateway_pb2
@@ -181,7 +182,8 @@ class SqlSubmissionStore(SubmissionStore):
         return gateway_pb2.Submission(
             submission_id=row.submission_id, task_id=row.task_id, contributor=row.contributor,
             record_ids=record_ids(row.submission_id, row.n_records), state=row.state, round_id=row.round_id,
-            failed_rounds=row.failed_rounds, failure_reason=row.failure_reason, created_at=row.created_at)
+            failed_rounds=row.failed_rounds, failure_reason=row.failure_reason,
+            created_at=to_ts(row.created_at))
 
     def _round(self, row) -> RoundRef:
         batch = common_pb2.BlobRef.FromString(row.batch) if row.batch is not None else None
@@ -216,11 +218,12 @@ class SqlSubmissionStore(SubmissionStore):
                     mine = self._pending(conn, sub.task_id, sub.contributor)
                     if mine + len(sub.record_ids) > max_pending:
                         raise ResourceExhausted(f"contributor {sub.contributor} would have "
-                                                f"{mine + len(sub.record_ids)} records pending; at most {max_pending}")
+                                                f"{mine + len(sub.record_ids)} records pending; at most {max_pending}",
+                                                reason="QUOTA_EXCEEDED")
                 conn.execute(self.subs.insert().values(
                     submission_id=sub.submission_id, task_id=sub.task_id, contributor=sub.contributor,
                     n_records=len(sub.record_ids), state=PENDING, round_id="", failed_rounds=0,
-                    failure_reason="", created_at=sub.created_at))
+                    failure_reason="", created_at=iso(sub.created_at)))
         except sa_exc.IntegrityError:
             # The same id committed by a concurrent retry (another replica): the first one stands.
             return self.get(sub.submission_id)
@@ -268,7 +271,7 @@ class SqlSubmissionStore(SubmissionStore):
                                                  for c in sorted({r.contributor for r in rows})])
         subs = [gateway_pb2.Submission(submission_id=r.submission_id, task_id=task_id, contributor=r.contributor,
                                        record_ids=record_ids(r.submission_id, r.n_records), state=IN_ROUND,
-                                       round_id=round_id, created_at=r.created_at) for r in rows]
+                                       round_id=round_id, created_at=to_ts(r.created_at)) for r in rows]
         return Claim(pending=total, submissions=subs)
 
     def hand_over(self, round_id, batch, *, now=None):
@@ -335,7 +338,7 @@ class SqlSubmissionStore(SubmissionStore):
         with self._db.read() as conn:
             rows = conn.execute(q).all()
         subs = [self._sub(r) for r in rows[:n]]
-        token = paging.encode_token([subs[-1].created_at, subs[-1].submission_id]) if len(rows) > n else ""
+        token = paging.encode_token([rows[n - 1].created_at, rows[n - 1].submission_id]) if len(rows) > n else ""
         return subs, token
 
     def scored_rounds(self, task_id, *, contributor=""):

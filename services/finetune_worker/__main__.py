@@ -7,6 +7,7 @@ import socket
 import sys
 
 from ftps.common import grpcutil
+from ftps.common.clock import now_ts
 from ftps.common.cpus import usable_cpus
 from ftps.common.metrics import WorkerMetrics
 from ftps.common.storage import open_blob_store
@@ -54,9 +55,9 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
                                  threads=threads or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
-                                 engine=settings.engine)
-    server.add(worker_pb2_grpc.add_FinetuneWorkerServicer_to_server,
-               FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorker"))
+                                 engine=settings.engine, started_at=now_ts())
+    server.add(worker_pb2_grpc.add_FinetuneWorkerServiceServicer_to_server,
+               FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorkerService"))
     # The warm sandbox children go with the server (they would otherwise wait for this process to
     # exit, which closes their job channel).
     server.on_stop(worker.close)

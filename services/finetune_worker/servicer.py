@@ -8,7 +8,7 @@ from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.worker import Worker
 
 
-class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServicer):
+class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServiceServicer):
     def __init__(self, worker: Worker, info: worker_pb2.WorkerInfo) -> None:
         self.worker = worker
         self.info = info
@@ -16,7 +16,7 @@ class FinetuneWorkerServicer(worker_pb2_grpc.FinetuneWorkerServicer):
     @rpc
     def RunJob(self, request, context):
         current().require_role("service", "admin", what="run fine-tuning jobs")
-        return self.worker.run_job(request)
+        return self.worker.run_job(request.job)
 
     @rpc
     def CheckModel(self, request, context):

@@ -34,7 +34,8 @@ class BlobCache:
 
     def get(self, ref: common_pb2.BlobRef, field: str) -> bytes:
         if not ref.key or not ref.sha256:
-            raise InvalidArgument(f"job.{field} is required (key and sha256)")
+            raise InvalidArgument(f"job.{field} is required (key and sha256)", reason="FIELD_REQUIRED",
+                                  field=f"job.{field}")
         with self._lock:
             if ref.sha256 in self._items:
                 self._items.move_to_end(ref.sha256)
@@ -90,7 +91,7 @@ class Worker:
         if self._pool is not None:
             self._pool.close()
 
-    def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+    def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         if self._metrics is None:
             return self._run_job(job)
         self._metrics.job_started()
@@ -101,16 +102,17 @@ class Worker:
         self._metrics.models_finetuned.inc(len(result.model_indices))
         return result
 
-    def _run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+    def _run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         # Ids name sandbox folders and log lines: whole-match them like every other service.
         check_id(job.task_id, "job.task_id")
         check_id(job.job_id, "job.job_id")
         if not job.models:
-            raise InvalidArgument("job.models is empty")
+            raise InvalidArgument("job.models is empty", reason="JOB_INVALID", field="job.models")
         if len(job.models) > MAX_MODELS_PER_JOB:
-            raise InvalidArgument(f"job.models has {len(job.models)} models; at most {MAX_MODELS_PER_JOB}")
+            raise InvalidArgument(f"job.models has {len(job.models)} models; at most {MAX_MODELS_PER_JOB}",
+                                  reason="JOB_INVALID", field="job.models")
         if job.builder_mix < 0:
-            raise InvalidArgument("job.builder_mix must be >= 0")
+            raise InvalidArgument("job.builder_mix must be >= 0", reason="JOB_INVALID", field="job.builder_mix")
         strategy = self._cache.get(job.strategy, "strategy")
         weights = self._cache.get(job.base_model, "base_model")
         train_x, train_y = _records(self._cache.get(job.records, "records"), "records")
@@ -125,9 +127,11 @@ class Worker:
         for i, spec in enumerate(job.models):
             mask = np.frombuffer(spec.mask, dtype=np.uint8)
             if len(mask) != len(train_x):
-                raise InvalidArgument(f"job.models[{i}].mask has {len(mask)} entries for {len(train_x)} records")
+                raise InvalidArgument(f"job.models[{i}].mask has {len(mask)} entries for {len(train_x)} records",
+                                      reason="JOB_INVALID", field=f"job.models[{i}].mask")
             if mask.max(initial=0) > 1:
-                raise InvalidArgument(f"job.models[{i}].mask must hold only 0 and 1")
+                raise InvalidArgument(f"job.models[{i}].mask must hold only 0 and 1", reason="JOB_INVALID",
+                                      field=f"job.models[{i}].mask")
             models.append((spec.index, spec.seed, mask.astype(bool)))
         phi, info, seconds = self._sandboxed(
             f"{job.task_id}/{job.strategy.sha256}", f"job {job.job_id} failed",
@@ -136,7 +140,7 @@ class Worker:
             builder_mix=job.builder_mix, engine=self.engine)
         log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
                  len(models), len(eval_x), seconds, self.device, info.get("engine", "?"))
-        return worker_pb2.FinetuneResult(job_id=job.job_id, model_indices=[m[0] for m in models],
+        return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[m[0] for m in models],
                                          phi=tensor_from_array(np.asarray(phi, dtype=np.float64)),
                                          device=self.device, seconds=seconds, engine=str(info.get("engine", "")))
 
@@ -148,9 +152,11 @@ class Worker:
         check_id(req.task_id, "task_id")
         shape = tuple(int(d) for d in req.record_shape)
         if not shape or len(shape) > 4 or any(d <= 0 or d > 4096 for d in shape):
-            raise InvalidArgument(f"record_shape must be 1-4 positive dims, got {list(shape)}")
+            raise InvalidArgument(f"record_shape must be 1-4 positive dims, got {list(shape)}",
+                                  reason="INVALID_SETTINGS", field="record_shape")
         if req.num_classes < 2:
-            raise InvalidArgument(f"num_classes must be >= 2, got {req.num_classes}")
+            raise InvalidArgument(f"num_classes must be >= 2, got {req.num_classes}", reason="INVALID_SETTINGS",
+                                  field="num_classes")
         strategy = self._cache.get(req.strategy, "strategy")
         weights = self._cache.get(req.base_model, "base_model")
         probe_x = np.zeros((2, *shape), dtype=np.float32)
@@ -163,7 +169,7 @@ class Worker:
         classes = int(info.get("classes", -1))
         if classes != req.num_classes:
             raise FailedPrecondition(f"the model returns {classes} logits per record but the task has "
-                                     f"num_classes = {req.num_classes}")
+                                     f"num_classes = {req.num_classes}", reason="MODEL_CHECK_FAILED")
         log.info("task %s: base model %s fits strategy %s (%d classes, %s parameters) in %.1fs", req.task_id,
                  req.base_model.sha256[:12], req.strategy.sha256[:12], classes, info.get("parameters"), seconds)
         return common_pb2.ModelCheck(base_model_sha256=req.base_model.sha256, strategy_sha256=req.strategy.sha256,
@@ -192,7 +198,8 @@ class Worker:
                         with self._cold_lock:
                             self._cold_children -= 1
             except (EngineError, SandboxError) as exc:
-                raise FailedPrecondition(f"{failed}: {exc}") from exc
+                raise FailedPrecondition(f"{failed}: {exc}", reason="MODEL_CHECK_FAILED" if failed.startswith(
+                    "model check") else "STRATEGY_FAILED") from exc
             return phi, info, time.perf_counter() - t0
 
 
@@ -200,14 +207,14 @@ def _source(strategy: bytes) -> str:
     try:
         return strategy.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"strategy is not UTF-8: {exc}") from exc
+        raise InvalidArgument(f"strategy is not UTF-8: {exc}", reason="STRATEGY_INVALID") from exc
 
 
 def _records(data: bytes, field: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         return load_records(data)
     except ValueError as exc:
-        raise InvalidArgument(f"job.{field}: {exc}") from exc
+        raise InvalidArgument(f"job.{field}: {exc}", reason="ARCHIVE_INVALID", field=f"job.{field}") from exc
 
 
 def pick_device(requested: str) -> str:

@@ -13,7 +13,7 @@ from ftps.v1 import scorer_pb2, scorer_pb2_grpc
 from services.lira_scorer.config import ScorerSettings
 from services.lira_scorer.rounds import Scorer
 from services.lira_scorer.servicer import LiraScorerServicer
-from services.lira_scorer.store import SqlOfflineStore, SqlRoundStore, migrate
+from services.lira_scorer.store import SqlOfflineStore, SqlPreparationStore, SqlRoundStore, migrate
 from services.lira_scorer.workers import WorkerPool
 
 
@@ -34,6 +34,7 @@ def create_server(settings: ScorerSettings) -> grpcutil.Server:
                       channel=security.channel, metrics=metrics)
     registry = security.channel(settings.registry_addr, max_message_mb=settings.max_message_mb)
     scorer = Scorer(store, registry_getter(registry), pool, rounds=SqlRoundStore(db), offline=SqlOfflineStore(db),
+                    preparations=SqlPreparationStore(db),
                     heldout_max=settings.heldout_max, replica_id=settings.replica_id,
                     lease_s=settings.round_lease_s, metrics=metrics)
     # The lease loop (renewals, takeovers) lives as long as the server; rounds running here are
@@ -41,8 +42,8 @@ def create_server(settings: ScorerSettings) -> grpcutil.Server:
     scorer.start()
     server.on_stop(scorer.close)
     server.on_stop(db.dispose)
-    server.add(scorer_pb2_grpc.add_LiraScorerServicer_to_server, LiraScorerServicer(scorer),
-               grpcutil.full_name(scorer_pb2, "LiraScorer"))
+    server.add(scorer_pb2_grpc.add_LiraScorerServiceServicer_to_server, LiraScorerServicer(scorer),
+               grpcutil.full_name(scorer_pb2, "LiraScorerService"))
     return server
 
 

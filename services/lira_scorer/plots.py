@@ -71,10 +71,11 @@ def roc_curves_png(curves: list[tuple[str, np.ndarray, np.ndarray]], *, title: s
 
 
 def scores_with_intervals_png(score: np.ndarray, ci_low: np.ndarray, ci_high: np.ndarray, *, title: str,
-                              path: str | Path | None = None, what: str = "privacy score P") -> bytes:
+                              path: str | Path | None = None, what: str = "privacy score") -> bytes:
     """Left: histogram of per-record scores. Right: every record's score with its interval,
     sorted by score, so the records whose whole interval sits above 0 stand out. ``what`` names
-    the score on the axes (e.g. "model-based score" for the headline ``model_score``)."""
+    the score on the axes (e.g. "model-based score" for the headline ``score``, "counted P" for
+    ``counted_p``); ``ci_low``/``ci_high`` are that score's interval bounds."""
     score, ci_low, ci_high = (np.asarray(a, float) for a in (score, ci_low, ci_high))
     order = np.argsort(score)
     fig = Figure(figsize=(10, 4))
@@ -104,8 +105,8 @@ def score_hist_png(result: ScoreResult, path: str | Path | None = None) -> bytes
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     bins = np.linspace(-1, 1, 41)
-    ax.hist(r.model_score, bins=bins, alpha=0.7, label="2 Phi(d'/2) - 1 (model-based, headline)")
-    ax.hist(r.score, bins=bins, alpha=0.5, label="P = TPR - FPR (counted)")
+    ax.hist(r.score, bins=bins, alpha=0.7, label="2 Phi(d'/2) - 1 (model-based, headline)")
+    ax.hist(r.counted_p, bins=bins, alpha=0.5, label="P = TPR - FPR (counted)")
     ax.axvline(0, color="grey", lw=1, ls="--")
     ax.set_xlabel("privacy score (0 = coin flip, 1 = always identified)")
     ax.set_ylabel("records")
@@ -176,9 +177,9 @@ def record_diagnosis_png(
     ax.set_xlabel("phi = log(p_y / (1 - p_y))")
     ax.set_ylabel("density")
     ax.set_title(
-        f"record {j} ({result.method}): score={r.model_score[j]:+.2f} "
-        f"[{r.model_ci_low[j]:+.2f}, {r.model_ci_high[j]:+.2f}]\n"
-        f"counted P={r.score[j]:+.2f} [{r.ci_low[j]:+.2f}, {r.ci_high[j]:+.2f}], "
+        f"record {j} ({result.method}): score={r.score[j]:+.2f} "
+        f"[{r.score_ci_low[j]:+.2f}, {r.score_ci_high[j]:+.2f}]\n"
+        f"counted P={r.counted_p[j]:+.2f} [{r.counted_p_ci_low[j]:+.2f}, {r.counted_p_ci_high[j]:+.2f}], "
         f"AUC={r.auc[j]:.2f}",
         fontsize=9,
     )

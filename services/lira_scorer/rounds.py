@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ftps.common import serde
-from ftps.common.clock import now_iso
+from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
                                 Unavailable)
@@ -39,9 +39,10 @@ from ftps.common.metrics import ScorerMetrics
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
 from ftps.common.task_rules import min_records
-from ftps.v1 import common_pb2, registry_pb2, worker_pb2
+from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
 from services.lira_scorer import scoring
-from services.lira_scorer.store import NewRound, OfflineStore, RoundRow, RoundStore
+from services.lira_scorer.store import (NewRound, OfflineStore, PreparationRow, PreparationStore, RoundRow,
+                                        RoundStore)
 from services.lira_scorer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,29 @@ class Run:
         return self.row.round_id
 
 
+@dataclass
+class PrepRun:
+    """A preparation stage running on this replica: its row as claimed, and whether it still holds it."""
+
+    row: PreparationRow
+    task: registry_pb2.Task
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.row.task_id, self.row.base_model_sha256
+
+
+_PREP_READY = scorer_pb2.PREPARATION_STATE_READY
+_PREP_FAILED = scorer_pb2.PREPARATION_STATE_FAILED
+_PREP_INTERNAL = "internal error in the preparation stage (the scorer's log has the details); start it again"
+
+
+def _ready_message(gaussian: common_pb2.OfflineGaussian) -> str:
+    return (f"offline Gaussian fitted from {gaussian.k} shadow models: mu={gaussian.mu:.4g}, "
+            f"sigma={gaussian.sigma:.4g}")
+
+
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -116,7 +140,8 @@ class Scorer:
     """
 
     def __init__(self, store: ObjectStore, get_task: GetTask, pool: WorkerPool, *, rounds: RoundStore,
-                 offline: OfflineStore, heldout_max: int = 500, replica_id: str = "",
+                 offline: OfflineStore, preparations: PreparationStore, heldout_max: int = 500,
+                 replica_id: str = "",
                  lease_s: float = 30.0, poll_s: float = 0.5, claim_limit: int = 4,
                  metrics: ScorerMetrics | None = None) -> None:
         self._store = store
@@ -124,6 +149,7 @@ class Scorer:
         self._pool = pool
         self._rounds = rounds
         self._offline = offline
+        self._preparations = preparations
         self._heldout_max = heldout_max
         self.replica_id = replica_id or default_replica_id()
         self.owner = f"{self.replica_id}#{secrets.token_hex(4)}"
@@ -133,7 +159,7 @@ class Scorer:
         # Guards the dicts below only; never held around storage or database I/O.
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
-        self._prep_locks: dict[str, threading.Lock] = {}
+        self._preps: dict[tuple[str, str], PrepRun] = {}  # preparation stages running here
         self._results: OrderedDict[str, common_pb2.RoundResult] = OrderedDict()  # finished: immutable
         # Notified on every write of a round running here: watchers re-read at once, not at the poll.
         self._progress = threading.Condition()
@@ -166,6 +192,7 @@ class Scorer:
             released = self._rounds.release_owners(f"{self.replica_id}#", keep=self.owner)
             if released:
                 log.info("released %d round(s) of an earlier run of replica %s", released, self.replica_id)
+            self._preparations.release_owners(f"{self.replica_id}#", keep=self.owner)
         except Unavailable as exc:  # the expired leases are claimed later all the same
             log.warning("could not release earlier rounds: %s", exc)
         self._loop = threading.Thread(target=self._lease_loop, name="scorer-leases", daemon=True)
@@ -179,13 +206,17 @@ class Scorer:
             self._loop.join(timeout=10)
         with self._lock:
             runs = list(self._runs.values())
+            preps = list(self._preps.values())
         for run in runs:
             run.lost.set()
+        for prep in preps:
+            prep.lost.set()
         try:
             self._rounds.release([run.round_id for run in runs], owner=self.owner)
+            self._preparations.release([prep.row for prep in preps], owner=self.owner)
         except Unavailable as exc:
-            log.warning("could not release %d round(s) at stop (they are taken over after the lease): %s",
-                        len(runs), exc)
+            log.warning("could not release %d round(s) and %d preparation(s) at stop (they are taken over "
+                        "after the lease): %s", len(runs), len(preps), exc)
 
     def _lease_loop(self) -> None:
         while not self._stop.is_set():
@@ -202,6 +233,12 @@ class Scorer:
         rounds whose lease ran out and run them."""
         with self._lock:
             runs = list(self._runs.values())
+            preps = list(self._preps.values())
+        for prep in preps:
+            if not prep.lost.is_set() and not self._preparations.renew(prep.row, owner=self.owner,
+                                                                       lease_s=self._lease_s):
+                prep.lost.set()
+                log.warning("preparation %s: lease lost (taken over or ended elsewhere)", prep.row.preparation_id)
         for run in runs:
             if not run.lost.is_set() and not self._rounds.renew(run.round_id, owner=self.owner,
                                                                  lease_s=self._lease_s):
@@ -213,6 +250,20 @@ class Scorer:
             log.info("round %s: its lease ran out (owner %s); running it here again", row.round_id,
                      row.lease_owner or "none")
             self._launch(row)
+        for prep_row in self._preparations.claim_expired(owner=self.owner, lease_s=self._lease_s,
+                                                         limit=self._claim_limit):
+            log.info("preparation %s of task %s: its lease ran out (owner %s); running it here again",
+                     prep_row.preparation_id, prep_row.task_id, prep_row.lease_owner or "none")
+            try:
+                task = self._get_task(prep_row.task_id)
+            except Unavailable as exc:  # claimed again once this lease runs out
+                log.warning("preparation %s: task not readable now: %s", prep_row.preparation_id, exc)
+                continue
+            except FtpsError as exc:
+                self._preparations.update(prep_row, owner=self.owner, state=_PREP_FAILED,
+                                          message=f"the task cannot be read: {exc}")
+                continue
+            self._launch_preparation(prep_row, task)
 
     def _launch(self, row: RoundRow) -> None:
         run = Run(row=row, status=row.status())
@@ -252,33 +303,178 @@ class Scorer:
         gaussian = self._offline.get(task_id, task.base_model.sha256)
         if gaussian is None:
             raise NotFound(f"task {task_id} has no offline Gaussian for base model "
-                           f"v{task.base_model.version}; run the preparation stage")
+                           f"v{task.base_model.version}; run the preparation stage", reason="PREPARATION_NOT_FOUND")
         return gaussian
 
     def prepare_offline(self, task_id: str, *, refit: bool = False, who: Principal,
                         progress: Callable[[int, int], None] | None = None) -> common_pb2.OfflineGaussian:
-        """k shadow fine-tunes of M0 on random halves of a pool of the builder's records; phi on
-        held-out builder records (OUT for every shadow model); one Gaussian fitted on all of it.
+        """The preparation stage, waited for: started (or joined, when one runs on any replica) as
+        :meth:`start_preparation`, followed to its end. FAILED_PRECONDITION (PREPARATION_FAILED) with
+        its message when it fails. An offline-global round needs it this way."""
+        prep = self.start_preparation(task_id, refit=refit, who=who)
+        for prep in self.watch_preparation(task_id, is_active=lambda: not self._stop.is_set(), who=who):
+            if progress:
+                progress(prep.models_done, prep.models_total)
+        if prep.state == _PREP_READY and prep.HasField("gaussian"):
+            return prep.gaussian
+        if prep.state == _PREP_FAILED:
+            raise FailedPrecondition(f"the preparation stage failed: {prep.message}", reason="PREPARATION_FAILED")
+        raise Unavailable(f"the preparation stage of task {task_id} did not end (the scorer is stopping)")
 
-        One fit per task at a time on this replica; two replicas may fit at once, which is only
-        duplicate work: the fit is seeded by the task and base model, and the first stored wins."""
+    def start_preparation(self, task_id: str, *, refit: bool = False, who: Principal) -> scorer_pb2.Preparation:
+        """Start the preparation stage (k shadow fine-tunes, then the offline Gaussian) in the
+        background and return at once: PREPARING, or READY when a Gaussian for the task's current
+        base model is stored and not ``refit``. While one runs (on any replica) it is the one
+        returned. Runs under a lease like a round's: a replica that dies mid-way leaves it to another."""
         task = self._ready_task(task_id, who, action="prepare")
-        with self._lock:
-            lock = self._prep_locks.setdefault(task_id, threading.Lock())
-        with lock:
-            if not refit and (stored := self._offline.get(task_id, task.base_model.sha256)) is not None:
+        sha = task.base_model.sha256
+        stored = None if refit else self._offline.get(task_id, sha)
+        if stored is not None:
+            row = self._preparations.get(task_id, sha)
+            if row is None or row.terminal:  # READY (or a stale FAILED, superseded by the Gaussian)
                 if self._metrics is not None:
                     self._metrics.preparations.labels("cached").inc()
-                return stored
+                return self._preparation_message(row if row is not None and row.state == _PREP_READY else None,
+                                                 stored, task_id=task_id, sha=sha)
+        row, run_here = self._preparations.start(
+            task_id, sha, preparation_id=f"prep-{secrets.token_hex(8)}",
+            models_total=task.settings.shadow_models, refit=refit, owner=self.owner, lease_s=self._lease_s,
+            restart_ready=refit or stored is None)
+        if run_here:
+            log.info("preparation %s of task %s started (%d shadow models)", row.preparation_id, task_id,
+                     row.models_total)
+            self._launch_preparation(row, task)
+        elif row.state == _PREP_READY and self._metrics is not None:
+            self._metrics.preparations.labels("cached").inc()
+        return self._preparation_message(row, task_id=task_id, sha=sha)
+
+    def get_preparation(self, task_id: str, who: Principal) -> scorer_pb2.Preparation:
+        """The task's preparation for its current base model; READY when only its Gaussian is stored
+        (fitted before preparations were operations). NOT_FOUND (PREPARATION_NOT_FOUND) otherwise."""
+        check_id(task_id, "task_id")
+        task = authorized_task(who, task_id, self._get_task, action="read the preparation of")
+        sha = task.base_model.sha256
+        row = self._preparations.get(task_id, sha) if sha else None
+        if row is None:
+            stored = self._offline.get(task_id, sha) if sha else None
+            if stored is None:
+                raise NotFound(f"task {task_id} has no preparation for its current base model"
+                               + (f" (v{task.base_model.version})" if sha else "") + "; start the preparation stage",
+                               reason="PREPARATION_NOT_FOUND", field="task_id")
+            return self._preparation_message(None, stored, task_id=task_id, sha=sha)
+        return self._preparation_message(row, task_id=task_id, sha=sha)
+
+    def watch_preparation(self, task_id: str, *, is_active: Callable[[], bool],
+                          who: Principal) -> Iterator[scorer_pb2.Preparation]:
+        """The preparation's state first, then each change (state, models done, message), until READY
+        or FAILED: read every ``poll_s`` (any replica's progress), or at once when one running here moves."""
+        prep = self.get_preparation(task_id, who)
+        last = None
+        while True:
+            key = (prep.preparation_id, prep.state, prep.models_done, prep.message)
+            if key != last:
+                last = key
+                yield prep
+                if prep.state in (_PREP_READY, _PREP_FAILED):
+                    return
+            if not is_active():
+                return
+            with self._progress:
+                self._progress.wait(timeout=self._poll_s)
+            row = self._preparations.get(task_id, prep.base_model_sha256)
+            if row is not None:
+                prep = self._preparation_message(row, task_id=task_id, sha=prep.base_model_sha256)
+
+    def _preparation_message(self, row: PreparationRow | None, gaussian: common_pb2.OfflineGaussian | None = None,
+                             *, task_id: str, sha: str) -> scorer_pb2.Preparation:
+        """The Preparation of a row (the Gaussian read when READY), or, without a row, of a stored Gaussian."""
+        if row is None:
+            assert gaussian is not None
+            pid = "prep-" + hashlib.sha256(f"{task_id}:{sha}:{gaussian.fitted_at.ToJsonString()}".encode()).hexdigest()[:16]
+            out = scorer_pb2.Preparation(
+                task_id=task_id, preparation_id=pid, state=_PREP_READY, models_done=gaussian.k,
+                models_total=gaussian.k, elapsed_s=float(gaussian.timings.get("total_s", 0.0)),
+                message=_ready_message(gaussian), gaussian=gaussian, base_model_sha256=sha)
+            out.started_at.CopyFrom(gaussian.fitted_at)
+            return out
+        now = time.time()
+        out = scorer_pb2.Preparation(
+            task_id=row.task_id, preparation_id=row.preparation_id, state=row.state, models_done=row.models_done,
+            models_total=row.models_total, message=row.message, base_model_sha256=row.base_model_sha256,
+            elapsed_s=max(0.0, (row.ended_at if row.ended_at is not None else now) - row.started_at))
+        out.started_at.FromMilliseconds(int(row.started_at * 1000))
+        if not row.terminal and 0 < row.models_done < row.models_total:
+            pace = max(0.0, now - row.run_started_at) / row.models_done
+            out.remaining_s = pace * (row.models_total - row.models_done)
+        if row.state == _PREP_READY:
+            gaussian = gaussian or self._offline.get(row.task_id, row.base_model_sha256)
+            if gaussian is not None:
+                out.gaussian.CopyFrom(gaussian)
+        return out
+
+    def _launch_preparation(self, row: PreparationRow, task: registry_pb2.Task) -> None:
+        run = PrepRun(row=row, task=task)
+        with self._lock:
+            running = self._preps.get(run.key)
+            if running is not None and running.row.preparation_id == row.preparation_id and not running.lost.is_set():
+                return
+            self._preps[run.key] = run
+        threading.Thread(target=self._run_preparation, args=(run,), name=f"prepare-{row.task_id}",
+                         daemon=True).start()
+
+    def _prep_write(self, run: PrepRun, **fields) -> None:
+        """Write the preparation's progress as its lease holder (:class:`LeaseLost` once it is not)."""
+        if run.lost.is_set():
+            raise LeaseLost(run.row.preparation_id)
+        try:
+            held = self._preparations.update(run.row, owner=self.owner, **fields)
+        except Unavailable as exc:
+            raise RoundAbandoned(f"preparation {run.row.preparation_id}: {exc}") from exc
+        if not held:
+            run.lost.set()
+            raise LeaseLost(run.row.preparation_id)
+        with self._progress:
+            self._progress.notify_all()
+
+    def _run_preparation(self, run: PrepRun) -> None:
+        row, task = run.row, run.task
+        k = row.models_total
+
+        def progress(done: int, total: int) -> None:
             try:
-                gaussian = self._prepare(task, refit=refit, progress=progress)
-            except Exception:
+                self._prep_write(run, models_done=done, message=f"fine-tuned {done} of {total} shadow models")
+            except RoundAbandoned as exc:  # the pool's callback must not fail the jobs: the end write tells
+                log.warning("preparation %s: progress not written: %s", row.preparation_id, exc)
+
+        try:
+            try:
+                if task.base_model.sha256 != row.base_model_sha256:
+                    raise FailedPrecondition("the task's base model changed while it was being prepared; "
+                                             "start the preparation stage again", reason="TASK_NOT_READY")
+                gaussian = self._prepare(task, refit=row.refit, progress=progress)
+                self._prep_write(run, state=_PREP_READY, models_done=k, message=_ready_message(gaussian))
+                if self._metrics is not None:
+                    self._metrics.preparations.labels("done").inc()
+            except RoundAbandoned:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure ends the preparation with a reason
+                if isinstance(exc, (FtpsError, ValueError)) and getattr(exc, "reason", "") != "INTERNAL":
+                    message = str(exc)
+                    log.warning("preparation %s of task %s failed: %s", row.preparation_id, row.task_id, message)
+                else:
+                    message = _PREP_INTERNAL
+                    log.exception("preparation %s of task %s failed", row.preparation_id, row.task_id)
+                self._prep_write(run, state=_PREP_FAILED, message=message)
                 if self._metrics is not None:
                     self._metrics.preparations.labels("failed").inc()
-                raise
-            if self._metrics is not None:
-                self._metrics.preparations.labels("done").inc()
-            return gaussian
+        except LeaseLost:
+            log.warning("preparation %s: no longer this replica's (lease lost); stopped", row.preparation_id)
+        except RoundAbandoned as exc:
+            log.warning("%s; the preparation runs again once its lease ends", exc)
+        finally:
+            with self._lock:
+                if self._preps.get(run.key) is run:
+                    del self._preps[run.key]
 
     def _prepare(self, task: registry_pb2.Task, *, refit: bool,
                  progress: Callable[[int, int], None] | None) -> common_pb2.OfflineGaussian:
@@ -302,7 +498,7 @@ class Scorer:
                          eval_records=heldout_ref)
         done = [0]
 
-        def on_done(result: worker_pb2.FinetuneResult) -> None:
+        def on_done(result: worker_pb2.RunJobResponse) -> None:
             done[0] += len(result.model_indices)
             if progress:
                 progress(done[0], k)
@@ -313,7 +509,7 @@ class Scorer:
         phi = np.concatenate([serde.array_from_tensor(r.phi, field="phi") for r in results])
         mu, sigma = scoring.fit_offline_gaussian(phi)
         gaussian = common_pb2.OfflineGaussian(
-            task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now_iso(),
+            task_id=task_id, mu=mu, sigma=sigma, k=k, n_values=int(phi.size), fitted_at=now_ts(),
             base_model_sha256=task.base_model.sha256,
             timings={"finetune_s": finetune_s, "worker_jobs_s": float(sum(r.seconds for r in results)),
                      "total_s": time.perf_counter() - t0})
@@ -340,12 +536,12 @@ class Scorer:
             return existing.status()
         task = self._ready_task(task_id, who, action="score rounds of")
         if not batch.key or not batch.sha256:
-            raise InvalidArgument("batch is required (key and sha256)")
+            raise InvalidArgument("batch is required (key and sha256)", reason="FIELD_REQUIRED", field="batch")
         if len(record_ids) != len(contributors):
             raise InvalidArgument(f"record_ids ({len(record_ids)}) and contributors "
-                                  f"({len(contributors)}) differ in length")
+                                  f"({len(contributors)}) differ in length", field="contributors")
         if len(record_ids) < 2:
-            raise InvalidArgument("a round needs at least 2 records")
+            raise InvalidArgument("a round needs at least 2 records", field="record_ids")
         row, created = self._rounds.create(
             NewRound(round_id=round_id, task_id=task_id, models_total=task.settings.n_models, batch=batch,
                      record_ids=list(record_ids), contributors=list(contributors)),
@@ -360,11 +556,12 @@ class Scorer:
             try:
                 result = self._score_round(run)
                 result.timings["total_s"] = time.perf_counter() - t0
-                # The result is stored before the row points at it.
+                # The result is stored before the row points at it; both say the round is done.
+                result.status.message = (f"done: scored {len(result.scores)} of {len(run.row.record_ids)} "
+                                         f"records with {result.batch.n_models} models")
                 ref = self._store.put_bytes(f"scorer/rounds/{run.round_id}/result-{run.nonce}.pb",
                                             result.SerializeToString())
-                self._write(run, state=common_pb2.ROUND_STATE_DONE, result=ref,
-                            message=f"scored {len(run.row.record_ids)} records with {result.batch.n_models} models")
+                self._write(run, state=common_pb2.ROUND_STATE_DONE, result=ref, message=result.status.message)
                 self._finished("done", t0)
                 log.info("round %s done in %.1fs", run.round_id, time.perf_counter() - t0)
             except RoundAbandoned:
@@ -421,16 +618,16 @@ class Scorer:
             causes, broken, unexplained = trace_failures(phi, masks, failed)
             if unexplained:
                 raise FailedPrecondition(f"fine-tuning failed on {broken} of {n} models, not traced to "
-                                         f"particular records: {unexplained}")
+                                         f"particular records: {unexplained}", reason="STRATEGY_FAILED")
             if not causes:
                 break
             if attempt == 1:
                 raise FailedPrecondition("fine-tuning failed again after leaving out the records traced "
-                                         f"as its cause: {next(iter(causes.values()))}")
+                                         f"as its cause: {next(iter(causes.values()))}", reason="STRATEGY_FAILED")
             keep = np.setdiff1d(np.arange(m), list(causes))
             if len(keep) < max(2, min_records(n)):
                 raise FailedPrecondition(f"{len(causes)} of {m} records made fine-tuning fail; too few are "
-                                         f"left to score ({len(keep)})")
+                                         f"left to score ({len(keep)})", reason="STRATEGY_FAILED")
             for j, reason in sorted(causes.items()):
                 excluded.append(common_pb2.ExcludedRecord(record_id=record_ids[j], contributor=contributors[j],
                                                           reason=reason))
@@ -471,10 +668,10 @@ class Scorer:
         failed: dict[int, str] = {}
         failed_jobs: list[worker_pb2.FinetuneJob] = []
 
-        def on_done(result: worker_pb2.FinetuneResult) -> None:
+        def on_done(result: worker_pb2.RunJobResponse) -> None:
             rows = serde.array_from_tensor(result.phi, field="phi")
             if rows.shape != (len(result.model_indices), m):
-                raise InvalidArgument(f"worker returned phi of shape {rows.shape}")
+                raise InvalidArgument(f"worker returned phi of shape {rows.shape}", reason="WORKER_OUTPUT_INVALID")
             phi[list(result.model_indices)] = rows
             fine[list(result.model_indices)] = True
             job_seconds.append(result.seconds)
@@ -507,7 +704,7 @@ class Scorer:
         row = self._rounds.get(round_id)
         if who.is_privileged:
             if row is None:
-                raise NotFound(f"round {round_id} not found")
+                raise NotFound(f"round {round_id} not found", reason="ROUND_NOT_FOUND", field="round_id")
             return row
         if row is None:  # not NOT_FOUND: no answer tells a caller which rounds exist
             raise denied(who, "read", f"round {round_id}")
@@ -628,7 +825,8 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
             headline = scored
             result.batch.CopyFrom(metrics)
     if headline is None:
-        raise FailedPrecondition(f"method {method} could not be computed (offline Gaussian missing)")
+        raise FailedPrecondition(f"method {method} could not be computed (offline Gaussian missing)",
+                                 reason="PREPARATION_MISSING")
     if offline is not None:
         result.offline.CopyFrom(offline)
     r = headline.records
@@ -636,11 +834,12 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
     for j, (rid, who) in enumerate(zip(record_ids, contributors)):
         result.scores.append(common_pb2.RecordScore(
             record_id=rid, contributor=who, round_id=round_id, index=j, score=float(r.score[j]),
-            ci_low=float(r.ci_low[j]), ci_high=float(r.ci_high[j]), n_in=int(r.n_in[j]),
-            n_out=int(r.n_out[j]), auc=float(r.auc[j]), model_score=float(r.model_score[j]),
+            score_ci_low=float(r.score_ci_low[j]), score_ci_high=float(r.score_ci_high[j]),
+            counted_p=float(r.counted_p[j]), counted_p_ci_low=float(r.counted_p_ci_low[j]),
+            counted_p_ci_high=float(r.counted_p_ci_high[j]), n_in=int(r.n_in[j]),
+            n_out=int(r.n_out[j]), auc=float(r.auc[j]),
             mu_in=float(r.mu_in[j]), sigma_in=float(r.sigma_in[j]), mu_out=float(r.mu_out[j]),
-            sigma_out=float(r.sigma_out[j]), method=enum, model_ci_low=float(r.model_ci_low[j]),
-            model_ci_high=float(r.model_ci_high[j])))
+            sigma_out=float(r.sigma_out[j]), method=enum))
     return result
 
 
@@ -664,4 +863,4 @@ def batch_metrics(scored: "scoring.ScoreResult") -> common_pb2.BatchMetrics:
         method=serde.method_enum(scored.method), n_models=scored.n_models, n_records=scored.n_records,
         auc=scored.batch.auc, tpr_at_1pct_fpr=scored.batch.tpr_at_1pct_fpr,
         tpr_at_0_1pct_fpr=scored.batch.tpr_at_0_1pct_fpr,
-        mean_score=float(np.mean(scored.records.score)))
+        mean_score=float(np.mean(scored.records.score)))  # the headline's mean

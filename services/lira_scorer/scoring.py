@@ -38,11 +38,12 @@ Gaussian it is tested against towards itself, which biases small-n scores.
 
 Two scores per record (DESIGN.md §3), and which one is the headline (:data:`HEADLINE`):
 
-- ``RecordScores.score``: the paper's counted ``P`` (above), with ``ci_low``/``ci_high``;
-- ``RecordScores.model_score`` (the headline): the model-based estimate of the same quantity,
+- ``RecordScores.score`` (the headline): the model-based estimate of the attack's advantage,
   ``2 * Phi(d'/2) - 1`` with ``d' = (mu_in - mu_out) / sigma`` from the record's fitted IN/OUT
   Gaussians (TPR - FPR of the likelihood-ratio test for equal variances), with
-  ``model_ci_low``/``model_ci_high``.
+  ``score_ci_low``/``score_ci_high``;
+- ``RecordScores.counted_p``: the paper's counted ``P`` (above), with
+  ``counted_p_ci_low``/``counted_p_ci_high``.
 
 Why the model-based score is the headline (``bench/attacks.py`` on the demo task, Fashion-MNIST,
 m=200, a pool of 512 fine-tuned models; at the demo's n=32): between two disjoint sets of 32
@@ -93,7 +94,7 @@ METHODS = ("offline-global", "offline-per-record", "online-per-record", "rmia")
 DEFAULT_METHOD = "online-per-record"
 # Which per-record number is the privacy score users see first (RecordScores field); the counted
 # P is reported beside it. Chosen from bench/attacks.py, see the module docstring.
-HEADLINE = "model_score"
+HEADLINE = "score"
 MIN_MODELS = 4
 # A per-record std at or below this fraction of the pooled std is treated as zero (degenerate).
 _DEGENERATE_STD_REL = 1e-6
@@ -114,19 +115,19 @@ _JACKKNIFE_GROUPS = 8
 class RecordScores:
     """Per-record results; every field is an array of shape ``[m]``.
 
-    - ``score``: counted privacy score ``P_j = TPR_j - FPR_j`` in ``[-1, 1]``.
-    - ``ci_low``, ``ci_high``: two-sided interval for ``P_j``: Newcombe's hybrid score interval
-      (:func:`newcombe_interval`), for ``offline-per-record`` and ``online-per-record`` widened
-      by a delete-a-group jackknife (:func:`_jackknife_widen`).
+    - ``score``: the headline, ``2 * Phi(d'/2) - 1``, ``d' = (mu_in - mu_out) / sigma`` with
+      ``sigma`` the pooled std of the record's IN and OUT Gaussians; signed (negative when
+      IN < OUT) (:data:`HEADLINE`).
+    - ``score_ci_low``, ``score_ci_high``: its two-sided interval (:func:`_model_interval`):
+      a t interval on ``d'`` from the spread of the complementary pairs' differences
+      (Welch's when the masks are not complementary pairs), mapped to the score's scale.
+    - ``counted_p``: the paper's counted privacy score ``P_j = TPR_j - FPR_j`` in ``[-1, 1]``.
+    - ``counted_p_ci_low``, ``counted_p_ci_high``: two-sided interval for ``P_j``: Newcombe's
+      hybrid score interval (:func:`newcombe_interval`), for ``offline-per-record`` and
+      ``online-per-record`` widened by a delete-a-group jackknife (:func:`_jackknife_widen`).
     - ``n_in``, ``n_out`` (int): number of models with record ``j`` IN / OUT.
     - ``auc``: threshold-free ``P(phi_IN > phi_OUT)`` over the record's IN x OUT model pairs,
       ties count 1/2.
-    - ``model_score``: ``2 * Phi(d'/2) - 1``, ``d' = (mu_in - mu_out) / sigma`` with ``sigma`` the
-      pooled std of the record's IN and OUT Gaussians; signed (negative when IN < OUT). The
-      headline score (:data:`HEADLINE`).
-    - ``model_ci_low``, ``model_ci_high``: its two-sided interval (:func:`_model_interval`):
-      a t interval on ``d'`` from the spread of the complementary pairs' differences
-      (Welch's when the masks are not complementary pairs), mapped to the score's scale.
     - ``mu_in``, ``sigma_in``, ``mu_out``, ``sigma_out``: the record's IN/OUT Gaussians fitted on
       *all* its models (no leave-one-out; for plots). ``sigma_*`` are the values the method uses:
       the pooled residual std under ``fixed_variance`` (offline-per-record pools OUT residuals
@@ -135,14 +136,14 @@ class RecordScores:
     """
 
     score: np.ndarray
-    ci_low: np.ndarray
-    ci_high: np.ndarray
+    score_ci_low: np.ndarray
+    score_ci_high: np.ndarray
+    counted_p: np.ndarray
+    counted_p_ci_low: np.ndarray
+    counted_p_ci_high: np.ndarray
     n_in: np.ndarray
     n_out: np.ndarray
     auc: np.ndarray
-    model_score: np.ndarray
-    model_ci_low: np.ndarray
-    model_ci_high: np.ndarray
     mu_in: np.ndarray
     sigma_in: np.ndarray
     mu_out: np.ndarray
@@ -635,7 +636,7 @@ def _decide(
     pooled_all, pooled_all_loo = np.sqrt(var_all), np.sqrt(var_all_loo)
     pooled_out, pooled_out_loo = np.sqrt(var_out), np.sqrt(var_out_loo)
 
-    # Per-record sigmas the method uses: full fits ([m], for reporting and model_score) and
+    # Per-record sigmas the method uses: full fits ([m], for reporting and the model-based score) and
     # leave-one-model-out fits ([n, m], for decisions). A zero std is an error only where a
     # decision needs it and no pooled fallback exists.
     if fixed_variance and method == "online-per-record":
@@ -891,11 +892,11 @@ def score(
         confidence: level of the interval on each record's score.
 
     Returns:
-        :class:`ScoreResult`. The counted score is ``P_j = TPR_j - FPR_j`` with
+        :class:`ScoreResult`. The headline ``score`` with ``score_ci_low``/``score_ci_high``
+        is the model-based estimate; the counted ``counted_p`` is ``P_j = TPR_j - FPR_j`` with
         ``TPR_j = #{i IN: member decided} / n_in`` and ``FPR_j = #{i OUT: member decided} / n_out``
         (equal to ``2 * mean_i[LiRA == G] - 1`` for balanced masks), interval by
-        :func:`newcombe_interval` with the actual ``n_in``, ``n_out`` (widened, see below); the
-        headline ``model_score`` with ``model_ci_low``/``model_ci_high``.
+        :func:`newcombe_interval` with the actual ``n_in``, ``n_out`` (widened, see below).
 
     Intervals: Newcombe's interval treats the n decisions on a record as independent Bernoulli
     trials. They are not: each is tested against Gaussians fitted on the same record's other
@@ -973,26 +974,26 @@ def score(
     s_pool = np.sqrt(((n_in - 1) * s_in**2 + (n_out - 1) * s_out**2) / (n_in + n_out - 2))
     gap = g_in.mean - g_out.mean
     with np.errstate(divide="ignore", invalid="ignore"):
-        model_score = np.where(
+        model_based = np.where(
             s_pool > 0, 2.0 * special.ndtr(gap / s_pool / 2.0) - 1.0, np.sign(gap)
         )
     pooled_norm = fixed_variance and method == "online-per-record"
     df_norm = np.full(m, fit.pooled_dof) if pooled_norm else (n_in + n_out - 2.0)
-    model_ci_low, model_ci_high = _model_interval(
+    model_low, model_high = _model_interval(
         phi, member, g_in, g_out, s_pool, df_norm, pooled_std=fit.pooled_all, pairs=pairs,
         confidence=confidence,
     )  # fmt: skip
 
     records = RecordScores(
-        score=p,
-        ci_low=ci_low,
-        ci_high=ci_high,
+        score=model_based,
+        score_ci_low=model_low,
+        score_ci_high=model_high,
+        counted_p=p,
+        counted_p_ci_low=ci_low,
+        counted_p_ci_high=ci_high,
         n_in=n_in,
         n_out=n_out,
         auc=per_record_auc(phi, member),
-        model_score=model_score,
-        model_ci_low=model_ci_low,
-        model_ci_high=model_ci_high,
         mu_in=g_in.mean,
         sigma_in=np.asarray(s_in, dtype=np.float64),
         mu_out=g_out.mean,

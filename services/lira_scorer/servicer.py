@@ -8,27 +8,31 @@ from ftps.v1 import scorer_pb2_grpc
 from services.lira_scorer.rounds import Scorer
 
 
-class LiraScorerServicer(scorer_pb2_grpc.LiraScorerServicer):
+class LiraScorerServicer(scorer_pb2_grpc.LiraScorerServiceServicer):
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
 
     @rpc
-    def PrepareOffline(self, request, context):
-        return self.scorer.prepare_offline(request.task_id, refit=request.refit, who=current())
+    def StartPreparation(self, request, context):
+        return self.scorer.start_preparation(request.task_id, refit=request.refit, who=current())
 
     @rpc
-    def GetOffline(self, request, context):
-        return self.scorer.get_offline(request.task_id, current())
+    def GetPreparation(self, request, context):
+        return self.scorer.get_preparation(request.task_id, current())
 
     @rpc
-    def StartRound(self, request, context):
+    def WatchPreparation(self, request, context):
+        yield from self.scorer.watch_preparation(request.task_id, is_active=context.is_active, who=current())
+
+    @rpc
+    def StartScoring(self, request, context):
         return self.scorer.start_round(request.task_id, request.round_id, request.batch,
                                        list(request.record_ids), list(request.contributors), current())
 
     @rpc
-    def WatchRound(self, request, context):
+    def WatchScoring(self, request, context):
         yield from self.scorer.watch(request.round_id, is_active=context.is_active, who=current())
 
     @rpc
-    def GetResult(self, request, context):
+    def GetScoringResult(self, request, context):
         return self.scorer.get_result(request.round_id, current())

@@ -14,6 +14,8 @@ Tables (``services/lira_scorer/migrations``, version table ``alembic_version_sco
 
     scorer_rounds    round_id PK, task_id, state, progress, batch/result BlobRefs, lease
     scorer_offline   (task_id, base_model_sha256) PK, the OfflineGaussian
+    scorer_preparations  (task_id, base_model_sha256) PK, the preparation stage running or last run
+                     for it (a long-running operation: id, state, progress, lease like a round's)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ftps.common import serde
 from ftps.common.db import Database
-from ftps.v1 import common_pb2
+from ftps.v1 import common_pb2, scorer_pb2
 
 MIGRATIONS = str(Path(__file__).parent / "migrations")
 VERSION_TABLE = "alembic_version_scorer"
@@ -143,6 +145,76 @@ class OfflineStore(abc.ABC):
         one replaces it (a refit). Returns the Gaussian stored."""
 
 
+PREPARING = scorer_pb2.PREPARATION_STATE_PREPARING
+PREPARATION_TERMINAL = (scorer_pb2.PREPARATION_STATE_READY, scorer_pb2.PREPARATION_STATE_FAILED)
+
+
+@dataclass(frozen=True)
+class PreparationRow:
+    """The preparation stage of a task for one base model, as stored (the last one started)."""
+
+    task_id: str
+    base_model_sha256: str
+    preparation_id: str
+    state: int  # scorer_pb2.PreparationState
+    models_done: int
+    models_total: int
+    message: str
+    refit: bool
+    lease_owner: str | None
+    lease_until: float | None
+    started_at: float
+    run_started_at: float  # this run's start: a replica that takes it over starts again from model 0
+    ended_at: float | None
+    updated_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in PREPARATION_TERMINAL
+
+
+class PreparationStore(abc.ABC):
+    """Preparation stages, one row per task and base model (the last started). Every method is one
+    transaction. Leases as for rounds: the replica running one renews it; one whose lease ran out
+    (its replica died) is claimed by another replica and run again (the fit is deterministic)."""
+
+    @abc.abstractmethod
+    def start(self, task_id: str, base_model_sha256: str, *, preparation_id: str, models_total: int,
+              refit: bool, owner: str, lease_s: float, restart_ready: bool,
+              now: float | None = None) -> tuple[PreparationRow, bool]:
+        """Start a preparation unless one runs: returns ``(row, True)`` when ``owner`` is to run it
+        (stored now as PREPARING under ``preparation_id``, or a PREPARING one whose lease ran out,
+        taken over), ``(row, False)`` when one runs elsewhere, or when it is READY and not
+        ``restart_ready`` (returned as it is). A FAILED one is always replaced."""
+
+    @abc.abstractmethod
+    def get(self, task_id: str, base_model_sha256: str) -> PreparationRow | None:
+        """The last preparation started for the task and base model, or None."""
+
+    @abc.abstractmethod
+    def update(self, row: PreparationRow, *, owner: str, state: int | None = None,
+               models_done: int | None = None, message: str | None = None, now: float | None = None) -> bool:
+        """Write progress if ``owner`` holds the lease of this preparation (same id) and it still runs;
+        False (nothing written) otherwise. A terminal state ends the lease and records ``ended_at``."""
+
+    @abc.abstractmethod
+    def renew(self, row: PreparationRow, *, owner: str, lease_s: float, now: float | None = None) -> bool:
+        """Extend ``owner``'s lease; False when it no longer holds it."""
+
+    @abc.abstractmethod
+    def claim_expired(self, *, owner: str, lease_s: float, limit: int = 4,
+                      now: float | None = None) -> list[PreparationRow]:
+        """PREPARING preparations whose lease ran out (or was released), now ``owner``'s, from model 0."""
+
+    @abc.abstractmethod
+    def release(self, rows: Sequence[PreparationRow], *, owner: str) -> int:
+        """End ``owner``'s leases on these at once (a replica stopping)."""
+
+    @abc.abstractmethod
+    def release_owners(self, prefix: str, *, keep: str) -> int:
+        """End the leases of owners named ``prefix`` + anything but ``keep`` (an earlier incarnation)."""
+
+
 metadata = sa.MetaData()
 rounds_t = sa.Table(
     "scorer_rounds", metadata,
@@ -170,6 +242,23 @@ offline_t = sa.Table(
     sa.Column("fitted_at", sa.Float, nullable=False),
 )
 _NOT_TERMINAL = rounds_t.c.state.notin_(TERMINAL)
+preparations_t = sa.Table(
+    "scorer_preparations", metadata,
+    sa.Column("task_id", sa.String(128), primary_key=True),
+    sa.Column("base_model_sha256", sa.String(64), primary_key=True),
+    sa.Column("preparation_id", sa.String(64), nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("models_done", sa.Integer, nullable=False),
+    sa.Column("models_total", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("refit", sa.Boolean, nullable=False),
+    sa.Column("lease_owner", sa.String(255), nullable=True),
+    sa.Column("lease_until", sa.Float, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("run_started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 
 
 def _insert(db: Database):
@@ -298,3 +387,116 @@ class SqlOfflineStore(OfflineStore):
                 offline_t.c.task_id == gaussian.task_id,
                 offline_t.c.base_model_sha256 == gaussian.base_model_sha256)).scalar_one()
         return common_pb2.OfflineGaussian.FromString(data)
+
+
+def _prep_row(r: sa.Row) -> PreparationRow:
+    return PreparationRow(**{c.name: getattr(r, c.name) for c in preparations_t.columns})
+
+
+def _prep_key(task_id: str, base_model_sha256: str):
+    return sa.and_(preparations_t.c.task_id == task_id, preparations_t.c.base_model_sha256 == base_model_sha256)
+
+
+def _held(row: PreparationRow, owner: str):
+    return sa.and_(_prep_key(row.task_id, row.base_model_sha256),
+                   preparations_t.c.preparation_id == row.preparation_id,
+                   preparations_t.c.lease_owner == owner, preparations_t.c.state == PREPARING)
+
+
+class SqlPreparationStore(PreparationStore):
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def _select(self, conn, task_id, sha):
+        r = conn.execute(sa.select(preparations_t).where(_prep_key(task_id, sha))).first()
+        return None if r is None else _prep_row(r)
+
+    def start(self, task_id, base_model_sha256, *, preparation_id, models_total, refit, owner, lease_s,
+              restart_ready, now=None):
+        now = time.time() if now is None else now
+        values = dict(task_id=task_id, base_model_sha256=base_model_sha256, preparation_id=preparation_id,
+                      state=PREPARING, models_done=0, models_total=models_total,
+                      message=f"fine-tuning {models_total} shadow models", refit=bool(refit),
+                      lease_owner=owner, lease_until=now + lease_s, started_at=now, run_started_at=now,
+                      ended_at=None, updated_at=now)
+        key = _prep_key(task_id, base_model_sha256)
+        with self._db.write() as conn:
+            existing = conn.execute(sa.select(preparations_t).where(key).with_for_update()).first()
+            if existing is None:
+                created = conn.execute(_insert(self._db)(preparations_t).values(**values)
+                                       .on_conflict_do_nothing(index_elements=["task_id", "base_model_sha256"])
+                                       .returning(preparations_t.c.preparation_id)).first() is not None
+                return self._select(conn, task_id, base_model_sha256), created
+            row = _prep_row(existing)
+            if row.state == PREPARING:
+                if row.lease_until is not None and row.lease_until >= now:
+                    return row, False
+                taken = conn.execute(preparations_t.update().where(
+                    key, preparations_t.c.preparation_id == row.preparation_id, preparations_t.c.state == PREPARING)
+                    .values(lease_owner=owner, lease_until=now + lease_s, models_done=0, run_started_at=now,
+                            updated_at=now)).rowcount == 1
+                return self._select(conn, task_id, base_model_sha256), taken
+            if row.state == scorer_pb2.PREPARATION_STATE_READY and not restart_ready:
+                return row, False
+            replaced = conn.execute(preparations_t.update().where(
+                key, preparations_t.c.preparation_id == row.preparation_id).values(**values)).rowcount == 1
+            return self._select(conn, task_id, base_model_sha256), replaced
+
+    def get(self, task_id, base_model_sha256):
+        with self._db.read() as conn:
+            return self._select(conn, task_id, base_model_sha256)
+
+    def update(self, row, *, owner, state=None, models_done=None, message=None, now=None):
+        now = time.time() if now is None else now
+        values: dict = {"updated_at": now}
+        if state is not None:
+            values["state"] = state
+            if state in PREPARATION_TERMINAL:
+                values.update(lease_until=None, ended_at=now)
+        if models_done is not None:
+            values["models_done"] = models_done
+        if message is not None:
+            values["message"] = message
+        with self._db.write() as conn:
+            return conn.execute(preparations_t.update().where(_held(row, owner)).values(**values)).rowcount == 1
+
+    def renew(self, row, *, owner, lease_s, now=None):
+        now = time.time() if now is None else now
+        with self._db.write() as conn:
+            return conn.execute(preparations_t.update().where(_held(row, owner))
+                                .values(lease_until=now + lease_s)).rowcount == 1
+
+    def claim_expired(self, *, owner, lease_s, limit=4, now=None):
+        now = time.time() if now is None else now
+        expired = sa.and_(preparations_t.c.state == PREPARING,
+                          sa.or_(preparations_t.c.lease_until.is_(None), preparations_t.c.lease_until < now))
+        with self._db.write() as conn:
+            keys = conn.execute(sa.select(preparations_t.c.task_id, preparations_t.c.base_model_sha256,
+                                          preparations_t.c.preparation_id).where(expired)
+                                .order_by(preparations_t.c.lease_until).limit(limit)
+                                .with_for_update(skip_locked=True)).all()
+            out = []
+            for task_id, sha, prep_id in keys:
+                if conn.execute(preparations_t.update().where(
+                        _prep_key(task_id, sha), preparations_t.c.preparation_id == prep_id, expired)
+                        .values(lease_owner=owner, lease_until=now + lease_s, models_done=0, run_started_at=now,
+                                updated_at=now)).rowcount == 1:
+                    out.append(self._select(conn, task_id, sha))
+        return out
+
+    def release(self, rows, *, owner):
+        n = 0
+        if not rows:
+            return 0
+        with self._db.write() as conn:
+            for row in rows:
+                n += conn.execute(preparations_t.update().where(_held(row, owner))
+                                  .values(lease_owner=None, lease_until=None)).rowcount
+        return n
+
+    def release_owners(self, prefix, *, keep):
+        with self._db.write() as conn:
+            return conn.execute(preparations_t.update().where(
+                preparations_t.c.state == PREPARING,
+                preparations_t.c.lease_owner.like(_like_prefix(prefix), escape="\\"),
+                preparations_t.c.lease_owner != keep).values(lease_owner=None, lease_until=None)).rowcount

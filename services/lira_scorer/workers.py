@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import grpc
 
 from ftps.common import grpcutil
-from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable
+from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable, relayed
 from ftps.common.metrics import ScorerMetrics
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 
@@ -34,7 +34,7 @@ class WorkerPool:
             raise ValueError("at least one worker target is needed")
         balanced = len(targets) == 1 and targets[0].startswith("dns:///")
         self._channels = [channel(t, max_message_mb=max_message_mb, round_robin=balanced) for t in targets]
-        self._stubs = [worker_pb2_grpc.FinetuneWorkerStub(c) for c in self._channels]
+        self._stubs = [worker_pb2_grpc.FinetuneWorkerServiceStub(c) for c in self._channels]
         self.targets = list(targets)
         self.parallelism = max(1, len(targets) * jobs_per_worker)
         self._timeout = timeout_s
@@ -57,7 +57,7 @@ class WorkerPool:
         except grpc.FutureTimeoutError:
             return False
 
-    def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+    def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         """Run ``job`` on some worker; a worker that is gone or unreachable is skipped and the job
         tried on the next (never waiting on a dead one: no wait_for_ready on the call itself)."""
         try:
@@ -67,14 +67,14 @@ class WorkerPool:
                 self._metrics.jobs_failed.inc()
             raise
 
-    def _call(self, i: int, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+    def _call(self, i: int, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         m = self._metrics
         if m is None:
-            return self._stubs[i].RunJob(job, timeout=self._timeout)
+            return self._stubs[i].RunJob(worker_pb2.RunJobRequest(job=job), timeout=self._timeout)
         m.job_sent()
         t0 = time.perf_counter()
         try:
-            result = self._stubs[i].RunJob(job, timeout=self._timeout)
+            result = self._stubs[i].RunJob(worker_pb2.RunJobRequest(job=job), timeout=self._timeout)
         finally:
             m.job_answered()
         m.job_duration.observe(time.perf_counter() - t0)
@@ -85,7 +85,7 @@ class WorkerPool:
         if self._metrics is not None and attempt + 1 < self._attempts:  # another attempt follows
             self._metrics.jobs_retried.inc()
 
-    def _run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+    def _run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         delay = 0.5
         last = "no worker reachable"
         for attempt in range(self._attempts):
@@ -101,31 +101,31 @@ class WorkerPool:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise FailedPrecondition(exc.details()) from exc
+                    raise relayed(FailedPrecondition, exc, exc.details()) from exc
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(exc.details()) from exc
+                    raise relayed(InvalidArgument, exc, exc.details()) from exc
                 if code not in _RETRYABLE and code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise Unavailable(f"job {job.job_id} failed on {self.targets[i]}: "
-                                      f"{code.name}: {exc.details()}") from exc
+                                      f"{code.name}: {exc.details()}", reason="WORKERS_UNAVAILABLE") from exc
                 last = f"{code.name}: {exc.details()}"
                 log.warning("job %s on %s: %s; retrying elsewhere (attempt %d/%d)",
                             job.job_id, self.targets[i], last, attempt + 1, self._attempts)
                 self._retried(attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
-        raise Unavailable(f"job {job.job_id} failed {self._attempts} times: {last}")
+        raise Unavailable(f"job {job.job_id} failed {self._attempts} times: {last}", reason="WORKERS_UNAVAILABLE")
 
     def run_all(self, jobs: Sequence[worker_pb2.FinetuneJob],
-                on_done: Callable[[worker_pb2.FinetuneResult], None], *,
+                on_done: Callable[[worker_pb2.RunJobResponse], None], *,
                 on_task_error: Callable[[worker_pb2.FinetuneJob, FtpsError], None] | None = None,
-                ) -> list[worker_pb2.FinetuneResult]:
+                ) -> list[worker_pb2.RunJobResponse]:
         """Run every job; ``on_done`` is called as each finishes. A task error (the job itself
         failed: FAILED_PRECONDITION, INVALID_ARGUMENT) goes to ``on_task_error`` and the other jobs
         go on; without it, the first task error cancels the rest. An unreachable pool always raises."""
-        results: list[worker_pb2.FinetuneResult] = []
+        results: list[worker_pb2.RunJobResponse] = []
         m = self._metrics
 
-        def run(job: worker_pb2.FinetuneJob) -> worker_pb2.FinetuneResult:
+        def run(job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
             if m is not None:  # out of the queue: on its way to a worker
                 m.job_unqueued()
             return self.run_one(job)

@@ -118,7 +118,7 @@ def test_auth_disabled_starts_loudly_and_every_caller_is_the_explicit_principal(
     assert "AUTHENTICATION IS DISABLED" in caplog.text and "'auth-disabled'" in caplog.text
     forged = TokenSigner(b"z" * 32).issue("mallory", "contributor")
     for token in (None, forged):  # with auth off a token is not even read
-        stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(addr, token=token))
+        stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addr, token=token))
         stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10)
     assert seen == [AUTH_DISABLED, AUTH_DISABLED] and AUTH_DISABLED == auth.Principal("auth-disabled", "admin")
 
@@ -143,7 +143,7 @@ def test_a_process_with_auth_disabled_serves_and_says_so(s3_endpoint, tmp_path):
             m = None
         assert m, "".join(lines)
         assert any("AUTHENTICATION IS DISABLED" in line for line in lines), "".join(lines)
-        stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(f"127.0.0.1:{m.group(1)}"))
+        stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(f"127.0.0.1:{m.group(1)}"))
         assert stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10).tasks == []
     finally:
         proc.terminate()
@@ -156,10 +156,10 @@ def test_current_outside_an_authenticated_call_raises_and_is_never_admin(storage
     # A server wired without any auth interceptor: its handlers get no principal, so every call is
     # an incident, never an admin call.
     server = grpcutil.Server()
-    server.add(registry_pb2_grpc.add_BuilderRegistryServicer_to_server,
+    server.add(registry_pb2_grpc.add_BuilderRegistryServiceServicer_to_server,
                BuilderRegistryServicer(Registry(store, SqlTaskStore(Database("sqlite://")), max_bytes={})),
-               "ftps.v1.BuilderRegistry")
-    stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(serve(server)))
+               "ftps.v1.BuilderRegistryService")
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(serve(server)))
     code, details = _status(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10))
     assert code == grpc.StatusCode.INTERNAL and INCIDENT.fullmatch(details), details
 
@@ -194,7 +194,7 @@ def test_only_the_canonical_spelling_of_a_token_is_accepted(storage_kwargs, serv
     kw = dict(storage_kwargs, auth_disabled=False, auth_key=KEY)
     addr = serve(registry_server(RegistrySettings(**kw)))
     for name, token in spellings.items():
-        stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(addr, token=token))
+        stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addr, token=token))
         if name == "canonical":
             stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10)
         else:
@@ -224,8 +224,8 @@ def keyed(storage_kwargs, serve):
     gw = serve(gateway_server(GatewaySettings(**kw, registry_addr=reg, scorer_addr=sc)))
     token = TokenSigner(bytes.fromhex(KEY)).issue("root", "admin")
     ch = lambda a: grpcutil.make_channel(a, token=token)  # noqa: E731
-    return (registry_pb2_grpc.BuilderRegistryStub(ch(reg)), gateway_pb2_grpc.ContributorGatewayStub(ch(gw)),
-            scorer_pb2_grpc.LiraScorerStub(ch(sc)))
+    return (registry_pb2_grpc.BuilderRegistryServiceStub(ch(reg)), gateway_pb2_grpc.ContributorGatewayServiceStub(ch(gw)),
+            scorer_pb2_grpc.LiraScorerServiceStub(ch(sc)))
 
 
 def test_an_id_with_a_trailing_newline_is_invalid_on_every_service(keyed):
@@ -242,8 +242,11 @@ def test_an_id_with_a_trailing_newline_is_invalid_on_every_service(keyed):
         "gateway StartRound": lambda: gw.StartRound(gateway_pb2.StartRoundRequest(task_id=task + "\n", force=True),
                                                     timeout=10),
         "gateway GetRound": lambda: gw.GetRound(gateway_pb2.GetRoundRequest(round_id="r-1\n"), timeout=10),
-        "scorer GetOffline": lambda: sc.GetOffline(scorer_pb2.GetOfflineRequest(task_id=task + "\n"), timeout=10),
-        "scorer GetResult": lambda: sc.GetResult(scorer_pb2.ScorerRoundRequest(round_id="r-1\n"), timeout=10),
+        "scorer GetPreparation": lambda: sc.GetPreparation(scorer_pb2.GetPreparationRequest(task_id=task + "\n"),
+                                                           timeout=10),
+        "scorer StartPreparation": lambda: sc.StartPreparation(scorer_pb2.StartPreparationRequest(
+            task_id=task + "\n"), timeout=10),
+        "scorer GetScoringResult": lambda: sc.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id="r-1\n"), timeout=10),
     }
     for name, call in calls.items():
         code, details = _status(call)
@@ -254,7 +257,7 @@ def test_an_id_with_a_trailing_newline_is_invalid_on_every_service(keyed):
 
 def _unmapped_rpc_error(*_args, **_kw):
     # Another service's answer nobody mapped with errors.from_rpc_error: its text names an address.
-    stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel("127.0.0.1:9"))
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel("127.0.0.1:9"))
     stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=0.5)
 
 
@@ -267,7 +270,7 @@ def test_an_unexpected_error_is_an_incident_id_and_the_log_holds_the_rest(storag
                                                                           caplog, boom):
     monkeypatch.setattr(Registry, "list_tasks", boom)
     caplog.set_level(logging.ERROR, logger="ftps.common.grpcutil")
-    stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(
         serve(registry_server(RegistrySettings(**storage_kwargs)))))
     code, details = _status(lambda: stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=10))
     m = INCIDENT.fullmatch(details)
@@ -288,7 +291,7 @@ def test_object_store_failures_are_unavailable_with_a_fixed_message(s3_endpoint,
     try:
         kw = dict(storage_kwargs, s3_endpoint=proxy.endpoint)
         # A channel without the clients' retry policy (which would retry each UNAVAILABLE 5 times).
-        stub = registry_pb2_grpc.BuilderRegistryStub(grpc.insecure_channel(serve(registry_server(
+        stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpc.insecure_channel(serve(registry_server(
             RegistrySettings(**kw)))))
         # A task is a database row; what reaches the object store is an upload.
         task = stub.CreateTask(registry_pb2.CreateTaskRequest(
@@ -320,13 +323,14 @@ def test_relayed_answers_do_not_name_the_service_that_gave_them(keyed, caplog):
     # The gateway and scorer ask the registry about a task that does not exist; its answer is relayed.
     for call in (lambda: gw.StartRound(gateway_pb2.StartRoundRequest(task_id="t-doesnotexist", force=True),
                                        timeout=10),
-                 lambda: sc.PrepareOffline(scorer_pb2.PrepareOfflineRequest(task_id="t-doesnotexist"), timeout=10)):
+                 lambda: sc.StartPreparation(scorer_pb2.StartPreparationRequest(task_id="t-doesnotexist"),
+                                             timeout=10)):
         code, details = _status(call)
         assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED), (code, details)
         assert "registry" not in details.lower(), details
     assert "registry answered" in caplog.text  # the log line keeps the name
     # A dead peer: gRPC's own text names its address; the caller gets a fixed message.
-    dead = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel("127.0.0.1:9"))
+    dead = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel("127.0.0.1:9"))
     with pytest.raises(grpc.RpcError) as e:
         dead.ListTasks(registry_pb2.ListTasksRequest(), timeout=0.5)
     err = from_rpc_error(e.value, context="registry")
@@ -349,7 +353,7 @@ def test_not_found_from_another_service_is_relayed_as_its_domain_error():
 
 def test_control_characters_from_callers_are_escaped_in_log_lines(storage_kwargs, serve, caplog):
     caplog.set_level(logging.INFO, logger="services.builder_registry.registry")
-    stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(
         serve(registry_server(RegistrySettings(**storage_kwargs)))))
     name = "evil\n12:00:00 INFO    ftps.auth: forged line\x1b[31m red\x1b[0m\r\u2028"
     task = stub.CreateTask(registry_pb2.CreateTaskRequest(name=name, settings=common_pb2.TaskSettings(

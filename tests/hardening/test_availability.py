@@ -109,7 +109,7 @@ def test_one_hostile_contributor_and_builder_cannot_stop_the_others(stack, digit
     assert status.state == common_pb2.ROUND_STATE_DONE, status.message
 
     mallory_ch = grpcutil.make_channel(stack["gateway"], token=stack["mallory"])
-    mallory = gateway_pb2_grpc.ContributorGatewayStub(mallory_ch)
+    mallory = gateway_pb2_grpc.ContributorGatewayServiceStub(mallory_ch)
     with HealthWatch(stack) as health:
         # 1. Seventy WatchScores streams from one token: a few are held, the rest refused at once.
         streams = []
@@ -148,9 +148,9 @@ def test_one_hostile_contributor_and_builder_cannot_stop_the_others(stack, digit
     assert status.state == common_pb2.ROUND_STATE_DONE, status.message
     # The poison record was left out; alice's records are scored exactly as without the attack.
     assert [s.record_id for s in attacked] == list(mine.record_ids)
-    assert [s.model_score for s in attacked] == [s.model_score for s in quiet]
     assert [s.score for s in attacked] == [s.score for s in quiet]
-    got = gateway_pb2_grpc.ContributorGatewayStub(mallory_ch).GetSubmission(
+    assert [s.counted_p for s in attacked] == [s.counted_p for s in quiet]
+    got = gateway_pb2_grpc.ContributorGatewayServiceStub(mallory_ch).GetSubmission(
         gateway_pb2.GetSubmissionRequest(submission_id=sub.submission_id), timeout=10)
     assert got.state == gateway_pb2.SUBMISSION_STATE_FAILED and "left out" in got.failure_reason
     assert health.checks > 0 and health.bad == []

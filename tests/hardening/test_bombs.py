@@ -91,7 +91,7 @@ class RegistryProcess:
         self.store = ObjectStore(StorageSettings(**storage))
         token = TokenSigner(bytes.fromhex(key)).issue("acme", "builder")
         self.channel = grpcutil.make_channel(self.address, token=token)
-        self.stub = registry_pb2_grpc.BuilderRegistryStub(self.channel)
+        self.stub = registry_pb2_grpc.BuilderRegistryServiceStub(self.channel)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:

@@ -59,7 +59,7 @@ def test_long_outage_fails_clearly_and_nothing_half_written_is_read(proxy, stora
     assert not store.exists("never.bin")
     # Through a service: the registry answers UNAVAILABLE with the cause, then recovers.
     reg_addr = serve(registry_server(RegistrySettings(**kw, listen="127.0.0.1:0")))
-    stub = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(reg_addr))
+    stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(reg_addr))
     # A task is a database row; an upload is what reaches the object store.
     task = stub.CreateTask(registry_pb2.CreateTaskRequest(name="x", settings=common_pb2.TaskSettings(
         record_shape=[1])), timeout=60)
@@ -80,7 +80,7 @@ def test_long_outage_fails_clearly_and_nothing_half_written_is_read(proxy, stora
 
 def test_fifty_concurrent_contributors_all_stored_exactly_once(storage_kwargs, serve, capsys):
     reg_addr = serve(registry_server(RegistrySettings(**storage_kwargs)))
-    task = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(reg_addr)).CreateTask(
+    task = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(reg_addr)).CreateTask(
         registry_pb2.CreateTaskRequest(name="load", settings=common_pb2.TaskSettings(
             record_shape=[1, 8, 8], batch_threshold=100_000)), timeout=5)
     gw_addr = serve(gateway_server(GatewaySettings(**storage_kwargs, registry_addr=reg_addr,

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients.api import ContributorClient
 from ftps.common import grpcutil, limits
 from ftps.common.auth import TokenSigner
+from ftps.common.errors import error_details
 from ftps.common.limits import Limits, retry_after
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import ObjectStore
@@ -64,7 +65,7 @@ def registry(storage_kwargs, serve):
     builder = grpcutil.make_channel(addr, token=SIGNER.issue("acme", "builder"))
     from ftps.v1 import registry_pb2_grpc
 
-    task = registry_pb2_grpc.BuilderRegistryStub(builder).CreateTask(registry_pb2.CreateTaskRequest(
+    task = registry_pb2_grpc.BuilderRegistryServiceStub(builder).CreateTask(registry_pb2.CreateTaskRequest(
         name="floods", settings=common_pb2.TaskSettings(record_shape=SHAPE, batch_threshold=100_000, n_models=4)),
         timeout=10)
     yield addr, task
@@ -73,7 +74,7 @@ def registry(storage_kwargs, serve):
 
 def _flood(addr: str, task_id: str, n: int, who: str = "mallory") -> tuple[grpc.Channel, list]:
     channel = grpcutil.make_channel(addr, token=SIGNER.issue(who, "contributor"))
-    stub = gateway_pb2_grpc.ContributorGatewayStub(channel)
+    stub = gateway_pb2_grpc.ContributorGatewayServiceStub(channel)
     req = gateway_pb2.WatchScoresRequest(task_id=task_id)
     return channel, [stub.WatchScores(req, timeout=30) for _ in range(n)]
 
@@ -118,8 +119,8 @@ def _scripted_gateway(storage_kwargs, reg_addr, serve, lim: Limits):
     gw = Gateway(ObjectStore(GatewaySettings(**storage_kwargs)), registry_getter(security.channel(reg_addr)),
                  ScriptedScorer())
     server = security.server(limits=lim)
-    server.add(gateway_pb2_grpc.add_ContributorGatewayServicer_to_server, ContributorGatewayServicer(gw),
-               "ftps.v1.ContributorGateway")
+    server.add(gateway_pb2_grpc.add_ContributorGatewayServiceServicer_to_server, ContributorGatewayServicer(gw),
+               "ftps.v1.ContributorGatewayService")
     server.on_stop(gw.close)
     return server, serve(server), gw
 
@@ -142,6 +143,7 @@ def test_concurrent_rpc_cap_refuses_at_once_and_health_still_answers(storage_kwa
         assert e.value.code() == EXHAUSTED
         assert e.value.details() == "service busy: 4 calls in progress (at most 4); retry in 1s"
         assert retry_after(e.value) == 1.0
+        assert error_details(e.value).reason == "SERVICE_BUSY"
         for _ in range(20):  # health has threads of its own: answered every time, whatever the load
             assert _health(addr, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING
         channels.pop()[0].close()  # two streams end: alice gets in
@@ -178,7 +180,7 @@ def test_clients_reconnect_when_the_server_ends_a_stream(storage_kwargs, registr
     alice = ContributorClient(gateway=addr, token=SIGNER.issue("alice", "contributor"))
     bob = ContributorClient(gateway=addr, token=SIGNER.issue("bob", "contributor"))
     builder = grpcutil.make_channel(addr, token=SIGNER.issue("acme", "builder"))
-    start = gateway_pb2_grpc.ContributorGatewayStub(builder).StartRound
+    start = gateway_pb2_grpc.ContributorGatewayServiceStub(builder).StartRound
     first = alice.submit(task.task_id, *_records(3))
     bob.submit(task.task_id, *_records(3, seed=1))
     start(gateway_pb2.StartRoundRequest(task_id=task.task_id, force=True), timeout=5)
@@ -255,7 +257,7 @@ class _Context:
 
 
 class _Details:
-    method = "/ftps.v1.BuilderRegistry/UploadBlob"
+    method = "/ftps.v1.BuilderRegistryService/UploadBlob"
     invocation_metadata = ()
 
 

@@ -66,10 +66,10 @@ def stack(tmp_path_factory):
     s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
                       data_dir=tmp_path_factory.mktemp("data"), auth=False)
     s.start()
-    reg = registry_pb2_grpc.BuilderRegistryStub(grpcutil.make_channel(s.addresses["registry"]))
+    reg = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(s.addresses["registry"]))
     task = reg.CreateTask(registry_pb2.CreateTaskRequest(name="h", settings=common_pb2.TaskSettings(
         record_shape=[1, 4, 4], num_classes=3, batch_threshold=100_000)), timeout=5)
-    gw = gateway_pb2_grpc.ContributorGatewayStub(grpcutil.make_channel(s.addresses["gateway"], max_message_mb=200))
+    gw = gateway_pb2_grpc.ContributorGatewayServiceStub(grpcutil.make_channel(s.addresses["gateway"], max_message_mb=200))
     yield s, task, gw
     s.stop()
 

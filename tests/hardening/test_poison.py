@@ -87,7 +87,7 @@ def test_records_are_checked_in_the_dtype_they_are_used_in(stack, digits_splits,
     big = x.astype(np.float64)
     big[2, 0, 3, 4] = 1e39
     # The raw contract, not the client library (which converts to float32 before sending).
-    raw = gateway_pb2_grpc.ContributorGatewayStub(grpcutil.make_channel(stack["gateway"], token=stack["mallory"]))
+    raw = gateway_pb2_grpc.ContributorGatewayServiceStub(grpcutil.make_channel(stack["gateway"], token=stack["mallory"]))
 
     def submit_raw(x, y):
         return raw.SubmitRecords(gateway_pb2.SubmitRecordsRequest(task_id=task, records=common_pb2.Records(
@@ -169,8 +169,8 @@ def test_a_record_that_breaks_fine_tuning_is_left_out_and_the_round_goes_on(
     mallory.submit(task, px[:1], py[:1])
     status, alone = _round(stack, task)
     assert status.state == common_pb2.ROUND_STATE_DONE
-    assert [s.model_score for s in alone] == [s.model_score for s in attacked]
     assert [s.score for s in alone] == [s.score for s in attacked]
+    assert [s.counted_p for s in alone] == [s.counted_p for s in attacked]
     alice.close()
     mallory.close()
 

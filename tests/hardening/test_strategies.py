@@ -137,13 +137,13 @@ class Worker:
         self.records = store.put_bytes("shared/r.npz", serde.records_to_npz(self.x, self.y))
         self.status: dict = {}
 
-    def job(self, source: str, task: str) -> worker_pb2.FinetuneJob:
+    def job(self, source: str, task: str) -> worker_pb2.RunJobRequest:
         strategy = self.store.put_bytes(f"{task}/strategy.py", source.encode())
         mask = (np.arange(len(self.x)) % 2).astype(np.uint8).tobytes()
-        return worker_pb2.FinetuneJob(
+        return worker_pb2.RunJobRequest(job=worker_pb2.FinetuneJob(
             task_id=task, job_id=f"{task}-{uuid.uuid4().hex[:6]}", strategy=strategy,
             base_model=self.weights, records=self.records,
-            models=[worker_pb2.ModelSpec(index=0, seed=1, mask=mask)])
+            models=[worker_pb2.ModelSpec(index=0, seed=1, mask=mask)]))
 
     def fails(self, source: str, task: str, timeout: float = 90) -> str:
         """Run a job that must fail as the task's fault -> the failure message."""
@@ -203,7 +203,7 @@ def worker(s3_endpoint, digits_splits):
         try:
             grpcutil.wait_healthy(channel, timeout=10)
             weights = save_weights(load_strategy(NORMAL).build_model())
-            w = Worker(worker_pb2_grpc.FinetuneWorkerStub(channel), store,
+            w = Worker(worker_pb2_grpc.FinetuneWorkerServiceStub(channel), store,
                        digits_records(digits_splits, 12, seed=8), weights)
             w.serves_a_normal_job()
             w.status = isolation_status() or {}
