@@ -9,7 +9,7 @@ Fashion-MNIST, the demo's base model and strategy, m records from the contributo
 What it does:
 
 1. Fine-tunes a pool of N models with the in-process engine (``finetune_and_score``), in chunks of
-   32 with the production masks (``scoring.make_masks``: complementary pairs, every record IN for
+   32 with the production masks (``ftps.privacy.masks.make_masks``: complementary pairs, every record IN for
    exactly half the models). Chunks are cached as ``.npz`` under ``--cache-dir`` keyed by
    everything that changes phi (data, base model, strategy, seed, torch threads), and a pool is a
    prefix of every larger pool, so ``--quick`` reuses a full run's models and reruns are cheap.
@@ -53,11 +53,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from services.lira_scorer.scoring import (
+from ftps.privacy.masks import derive_seed, make_masks, model_seeds, shadow_masks
+from ftps.privacy.scoring import (
     DEFAULT_METHOD,
     HEADLINE,
     fit_offline_gaussian,
-    make_masks,
     newcombe_interval,
     score,
 )
@@ -69,7 +69,7 @@ CHUNK = 32  # models per cached chunk; a pool of N models is the first N of any 
 
 @dataclass(frozen=True)
 class Variant:
-    """One attack configuration of :func:`services.lira_scorer.scoring.score`."""
+    """One attack configuration of :func:`ftps.privacy.scoring.score`."""
 
     label: str
     method: str
@@ -183,7 +183,6 @@ def model_pool(task: Task, n_models: int, *, cache_dir: Path, log=print) -> Pool
     Chunk ``c`` holds models ``32c .. 32c+31`` with masks ``make_masks(32, m)`` and the scorer's
     per-model seeds; any even ``n_models`` is a prefix of the pool (the last chunk may be cut)."""
     from ftps.ml.engine import finetune_and_score
-    from services.lira_scorer.rounds import derive_seed, model_seeds
 
     m = len(task.x)
     seeds = model_seeds(derive_seed(task.seed, "bench-attacks"), -(-n_models // CHUNK) * CHUNK)
@@ -221,16 +220,15 @@ def offline_gaussian(task: Task, k: int, *, records: int, heldout_max: int = 500
     (``batch_threshold`` = ``records``, ``settings.seed`` = the demo seed): k shadow models on
     random halves of ``records`` builder records, phi on up to ``heldout_max`` held-out ones."""
     from ftps.ml.engine import finetune_and_score
-    from services.lira_scorer import rounds
 
     x, y = task.builder_x, task.builder_y
-    seed = rounds.derive_seed(task.seed, task.base_sha256, "offline")
+    seed = derive_seed(task.seed, task.base_sha256, "offline")
     perm = np.random.default_rng(seed).permutation(len(x))
     n_heldout = min(len(x) // 2, heldout_max)
     n_pool = min(len(x) - n_heldout, records)
     heldout, pool = perm[:n_heldout], perm[n_heldout:n_heldout + n_pool]
-    masks = rounds._shadow_masks(k, n_pool, seed=seed)  # the scorer's own masks, on purpose
-    specs = list(zip(range(k), rounds.model_seeds(seed, k), masks))
+    masks = shadow_masks(k, n_pool, seed=seed)  # the scorer's own masks, on purpose
+    specs = list(zip(range(k), model_seeds(seed, k), masks))
 
     def compute():
         phi = finetune_and_score(
@@ -443,7 +441,7 @@ def fidelity_png(scatter: list[dict], *, n_total: int, path: Path) -> None:
 
 
 def write_outputs(res: dict, out: Path, *, meta: dict, text: str) -> list[Path]:
-    from services.lira_scorer import plots
+    from ftps.privacy import plots
 
     out.mkdir(parents=True, exist_ok=True)
     written = []

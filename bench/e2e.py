@@ -15,9 +15,9 @@ builder registers a task as the demo does (base model, strategy, 4,000 builder r
 runs from alice's submit until both contributors have read their scores (``GetScores``).
 
 Bare engine: the same fine-tunes in this process, no gRPC, no object store, no sandbox: the masks
-and model seeds the scorer derives from the batch (``rounds.derive_seed`` of the batch npz's
+and model seeds the scorer derives from the batch (``ftps.privacy.masks.derive_seed`` of the batch npz's
 sha256), all n models in one ``ftps.ml.engine.finetune_and_score`` call, then every method of
-``services.lira_scorer.scoring.score`` on PHI, as the scorer's ``score_all`` does (its protobuf
+``ftps.privacy.scoring.score`` on PHI, as the scorer's ``score_all`` does (its protobuf
 building is the services' overhead). The bare preparation stage is ``bench.attacks``'s
 ``offline_gaussian`` (the scorer's own masks and seeds). Bare and services run the same models, so
 their scores must agree: the ``max abs d score`` column checks it (0 when phi is bit-identical;
@@ -286,12 +286,12 @@ def bare_round(task, x: np.ndarray, y: np.ndarray, settings, offline: tuple[floa
     """The round's fine-tunes and scoring in this process, with the scorer's masks and seeds."""
     from ftps.common import serde
     from ftps.ml.engine import finetune_and_score
-    from services.lira_scorer import scoring
-    from services.lira_scorer.rounds import derive_seed, model_seeds
+    from ftps.privacy import scoring
+    from ftps.privacy.masks import derive_seed, make_masks, model_seeds
 
     n, m = settings.n_models, len(x)
     seed = derive_seed(settings.seed, hashlib.sha256(serde.records_to_npz(x, y)).hexdigest())
-    masks, seeds = scoring.make_masks(n, m, seed=seed), model_seeds(seed, n)
+    masks, seeds = make_masks(n, m, seed=seed), model_seeds(seed, n)
     cpu0, t0 = time.process_time(), time.perf_counter()
     phi = finetune_and_score(strategy_source=task.strategy_source, base_weights=task.base_weights,
                              train_x=x, train_y=y, eval_x=x, eval_y=y,

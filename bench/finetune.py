@@ -14,7 +14,7 @@ model (the job's wall time, base model and trunk features included, over its mod
 per record (``n * s_model / m``: what scoring one record of the batch costs), both as CPU-seconds
 of the process (robust to other load) and wall seconds, the speed-up over the baseline
 (``fmnist_cnn`` on the sequential engine) in CPU time, and the attack signal the models carry:
-batch AUC of online-per-record LiRA (``services.lira_scorer.scoring.score``) and the share of the
+batch AUC of online-per-record LiRA (``ftps.privacy.scoring.score``) and the share of the
 baseline's signal kept, ``(AUC - 0.5) / (AUC_baseline - 0.5)``.
 
 ``--sandbox`` adds the cost of the sandbox: a round of 32 models in 4 jobs, one fresh child per
@@ -84,9 +84,9 @@ def configs(quick: bool) -> list[Config]:
 @contextlib.contextmanager
 def plain_engine() -> Iterator[None]:
     """The sequential engine as it was before issue 4: unfused optimizers, default memory format."""
-    from ftps.ml import engine, engines
+    from ftps.ml import engines, training
 
-    make, prefer = engine._make_optimizer, engines.prefer_channels_last
+    make, prefer = training.make_optimizer, engines.prefer_channels_last
 
     def unfused(params, recipe):
         opt = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[recipe.optimizer]
@@ -95,12 +95,12 @@ def plain_engine() -> Iterator[None]:
             kw["momentum"] = recipe.momentum
         return getattr(__import__("torch").optim, opt)(params, **kw)
 
-    engine._make_optimizer = unfused
+    training.make_optimizer = unfused
     engines.prefer_channels_last = lambda model, x: False
     try:
         yield
     finally:
-        engine._make_optimizer, engines.prefer_channels_last = make, prefer
+        training.make_optimizer, engines.prefer_channels_last = make, prefer
 
 
 @dataclass
@@ -128,8 +128,7 @@ def load_task(records: int, seed: int) -> Task:
 
 def round_models(n: int, m: int, seed: int) -> tuple[np.ndarray, list[int]]:
     """The masks and seeds a round of n models on m records gets from the scorer."""
-    from services.lira_scorer.rounds import derive_seed, model_seeds
-    from services.lira_scorer.scoring import make_masks
+    from ftps.privacy.masks import derive_seed, make_masks, model_seeds
 
     s = derive_seed(seed, "bench-round")
     return make_masks(n, m, seed=s), model_seeds(s, n)
@@ -172,7 +171,7 @@ def measure_speed(task: Task, rows: list[Config], sizes: list[int], per_job: int
 
 
 def speed_table(rows: list[Config], sizes: list[int], m: int, seed: int) -> list[dict]:
-    from services.lira_scorer.scoring import score
+    from ftps.privacy.scoring import score
 
     out = []
     for n in sizes:
@@ -284,7 +283,7 @@ def measure_data_path(task: Task, sizes: list[int], log) -> list[dict]:
         t = time.perf_counter()
         for _ in range(reps):
             xr, yr = load_records(data)
-            xt, yt = torch.from_numpy(xr).clone(), torch.from_numpy(yr).clone()
+            _ = torch.from_numpy(xr).clone(), torch.from_numpy(yr).clone()  # the copy is part of the read
         read_s = (time.perf_counter() - t) / reps
         out.append({"m": m, "path": "npz (default)", "write_s": write_s, "read_s": read_s,
                     "first_read_s": read_s, "bytes": len(data)})

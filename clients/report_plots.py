@@ -1,6 +1,6 @@
 """Small PNG helpers for the client reports that work from what the API returns.
 
-The service's plots (``services.lira_scorer.plots``) need the statistic matrix; a contributor and a
+The service's plots (``ftps.privacy.plots``) need the statistic matrix; a contributor and a
 builder only get each record's fitted IN/OUT Gaussians (``RecordScore.mu_in`` ... ``sigma_out``), so
 the diagnosis plot here draws those, in the same style: IN red, OUT blue, the method's threshold
 dashed black. Figures use an explicit Agg canvas (no pyplot state).
@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from services.lira_scorer.scoring import online_threshold
+from ftps.privacy.scoring import online_threshold
 
 __all__ = ["DecisionRule", "decision_rule", "fitted_rates", "diagnosis_png", "thumbnail_png"]
 

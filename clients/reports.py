@@ -169,7 +169,7 @@ class _Figures:
 
     def scores(self, scores: Sequence[common_pb2.RecordScore], *, title: str) -> str:
         """Histogram of the headline scores and every record's headline interval."""
-        from services.lira_scorer import plots
+        from ftps.privacy import plots
 
         h = np.array([headline(s) for s in scores], dtype=float).reshape(-1, 3)
         rel = "scores.png"
@@ -330,7 +330,7 @@ def _roc_label(b: common_pb2.BatchMetrics, lead: bool) -> str:
 
 
 def _round_section(rid: str, result: common_pb2.RoundResult, figs: _Figures) -> str:
-    from services.lira_scorer import plots
+    from ftps.privacy import plots
 
     metrics = list(result.method_metrics) or ([result.batch] if result.HasField("batch") else [])
     lead = result.batch.method

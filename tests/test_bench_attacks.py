@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import attacks
-from services.lira_scorer.scoring import make_masks
+from ftps.privacy.masks import make_masks
 
 
 def _pool(n=64, m=40, seed=0, effect=3.0):

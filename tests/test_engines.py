@@ -9,14 +9,10 @@ import torch
 
 from ftps.ml import engine as engine_mod
 from ftps.ml import engines
-from ftps.ml.engine import (
-    _make_optimizer,
-    finetune_and_score,
-    prefer_channels_last,
-    save_weights,
-)
+from ftps.ml.engine import finetune_and_score, save_weights
 from ftps.ml.engines import EnginePlan, plan_engine
 from ftps.ml.strategy import EngineError, StrategyError, load_strategy, parse_recipe
+from ftps.ml.training import make_optimizer, prefer_channels_last
 from tests.conftest import ROOT, digits_records
 
 NET = """
@@ -92,7 +88,7 @@ def test_fused_optimizers_on_cpu():
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("adam", "adamw", "sgd"):
         recipe = parse_recipe({"optimizer": name, "lr": 0.1, "epochs": 1, "batch_size": 1})
-        assert _make_optimizer(params, recipe).defaults["fused"] is True
+        assert make_optimizer(params, recipe).defaults["fused"] is True
 
 
 def test_channels_last_only_where_it_works():

@@ -119,3 +119,55 @@ def test_metrics_are_off_by_default(tmp_path):
         assert all(server.metrics_port is None for server in s._servers)
     finally:
         s.stop()
+
+
+def test_refused_calls_are_counted(stack):
+    """Calls the auth interceptor or the limiter refuse never reach a handler, and still count
+    (the metrics interceptor sits outside both) under the code the caller saw."""
+    import threading
+
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from ftps.common import grpcutil
+    from ftps.common.limits import Limits
+    from ftps.v1 import gateway_pb2, gateway_pb2_grpc
+
+    ch = grpcutil.make_channel(stack.addresses["gateway"], token="not-a-token")
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            gateway_pb2_grpc.ContributorGatewayServiceStub(ch).GetSubmission(
+                gateway_pb2.GetSubmissionRequest(submission_id="s-0"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        ch.close()
+    gw = scrape(stack.metrics_addresses["gateway"])
+    assert value(gw, "ftps_rpc_requests_total", service="ftps.v1.ContributorGatewayService",
+                 method="GetSubmission", code="UNAUTHENTICATED") == 1
+
+    # RESOURCE_EXHAUSTED from the limiter: a second stream of one caller over a cap of one.
+    server = grpcutil.Server(limits=Limits(max_streams_per_principal=1), metrics_listen="127.0.0.1:0")
+    port = server.start("127.0.0.1:0")
+    release = threading.Event()
+
+    def requests():  # one request, then the stream stays open
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(10)
+
+    ch = grpcutil.make_channel(f"127.0.0.1:{port}")
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        first = stub.ServerReflectionInfo(requests(), timeout=10)
+        next(first)  # open and answered
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.ServerReflectionInfo(requests(), timeout=10))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        list(first)
+        own = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+        assert value(own, "ftps_rpc_requests_total", method="ServerReflectionInfo", code="RESOURCE_EXHAUSTED") == 1
+        assert value(own, "ftps_rpc_requests_total", method="ServerReflectionInfo", code="OK") == 1
+    finally:
+        release.set()
+        ch.close()
+        server.stop(grace=0)

@@ -19,14 +19,7 @@ from ftps.ml.datasets import (
     load_records,
     save_records,
 )
-from ftps.ml.engine import (
-    _batch_bounds,
-    compute_phi,
-    configure_threads,
-    finetune_and_score,
-    load_weights,
-    save_weights,
-)
+from ftps.ml.engine import configure_threads, finetune_and_score, load_weights, save_weights
 from ftps.ml.pretrain import accuracy, pretrain_base_model
 from ftps.ml.strategy import (
     EngineError,
@@ -35,6 +28,7 @@ from ftps.ml.strategy import (
     WeightsError,
     load_strategy,
 )
+from ftps.ml.training import batch_bounds, compute_phi
 from tests.conftest import ROOT, digits_records
 
 FMNIST_PRESENT = (datasets.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
@@ -84,7 +78,7 @@ def test_digits_shapes_and_ranges():
     assert y.shape == (1797,) and y.dtype == np.int64
     assert x.min() == 0.0 and x.max() == 1.0
     assert set(np.unique(y)) == set(range(10))
-    assert x.strides == (256, 256, 32, 4)  # plain row-major, see engine._owned_tensor
+    assert x.strides == (256, 256, 32, 4)  # plain row-major, see training.owned_tensor
 
 
 def test_digits_splits_partition_the_data(digits_splits):
@@ -329,10 +323,10 @@ def test_torch_threads_follow_the_environment(monkeypatch):
 
 
 def test_batches_never_leave_a_single_record():
-    assert _batch_bounds(65, 32) == [(0, 32), (32, 65)]
-    assert _batch_bounds(64, 32) == [(0, 32), (32, 64)]
-    assert _batch_bounds(1, 32) == [(0, 1)]
-    assert _batch_bounds(0, 32) == []
+    assert batch_bounds(65, 32) == [(0, 32), (32, 65)]
+    assert batch_bounds(64, 32) == [(0, 32), (32, 64)]
+    assert batch_bounds(1, 32) == [(0, 1)]
+    assert batch_bounds(0, 32) == []
 
 
 # --------------------------------------------------------------------------- bad input

@@ -20,7 +20,7 @@ from ftps.v1 import common_pb2, scorer_pb2
 from services.lira_scorer.rounds import SELF
 from services.lira_scorer.store import SqlPreparationStore
 from tests.stacks import builder, embedded_stack
-from tests.test_scorer_store import ScriptedPool, _scorer, db  # noqa: F401 - db is a fixture
+from tests.test_scorer_store import ScriptedPool, _bury, _scorer, db  # noqa: F401 - db is a fixture
 
 PREPARING = scorer_pb2.PREPARATION_STATE_PREPARING
 READY = scorer_pb2.PREPARATION_STATE_READY
@@ -177,7 +177,7 @@ def test_a_preparation_whose_replica_died_does_not_stay_preparing(db, store):  #
         assert a.get_preparation("t1", SELF) == b.get_preparation("t1", SELF)
     finally:
         b.close()
-        dead_pool.never.set()
+        _bury(a, dead_pool)
 
 
 def test_an_offline_global_round_runs_the_preparation_it_needs(db, store):  # noqa: F811

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,10 @@ def _start_cli_stack(data_dir: Path, workers: int) -> tuple[subprocess.Popen, di
         label, _, value = line.strip().rpartition(" ")
         if label.strip() in CLI_NAMES:
             addresses[CLI_NAMES[label.strip()]] = value
+        metrics = re.fullmatch(r"(.+?)(?: (\d+))? metrics", label.strip())
+        if metrics and metrics.group(1) in CLI_NAMES:  # "fine-tune worker 1 metrics  http://host:port/metrics"
+            name = CLI_NAMES[metrics.group(1)] + (f"-{metrics.group(2)}" if metrics.group(2) else "")
+            addresses[f"metrics {name}"] = value.removeprefix("http://").removesuffix("/metrics")
 
 
 def _register_task(addresses: dict[str, str], signer: TokenSigner, splits, strategy: str,
@@ -134,6 +140,14 @@ def _round_with_two_workers(tmp_path, splits, strategy, weights, x, y):
         assert states[-1] == common_pb2.ROUND_STATE_DONE, result.status.message
         jobs = {name: (data_dir / "logs" / f"{name}.log").read_text().count(f"job {round_id}-j")
                 for name in ("worker-0", "worker-1")}
+        # `up --processes` prints every process's /metrics; each worker counts the models it fine-tuned.
+        assert {k for k in addr if k.startswith("metrics ")} == {
+            "metrics gateway", "metrics registry", "metrics scorer", "metrics worker-0", "metrics worker-1"}, addr
+        for name in ("worker-0", "worker-1"):
+            with urllib.request.urlopen(f"http://{addr[f'metrics {name}']}/metrics", timeout=10) as page:
+                text = page.read().decode()
+            done = re.search(r"^ftps_worker_models_finetuned_total (\S+)$", text, re.M)
+            assert done and (float(done.group(1)) > 0) == (jobs[name] > 0), (name, text[:2000])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

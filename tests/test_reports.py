@@ -232,7 +232,7 @@ def test_builder_report(scored, tmp_path, capsys):
 
 
 def test_reports_refuse_with_meaningful_exit_codes(scored, tmp_path, capsys):
-    c, b, task = scored["c"], scored["b"], scored["task"]
+    c, task = scored["c"], scored["task"]
     err = _run(contributor_main, c("alice") + ["report", "--task", task, "--out", str(tmp_path / "r"),
                                                "--records", str(tmp_path / "missing.npz")], capsys, code=2)
     assert err.strip().count("\n") == 0 and "not found" in err
@@ -379,7 +379,7 @@ def test_reports_headline_the_model_based_score(tmp_path, monkeypatch):
     drawn by the model-based one, in both reports; its counted P stays on the page, secondary.
     A round scored before the model-based interval existed falls back to P."""
     from clients import report_plots
-    from services.lira_scorer import plots
+    from ftps.privacy import plots
 
     low_model = _score("s-a-0", (0.90, 0.70, 1.00), (0.10, -0.05, 0.25))  # counted P says high, model says not
     high_model = _score("s-a-1", (0.20, -0.10, 0.50), (0.60, 0.45, 0.75))  # the reverse

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from clients.score.cli import main
-from services.lira_scorer.scoring import HEADLINE, METHODS, make_masks, score
+from ftps.privacy.masks import make_masks
+from ftps.privacy.scoring import HEADLINE, METHODS, score
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

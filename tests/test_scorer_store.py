@@ -234,7 +234,7 @@ def test_a_replica_takes_over_a_round_whose_owner_died(db, store):
         assert not SqlRoundStore(db).update("r1", owner=a.owner, models_done=1)
     finally:
         b.close()
-        dead_pool.never.set()
+        _bury(a, dead_pool)
     assert SqlRoundStore(db).get("r1").state == common_pb2.ROUND_STATE_DONE
 
 
@@ -253,7 +253,16 @@ def test_stopping_a_replica_hands_its_rounds_over_at_once(db, store):
         assert _wait_done(b, "r2").models_done == 8
     finally:
         b.close()
-        pool.never.set()
+        _bury(a, pool)
+
+
+def _bury(dead, pool: ScriptedPool) -> None:
+    """Let a "dead" replica's hung threads end (they fail and log) while the test still captures
+    their log lines, instead of after it, into a closed stream."""
+    pool.never.set()
+    deadline = time.monotonic() + 10
+    while (dead._runs or dead._preps) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_an_unreachable_database_is_unavailable():

@@ -1,10 +1,9 @@
-"""Tests of the pure scoring maths (services.lira_scorer.scoring): golden values computed by
+"""Tests of the pure scoring maths (ftps.privacy.scoring): golden values computed by
 hand, a naive loop reference for the vectorised leave-one-model-out fits, and hypothesis
 properties."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -12,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from services.lira_scorer import plots
-from services.lira_scorer.scoring import (
+from ftps.privacy import plots
+from ftps.privacy.masks import make_masks
+from ftps.privacy.scoring import (
     DEFAULT_METHOD,
     HEADLINE,
     METHODS,
     fit_offline_gaussian,
-    make_masks,
     newcombe_interval,
     online_threshold,
     per_record_auc,
@@ -750,15 +749,6 @@ def test_result_shapes_and_types():
         assert isinstance(b.auc, float)
     assert DEFAULT_METHOD == "online-per-record"
     assert HEADLINE == "score" and HEADLINE in r.records.__dataclass_fields__
-
-
-def test_scores_m500_n256_fast():
-    phi, member = _batch(256, 500, seed=0, effect=0.5)
-    for method in METHODS:
-        score(phi, member, **_kw(method))  # warm-up
-        t0 = time.perf_counter()
-        score(phi, member, **_kw(method))
-        assert time.perf_counter() - t0 < 0.5, method
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -35,6 +35,10 @@ def test_up_serves_until_sigterm(tmp_path):
         addrs = dict(re.findall(r"^\s+(contributor gateway|builder registry|LiRA scorer|fine-tune worker)\s+(\S+)$",
                                 text, re.M))
         assert len(addrs) == 4, text
+        # Every service's Prometheus /metrics, on a free port, printed with its address.
+        metrics = dict(re.findall(r"^\s+(contributor gateway|builder registry|LiRA scorer|fine-tune worker) metrics"
+                                  r"\s+(http://\S+/metrics)$", text, re.M))
+        assert len(metrics) == 4, text
         # `up` keeps its data in the data dir: SQLite metadata and blob files, no store server.
         assert re.search(rf"metadata \(SQLite\)\s+{re.escape(str(tmp_path))}/metadata.db$", text, re.M), text
         assert re.search(rf"blobs \(files\)\s+{re.escape(str(tmp_path))}/blobs$", text, re.M), text
@@ -47,6 +51,9 @@ def test_up_serves_until_sigterm(tmp_path):
 
         with urllib.request.urlopen(web.group(1), timeout=10) as page:
             assert page.status == 200 and b"FT-PrivacyScore" in page.read()
+        for url in metrics.values():
+            with urllib.request.urlopen(url, timeout=10) as page:
+                assert page.status == 200 and b"ftps_rpc_requests_total" in page.read()
         token = subprocess.run([sys.executable, "-m", "ftps.stack.cli", "token", "--role", "builder",
                                 "--subject", "acme", "--data-dir", str(tmp_path)],
                                check=True, capture_output=True, text=True).stdout.strip()

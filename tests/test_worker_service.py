@@ -85,7 +85,6 @@ def test_bad_jobs_get_precise_statuses(env):
 
 def test_corrupt_blob_is_data_loss(env):
     stub, refs, store = env
-    tampered = worker_pb2.FinetuneJob()
     refs2 = dict(refs)
     ref = refs["records"].__class__()
     ref.CopyFrom(refs["records"])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.lira_scorer.scoring import DEFAULT_METHOD, HEADLINE, METHODS, ScoreResult, score
+from ftps.privacy.scoring import DEFAULT_METHOD, HEADLINE, METHODS, ScoreResult, score
 
 PROG = "ftps-score"
 _CSV_FIELDS = (
@@ -190,7 +190,7 @@ def _print_table(result: ScoreResult) -> None:
 
 
 def _write_outputs(result: ScoreResult, phi, member, out: Path, diagnose: list[int]) -> list[Path]:
-    from services.lira_scorer import plots
+    from ftps.privacy import plots
 
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "scores.csv"

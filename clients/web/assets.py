@@ -211,34 +211,16 @@ def builder_data(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     return x[:BUILDER_DATA_MAX], y[:BUILDER_DATA_MAX]
 
 
-class _Progress:
-    """The few ``rich.progress.Progress`` calls ``ftps.stack.demo.base_model`` makes, fed to a callback."""
-
-    def __init__(self, report: Callable[[int, int, str], None]) -> None:
-        self._report = report
-        self._text = ""
-
-    def add_task(self, description: str, total: float | None = None) -> int:
-        self._text = description
-        self._report(0, int(total or 0), description)
-        return 0
-
-    def update(self, task_id: int, *, completed: float = 0, total: float | None = None, **_: Any) -> None:
-        self._report(int(completed), int(total or 0), self._text)
-
-    def remove_task(self, task_id: int) -> None:
-        pass
-
-
 def demo_base_model(dataset: str, report: Callable[[int, int, str], None]) -> tuple[bytes, bool]:
     """The demo base model M0 of ``ftps-stack demo`` (same cache): pretrained on the builder's own
     split with the dataset's shipped strategy, once. -> (safetensors bytes, came from the cache)."""
     from ftps.ml.datasets import demo_splits
-    from ftps.stack.demo import base_model
+    from ftps.ml.pretrain import cached_base_model
 
     source = shipped_source(DEFAULT_STRATEGY[dataset])
     x, y = demo_splits(dataset)["pretrain"]
-    return base_model(dataset, source, x, y, seed=0, progress=_Progress(report))
+    text = f"pretraining the base model on {len(x)} {dataset} images"
+    return cached_base_model(dataset, source, x, y, seed=0, progress=lambda done, total: report(done, total, text))
 
 
 def load_npz_upload(data: bytes, *, what: str = "the file") -> tuple[np.ndarray, np.ndarray, list[str] | None]:

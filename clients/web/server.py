@@ -799,7 +799,7 @@ class WebServer:
         scores = self._scores(s, tid, req.arg("round"))
         if not scores:
             raise Refused(404, "no scores yet")
-        from services.lira_scorer import plots
+        from ftps.privacy import plots
 
         t = s.builder().get_task(tid)
         methods = ", ".join(sorted({pages.method_name(x.method) for x in scores}))
@@ -817,7 +817,7 @@ class WebServer:
                    b.roc_fpr, b.roc_tpr) for b in metrics if len(b.roc_fpr)]
         if not curves:
             raise Refused(404, "this round has no ROC (not finished?)")
-        from services.lira_scorer import plots
+        from ftps.privacy import plots
 
         return png(plotting(plots.roc_curves_png, curves, title=f"ROC of every method, round {rid} "
                                                       f"(n={r.batch.n_models}, m={r.batch.n_records})"))

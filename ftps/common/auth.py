@@ -281,7 +281,9 @@ def _replace(handler, unary_fn, stream_fn, *, wrap=None, wrap_stream=None) -> gr
     return grpc.stream_stream_rpc_method_handler(fn, handler.request_deserializer, handler.response_serializer)
 
 
-class _ClientCallDetails(grpc.ClientCallDetails):
+class CallDetails(grpc.ClientCallDetails):
+    """A client call's details with other metadata (what client interceptors pass on)."""
+
     def __init__(self, details, metadata):
         self.method = details.method
         self.timeout = details.timeout
@@ -300,7 +302,7 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
     def _details(self, details):
         metadata = list(details.metadata or []) + [("authorization", f"Bearer {self._token()}")]
-        return _ClientCallDetails(details, metadata)
+        return CallDetails(details, metadata)
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ftps.common import errors, reflection
+from ftps.common import errors, reflection, tracing
 from ftps.common.errors import FtpsError
 from ftps.common.limits import Limits, RpcLimiter
 
@@ -103,7 +103,8 @@ def make_channel(target: str, *, max_message_mb: int = 64, round_robin: bool = F
         from ftps.common.auth import BearerToken
 
         channel = grpc.intercept_channel(channel, BearerToken(token))
-    return channel
+    # A client span per call, its trace context in the metadata (ftps.common.tracing).
+    return tracing.instrument_channel(channel)
 
 
 _NO_KEY = ("no token signing key: set FTPS_AUTH_KEY_FILE (--auth-key-file) or FTPS_AUTH_KEY (--auth-key), "
@@ -126,6 +127,7 @@ class Security:
         self.signer = signer
         self.auth_disabled = auth_disabled
         self.tls = tls
+        self.subject = subject
         self._tokens = ServiceTokens(signer, subject) if signer else None
 
     @classmethod
@@ -161,7 +163,8 @@ class Security:
         None: the defaults. The limiter goes after the auth interceptor, whose principal it counts."""
         interceptors = [self.interceptor()]
         return Server(max_message_mb=max_message_mb, interceptors=interceptors, tls=self.tls,
-                      max_connection_age_s=max_connection_age_s, limits=limits, metrics_listen=metrics_listen)
+                      max_connection_age_s=max_connection_age_s, limits=limits, metrics_listen=metrics_listen,
+                      service=self.subject)
 
     def channel(self, target: str, *, max_message_mb: int = 64, round_robin: bool = False) -> grpc.Channel:
         return make_channel(target, max_message_mb=max_message_mb, round_robin=round_robin,
@@ -184,7 +187,7 @@ class Server:
 
     def __init__(self, *, max_message_mb: int = 64, limits: Limits | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = (), tls: Tls | None = None,
-                 max_connection_age_s: float = 0, metrics_listen: str = "") -> None:
+                 max_connection_age_s: float = 0, metrics_listen: str = "", service: str = "") -> None:
         from ftps.common.metrics import CollectorRegistry, RpcMetrics
 
         options = message_options(max_message_mb) + _SERVER_KEEPALIVE
@@ -203,9 +206,14 @@ class Server:
         self.metrics_listen = metrics_listen
         self.metrics_port: int | None = None
         self._metrics_endpoint = None
+        # Outermost first: the trace span (in the caller's trace context, named after ``service``),
+        # then the RPC metrics, which so see every answer, refusals included (UNAUTHENTICATED from
+        # the auth interceptor, RESOURCE_EXHAUSTED from the limiter), then ``interceptors`` (auth)
+        # and the limiter, which counts the principal auth found.
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.limiter.limits.pool_size, thread_name_prefix="rpc"),
-            options=options, interceptors=[*interceptors, self.limiter, RpcMetrics(self.metrics_registry)],
+            options=options, interceptors=[*tracing.server_interceptors(service), RpcMetrics(self.metrics_registry),
+                                           *interceptors, self.limiter],
         )
         self._tls = tls
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -357,13 +365,15 @@ def die_with_parent() -> None:
 
 def run_service(settings_cls: type, create_server: Callable[[Any], Server], argv: Sequence[str] | None, *,
                 module: str, description: str, migrate: Callable[[Any], None] | None = None) -> int:
-    """``python -m services.X``: settings from flags and env, logging, serve until SIGINT/SIGTERM."""
+    """``python -m services.X``: settings from flags and env, logging, tracing (the service named
+    after its module: ``services.lira_scorer`` -> ``lira-scorer``), serve until SIGINT/SIGTERM."""
     from ftps.common.log import setup_logging
     from ftps.common.settings import load_settings
 
     die_with_parent()
     settings = load_settings(settings_cls, argv, prog=f"python -m {module}", description=description)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
+    tracing.configure(module.rpartition(".")[2].replace("_", "-"))
     from ftps.common.auth import AuthNotConfigured
     from ftps.common.db import MigrationError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from typing import Sequence, TypeVar
+from typing import Literal, Sequence, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,9 @@ class DatabaseSettings(BaseSettings):
 
 class CommonSettings(StorageSettings):
     log_level: str = Field("INFO", description="logging level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or json: one JSON "
+                                                "object per line (time, level, logger, message, trace_id, "
+                                                "span_id, service)")
     listen: str = Field("127.0.0.1:0", description="host:port to serve on (port 0: any free port)")
     max_message_mb: int = Field(64, description="largest gRPC message accepted or sent, MiB")
     auth_key: str = Field("", description="token signing key (hex or >= 32 chars); empty: see auth_key_file")

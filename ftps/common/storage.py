@@ -32,6 +32,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from ftps.common import tracing
 from ftps.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from ftps.common.settings import StorageSettings
 from ftps.v1 import common_pb2
@@ -63,6 +64,11 @@ def check_id(value: str, field: str) -> str:
             f"{field} {value[:80]!r} is not a valid id (1-64 of letters, digits, '_', '-', '.')",
             reason="INVALID_ID", field=field)
     return value
+
+
+def _span(op: str, key: str, size: int | None = None):
+    """One span per blob read or write (``storage.get`` / ``storage.put``): its key and size."""
+    return tracing.span(f"storage.{op}", ftps__key=key, ftps__bytes=size)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -198,9 +204,10 @@ class ObjectStore(BlobStore):
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
                   version: int = 0) -> common_pb2.BlobRef:
         digest = sha256_hex(data)
-        self._call(f"put {key}", lambda: self.client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type,
-            metadata={"sha256": digest}))
+        with _span("put", key, len(data)):
+            self._call(f"put {key}", lambda: self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+                metadata={"sha256": digest}))
         return common_pb2.BlobRef(bucket=self.bucket, key=key, sha256=digest, size=len(data),
                                   version=version)
 
@@ -215,12 +222,14 @@ class ObjectStore(BlobStore):
                 resp.close()
                 resp.release_conn()
 
-        try:
-            data, stored = self._call(f"get {key}", fetch)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise NotFound(f"object {key} not found", reason="OBJECT_NOT_FOUND") from exc
-            raise self._failing(f"get {key}", exc) from exc
+        with _span("get", key) as span:
+            try:
+                data, stored = self._call(f"get {key}", fetch)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    raise NotFound(f"object {key} not found", reason="OBJECT_NOT_FOUND") from exc
+                raise self._failing(f"get {key}", exc) from exc
+            span.set_attribute("ftps.bytes", len(data))
         return _verified(key, data, sha256 or stored)
 
     def exists(self, key: str) -> bool:
@@ -324,6 +333,10 @@ class FileBlobStore(BlobStore):
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
                   version: int = 0) -> common_pb2.BlobRef:
+        with _span("put", key, len(data)):
+            return self._put_file(key, data, version)
+
+    def _put_file(self, key: str, data: bytes, version: int) -> common_pb2.BlobRef:
         path = self._path(key)
         digest = sha256_hex(data)
         try:
@@ -349,6 +362,13 @@ class FileBlobStore(BlobStore):
                                   version=version)
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
+        with _span("get", key) as span:
+            data, stored = self._get_file(key)
+            span.set_attribute("ftps.bytes", len(data))
+        return _verified(key, data, sha256 or stored)
+
+    def _get_file(self, key: str) -> tuple[bytes, str | None]:
+        """The object's bytes and the sha256 stored with them (None: a file put_bytes did not write)."""
         path = self._path(key)
         try:
             raw = path.read_bytes()
@@ -362,7 +382,7 @@ class FileBlobStore(BlobStore):
             data = raw[_FILE_HEADER_LEN:]
         else:  # not written by put_bytes: all of it is the object, with no checksum
             data = raw
-        return _verified(key, data, sha256 or stored)
+        return data, stored
 
     def exists(self, key: str) -> bool:
         try:

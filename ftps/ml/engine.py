@@ -2,9 +2,10 @@
 
 Model i = S(M0, train[mask_i] ∪ P_i) where P_i is ``builder_mix`` records sampled from the
 builder's distribution with model i's seed; the result is PHI[n, m] over the m eval records.
-This module holds the job (validation, weights, the statistic) and the one-model-at-a-time
-training loop; ``ftps.ml.engines`` decides how a job's models train (one after another, stacked
-with torch.func, or on cached trunk features) and runs them.
+This module is the job's front door (device, threads, weights, validation of the job);
+``ftps.ml.engines`` decides how a job's models train (one after another, stacked with torch.func,
+or on cached trunk features) and runs them, on the statistic and training loop of
+``ftps.ml.training``. The arrows point one way: engine -> engines -> training.
 
 Determinism: the same job (same seeds) on the same device type and thread count gives the same
 phi bit for bit: torch is seeded per model, shuffles, augmentation and the builder sample come
@@ -18,25 +19,21 @@ This module runs strategy code in-process; untrusted strategies go through
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from ftps.common.cpus import usable_cpus
+from ftps.ml import engines
 from ftps.ml.datasets import validate_records
 from ftps.ml.strategy import (
     EngineError,
-    Recipe,
     RecordsError,
     Strategy,
     StrategyError,
@@ -44,33 +41,33 @@ from ftps.ml.strategy import (
     describe_exception,
     load_strategy,
 )
+from ftps.ml.training import (
+    ModelSpec,
+    check_logits,
+    is_out_of_memory,
+    model_data,
+    model_device,
+    owned_tensor,
+    short_list,
+    strategy_code,
+)
 
 __all__ = [
     "CHECK_ONLY",
     "ENGINE_VERSION",
-    "ModelData",
-    "ModelSpec",
-    "compute_phi",
     "configure_threads",
     "finetune_and_score",
     "load_weights",
-    "model_data",
-    "prefer_channels_last",
+    "pin_determinism",
     "resolve_device",
     "save_weights",
-    "train_with_recipe",
-    "trainable_names",
 ]
 
 # Changes whenever the same job may give different phi (kernels, engine rule): part of every
 # cache key of stored phi (bench/attacks.py). 2: fused optimizers, channels-last on CPU, engines.
 ENGINE_VERSION = "2"
 
-# (index, seed, inclusion mask over the train records)
-ModelSpec = tuple[int, int, np.ndarray]
 Progress = Callable[[int, int], None]
-
-_MAX_LISTED_KEYS = 8
 
 
 # --------------------------------------------------------------------------- device, threads
@@ -107,32 +104,10 @@ def configure_threads() -> int:
     return threads
 
 
-def _pin_determinism(device: torch.device) -> None:
+def pin_determinism(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-
-def _owned_tensor(
-    a: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """A torch-allocated copy on ``device`` with standard (row-major) strides.
-
-    Never a view of the caller's memory: numpy calls an array with odd strides on size-1 axes
-    C-contiguous (``x[:, None]`` of an indexed array), torch then sees ``[N, 1, H, W]`` as
-    channels-last and picks other convolution kernels, which round differently; phi would
-    depend on how the caller built its arrays.
-    """
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
-    return t.to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- weights
@@ -167,291 +142,20 @@ def load_weights(model: nn.Module, safetensors_bytes: bytes) -> None:
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys {_short(missing)}")
+        problems.append(f"missing keys {short_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_short(unexpected)}")
+        problems.append(f"unexpected keys {short_list(unexpected)}")
     if mis_shaped:
-        problems.append(f"shape mismatches {_short(mis_shaped)}")
+        problems.append(f"shape mismatches {short_list(mis_shaped)}")
     if problems:
         raise WeightsError("weights do not match build_model(): " + "; ".join(problems))
     non_finite = sorted(
         k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()
     )
     if non_finite:
-        raise WeightsError(f"weights hold NaN or infinite values in {_short(non_finite)}")
+        raise WeightsError(f"weights hold NaN or infinite values in {short_list(non_finite)}")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)
-
-
-def _short(items: Sequence[str]) -> str:
-    shown = list(items[:_MAX_LISTED_KEYS])
-    more = len(items) - len(shown)
-    return str(shown) + (f" and {more} more" if more > 0 else "")
-
-
-# --------------------------------------------------------------------------- statistic
-
-
-def _phi_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """phi = z_y - logsumexp_{c != y} z_c = log(p_y / (1 - p_y)), in float64."""
-    z = logits.to(torch.float64)
-    z_y = z.gather(1, y[:, None]).squeeze(1)
-    others = z.scatter(1, y[:, None], float("-inf"))
-    return z_y - torch.logsumexp(others, dim=1)
-
-
-def _tta_queries(x: torch.Tensor, tta: Sequence[str]) -> list[torch.Tensor]:
-    queries = [x]
-    for name in tta:
-        if name == "hflip":
-            queries.append(x.flip(-1))
-        else:  # parse_recipe rejects these; kept for direct callers
-            raise StrategyError(f"unknown test-time augmentation {name!r}")
-    return queries
-
-
-def compute_phi(
-    model: nn.Module,
-    x: np.ndarray | torch.Tensor,
-    y: np.ndarray | torch.Tensor,
-    *,
-    batch_size: int = 1024,
-    tta: Sequence[str] = (),
-) -> np.ndarray:
-    """The statistic phi for every record, float64 ``[m]``, with the model in eval mode.
-
-    phi_j = z_{y_j} - logsumexp_{c != y_j} z_c over the logits z of ``model(x_j)``, i.e. the
-    logit-scaled confidence log(p / (1 - p)) computed without forming p. With ``tta`` the
-    identity query and each listed query (e.g. "hflip") are evaluated and their phi averaged.
-    A record whose logits are not finite gets NaN (the scorer isolates such records).
-    Raises StrategyError when the model's outputs are not logits ``[batch, classes>=2]``.
-    """
-    device = _model_device(model)
-    x_t = _owned_tensor(x, device, torch.float32)
-    y_t = _owned_tensor(y, device, torch.int64)
-    if x_t.shape[0] != y_t.shape[0]:
-        raise RecordsError(f"x has {x_t.shape[0]} records but y has {y_t.shape[0]} labels")
-    model.eval()
-    out = np.empty(x_t.shape[0], dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, x_t.shape[0], batch_size):
-            xb, yb = x_t[start : start + batch_size], y_t[start : start + batch_size]
-            total = torch.zeros(xb.shape[0], dtype=torch.float64, device=device)
-            queries = _tta_queries(xb, tta)
-            for q in queries:
-                with _strategy_code("model forward pass"):
-                    logits = model(q)
-                _check_logits(logits, xb.shape[0])
-                if yb.numel() and int(yb.max()) >= logits.shape[1]:
-                    raise RecordsError(
-                        f"labels must be in [0, {logits.shape[1]}), got {int(yb.max())}"
-                    )
-                # Non-finite logits give NaN phi for those records (every record, for a model
-                # whose fine-tuning diverged) instead of failing the job: the scorer traces them
-                # to the records that caused them and scores the round without those.
-                bad = ~torch.isfinite(logits).all(dim=1)
-                phi_b = _phi_from_logits(torch.nan_to_num(logits), yb)
-                total += torch.where(bad, torch.nan, phi_b)
-            out[start : start + xb.shape[0]] = (total / len(queries)).cpu().numpy()
-    return out
-
-
-def _check_logits(logits: object, batch: int) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise StrategyError(f"model must return logits [batch, classes], got {shape}")
-    if logits.shape[1] < 2:
-        raise StrategyError(f"model must return at least 2 class logits, got {logits.shape[1]}")
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text or "bad_alloc" in text
-    )
-
-
-@contextmanager
-def _strategy_code(what: str) -> Iterator[None]:
-    """Turn failures of strategy code into StrategyError (allocation failures into MemoryError)."""
-    try:
-        yield
-    except EngineError:
-        raise
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        if _is_out_of_memory(e):
-            raise MemoryError(f"{what}: {e}" if str(e) else what) from e
-        raise StrategyError(f"strategy {what} raised {describe_exception(e)}") from e
-
-
-def trainable_names(model: nn.Module, recipe: Recipe) -> list[str]:
-    """Names of the parameters ``recipe.train`` selects (all of them for "all").
-
-    Raises StrategyError for a prefix that matches no parameter.
-    """
-    named = [name for name, _ in model.named_parameters()]
-    if recipe.train == "all":
-        return named
-    for prefix in recipe.train:
-        if not any(name.startswith(prefix) for name in named):
-            raise StrategyError(
-                f"RECIPE['train'] prefix {prefix!r} matches no parameter; parameters: "
-                f"{_short(named)}"
-            )
-    return [name for name in named if any(name.startswith(p) for p in recipe.train)]
-
-
-def _select_trainable(model: nn.Module, names: Collection[str]) -> list[nn.Parameter]:
-    """Parameters named in ``names`` train, the others are frozen -> the trainable ones."""
-    wanted = set(names)
-    trainable = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in wanted)
-        if name in wanted:
-            trainable.append(p)
-    return trainable
-
-
-def _set_train_mode(model: nn.Module) -> None:
-    """Train mode, except frozen BatchNorm layers keep their running statistics."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
-
-
-def _make_optimizer(params: list[torch.Tensor], recipe: Recipe) -> torch.optim.Optimizer:
-    """The recipe's optimizer; the fused kernel where torch has one for the parameters' device
-    (one pass over the state instead of ~6: 1.5-2x faster fine-tuning of small CNNs on CPU).
-    The choice depends only on the device, so phi stays deterministic."""
-    kinds = {p.device.type for p in params}
-    fused = kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
-    kwargs: dict = {"lr": recipe.lr, "weight_decay": recipe.weight_decay}
-    if recipe.optimizer == "adam":
-        cls = torch.optim.Adam
-    elif recipe.optimizer == "adamw":
-        cls = torch.optim.AdamW
-    else:
-        cls = torch.optim.SGD
-        kwargs["momentum"] = recipe.momentum
-    if fused:
-        try:
-            return cls(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError):  # no fused kernel for this dtype/device in this torch
-            pass
-    return cls(params, **kwargs)
-
-
-def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Batches of ``batch_size``; a trailing batch of one record joins the previous batch
-    (BatchNorm cannot train on a single record)."""
-    bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
-
-
-def _augment(xb: torch.Tensor, augment: Sequence[str], rng: np.random.Generator) -> torch.Tensor:
-    for aug in augment:
-        name, _, arg = aug.partition(":")
-        b = xb.shape[0]
-        if name == "hflip":
-            flip = torch.from_numpy(rng.random(b) < 0.5).to(xb.device)
-            xb = torch.where(flip.view(b, *([1] * (xb.ndim - 1))), xb.flip(-1), xb)
-        elif name == "random-crop":
-            if xb.ndim != 4:
-                raise StrategyError(
-                    f"random-crop needs image records [N, C, H, W], got {tuple(xb.shape)}"
-                )
-            _, c, h, w = xb.shape
-            pad = int(arg) if arg else max(1, h // 8)
-            padded = F.pad(xb, (pad, pad, pad, pad))
-            dy = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(xb.device)
-            dx = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(xb.device)
-            rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :]
-            batch_idx = torch.arange(b, device=xb.device)[:, None, None, None]
-            chan_idx = torch.arange(c, device=xb.device)[None, :, None, None]
-            xb = padded[batch_idx, chan_idx, rows, cols]
-        else:
-            raise StrategyError(f"unknown augmentation {aug!r}")
-    return xb
-
-
-def train_with_recipe(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    recipe: Recipe,
-    *,
-    rng: np.random.Generator,
-    on_epoch: Callable[[int, int], None] | None = None,
-    trainable: Collection[str] | None = None,
-) -> nn.Module:
-    """Train ``model`` in place on tensors already on its device; shuffles and augmentation
-    draw from ``rng``. ``on_epoch(done, total)`` after each epoch. ``trainable``: names of the
-    parameters that train (default: those ``recipe.train`` selects), the others are frozen.
-    """
-    names = trainable_names(model, recipe) if trainable is None else trainable
-    params = _select_trainable(model, names)
-    if not params:
-        raise StrategyError("the model has no parameters to train")
-    optimizer = _make_optimizer(params, recipe)
-    _set_train_mode(model)
-    n = x.shape[0]
-    bounds = _batch_bounds(n, recipe.batch_size)
-    for epoch in range(recipe.epochs):
-        if n:
-            perm = torch.from_numpy(rng.permutation(n)).to(x.device)
-            for a, b in bounds:
-                idx = perm[a:b]
-                xb = _augment(x.index_select(0, idx), recipe.augment, rng)
-                yb = y.index_select(0, idx)
-                with _strategy_code("model forward/backward pass"):
-                    loss = F.cross_entropy(model(xb), yb)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimizer.step()
-        if on_epoch is not None:
-            on_epoch(epoch + 1, recipe.epochs)
-    model.eval()
-    return model
-
-
-def prefer_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether to run ``model`` in channels-last memory format on records like ``x``.
-
-    On CPU, for image records [N, C, H, W], when a train-mode forward/backward pass works in that
-    format and gives the same logits: oneDNN's channels-last pooling and convolution kernels made
-    the demo CNN's fine-tuning ~1.5x faster (bench/finetune.py). Not on CUDA (no gain in float32).
-    A strategy whose forward cannot take a channels-last tensor (``.view`` on it) stays in the
-    default format. Depends only on the model, the record shape and the device: deterministic.
-    """
-    if x.ndim != 4 or x.device.type != "cpu" or x.shape[0] == 0:
-        return False
-    probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    xb = x[:2]
-    try:
-        probe.eval()
-        model.eval()
-        with torch.no_grad():
-            same = torch.allclose(probe(xb), model(xb), rtol=1e-3, atol=1e-4)
-        probe.train()
-        probe(xb).float().sum().backward()
-    except Exception:  # noqa: BLE001 - any failure: stay in the default format
-        return False
-    return bool(same)
 
 
 # --------------------------------------------------------------------------- the job
@@ -470,15 +174,15 @@ def _check_records(strategy: Strategy, probe: nn.Module, x: np.ndarray, what: st
     probe.eval()
     try:
         with torch.inference_mode():
-            logits = probe(_owned_tensor(x[:1], _model_device(probe), torch.float32))
+            logits = probe(owned_tensor(x[:1], model_device(probe), torch.float32))
     except (Exception, SystemExit) as e:
-        if _is_out_of_memory(e):
+        if is_out_of_memory(e):
             raise MemoryError(str(e)) from e
         raise RecordsError(
             f"{what} of shape {shape} do not fit the model: forward pass failed with "
             f"{describe_exception(e)}"
         ) from e
-    _check_logits(logits, 1)
+    check_logits(logits, 1)
     classes = int(logits.shape[1])
     if strategy.num_classes is not None and classes != strategy.num_classes:
         raise StrategyError(
@@ -491,33 +195,6 @@ def _check_records(strategy: Strategy, probe: nn.Module, x: np.ndarray, what: st
 def _check_labels(y: np.ndarray, classes: int, what: str) -> None:
     if classes > 0 and len(y) and int(y.max()) >= classes:
         raise RecordsError(f"{what}: labels must be in [0, {classes}), got {int(y.max())}")
-
-
-@dataclass(frozen=True)
-class ModelData:
-    """What model ``index`` trains on: rows of the train records and of the builder records."""
-
-    index: int
-    seed: int
-    train_rows: np.ndarray
-    builder_rows: np.ndarray
-
-
-def model_data(models: Sequence[ModelSpec], masks: Sequence[np.ndarray], builder_len: int,
-               builder_mix: int) -> list[ModelData]:
-    """Each model's rows: ``train[mask_i]``, then ``builder_mix`` builder rows drawn without
-    replacement by a stream of the model's seed of its own, so the sample never shifts the
-    training shuffles (which draw from ``np.random.default_rng([seed, 1])``)."""
-    out = []
-    for (index, seed, _), mask in zip(models, masks, strict=True):
-        seed = int(seed)
-        rows = np.empty(0, dtype=np.int64)
-        if builder_mix > 0:
-            rows = np.random.default_rng([seed, 0]).choice(
-                builder_len, size=builder_mix, replace=False
-            )
-        out.append(ModelData(int(index), seed, np.flatnonzero(mask), rows))
-    return out
 
 
 # ``engine=CHECK_ONLY``: build the model, load the weights, check the records against it; no training.
@@ -559,8 +236,6 @@ def finetune_and_score(
 
     Raises StrategyError, WeightsError, RecordsError (all EngineError), or MemoryError.
     """
-    from ftps.ml import engines  # builds on this module
-
     strategy = load_strategy(strategy_source)
     validate_records(train_x, train_y, what="train records")
     validate_records(eval_x, eval_y, what="eval records")
@@ -601,11 +276,11 @@ def finetune_and_score(
 
     configure_threads()
     dev = resolve_device(device)
-    _pin_determinism(dev)
+    pin_determinism(dev)
     check_only = engine == CHECK_ONLY
     plan = None if check_only else engines.plan_engine(strategy, dev, engine)
 
-    with _strategy_code("build_model()"):
+    with strategy_code("build_model()"):
         base = strategy.build_model()
     if not isinstance(base, nn.Module):
         raise StrategyError(
@@ -633,14 +308,14 @@ def finetune_and_score(
         strategy=strategy,
         base=base,
         device=dev,
-        train_x=_owned_tensor(train_x, dev, torch.float32),
-        train_y=_owned_tensor(train_y, dev, torch.int64),
-        eval_x=_owned_tensor(eval_x, dev, torch.float32),
-        eval_y=_owned_tensor(eval_y, dev, torch.int64),
+        train_x=owned_tensor(train_x, dev, torch.float32),
+        train_y=owned_tensor(train_y, dev, torch.int64),
+        eval_x=owned_tensor(eval_x, dev, torch.float32),
+        eval_y=owned_tensor(eval_y, dev, torch.int64),
         eval_is_train=eval_x.shape == train_x.shape and np.array_equal(eval_x, train_x)
         and np.array_equal(eval_y, train_y),
-        builder_x=_owned_tensor(builder_x, dev, torch.float32) if builder_mix > 0 else None,
-        builder_y=_owned_tensor(builder_y, dev, torch.int64) if builder_mix > 0 else None,
+        builder_x=owned_tensor(builder_x, dev, torch.float32) if builder_mix > 0 else None,
+        builder_y=owned_tensor(builder_y, dev, torch.int64) if builder_mix > 0 else None,
         models=data,
         progress=progress,
     )

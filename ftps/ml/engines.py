@@ -46,22 +46,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ftps.ml.engine import (
+from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, describe_exception
+from ftps.ml.training import (
     ModelData,
-    _augment,
-    _batch_bounds,
-    _make_optimizer,
-    _select_trainable,
-    _set_train_mode,
-    _short,
-    _strategy_code,
-    _tta_queries,
+    augment_batch,
+    batch_bounds,
     compute_phi,
+    make_optimizer,
     prefer_channels_last,
+    select_trainable,
+    set_train_mode,
+    short_list,
+    strategy_code,
     train_with_recipe,
     trainable_names,
+    tta_queries,
 )
-from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, describe_exception
 
 __all__ = ["ENGINES", "EnginePlan", "Job", "REQUESTS", "plan_engine", "run"]
 
@@ -215,7 +215,7 @@ def _run_full(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
         else:
             random.seed(md.seed)
             np.random.seed(md.seed % 2**32)
-            with _strategy_code("finetune()"):
+            with strategy_code("finetune()"):
                 tuned = strategy.finetune(model, x, y, seed=md.seed, device=str(job.device))
             if not isinstance(tuned, nn.Module):
                 raise StrategyError(
@@ -280,20 +280,20 @@ def _train_stacked(
     sees the same batches on both engines (phi agrees up to rounding).
     """
     template = copy.deepcopy(base)
-    if not _select_trainable(template, names):
+    if not select_trainable(template, names):
         raise StrategyError("the model has no parameters to train")
-    _set_train_mode(template)
+    set_train_mode(template)
     step = _stack_step(template)
     chunk_size = _max_stack(template, names)
     by_size: dict[int, list[int]] = {}
     for pos, (x, _, _) in enumerate(data):
         by_size.setdefault(int(x.shape[0]), []).append(pos)
     for size, positions in by_size.items():
-        bounds = _batch_bounds(size, recipe.batch_size)
+        bounds = batch_bounds(size, recipe.batch_size)
         for start in range(0, len(positions), chunk_size):
             chunk = positions[start : start + chunk_size]
             params, buffers = _stacked_state(template, names, len(chunk))
-            optimizer = _make_optimizer(list(params.values()), recipe)
+            optimizer = make_optimizer(list(params.values()), recipe)
             rngs = [np.random.default_rng([data[pos][2], 1]) for pos in chunk]
             torch.manual_seed(data[chunk[0]][2])
             for _ in range(recipe.epochs):
@@ -303,12 +303,12 @@ def _train_stacked(
                          for pos, rng in zip(chunk, rngs, strict=True)]
                 for a, b in bounds:
                     xb = torch.stack([
-                        _augment(data[pos][0].index_select(0, perm[a:b]), recipe.augment, rng)
+                        augment_batch(data[pos][0].index_select(0, perm[a:b]), recipe.augment, rng)
                         for pos, perm, rng in zip(chunk, perms, rngs, strict=True)
                     ])
                     yb = torch.stack([data[pos][1].index_select(0, perm[a:b])
                                       for pos, perm in zip(chunk, perms, strict=True)])
-                    with _strategy_code("model forward/backward pass (stacked)"):
+                    with strategy_code("model forward/backward pass (stacked)"):
                         loss = step(params, buffers, xb, yb).sum()
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -339,9 +339,9 @@ def _stacking_problem(job: Job, plan: EnginePlan) -> str | None:
     else:
         module, x, names = job.base, job.train_x[:2], trainable_names(job.base, recipe)
     template = copy.deepcopy(module)
-    if not _select_trainable(template, names):
+    if not select_trainable(template, names):
         return None  # the engine reports this one itself
-    _set_train_mode(template)
+    set_train_mode(template)
     params, buffers = _stacked_state(template, names, 2)
     try:
         loss = _stack_step(template)(params, buffers, torch.stack([x, x]),
@@ -367,7 +367,7 @@ def _split(job: Job, recipe: Recipe) -> _Split:
     made of the model's own parameters, every trainable parameter in the head, and
     ``head(trunk(x)) == model(x)`` in eval mode on a few records."""
     base = job.base
-    with _strategy_code("split_model()"):
+    with strategy_code("split_model()"):
         out = job.strategy.split_model(base)
     if not (isinstance(out, tuple) and len(out) == 2
             and all(isinstance(m, nn.Module) for m in out)):
@@ -397,13 +397,13 @@ def _split(job: Job, recipe: Recipe) -> _Split:
     in_trunk = sorted(n for n in wanted if id(base.get_parameter(n)) in trunk_ids)
     if in_trunk:
         raise StrategyError(
-            f"RECIPE['train'] selects trunk parameters {_short(in_trunk)}; with cache_features "
+            f"RECIPE['train'] selects trunk parameters {short_list(in_trunk)}; with cache_features "
             "the trunk is frozen and only head parameters may train"
         )
     outside = sorted(wanted - set(head_to_full.values()))
     if outside:
         raise StrategyError(
-            f"RECIPE['train'] selects parameters {_short(outside)} that are in neither trunk "
+            f"RECIPE['train'] selects parameters {short_list(outside)} that are in neither trunk "
             "nor head of split_model()"
         )
 
@@ -412,9 +412,9 @@ def _split(job: Job, recipe: Recipe) -> _Split:
     trunk.eval()
     head.eval()
     with torch.no_grad():
-        with _strategy_code("model forward pass"):
+        with strategy_code("model forward pass"):
             ref = base(x)
-        with _strategy_code("split_model() trunk/head forward pass"):
+        with strategy_code("split_model() trunk/head forward pass"):
             got = head(trunk(x))
     if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
@@ -441,7 +441,7 @@ def _features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         for start in range(0, max(len(x), 1), _FEATURE_BATCH):
             xb = x[start : start + _FEATURE_BATCH]
-            with _strategy_code("trunk forward pass"):
+            with strategy_code("trunk forward pass"):
                 f = trunk(xb)
             if not isinstance(f, torch.Tensor) or f.ndim < 1 or f.shape[0] != len(xb):
                 shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
@@ -464,7 +464,7 @@ def _run_cached(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
         assert job.builder_x is not None
         builder_f = _features(split.trunk, job.builder_x.index_select(
             0, torch.from_numpy(used).to(job.device)))
-    queries = _tta_queries(job.eval_x, job.strategy.tta)
+    queries = tta_queries(job.eval_x, job.strategy.tta)
     eval_f = [train_f if q is job.eval_x and job.eval_is_train else _features(split.trunk, q)
               for q in queries]
     timings["features_s"] += time.perf_counter() - t

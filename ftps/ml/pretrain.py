@@ -6,27 +6,50 @@ The base model is trained from scratch with the strategy's ``PRETRAIN`` override
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from ftps.ml.datasets import validate_records
-from ftps.ml.engine import (
-    _model_device,
-    _owned_tensor,
-    _pin_determinism,
-    _strategy_code,
-    configure_threads,
+from ftps.ml.engine import configure_threads, pin_determinism, resolve_device, save_weights
+from ftps.ml.strategy import StrategyError, load_strategy
+from ftps.ml.training import (
+    model_device,
+    owned_tensor,
     prefer_channels_last,
-    resolve_device,
-    save_weights,
+    strategy_code,
     train_with_recipe,
 )
-from ftps.ml.strategy import StrategyError, load_strategy
 
 __all__ = ["accuracy", "pretrain_base_model"]
+
+
+def cache_dir() -> Path:
+    """Where pretrained base models are kept between runs ($FTPS_CACHE_DIR, default ~/.cache/ftps)."""
+    return Path(os.environ.get("FTPS_CACHE_DIR", Path.home() / ".cache" / "ftps"))
+
+
+def cached_base_model(name: str, strategy_source: str, x: np.ndarray, y: np.ndarray, *, seed: int,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[bytes, bool]:
+    """A base model M0 pretrained on ``x, y`` with the strategy once, then read from the cache
+    (keyed by content: name, seed, size, strategy source) -> (safetensors bytes, came from the cache).
+    ``progress(epochs done, epochs)`` while pretraining. Shared by ``ftps-stack demo``, the web
+    client's demo model and the benches, so they pretrain it once between them."""
+    digest = hashlib.sha256(f"{name}:{seed}:{len(x)}:".encode() + strategy_source.encode()).hexdigest()
+    path = cache_dir() / f"base-{name}-{digest[:16]}.safetensors"
+    if path.exists():
+        return path.read_bytes(), True
+    weights = pretrain_base_model(strategy_source, x, y, seed=seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+    tmp.write_bytes(weights)
+    tmp.replace(path)
+    return weights, False
 
 
 def pretrain_base_model(
@@ -50,17 +73,17 @@ def pretrain_base_model(
     validate_records(x, y, what="pretraining records")
     configure_threads()
     dev = resolve_device(device)
-    _pin_determinism(dev)
+    pin_determinism(dev)
     torch.manual_seed(seed)
-    with _strategy_code("build_model()"):
+    with strategy_code("build_model()"):
         model = strategy.build_model()
     if not isinstance(model, nn.Module):
         raise StrategyError(
             f"build_model() must return a torch.nn.Module, got {type(model).__name__}"
         )
     model.to(dev)
-    x_t = _owned_tensor(x, dev, torch.float32)
-    y_t = _owned_tensor(y, dev, torch.int64)
+    x_t = owned_tensor(x, dev, torch.float32)
+    y_t = owned_tensor(y, dev, torch.int64)
     if prefer_channels_last(model, x_t):  # as the fine-tuning engine does (ftps.ml.engines)
         model.to(memory_format=torch.channels_last)
     train_with_recipe(
@@ -72,12 +95,12 @@ def pretrain_base_model(
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on (x, y), in [0, 1]."""
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(x), batch_size):
-            xb = _owned_tensor(x[start : start + batch_size], device, torch.float32)
-            yb = _owned_tensor(y[start : start + batch_size], device, torch.int64)
+            xb = owned_tensor(x[start : start + batch_size], device, torch.float32)
+            yb = owned_tensor(y[start : start + batch_size], device, torch.int64)
             correct += int((model(xb).argmax(dim=1) == yb).sum())
     return correct / max(len(x), 1)

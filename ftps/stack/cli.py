@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--processes", action="store_true",
                     help="run each service as its own OS process (`python -m services.X`, as the pods "
                          "do) instead of all in this process; one that dies is restarted, with backoff")
+    up.add_argument("--no-metrics", dest="metrics", action="store_false",
+                    help="serve no Prometheus metrics; by default every service serves /metrics on a free "
+                         "port of --host, each address printed at start (scrape those)")
     up.add_argument("--workers", type=int, default=1,
                     help="fine-tune worker processes, with --processes (default 1; worker i listens on "
                          "the worker port + i)")
@@ -119,10 +122,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         from ftps.stack.processes import ProcessStack
 
         stack = ProcessStack(workers=args.workers, host=args.host, ports=_ports(args), data_dir=args.data_dir,
-                             auth=args.auth, log_level=args.log_level or "INFO", persistent=True)
+                             auth=args.auth, log_level=args.log_level or "INFO", persistent=True,
+                             metrics=args.metrics)
     else:
         stack = EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth,
-                              persistent=True, metrics=True)
+                              persistent=True, metrics=args.metrics)
     stack.start()
     kind = f"stack is up as {len(stack.children)} processes" if args.processes else "embedded stack is up"
     print(f"FT-PrivacyScore {kind} (plaintext on loopback; use TLS settings elsewhere):")
@@ -132,8 +136,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("  AUTH IS OFF (--no-auth): tokens are not checked, every caller is admin 'auth-disabled'")
     for name in ("gateway", "registry", "scorer", "worker"):
         print(f"  {NAMES[name]:<34} {stack.addresses[name]}")
-    for name, url in getattr(stack, "metrics_addresses", {}).items():
-        print(f"  {NAMES[name] + ' metrics':<34} {url}")
+    for name, url in stack.metrics_addresses.items():  # "worker-1" with --processes --workers 2
+        kind, _, index = name.partition("-")
+        print(f"  {NAMES[kind] + (' ' + index if index else '') + ' metrics':<34} {url}")
     print(f"  {'metadata (SQLite)':<34} {args.data_dir.resolve() / 'metadata.db'}")
     print(f"  {'blobs (files)':<34} {blob_dir(args.data_dir)}")
     if args.processes:

@@ -9,9 +9,7 @@ record scored -> per-record table and batch metrics.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from rich.table import Table
 from clients.api import BuilderClient, ContributorClient, batch_dict, score_dict
 from ftps.common import serde
 from ftps.common.clock import iso
+from ftps.ml.pretrain import cached_base_model
 from ftps.v1 import common_pb2, scorer_pb2
 
 STRATEGIES = Path(__file__).resolve().parents[2] / "clients" / "strategies"
@@ -31,31 +30,21 @@ DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py"}
 BUILDER_DATA_MAX = 4000
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FTPS_CACHE_DIR", Path.home() / ".cache" / "ftps"))
-
-
 def base_model(dataset: str, strategy_source: str, x: np.ndarray, y: np.ndarray, *, seed: int,
                progress: Progress) -> tuple[bytes, bool]:
-    """The base model M0, pretrained on the builder's own split once and cached by content."""
-    from ftps.ml.pretrain import pretrain_base_model
-
-    digest = hashlib.sha256(f"{dataset}:{seed}:{len(x)}:".encode() + strategy_source.encode()).hexdigest()
-    path = cache_dir() / f"base-{dataset}-{digest[:16]}.safetensors"
-    if path.exists():
-        return path.read_bytes(), True
-    job = progress.add_task(f"pretraining the base model on {len(x)} {dataset} images", total=None)
+    """The base model M0 (:func:`ftps.ml.pretrain.cached_base_model`), its pretraining on a progress bar."""
+    job = None
 
     def on_epoch(done: int, total: int) -> None:
+        nonlocal job
+        if job is None:
+            job = progress.add_task(f"pretraining the base model on {len(x)} {dataset} images", total=total)
         progress.update(job, completed=done, total=total)
 
-    weights = pretrain_base_model(strategy_source, x, y, seed=seed, progress=on_epoch)
-    progress.remove_task(job)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(weights)
-    tmp.replace(path)
-    return weights, False
+    out = cached_base_model(dataset, strategy_source, x, y, seed=seed, progress=on_epoch)
+    if job is not None:
+        progress.remove_task(job)
+    return out
 
 
 def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: int, shadow_models: int,
@@ -211,7 +200,7 @@ def write_report(out: dict[str, Any], report_dir: Path) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=list(out["records"][0]))
         w.writeheader()
         w.writerows(out["records"])
-    from services.lira_scorer import plots
+    from ftps.privacy import plots
 
     recs = out["records"]
     plots.roc_curves_png([(f"{b['method']}  AUC={b['auc']:.3f}  TPR@1%FPR={b['tpr_at_1pct_fpr']:.3f}",

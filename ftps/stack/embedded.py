@@ -72,8 +72,12 @@ class EmbeddedStack:
         from services.lira_scorer.__main__ import create_server as scorer_server
         from services.lira_scorer.config import ScorerSettings
 
+        from ftps.common import tracing
         from ftps.common.storage import file_url
 
+        # One process, four services: one tracer provider under a neutral name; each server's spans
+        # say which service answered (ftps.service). Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set.
+        tracing.configure("ftps-stack")
         try:
             if self.persistent:
                 self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import grpc
 
 from ftps.common import grpcutil
 from ftps.common.cpus import usable_cpus
+from ftps.common.log import log_format
 from ftps.stack.embedded import (
     DEFAULT_PORTS,
     blob_dir,
@@ -99,7 +100,7 @@ class ProcessStack:
                  bucket: str = "ftps", data_dir: Path | None = None, auth: bool = True,
                  log_dir: Path | None = None, log_level: str = "INFO", env: Mapping[str, str] | None = None,
                  worker_env: Mapping[str, str] | None = None, startup_timeout: float = 90.0,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, metrics: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -114,6 +115,8 @@ class ProcessStack:
         self.worker_env = dict(worker_env or {})
         self.startup_timeout = startup_timeout
         self.persistent = persistent
+        self.metrics = metrics  # each service's /metrics on a free port (metrics_addresses)
+        self.metrics_addresses: dict[str, str] = {}  # "gateway", "worker-0", ... -> http://host:port/metrics
         self.addresses: dict[str, str] = {}
         self.worker_addresses: list[str] = []
         self.children: dict[str, Child] = {}
@@ -137,9 +140,11 @@ class ProcessStack:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        names = (["registry", "scorer", "gateway"] + [f"worker-{i}" for i in range(self.workers)]
-                 + ([] if self.persistent else ["s3"]))
-        ports = self._pick_ports(names)
+        services = ["registry", "scorer", "gateway"] + [f"worker-{i}" for i in range(self.workers)]
+        names = services + ([] if self.persistent else ["s3"])
+        metric_names = [f"metrics-{name}" for name in services] if self.metrics else []
+        ports = self._pick_ports(names + metric_names)  # in one pass: no port handed out twice
+        metrics_ports = {name: ports.pop(f"metrics-{name}") for name in services if self.metrics}
         addr = {name: f"{self._connect_host()}:{port}" for name, port in ports.items()}
         self.worker_addresses = [addr[f"worker-{i}"] for i in range(self.workers)]
         self.addresses = {"registry": addr["registry"], "scorer": addr["scorer"],
@@ -162,6 +167,8 @@ class ProcessStack:
         common = {"FTPS_S3_ENDPOINT": self.addresses["s3"], "FTPS_S3_BUCKET": self.bucket,
                   "FTPS_S3_ACCESS_KEY": S3_ACCESS_KEY, "FTPS_S3_SECRET_KEY": S3_SECRET_KEY,
                   "FTPS_LOG_LEVEL": self.log_level,
+                  # The parent's log format (FTPS_LOG_FORMAT; inherited FTPS_* settings are dropped).
+                  "FTPS_LOG_FORMAT": log_format(),
                   # One SQLite file shared by the services, each with tables of its own.
                   "FTPS_DATABASE_URL": database_url}
         if self.auth:
@@ -173,23 +180,30 @@ class ProcessStack:
             common["FTPS_AUTH_DISABLED"] = "true"  # the services refuse to start with neither
         common |= self.env
         listen = {name: f"{self.host}:{port}" for name, port in ports.items()}
+        self.metrics_addresses = {name: f"http://{self._connect_host()}:{port}/metrics"
+                                  for name, port in metrics_ports.items()}
+
+        def metrics_env(name: str) -> dict[str, str]:
+            return {"FTPS_METRICS_LISTEN": f"{self.host}:{metrics_ports[name]}"} if name in metrics_ports else {}
         worker_env = dict(self.worker_env)
         if "FTPS_TORCH_THREADS" not in worker_env and "FTPS_TORCH_THREADS" not in os.environ:
             # N workers on one machine: share the CPUs instead of each taking all of them.
             worker_env["FTPS_TORCH_THREADS"] = str(max(1, usable_cpus() // self.workers))
         started = [self._spawn("registry", ["services.builder_registry"], addr["registry"],
-                               env=common | {"FTPS_LISTEN": listen["registry"],
-                                             "FTPS_WORKER_ADDRS": self.addresses["worker"]})]
+                               env=common | metrics_env("registry") | {
+                                   "FTPS_LISTEN": listen["registry"], "FTPS_WORKER_ADDRS": self.addresses["worker"]})]
         for i in range(self.workers):
             name = f"worker-{i}"
-            started.append(self._spawn(name, ["services.finetune_worker"], addr[name], env=common | {
+            started.append(self._spawn(name, ["services.finetune_worker"], addr[name], env=common | metrics_env(name) | {
                 "FTPS_LISTEN": listen[name], "FTPS_WORKER_ID": name} | worker_env))
-        started.append(self._spawn("scorer", ["services.lira_scorer"], addr["scorer"], env=common | {
-            "FTPS_LISTEN": listen["scorer"], "FTPS_REGISTRY_ADDR": addr["registry"],
-            "FTPS_WORKER_ADDRS": self.addresses["worker"]}))
-        started.append(self._spawn("gateway", ["services.contributor_gateway"], addr["gateway"], env=common | {
-            "FTPS_LISTEN": listen["gateway"], "FTPS_REGISTRY_ADDR": addr["registry"],
-            "FTPS_SCORER_ADDR": addr["scorer"]}))
+        started.append(self._spawn("scorer", ["services.lira_scorer"], addr["scorer"],
+                                   env=common | metrics_env("scorer") | {
+                                       "FTPS_LISTEN": listen["scorer"], "FTPS_REGISTRY_ADDR": addr["registry"],
+                                       "FTPS_WORKER_ADDRS": self.addresses["worker"]}))
+        started.append(self._spawn("gateway", ["services.contributor_gateway"], addr["gateway"],
+                                   env=common | metrics_env("gateway") | {
+                                       "FTPS_LISTEN": listen["gateway"], "FTPS_REGISTRY_ADDR": addr["registry"],
+                                       "FTPS_SCORER_ADDR": addr["scorer"]}))
         # They start concurrently (imports dominate); each is then waited for in turn.
         deadline = time.monotonic() + self.startup_timeout
         for child in started:

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ftps.common import paging, serde
+from ftps.common import paging, serde, tracing
 from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
@@ -97,7 +97,10 @@ class Gateway:
     def submit(self, task_id: str, contributor: str, x: np.ndarray, y: np.ndarray,
                idempotency_key: str, who: Principal) -> gateway_pb2.Submission:
         try:
-            out = self._submit(task_id, contributor, x, y, idempotency_key, who)
+            # Ids and a count on the span; never a record's values.
+            with tracing.span("gateway.submit", ftps__task=task_id, ftps__records=len(x)) as span:
+                out = self._submit(task_id, contributor, x, y, idempotency_key, who)
+                span.set_attribute("ftps.submission", out.submission_id)
         except FtpsError:
             if self._metrics is not None:
                 self._metrics.submits.labels("refused").inc()
@@ -205,6 +208,12 @@ class Gateway:
             log.warning("task %s: automatic round did not start: %s", task_id, exc)
 
     def start_round(self, task_id: str, *, force: bool, who: Principal) -> common_pb2.RoundStatus:
+        # The round's trace starts here (the StartRound call, or a submit that filled the batch):
+        # the scorer's round and every worker's jobs are its children.
+        with tracing.span("gateway.start_round", ftps__task=task_id, ftps__force=force) as span:
+            return self._start_round(task_id, force=force, who=who, span=span)
+
+    def _start_round(self, task_id: str, *, force: bool, who: Principal, span) -> common_pb2.RoundStatus:
         check_id(task_id, "task_id")
         who.require_role("builder", "admin", "service", what="start rounds")
         task = authorized_task(who, task_id, self._get_task, action="start rounds of")
@@ -222,6 +231,8 @@ class Gateway:
         subs = claim.submissions
         record_ids = [r for s in subs for r in s.record_ids]
         contributors = [s.contributor for s in subs for _ in s.record_ids]
+        span.set_attribute("ftps.round", round_id)
+        span.set_attribute("ftps.records", len(record_ids))
         try:
             # Storage I/O with no lock held: other tasks' submits and rounds go on meanwhile.
             xs, ys = [], []

@@ -642,7 +642,7 @@ def _read_phi(path: Path, n_models: int, n_records: int) -> np.ndarray:
             f"sandbox returned phi {getattr(phi, 'dtype', None)} {getattr(phi, 'shape', None)}, "
             f"expected float64 {(n_models, n_records)}"
         )
-    # NaN marks records with non-finite logits (engine.compute_phi); the scorer isolates them.
+    # NaN marks records with non-finite logits (ftps.ml.training.compute_phi); the scorer isolates them.
     if np.isinf(phi).any():
         raise SandboxError("sandbox returned infinite phi (NaN marks a non-finite statistic)")
     return phi

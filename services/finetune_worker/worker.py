@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from ftps.common import tracing
 from ftps.common.errors import FailedPrecondition, InvalidArgument
 from ftps.common.metrics import WorkerMetrics
 from ftps.common.serde import tensor_from_array
@@ -92,6 +93,15 @@ class Worker:
             self._pool.close()
 
     def run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
+        with tracing.span("worker.job", ftps__task=job.task_id, ftps__job=job.job_id, ftps__models=len(job.models),
+                          ftps__engine=self.engine, ftps__device=self.device) as span:
+            result = self._metered_job(job)
+            if result.engine:  # what "auto" turned out to be
+                span.set_attribute("ftps.engine_used", result.engine)
+            span.set_attribute("ftps.seconds", result.seconds)
+            return result
+
+    def _metered_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         if self._metrics is None:
             return self._run_job(job)
         self._metrics.job_started()

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ftps.common import serde
+from ftps.common import serde, tracing
 from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
@@ -39,8 +39,9 @@ from ftps.common.metrics import ScorerMetrics
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
 from ftps.common.task_rules import min_records
+from ftps.privacy import scoring
+from ftps.privacy.masks import derive_seed, make_masks, model_seeds, shadow_masks, trace_failures
 from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
-from services.lira_scorer import scoring
 from services.lira_scorer.store import (NewRound, OfflineStore, PreparationRow, PreparationStore, RoundRow,
                                         RoundStore)
 from services.lira_scorer.workers import WorkerPool
@@ -51,16 +52,6 @@ GetTask = Callable[[str], registry_pb2.Task]
 # The scorer acting on its own: rounds it resumes, the preparation stage an offline-global round needs.
 SELF = Principal("lira-scorer", "service")
 _RESULTS_CACHED = 64  # finished results kept in memory (they never change)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any labels: the same round always gets the same masks and models."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def model_seeds(base_seed: int, n: int) -> list[int]:
-    return [derive_seed(base_seed, "model", i) for i in range(n)]
 
 
 def make_jobs(task: registry_pb2.Task, job_prefix: str, records: common_pb2.BlobRef,
@@ -271,7 +262,18 @@ class Scorer:
             if row.round_id in self._runs:
                 return
             self._runs[row.round_id] = run
-        threading.Thread(target=self._run_round, args=(run,), name=f"round-{row.round_id}", daemon=True).start()
+        # The trace goes on in the round's thread: a child of the StartScoring call that stored it
+        # (one trace from the gateway to every worker); a round claimed by the lease loop starts
+        # a trace of its own.
+        threading.Thread(target=self._traced_round, args=(run, tracing.capture()), name=f"round-{row.round_id}",
+                         daemon=True).start()
+
+    def _traced_round(self, run: Run, captured: tracing.Captured) -> None:
+        with tracing.attached(captured), tracing.span("scorer.round", ftps__task=run.row.task_id,
+                                                      ftps__round=run.round_id,
+                                                      ftps__models=run.row.models_total,
+                                                      ftps__records=len(run.row.record_ids)):
+            self._run_round(run)
 
     def _write(self, run: Run, **fields) -> None:
         """Write the round's progress, as its owner: a lost lease, or a database that cannot be
@@ -419,8 +421,8 @@ class Scorer:
             if running is not None and running.row.preparation_id == row.preparation_id and not running.lost.is_set():
                 return
             self._preps[run.key] = run
-        threading.Thread(target=self._run_preparation, args=(run,), name=f"prepare-{row.task_id}",
-                         daemon=True).start()
+        threading.Thread(target=self._traced_preparation, args=(run, tracing.capture()),
+                         name=f"prepare-{row.task_id}", daemon=True).start()
 
     def _prep_write(self, run: PrepRun, **fields) -> None:
         """Write the preparation's progress as its lease holder (:class:`LeaseLost` once it is not)."""
@@ -435,6 +437,12 @@ class Scorer:
             raise LeaseLost(run.row.preparation_id)
         with self._progress:
             self._progress.notify_all()
+
+    def _traced_preparation(self, run: PrepRun, captured: tracing.Captured) -> None:
+        with tracing.attached(captured), tracing.span("scorer.preparation", ftps__task=run.row.task_id,
+                                                      ftps__preparation=run.row.preparation_id,
+                                                      ftps__models=run.row.models_total):
+            self._run_preparation(run)
 
     def _run_preparation(self, run: PrepRun) -> None:
         row, task = run.row, run.task
@@ -493,7 +501,7 @@ class Scorer:
         heldout_ref = self._store.put_bytes(f"{prefix}/heldout.npz",
                                             serde.records_to_npz(x[heldout], y[heldout]))
         k = task.settings.shadow_models
-        masks = _shadow_masks(k, n_pool, seed=seed)
+        masks = shadow_masks(k, n_pool, seed=seed)
         jobs = make_jobs(task, f"offline-{task.task_id}", pool_ref, masks, model_seeds(seed, k),
                          eval_records=heldout_ref)
         done = [0]
@@ -607,7 +615,7 @@ class Scorer:
             # Seeded by the batch's content, not the round id: the same batch of the same task always
             # gets the same masks and models, on any stack, after any restart or takeover.
             seed = derive_seed(s.seed, batch.sha256)
-            masks = scoring.make_masks(n, m, seed=seed)
+            masks = make_masks(n, m, seed=seed)
             jobs = make_jobs(task, run.round_id if attempt == 0 else f"{run.round_id}-a{attempt}", batch,
                              masks, model_seeds(seed, n), builder_mix=s.builder_mix)
             self._write(run, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
@@ -646,9 +654,11 @@ class Scorer:
                               serde.records_to_npz(phi, masks))  # x=phi, y=member
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
         t_sc = time.perf_counter()
-        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
-                           offline=offline, record_ids=record_ids, contributors=contributors,
-                           round_id=run.round_id)
+        with tracing.span("scorer.score", ftps__method=method, ftps__models=int(phi.shape[0]),
+                          ftps__records=len(record_ids)):
+            result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                               offline=offline, record_ids=record_ids, contributors=contributors,
+                               round_id=run.round_id)
         result.excluded.extend(excluded)
         result.status.CopyFrom(run.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
@@ -746,55 +756,6 @@ class Scorer:
             with self._progress:
                 self._progress.wait(timeout=self._poll_s)
             row = self._rounds.get(round_id) or row
-
-
-def trace_failures(phi: np.ndarray, member: np.ndarray,
-                   failed: dict[int, str]) -> tuple[dict[int, str], int, str]:
-    """The records to blame for what went wrong in a round, each with the reason for its contributor.
-
-    Args:
-        phi: float ``[n, m]``, NaN where a record's statistic was not finite (a model whose
-            fine-tuning diverged has a NaN row).
-        member: bool ``[n, m]``, record ``j`` IN model ``i``.
-        failed: models whose job failed with a task error, with the error.
-
-    A record is blamed when its statistic is NaN on a model that worked for the other records; when
-    those records do not account for every broken (failed or diverged) model, also each record that
-    trained a broken model and no sound one. With complementary pairs a single such record is found
-    by its IN models, which are precisely the broken ones; an innocent record shares all n/2 of
-    them with probability 2^(-n/2) (1/65536 at n = 32) and is then left out with it.
-
-    Returns ``({column: reason}, number of broken models, why they broke if no record explains
-    every one of them, else "")``: e.g. a strategy that fails on every model is nobody's record.
-    """
-    n, m = phi.shape
-    broken = {i: "fine-tuning diverged (every logit NaN or infinite)" for i in range(n)
-              if i not in failed and np.isnan(phi[i]).all()}
-    broken.update(failed)
-    sound = np.array([i for i in range(n) if i not in broken], dtype=int)
-    causes: dict[int, str] = {}
-    for j in np.flatnonzero(np.isnan(phi[sound]).any(axis=0)) if len(sound) else ():
-        causes[int(j)] = "its statistic is not finite (the model's logits for it overflow)"
-    if not broken:
-        return causes, 0, ""
-    rows = sorted(broken)
-    reason = broken[rows[0]]
-    if causes and member[np.ix_(rows, sorted(causes))].any(axis=1).all():
-        return causes, len(broken), ""  # the records with bad statistics trained every broken model
-    suspects = member[rows].any(axis=0) & ~member[sound].any(axis=0)
-    # Blame only what explains every broken model, and never half the batch or more.
-    if not suspects.any() or suspects.sum() > m // 2 or not member[np.ix_(rows, suspects)].any(axis=1).all():
-        return causes, len(broken), reason
-    for j in np.flatnonzero(suspects):
-        causes.setdefault(int(j), f"fine-tuning failed on every model that trained on it: {reason}")
-    return causes, len(broken), ""
-
-
-def _shadow_masks(k: int, n_pool: int, *, seed: int) -> np.ndarray:
-    if k >= 4 and k % 2 == 0:
-        return scoring.make_masks(k, n_pool, seed=seed)
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.permutation(n_pool) < n_pool // 2 for _ in range(k)])
 
 
 def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float, fixed_variance: bool,

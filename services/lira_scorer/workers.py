@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from ftps.common import grpcutil
+from ftps.common import grpcutil, tracing
 from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable, relayed
 from ftps.common.metrics import ScorerMetrics
 from ftps.v1 import worker_pb2, worker_pb2_grpc
@@ -124,11 +124,14 @@ class WorkerPool:
         go on; without it, the first task error cancels the rest. An unreachable pool always raises."""
         results: list[worker_pb2.RunJobResponse] = []
         m = self._metrics
+        # The pool's threads carry on the caller's trace: each RunJob call is a child of the round.
+        captured = tracing.capture()
 
         def run(job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
             if m is not None:  # out of the queue: on its way to a worker
                 m.job_unqueued()
-            return self.run_one(job)
+            with tracing.attached(captured):
+                return self.run_one(job)
 
         if m is not None:
             m.jobs_queued(len(jobs))

@@ -12,9 +12,8 @@ import pytest
 
 from clients.api import ContributorClient
 from ftps.common import grpcutil, serde
+from ftps.privacy.masks import make_masks, trace_failures
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.lira_scorer import scoring
-from services.lira_scorer.rounds import trace_failures
 from tests.conftest import digits_records
 from tests.stacks import builder, embedded_stack, force_round, settled as _settled
 
@@ -176,7 +175,7 @@ def test_a_record_that_breaks_fine_tuning_is_left_out_and_the_round_goes_on(
 
 
 def test_trace_pins_a_single_poison_record_exactly():
-    member = scoring.make_masks(16, 40, seed=1)
+    member = make_masks(16, 40, seed=1)
     phi = np.random.default_rng(0).normal(size=(16, 40))
     phi[member[:, 7]] = np.nan   # every model that trained on record 7 diverged
     phi[:, 7] = np.nan           # and its own statistic overflows everywhere

@@ -65,7 +65,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from ftps.common.task_rules import distinct_splits, min_records  # noqa: F401 - re-exported
 
 __all__ = [
     "METHODS",
@@ -75,7 +74,6 @@ __all__ = [
     "RecordScores",
     "BatchMetrics",
     "ScoreResult",
-    "make_masks",
     "fit_offline_gaussian",
     "score",
     "newcombe_interval",
@@ -190,56 +188,8 @@ class ScoreResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Masks and the offline Gaussian
+# The offline Gaussian
 # --------------------------------------------------------------------------------------------
-
-
-def make_masks(n_models: int, n_records: int, *, seed: int) -> np.ndarray:
-    """Inclusion masks of the production stage (DESIGN.md §3, Algorithm 1 of Gu et al.).
-
-    Models ``2k`` and ``2k+1`` take complementary random halves of the batch, so every record is
-    IN for exactly ``n_models / 2`` models and every model gets ``floor(m/2)`` or ``ceil(m/2)``
-    records. For odd ``m`` the pair member that gets the extra record alternates between pairs, so
-    model sizes are spread evenly too.
-
-    Returns bool ``[n_models, n_records]``; deterministic given ``seed``.
-    Raises ValueError unless ``n_models`` is even and >= 4 and ``n_records`` >= 1.
-    """
-    for name, value in (("n_models", n_models), ("n_records", n_records)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if n_models < MIN_MODELS or n_models % 2:
-        raise ValueError(f"n_models must be even and >= {MIN_MODELS}, got {n_models}")
-    if n_records < 1:
-        raise ValueError(f"n_records must be >= 1, got {n_records}")
-    n_pairs, m = int(n_models) // 2, int(n_records)
-    rng = np.random.default_rng(seed)
-    # Row k is a uniformly random ranking of the records for pair k.
-    rank = rng.permuted(np.broadcast_to(np.arange(m), (n_pairs, m)), axis=1)
-    first_size = np.where(np.arange(n_pairs) % 2 == 0, (m + 1) // 2, m // 2)
-    first = rank < first_size[:, None]
-    if distinct_splits(m) >= n_pairs:
-        _redraw_repeated_splits(first, first_size, rng)
-    masks = np.empty((2 * n_pairs, m), dtype=bool)
-    masks[0::2] = first
-    masks[1::2] = ~first
-    return masks
-
-
-def _redraw_repeated_splits(first: np.ndarray, first_size: np.ndarray, rng: np.random.Generator) -> None:
-    """Give every pair its own split, in place, redrawing a pair whose split repeats an earlier one.
-
-    Only small batches ever repeat a split (at m >= 20 the chance is below 1e-4 per pair), so for
-    the batches of real rounds no redraw happens and the masks are exactly those of the plain draw.
-    """
-    def key(row: np.ndarray) -> bytes:  # the half holding record 0 names the split
-        return (row if row[0] else ~row).tobytes()
-
-    seen: set[bytes] = set()
-    for k in range(len(first)):
-        while key(first[k]) in seen:
-            first[k] = rng.permutation(first.shape[1]) < first_size[k]
-        seen.add(key(first[k]))
 
 
 def fit_offline_gaussian(phi_out: np.ndarray) -> tuple[float, float]:
@@ -704,7 +654,7 @@ def _canonical_rank(phi: np.ndarray) -> np.ndarray:
 
 def _complementary_pairs(member: np.ndarray, rank: np.ndarray) -> np.ndarray | None:
     """``[K, 2]`` model indices such that every model is in exactly one pair whose masks are
-    complementary (the production design, :func:`make_masks`), else None.
+    complementary (the production design, :func:`ftps.privacy.masks.make_masks`), else None.
 
     Complementary models are fine-tuned on complementary halves of the batch, so their
     statistics on a record are correlated (about -0.4 on Fashion-MNIST); the pair difference is
@@ -822,12 +772,13 @@ def _model_interval(
     ``gap = mu_in - mu_out`` (arrays ``[m]``).
 
     ``Var(d') ~ Var(gap) / s_norm^2 + d'^2 / (2 df_norm)`` (the second term: the normaliser is
-    estimated, Hedges & Olkin 1985). ``Var(gap)``: with complementary pairs (:func:`make_masks`)
-    the variance of the K pair differences ``phi_IN - phi_OUT`` over K, with a t quantile on
-    ``K - 1`` degrees of freedom — the pair correlation is real and would otherwise make the
-    interval too narrow; without pairs Welch's ``v_in/n_in + v_out/n_out`` with Welch's degrees
-    of freedom. Records whose variance is degenerate use the pooled residual std. The interval
-    in ``d'`` maps through the increasing ``2 Phi(d'/2) - 1``.
+    estimated, Hedges & Olkin 1985). ``Var(gap)``: with complementary pairs
+    (:func:`ftps.privacy.masks.make_masks`) the variance of the K pair differences
+    ``phi_IN - phi_OUT`` over K, with a t quantile on ``K - 1`` degrees of freedom — the pair
+    correlation is real and would otherwise make the interval too narrow; without pairs Welch's
+    ``v_in/n_in + v_out/n_out`` with Welch's degrees of freedom. Records whose variance is
+    degenerate use the pooled residual std. The interval in ``d'`` maps through the increasing
+    ``2 Phi(d'/2) - 1``.
     """
     n_in, n_out = g_in.count, g_out.count
     floor = (_DEGENERATE_STD_REL * pooled_std) ** 2

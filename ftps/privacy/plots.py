@@ -1,4 +1,4 @@
-"""PNG plots of a :class:`~services.lira_scorer.scoring.ScoreResult` (matplotlib, Agg canvas).
+"""PNG plots of a :class:`~ftps.privacy.scoring.ScoreResult` (matplotlib, Agg canvas).
 
 Figures are built with ``matplotlib.figure.Figure`` and an explicit Agg canvas rather than
 ``pyplot``: no global backend or figure registry, so it is safe inside a server thread.
@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from services.lira_scorer.scoring import ScoreResult, online_threshold
+from ftps.privacy.scoring import ScoreResult, online_threshold
 
 __all__ = ["roc_png", "roc_curves_png", "score_hist_png", "scores_with_intervals_png", "record_diagnosis_png"]
 
