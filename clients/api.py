@@ -384,7 +384,8 @@ def score_dict(s: common_pb2.RecordScore) -> dict:
 def batch_dict(b: common_pb2.BatchMetrics) -> dict:
     return {"method": serde.METHOD_NAMES.get(b.method, ""), "n_models": b.n_models,
             "n_records": b.n_records, "auc": b.auc, "tpr_at_1pct_fpr": b.tpr_at_1pct_fpr,
-            "tpr_at_0_1pct_fpr": b.tpr_at_0_1pct_fpr, "mean_score": b.mean_score}
+            "tpr_at_0_1pct_fpr": b.tpr_at_0_1pct_fpr, "mean_score": b.mean_score,
+            "mean_counted_p": b.mean_counted_p}
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:

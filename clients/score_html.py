@@ -278,9 +278,9 @@ def method_table(metrics: Sequence[common_pb2.BatchMetrics], lead: int) -> str:
         f'<tr class="{"headline" if b.method == lead else ""}"><td class="method">{e(method_name(b.method))}'
         f'{" ★" if b.method == lead else ""}</td><td class="num">{b.auc:.3f}</td>'
         f'<td class="num">{b.tpr_at_1pct_fpr:.3f}</td><td class="num">{b.tpr_at_0_1pct_fpr:.3f}</td>'
-        f'<td class="num">{b.mean_score:+.3f}</td></tr>' for b in metrics)
+        f'<td class="num">{b.mean_counted_p:+.3f}</td></tr>' for b in metrics)
     return ('<table><tr><th>method</th><th class="num">AUC</th><th class="num">TPR @ 1% FPR</th>'
-            f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean score</th></tr>{rows}</table>')
+            f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean counted P</th></tr>{rows}</table>')
 
 
 def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -> str:

@@ -464,3 +464,35 @@ def test_demo_base_model_is_pretrained_once_then_cached(tmp_path, monkeypatch):
     assert not cached and weights[:8] and seen and seen[-1][0] == seen[-1][1] > 0
     again, cached = assets.demo_base_model("digits", lambda *a: pytest.fail("no pretraining when cached"))
     assert cached and again == weights
+
+
+def test_long_result_pages_are_paginated():
+    """A contributor's results come 20 record cards a page, highest score first, with links between
+    pages (50 records on one page were over 15,000 pixels tall)."""
+    from clients.web import pages
+    from clients.web.session import Session
+    from ftps.v1 import common_pb2, registry_pb2
+
+    session = Session("s-test")
+    session.subject, session.role = "alice", "contributor"
+    task = registry_pb2.Task(task_id="t-1", name="digits", settings=common_pb2.TaskSettings(record_shape=[1, 8, 8]))
+    scores = [common_pb2.RecordScore(record_id=f"rec-{j:02d}", contributor="alice", round_id="r-1", index=j,
+                                     score=j / 50, score_ci_low=j / 50 - 0.1, score_ci_high=j / 50 + 0.1,
+                                     n_in=4, n_out=4) for j in range(45)]
+
+    def render(results_page: int) -> str:
+        return pages.contributor_task_page(session, task, scores, dataset=None, page=3, subs=[], rounds=[],
+                                           results_page=results_page)
+
+    def shown(html: str) -> set[int]:  # the summary above the cards names the top record on every page
+        return {j for j in range(45) if f"rec-{j:02d}" in html} - {44}
+
+    first = render(0)
+    assert shown(first) == set(range(25, 44))  # highest scores first: 44 .. 25
+    assert "records 1–20 of 45" in first and 'href="/tasks/t-1?page=3&amp;results=1#results"' in first
+    last = render(2)
+    assert shown(last) == set(range(5)) and "records 41–45 of 45" in last
+    beyond = render(99)  # past the end: the last page
+    assert shown(beyond) == set(range(5)) and "records 41–45 of 45" in beyond
+    few = pages.contributor_task_page(session, task, scores[:12], dataset=None, page=0, subs=[], rounds=[])
+    assert "results=" not in few and all(f"rec-{j:02d}" in few for j in range(12))

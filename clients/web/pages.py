@@ -296,9 +296,24 @@ def ended_round_rows(scores: Sequence[common_pb2.RecordScore], followed: Sequenc
                              "count": ""}) for r, n in sorted(counts.items()))
 
 
+RESULTS_PER_PAGE = 20  # record cards per page of a contributor's results (each card is ~300 px tall)
+
+
+def results_pager(tid: str, *, gallery_page: int, page: int, pages: int, first: int, last: int, total: int) -> str:
+    """'records 21-40 of 50' with links to the previous and next page of results (the sample
+    gallery's page kept)."""
+    def link(k: int, text: str) -> str:
+        return f'<a href="/tasks/{u(tid)}?page={gallery_page}&amp;results={k}#results">{text}</a>'
+
+    prev = link(page - 1, "‹ higher scores") if page > 0 else '<span class="note">‹ higher scores</span>'
+    nxt = link(page + 1, "lower scores ›") if page + 1 < pages else '<span class="note">lower scores ›</span>'
+    return (f'<p class="pager">{prev} · records {first}–{last} of {total}, highest score first '
+            f'(page {page + 1} of {pages}) · {nxt}</p>')
+
+
 def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequence[common_pb2.RecordScore],
                           *, dataset: str | None, page: int, subs: Sequence[SubmissionView],
-                          rounds: Sequence[RoundView], scores_error: str = "") -> str:
+                          rounds: Sequence[RoundView], scores_error: str = "", results_page: int = 0) -> str:
     tid = t.task_id
     submit = sample_gallery(session, t, dataset, page) if dataset else (
         '<div class="panel"><h3>Sample set</h3><p class="note">This task\'s records are not one of the demo '
@@ -330,7 +345,7 @@ def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequen
         body += '<p class="note">No submissions from this session yet.</p>'
     body += (f'<div class="panel">{rows}</div>' if rows else "") + "</div>"
 
-    body += "<h2>Evaluation result</h2>"
+    body += '<h2 id="results">Evaluation result</h2>'
     if scores_error:
         body += flash_html("error", scores_error)
     elif not scores and subs:
@@ -342,12 +357,20 @@ def contributor_task_page(session: Session, t: registry_pb2.Task, scores: Sequen
     else:
         own = {rid for v in subs for rid in v.record_ids}
         ordered = sorted(scores, key=rank_key)
+        # A page of cards at a time: 50 records on one page was over 15,000 pixels tall.
+        pages = -(-len(ordered) // RESULTS_PER_PAGE)
+        results_page = min(max(results_page, 0), pages - 1)
+        start = results_page * RESULTS_PER_PAGE
+        shown = ordered[start:start + RESULTS_PER_PAGE]
+        pager = results_pager(tid, gallery_page=page, page=results_page, pages=pages, first=start + 1,
+                              last=start + len(shown), total=len(ordered)) if pages > 1 else ""
         body += (summary_sentence(scores, "your") + stat_cards(scores) + how_to_read(scores, builder=False, collapsed=True)
                  + f'<p><a class="button secondary" href="/tasks/{u(tid)}/scores.csv">Download the scores (CSV)</a> '
                    f'<a class="button secondary" href="/tasks/{u(tid)}/report.zip">Download the report (HTML + plots, zip)</a>'
                  + (f' <a class="button secondary" href="/tasks/{u(tid)}/my-records.npz">Download your submitted records '
                     "with their ids (.npz)</a>" if own else "") + "</p>"
-                 + "".join(web_record_card(tid, s, s.record_id in own, open_diag=k < 20) for k, s in enumerate(ordered)))
+                 + pager + "".join(web_record_card(tid, s, s.record_id in own, open_diag=k < 20)
+                                   for k, s in enumerate(shown)) + pager)
         if not own:
             body += ('<p class="note">No images: records submitted in another session are not kept on this '
                      "server; the scores are.</p>")

@@ -505,8 +505,10 @@ class WebServer:
             page = int(req.arg("page", "0")) if req.arg("page", "0").isdigit() else 0
             subs = [v for v in s.submissions.values() if v.submission.task_id == tid]
             rounds = [r for r in s.rounds.values() if r.task_id == tid]
+            results = req.arg("results", "0")
             return html(pages.contributor_task_page(s, t, scores, dataset=dataset, page=page, subs=subs,
-                                                    rounds=rounds, scores_error=err))
+                                                    rounds=rounds, scores_error=err,
+                                                    results_page=int(results) if results.isdigit() else 0))
         b = s.builder()
         offline, note = None, ""
         try:

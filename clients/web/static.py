@@ -39,6 +39,7 @@ align-items:center;justify-content:center;font-size:14px;font-weight:700;margin-
 .flash.info{background:#eaf4ec;border-color:#a9d2b3;color:#1d5a2e}
 .flash .code{font-weight:700;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:13px;margin-right:6px}
 .note{color:#5b6475;font-size:13px;margin:6px 0}
+.pager{margin:12px 0;font-size:14px}
 .warn{background:#fffaf0;border-left:4px solid #d08a00;padding:8px 14px;border-radius:4px;margin:10px 0}
 form.inline{display:inline}
 label{display:block;font-size:13px;color:#3b4355;margin:8px 0 2px;font-weight:600}

@@ -183,7 +183,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "WARNING")
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    with EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth) as stack:
+    # With --serve the stack outlives the report: serve its metrics too, to look at after the round.
+    with EmbeddedStack(host=args.host, ports=_ports(args), data_dir=args.data_dir, auth=args.auth,
+                       metrics=args.serve) as stack:
         console.log("stack up: " + ", ".join(f"{k} {v}" for k, v in stack.addresses.items()))
         out = run_demo(stack.addresses, dataset=args.dataset, records=args.records, models=args.models,
                        shadow_models=args.shadow_models, method=args.method, seed=args.seed, console=console,
@@ -214,6 +216,8 @@ def _serve_demo(args: argparse.Namespace, stack: EmbeddedStack, console: Console
     console.print(f"web client: {web.url}  — sign in with one of these tokens (valid 1 day):")
     for subject, role in (("builder", "builder"), ("alice", "contributor"), ("bob", "contributor")):
         console.print(f"  {subject:>8} ({role}): {signer.issue(subject, role, ttl_s=86400)}", soft_wrap=True)
+    for name, url in stack.metrics_addresses.items():
+        console.print(f"{NAMES[name]} metrics: {url}")
     console.print("Ctrl-C to stop.")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

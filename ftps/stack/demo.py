@@ -179,12 +179,12 @@ def print_report(out: dict[str, Any], console: Console) -> None:
                   f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with the whole interval above 0 "
                   f"(identifiable more often than chance), {int((lows > 0.5).sum())} above 0.5")
     m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
-    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean score"):
+    for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean counted P"):
         m.add_column(col, justify="left" if col == "method" else "right")
     for b in out["methods"]:
         name = b["method"] + (" *" if b["method"] == out["method"] else "")
         m.add_row(name, f"{b['auc']:.3f}", f"{b['tpr_at_1pct_fpr']:.3f}", f"{b['tpr_at_0_1pct_fpr']:.3f}",
-                  f"{b['mean_score']:+.3f}")
+                  f"{b['mean_counted_p']:+.3f}")
     console.print(m)
     console.print(f"* the headline method; offline Gaussian mu={out['offline']['mu']:.3f} "
                   f"sigma={out['offline']['sigma']:.3f} from k={out['offline']['k']} shadow models")

@@ -203,7 +203,7 @@ class RecordScore(_message.Message):
     def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., score_ci_low: _Optional[float] = ..., score_ci_high: _Optional[float] = ..., counted_p: _Optional[float] = ..., counted_p_ci_low: _Optional[float] = ..., counted_p_ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
 
 class BatchMetrics(_message.Message):
-    __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr")
+    __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr", "mean_counted_p")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     N_RECORDS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class BatchMetrics(_message.Message):
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     ROC_FPR_FIELD_NUMBER: _ClassVar[int]
     ROC_TPR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COUNTED_P_FIELD_NUMBER: _ClassVar[int]
     method: Method
     n_models: int
     n_records: int
@@ -222,7 +223,8 @@ class BatchMetrics(_message.Message):
     mean_score: float
     roc_fpr: _containers.RepeatedScalarFieldContainer[float]
     roc_tpr: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ..., auc: _Optional[float] = ..., tpr_at_1pct_fpr: _Optional[float] = ..., tpr_at_0_1pct_fpr: _Optional[float] = ..., mean_score: _Optional[float] = ..., roc_fpr: _Optional[_Iterable[float]] = ..., roc_tpr: _Optional[_Iterable[float]] = ...) -> None: ...
+    mean_counted_p: float
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ..., auc: _Optional[float] = ..., tpr_at_1pct_fpr: _Optional[float] = ..., tpr_at_0_1pct_fpr: _Optional[float] = ..., mean_score: _Optional[float] = ..., roc_fpr: _Optional[_Iterable[float]] = ..., roc_tpr: _Optional[_Iterable[float]] = ..., mean_counted_p: _Optional[float] = ...) -> None: ...
 
 class OfflineGaussian(_message.Message):
     __slots__ = ("task_id", "mu", "sigma", "k", "n_values", "fitted_at", "base_model_sha256", "timings")

@@ -824,4 +824,5 @@ def batch_metrics(scored: "scoring.ScoreResult") -> common_pb2.BatchMetrics:
         method=serde.method_enum(scored.method), n_models=scored.n_models, n_records=scored.n_records,
         auc=scored.batch.auc, tpr_at_1pct_fpr=scored.batch.tpr_at_1pct_fpr,
         tpr_at_0_1pct_fpr=scored.batch.tpr_at_0_1pct_fpr,
-        mean_score=float(np.mean(scored.records.score)))  # the headline's mean
+        mean_score=float(np.mean(scored.records.score)),  # the headline's mean (method-independent)
+        mean_counted_p=float(np.mean(scored.records.counted_p)))

@@ -572,7 +572,9 @@ export declare type BatchMetrics = Message<"ftps.v1.BatchMetrics"> & {
   tprAt01pctFpr: number;
 
   /**
-   * Mean headline score over the round's records.
+   * Mean headline score over the round's records. The model-based score does not depend on a
+   * method's threshold, so it is the same for every method of a round: compare methods by AUC,
+   * TPR and mean_counted_p.
    *
    * @generated from field: double mean_score = 7;
    */
@@ -593,6 +595,13 @@ export declare type BatchMetrics = Message<"ftps.v1.BatchMetrics"> & {
    * @generated from field: repeated double roc_tpr = 9;
    */
   rocTpr: number[];
+
+  /**
+   * Mean counted P (TPR_j - FPR_j at this method's threshold) over the round's records.
+   *
+   * @generated from field: double mean_counted_p = 10;
+   */
+  meanCountedP: number;
 };
 
 /**
