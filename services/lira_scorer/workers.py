@@ -51,10 +51,12 @@ class WorkerPool:
             return next(self._next) % len(self._stubs)
 
     def _ready(self, i: int, timeout: float) -> bool:
+        ready = grpc.channel_ready_future(self._channels[i])
         try:
-            grpc.channel_ready_future(self._channels[i]).result(timeout=timeout)
+            ready.result(timeout=timeout)
             return True
         except grpc.FutureTimeoutError:
+            ready.cancel()  # else its thread polls the channel on, past close()
             return False
 
     def run_one(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
