@@ -116,6 +116,21 @@ def _ready_message(gaussian: common_pb2.OfflineGaussian) -> str:
             f"sigma={gaussian.sigma:.4g}")
 
 
+def _write_held(lost: threading.Event, what: str, update: Callable[[], bool]) -> None:
+    """One write of leased work (a round, a preparation) by its lease holder: ``update()`` returns
+    whether the lease was still ours. A lease lost now or before is :class:`LeaseLost` (``lost`` set);
+    a database out of reach is :class:`RoundAbandoned` (the lease runs out, another replica resumes)."""
+    if lost.is_set():
+        raise LeaseLost(what)
+    try:
+        held = update()
+    except Unavailable as exc:
+        raise RoundAbandoned(f"{what}: {exc}") from exc
+    if not held:
+        lost.set()
+        raise LeaseLost(what)
+
+
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -278,15 +293,8 @@ class Scorer:
     def _write(self, run: Run, **fields) -> None:
         """Write the round's progress, as its owner: a lost lease, or a database that cannot be
         reached, ends this replica's run of the round (:class:`RoundAbandoned`)."""
-        if run.lost.is_set():
-            raise LeaseLost(run.round_id)
-        try:
-            held = self._rounds.update(run.round_id, owner=self.owner, **fields)
-        except Unavailable as exc:
-            raise RoundAbandoned(f"round {run.round_id}: {exc}") from exc
-        if not held:
-            run.lost.set()
-            raise LeaseLost(run.round_id)
+        _write_held(run.lost, f"round {run.round_id}",
+                    lambda: self._rounds.update(run.round_id, owner=self.owner, **fields))
         status = common_pb2.RoundStatus()
         status.CopyFrom(run.status)
         for k in ("state", "models_done", "message"):
@@ -425,16 +433,9 @@ class Scorer:
                          name=f"prepare-{row.task_id}", daemon=True).start()
 
     def _prep_write(self, run: PrepRun, **fields) -> None:
-        """Write the preparation's progress as its lease holder (:class:`LeaseLost` once it is not)."""
-        if run.lost.is_set():
-            raise LeaseLost(run.row.preparation_id)
-        try:
-            held = self._preparations.update(run.row, owner=self.owner, **fields)
-        except Unavailable as exc:
-            raise RoundAbandoned(f"preparation {run.row.preparation_id}: {exc}") from exc
-        if not held:
-            run.lost.set()
-            raise LeaseLost(run.row.preparation_id)
+        """Write the preparation's progress as its lease holder, as :meth:`_write` does a round's."""
+        _write_held(run.lost, f"preparation {run.row.preparation_id}",
+                    lambda: self._preparations.update(run.row, owner=self.owner, **fields))
         with self._progress:
             self._progress.notify_all()
 
