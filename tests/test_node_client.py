@@ -4,7 +4,7 @@ against the real embedded stack (health, task, uploads, preparation, two contrib
 round, scores, a refused call).
 
 Needs `node` and clients/node/node_modules (`npm ci --prefix clients/node`, done by
-scripts/bootstrap.sh). Without them the tests skip, except under CI (CI=true) where they fail."""
+scripts/bootstrap.sh). What happens without them: tests/node_packages.py."""
 
 from __future__ import annotations
 
@@ -16,29 +16,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from tests.conftest import ROOT, digits_records
+from tests.conftest import digits_records
+from tests.node_packages import NODE_DIR, require
 from tests.stacks import embedded_stack
 
-NODE_DIR = ROOT / "clients" / "node"
 EXAMPLE_TIMEOUT_S = 180
-
-
-def _require_node() -> str:
-    """The node binary, or skip (fail under CI) with what is missing."""
-    node = shutil.which("node")
-    missing = []
-    if node is None:
-        missing.append("`node` is not on PATH")
-    if not (NODE_DIR / "node_modules" / ".bin" / "buf").exists():
-        missing.append("clients/node/node_modules is missing (run `npm ci --prefix clients/node`)")
-    if missing:
-        reason = "Node.js client: " + "; ".join(missing)
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason + " (CI is set: the Node.js client must be tested)")
-        pytest.skip(reason)
-    return node
 
 
 def _files(root: Path) -> list[str]:
@@ -46,7 +29,7 @@ def _files(root: Path) -> list[str]:
 
 
 def test_generated_code_is_current(tmp_path):
-    _require_node()
+    require("buf")
     out = subprocess.run(["bash", str(NODE_DIR / "generate.sh")], env=dict(os.environ, OUT=str(tmp_path)),
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
@@ -59,8 +42,7 @@ def test_generated_code_is_current(tmp_path):
 def test_example_type_checks():
     """example.mjs is plain JavaScript, checked against the generated .d.ts (tsconfig.json: checkJs):
     a renamed message, field or RPC fails here without a running stack."""
-    _require_node()
-    out = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "tsc"), "-p", str(NODE_DIR)],
+    out = subprocess.run([str(require("tsc")), "-p", str(NODE_DIR)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -103,7 +85,8 @@ def _write_data_dir(d: Path, splits, strategy: str, weights: bytes, contributors
 
 
 def test_example_runs_the_whole_flow(tmp_path, digits_splits, digits_strategy, digits_base_weights):
-    node = _require_node()
+    require("buf")
+    node = shutil.which("node")
     stack = embedded_stack(tmp_path / "stack")
     try:
         signer = stack.signer()

@@ -14,6 +14,7 @@ import pytest
 from ftps.common import serde
 from ftps.common.errors import InvalidArgument
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2, scorer_pb2, worker_pb2
+from tests.node_packages import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,17 +103,8 @@ def test_every_service_rpc_message_field_and_enum_value_is_documented():
     assert not missing, f"{len(missing)} without a comment:\n" + "\n".join(missing)
 
 
-def _buf() -> Path:
-    buf = ROOT / "clients" / "node" / "node_modules" / ".bin" / "buf"
-    if not buf.exists():
-        if os.environ.get("CI"):
-            pytest.fail("buf is not installed (scripts/bootstrap.sh runs `npm ci --prefix clients/node`)")
-        pytest.skip("buf is not installed: npm ci --prefix clients/node")
-    return buf
-
-
 def test_buf_lint_is_clean():
-    _buf()
+    require("buf")
     run = subprocess.run(["bash", "scripts/buf.sh", "lint"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -126,7 +118,7 @@ def test_no_breaking_change_against_the_previous_contract():
     """The working tree's protos against the last commit's (uncommitted changes) and the one before
     (what this commit changed): a breaking change fails. Where protos/buf.yaml is not there yet,
     there was no contract to keep (the renames that came with buf.yaml landed at once)."""
-    _buf()
+    require("buf")
     refs = [ref for ref in ("HEAD", "HEAD~1") if _has_contract(ref)]
     if not refs:
         pytest.skip("no earlier contract: protos/buf.yaml is not in HEAD or HEAD~1 (a new or shallow clone)")
