@@ -210,6 +210,7 @@ def measure_sandbox(task: Task, models: int, jobs: int, seed: int, log) -> list[
     was idle. Wall time of the round, and CPU time of this process and every child (reaped
     children only, so each way runs on its own; the spare's start-up is counted, off the round's
     wall time)."""
+    from ftps.ml.jobs import FinetuneJob, Records
     from services.finetune_worker.sandbox import SandboxPool, run_sandboxed
 
     source = (STRATEGIES / "fmnist_cnn.py").read_text()
@@ -218,8 +219,9 @@ def measure_sandbox(task: Task, models: int, jobs: int, seed: int, log) -> list[
     per_job = -(-models // jobs)
     specs = [[(i, seeds[i], masks[i]) for i in range(a, min(models, a + per_job))]
              for a in range(0, models, per_job)]
-    job = dict(strategy_source=source, base_weights=task.weights, train_x=task.x,
-               train_y=task.y, eval_x=task.x, eval_y=task.y)
+    train = Records.of(task.x, task.y)
+    jobs_ = [FinetuneJob(strategy_source=source, base_weights=task.weights, train_records=train, models=tuple(s))
+             for s in specs]
     limits = dict(timeout_s=600, memory_mb=8192)
     out, phis = [], []
 
@@ -228,13 +230,13 @@ def measure_sandbox(task: Task, models: int, jobs: int, seed: int, log) -> list[
         log(f"  {way}: {wall:.1f} s wall, {cpu:.1f} CPU-s")
 
     c, t = _cpu_with_children(), time.perf_counter()
-    phis.append([run_sandboxed(models=s, **job, **limits) for s in specs])
+    phis.append([run_sandboxed(job, **limits).phi for job in jobs_])
     record("fresh child per job (before)", time.perf_counter() - t, _cpu_with_children() - c)
 
     c = _cpu_with_children()
     with contextlib.closing(SandboxPool(**limits)) as pool:
         t = time.perf_counter()
-        phis.append([pool.run(task_key="bench", models=s, **job) for s in specs])
+        phis.append([pool.run(job, task_key="bench").phi for job in jobs_])
         wall = time.perf_counter() - t
     record("warm child per task, started by the round's first job", wall,
            _cpu_with_children() - c)
@@ -245,7 +247,7 @@ def measure_sandbox(task: Task, models: int, jobs: int, seed: int, log) -> list[
         pool.spare = False  # no refill: that is for the next task
         pool.wait_spare(timeout=120)
         t = time.perf_counter()
-        phis.append([pool.run(task_key="bench", models=s, **job) for s in specs])
+        phis.append([pool.run(job, task_key="bench").phi for job in jobs_])
         wall = time.perf_counter() - t
     record("warm child per task, the worker's idle spare", wall, _cpu_with_children() - c)
 

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from clients.api import describe_rpc_error, score_dict
-from clients.score_html import headline
+from clients.score_html import dp_facts, headline
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -432,7 +432,7 @@ def print_score_stream(scores: Iterable[Any], *, as_json: bool, with_contributor
             h = headline(s)
             who = f"{s.contributor}, " if with_contributor else ""
             print(f"{s.record_id} ({who}round {s.round_id}): score {h[0]:+.3f} [{h[1]:+.2f}, {h[2]:+.2f}] "
-                  f"(counted P {s.counted_p:+.2f})", flush=True)
+                  f"(counted P {s.counted_p:+.2f}; {dp_facts(s)})", flush=True)
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
             raise

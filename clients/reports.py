@@ -36,6 +36,7 @@ from clients.score_html import (
     TABLE_CSS,
     TOP_RISK,
     card,
+    contributors_table,
     e,
     headline,
     how_to_read,
@@ -44,8 +45,8 @@ from clients.score_html import (
     method_table,
     rank_key,
     reading,
-    record_reading,
     record_card,
+    record_reading,
     records_table,
     risk_level,
     safe_name,
@@ -432,6 +433,7 @@ def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.R
         + "<h2>Attack strength, every method</h2>"
         + "".join(_round_section(rid, rounds[rid], figs) if rid in rounds
                   else f"<h3>Round {e(rid)}</h3><p>Round details unavailable.</p>" for rid in round_ids)
+        + "<h2>Contributors</h2>" + contributors_table(scores)
         + f"<h2>Highest-risk records (top {len(rows)} by score)</h2>"
         + "".join(record_card(s, thumb_src=t, diag_src=d, diag_width=_DIAG_WIDTH, thumb_missing=missing,
                               rank=k + 1, show_contributor=True) for k, (s, d, t) in enumerate(rows))

@@ -7,7 +7,9 @@ The headline of a record is its model-based score 2Φ(d′/2) − 1 from the IN 
 fitted over the round's models, with its 95% interval (``RecordScore.score``,
 ``score_ci_low``, ``score_ci_high``): steadier than the paper's counted P = TPR − FPR
 (``counted_p``, ``counted_p_ci_low``, ``counted_p_ci_high``), which is shown next to it. Rounds scored before the
-model-based interval existed fall back to P.
+model-based interval existed fall back to P. Beside them, the same exposure in DP units: the empirical
+epsilon at the task's delta and Gaussian-DP mu (``empirical_epsilon``, ``empirical_mu``; ``—`` for
+scores stored before those existed).
 
 Plain functions over protobuf messages returning strings; every value is escaped. No inline
 style or script (the web client's Content-Security-Policy forbids both): the classes used here
@@ -28,7 +30,8 @@ from ftps.v1 import common_pb2
 
 __all__ = ["SCORE_CSS", "BADGE_CSS", "TABLE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
            "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
-           "badge", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
+           "badge", "epsilon_text", "mu_text", "dp_facts", "contributor_summary", "summary_line",
+           "contributors_table", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
            "records_table"]
 
 FEW_MODELS = 16  # below this a single record's score is mostly binomial noise (DESIGN.md section 3)
@@ -175,6 +178,68 @@ def _counted(s: common_pb2.RecordScore) -> str:
     return f"counted P {s.counted_p:+.2f} {_interval(s.counted_p_ci_low, s.counted_p_ci_high)}"
 
 
+# -- the same exposure in DP units (ftps.privacy.dp) ---------------------------------------------
+
+def _num(v: float) -> str:
+    return "∞" if v == float("inf") else f"{v:.2f}"
+
+
+def epsilon_text(s: common_pb2.RecordScore) -> str:
+    """``ε 1.23 [0.00, 4.56]`` (the empirical epsilon at the score's delta, with its 95% interval),
+    or ``—`` for scores stored before it existed (``delta`` 0)."""
+    if not s.delta:
+        return "—"
+    return f"ε {_num(s.empirical_epsilon)} [{_num(s.empirical_epsilon_ci_low)}, {_num(s.empirical_epsilon_ci_high)}]"
+
+
+def mu_text(s: common_pb2.RecordScore) -> str:
+    """``μ 0.52 [0.00, 1.10]`` (Gaussian-DP mu = |d′| with its 95% interval), or ``—``."""
+    if not s.delta:
+        return "—"
+    return f"μ {_num(s.empirical_mu)} [{_num(s.empirical_mu_ci_low)}, {_num(s.empirical_mu_ci_high)}]"
+
+
+def contributor_summary(scores: Sequence[common_pb2.RecordScore]) -> dict:
+    """A contributor's (or any set of records') summary, the same in every client (the ``summary``
+    of the contributor CLI's ``--json``, its summary line, the demo, the builder's per-contributor
+    table): how many records
+    were scored, how many are identifiable above chance (the headline's whole 95% interval above 0),
+    the mean headline score, and the worst record by score with its empirical epsilon. Records of
+    several rounds count once each, at their latest round (the list's last occurrence)."""
+    latest = {s.record_id: s for s in scores}
+    if not latest:
+        return {"records": 0, "above_chance": 0, "mean_score": None, "worst": None,
+                "max_empirical_epsilon": None}
+    heads = {rid: headline(s) for rid, s in latest.items()}
+    worst = max(latest.values(), key=lambda s: (heads[s.record_id][0], heads[s.record_id][1]))
+    eps = [s.empirical_epsilon for s in latest.values() if s.delta]
+    return {"records": len(latest), "above_chance": sum(1 for h in heads.values() if h[1] > 0),
+            "mean_score": sum(h[0] for h in heads.values()) / len(heads),
+            "worst": {"record_id": worst.record_id, "round_id": worst.round_id, "score": heads[worst.record_id][0],
+                      "score_ci_low": heads[worst.record_id][1], "score_ci_high": heads[worst.record_id][2],
+                      "empirical_epsilon": worst.empirical_epsilon if worst.delta else None,
+                      "delta": worst.delta or None},
+            "max_empirical_epsilon": max(eps) if eps else None}
+
+
+def summary_line(summary: dict) -> str:
+    """One plain-text line of :func:`contributor_summary`: what a contributor sees under their table."""
+    if not summary["records"]:
+        return "no records scored yet"
+    w = summary["worst"]
+    eps = "" if w["empirical_epsilon"] is None else f", empirical ε {_num(w['empirical_epsilon'])} at δ = {w['delta']:g}"
+    return (f"{summary['above_chance']} of {summary['records']} records identifiable above chance "
+            f"(95% interval above 0); mean score {summary['mean_score']:+.2f}; worst {w['record_id']}: "
+            f"{w['score']:+.2f} [{w['score_ci_low']:+.2f}, {w['score_ci_high']:+.2f}]{eps}")
+
+
+def dp_facts(s: common_pb2.RecordScore) -> str:
+    """The record's empirical DP units in one phrase (for facts lines and CLI text)."""
+    if not s.delta:
+        return "no DP units (scored before they existed)"
+    return f"empirical {epsilon_text(s)} at δ = {s.delta:g}, {mu_text(s)}"
+
+
 # -- page parts ---------------------------------------------------------------------------------
 
 def card(value: str, label: str, *, small: bool = False) -> str:
@@ -193,7 +258,8 @@ def summary_sentence(scores: Sequence[common_pb2.RecordScore], whose: str) -> st
         first = (f"<b>None of {e(whose)} {len(scores)} records</b> is identifiable more often than chance with "
                  "confidence (every 95% interval includes 0 or lies below it).")
     return (f'<p class="lead">{first} The highest score: <a class="mono" href="#{e(anchor_id(top.record_id))}">'
-            f"{e(top.record_id)}</a>, {h[0]:+.2f} {_interval(*h[1:])} ({_counted(top)}).</p>")
+            f"{e(top.record_id)}</a>, {h[0]:+.2f} {_interval(*h[1:])} ({_counted(top)}"
+            + (f"; empirical {e(epsilon_text(top))} at δ = {top.delta:g}" if top.delta else "") + ").</p>")
 
 
 def stat_cards(scores: Sequence[common_pb2.RecordScore], extra: Sequence[str] = ()) -> str:
@@ -203,7 +269,17 @@ def stat_cards(scores: Sequence[common_pb2.RecordScore], extra: Sequence[str] = 
             + card(str(int((lows > 0).sum())), "with the interval above 0")
             + card(str(int((lows >= 0.5).sum())), "high risk (interval above +0.5)")
             + card(f"{h[:, 0].max():+.2f}", "highest score") + card(f"{np.median(h[:, 0]):+.2f}", "median score")
-            + "".join(extra) + "</div>")
+            + _epsilon_cards(scores) + "".join(extra) + "</div>")
+
+
+def _epsilon_cards(scores: Sequence[common_pb2.RecordScore]) -> str:
+    eps = [s.empirical_epsilon for s in scores if s.delta]
+    if not eps:
+        return ""
+    deltas = sorted({f"{s.delta:g}" for s in scores if s.delta})
+    at = f"at δ = {', '.join(deltas)}"
+    return (card(_num(max(eps)), f"highest empirical ε ({at})")
+            + card(_num(float(np.median(eps))), "median empirical ε"))
 
 
 def how_to_read(scores: Sequence[common_pb2.RecordScore], *, builder: bool, collapsed: bool) -> str:
@@ -228,6 +304,11 @@ def how_to_read(scores: Sequence[common_pb2.RecordScore], *, builder: bool, coll
         "fitted as a Gaussian over the models that trained on it (IN, red) and those that did not (OUT, "
         "blue). The attack says “member” in the shaded region, beyond the dashed threshold. Overlapping "
         "curves mean the record is hard to tell apart; separated curves mean it is exposed.</li>",
+        "<li><b>Empirical ε and μ</b>: the same exposure in differential-privacy units. A score s is "
+        "exactly the best TPR − FPR against a mechanism that is μ-GDP (Gaussian differential privacy) "
+        "with s = 2Φ(μ/2) − 1, and μ converts to an (ε, δ) pair at the task's δ. They say what <i>this "
+        "attack</i> measured on this round, with the interval of its estimate: not a guarantee, since a "
+        "stronger attack may measure more. ε = 0 means nothing was measured.</li>",
         "<li><b>AUC</b> is threshold-free: the chance that a model that trained on the record scores it "
         "higher than one that did not (0.5 = chance).</li>"]
     if builder:
@@ -268,7 +349,7 @@ def record_card(s: common_pb2.RecordScore, *, thumb_src: str | None, diag_src: s
             f"<div>{interval_svg(*h)}</div>"
             f'<p class="reading">{e(record_reading(s))}</p><div class="facts">{where}round {e(s.round_id)}; '
             f"{s.n_in} models trained on it, {s.n_out} did not; {_counted(s)}; "
-            f"AUC {s.auc:.2f} ({e(method_name(s.method))})</div></div>"
+            f"AUC {s.auc:.2f} ({e(method_name(s.method))}); {e(dp_facts(s))}</div></div>"
             f'<div class="diag">{diag}</div></section>')
 
 
@@ -283,6 +364,26 @@ def method_table(metrics: Sequence[common_pb2.BatchMetrics], lead: int) -> str:
             f'<th class="num">TPR @ 0.1% FPR</th><th class="num">mean counted P</th></tr>{rows}</table>')
 
 
+def contributors_table(scores: Sequence[common_pb2.RecordScore]) -> str:
+    """One row per contributor (:func:`contributor_summary` of their records), the most exposed first:
+    what each contributor's own view summarises, side by side for the builder."""
+    by: dict[str, list[common_pb2.RecordScore]] = {}
+    for s in scores:
+        by.setdefault(s.contributor, []).append(s)
+    rows = sorted(((who, contributor_summary(own)) for who, own in by.items()),
+                  key=lambda kv: (-kv[1]["worst"]["score"], kv[0]))
+    body = "".join(
+        f'<tr><td>{e(who)}</td><td class="num">{m["records"]}</td><td class="num">{m["above_chance"]}</td>'
+        f'<td class="num">{m["mean_score"]:+.2f}</td>'
+        f'<td><a class="mono" href="#{e(anchor_id(m["worst"]["record_id"]))}">{e(m["worst"]["record_id"])}</a> '
+        f'{m["worst"]["score"]:+.2f} {_interval(m["worst"]["score_ci_low"], m["worst"]["score_ci_high"])}</td>'
+        f'<td class="num">{"—" if m["max_empirical_epsilon"] is None else _num(m["max_empirical_epsilon"])}</td></tr>'
+        for who, m in rows)
+    return ('<table class="contributors"><tr><th>contributor</th><th class="num">records</th>'
+            '<th class="num">above chance</th><th class="num">mean score</th><th>most exposed record [95%]</th>'
+            f'<th class="num">highest empirical ε</th></tr>{body}</table>')
+
+
 def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -> str:
     """Every record in the given order: headline score and interval, counted P as the secondary
     column, AUC, level and, with ``readings``, the plain-language line."""
@@ -292,9 +393,11 @@ def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -
         f'<td class="num"><b>{headline(s)[0]:+.2f}</b><span class="minor">{_interval(*headline(s)[1:])}</span></td>'
         f"<td>{interval_svg(*headline(s), width=130)}</td>"
         f'<td class="num">{s.counted_p:+.2f}<span class="minor">{_interval(s.counted_p_ci_low, s.counted_p_ci_high)}</span></td>'
+        f'<td class="num">{e(epsilon_text(s).removeprefix("ε "))}<span class="minor">{e(mu_text(s))}</span></td>'
         f'<td class="num">{s.auc:.2f}</td><td>{badge(s)}</td>'
         + (f'<td class="reading">{e(record_reading(s))}</td>' if readings else "") + "</tr>"
         for s in ranked)
     return ('<table><tr><th>record, contributor, round</th><th class="num">score [95% interval]</th><th></th>'
-            '<th class="num">counted P [95%]</th><th class="num">AUC</th><th>level</th>'
+            '<th class="num">counted P [95%]</th><th class="num">empirical ε [95%]</th>'
+            '<th class="num">AUC</th><th>level</th>'
             + ("<th>reading</th>" if readings else "") + f"</tr>{rows}</table>")

@@ -8,10 +8,12 @@ import time
 
 import numpy as np
 import pytest
+from scipy import special
 
 from clients.builder.cli import main as builder_main
 from clients.contributor.cli import main as contributor_main
 from ftps.common import serde
+from ftps.privacy import dp
 from ftps.stack.embedded import EmbeddedStack
 from tests.conftest import digits_records
 
@@ -48,7 +50,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     b = _b(stack)
     task = _json(capsys, builder_main, b + ["create-task", "--name", "e2e", "--record-shape", "1,8,8",
                                             "--models", "8", "--batch-threshold", "24", "--shadow-models", "4",
-                                            "--models-per-job", "4", "--json"])["task_id"]
+                                            "--models-per-job", "4", "--dp-delta", "1e-6", "--json"])["task_id"]
     (tmp_path / "w.safetensors").write_bytes(digits_base_weights)
     (tmp_path / "s.py").write_text(digits_strategy)
     (tmp_path / "d.npz").write_bytes(serde.records_to_npz(*digits_splits["builder"]))
@@ -59,6 +61,11 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     g = prep["gaussian"]
     assert prep["state"] == "READY" and prep["models_done"] == prep["models_total"] == 4
     assert g["k"] == 4 and g["sigma"] > 0 and np.isfinite(g["mu"])
+    # cost before you pay: timed by the preparation's shadow fine-tunes
+    est = _json(capsys, builder_main, b + ["estimate", "--task", task, "--json"])
+    assert (est["n_models"], est["n_records"], est["jobs"]) == (8, 24, 2) and est["parallel_jobs"] >= 1
+    assert est["seconds_per_model"] > 0 and est["worker_s"] == pytest.approx(8 * est["seconds_per_model"])
+    assert est["wall_s"] > 0 and "preparation" in est["basis"]
 
     x, y = digits_records(digits_splits, 24, seed=3)
     subs = {}
@@ -86,6 +93,28 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
         assert r["contributor"] == "alice" and r["method"] == "online-per-record"
         assert -1 <= r["counted_p_ci_low"] <= r["counted_p"] <= r["counted_p_ci_high"] <= 1
         assert r["n_in"] == r["n_out"] == 4
+        # the same exposure in DP units, at the task's delta, mapped from the headline's d'
+        assert r["delta"] == 1e-6
+        assert 0 <= r["empirical_mu_ci_low"] <= r["empirical_mu"] <= r["empirical_mu_ci_high"]
+        assert 0 <= r["empirical_epsilon_ci_low"] <= r["empirical_epsilon"] <= r["empirical_epsilon_ci_high"]
+        assert r["empirical_mu"] == pytest.approx(abs(2 * special.ndtri((r["score"] + 1) / 2)), rel=1e-6, abs=1e-9)
+        assert r["empirical_epsilon"] == pytest.approx(float(dp.epsilon_at_delta(r["empirical_mu"], 1e-6)))
+    summary = alice["summary"]
+    assert summary["records"] == 12 and 0 <= summary["above_chance"] <= 12
+    worst = max(alice["records"], key=lambda r: (r["score"], r["score_ci_low"]))
+    assert summary["worst"]["record_id"] == worst["record_id"]
+    assert summary["max_empirical_epsilon"] == max(r["empirical_epsilon"] for r in alice["records"])
+    capsys.readouterr()
+    assert contributor_main(_c(stack, "alice") + ["scores", "--task", task]) == 0
+    table = capsys.readouterr().out
+    assert "empirical ε" in table and "of 12 records identifiable above chance" in table
+    # once a round finished, it is the basis, scaled to the size asked for
+    est = _json(capsys, builder_main, b + ["estimate", "--task", task, "--models", "16", "--records", "48", "--json"])
+    assert est["basis"].startswith(f"round {sub['round_id']} of this task (8 models, 24 records)")
+    assert "scaled from 24 to 48 records" in est["basis"] and est["jobs"] == 4
+    capsys.readouterr()
+    assert builder_main(b + ["estimate", "--task", task, "--models", "5"]) == 1
+    assert "INVALID_ARGUMENT [INVALID_SETTINGS]: n_models must be even" in capsys.readouterr().err
     everything = _json(capsys, builder_main, b + ["scores", "--task", task, "--json"])
     assert len(everything["records"]) == 24 and everything["batches"][0]["n_models"] == 8
     # Real fine-tuning leaves a real membership signal: the attack beats chance on the batch.
@@ -106,6 +135,10 @@ def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, 
     b = _b(stack)
     assert builder_main(b + ["create-task", "--name", "x", "--record-shape", "1,8,8", "--models", "5"]) == 1
     assert "n_models" in capsys.readouterr().err
+    tid = _json(capsys, builder_main, b + ["create-task", "--name", "y", "--record-shape", "1,8,8", "--json"])["task_id"]
+    assert builder_main(b + ["estimate", "--task", tid]) == 1  # nothing measured yet: says what to do
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[PREPARATION_NOT_FOUND]" in err[0] and "run the preparation stage first" in err[0]
     with pytest.raises(SystemExit) as e:
         builder_main(["--help"])
     assert e.value.code == 0
@@ -125,5 +158,7 @@ def test_demo_digits_json(tmp_path, monkeypatch, capsys):
     assert all(-1 <= r["counted_p_ci_low"] <= r["counted_p"] <= r["counted_p_ci_high"] <= 1 for r in out["records"])
     assert {m["method"] for m in out["methods"]} >= {"offline-global", "online-per-record"}
     assert out["offline"]["k"] == 4 and out["timings"]["wall_s"] > 0
+    assert all(r["delta"] == 1e-5 and r["empirical_epsilon"] >= 0 for r in out["records"])
+    assert {who: m["records"] for who, m in out["contributors"].items()} == {"alice": 20, "bob": 20}
     for name in ("result.json", "scores.csv", "roc.png", "scores.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0

@@ -9,8 +9,9 @@ import torch
 
 from ftps.ml import engine as engine_mod
 from ftps.ml import engines
-from ftps.ml.engine import finetune_and_score, save_weights
+from ftps.ml.engine import run_job, save_weights
 from ftps.ml.engines import EnginePlan, plan_engine
+from ftps.ml.jobs import FinetuneJob, Records
 from ftps.ml.strategy import EngineError, StrategyError, load_strategy, parse_recipe
 from ftps.ml.training import make_optimizer, prefer_channels_last
 from tests.conftest import ROOT, digits_records
@@ -56,10 +57,15 @@ def job(digits_splits):
 
 
 def run(source, weights, job, engine=None, **kw):
-    info: dict = {}
-    phi = finetune_and_score(strategy_source=source, base_weights=weights, engine=engine,
-                             info=info, **{**job, **kw})
-    return phi, info
+    """``run_job`` on the arrays of ``job`` -> (PHI, its JobResult)."""
+    a = {**job, **kw}
+    train = Records.of(a["train_x"], a["train_y"])
+    result = run_job(FinetuneJob(
+        strategy_source=source, base_weights=weights, train_records=train, models=a["models"],
+        eval_records=None if a["eval_x"] is a["train_x"] else Records.of(a["eval_x"], a["eval_y"]),
+        builder_records=Records.of(a["builder_x"], a["builder_y"]) if "builder_x" in a else None,
+        builder_mix=a.get("builder_mix", 0), engine=engine))
+    return result.phi, result
 
 
 # --------------------------------------------------------------------------- the rule
@@ -115,7 +121,7 @@ def test_channels_last_only_where_it_works():
 def test_stacked_matches_sequential(weights, job):
     seq, seq_info = run(FULL, weights, job, "sequential")
     stacked, info = run(FULL, weights, job, "stacked")
-    assert (seq_info["engine"], info["engine"]) == ("sequential", "stacked")
+    assert (seq_info.engine, info.engine) == ("sequential", "stacked")
     # Same batches, augmentation and optimizer maths per model: equal up to float rounding.
     np.testing.assert_allclose(stacked, seq, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(stacked, run(FULL, weights, job, "stacked")[0])
@@ -133,15 +139,15 @@ def test_cached_features_match_recomputed_features(weights, job, monkeypatch):
     monkeypatch.setattr(engines, "_features",
                         lambda trunk, x: calls.append(len(x)) or features(trunk, x))
     cached, info = run(CACHED, weights, job, "sequential")
-    assert info["engine"] == "cached" and info["features_s"] > 0
+    assert info.engine == "cached" and info.features_s > 0
     # The trunk ran once per job: train records, the builder rows some model samples, the
     # flipped eval records (the unflipped ones are the train records' features).
     assert len(calls) == 3 and calls[0] == len(job["train_x"]) and calls[1] <= 6 * 5
     recomputed, info = run(UNCACHED, weights, job, "sequential")
-    assert info["engine"] == "sequential"
+    assert info.engine == "sequential"
     np.testing.assert_allclose(cached, recomputed, rtol=1e-5, atol=1e-5)
     stacked, info = run(CACHED, weights, job, "stacked")
-    assert info["engine"] == "cached-stacked"
+    assert info.engine == "cached-stacked"
     np.testing.assert_allclose(stacked, cached, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(cached, run(CACHED, weights, job)[0])  # deterministic
 
@@ -161,7 +167,7 @@ def split_model""")
     monkeypatch.setattr(engines, "plan_engine",
                         lambda strategy, device, requested: EnginePlan("stacked", "rule for cuda"))
     phi, info = run(source, weights_for(source), job)
-    assert info["engine"] == "sequential" and "vmap cannot run" in info["engine_reason"]
+    assert info.engine == "sequential" and "vmap cannot run" in info.engine_reason
     assert np.isfinite(phi).all()
 
 
@@ -172,7 +178,7 @@ def weights_for(source: str) -> bytes:
 
 def test_free_form_strategies_run_sequentially(weights, job):
     phi, info = run(FREE_FORM, weights, job)
-    assert info["engine"] == "sequential" and not info["channels_last"]
+    assert info.engine == "sequential" and not info.channels_last
     assert phi.shape == (6, 41)
 
 
@@ -247,7 +253,7 @@ def test_lastblock_strategy_runs_on_the_cached_engine(digits_splits):
     y = np.arange(20, dtype=np.int64) % 10
     models = [(0, 1, np.arange(20) % 2 == 0), (1, 2, np.arange(20) % 2 == 1)]
     phi, info = run(last, w, dict(train_x=x, train_y=y, eval_x=x, eval_y=y, models=models))
-    assert info["engine"] == "cached" and phi.shape == (2, 20) and np.isfinite(phi).all()
+    assert info.engine == "cached" and phi.shape == (2, 20) and np.isfinite(phi).all()
 
 
 def test_cifar_resnet18_strategy():
@@ -271,7 +277,7 @@ def test_cifar_resnet18_fine_tunes_from_uploaded_weights():
     y = np.arange(8, dtype=np.int64)
     phi, info = run(source, w, dict(train_x=x, train_y=y, eval_x=x, eval_y=y,
                                      models=[(0, 1, np.arange(8) < 4)]))
-    assert info["engine"] == "sequential" and np.isfinite(phi).all()
+    assert info.engine == "sequential" and np.isfinite(phi).all()
 
 
 def test_engine_version_is_exported():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ftps.ml import datasets
+from ftps.ml import datasets, jobs
 from ftps.ml.datasets import (
     demo_split_indices,
     load_digits,
@@ -19,7 +19,14 @@ from ftps.ml.datasets import (
     load_records,
     save_records,
 )
-from ftps.ml.engine import configure_threads, finetune_and_score, load_weights, save_weights
+from ftps.ml.engine import (
+    configure_threads,
+    finetune_and_score,
+    load_weights,
+    run_job,
+    save_weights,
+)
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
 from ftps.ml.pretrain import accuracy, pretrain_base_model
 from ftps.ml.strategy import (
     EngineError,
@@ -64,9 +71,13 @@ def tiny_weights() -> bytes:
     return save_weights(load_strategy(TINY_RECIPE).build_model())
 
 
-def _job(strategy, weights, x, y, models, **kw):
-    return finetune_and_score(strategy_source=strategy, base_weights=weights, train_x=x,
-                              train_y=y, eval_x=x, eval_y=y, models=models, **kw)
+def _job(strategy, weights, x, y, models, *, builder_x=None, builder_y=None, builder_mix=0,
+         progress=None):
+    """``run_job`` evaluating on the train records -> PHI."""
+    builder = None if builder_x is None else Records.of(builder_x, builder_y)
+    job = FinetuneJob(strategy_source=strategy, base_weights=weights, train_records=Records.of(x, y),
+                      models=models, builder_records=builder, builder_mix=builder_mix)
+    return run_job(job, progress=progress).phi
 
 
 # --------------------------------------------------------------------------- data
@@ -407,6 +418,140 @@ def test_bad_records_are_records_errors(tiny_weights, records):
     with pytest.raises(RecordsError, match="train records have shape"):
         finetune_and_score(strategy_source=TINY_RECIPE, base_weights=tiny_weights, train_x=x,
                            train_y=y, eval_x=big, eval_y=y, models=models)
+
+
+# --------------------------------------------------------------------------- the job and its result
+
+
+def _npz(x, y, *, compressed=False) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, x=x, y=y)
+    return buf.getvalue()
+
+
+def test_records_are_validated_where_they_are_built_and_keep_their_blob(records):
+    x, y = records
+    with pytest.raises(RecordsError, match="train records: x must be float32"):
+        Records.of(x.astype(np.float64), y, what="train records")
+    with pytest.raises(RecordsError, match="not a valid npz"):
+        Records.load(b"PK not really")
+    blob = _npz(x, y, compressed=True)
+    loaded = Records.load(blob)
+    assert loaded.to_npz() is blob and len(loaded) == len(x) and loaded.record_shape == (1, 8, 8)
+    np.testing.assert_array_equal(loaded.x, x)
+    assert Records.load(blob, keep_npz=False).npz is None
+    # Records built from arrays are written once, as an npz load_records reads back.
+    again = Records.load(Records.of(x, y).to_npz())
+    np.testing.assert_array_equal(again.x, x)
+    np.testing.assert_array_equal(again.y, y)
+
+
+def test_a_job_checks_its_models_against_its_train_records(tiny_weights, records):
+    x, y = records
+    train = Records.of(x, y)
+
+    def job(models):
+        return FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights, train_records=train,
+                           models=models)
+
+    built = job([(3, 5, np.arange(len(x)) % 2 == 0)])
+    (m,) = built.models
+    assert isinstance(m, ModelSpec) and (m.index, m.seed) == (3, 5)
+    assert built.evaluated is train and built.masks.shape == (1, len(x))
+    with pytest.raises(RecordsError, match=f"inclusion mask of model 0 must be bool \\[{len(x)}\\]"):
+        job([(0, 1, np.ones(len(x), dtype=np.uint8))])
+    with pytest.raises(RecordsError, match="inclusion mask of model 2"):
+        job([ModelSpec(2, 1, np.ones(len(x) + 1, dtype=bool))])
+    with pytest.raises(RecordsError, match="seed of model 0 must be an integer"):
+        job([(0, -1, np.ones(len(x), dtype=bool))])
+    with pytest.raises(RecordsError, match="seed of model 0 must be an integer"):
+        job([(0, 1.5, np.ones(len(x), dtype=bool))])
+
+
+def test_a_job_as_files_round_trips_with_its_blobs_as_they_came(tiny_weights, records, digits_splits):
+    x, y = records
+    bx, by = digits_splits["builder"]
+    train_blob, eval_blob = _npz(x, y, compressed=True), _npz(x[:7], y[:7], compressed=True)
+    models = _halves(len(x), 1)
+    job = FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights,
+                      train_records=Records.load(train_blob), models=models,
+                      eval_records=Records.load(eval_blob), builder_records=Records.of(bx, by),
+                      builder_mix=None, engine="sequential")
+    files = job.to_files()
+    assert files["train.npz"] is train_blob and files["eval.npz"] is eval_blob
+    back = FinetuneJob.from_files(files.__getitem__)
+    assert (back.strategy_source, back.base_weights) == (TINY_RECIPE, tiny_weights)
+    assert (back.builder_mix, back.engine) == (None, "sequential")
+    assert [(m.index, m.seed) for m in back.models] == [(i, s) for i, s, _ in models]
+    np.testing.assert_array_equal(back.masks, np.stack([m for _, _, m in models]))
+    np.testing.assert_array_equal(back.evaluated.x, x[:7])
+    np.testing.assert_array_equal(back.builder_records.y, by)
+    assert back.train_records.npz is None  # read once, not kept
+    # Without eval or builder records: none are written, and the train records are evaluated.
+    plain = FinetuneJob.from_files(FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights,
+                                               train_records=Records.of(x, y), models=models).to_files().__getitem__)
+    assert plain.eval_records is None and plain.builder_records is None
+
+
+def test_records_are_validated_once_per_process(tiny_weights, records, digits_splits, monkeypatch):
+    """A job read from files validates each records blob once; the engine does not again."""
+    x, y = records
+    bx, by = digits_splits["builder"]
+    files = FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights,
+                        train_records=Records.of(x, y), models=_halves(len(x), 1),
+                        eval_records=Records.of(x[:9], y[:9]), builder_records=Records.of(bx, by),
+                        builder_mix=3).to_files()
+    calls = []
+    validate = datasets.validate_records
+
+    def counted(x, y, **kw):
+        calls.append(len(x))
+        return validate(x, y, **kw)
+
+    monkeypatch.setattr(datasets, "validate_records", counted)
+    monkeypatch.setattr(jobs, "validate_records", counted)
+    result = run_job(FinetuneJob.from_files(files.__getitem__))
+    assert sorted(calls) == sorted([len(x), 9, len(bx)])
+    assert result.phi.shape == (2, 9)
+
+
+def test_run_job_returns_how_it_ran(tiny_weights, records):
+    x, y = records
+    job = FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights,
+                      train_records=Records.of(x, y), models=_halves(len(x), 1), engine="sequential")
+    result = run_job(job)
+    assert result.phi.shape == (2, len(x)) and result.phi.dtype == np.float64
+    assert (result.engine, result.engine_reason, result.device) == ("sequential", "requested", "cpu")
+    assert result.classes is None and result.cpu_limit_s is None
+    check = run_job(FinetuneJob(strategy_source=TINY_RECIPE, base_weights=tiny_weights,
+                                train_records=Records.of(x, y), models=_halves(len(x), 1),
+                                engine=CHECK_ONLY))
+    assert (check.engine, check.classes, check.parameters) == (CHECK_ONLY, 10, 64 * 10 + 10)
+    assert not check.phi.any() and check.phi.shape == (2, len(x))
+    # The in-process wrapper on arrays gives the same PHI (and its info, for bench callers).
+    info: dict = {}
+    phi = finetune_and_score(strategy_source=TINY_RECIPE, base_weights=tiny_weights, train_x=x,
+                             train_y=y, eval_x=x, eval_y=y, models=_halves(len(x), 1),
+                             engine="sequential", info=info)
+    np.testing.assert_array_equal(phi, result.phi)
+    assert info["engine"] == "sequential" and "classes" not in info
+
+
+def test_a_result_report_round_trips_and_untrusted_fields_are_dropped():
+    phi = np.zeros((1, 3))
+    full = JobResult(phi, engine="cached", engine_reason="rule for cpu", device="cpu",
+                     channels_last=True, features_s=1.5, train_s=2.0, phi_s=0.25, seconds=4.0,
+                     classes=10, parameters=650, cpu_limit_s=99)
+    back = JobResult.from_report(phi, full.report())
+    assert back.report() == full.report() and back.phi is phi
+    assert set(full.report()) == {f for f in JobResult.__dataclass_fields__ if f != "phi"}
+    # A sandbox child's report is not trusted: a field of the wrong type is left out.
+    hostile = {"engine": 5, "classes": True, "parameters": "650", "channels_last": 1,
+               "seconds": "4", "train_s": 3, "cpu_limit_s": 2.5, "extra": "ignored"}
+    got = JobResult.from_report(phi, hostile)
+    assert got.report() == {"engine": "", "engine_reason": "", "device": "", "channels_last": False,
+                            "features_s": 0.0, "train_s": 3.0, "phi_s": 0.0, "seconds": 0.0}
+    assert JobResult.from_report(phi, ["not", "a", "dict"]).report() == JobResult(phi).report()
 
 
 def test_default_strategies_load():

@@ -53,13 +53,15 @@ def test_create_get_list_with_defaults(stub):
     assert t.task_id.startswith("t-") and not t.ready
     assert t.settings.n_models == 8 and t.settings.batch_threshold == 200  # default filled in
     assert t.settings.method == common_pb2.METHOD_ONLINE_PER_RECORD
+    assert t.settings.dp_delta == 1e-5  # the default delta of the records' empirical epsilon
     assert stub.GetTask(registry_pb2.GetTaskRequest(task_id=t.task_id), timeout=5) == t
     assert [x.task_id for x in stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=5).tasks] == [t.task_id]
 
 
 @pytest.mark.parametrize("field,value,needle", [
     ("n_models", 5, "n_models"), ("n_models", 2, "n_models"), ("alpha", 0.9, "alpha"),
-    ("batch_threshold", 1, "batch_threshold"), ("builder_mix", -1, "builder_mix")])
+    ("batch_threshold", 1, "batch_threshold"), ("builder_mix", -1, "builder_mix"),
+    ("dp_delta", 0.5, "dp_delta"), ("dp_delta", -1e-5, "dp_delta"), ("dp_delta", float("nan"), "dp_delta")])
 def test_bad_settings_name_the_field(stub, field, value, needle):
     code, details = _code(lambda: _task(stub, **{field: value}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details

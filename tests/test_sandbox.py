@@ -6,17 +6,20 @@ Every test spawns real children (about 2-3 s each: importing torch dominates).
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from ftps.ml.engine import finetune_and_score, save_weights
+from ftps.ml.engine import run_job, save_weights
+from ftps.ml.jobs import FinetuneJob, Records
 from ftps.ml.strategy import RecordsError, StrategyError, WeightsError, load_strategy
 from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
 from tests.conftest import digits_records
@@ -58,11 +61,15 @@ def scratch_root(tmp_path):
     assert list(root.iterdir()) == [], "scratch directory left behind"
 
 
-def run(source, weights, records, scratch_root, **kw):
+def finetune_job(source, weights, records, models=None) -> FinetuneJob:
     x, y = records
-    kw.setdefault("models", [(0, 7, np.arange(len(x)) % 2 == 0)])
-    return run_sandboxed(strategy_source=source, base_weights=weights, train_x=x, train_y=y,
-                         eval_x=x, eval_y=y, scratch_root=scratch_root, **kw)
+    return FinetuneJob(strategy_source=source, base_weights=weights, train_records=Records.of(x, y),
+                       models=models or [(0, 7, np.arange(len(x)) % 2 == 0)])
+
+
+def run(source, weights, records, scratch_root, *, models=None, **kw):
+    return run_sandboxed(finetune_job(source, weights, records, models), scratch_root=scratch_root,
+                         **kw).phi
 
 
 def _network_namespaces_allowed() -> bool:
@@ -72,15 +79,29 @@ def _network_namespaces_allowed() -> bool:
 
 
 def test_good_job_matches_in_process(digits_strategy, digits_base_weights, records, scratch_root):
-    x, y = records
+    x, _ = records
     models = [(3, 11, np.arange(len(x)) % 2 == 0), (4, 12, np.arange(len(x)) % 2 == 1)]
     progress = []
     phi = run(digits_strategy, digits_base_weights, records, scratch_root, models=models,
               on_progress=lambda done, total: progress.append((done, total)))
-    expected = finetune_and_score(strategy_source=digits_strategy, base_weights=digits_base_weights,
-                                  train_x=x, train_y=y, eval_x=x, eval_y=y, models=models)
+    expected = run_job(finetune_job(digits_strategy, digits_base_weights, records, models)).phi
     np.testing.assert_array_equal(phi, expected)
     assert progress == [(1, 2), (2, 2)]
+
+
+def test_records_reach_the_child_as_they_came(tiny_weights, records, scratch_root):
+    """A records blob goes to the child byte for byte, not decoded and encoded again."""
+    x, y = records
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=x, y=y)
+    blob = buf.getvalue()
+    assert blob != Records.of(x, y).to_npz()  # what encoding the arrays again would give
+    job = FinetuneJob(strategy_source=hostile("import zlib\ndata = open('../in-0/train.npz', 'rb').read()\n"
+                                              "raise ValueError(f'{len(data)} {zlib.crc32(data)}')"),
+                      base_weights=tiny_weights, train_records=Records.load(blob),
+                      models=[(0, 7, np.arange(len(x)) % 2 == 0)])
+    with pytest.raises(StrategyError, match=f"ValueError: {len(blob)} {zlib.crc32(blob)}"):
+        run_sandboxed(job, scratch_root=scratch_root)
 
 
 def test_strategy_that_raises(tiny_weights, records, scratch_root):
@@ -166,11 +187,10 @@ def test_engine_errors_cross_the_sandbox(digits_strategy, tiny_weights, records,
         run("RECIPE = {}\n", tiny_weights, records, scratch_root)
     with pytest.raises(WeightsError, match="weights do not match build_model"):
         run(digits_strategy, tiny_weights, records, scratch_root)
-    # Caught in the parent, before any child is started.
-    x, y = records
+    # Caught where the job is built, before any child is started.
+    x, _ = records
     with pytest.raises(RecordsError, match="inclusion mask of model 0"):
-        run(digits_strategy, tiny_weights, records, scratch_root,
-            models=[(0, 1, np.ones(len(x) + 1, dtype=bool))])
+        finetune_job(digits_strategy, tiny_weights, records, [(0, 1, np.ones(len(x) + 1, dtype=bool))])
 
 
 # --------------------------------------------------------------------------- warm children
@@ -178,44 +198,42 @@ def test_engine_errors_cross_the_sandbox(digits_strategy, tiny_weights, records,
 
 def test_warm_child_serves_one_task_and_only_that_task(digits_strategy, digits_base_weights,
                                                        tiny_weights, records, scratch_root):
-    x, y = records
+    x, _ = records
     models = [(3, 11, np.arange(len(x)) % 2 == 0), (4, 12, np.arange(len(x)) % 2 == 1)]
-    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y, models=models)
-    expected = finetune_and_score(strategy_source=digits_strategy,
-                                  base_weights=digits_base_weights, **job)
+
+    def job(source, weights):
+        return finetune_job(source, weights, records, models)
+
+    expected = run_job(job(digits_strategy, digits_base_weights)).phi
     marker = f"{time.time_ns() % 10**9 + 2 * 10**9}"
     # Leaves a process behind in the child's process group: killed when the job is over.
     straggler = hostile(f'if os.fork() == 0:\n    os.execvp("sleep", ["sleep", "{marker}"])')
     pool = SandboxPool(memory_mb=4096, timeout_s=120, scratch_root=scratch_root)
     try:
-        info: dict = {}
-        first = pool.run(task_key="task-a", strategy_source=digits_strategy,
-                         base_weights=digits_base_weights, info=info, **job)
+        first = pool.run(job(digits_strategy, digits_base_weights), task_key="task-a")
         (child,) = pool.idle_children()
-        assert info["engine"] == "sequential"
-        pool.run(task_key="task-a", strategy_source=straggler, base_weights=tiny_weights, **job)
+        assert first.engine == "sequential" and first.device == "cpu"
+        assert first.cpu_limit_s is not None and first.cpu_limit_s > 0  # the child's, for this job
+        pool.run(job(straggler, tiny_weights), task_key="task-a")
         assert _processes_with(marker) == []
         progress = []
-        again = pool.run(task_key="task-a", strategy_source=digits_strategy,
-                         base_weights=digits_base_weights,
-                         on_progress=lambda done, total: progress.append((done, total)), **job)
+        again = pool.run(job(digits_strategy, digits_base_weights), task_key="task-a",
+                         on_progress=lambda done, total: progress.append((done, total)))
         assert pool.idle_children() == [child] and child.jobs_done == 3 and child.alive
         assert pool.stats == {"started": 1, "reused": 2, "spare_used": 0}
         assert progress == [(1, 2), (2, 2)]
         # Warm or fresh, the same job gives the same phi.
-        np.testing.assert_array_equal(first, expected)
-        np.testing.assert_array_equal(again, expected)
+        np.testing.assert_array_equal(first.phi, expected)
+        np.testing.assert_array_equal(again.phi, expected)
 
         # Another task gets a child of its own, which cannot look into the first one's.
         home = child._root / "home"
         peek = hostile(f"os.listdir({str(home)!r})")
         if os.geteuid() == 0:
             with pytest.raises(StrategyError, match="PermissionError"):
-                pool.run(task_key="task-b", strategy_source=peek, base_weights=tiny_weights,
-                         **job)
+                pool.run(job(peek, tiny_weights), task_key="task-b")
         else:
-            pool.run(task_key="task-b", strategy_source=digits_strategy,
-                     base_weights=digits_base_weights, **job)
+            pool.run(job(digits_strategy, digits_base_weights), task_key="task-b")
         assert child.alive and pool.stats["started"] == 2
     finally:
         pool.close()
@@ -225,21 +243,17 @@ def test_warm_child_serves_one_task_and_only_that_task(digits_strategy, digits_b
 def test_a_failed_job_discards_its_warm_child(digits_strategy, digits_base_weights, tiny_weights,
                                               records, scratch_root):
     pool = SandboxPool(memory_mb=4096, timeout_s=120, spare=True, scratch_root=scratch_root)
-    x, y = records
-    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y,
-               models=[(0, 7, np.arange(len(x)) % 2 == 0)])
     try:
         pool.prestart()  # as the worker does at start: the first job takes the started spare
         pool.spare = False  # and no other one is started (it would only slow this test down)
         with pytest.raises(StrategyError, match="ValueError: bad idea"):
-            pool.run(task_key="t", strategy_source=hostile("raise ValueError('bad idea')"),
-                     base_weights=tiny_weights, **job)
+            pool.run(finetune_job(hostile("raise ValueError('bad idea')"), tiny_weights, records),
+                     task_key="t")
         assert pool.idle_children() == [] and pool.stats["spare_used"] == 1
         with pytest.raises(ValueError, match="timeout_s must be in"):
-            pool.run(task_key="t", timeout_s=121, strategy_source=digits_strategy,
-                     base_weights=digits_base_weights, **job)
-        phi = pool.run(task_key="t", strategy_source=digits_strategy,
-                       base_weights=digits_base_weights, **job)
+            pool.run(finetune_job(digits_strategy, digits_base_weights, records), task_key="t",
+                     timeout_s=121)
+        phi = pool.run(finetune_job(digits_strategy, digits_base_weights, records), task_key="t").phi
         assert np.isfinite(phi).all() and len(pool.idle_children()) == 1
     finally:
         pool.close()
@@ -247,19 +261,16 @@ def test_a_failed_job_discards_its_warm_child(digits_strategy, digits_base_weigh
 
 @pytest.mark.slow
 def test_every_job_of_a_warm_child_has_its_own_cpu_budget(tiny_weights, records, scratch_root):
-    from services.finetune_worker.sandbox import SandboxChild, job_inputs
+    from services.finetune_worker.sandbox import SandboxChild
 
-    x, y = records
-    job = dict(train_x=x, train_y=y, eval_x=x, eval_y=y, base_weights=tiny_weights,
-               models=[(0, 7, np.arange(len(x)) % 2 == 0)])
     child = SandboxChild(device="cpu", memory_mb=4096, job_cpu_s=3, max_jobs=3,
                          scratch_root=scratch_root)
     try:
-        child.run(job_inputs(strategy_source=hostile("t = time.process_time()\n"
-                                                     "while time.process_time() - t < 2:\n"
-                                                     "    pass"), **job), timeout_s=60)
+        child.run(finetune_job(hostile("t = time.process_time()\n"
+                                       "while time.process_time() - t < 2:\n"
+                                       "    pass"), tiny_weights, records), timeout_s=60)
         with pytest.raises(SandboxError, match=r"CPU time limit \(3 CPU-seconds per job\)"):
-            child.run(job_inputs(strategy_source=hostile("while True:\n    pass"), **job),
+            child.run(finetune_job(hostile("while True:\n    pass"), tiny_weights, records),
                       timeout_s=60)
     finally:
         child.close()

@@ -49,8 +49,9 @@ def test_json_output_matches_scorer(npz, capsys, method):
     out, err = capsys.readouterr()
     obj = json.loads(out)  # exactly one JSON object on stdout
     assert set(obj) == {
-        "method", "n_models", "n_records", "headline", "records", "batch", "warnings",
+        "method", "n_models", "n_records", "headline", "delta", "records", "batch", "warnings",
     }  # fmt: skip
+    assert obj["delta"] == 1e-5
     assert (obj["method"], obj["n_models"], obj["n_records"]) == (method, 16, 8)
     assert obj["headline"] == HEADLINE == "score"
     kw = {"offline_mu": 0.5, "offline_sigma": 1.2} if method == "offline-global" else {}
@@ -59,6 +60,8 @@ def test_json_output_matches_scorer(npz, capsys, method):
     keys = (
         "score", "score_ci_low", "score_ci_high",
         "counted_p", "counted_p_ci_low", "counted_p_ci_high", "n_in", "n_out", "auc",
+        "empirical_mu", "empirical_mu_ci_low", "empirical_mu_ci_high",
+        "empirical_epsilon", "empirical_epsilon_ci_low", "empirical_epsilon_ci_high",
     )  # fmt: skip
     for key in keys:
         np.testing.assert_allclose([r[key] for r in obj["records"]], getattr(ref.records, key))
@@ -84,6 +87,22 @@ def test_options_reach_the_scorer(npz, capsys):
     obj = json.loads(capsys.readouterr().out)
     ref = score(phi, member, method="offline-per-record", alpha=0.2, fixed_variance=True)
     np.testing.assert_allclose([r["counted_p"] for r in obj["records"]], ref.records.counted_p)
+
+
+def test_delta_reaches_the_scorer(npz, capsys):
+    phi, member = _arrays(seed=2)
+    path = npz(phi=phi, member=member)
+    assert main([path, "--json", "--delta", "1e-3"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    ref = score(phi, member, delta=1e-3)
+    assert obj["delta"] == 1e-3
+    np.testing.assert_allclose([r["empirical_epsilon"] for r in obj["records"]], ref.records.empirical_epsilon)
+    assert main([path, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    # a larger delta buys a smaller epsilon for every record measured above 0
+    for a, b in zip(obj["records"], default["records"]):
+        assert a["empirical_epsilon"] <= b["empirical_epsilon"]
+        assert (a["empirical_epsilon"] < b["empirical_epsilon"]) == (b["empirical_epsilon"] > 0)
 
 
 def test_flags_override_file_offline_gaussian(npz, capsys):
@@ -178,6 +197,7 @@ def _bad_cases(tmp_path):
             "offline_mu in the NPZ must be a single number",
         ),
         "bad alpha": ({"phi": phi, "member": member}, ["--alpha", "0"], "alpha"),
+        "bad delta": ({"phi": phi, "member": member}, ["--delta", "1.5"], "delta must be a number in (0, 1)"),
         "bad method": ({"phi": phi, "member": member}, ["--method", "lira"], "invalid choice"),
         "diagnose range": (
             {"phi": phi, "member": member},
@@ -197,7 +217,7 @@ def _bad_cases(tmp_path):
     "case",
     [
         "nan", "shape", "float member", "few models", "missing member", "object array",
-        "offline without gaussian", "mu without sigma", "bad sigma", "bad scalar", "bad alpha",
+        "offline without gaussian", "mu without sigma", "bad sigma", "bad scalar", "bad alpha", "bad delta",
         "bad method", "diagnose range", "diagnose without out",
     ],
 )  # fmt: skip

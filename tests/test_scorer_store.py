@@ -1,20 +1,22 @@
 """The scorer's store contract (services.lira_scorer.store), one class run on SQLite and PostgreSQL:
-idempotent creation, leases (claim, renew, takeover after expiry, writes of a lost lease refused),
-offline Gaussians; and two Scorer replicas on one database: a round whose owner dies is taken
-over after its lease and finished with the scores of a normal run."""
+idempotent creation, leases of rounds and of preparations (claim, renew, takeover after expiry,
+writes of a lost lease refused, release), offline Gaussians; and two Scorer replicas on one
+database: a round whose owner dies is taken over after its lease and finished with the scores of a
+normal run."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from ftps.common import serde
 from ftps.common.db import Database
-from ftps.v1 import common_pb2, registry_pb2, worker_pb2
+from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
 from services.lira_scorer import store as scorer_store
 from services.lira_scorer.rounds import SELF, Scorer
 from services.lira_scorer.store import NewRound, SqlOfflineStore, SqlPreparationStore, SqlRoundStore
@@ -34,6 +36,23 @@ def db(database_url):
     scorer_store.migrate(database)  # at head already: nothing to do
     yield database
     database.dispose()
+
+
+def _race(claim: Callable[[str], list[str]], claimers: int = 4) -> dict[str, list[str]]:
+    """What each of ``claimers`` replicas claiming at the same moment got: ``claim(owner)``."""
+    got: dict[str, list[str]] = {}
+    barrier = threading.Barrier(claimers)
+
+    def run(owner: str) -> None:
+        barrier.wait()
+        got[owner] = claim(owner)
+
+    threads = [threading.Thread(target=run, args=(f"s{i}",)) for i in range(claimers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
 
 
 class TestRoundStore:
@@ -78,18 +97,8 @@ class TestRoundStore:
         rounds = SqlRoundStore(db)
         for i in range(6):
             rounds.create(_new(f"r{i}"), owner="dead", lease_s=1, now=0.0)
-        got: dict[str, list[str]] = {}
-        barrier = threading.Barrier(4)
-
-        def claim(owner: str) -> None:
-            barrier.wait()
-            got[owner] = [r.round_id for r in rounds.claim_expired(owner=owner, lease_s=30, limit=6, now=10.0)]
-
-        threads = [threading.Thread(target=claim, args=(f"s{i}",)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = _race(lambda owner: [r.round_id for r in rounds.claim_expired(owner=owner, lease_s=30, limit=6,
+                                                                            now=10.0)])
         claimed = [rid for ids in got.values() for rid in ids]
         assert sorted(claimed) == [f"r{i}" for i in range(6)]  # each round once, none lost
         for owner, ids in got.items():
@@ -145,11 +154,110 @@ class TestOfflineStore:
         assert offline.get("t1", "cd" * 32) == other and offline.get("t2", "ab" * 32) is None
 
 
+SHA = "ab" * 32
+PREPARING, READY, FAILED = (scorer_pb2.PREPARATION_STATE_PREPARING, scorer_pb2.PREPARATION_STATE_READY,
+                            scorer_pb2.PREPARATION_STATE_FAILED)
+
+
+def _start(preps: SqlPreparationStore, prep_id: str = "p1", *, task_id: str = "t1", owner: str = "s1",
+           now: float = 100.0, restart_ready: bool = False):
+    return preps.start(task_id, SHA, preparation_id=prep_id, models_total=6, refit=False, owner=owner, lease_s=30,
+                       restart_ready=restart_ready, now=now)
+
+
+class TestPreparationStore:
+    """Its leases follow the rounds' rules; a row serves every later preparation of its task and base
+    model, so a lease is one run's (its preparation_id), and a replica taking one over starts at model 0."""
+
+    def test_expired_lease_taken_over_from_model_0_and_old_owner_refused(self, db):
+        preps = SqlPreparationStore(db)
+        row, run_here = _start(preps)
+        assert run_here and (row.state, row.lease_owner, row.lease_until) == (PREPARING, "s1", 130.0)
+        assert preps.update(row, owner="s1", models_done=2, now=110.0)
+        assert preps.claim_expired(owner="s2", lease_s=30, now=129.0) == []
+        assert preps.renew(row, owner="s1", lease_s=30, now=120.0)
+        assert preps.claim_expired(owner="s2", lease_s=30, now=140.0) == []  # renewed to 150
+        assert not preps.renew(row, owner="s2", lease_s=30, now=140.0)
+        [taken] = preps.claim_expired(owner="s2", lease_s=30, now=151.0)
+        assert (taken.preparation_id, taken.lease_owner, taken.lease_until) == ("p1", "s2", 181.0)
+        assert (taken.models_done, taken.run_started_at, taken.started_at) == (0, 151.0, 100.0)
+        assert not preps.update(row, owner="s1", models_done=5)
+        assert not preps.renew(row, owner="s1", lease_s=30, now=152.0)
+        assert preps.get("t1", SHA) == taken
+        assert preps.update(taken, owner="s2", state=READY, models_done=6, message="fitted", now=160.0)
+        done = preps.get("t1", SHA)
+        assert (done.state, done.models_done, done.lease_until, done.ended_at) == (READY, 6, None, 160.0)
+        assert done.terminal and preps.claim_expired(owner="s3", lease_s=30, now=1e12) == []
+        assert not preps.renew(taken, owner="s2", lease_s=30)
+        assert not preps.update(taken, owner="s2", state=FAILED)
+        assert preps.get("t1", SHA) == done
+
+    def test_start_joins_a_live_one_and_takes_over_an_expired_one(self, db):
+        preps = SqlPreparationStore(db)
+        first, _ = _start(preps)
+        assert _start(preps, "p2", owner="s2", now=120.0) == (first, False)  # runs elsewhere: joined
+        row, run_here = _start(preps, "p2", owner="s2", now=131.0)
+        assert run_here and (row.preparation_id, row.lease_owner, row.lease_until) == ("p1", "s2", 161.0)
+        assert (row.models_done, row.run_started_at, row.started_at) == (0, 131.0, 100.0)
+        assert not preps.update(first, owner="s1", models_done=1)
+
+    def test_a_lease_never_reaches_a_later_run_of_the_same_row(self, db):
+        preps = SqlPreparationStore(db)
+        first, _ = _start(preps)
+        assert preps.update(first, owner="s1", state=FAILED, message="boom", now=110.0)
+        second, run_here = _start(preps, "p2", now=120.0)  # a FAILED one is replaced, same owner
+        assert run_here and (second.preparation_id, second.state) == ("p2", PREPARING)
+        assert not preps.update(first, owner="s1", models_done=3)
+        assert not preps.renew(first, owner="s1", lease_s=30)
+        assert preps.release([first], owner="s1") == 0
+        assert preps.get("t1", SHA) == second
+
+    def test_claims_take_the_longest_expired_first(self, db):
+        preps = SqlPreparationStore(db)
+        for i in (2, 0, 1):
+            _start(preps, f"p{i}", task_id=f"t{i}", now=100.0 + i)
+        assert [r.task_id for r in preps.claim_expired(owner="s9", lease_s=30, limit=2, now=200.0)] == ["t0", "t1"]
+        assert [r.task_id for r in preps.claim_expired(owner="s9", lease_s=30, limit=2, now=200.0)] == ["t2"]
+
+    def test_two_claimers_exactly_one_wins(self, db):
+        preps = SqlPreparationStore(db)
+        for i in range(6):
+            _start(preps, f"p{i}", task_id=f"t{i}", owner="dead", now=0.0)
+        got = _race(lambda owner: [r.task_id for r in preps.claim_expired(owner=owner, lease_s=30, limit=6,
+                                                                          now=100.0)])
+        assert sorted(t for ids in got.values() for t in ids) == [f"t{i}" for i in range(6)]
+        for owner, ids in got.items():
+            assert all(preps.get(t, SHA).lease_owner == owner for t in ids)
+
+    def test_release_hands_preparations_over_at_once(self, db):
+        preps = SqlPreparationStore(db)
+        owners = ["s1", "s1", "host-1#old", "host-1#new", "a_b#1", "axb#1"]
+        rows = [_start(preps, f"p{i}", task_id=f"t{i}", owner=o)[0] for i, o in enumerate(owners)]
+        assert preps.release(rows[:2], owner="someone-else") == 0
+        assert preps.release(rows[:2], owner="s1") == 2
+        assert not preps.update(rows[0], owner="s1", models_done=1)  # released: no longer s1's
+        assert preps.release_owners("host-1#", keep="host-1#new") == 1
+        assert preps.release_owners("a_b#", keep="a_b#2") == 1  # "_" is no wildcard: axb#1 keeps its lease
+        claimed = preps.claim_expired(owner="s9", lease_s=30, now=101.0)
+        assert sorted(r.task_id for r in claimed) == ["t0", "t1", "t2", "t4"]
+        assert preps.get("t5", SHA).lease_owner == "axb#1"
+
+
 # -- replicas: a round taken over after its owner died ------------------------------------------
 
+def scripted_result(job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
+    """A job's answer without fine-tuning: phi of model i on record j drawn from the model's seed,
+    shifted up where the record trained the model (deterministic, as real jobs are given seeds and masks)."""
+    rows = []
+    for spec in job.models:
+        member = np.frombuffer(spec.mask, dtype=np.uint8).astype(bool)
+        rows.append(np.random.default_rng(spec.seed).normal(size=len(member)) + 1.5 * member)
+    return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[s.index for s in job.models],
+                                     phi=serde.tensor_from_array(np.array(rows)), seconds=0.01)
+
+
 class ScriptedPool:
-    """Stands in for the worker pool: phi of model i on record j drawn from the model's seed, shifted
-    up where the record trained the model (deterministic, as real jobs are given seeds and masks).
+    """Stands in for the worker pool, answering each job in turn with :func:`scripted_result`.
     ``hang_after``: jobs this pool finishes before it hangs for good (its replica died)."""
 
     parallelism = 1
@@ -167,12 +275,7 @@ class ScriptedPool:
                 self.hung.set()
                 self.never.wait()
                 raise RuntimeError("this replica is dead")
-            rows = []
-            for spec in job.models:
-                member = np.frombuffer(spec.mask, dtype=np.uint8).astype(bool)
-                rows.append(np.random.default_rng(spec.seed).normal(size=len(member)) + 1.5 * member)
-            result = worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[s.index for s in job.models],
-                                               phi=serde.tensor_from_array(np.array(rows)), seconds=0.01)
+            result = scripted_result(job)
             self.done += 1
             results.append(result)
             on_done(result)
@@ -187,15 +290,22 @@ def _task(task_id: str = "t1") -> registry_pb2.Task:
                                  method=common_pb2.METHOD_ONLINE_PER_RECORD))
 
 
-def _scorer(store, db, pool, replica: str, lease_s: float) -> Scorer:
-    return Scorer(store, lambda task_id: _task(task_id), pool, rounds=SqlRoundStore(db),
-                  offline=SqlOfflineStore(db), preparations=SqlPreparationStore(db), replica_id=replica, lease_s=lease_s, poll_s=0.05)
+def _scorer(store, db, pool, replica: str, lease_s: float, *, rounds: SqlRoundStore | None = None) -> Scorer:
+    return Scorer(store, lambda task_id: _task(task_id), pool, rounds=rounds or SqlRoundStore(db),
+                  offline=SqlOfflineStore(db), preparations=SqlPreparationStore(db), replica_id=replica,
+                  lease_s=lease_s, poll_s=0.05)
 
 
-def _wait_done(scorer: Scorer, round_id: str, timeout: float = 30) -> common_pb2.RoundStatus:
+def _wait_end(scorer: Scorer, round_id: str, timeout: float = 30) -> common_pb2.RoundStatus:
+    """The round's status once DONE or FAILED (or as it is after ``timeout``)."""
     deadline = time.monotonic() + timeout
     for status in scorer.watch(round_id, is_active=lambda: time.monotonic() < deadline, who=SELF):
         last = status
+    return last
+
+
+def _wait_done(scorer: Scorer, round_id: str, timeout: float = 30) -> common_pb2.RoundStatus:
+    last = _wait_end(scorer, round_id, timeout)
     assert last.state == common_pb2.ROUND_STATE_DONE, last
     return last
 

@@ -11,15 +11,42 @@ import argparse
 import sys
 from pathlib import Path
 
+import grpc
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from clients.api import KIND_NAMES, BuilderClient, batch_dict, preparation_dict, score_dict
-from clients.cli_common import (InputError, add_address, add_config, add_security, load_npz, parse_shape,
-                                parse_value_range, print_json, print_score_stream, progress_bar, run,
-                                security_kwargs)
-from clients.score_html import headline
+from clients.api import (
+    KIND_NAMES,
+    BuilderClient,
+    batch_dict,
+    estimate_dict,
+    estimate_text,
+    preparation_dict,
+    score_dict,
+)
+from clients.cli_common import (
+    InputError,
+    add_address,
+    add_config,
+    add_security,
+    load_npz,
+    parse_shape,
+    parse_value_range,
+    print_json,
+    print_score_stream,
+    progress_bar,
+    run,
+    security_kwargs,
+)
+from clients.score_html import epsilon_text, headline
 from ftps.common import serde
 from ftps.common.clock import iso
 from ftps.v1 import common_pb2, scorer_pb2
@@ -48,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=list(serde.METHOD_ENUMS), default="online-per-record")
     c.add_argument("--alpha", type=float, default=0.05)
     c.add_argument("--fixed-variance", action="store_true")
+    c.add_argument("--dp-delta", type=float, default=1e-5,
+                   help="delta at which each record's empirical epsilon is reported, in (0, 0.01] "
+                        "(default 1e-5; pick one well below 1 / people in the data set)")
     c.add_argument("--builder-mix", type=int, default=0, help="builder records mixed into each model")
     c.add_argument("--value-range", default="0,1", metavar="MIN,MAX",
                    help="values a record may hold; contributors' records and builder data outside it are "
@@ -80,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-wait", action="store_true",
                     help="start it (or join the running one) and return at once with its state")
     pr.add_argument("--json", action="store_true", help="print the final Preparation as JSON")
+
+    es = sub.add_parser("estimate", help="what a round would cost (worker and wall time), before it runs")
+    es.add_argument("--task", required=True)
+    es.add_argument("--models", "-n", type=int, default=0, help="models per round (default: the task's)")
+    es.add_argument("--records", "-m", type=int, default=0, help="records in the batch (default: the task's "
+                                                                 "batch threshold)")
+    es.add_argument("--json", action="store_true")
 
     r = sub.add_parser("start-round", help="score the task's pending records now")
     r.add_argument("--task", required=True)
@@ -125,7 +162,7 @@ def cmd_create(args) -> int:
         n_models=args.models, batch_threshold=args.batch_threshold, method=serde.method_enum(args.method),
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
         record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
-        seed=args.seed, models_per_job=args.models_per_job)
+        seed=args.seed, models_per_job=args.models_per_job, dp_delta=args.dp_delta)
     if args.value_range != "any":
         lo, hi = parse_value_range(args.value_range)
         settings.value_range.CopyFrom(common_pb2.ValueRange(min=lo, max=hi))
@@ -248,9 +285,22 @@ def cmd_prepare(args) -> int:
             print(f"preparation {p.preparation_id}: READY; offline Gaussian mu={g.mu:.4f} sigma={g.sigma:.4f} "
                   f"from k={g.k} shadow models ({g.n_values} statistics), fitted {iso(g.fitted_at)} "
                   f"in {p.elapsed_s:.1f} s")
+            try:  # cost before you pay: what the first round will take, from these shadow fine-tunes
+                print("next, " + estimate_text(client.estimate_round(args.task)))
+            except grpc.RpcError:
+                pass  # the estimate is a courtesy; the preparation's result stands
         else:
             print(f"preparation {p.preparation_id}: {state}; {_prep_line(p)}" + (f"; {p.message}" if p.message else ""))
     return 1 if p.state == scorer_pb2.PREPARATION_STATE_FAILED else 0
+
+
+def cmd_estimate(args) -> int:
+    est = _client(args).estimate_round(args.task, n_models=args.models, n_records=args.records)
+    if args.json:
+        print_json(estimate_dict(est))
+    else:
+        print(estimate_text(est))
+    return 0
 
 
 def _watch(client: BuilderClient, round_id: str) -> int:
@@ -293,11 +343,11 @@ def cmd_scores(args) -> int:
         print_json({"task": args.task, "records": [score_dict(s) for s in resp.scores],
                     "batches": [batch_dict(b) for b in resp.batches]})
         return 0
-    table = Table("record", "contributor", "round", "score", "95% interval", "counted P", "AUC")
+    table = Table("record", "contributor", "round", "score", "95% interval", "counted P", "empirical ε [95%]", "AUC")
     for s in resp.scores:
         h = headline(s)
         table.add_row(s.record_id, s.contributor, s.round_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]",
-                      f"{s.counted_p:+.2f}", f"{s.auc:.2f}")
+                      f"{s.counted_p:+.2f}", epsilon_text(s).removeprefix("ε "), f"{s.auc:.2f}")
     console = Console()
     console.print(table)
     for b in resp.batches:
@@ -335,7 +385,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
         "create-task": cmd_create, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
-        "prepare": cmd_prepare, "start-round": cmd_start, "watch": cmd_watch,
+        "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch,
         "watch-scores": cmd_watch_scores, "scores": cmd_scores,
         "report": cmd_report})
 

@@ -14,10 +14,29 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.api import ContributorClient, score_dict
-from clients.cli_common import (InputError, add_address, add_config, add_contributor, add_security, fetch_task,
-                                load_records, print_json, print_score_stream, progress_bar, record_shape,
-                                records_arg, run, security_kwargs)
-from clients.score_html import headline, record_reading
+from clients.cli_common import (
+    InputError,
+    add_address,
+    add_config,
+    add_contributor,
+    add_security,
+    fetch_task,
+    load_records,
+    print_json,
+    print_score_stream,
+    progress_bar,
+    record_shape,
+    records_arg,
+    run,
+    security_kwargs,
+)
+from clients.score_html import (
+    contributor_summary,
+    epsilon_text,
+    headline,
+    record_reading,
+    summary_line,
+)
 
 PROG = "ftps-contributor"
 
@@ -115,16 +134,19 @@ def cmd_scores(args) -> int:
     scores = _client(args).scores(args.task, args.round)
     if args.json:
         print_json({"task": args.task, "contributor": args.contributor,
-                    "records": [score_dict(s) for s in scores]})
+                    "records": [score_dict(s) for s in scores], "summary": contributor_summary(scores)})
         return 0
     if not scores:
         print("no scores yet: your records are waiting for a round")
         return 0
-    table = Table("record", "score", "95% interval", "counted P", "reading")
+    table = Table("record", "score", "95% interval", "counted P", "empirical ε [95%]", "reading")
     for s in scores:
         h = headline(s)
-        table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.counted_p:+.2f}", record_reading(s))
-    Console().print(table)
+        table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.counted_p:+.2f}",
+                      epsilon_text(s).removeprefix("ε "), record_reading(s))
+    console = Console()
+    console.print(table)
+    console.print(summary_line(contributor_summary(scores)))
     return 0
 
 

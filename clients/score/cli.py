@@ -2,7 +2,7 @@
 
 For users who bring their own shadow-model outputs::
 
-    ftps-score FILE.npz [--method M] [--alpha A] [--fixed-variance]
+    ftps-score FILE.npz [--method M] [--alpha A] [--fixed-variance] [--delta D]
                [--offline-mu X --offline-sigma Y] [--json] [--out DIR] [--diagnose J ...]
 
 ``FILE.npz`` holds ``phi`` (float ``[n, m]``, model x record), ``member`` (bool or 0/1 ``[n, m]``,
@@ -13,7 +13,9 @@ them). It is loaded with ``allow_pickle=False``.
 Per record it prints the headline model-based score with its interval, the paper's counted P
 with its interval, n_in, n_out and the per-record AUC (``--json``: per record ``score``,
 ``score_ci_low``, ``score_ci_high`` (the headline), ``counted_p``, ``counted_p_ci_low``,
-``counted_p_ci_high``, ``n_in``, ``n_out``, ``auc``; and ``"headline": "score"``).
+``counted_p_ci_high``, ``n_in``, ``n_out``, ``auc``, and the same exposure in DP units as this attack
+measured it, ``empirical_mu`` and ``empirical_epsilon`` at ``--delta`` with their ``_ci_low``/``_ci_high``;
+and ``"headline": "score"``, ``"delta"``).
 
 Exit codes: 0 success; 2 bad usage or bad input (one line ``ftps-score: error: <cause>`` on
 stderr); 1 the results could not be written.
@@ -30,13 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ftps.privacy.dp import DEFAULT_DELTA
 from ftps.privacy.scoring import DEFAULT_METHOD, HEADLINE, METHODS, ScoreResult, score
 
 PROG = "ftps-score"
 _CSV_FIELDS = (
     "score", "score_ci_low", "score_ci_high", "counted_p", "counted_p_ci_low", "counted_p_ci_high",
     "n_in", "n_out", "auc", "mu_in", "sigma_in", "mu_out", "sigma_out",
+    "empirical_mu", "empirical_mu_ci_low", "empirical_mu_ci_high",
+    "empirical_epsilon", "empirical_epsilon_ci_low", "empirical_epsilon_ci_high",
 )  # fmt: skip
+# The DP-unit fields, as in RecordScore (ftps.privacy.dp): JSON carries them per record.
+_DP_FIELDS = _CSV_FIELDS[-6:]
 
 
 class UsageError(Exception):
@@ -74,6 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fixed-variance", action="store_true",
         help="one pooled residual std for all records (more stable at small n)",
+    )  # fmt: skip
+    p.add_argument(
+        "--delta", type=float, default=DEFAULT_DELTA,
+        help=f"delta of each record's empirical epsilon (default: {DEFAULT_DELTA:g})",
     )  # fmt: skip
     p.add_argument("--offline-mu", type=float, metavar="X", help="offline Gaussian mean")
     p.add_argument("--offline-sigma", type=float, metavar="Y", help="offline Gaussian std")
@@ -118,6 +129,11 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray, float | None, float | None
         raise UsageError(f"cannot read {path}: {e}") from None
 
 
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
 def _to_json(result: ScoreResult) -> dict:
     r = result.records
     return {
@@ -125,6 +141,7 @@ def _to_json(result: ScoreResult) -> dict:
         "n_models": result.n_models,
         "n_records": result.n_records,
         "headline": HEADLINE,
+        "delta": result.delta,
         "records": [
             {
                 "index": j,
@@ -137,6 +154,9 @@ def _to_json(result: ScoreResult) -> dict:
                 "n_in": int(r.n_in[j]),
                 "n_out": int(r.n_out[j]),
                 "auc": float(r.auc[j]),
+                # null where a record's IN and OUT statistics never overlapped (infinite): JSON
+                # has no infinity
+                **{k: _finite(getattr(r, k)[j]) for k in _DP_FIELDS},
             }
             for j in range(result.n_records)
         ],
@@ -163,11 +183,14 @@ def _print_table(result: ScoreResult) -> None:
         ),
         caption=(
             "score = 2 Phi(d'/2) - 1 from the fitted IN/OUT Gaussians (headline); "
-            "counted P = TPR - FPR counted over the n models; 0 = coin flip, 1 = always identified"
+            "counted P = TPR - FPR counted over the n models; 0 = coin flip, 1 = always identified; "
+            "empirical ε: the same exposure in DP units as this attack measured it (mu-GDP with "
+            "mu = |d'|), not a guarantee"
         ),
     )
     interval = f"{result.confidence:.0%} interval"
-    for name in ("record", "score", interval, "counted P", f"counted P {interval}", "n_in/n_out", "AUC"):
+    eps = f"empirical ε (δ={result.delta:g})"
+    for name in ("record", "score", interval, "counted P", f"counted P {interval}", eps, "n_in/n_out", "AUC"):
         table.add_column(name, justify="right", no_wrap=True)
     for j in range(result.n_records):
         table.add_row(
@@ -176,6 +199,8 @@ def _print_table(result: ScoreResult) -> None:
             f"[{r.score_ci_low[j]:+.2f}, {r.score_ci_high[j]:+.2f}]",
             f"{r.counted_p[j]:+.3f}",
             f"[{r.counted_p_ci_low[j]:+.2f}, {r.counted_p_ci_high[j]:+.2f}]",
+            f"{r.empirical_epsilon[j]:.2f} [{r.empirical_epsilon_ci_low[j]:.2f}, "
+            f"{r.empirical_epsilon_ci_high[j]:.2f}]",
             f"{int(r.n_in[j])}/{int(r.n_out[j])}",
             f"{r.auc[j]:.3f}",
         )
@@ -238,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             result = score(
                 phi, member, method=args.method, alpha=args.alpha,
                 fixed_variance=args.fixed_variance, offline_mu=mu, offline_sigma=sigma,
+                delta=args.delta,
             )  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -17,6 +17,7 @@ import numpy as np
 from clients.score_html import (
     TOP_RISK,
     card,
+    contributors_table,
     e,
     how_to_read,
     method_name,
@@ -133,7 +134,7 @@ def settings_line(t: registry_pb2.Task) -> str:
     shape = "×".join(str(d) for d in s.record_shape)
     return (f"n = {s.n_models} fine-tuned models per round · a round starts at m = {s.batch_threshold} records · "
             f"method {e(method_name(s.method))} (α = {s.alpha or 0.05:g}) · k = {s.shadow_models} shadow models · "
-            f"records {e(shape)}, {s.num_classes} classes")
+            f"records {e(shape)}, {s.num_classes} classes · empirical ε at δ = {s.dp_delta or 1e-5:g}")
 
 
 def upload_progress() -> str:
@@ -187,7 +188,7 @@ def tasks_page(session: Session, tasks: Sequence[registry_pb2.Task], error: str 
 CREATE_DEFAULTS = {"name": "", "dataset": "fashion-mnist", "record_shape": "", "num_classes": "10", "n_models": "32",
                    "batch_threshold": "200", "shadow_models": "16", "models_per_job": "4",
                    "method": "online-per-record", "alpha": "0.05", "seed": "0", "builder_mix": "0",
-                   "fixed_variance": ""}
+                   "fixed_variance": "", "dp_delta": "1e-5"}
 
 
 def create_task_form(session: Session) -> str:
@@ -223,7 +224,8 @@ def create_task_form(session: Session) -> str:
         '<div class="fields"><div class="span2"><label for="method">Headline method</label>'
         f'<select id="method" name="method">{methods}</select></div>'
         + num("alpha", "α (offline methods)", 'step="any" min="0" max="1"')
-        + num("seed", "Seed", 'min="0"') + "</div>"
+        + num("seed", "Seed", 'min="0"')
+        + num("dp_delta", "δ of each record's empirical ε", 'step="any" min="0" max="0.01"') + "</div>"
         '<div class="fields">' + num("builder_mix", "Builder records mixed into each model", 'min="0"')
         + f'<div class="span2"><label>&nbsp;</label><label class="check"><input type="checkbox" name="fixed_variance" '
           f'value="1"{checked}> pooled (fixed) variance, for small n</label></div></div>'
@@ -448,7 +450,7 @@ def model_check_note(t: registry_pb2.Task) -> str:
 def builder_task_page(session: Session, t: registry_pb2.Task, *, dataset: str | None,
                       offline: common_pb2.OfflineGaussian | None, offline_note: str,
                       jobs: Sequence[Job], rounds: Sequence[RoundView], scored: gateway_pb2.GetScoresResponse | None,
-                      scores_error: str = "") -> str:
+                      scores_error: str = "", estimate: str = "") -> str:
     tid = u(t.task_id)
     ok = "step ok"
     body = task_header(t)
@@ -487,7 +489,8 @@ def builder_task_page(session: Session, t: registry_pb2.Task, *, dataset: str | 
              f'<button type="submit" class="secondary">Start only if m = {t.settings.batch_threshold} are pending'
              "</button></form>"
              '<p class="note">Contributors\' records also start a round by themselves when m are pending. The '
-             "progress of rounds started here streams live.</p></div>")
+             "progress of rounds started here streams live.</p>"
+             + (f'<p class="note estimate">{e(estimate)}</p>' if estimate else "") + "</div>")
     # Batch results summary.
     body += '<h2><span class="step">4</span>Batch view</h2>'
     if scores_error:
@@ -546,6 +549,7 @@ def batch_page(session: Session, t: registry_pb2.Task, scored: gateway_pb2.GetSc
                  f'width="550" height="500" alt="log-log ROC of every method, round {e(rid)}"></figure><div>'
                  + method_table(metrics, r.batch.method) + '<p class="note">★ the headline method; every method scores the same fine-tuned models.</p>'
                  + "".join(f'<p class="note">{n}</p>' for n in notes) + "</div></div>")
+    body += "<h2>Contributors</h2>" + contributors_table(scores)
     have = session.local_records
     top = ranked[:TOP_RISK]
     cards = "".join(web_record_card(t.task_id, s, s.record_id in have, rank=k + 1, contributor=True)

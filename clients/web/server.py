@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import grpc
 import numpy as np
 
-from clients.api import KIND_NAMES
+from clients.api import KIND_NAMES, estimate_text
 from clients.score_html import headline
 from clients.web import assets, pages
 from clients.web.session import Session, SubmissionView, error_text, token_claims
@@ -479,6 +479,7 @@ class WebServer:
                 fixed_variance=req.field("fixed_variance") == "1", record_shape=shape,
                 num_classes=_int(req, "num_classes", 10), builder_mix=_int(req, "builder_mix", 0),
                 seed=_int(req, "seed", 0), models_per_job=_int(req, "models_per_job", 4),
+                dp_delta=_float(req, "dp_delta", 1e-5),
                 value_range=common_pb2.ValueRange(min=0.0, max=1.0))  # the shipped strategies' images
         except ValueError as exc:
             raise UserError(str(exc)) from None
@@ -532,11 +533,17 @@ class WebServer:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise
             scored, err = None, error_text(exc)
+        try:  # cost before you pay; nothing to say before the preparation has timed the workers
+            estimate = "A round now: " + estimate_text(b.estimate_round(tid)) + "."
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            estimate = ""
         jobs = [j for j in s.jobs.values() if j.task_id == tid]
         rounds = [r for r in s.rounds.values() if r.task_id == tid]
         return html(pages.builder_task_page(s, t, dataset=dataset, offline=offline,
                                             offline_note=note or "Not prepared yet.", jobs=jobs, rounds=rounds,
-                                            scored=scored, scores_error=err))
+                                            scored=scored, scores_error=err, estimate=estimate))
 
     def events(self, req: Request) -> Response:
         """Server-sent events: this session's jobs, submissions and rounds of the task (the rounds'

@@ -2,10 +2,12 @@
 
 Model i = S(M0, train[mask_i] ∪ P_i) where P_i is ``builder_mix`` records sampled from the
 builder's distribution with model i's seed; the result is PHI[n, m] over the m eval records.
-This module is the job's front door (device, threads, weights, validation of the job);
-``ftps.ml.engines`` decides how a job's models train (one after another, stacked with torch.func,
-or on cached trunk features) and runs them, on the statistic and training loop of
-``ftps.ml.training``. The arrows point one way: engine -> engines -> training.
+This module is the job's front door (device, threads, weights, the job's records checked
+against each other and the strategy's model); the job itself is an ``ftps.ml.jobs.FinetuneJob``,
+validated where it was built. ``ftps.ml.engines`` decides how a job's models train (one after
+another, stacked with torch.func, or on cached trunk features) and runs them, on the statistic and
+training loop of ``ftps.ml.training``. The arrows point one way: engine -> engines -> training,
+and all of them -> jobs.
 
 Determinism: the same job (same seeds) on the same device type and thread count gives the same
 phi bit for bit: torch is seeded per model, shuffles, augmentation and the builder sample come
@@ -19,7 +21,9 @@ This module runs strategy code in-process; untrusted strategies go through
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,7 +35,7 @@ from torch import nn
 
 from ftps.common.cpus import usable_cpus
 from ftps.ml import engines
-from ftps.ml.datasets import validate_records
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
 from ftps.ml.strategy import (
     EngineError,
     RecordsError,
@@ -42,7 +46,6 @@ from ftps.ml.strategy import (
     load_strategy,
 )
 from ftps.ml.training import (
-    ModelSpec,
     check_logits,
     is_out_of_memory,
     model_data,
@@ -60,6 +63,7 @@ __all__ = [
     "load_weights",
     "pin_determinism",
     "resolve_device",
+    "run_job",
     "save_weights",
 ]
 
@@ -197,8 +201,96 @@ def _check_labels(y: np.ndarray, classes: int, what: str) -> None:
         raise RecordsError(f"{what}: labels must be in [0, {classes}), got {int(y.max())}")
 
 
-# ``engine=CHECK_ONLY``: build the model, load the weights, check the records against it; no training.
-CHECK_ONLY = "check"
+def run_job(job: FinetuneJob, *, device: str | None = None,
+            progress: Progress | None = None) -> JobResult:
+    """Fine-tune one model per ``job.models`` entry and evaluate phi on the eval records.
+
+    Model i starts from the base weights and trains (RECIPE or ``finetune()``) on
+    ``train[mask_i]`` followed by ``builder_mix`` builder records drawn without replacement with
+    the model's seed (``builder_mix=None`` uses the recipe's ``builder_mix``).
+
+    ``job.engine``: "auto" (default, or $FTPS_ENGINE) or one of ``ftps.ml.engines.REQUESTS``;
+    see ``ftps.ml.engines.plan_engine`` for the rule; ``CHECK_ONLY`` checks the job without
+    training (the result then has ``classes`` and ``parameters``; PHI is zeros).
+
+    The job's records are validated already (``ftps.ml.jobs``); here they are checked against
+    each other and the strategy's model. Returns PHI float64 [len(models), m] and how it was
+    computed (``JobResult``). ``progress(done, total)`` is called as models finish.
+
+    Raises StrategyError, WeightsError, RecordsError (all EngineError), or MemoryError.
+    """
+    t0 = time.perf_counter()
+    strategy = load_strategy(job.strategy_source)
+    train, evaluated, builder = job.train_records, job.evaluated, job.builder_records
+    if train.record_shape != evaluated.record_shape:
+        raise RecordsError(
+            f"train records have shape {train.x.shape[1:]} but eval records {evaluated.x.shape[1:]}"
+        )
+    builder_mix = job.builder_mix
+    if builder_mix is None:
+        builder_mix = strategy.recipe.builder_mix if strategy.recipe is not None else 0
+    if builder_mix < 0:
+        raise RecordsError(f"builder_mix must be >= 0, got {builder_mix}")
+    if builder_mix > 0:
+        if builder is None:
+            raise RecordsError(f"builder_mix={builder_mix} but no builder data was given")
+        if builder.record_shape != train.record_shape:
+            raise RecordsError(
+                f"builder records have shape {builder.x.shape[1:]} but train records "
+                f"{train.x.shape[1:]}"
+            )
+        if builder_mix > len(builder):
+            raise RecordsError(
+                f"builder_mix={builder_mix} exceeds the {len(builder)} builder records"
+            )
+
+    configure_threads()
+    dev = resolve_device(device)
+    pin_determinism(dev)
+    check_only = job.engine == CHECK_ONLY
+    plan = None if check_only else engines.plan_engine(strategy, dev, job.engine)
+
+    with strategy_code("build_model()"):
+        base = strategy.build_model()
+    if not isinstance(base, nn.Module):
+        raise StrategyError(
+            f"build_model() must return a torch.nn.Module, got {type(base).__name__}"
+        )
+    load_weights(base, job.base_weights)
+    base.to(dev)
+
+    classes = _check_records(strategy, base, evaluated.x, "eval records")
+    classes = max(classes, _check_records(strategy, base, train.x, "train records"))
+    _check_labels(train.y, classes, "train records")
+    _check_labels(evaluated.y, classes, "eval records")
+    if builder_mix > 0:
+        _check_labels(builder.y, classes, "builder records")
+    if check_only:
+        # The registry's upload check: the weights load into build_model() and the model answers
+        # records of the task's shape with one logit per class. Nothing is trained.
+        return JobResult(np.zeros((len(job.models), len(evaluated)), dtype=np.float64),
+                         engine=CHECK_ONLY, device=str(dev), classes=classes,
+                         parameters=sum(int(p.numel()) for p in base.parameters()),
+                         seconds=time.perf_counter() - t0)
+
+    prepared = engines.Prepared(
+        strategy=strategy,
+        base=base,
+        device=dev,
+        train_x=owned_tensor(train.x, dev, torch.float32),
+        train_y=owned_tensor(train.y, dev, torch.int64),
+        eval_x=owned_tensor(evaluated.x, dev, torch.float32),
+        eval_y=owned_tensor(evaluated.y, dev, torch.int64),
+        eval_is_train=evaluated is train or (
+            evaluated.x.shape == train.x.shape and np.array_equal(evaluated.x, train.x)
+            and np.array_equal(evaluated.y, train.y)),
+        builder_x=owned_tensor(builder.x, dev, torch.float32) if builder_mix > 0 else None,
+        builder_y=owned_tensor(builder.y, dev, torch.int64) if builder_mix > 0 else None,
+        models=model_data(job.models, len(builder) if builder_mix > 0 else 0, builder_mix),
+        progress=progress,
+    )
+    result = engines.run(prepared, plan)
+    return dataclasses.replace(result, device=str(dev), seconds=time.perf_counter() - t0)
 
 
 def finetune_and_score(
@@ -209,7 +301,7 @@ def finetune_and_score(
     train_y: np.ndarray,
     eval_x: np.ndarray,
     eval_y: np.ndarray,
-    models: Sequence[ModelSpec],
+    models: Sequence[ModelSpec | tuple[int, int, np.ndarray]],
     builder_x: np.ndarray | None = None,
     builder_y: np.ndarray | None = None,
     builder_mix: int | None = 0,
@@ -218,105 +310,24 @@ def finetune_and_score(
     engine: str | None = None,
     info: dict | None = None,
 ) -> np.ndarray:
-    """Fine-tune one model per ``(index, seed, mask)`` and evaluate phi on the eval records.
+    """``run_job`` on arrays -> PHI float64 [len(models), m]; for in-process callers holding
+    arrays (tests, bench). Shapes: train_x float32 [N, *S], train_y int64 [N], masks bool [N],
+    eval_x float32 [m, *S], eval_y int64 [m], builder_x float32 [B, *S].
 
-    Model i starts from the base weights and trains (RECIPE or ``finetune()``) on
-    ``train[mask_i]`` followed by ``builder_mix`` builder records drawn without replacement with
-    the model's seed (``builder_mix=None`` uses the recipe's ``builder_mix``).
-
-    ``engine``: "auto" (default, or $FTPS_ENGINE) or one of ``ftps.ml.engines.ENGINES``; see
-    ``ftps.ml.engines.plan_engine`` for the rule; ``CHECK_ONLY`` checks the job without training
-    (``info`` then gets ``classes`` and ``parameters``; PHI is zeros). ``info``, when given, receives ``engine`` (the
-    engine that ran), ``engine_reason``, ``channels_last`` and ``features_s`` / ``train_s`` /
-    ``phi_s`` (seconds).
-
-    Shapes: train_x float32 [N, *S], train_y int64 [N], masks bool [N], eval_x float32 [m, *S],
-    eval_y int64 [m], builder_x float32 [B, *S]. Returns PHI float64 [len(models), m], rows in
-    the order of ``models``. ``progress(done, total)`` is called as models finish.
-
-    Raises StrategyError, WeightsError, RecordsError (all EngineError), or MemoryError.
+    ``info``: kept for bench/attacks.py and bench/finetune.py, which read ``engine`` from it;
+    new code takes ``run_job``'s JobResult instead.
     """
-    strategy = load_strategy(strategy_source)
-    validate_records(train_x, train_y, what="train records")
-    validate_records(eval_x, eval_y, what="eval records")
-    if train_x.shape[1:] != eval_x.shape[1:]:
-        raise RecordsError(
-            f"train records have shape {train_x.shape[1:]} but eval records {eval_x.shape[1:]}"
-        )
-    if builder_mix is None:
-        builder_mix = strategy.recipe.builder_mix if strategy.recipe is not None else 0
-    if builder_mix < 0:
-        raise RecordsError(f"builder_mix must be >= 0, got {builder_mix}")
-    if builder_mix > 0:
-        if builder_x is None or builder_y is None:
-            raise RecordsError(f"builder_mix={builder_mix} but no builder data was given")
-        validate_records(builder_x, builder_y, what="builder records")
-        if builder_x.shape[1:] != train_x.shape[1:]:
-            raise RecordsError(
-                f"builder records have shape {builder_x.shape[1:]} but train records "
-                f"{train_x.shape[1:]}"
-            )
-        if builder_mix > len(builder_x):
-            raise RecordsError(
-                f"builder_mix={builder_mix} exceeds the {len(builder_x)} builder records"
-            )
-    masks = []
-    for index, seed, mask in models:
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_ or mask.shape != (len(train_x),):
-            raise RecordsError(
-                f"inclusion mask of model {index} must be bool [{len(train_x)}], got "
-                f"{mask.dtype} {mask.shape}"
-            )
-        if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
-            raise RecordsError(
-                f"seed of model {index} must be an integer in [0, 2**64), got {seed!r}"
-            )
-        masks.append(mask)
-
-    configure_threads()
-    dev = resolve_device(device)
-    pin_determinism(dev)
-    check_only = engine == CHECK_ONLY
-    plan = None if check_only else engines.plan_engine(strategy, dev, engine)
-
-    with strategy_code("build_model()"):
-        base = strategy.build_model()
-    if not isinstance(base, nn.Module):
-        raise StrategyError(
-            f"build_model() must return a torch.nn.Module, got {type(base).__name__}"
-        )
-    load_weights(base, base_weights)
-    base.to(dev)
-
-    classes = _check_records(strategy, base, eval_x, "eval records")
-    classes = max(classes, _check_records(strategy, base, train_x, "train records"))
-    _check_labels(train_y, classes, "train records")
-    _check_labels(eval_y, classes, "eval records")
-    if builder_mix > 0:
-        _check_labels(builder_y, classes, "builder records")
-    if check_only:
-        # The registry's upload check: the weights load into build_model() and the model answers
-        # records of the task's shape with one logit per class. Nothing is trained.
-        if info is not None:
-            info.update(engine=CHECK_ONLY, classes=classes,
-                        parameters=sum(int(p.numel()) for p in base.parameters()))
-        return np.zeros((len(models), len(eval_x)), dtype=np.float64)
-
-    data = model_data(models, masks, len(builder_x) if builder_mix > 0 else 0, builder_mix)
-    job = engines.Job(
-        strategy=strategy,
-        base=base,
-        device=dev,
-        train_x=owned_tensor(train_x, dev, torch.float32),
-        train_y=owned_tensor(train_y, dev, torch.int64),
-        eval_x=owned_tensor(eval_x, dev, torch.float32),
-        eval_y=owned_tensor(eval_y, dev, torch.int64),
-        eval_is_train=eval_x.shape == train_x.shape and np.array_equal(eval_x, train_x)
-        and np.array_equal(eval_y, train_y),
-        builder_x=owned_tensor(builder_x, dev, torch.float32) if builder_mix > 0 else None,
-        builder_y=owned_tensor(builder_y, dev, torch.int64) if builder_mix > 0 else None,
-        models=data,
-        progress=progress,
-    )
-    return engines.run(job, plan, info=info)
+    train = Records.of(train_x, train_y, what="train records")
+    evaluated = None
+    if eval_x is not train_x or eval_y is not train_y:
+        evaluated = Records.of(eval_x, eval_y, what="eval records")
+    builder = None
+    if builder_x is not None and builder_y is not None:
+        builder = Records.of(builder_x, builder_y, what="builder records")
+    job = FinetuneJob(strategy_source=strategy_source, base_weights=base_weights,
+                      train_records=train, models=tuple(models), eval_records=evaluated,
+                      builder_records=builder, builder_mix=builder_mix, engine=engine)
+    result = run_job(job, device=device, progress=progress)
+    if info is not None:
+        info.update(result.report())
+    return result.phi

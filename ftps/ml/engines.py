@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ftps.ml.jobs import JobResult
 from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, describe_exception
 from ftps.ml.training import (
     ModelData,
@@ -63,7 +64,7 @@ from ftps.ml.training import (
     tta_queries,
 )
 
-__all__ = ["ENGINES", "EnginePlan", "Job", "REQUESTS", "plan_engine", "run"]
+__all__ = ["ENGINES", "EnginePlan", "Prepared", "REQUESTS", "plan_engine", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ class EnginePlan:
 
 
 @dataclass
-class Job:
-    """A validated job: the base model (weights loaded) and every tensor on ``device``."""
+class Prepared:
+    """A job (``ftps.ml.jobs.FinetuneJob``) made ready by ``ftps.ml.engine.run_job``: checked
+    against its strategy, the base model built with the weights loaded, and every tensor on
+    ``device``."""
 
     strategy: Strategy
     base: nn.Module
@@ -152,8 +155,9 @@ def plan_engine(strategy: Strategy, device: torch.device, requested: str | None 
     return EnginePlan("stacked" if stacked else "sequential", why)
 
 
-def run(job: Job, plan: EnginePlan, *, info: dict | None = None) -> np.ndarray:
-    """Fine-tune the job's models on ``plan``'s engine -> PHI float64 [len(job.models), m]."""
+def run(job: Prepared, plan: EnginePlan) -> JobResult:
+    """Fine-tune the job's models on ``plan``'s engine -> PHI float64 [len(job.models), m], the
+    engine that ran (``plan``'s, or sequential where vmap cannot run the model) and timings."""
     timings = {"features_s": 0.0, "train_s": 0.0, "phi_s": 0.0}
     recipe = job.strategy.recipe
     channels_last = recipe is not None and prefer_channels_last(job.base, job.train_x)
@@ -171,16 +175,14 @@ def run(job: Job, plan: EnginePlan, *, info: dict | None = None) -> np.ndarray:
         phi = _run_cached(job, plan, timings)
     else:
         phi = _run_full(job, plan, timings)
-    if info is not None:
-        info.update(engine=plan.name, engine_reason=plan.reason, channels_last=channels_last,
-                    **timings)
-    return phi
+    return JobResult(phi, engine=plan.name, engine_reason=plan.reason, channels_last=channels_last,
+                     **timings)
 
 
 # --------------------------------------------------------------------------- full models
 
 
-def _run_full(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
+def _run_full(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
     strategy, recipe = job.strategy, job.strategy.recipe
     phi = np.empty((len(job.models), len(job.eval_x)), dtype=np.float64)
     done = 0
@@ -325,7 +327,7 @@ def _train_stacked(
             del params, buffers, optimizer
 
 
-def _stacking_problem(job: Job, plan: EnginePlan) -> str | None:
+def _stacking_problem(job: Prepared, plan: EnginePlan) -> str | None:
     """Why vmap cannot train this job's model (or head), or None: one stacked forward/backward
     pass of two copies on two records, on throwaway state."""
     recipe = job.strategy.recipe
@@ -362,7 +364,7 @@ class _Split:
     head_trainable: list[str]  # head-local names of the parameters that train
 
 
-def _split(job: Job, recipe: Recipe) -> _Split:
+def _split(job: Prepared, recipe: Recipe) -> _Split:
     """Call the strategy's ``split_model`` on the base model and check the contract: two modules
     made of the model's own parameters, every trainable parameter in the head, and
     ``head(trunk(x)) == model(x)`` in eval mode on a few records."""
@@ -450,7 +452,7 @@ def _features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _run_cached(job: Job, plan: EnginePlan, timings: dict) -> np.ndarray:
+def _run_cached(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
     recipe = job.strategy.recipe
     assert recipe is not None
     t = time.perf_counter()

@@ -1,7 +1,7 @@
 """One model: the statistic phi and the training loop, the pieces every engine builds on.
 
 ``ftps.ml.engines`` trains a job's models with these (one after another, stacked, or on cached
-trunk features) and ``ftps.ml.engine.finetune_and_score`` is the job's front door; this module
+trunk features) and ``ftps.ml.engine.run_job`` is the job's front door; this module
 imports neither. Strategy code runs in-process here; untrusted strategies go through
 ``services.finetune_worker.sandbox``.
 """
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftps.ml.jobs import ModelSpec
 from ftps.ml.strategy import EngineError, Recipe, RecordsError, StrategyError, describe_exception
 
 __all__ = [
     "ModelData",
-    "ModelSpec",
     "augment_batch",
     "batch_bounds",
     "check_logits",
@@ -41,9 +41,6 @@ __all__ = [
     "trainable_names",
     "tta_queries",
 ]
-
-# (index, seed, inclusion mask over the train records)
-ModelSpec = tuple[int, int, np.ndarray]
 
 _MAX_LISTED_KEYS = 8  # names listed in an error message before "and N more"
 
@@ -359,18 +356,17 @@ class ModelData:
     builder_rows: np.ndarray
 
 
-def model_data(models: Sequence[ModelSpec], masks: Sequence[np.ndarray], builder_len: int,
-               builder_mix: int) -> list[ModelData]:
+def model_data(models: Sequence[ModelSpec], builder_len: int, builder_mix: int) -> list[ModelData]:
     """Each model's rows: ``train[mask_i]``, then ``builder_mix`` builder rows drawn without
     replacement by a stream of the model's seed of its own, so the sample never shifts the
     training shuffles (which draw from ``np.random.default_rng([seed, 1])``)."""
     out = []
-    for (index, seed, _), mask in zip(models, masks, strict=True):
-        seed = int(seed)
+    for m in models:
+        seed = int(m.seed)
         rows = np.empty(0, dtype=np.int64)
         if builder_mix > 0:
             rows = np.random.default_rng([seed, 0]).choice(
                 builder_len, size=builder_mix, replace=False
             )
-        out.append(ModelData(int(index), seed, np.flatnonzero(mask), rows))
+        out.append(ModelData(int(m.index), seed, np.flatnonzero(m.mask), rows))
     return out

@@ -16,10 +16,18 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from clients.api import BuilderClient, ContributorClient, batch_dict, score_dict
+from clients.score_html import contributor_summary, summary_line
 from ftps.common import serde
 from ftps.common.clock import iso
 from ftps.ml.pretrain import cached_base_model
@@ -136,6 +144,8 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
     return {
         "task": task.task_id, "round": round_id, "dataset": dataset, "method": method,
         "records": [score_dict(s) for s in scores],
+        # what each contributor sees about their own records (the contributor CLI's summary line)
+        "contributors": {who: contributor_summary(own) for who, own in mine.items()},
         "batch": batch_dict(result.batch),
         "methods": [batch_dict(b) for b in result.method_metrics],
         "offline": {"mu": offline.mu, "sigma": offline.sigma, "k": offline.k, "fitted_at": iso(offline.fitted_at)},
@@ -159,25 +169,31 @@ def print_report(out: dict[str, Any], console: Console) -> None:
     table = Table(title=f"Privacy scores — task {out['task']}, round {out['round']}, method {out['method']}")
     table.add_column("record", no_wrap=True)
     for col, just in (("contributor", "left"), ("score", "right"), ("95% interval", "right"),
-                      ("counted P", "right"), ("95% interval ", "right"), ("n_in/n_out", "right"),
-                      ("AUC", "right")):
+                      ("counted P", "right"), ("95% interval ", "right"), ("empirical ε [95%]", "right"),
+                      ("n_in/n_out", "right"), ("AUC", "right")):
         table.add_column(col, justify=just, no_wrap=True)
     for r in out["records"]:
         low = r["score_ci_low"]
         style = "bold red" if low > 0.5 else ("yellow" if low > 0 else None)
         table.add_row(r["record_id"], r["contributor"], f"{r['score']:+.3f}",
                       f"[{low:+.2f}, {r['score_ci_high']:+.2f}]", f"{r['counted_p']:+.3f}",
-                      f"[{r['counted_p_ci_low']:+.2f}, {r['counted_p_ci_high']:+.2f}]", f"{r['n_in']}/{r['n_out']}",
+                      f"[{r['counted_p_ci_low']:+.2f}, {r['counted_p_ci_high']:+.2f}]",
+                      f"{r['empirical_epsilon']:.2f} [{r['empirical_epsilon_ci_low']:.2f}, "
+                      f"{r['empirical_epsilon_ci_high']:.2f}]", f"{r['n_in']}/{r['n_out']}",
                       f"{r['auc']:.2f}", style=style)
     console.print(table)
     console.print("score = the headline privacy score, 2*Phi(d'/2)-1 from the record's fitted IN/OUT "
                   "Gaussians (TPR-FPR of the attack at its best threshold); counted P = the paper's "
-                  "TPR-FPR counted over the n models. 0 = a coin flip, 1 = always identified.")
+                  "TPR-FPR counted over the n models. 0 = a coin flip, 1 = always identified. "
+                  f"empirical ε = the same exposure in DP units at δ = {out['records'][0]['delta']:g} "
+                  "(mu-GDP with mu = |d'|): what this attack measured, not a guarantee.")
     scores = np.array([r["score"] for r in out["records"]])
     lows = np.array([r["score_ci_low"] for r in out["records"]])
     console.print(f"{len(scores)} records: mean score {scores.mean():+.3f}, median {np.median(scores):+.3f}, "
                   f"max {scores.max():+.3f}; {int((lows > 0).sum())} records with the whole interval above 0 "
                   f"(identifiable more often than chance), {int((lows > 0.5).sum())} above 0.5")
+    for who, summary in out["contributors"].items():
+        console.print(f"  {who}: {summary_line(summary)}", highlight=False)
     m = Table(title="Batch metrics (the same fine-tuned models, every attack)")
     for col in ("method", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "mean counted P"):
         m.add_column(col, justify="left" if col == "method" else "right")

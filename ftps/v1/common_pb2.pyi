@@ -99,7 +99,7 @@ class BlobRef(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TaskSettings(_message.Message):
-    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range")
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta")
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class TaskSettings(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MODELS_PER_JOB_FIELD_NUMBER: _ClassVar[int]
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     n_models: int
     batch_threshold: int
     method: Method
@@ -124,7 +125,8 @@ class TaskSettings(_message.Message):
     seed: int
     models_per_job: int
     value_range: ValueRange
-    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ...) -> None: ...
+    dp_delta: float
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class ValueRange(_message.Message):
     __slots__ = ("min", "max")
@@ -163,7 +165,7 @@ class RoundStatus(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., round_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., models_done: _Optional[int] = ..., models_total: _Optional[int] = ..., message: _Optional[str] = ..., n_records: _Optional[int] = ...) -> None: ...
 
 class RecordScore(_message.Message):
-    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "score_ci_low", "score_ci_high", "counted_p", "counted_p_ci_low", "counted_p_ci_high", "n_in", "n_out", "auc", "mu_in", "sigma_in", "mu_out", "sigma_out", "method")
+    __slots__ = ("record_id", "contributor", "round_id", "index", "score", "score_ci_low", "score_ci_high", "counted_p", "counted_p_ci_low", "counted_p_ci_high", "n_in", "n_out", "auc", "mu_in", "sigma_in", "mu_out", "sigma_out", "method", "empirical_mu", "empirical_mu_ci_low", "empirical_mu_ci_high", "empirical_epsilon", "empirical_epsilon_ci_low", "empirical_epsilon_ci_high", "delta")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,13 @@ class RecordScore(_message.Message):
     MU_OUT_FIELD_NUMBER: _ClassVar[int]
     SIGMA_OUT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     contributor: str
     round_id: str
@@ -200,7 +209,14 @@ class RecordScore(_message.Message):
     mu_out: float
     sigma_out: float
     method: Method
-    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., score_ci_low: _Optional[float] = ..., score_ci_high: _Optional[float] = ..., counted_p: _Optional[float] = ..., counted_p_ci_low: _Optional[float] = ..., counted_p_ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
+    empirical_mu: float
+    empirical_mu_ci_low: float
+    empirical_mu_ci_high: float
+    empirical_epsilon: float
+    empirical_epsilon_ci_low: float
+    empirical_epsilon_ci_high: float
+    delta: float
+    def __init__(self, record_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., score_ci_low: _Optional[float] = ..., score_ci_high: _Optional[float] = ..., counted_p: _Optional[float] = ..., counted_p_ci_low: _Optional[float] = ..., counted_p_ci_high: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ..., auc: _Optional[float] = ..., mu_in: _Optional[float] = ..., sigma_in: _Optional[float] = ..., mu_out: _Optional[float] = ..., sigma_out: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., empirical_mu: _Optional[float] = ..., empirical_mu_ci_low: _Optional[float] = ..., empirical_mu_ci_high: _Optional[float] = ..., empirical_epsilon: _Optional[float] = ..., empirical_epsilon_ci_low: _Optional[float] = ..., empirical_epsilon_ci_high: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class BatchMetrics(_message.Message):
     __slots__ = ("method", "n_models", "n_records", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "mean_score", "roc_fpr", "roc_tpr", "mean_counted_p")

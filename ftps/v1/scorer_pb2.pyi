@@ -93,3 +93,35 @@ class GetScoringResultRequest(_message.Message):
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class EstimateRoundRequest(_message.Message):
+    __slots__ = ("task_id", "n_models", "n_records")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    N_MODELS_FIELD_NUMBER: _ClassVar[int]
+    N_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    n_models: int
+    n_records: int
+    def __init__(self, task_id: _Optional[str] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ...) -> None: ...
+
+class RoundEstimate(_message.Message):
+    __slots__ = ("task_id", "n_models", "n_records", "jobs", "parallel_jobs", "seconds_per_model", "worker_s", "wall_s", "basis")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    N_MODELS_FIELD_NUMBER: _ClassVar[int]
+    N_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_JOBS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_S_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    n_models: int
+    n_records: int
+    jobs: int
+    parallel_jobs: int
+    seconds_per_model: float
+    worker_s: float
+    wall_s: float
+    basis: str
+    def __init__(self, task_id: _Optional[str] = ..., n_models: _Optional[int] = ..., n_records: _Optional[int] = ..., jobs: _Optional[int] = ..., parallel_jobs: _Optional[int] = ..., seconds_per_model: _Optional[float] = ..., worker_s: _Optional[float] = ..., wall_s: _Optional[float] = ..., basis: _Optional[str] = ...) -> None: ...

@@ -68,6 +68,11 @@ class LiraScorerServiceStub:
                 request_serializer=ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
                 _registered_method=True)
+        self.EstimateRound = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/EstimateRound',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_scorer__pb2.RoundEstimate.FromString,
+                _registered_method=True)
 
 
 class LiraScorerServiceServicer:
@@ -125,6 +130,17 @@ class LiraScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimateRound(self, request, context):
+        """Builder (owner) or admin: what a round of the task would cost before it runs (worker time and
+        wall time), from what was measured: the task's last finished round, else its preparation
+        stage's shadow fine-tunes, at the scorer's current worker parallelism. Reads only.
+        NOT_FOUND (PREPARATION_NOT_FOUND) when nothing was measured yet: run the preparation stage.
+        INVALID_ARGUMENT (INVALID_SETTINGS) for sizes a task could not run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiraScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +173,11 @@ def add_LiraScorerServiceServicer_to_server(servicer, server):
                     servicer.GetScoringResult,
                     request_deserializer=ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundResult.SerializeToString,
+            ),
+            'EstimateRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateRound,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_scorer__pb2.RoundEstimate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,6 +345,33 @@ class LiraScorerService:
             '/ftps.v1.LiraScorerService/GetScoringResult',
             ftps_dot_v1_dot_scorer__pb2.GetScoringResultRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/EstimateRound',
+            ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.SerializeToString,
+            ftps_dot_v1_dot_scorer__pb2.RoundEstimate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,7 @@ from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionD
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
+from ftps.privacy import dp
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
 from services.builder_registry.store import TaskStore
@@ -59,7 +60,7 @@ _FIELD = {
 }
 
 DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLINE_PER_RECORD,
-                alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4)
+                alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4, dp_delta=dp.DEFAULT_DELTA)
 MAX_MODELS = 4096
 MAX_RECORDS = 100_000
 FLOAT32_MAX = 3.4028234663852886e38
@@ -84,6 +85,9 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     if not 0.0 < s.alpha < 0.5:
         raise InvalidArgument(f"settings.alpha must be in (0, 0.5), got {s.alpha}",
                               reason="INVALID_SETTINGS", field="settings.alpha")
+    if not (math.isfinite(s.dp_delta) and 0.0 < s.dp_delta <= 0.01):
+        raise InvalidArgument(f"settings.dp_delta must be in (0, 0.01], got {s.dp_delta:g}",
+                              reason="INVALID_SETTINGS", field="settings.dp_delta")
     if not 2 <= s.shadow_models <= MAX_MODELS:
         raise InvalidArgument(f"settings.shadow_models must be in [2, {MAX_MODELS}], got {s.shadow_models}",
                               reason="INVALID_SETTINGS", field="settings.shadow_models")

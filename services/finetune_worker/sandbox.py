@@ -26,11 +26,13 @@ on stdin. Before any strategy code runs, the child
 A child serves the jobs of **one task** (``SandboxPool`` keys children by task and strategy; a
 child never sees another key's data), one job at a time, each with its own wall-time limit and
 CPU budget, until it has served ``max_jobs``, stayed idle ``idle_s``, or a job failed (any
-failure discards the child). Per job the parent writes the inputs (safetensors, npz, npy, json;
-nothing pickled) into a fresh directory only the child's gid can read, and an output directory
-only the child's uid can write; the child reports progress and the outcome as JSON lines on its
-stdout (the strategy's own prints go to its stderr) and leaves ``phi.npy`` in the output
-directory, which the parent opens without following links. Between jobs every process the job
+failure discards the child). Per job the parent writes the job's files (``FinetuneJob.to_files``:
+strategy, weights and records blobs as they came, masks npy, json; nothing pickled) into a fresh
+directory only the child's gid can read, and an output directory only the child's uid can write;
+the child reports progress and the outcome as JSON lines on its stdout (the strategy's own prints
+go to its stderr) and leaves ``phi.npy`` in the output directory, which the parent opens without
+following links; the rest of the job's result comes as a report that the parent reads field by
+field, each field only with its type (``JobResult.from_report``). Between jobs every process the job
 left behind (its process group, and its uid when it has its own) is killed.
 
 The job channel is bounded too: overlong lines are dropped, at most ``_MAX_QUEUED_MESSAGES``
@@ -52,7 +54,6 @@ every model, and declarative recipes cannot change anything else).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -68,15 +69,14 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ftps.common import archives
 from ftps.common.cpus import usable_cpus
-from ftps.ml.datasets import save_records
+from ftps.ml.jobs import FinetuneJob, JobResult
 from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
 
 __all__ = ["SandboxChild", "SandboxError", "SandboxPool", "isolation_status", "run_sandboxed"]
@@ -247,69 +247,6 @@ def job_cpu_seconds(timeout_s: float) -> int:
     return math.ceil(timeout_s * usable_cpus()) + 10
 
 
-@dataclass(frozen=True)
-class JobInputs:
-    """A job's input files, serialised and validated in the worker before any child is used."""
-
-    files: dict[str, bytes]
-    n_models: int
-    n_records: int
-
-
-def job_inputs(
-    *,
-    strategy_source: str,
-    base_weights: bytes,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    eval_x: np.ndarray,
-    eval_y: np.ndarray,
-    models: Sequence[tuple[int, int, np.ndarray]],
-    builder_x: np.ndarray | None = None,
-    builder_y: np.ndarray | None = None,
-    builder_mix: int | None = 0,
-    engine: str | None = None,
-) -> JobInputs:
-    """Serialise a job -> JobInputs; raises RecordsError for malformed records or masks."""
-
-    def npz(x: np.ndarray, y: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        save_records(buf, x, y)
-        return buf.getvalue()
-
-    # The worker passes the train records themselves when the job evaluates on them.
-    eval_is_train = eval_x is train_x and eval_y is train_y
-    files = {
-        "strategy.txt": strategy_source.encode("utf-8"),
-        "base.safetensors": bytes(base_weights),
-        "train.npz": npz(train_x, train_y),
-    }
-    if not eval_is_train:
-        files["eval.npz"] = npz(eval_x, eval_y)
-    has_builder = builder_x is not None and builder_y is not None
-    if has_builder:
-        files["builder.npz"] = npz(builder_x, builder_y)
-    masks = np.zeros((len(models), len(train_x)), dtype=np.bool_)
-    specs = []
-    for row, (index, seed, mask) in enumerate(models):
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_ or mask.shape != (len(train_x),):
-            raise RecordsError(
-                f"inclusion mask of model {index} must be bool [{len(train_x)}], got "
-                f"{mask.dtype} {mask.shape}"
-            )
-        masks[row] = mask
-        specs.append({"index": int(index), "seed": int(seed)})
-    buf = io.BytesIO()
-    np.save(buf, masks, allow_pickle=False)
-    files["masks.npy"] = buf.getvalue()
-    files["job.json"] = json.dumps({
-        "models": specs, "builder_mix": builder_mix, "has_builder": has_builder,
-        "eval_is_train": eval_is_train, "engine": engine,
-    }).encode()
-    return JobInputs(files, len(models), len(eval_x))
-
-
 class SandboxChild:
     """One sandboxed child process (see the module docstring).
 
@@ -422,21 +359,23 @@ class SandboxChild:
             elif "setup_error" in msg:
                 self._fail_report(msg["setup_error"])
 
-    def run(self, inputs: JobInputs, *, timeout_s: float,
-            on_progress: Callable[[int, int], None] | None = None,
-            info: dict | None = None) -> np.ndarray:
-        """Run one job -> PHI float64 [n_models, n_records]; ``timeout_s`` counts from now,
-        waiting for a child that is still starting included. Raises the job's EngineError or
-        SandboxError; after any failure the child is closed."""
+    def run(self, job: FinetuneJob, *, timeout_s: float,
+            on_progress: Callable[[int, int], None] | None = None) -> JobResult:
+        """Run one job -> its JobResult (PHI float64 [len(job.models), len(job.evaluated)]);
+        ``timeout_s`` counts from now, waiting for a child that is still starting included.
+        Raises the job's EngineError or SandboxError; after any failure the child is closed."""
         if self._proc is None or self.jobs_done >= self.max_jobs:
             raise SandboxError("sandbox child cannot take another job")
+        # Before anything of the child's is touched: a job that cannot be written costs no child.
+        files = job.to_files()
+        n_models, n_records = len(job.models), len(job.evaluated)
         deadline = time.monotonic() + timeout_s
         self._timeout_s = timeout_s
         k = self.jobs_done
         job_dir, out_dir = self._root / f"in-{k}", self._root / f"out-{k}"
         try:
             self.wait_ready(deadline)
-            self._write_job(job_dir, out_dir, inputs)
+            self._write_job(job_dir, out_dir, files)
             self._err_tail.clear()
             self._out_tail.clear()
             line = json.dumps({"job": k, "in": f"../{job_dir.name}", "out": f"../{out_dir.name}",
@@ -448,6 +387,7 @@ class SandboxChild:
                 pass  # it died: the next read says how
             last_done = 0
             ignored = 0
+            report = None
             while True:
                 msg = self._next_message(deadline, "running")
                 if msg.get("job") != k:
@@ -457,23 +397,22 @@ class SandboxChild:
                 elif "error" in msg:
                     self._fail_report(msg["error"])
                 elif msg.get("finished") is True:
-                    if info is not None and isinstance(msg.get("info"), dict):
-                        info.update(msg["info"])
+                    report = msg.get("result")
                     break
                 else:
                     done = msg.get("done")
                     # Only plausible, monotonic progress is forwarded: the child is not trusted.
-                    if (type(done) is int and msg.get("total") == inputs.n_models
-                            and last_done < done <= inputs.n_models):
+                    if (type(done) is int and msg.get("total") == n_models
+                            and last_done < done <= n_models):
                         last_done = done
                         if on_progress is not None:
-                            on_progress(done, inputs.n_models)
+                            on_progress(done, n_models)
                     else:
                         ignored += 1
                 if ignored > _MAX_IGNORED_MESSAGES:
                     raise SandboxError(f"strategy flooded the sandbox's job channel (over "
                                        f"{_MAX_IGNORED_MESSAGES} stray messages)")
-            phi = _read_phi(out_dir / "phi.npy", inputs.n_models, inputs.n_records)
+            result = JobResult.from_report(_read_phi(out_dir / "phi.npy", n_models, n_records), report)
         except BaseException:
             self.close()
             raise
@@ -483,7 +422,7 @@ class SandboxChild:
         self.jobs_done += 1
         self.last_used = time.monotonic()
         self._kill_leftovers()
-        return phi
+        return result
 
     def close(self) -> None:
         """Stop the child (and everything it started) and remove its directory. Idempotent."""
@@ -509,10 +448,10 @@ class SandboxChild:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _write_job(self, job_dir: Path, out_dir: Path, inputs: JobInputs) -> None:
+    def _write_job(self, job_dir: Path, out_dir: Path, files: dict[str, bytes]) -> None:
         # Created here, in a directory the child cannot write: no link can be planted in the way.
         job_dir.mkdir(mode=0o700)
-        for name, data in inputs.files.items():
+        for name, data in files.items():
             (job_dir / name).write_bytes(data)
         out_dir.mkdir(mode=0o700)
         uid = self.limits["uid"]
@@ -657,48 +596,33 @@ def _resolve_device(device: str | None) -> str:
 
 
 def run_sandboxed(
+    job: FinetuneJob,
     *,
-    strategy_source: str,
-    base_weights: bytes,
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    eval_x: np.ndarray,
-    eval_y: np.ndarray,
-    models: Sequence[tuple[int, int, np.ndarray]],
-    builder_x: np.ndarray | None = None,
-    builder_y: np.ndarray | None = None,
-    builder_mix: int | None = 0,
     device: str | None = None,
-    engine: str | None = None,
     timeout_s: float = 600,
     memory_mb: int = 4096,
     scratch_root: str | os.PathLike | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-    info: dict | None = None,
     threads: int | None = None,
-) -> np.ndarray:
-    """``ftps.ml.engine.finetune_and_score`` in a fresh sandboxed child, closed afterwards
-    -> PHI float64 [len(models), m]. ``SandboxPool.run`` reuses children instead.
+) -> JobResult:
+    """``ftps.ml.engine.run_job(job)`` in a fresh sandboxed child, closed afterwards -> its
+    JobResult. ``SandboxPool.run`` reuses children instead.
 
     ``timeout_s`` is the wall time of the whole child (including ~2-4 s to import torch and
     warm up); ``memory_mb`` its address-space limit (a CUDA build of torch needs ~3.3 GB of
     address space just to import). ``on_progress(done, total)`` is called in the caller's
-    thread; ``info`` receives what the engine reports (``engine``, timings).
+    thread.
 
     Raises StrategyError / WeightsError / RecordsError as the engine would in-process, and
     SandboxError for a timeout, a crash, a signal, or an exceeded limit.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    inputs = job_inputs(
-        strategy_source=strategy_source, base_weights=base_weights, train_x=train_x,
-        train_y=train_y, eval_x=eval_x, eval_y=eval_y, models=models, builder_x=builder_x,
-        builder_y=builder_y, builder_mix=builder_mix, engine=engine)
     child = SandboxChild(device=_resolve_device(device), memory_mb=memory_mb,
                          job_cpu_s=job_cpu_seconds(timeout_s), max_jobs=1,
                          scratch_root=scratch_root, threads=threads)
     try:
-        return child.run(inputs, timeout_s=timeout_s, on_progress=on_progress, info=info)
+        return child.run(job, timeout_s=timeout_s, on_progress=on_progress)
     finally:
         child.close()
 
@@ -813,25 +737,22 @@ class SandboxPool:
         spare.task_key = key
         return spare
 
-    def run(self, *, task_key: str, timeout_s: float | None = None,
-            on_progress: Callable[[int, int], None] | None = None, info: dict | None = None,
-            **job) -> np.ndarray:
+    def run(self, job: FinetuneJob, *, task_key: str, timeout_s: float | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> JobResult:
         """``run_sandboxed`` on a warm child of ``task_key`` (any string naming the task and its
-        strategy; children never serve two keys). ``job``: the keyword arguments of
-        ``job_inputs``. ``timeout_s`` (default the pool's) must not exceed the pool's."""
+        strategy; children never serve two keys). ``timeout_s`` (default the pool's) must not
+        exceed the pool's."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if not 0 < timeout_s <= self.timeout_s:
             raise ValueError(f"timeout_s must be in (0, {self.timeout_s}], got {timeout_s}")
-        inputs = job_inputs(**job)
         child = self._acquire(task_key)
         try:
-            phi = child.run(inputs, timeout_s=timeout_s, on_progress=on_progress, info=info)
+            return child.run(job, timeout_s=timeout_s, on_progress=on_progress)
         finally:
             self._release(child)
             if self.spare:
                 # Between jobs, not during one: starting a child costs ~3 CPU-seconds.
                 self.prestart()
-        return phi
 
     def _release(self, child: SandboxChild) -> None:
         """Back to the idle children; closed if it failed, is used up, or the pool is closed."""

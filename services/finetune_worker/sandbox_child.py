@@ -367,7 +367,7 @@ RECIPE = {"optimizer": "%s", "lr": 0.01, "epochs": 1, "batch_size": 2, "momentum
 """
 
 
-def _warm_up(engine, np) -> None:
+def _warm_up(engine, jobs, np) -> None:
     """Run every engine once on a tiny built-in strategy, every optimizer.
 
     torch imports modules lazily on first use (building an optimizer imports torch._dynamo,
@@ -378,8 +378,8 @@ def _warm_up(engine, np) -> None:
 
     from ftps.ml.strategy import OPTIMIZERS, load_strategy
 
-    x = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 1, 2, 2)
-    y = np.array([0, 1, 0, 1], dtype=np.int64)
+    records = jobs.Records.of(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 1, 2, 2),
+                              np.array([0, 1, 0, 1], dtype=np.int64))
     runs = [(opt, '["hflip", "random-crop"]', '"all"', "False", "sequential")
             for opt in OPTIMIZERS]
     runs += [("adam", '["hflip"]', '"all"', "False", "stacked"),
@@ -388,11 +388,10 @@ def _warm_up(engine, np) -> None:
     for optimizer, augment, train, cache, engine_name in runs:
         source = _WARM_UP_STRATEGY % (optimizer, augment, train, cache)
         weights = engine.save_weights(load_strategy(source).build_model())
-        engine.finetune_and_score(
-            strategy_source=source, base_weights=weights, train_x=x, train_y=y, eval_x=x,
-            eval_y=y, models=[(0, 0, np.ones(4, dtype=bool)), (1, 1, np.ones(4, dtype=bool))],
-            device="cpu", engine=engine_name,
-        )
+        engine.run_job(jobs.FinetuneJob(
+            strategy_source=source, base_weights=weights, train_records=records,
+            models=((0, 0, np.ones(4, dtype=bool)), (1, 1, np.ones(4, dtype=bool))),
+            engine=engine_name), device="cpu")
     torch.manual_seed(0)
 
 
@@ -436,32 +435,13 @@ def _error(kind: str, message: str, phase: str) -> dict:
     return {"type": kind, "message": message[:_ERROR_MESSAGE_LIMIT], "phase": phase}
 
 
-class _Job:
-    """One job's inputs, read from its directory (written by the parent, read-only to us)."""
-
-    def __init__(self, directory: Path, archives, load_records) -> None:
-        # Every file is bounded before it is read (archives.INTERNAL_LIMITS: the parent wrote
-        # them from blobs validated at the edge); load_records reads the npz files that way too.
-        self.source = (directory / "strategy.txt").read_text(encoding="utf-8")
-        self.base_weights = (directory / "base.safetensors").read_bytes()
-        # Its header and offsets only: the engine loads the tensors (safetensors, never a pickle).
-        archives.safetensors_index(self.base_weights, what="base.safetensors")
-        spec = json.loads((directory / "job.json").read_text(encoding="utf-8"))
-        self.train_x, self.train_y = load_records((directory / "train.npz").read_bytes())
-        if spec.get("eval_is_train"):
-            self.eval_x, self.eval_y = self.train_x, self.train_y
-        else:
-            self.eval_x, self.eval_y = load_records((directory / "eval.npz").read_bytes())
-        self.builder_x = self.builder_y = None
-        if spec["has_builder"]:
-            self.builder_x, self.builder_y = load_records(
-                (directory / "builder.npz").read_bytes())
-        masks = archives.read_npy((directory / "masks.npy").read_bytes(), what="masks.npy",
-                                  spec=archives.ArraySpec((len(spec["models"]), None), "b"))
-        self.models = [(m["index"], m["seed"], masks[row])
-                       for row, m in enumerate(spec["models"])]
-        self.builder_mix = spec["builder_mix"]
-        self.engine = spec.get("engine")
+def _read_job(directory: Path, jobs, archives):
+    """The job its parent wrote into ``directory`` (read-only to us), validated as it enters
+    this process (``FinetuneJob.from_files``)."""
+    job = jobs.FinetuneJob.from_files(lambda name: (directory / name).read_bytes())
+    # Its header and offsets only: the engine loads the tensors (safetensors, never a pickle).
+    archives.safetensors_index(job.base_weights, what="base.safetensors")
+    return job
 
 
 def serve(root_dir: str) -> int:
@@ -488,11 +468,10 @@ def serve(root_dir: str) -> int:
         import torch
 
         from ftps.common import archives
-        from ftps.ml import engine
-        from ftps.ml.datasets import load_records
+        from ftps.ml import engine, jobs
         from ftps.ml.strategy import EngineError, describe_exception
 
-        _warm_up(engine, np)
+        _warm_up(engine, jobs, np)
     except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
         kind = "MemoryError" if _is_memory_failure(e) else type(e).__name__
         protocol.send({"setup_error": _error(kind, str(e), "setup")})
@@ -507,9 +486,9 @@ def serve(root_dir: str) -> int:
         k = job["job"]
         _reap_children()
         try:
-            inputs = _Job(Path(job["in"]), archives, load_records)
+            inputs = _read_job(Path(job["in"]), jobs, archives)
             if not dropped:
-                _preload_for(inputs.source)
+                _preload_for(inputs.strategy_source)
                 status["privileges"] = _drop_privileges(limits.get("uid"))
                 dropped = True
                 protocol.send({"job": k, "sandbox": status})
@@ -521,25 +500,9 @@ def serve(root_dir: str) -> int:
         # Process-wide state a previous job of this task may have changed.
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
-        info: dict = {"cpu_soft_s": cpu_soft_s}
         try:
-            phi = engine.finetune_and_score(
-                strategy_source=inputs.source,
-                base_weights=inputs.base_weights,
-                train_x=inputs.train_x,
-                train_y=inputs.train_y,
-                eval_x=inputs.eval_x,
-                eval_y=inputs.eval_y,
-                models=inputs.models,
-                builder_x=inputs.builder_x,
-                builder_y=inputs.builder_y,
-                builder_mix=inputs.builder_mix,
-                device=device,
-                engine=inputs.engine,
-                info=info,
-                progress=lambda done, total: protocol.send(
-                    {"job": k, "done": done, "total": total}),
-            )
+            result = engine.run_job(inputs, device=device, progress=lambda done, total, k=k: protocol.send(
+                {"job": k, "done": done, "total": total}))
         except BaseException as e:  # noqa: BLE001 - every failure becomes a report
             if isinstance(e, EngineError):
                 report = _error(type(e).__name__, str(e), "job")
@@ -552,11 +515,10 @@ def serve(root_dir: str) -> int:
             return 2
         out = Path(job["out"])
         tmp = out / "phi.tmp.npy"
-        np.save(tmp, phi, allow_pickle=False)
+        np.save(tmp, result.phi, allow_pickle=False)
         os.replace(tmp, out / "phi.npy")
         protocol.send({"job": k, "finished": True,
-                       "info": {key: v for key, v in info.items()
-                                if isinstance(v, (str, int, float, bool))}})
+                       "result": {**result.report(), "cpu_limit_s": cpu_soft_s}})
 
 
 def main(argv: list[str]) -> None:

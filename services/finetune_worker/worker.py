@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ from ftps.common.errors import FailedPrecondition, InvalidArgument
 from ftps.common.metrics import WorkerMetrics
 from ftps.common.serde import tensor_from_array
 from ftps.common.storage import ObjectStore, check_id
-from ftps.ml.datasets import load_records
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
 from ftps.ml.strategy import EngineError
 from ftps.v1 import common_pb2, worker_pb2
 from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
@@ -113,6 +114,18 @@ class Worker:
         return result
 
     def _run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
+        finetune = self._finetune_job(job)
+        result = self._sandboxed(f"{job.task_id}/{job.strategy.sha256}", f"job {job.job_id} failed", finetune)
+        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
+                 len(finetune.models), len(finetune.evaluated), result.seconds, self.device, result.engine or "?")
+        return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[m.index for m in finetune.models],
+                                         phi=tensor_from_array(np.asarray(result.phi, dtype=np.float64)),
+                                         device=self.device, seconds=result.seconds, engine=result.engine)
+
+    def _finetune_job(self, job: worker_pb2.FinetuneJob) -> FinetuneJob:
+        """The proto's job as the domain's, its blobs fetched and its records validated (once, in
+        this process; the blobs go on to the sandbox as they came). InvalidArgument says what
+        is wrong with the request."""
         # Ids name sandbox folders and log lines: whole-match them like every other service.
         check_id(job.task_id, "job.task_id")
         check_id(job.job_id, "job.job_id")
@@ -125,40 +138,30 @@ class Worker:
             raise InvalidArgument("job.builder_mix must be >= 0", reason="JOB_INVALID", field="job.builder_mix")
         strategy = self._cache.get(job.strategy, "strategy")
         weights = self._cache.get(job.base_model, "base_model")
-        train_x, train_y = _records(self._cache.get(job.records, "records"), "records")
+        train = _records(self._cache.get(job.records, "records"), "records")
+        evaluated = None
         if job.eval_records.key:
-            eval_x, eval_y = _records(self._cache.get(job.eval_records, "eval_records"), "eval_records")
-        else:
-            eval_x, eval_y = train_x, train_y
-        builder_x = builder_y = None
+            evaluated = _records(self._cache.get(job.eval_records, "eval_records"), "eval_records")
+        builder = None
         if job.builder_mix:
-            builder_x, builder_y = _records(self._cache.get(job.builder_data, "builder_data"), "builder_data")
+            builder = _records(self._cache.get(job.builder_data, "builder_data"), "builder_data")
         models = []
         for i, spec in enumerate(job.models):
             mask = np.frombuffer(spec.mask, dtype=np.uint8)
-            if len(mask) != len(train_x):
-                raise InvalidArgument(f"job.models[{i}].mask has {len(mask)} entries for {len(train_x)} records",
+            if len(mask) != len(train):
+                raise InvalidArgument(f"job.models[{i}].mask has {len(mask)} entries for {len(train)} records",
                                       reason="JOB_INVALID", field=f"job.models[{i}].mask")
             if mask.max(initial=0) > 1:
                 raise InvalidArgument(f"job.models[{i}].mask must hold only 0 and 1", reason="JOB_INVALID",
                                       field=f"job.models[{i}].mask")
-            models.append((spec.index, spec.seed, mask.astype(bool)))
-        phi, info, seconds = self._sandboxed(
-            f"{job.task_id}/{job.strategy.sha256}", f"job {job.job_id} failed",
-            strategy_source=_source(strategy), base_weights=weights, train_x=train_x, train_y=train_y,
-            eval_x=eval_x, eval_y=eval_y, models=models, builder_x=builder_x, builder_y=builder_y,
-            builder_mix=job.builder_mix, engine=self.engine)
-        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
-                 len(models), len(eval_x), seconds, self.device, info.get("engine", "?"))
-        return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[m[0] for m in models],
-                                         phi=tensor_from_array(np.asarray(phi, dtype=np.float64)),
-                                         device=self.device, seconds=seconds, engine=str(info.get("engine", "")))
+            models.append(ModelSpec(spec.index, spec.seed, mask.astype(bool)))
+        return FinetuneJob(strategy_source=_source(strategy), base_weights=weights, train_records=train,
+                           models=tuple(models), eval_records=evaluated, builder_records=builder,
+                           builder_mix=job.builder_mix, engine=self.engine)
 
     def check_model(self, req: worker_pb2.CheckModelRequest) -> common_pb2.ModelCheck:
         """Build the strategy's model in the sandbox, load the weights into it and run probe
         records of the task's shape through it; FailedPrecondition says why they do not fit."""
-        from ftps.ml.engine import CHECK_ONLY
-
         check_id(req.task_id, "task_id")
         shape = tuple(int(d) for d in req.record_shape)
         if not shape or len(shape) > 4 or any(d <= 0 or d > 4096 for d in shape):
@@ -169,48 +172,45 @@ class Worker:
                                   field="num_classes")
         strategy = self._cache.get(req.strategy, "strategy")
         weights = self._cache.get(req.base_model, "base_model")
-        probe_x = np.zeros((2, *shape), dtype=np.float32)
-        probe_y = np.zeros(2, dtype=np.int64)
+        probe = Records.of(np.zeros((2, *shape), dtype=np.float32), np.zeros(2, dtype=np.int64))
+        check = FinetuneJob(strategy_source=_source(strategy), base_weights=weights, train_records=probe,
+                            models=(ModelSpec(0, 0, np.zeros(2, dtype=bool)),), engine=CHECK_ONLY)
         # In the task's warm child (as its jobs): its first round job then starts at once.
-        _, info, seconds = self._sandboxed(
-            f"{req.task_id}/{req.strategy.sha256}", "model check failed",
-            strategy_source=_source(strategy), base_weights=weights, train_x=probe_x, train_y=probe_y,
-            eval_x=probe_x, eval_y=probe_y, models=[(0, 0, np.zeros(2, dtype=bool))], engine=CHECK_ONLY)
-        classes = int(info.get("classes", -1))
+        result = self._sandboxed(f"{req.task_id}/{req.strategy.sha256}", "model check failed", check)
+        classes = -1 if result.classes is None else result.classes
         if classes != req.num_classes:
             raise FailedPrecondition(f"the model returns {classes} logits per record but the task has "
                                      f"num_classes = {req.num_classes}", reason="MODEL_CHECK_FAILED")
         log.info("task %s: base model %s fits strategy %s (%d classes, %s parameters) in %.1fs", req.task_id,
-                 req.base_model.sha256[:12], req.strategy.sha256[:12], classes, info.get("parameters"), seconds)
+                 req.base_model.sha256[:12], req.strategy.sha256[:12], classes, result.parameters, result.seconds)
         return common_pb2.ModelCheck(base_model_sha256=req.base_model.sha256, strategy_sha256=req.strategy.sha256,
-                                     num_classes=classes, parameters=int(info.get("parameters", 0)),
-                                     device=self.device, seconds=seconds)
+                                     num_classes=classes, parameters=result.parameters or 0,
+                                     device=self.device, seconds=result.seconds)
 
 
-    def _sandboxed(self, task_key: str, failed: str, **inputs) -> tuple[np.ndarray, dict, float]:
-        """``finetune_and_score(**inputs)`` in a sandboxed child, within a job slot -> (PHI, the
-        engine's info, seconds). With warm sandboxes one child per task and strategy
+    def _sandboxed(self, task_key: str, failed: str, job: FinetuneJob) -> JobResult:
+        """``run_job(job)`` in a sandboxed child, within a job slot -> its result, ``seconds``
+        the time it took here. With warm sandboxes one child per task and strategy
         (``task_key``): a child never sees another task's data. A failure of the strategy,
         weights or data is the task's, not the worker's: FailedPrecondition("{failed}: ...")."""
-        info: dict = {}
         with self._slots:
             t0 = time.perf_counter()
             try:
                 if self._pool is not None:
-                    phi = self._pool.run(task_key=task_key, info=info, **inputs)
+                    result = self._pool.run(job, task_key=task_key)
                 else:
                     with self._cold_lock:
                         self._cold_children += 1
                     try:
-                        phi = run_sandboxed(device=self.device, timeout_s=self._timeout_s,
-                                            memory_mb=self._memory_mb, info=info, threads=self._threads, **inputs)
+                        result = run_sandboxed(job, device=self.device, timeout_s=self._timeout_s,
+                                               memory_mb=self._memory_mb, threads=self._threads)
                     finally:
                         with self._cold_lock:
                             self._cold_children -= 1
             except (EngineError, SandboxError) as exc:
                 raise FailedPrecondition(f"{failed}: {exc}", reason="MODEL_CHECK_FAILED" if failed.startswith(
                     "model check") else "STRATEGY_FAILED") from exc
-            return phi, info, time.perf_counter() - t0
+            return dataclasses.replace(result, seconds=time.perf_counter() - t0)
 
 
 def _source(strategy: bytes) -> str:
@@ -220,9 +220,9 @@ def _source(strategy: bytes) -> str:
         raise InvalidArgument(f"strategy is not UTF-8: {exc}", reason="STRATEGY_INVALID") from exc
 
 
-def _records(data: bytes, field: str) -> tuple[np.ndarray, np.ndarray]:
+def _records(data: bytes, field: str) -> Records:
     try:
-        return load_records(data)
+        return Records.load(data)
     except ValueError as exc:
         raise InvalidArgument(f"job.{field}: {exc}", reason="ARCHIVE_INVALID", field=f"job.{field}") from exc
 

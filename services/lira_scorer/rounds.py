@@ -31,19 +31,39 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ftps.common import serde, tracing
-from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
-from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied,
-                                Unavailable)
+from ftps.common.clock import now_ts
+from ftps.common.errors import (
+    DataLoss,
+    FailedPrecondition,
+    FtpsError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from ftps.common.metrics import ScorerMetrics
-from ftps.common.storage import ObjectStore, check_id
 from ftps.common.registry_client import require_ready
+from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
-from ftps.privacy import scoring
-from ftps.privacy.masks import derive_seed, make_masks, model_seeds, shadow_masks, trace_failures
+from ftps.privacy import dp, scoring
+from ftps.privacy.masks import (
+    derive_seed,
+    make_masks,
+    model_seeds,
+    shadow_masks,
+    trace_failures,
+)
 from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
-from services.lira_scorer.store import (NewRound, OfflineStore, PreparationRow, PreparationStore, RoundRow,
-                                        RoundStore)
+from services.lira_scorer import costs
+from services.lira_scorer.store import (
+    NewRound,
+    OfflineStore,
+    PreparationRow,
+    PreparationStore,
+    RoundRow,
+    RoundStore,
+)
 from services.lira_scorer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -534,6 +554,53 @@ class Scorer:
         require_ready(task)
         return task
 
+    # -- cost before you pay --------------------------------------------------------------------
+    def estimate_round(self, task_id: str, *, n_models: int = 0, n_records: int = 0,
+                       who: Principal) -> scorer_pb2.RoundEstimate:
+        """What a round of ``n_models`` models on ``n_records`` records (0: the task's settings)
+        would cost, from the task's last finished round, else its preparation (:mod:`costs`)."""
+        check_id(task_id, "task_id")
+        task = authorized_task(who, task_id, self._get_task, action="estimate rounds of")
+        s = task.settings
+        n, m = n_models or s.n_models, n_records or s.batch_threshold
+        if n < 4 or n % 2 or n > 4096:
+            raise InvalidArgument(f"n_models must be even and in [4, 4096], got {n}", reason="INVALID_SETTINGS",
+                                  field="n_models")
+        if not 2 <= m <= 100_000:
+            raise InvalidArgument(f"n_records must be in [2, 100000], got {m}", reason="INVALID_SETTINGS",
+                                  field="n_records")
+        basis = self._cost_basis(task)
+        if basis is None:
+            raise NotFound(f"nothing of task {task_id} was measured yet: run the preparation stage first "
+                           "(its shadow fine-tunes time the workers)", reason="PREPARATION_NOT_FOUND",
+                           field="task_id")
+        est = costs.estimate(basis, n_models=n, n_records=m, models_per_job=s.models_per_job or 4,
+                             builder_mix=s.builder_mix, parallel_jobs=self._pool.parallelism)
+        return scorer_pb2.RoundEstimate(
+            task_id=task_id, n_models=est.n_models, n_records=est.n_records, jobs=est.jobs,
+            parallel_jobs=est.parallel_jobs, seconds_per_model=est.seconds_per_model, worker_s=est.worker_s,
+            wall_s=est.wall_s, basis=est.basis)
+
+    def _cost_basis(self, task: registry_pb2.Task) -> costs.Basis | None:
+        row = self._rounds.latest_done(task.task_id)
+        if row is not None and row.result is not None:
+            try:
+                result = common_pb2.RoundResult.FromString(self._store.get_ref(row.result))
+            except (NotFound, DataLoss) as exc:  # the result blob is gone: fall back to the preparation
+                log.warning("round %s: its result is unreadable for a cost basis: %s", row.round_id, exc)
+            else:
+                worker_s = result.timings.get("worker_jobs_s", 0.0)
+                models = result.batch.n_models or row.models_total
+                if worker_s > 0 and models:
+                    return costs.Basis(what=f"round {row.round_id} of this task ({models} models, "
+                                            f"{row.n_records} records)", models=models, worker_s=worker_s,
+                                       records=row.n_records, scoring_s=result.timings.get("scoring_s", 0.0))
+        gaussian = self._offline.get(task.task_id, task.base_model.sha256) if task.base_model.sha256 else None
+        if gaussian is not None and gaussian.timings.get("worker_jobs_s", 0.0) > 0 and gaussian.k:
+            return costs.Basis(what=f"the preparation stage's {gaussian.k} shadow fine-tunes on the builder's data",
+                               models=gaussian.k, worker_s=gaussian.timings["worker_jobs_s"])
+        return None
+
     # -- rounds --------------------------------------------------------------------------------
     def start_round(self, task_id: str, round_id: str, batch: common_pb2.BlobRef,
                     record_ids: list[str], contributors: list[str],
@@ -606,6 +673,11 @@ class Scorer:
                 offline = None
         n = s.n_models
         batch, record_ids, contributors = run.row.batch, list(run.row.record_ids), list(run.row.contributors)
+        # Checked here rather than left to the workers: their NOT_FOUND would read as "workers
+        # unavailable" after every worker was tried, and name no cause a builder can act on.
+        if not self._store.exists(batch.key):
+            raise NotFound(f"the round's batch {batch.key} is no longer in object storage",
+                           reason="OBJECT_NOT_FOUND")
         excluded: list[common_pb2.ExcludedRecord] = []
         t_ft = time.perf_counter()
         job_seconds: list[float] = []
@@ -658,6 +730,7 @@ class Scorer:
         with tracing.span("scorer.score", ftps__method=method, ftps__models=int(phi.shape[0]),
                           ftps__records=len(record_ids)):
             result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                               delta=s.dp_delta or dp.DEFAULT_DELTA,  # tasks created before dp_delta
                                offline=offline, record_ids=record_ids, contributors=contributors,
                                round_id=run.round_id)
         result.excluded.extend(excluded)
@@ -761,7 +834,7 @@ class Scorer:
 
 def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float, fixed_variance: bool,
               offline: common_pb2.OfflineGaussian | None, record_ids: list[str],
-              contributors: list[str], round_id: str) -> common_pb2.RoundResult:
+              contributors: list[str], round_id: str, delta: float = dp.DEFAULT_DELTA) -> common_pb2.RoundResult:
     """Every method on the same matrix: the headline ``method`` per record, all in the batch view."""
     result = common_pb2.RoundResult()
     headline = None
@@ -774,7 +847,7 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
         if name in ("offline-per-record", "online-per-record"):
             kwargs["fixed_variance"] = fixed_variance
         try:
-            scored = scoring.score(phi, member, method=name, alpha=alpha, **kwargs)
+            scored = scoring.score(phi, member, method=name, alpha=alpha, delta=delta, **kwargs)
         except ValueError as exc:
             if name == method:
                 raise
@@ -801,7 +874,12 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
             counted_p_ci_high=float(r.counted_p_ci_high[j]), n_in=int(r.n_in[j]),
             n_out=int(r.n_out[j]), auc=float(r.auc[j]),
             mu_in=float(r.mu_in[j]), sigma_in=float(r.sigma_in[j]), mu_out=float(r.mu_out[j]),
-            sigma_out=float(r.sigma_out[j]), method=enum))
+            sigma_out=float(r.sigma_out[j]), method=enum,
+            empirical_mu=float(r.empirical_mu[j]), empirical_mu_ci_low=float(r.empirical_mu_ci_low[j]),
+            empirical_mu_ci_high=float(r.empirical_mu_ci_high[j]),
+            empirical_epsilon=float(r.empirical_epsilon[j]),
+            empirical_epsilon_ci_low=float(r.empirical_epsilon_ci_low[j]),
+            empirical_epsilon_ci_high=float(r.empirical_epsilon_ci_high[j]), delta=headline.delta))
     return result
 
 

@@ -36,3 +36,8 @@ class LiraScorerServicer(scorer_pb2_grpc.LiraScorerServiceServicer):
     @rpc
     def GetScoringResult(self, request, context):
         return self.scorer.get_result(request.round_id, current())
+
+    @rpc
+    def EstimateRound(self, request, context):
+        return self.scorer.estimate_round(request.task_id, n_models=request.n_models, n_records=request.n_records,
+                                          who=current())

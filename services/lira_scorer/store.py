@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -119,6 +119,11 @@ class RoundStore(abc.ABC):
                message: str | None = None, result: common_pb2.BlobRef | None = None) -> bool:
         """Write the round's progress if ``owner`` holds its lease and it is not DONE or FAILED; False
         (nothing written) otherwise. Ending it (DONE, FAILED) also ends the lease."""
+
+    @abc.abstractmethod
+    def latest_done(self, task_id: str) -> RoundRow | None:
+        """The task's most recently finished DONE round with a stored result, or None (the basis of
+        a cost estimate: what a round of this task took)."""
 
     @abc.abstractmethod
     def release(self, round_ids: Sequence[str], *, owner: str) -> int:
@@ -241,7 +246,6 @@ offline_t = sa.Table(
     sa.Column("gaussian", sa.LargeBinary, nullable=False),
     sa.Column("fitted_at", sa.Float, nullable=False),
 )
-_NOT_TERMINAL = rounds_t.c.state.notin_(TERMINAL)
 preparations_t = sa.Table(
     "scorer_preparations", metadata,
     sa.Column("task_id", sa.String(128), primary_key=True),
@@ -282,6 +286,97 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+_Key = tuple  # the values of a _Leases' key columns, in their order
+
+
+class _Leases:
+    """The leases of one table of leased work (rounds, preparations): its ``lease_owner`` and
+    ``lease_until`` columns, moved only while the work ``runs`` (ended work is never claimed nor
+    written). One home for the SQL, so that rounds and preparations obey the same lease rules.
+
+    ``key``: the columns naming one piece of work (with the run's id where a row is reused by
+    later runs, so that a lease never reaches a later run of the same row). ``on_take``: the columns
+    a replica resets when it takes the work over, as a function of ``now``."""
+
+    def __init__(self, table: sa.Table, key: Sequence[sa.Column], *, runs: sa.ColumnElement[bool],
+                 on_take: Callable[[float], dict] = lambda now: {}) -> None:
+        self.table, self.key, self.runs, self._on_take = table, list(key), runs, on_take
+
+    def named(self, key: _Key) -> sa.ColumnElement[bool]:
+        return sa.and_(*(c == v for c, v in zip(self.key, key)))
+
+    def match(self, keys: Sequence[_Key]) -> sa.ColumnElement[bool]:
+        if len(self.key) == 1:
+            return self.key[0].in_([k[0] for k in keys])
+        return sa.or_(*(self.named(k) for k in keys))
+
+    def held(self, key: _Key, owner: str) -> sa.ColumnElement[bool]:
+        """The work named ``key`` while ``owner`` holds its lease and it runs."""
+        return sa.and_(self.named(key), self.table.c.lease_owner == owner, self.runs)
+
+    def take(self, *, owner: str, lease_s: float, now: float) -> dict:
+        """The values that hand the work to ``owner`` until ``now + lease_s``."""
+        return dict(lease_owner=owner, lease_until=now + lease_s, updated_at=now, **self._on_take(now))
+
+    def claim_expired(self, db: Database, *, owner: str, lease_s: float, limit: int,
+                      now: float | None) -> list[sa.Row]:
+        now = time.time() if now is None else now
+        t = self.table
+        expired = sa.and_(self.runs, sa.or_(t.c.lease_until.is_(None), t.c.lease_until < now))
+        with db.write() as conn:
+            # Locks the rows it picks and skips rows another claimer holds (PostgreSQL; SQLite has
+            # one writer at a time): each piece of work goes to one claimer.
+            keys = [tuple(k) for k in conn.execute(sa.select(*self.key).where(expired).order_by(t.c.lease_until.asc().nulls_first())
+                                                   .limit(limit).with_for_update(skip_locked=True))]
+            if not keys:
+                return []
+            # Still conditional: whatever happened between the two statements, only expired leases move.
+            conn.execute(t.update().where(self.match(keys), expired)
+                         .values(**self.take(owner=owner, lease_s=lease_s, now=now)))
+            rows = {tuple(getattr(r, c.name) for c in self.key): r
+                    for r in conn.execute(sa.select(t).where(self.match(keys), t.c.lease_owner == owner))}
+        return [rows[k] for k in keys if k in rows]  # longest expired first, as claimed
+
+    def renew(self, db: Database, key: _Key, *, owner: str, lease_s: float, now: float | None) -> bool:
+        now = time.time() if now is None else now
+        with db.write() as conn:
+            return conn.execute(self.table.update().where(self.held(key, owner))
+                                .values(lease_until=now + lease_s)).rowcount == 1
+
+    def release(self, db: Database, keys: Sequence[_Key], *, owner: str) -> int:
+        if not keys:
+            return 0
+        t = self.table
+        with db.write() as conn:
+            return conn.execute(t.update().where(self.match(keys), t.c.lease_owner == owner, self.runs)
+                                .values(lease_owner=None, lease_until=None)).rowcount
+
+    def release_owners(self, db: Database, prefix: str, *, keep: str) -> int:
+        t = self.table
+        with db.write() as conn:
+            return conn.execute(t.update().where(
+                self.runs, t.c.lease_owner.like(_like_prefix(prefix), escape="\\"),
+                t.c.lease_owner != keep).values(lease_owner=None, lease_until=None)).rowcount
+
+
+def _progress(now: float, *, state: int | None, models_done: int | None, message: str | None,
+              terminal: Sequence[int]) -> dict:
+    """The columns a progress write sets; ending the work (a ``terminal`` state) ends its lease."""
+    values: dict = {"updated_at": now}
+    if state is not None:
+        values["state"] = state
+        if state in terminal:
+            values["lease_until"] = None
+    if models_done is not None:
+        values["models_done"] = models_done
+    if message is not None:
+        values["message"] = message
+    return values
+
+
+_ROUND_LEASES = _Leases(rounds_t, [rounds_t.c.round_id], runs=rounds_t.c.state.notin_(TERMINAL))
+
+
 class SqlRoundStore(RoundStore):
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -307,60 +402,33 @@ class SqlRoundStore(RoundStore):
         return None if row is None else _row(row)
 
     def claim_expired(self, *, owner, lease_s, limit=8, now=None):
-        now = time.time() if now is None else now
-        expired = sa.or_(rounds_t.c.lease_until.is_(None), rounds_t.c.lease_until < now)
-        with self._db.write() as conn:
-            # Locks the rows it picks and skips rows another claimer holds (PostgreSQL; SQLite has
-            # one writer at a time): each round goes to one claimer.
-            ids = conn.execute(sa.select(rounds_t.c.round_id).where(_NOT_TERMINAL, expired)
-                               .order_by(rounds_t.c.lease_until).limit(limit)
-                               .with_for_update(skip_locked=True)).scalars().all()
-            if not ids:
-                return []
-            # Still conditional: whatever happened between the two statements, only expired leases move.
-            conn.execute(rounds_t.update().where(rounds_t.c.round_id.in_(ids), _NOT_TERMINAL, expired)
-                         .values(lease_owner=owner, lease_until=now + lease_s, updated_at=now))
-            rows = conn.execute(sa.select(rounds_t).where(rounds_t.c.round_id.in_(ids),
-                                                          rounds_t.c.lease_owner == owner)).all()
-        return [_row(r) for r in rows]
+        return [_row(r) for r in _ROUND_LEASES.claim_expired(self._db, owner=owner, lease_s=lease_s,
+                                                             limit=limit, now=now)]
 
     def renew(self, round_id, *, owner, lease_s, now=None):
-        now = time.time() if now is None else now
-        with self._db.write() as conn:
-            return conn.execute(rounds_t.update().where(rounds_t.c.round_id == round_id,
-                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
-                                .values(lease_until=now + lease_s)).rowcount == 1
+        return _ROUND_LEASES.renew(self._db, (round_id,), owner=owner, lease_s=lease_s, now=now)
 
     def update(self, round_id, *, owner, state=None, models_done=None, message=None, result=None):
-        values: dict = {"updated_at": time.time()}
-        if state is not None:
-            values["state"] = state
-            if state in TERMINAL:
-                values.update(lease_until=None)
-        if models_done is not None:
-            values["models_done"] = models_done
-        if message is not None:
-            values["message"] = message
+        values = _progress(time.time(), state=state, models_done=models_done, message=message,
+                           terminal=TERMINAL)
         if result is not None:
             values["result_ref"] = result.SerializeToString()
         with self._db.write() as conn:
-            return conn.execute(rounds_t.update().where(rounds_t.c.round_id == round_id,
-                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
+            return conn.execute(rounds_t.update().where(_ROUND_LEASES.held((round_id,), owner))
                                 .values(**values)).rowcount == 1
 
+    def latest_done(self, task_id):
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(rounds_t).where(
+                rounds_t.c.task_id == task_id, rounds_t.c.state == common_pb2.ROUND_STATE_DONE,
+                rounds_t.c.result_ref.is_not(None)).order_by(rounds_t.c.updated_at.desc()).limit(1)).first()
+        return None if row is None else _row(row)
+
     def release(self, round_ids, *, owner):
-        if not round_ids:
-            return 0
-        with self._db.write() as conn:
-            return conn.execute(rounds_t.update().where(rounds_t.c.round_id.in_(list(round_ids)),
-                                                        rounds_t.c.lease_owner == owner, _NOT_TERMINAL)
-                                .values(lease_owner=None, lease_until=None)).rowcount
+        return _ROUND_LEASES.release(self._db, [(r,) for r in round_ids], owner=owner)
 
     def release_owners(self, prefix, *, keep):
-        with self._db.write() as conn:
-            return conn.execute(rounds_t.update().where(
-                _NOT_TERMINAL, rounds_t.c.lease_owner.like(_like_prefix(prefix), escape="\\"),
-                rounds_t.c.lease_owner != keep).values(lease_owner=None, lease_until=None)).rowcount
+        return _ROUND_LEASES.release_owners(self._db, prefix, keep=keep)
 
 
 class SqlOfflineStore(OfflineStore):
@@ -397,10 +465,15 @@ def _prep_key(task_id: str, base_model_sha256: str):
     return sa.and_(preparations_t.c.task_id == task_id, preparations_t.c.base_model_sha256 == base_model_sha256)
 
 
-def _held(row: PreparationRow, owner: str):
-    return sa.and_(_prep_key(row.task_id, row.base_model_sha256),
-                   preparations_t.c.preparation_id == row.preparation_id,
-                   preparations_t.c.lease_owner == owner, preparations_t.c.state == PREPARING)
+# A row is reused by every later preparation of its task and base model: the lease is that run's.
+_PREP_LEASES = _Leases(preparations_t, [preparations_t.c.task_id, preparations_t.c.base_model_sha256,
+                                        preparations_t.c.preparation_id],
+                       runs=preparations_t.c.state == PREPARING,
+                       on_take=lambda now: dict(models_done=0, run_started_at=now))  # from model 0 again
+
+
+def _prep_lease(row: PreparationRow) -> _Key:
+    return row.task_id, row.base_model_sha256, row.preparation_id
 
 
 class SqlPreparationStore(PreparationStore):
@@ -432,9 +505,8 @@ class SqlPreparationStore(PreparationStore):
                 if row.lease_until is not None and row.lease_until >= now:
                     return row, False
                 taken = conn.execute(preparations_t.update().where(
-                    key, preparations_t.c.preparation_id == row.preparation_id, preparations_t.c.state == PREPARING)
-                    .values(lease_owner=owner, lease_until=now + lease_s, models_done=0, run_started_at=now,
-                            updated_at=now)).rowcount == 1
+                    _PREP_LEASES.named(_prep_lease(row)), _PREP_LEASES.runs)
+                    .values(**_PREP_LEASES.take(owner=owner, lease_s=lease_s, now=now))).rowcount == 1
                 return self._select(conn, task_id, base_model_sha256), taken
             if row.state == scorer_pb2.PREPARATION_STATE_READY and not restart_ready:
                 return row, False
@@ -448,55 +520,23 @@ class SqlPreparationStore(PreparationStore):
 
     def update(self, row, *, owner, state=None, models_done=None, message=None, now=None):
         now = time.time() if now is None else now
-        values: dict = {"updated_at": now}
-        if state is not None:
-            values["state"] = state
-            if state in PREPARATION_TERMINAL:
-                values.update(lease_until=None, ended_at=now)
-        if models_done is not None:
-            values["models_done"] = models_done
-        if message is not None:
-            values["message"] = message
+        values = _progress(now, state=state, models_done=models_done, message=message,
+                           terminal=PREPARATION_TERMINAL)
+        if state in PREPARATION_TERMINAL:
+            values["ended_at"] = now
         with self._db.write() as conn:
-            return conn.execute(preparations_t.update().where(_held(row, owner)).values(**values)).rowcount == 1
+            return conn.execute(preparations_t.update().where(_PREP_LEASES.held(_prep_lease(row), owner))
+                                .values(**values)).rowcount == 1
 
     def renew(self, row, *, owner, lease_s, now=None):
-        now = time.time() if now is None else now
-        with self._db.write() as conn:
-            return conn.execute(preparations_t.update().where(_held(row, owner))
-                                .values(lease_until=now + lease_s)).rowcount == 1
+        return _PREP_LEASES.renew(self._db, _prep_lease(row), owner=owner, lease_s=lease_s, now=now)
 
     def claim_expired(self, *, owner, lease_s, limit=4, now=None):
-        now = time.time() if now is None else now
-        expired = sa.and_(preparations_t.c.state == PREPARING,
-                          sa.or_(preparations_t.c.lease_until.is_(None), preparations_t.c.lease_until < now))
-        with self._db.write() as conn:
-            keys = conn.execute(sa.select(preparations_t.c.task_id, preparations_t.c.base_model_sha256,
-                                          preparations_t.c.preparation_id).where(expired)
-                                .order_by(preparations_t.c.lease_until).limit(limit)
-                                .with_for_update(skip_locked=True)).all()
-            out = []
-            for task_id, sha, prep_id in keys:
-                if conn.execute(preparations_t.update().where(
-                        _prep_key(task_id, sha), preparations_t.c.preparation_id == prep_id, expired)
-                        .values(lease_owner=owner, lease_until=now + lease_s, models_done=0, run_started_at=now,
-                                updated_at=now)).rowcount == 1:
-                    out.append(self._select(conn, task_id, sha))
-        return out
+        return [_prep_row(r) for r in _PREP_LEASES.claim_expired(self._db, owner=owner, lease_s=lease_s,
+                                                                 limit=limit, now=now)]
 
     def release(self, rows, *, owner):
-        n = 0
-        if not rows:
-            return 0
-        with self._db.write() as conn:
-            for row in rows:
-                n += conn.execute(preparations_t.update().where(_held(row, owner))
-                                  .values(lease_owner=None, lease_until=None)).rowcount
-        return n
+        return _PREP_LEASES.release(self._db, [_prep_lease(row) for row in rows], owner=owner)
 
     def release_owners(self, prefix, *, keep):
-        with self._db.write() as conn:
-            return conn.execute(preparations_t.update().where(
-                preparations_t.c.state == PREPARING,
-                preparations_t.c.lease_owner.like(_like_prefix(prefix), escape="\\"),
-                preparations_t.c.lease_owner != keep).values(lease_owner=None, lease_until=None)).rowcount
+        return _PREP_LEASES.release_owners(self._db, prefix, keep=keep)

@@ -236,6 +236,14 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
    * @generated from field: ftps.v1.ValueRange value_range = 12;
    */
   valueRange?: ValueRange | undefined;
+
+  /**
+   * The delta at which each record's empirical epsilon is reported (RecordScore.empirical_epsilon),
+   * in (0, 0.01]; pick one well below 1 / (people in the data set). 0: 1e-5.
+   *
+   * @generated from field: double dp_delta = 13;
+   */
+  dpDelta: number;
 };
 
 /**
@@ -513,6 +521,64 @@ export declare type RecordScore = Message<"ftps.v1.RecordScore"> & {
    * @generated from field: ftps.v1.Method method = 18;
    */
   method: Method;
+
+  /**
+   * The same exposure in differential-privacy units, as this attack measured it: an empirical
+   * estimate with sampling error, not a guarantee (a stronger attack may measure more).
+   * mu of Gaussian DP, |d'| of the fitted IN/OUT Gaussians (score = 2*Phi(mu/2) - 1 when d' >= 0),
+   * >= 0; 0: nothing measured. +Infinity only if the IN and OUT statistics never overlap.
+   *
+   * @generated from field: double empirical_mu = 19;
+   */
+  empiricalMu: number;
+
+  /**
+   * 95% interval of `empirical_mu` (the image of the interval of d').
+   *
+   * lower end, >= 0
+   *
+   * @generated from field: double empirical_mu_ci_low = 20;
+   */
+  empiricalMuCiLow: number;
+
+  /**
+   * upper end
+   *
+   * @generated from field: double empirical_mu_ci_high = 21;
+   */
+  empiricalMuCiHigh: number;
+
+  /**
+   * mu as an (epsilon, delta) pair at `delta`: the smallest epsilon >= 0 with
+   * Phi(-epsilon/mu + mu/2) - e^epsilon * Phi(-epsilon/mu - mu/2) <= delta. 0 when mu is 0.
+   *
+   * @generated from field: double empirical_epsilon = 22;
+   */
+  empiricalEpsilon: number;
+
+  /**
+   * 95% interval of `empirical_epsilon` (mapped from mu's).
+   *
+   * lower end, >= 0
+   *
+   * @generated from field: double empirical_epsilon_ci_low = 23;
+   */
+  empiricalEpsilonCiLow: number;
+
+  /**
+   * upper end
+   *
+   * @generated from field: double empirical_epsilon_ci_high = 24;
+   */
+  empiricalEpsilonCiHigh: number;
+
+  /**
+   * The delta of `empirical_epsilon` (the task's dp_delta). 0 in scores stored before these fields
+   * existed: those have no empirical mu or epsilon either.
+   *
+   * @generated from field: double delta = 25;
+   */
+  delta: number;
 };
 
 /**

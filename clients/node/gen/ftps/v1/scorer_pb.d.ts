@@ -251,6 +251,120 @@ export declare type GetScoringResultRequest = Message<"ftps.v1.GetScoringResultR
 export declare const GetScoringResultRequestSchema: GenMessage<GetScoringResultRequest>;
 
 /**
+ * @generated from message ftps.v1.EstimateRoundRequest
+ */
+export declare type EstimateRoundRequest = Message<"ftps.v1.EstimateRoundRequest"> & {
+  /**
+   * The task. Required.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * Models the round would fine-tune: even, in [4, 4096]. 0: the task's n_models.
+   *
+   * @generated from field: int32 n_models = 2;
+   */
+  nModels: number;
+
+  /**
+   * Records in the batch, in [2, 100000]. 0: the task's batch_threshold.
+   *
+   * @generated from field: int32 n_records = 3;
+   */
+  nRecords: number;
+};
+
+/**
+ * Describes the message ftps.v1.EstimateRoundRequest.
+ * Use `create(EstimateRoundRequestSchema)` to create a new message.
+ */
+export declare const EstimateRoundRequestSchema: GenMessage<EstimateRoundRequest>;
+
+/**
+ * The estimated cost of one round. Estimates, not promises: they scale a measurement linearly and
+ * assume the workers stay as many and as fast as when it was taken.
+ *
+ * @generated from message ftps.v1.RoundEstimate
+ */
+export declare type RoundEstimate = Message<"ftps.v1.RoundEstimate"> & {
+  /**
+   * The task.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The round's size the estimate is for.
+   *
+   * models fine-tuned
+   *
+   * @generated from field: int32 n_models = 2;
+   */
+  nModels: number;
+
+  /**
+   * records in the batch
+   *
+   * @generated from field: int32 n_records = 3;
+   */
+  nRecords: number;
+
+  /**
+   * Worker jobs (models_per_job models each) and how many the scorer runs at once.
+   *
+   * jobs in the round
+   *
+   * @generated from field: int32 jobs = 4;
+   */
+  jobs: number;
+
+  /**
+   * the scorer's worker parallelism now
+   *
+   * @generated from field: int32 parallel_jobs = 5;
+   */
+  parallelJobs: number;
+
+  /**
+   * Worker seconds per model (fine-tune plus statistics, sandbox start-up included).
+   *
+   * @generated from field: double seconds_per_model = 6;
+   */
+  secondsPerModel: number;
+
+  /**
+   * Worker seconds summed over every job: what the round costs in compute.
+   *
+   * @generated from field: double worker_s = 7;
+   */
+  workerS: number;
+
+  /**
+   * Seconds from start to scores: waves of parallel jobs, then scoring.
+   *
+   * @generated from field: double wall_s = 8;
+   */
+  wallS: number;
+
+  /**
+   * What the estimate is based on, for people, e.g. "round r-1 of this task (32 models, 200
+   * records), scaled from 200 to 400 records".
+   *
+   * @generated from field: string basis = 9;
+   */
+  basis: string;
+};
+
+/**
+ * Describes the message ftps.v1.RoundEstimate.
+ * Use `create(RoundEstimateSchema)` to create a new message.
+ */
+export declare const RoundEstimateSchema: GenMessage<RoundEstimate>;
+
+/**
  * Where a preparation stage is.
  *
  * @generated from enum ftps.v1.PreparationState
@@ -364,6 +478,20 @@ export declare const LiraScorerService: GenService<{
     methodKind: "unary";
     input: typeof GetScoringResultRequestSchema;
     output: typeof RoundResultSchema;
+  },
+  /**
+   * Builder (owner) or admin: what a round of the task would cost before it runs (worker time and
+   * wall time), from what was measured: the task's last finished round, else its preparation
+   * stage's shadow fine-tunes, at the scorer's current worker parallelism. Reads only.
+   * NOT_FOUND (PREPARATION_NOT_FOUND) when nothing was measured yet: run the preparation stage.
+   * INVALID_ARGUMENT (INVALID_SETTINGS) for sizes a task could not run.
+   *
+   * @generated from rpc ftps.v1.LiraScorerService.EstimateRound
+   */
+  estimateRound: {
+    methodKind: "unary";
+    input: typeof EstimateRoundRequestSchema;
+    output: typeof RoundEstimateSchema;
   },
 }>;
 
