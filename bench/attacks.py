@@ -143,12 +143,12 @@ def engine_version() -> str:
 
 
 def load_task(dataset: str, records: int, *, seed: int) -> Task:
-    """The demo's task (``ftps.stack.demo.run_demo``): same base model (pretrained once and cached
+    """The demo's task (``stack.demo.run_demo``): same base model (pretrained once and cached
     by the demo's own function), strategy, batch of ``records`` contributor records, builder data."""
     from rich.progress import Progress
 
     from ftps.ml.datasets import demo_splits
-    from ftps.stack.demo import BUILDER_DATA_MAX, DATASET_STRATEGY, STRATEGIES, base_model
+    from stack.demo import BUILDER_DATA_MAX, DATASET_STRATEGY, STRATEGIES, base_model
 
     strategy_source = (STRATEGIES / DATASET_STRATEGY[dataset]).read_text()
     splits = demo_splits(dataset, seed=seed)

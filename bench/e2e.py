@@ -6,7 +6,7 @@ model and ``clients/strategies/fmnist_cnn.py``, records from the contributors' s
     python -m bench.e2e            # m in {50..1000}, n in {8..128}, 2 repeats: ~20 min on 2 CPU cores
     python -m bench.e2e --quick    # m = 100 (50, 200), n = 8, 16 (4), 1 repeat: ~2 min, every figure
 
-Services: the multi-process stack (``ftps.stack.processes.ProcessStack``, what ``ftps-stack up
+Services: the multi-process stack (``stack.processes.ProcessStack``, what ``ftps-stack up
 --processes --workers N`` runs: the S3-protocol store and each service its own OS process, auth on,
 the worker's sandboxed strategy in a warm child). Per configuration (m records, n models) the
 builder registers a task as the demo does (base model, strategy, 4,000 builder records,
@@ -81,7 +81,7 @@ JOB_LINE = re.compile(r"job (\S+): \d+ model\(s\) x \d+ record\(s\) in ([0-9.]+)
 
 
 def models_per_job(n: int) -> int:
-    """The demo's setting (``ftps.stack.demo.run_demo``)."""
+    """The demo's setting (``stack.demo.run_demo``)."""
     return max(1, min(8, n // 4))
 
 
@@ -108,14 +108,14 @@ class Stack:
     label: str  # "1 worker x 1 thread"
     workers: int
     threads: int
-    ps: object  # ftps.stack.processes.ProcessStack
+    ps: object  # stack.processes.ProcessStack
     builder: object = None
     contributors: dict = field(default_factory=dict)
 
     @classmethod
     def start(cls, workers: int, threads: int, *, data_dir: Path, log_dir: Path) -> "Stack":
         from clients.api import BuilderClient, ContributorClient
-        from ftps.stack.processes import ProcessStack
+        from stack.processes import ProcessStack
 
         ps = ProcessStack(workers=workers, data_dir=data_dir, log_dir=log_dir,
                           worker_env={"FTPS_TORCH_THREADS": str(threads)})
@@ -137,7 +137,7 @@ class Stack:
         self.ps.stop()
 
     def pids(self) -> list[int]:
-        from ftps.stack.processes import _descendants
+        from stack.processes import _descendants
 
         tops = [c.proc.pid for c in self.ps.children.values()]
         return tops + [d for p in tops for d in _descendants(p)]

@@ -111,12 +111,12 @@ class Task:
 
 
 def load_task(records: int, seed: int) -> Task:
-    """The demo's task: its base model (pretrained once, cached by ``ftps.stack.demo``) and
+    """The demo's task: its base model (pretrained once, cached by ``stack.demo``) and
     ``records`` records from the contributors' split, picked as the demo picks them."""
     from rich.progress import Progress
 
     from ftps.ml.datasets import demo_splits
-    from ftps.stack.demo import base_model
+    from stack.demo import base_model
 
     splits = demo_splits("fashion-mnist", seed=seed)
     cx, cy = splits["contributors"]

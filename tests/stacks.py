@@ -7,7 +7,7 @@ from pathlib import Path
 import time
 
 from clients.api import BuilderClient, ContributorClient
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2
 
 

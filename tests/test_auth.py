@@ -14,7 +14,7 @@ from clients.api import BuilderClient, ContributorClient
 from ftps.common import grpcutil
 from ftps.common.auth import Principal, TokenSigner
 from ftps.common.errors import Unauthenticated
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import (common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc, scorer_pb2,
                      scorer_pb2_grpc, worker_pb2, worker_pb2_grpc)
 

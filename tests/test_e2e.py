@@ -14,7 +14,7 @@ from clients.builder.cli import main as builder_main
 from clients.contributor.cli import main as contributor_main
 from ftps.common import serde
 from ftps.privacy import dp
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from tests.conftest import digits_records
 
 
@@ -145,7 +145,7 @@ def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, 
 
 
 def test_demo_digits_json(tmp_path, monkeypatch, capsys):
-    from ftps.stack.cli import main as stack_main
+    from stack.cli import main as stack_main
 
     monkeypatch.setenv("FTPS_CACHE_DIR", str(tmp_path / "cache"))
     rc = stack_main(["demo", "--data-dir", str(tmp_path / "data"), "--dataset", "digits", "--records", "40", "--models", "8", "--shadow-models", "4",

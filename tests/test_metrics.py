@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.api import ContributorClient
 from ftps.common import serde
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
 from tests.stacks import builder, force_round, settled

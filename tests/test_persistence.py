@@ -9,7 +9,7 @@ import pytest
 
 from clients.api import ContributorClient
 from ftps.common import serde
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2
 from tests.conftest import digits_records
 from tests.stacks import builder, force_round, settled as _settled

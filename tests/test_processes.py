@@ -34,7 +34,7 @@ from ftps.common import grpcutil, serde
 from ftps.common.auth import TokenSigner, load_key
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import open_blob_store
-from ftps.stack.processes import ProcessStack
+from stack.processes import ProcessStack
 from ftps.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from tests.conftest import digits_records
 
@@ -52,7 +52,7 @@ def _start_cli_stack(data_dir: Path, workers: int) -> tuple[subprocess.Popen, di
     data_dir.mkdir(parents=True)
     with open(data_dir / "cli.err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ftps.stack.cli", "up", "--processes", "--workers", str(workers),
+            [sys.executable, "-m", "stack.cli", "up", "--processes", "--workers", str(workers),
              "--ephemeral-ports", "--data-dir", str(data_dir)],
             cwd=ROOT, env=dict(os.environ, FTPS_TORCH_THREADS="1"), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=err, text=True)
@@ -257,7 +257,7 @@ def test_stack_children_die_with_a_killed_parent(tmp_path):
 def test_a_killed_service_is_restarted_on_its_port_and_serves_again(tmp_path, caplog):
     """``ftps-stack up --processes``: kill -9 the registry, the supervisor starts it again on the
     same address, with the same (kept) data; a second death waits twice as long before the restart."""
-    caplog.set_level("INFO", logger="ftps.stack.processes")
+    caplog.set_level("INFO", logger="stack.processes")
     with ProcessStack(workers=1, data_dir=tmp_path, persistent=True,
                       worker_env={"FTPS_TORCH_THREADS": "1"}) as stack:
         assert "s3" not in stack.children  # blobs are files in the data dir

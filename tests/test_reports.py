@@ -25,7 +25,7 @@ from clients.contributor.cli import build_parser as contributor_parser
 from clients.contributor.cli import main as contributor_main
 from clients.reports import reading
 from ftps.common import serde
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
 

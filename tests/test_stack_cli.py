@@ -19,7 +19,7 @@ from ftps.v1 import registry_pb2, registry_pb2_grpc
 
 def test_up_serves_until_sigterm(tmp_path):
     env = dict(os.environ, FTPS_DATA_DIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "ftps.stack.cli", "up", "--ephemeral-ports"],
+    proc = subprocess.Popen([sys.executable, "-m", "stack.cli", "up", "--ephemeral-ports"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         lines = []
@@ -54,7 +54,7 @@ def test_up_serves_until_sigterm(tmp_path):
         for url in metrics.values():
             with urllib.request.urlopen(url, timeout=10) as page:
                 assert page.status == 200 and b"ftps_rpc_requests_total" in page.read()
-        token = subprocess.run([sys.executable, "-m", "ftps.stack.cli", "token", "--role", "builder",
+        token = subprocess.run([sys.executable, "-m", "stack.cli", "token", "--role", "builder",
                                 "--subject", "acme", "--data-dir", str(tmp_path)],
                                check=True, capture_output=True, text=True).stdout.strip()
         reg = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addrs["builder registry"], token=token))
@@ -78,6 +78,6 @@ def test_each_service_has_help():
 
 
 def test_token_refuses_bad_subject(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ftps.stack.cli", "token", "--role", "builder", "--subject", "../x",
+    out = subprocess.run([sys.executable, "-m", "stack.cli", "token", "--role", "builder", "--subject", "../x",
                           "--data-dir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().startswith("ftps-stack: error:")

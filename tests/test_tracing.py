@@ -21,7 +21,7 @@ from opentelemetry.util._once import Once
 from clients.api import ContributorClient
 from ftps.common import grpcutil, serde, tracing
 from ftps.common.log import configure_handler
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
 from tests.stacks import builder, force_round

@@ -52,7 +52,7 @@ def _browser_missing() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from ftps.stack.embedded import EmbeddedStack
+    from stack.embedded import EmbeddedStack
 
     s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
                       data_dir=tmp_path_factory.mktemp("web-data"))

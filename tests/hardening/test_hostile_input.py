@@ -13,7 +13,7 @@ from ftps.common import grpcutil, serde
 from ftps.common.errors import InvalidArgument
 from ftps.common.records import validate_records
 from ftps.common.storage import check_id
-from ftps.stack.embedded import EmbeddedStack
+from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 SETTINGS = common_pb2.TaskSettings(record_shape=[1, 4, 4], num_classes=3)

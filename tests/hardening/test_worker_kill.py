@@ -11,7 +11,7 @@ import pytest
 
 from clients.api import BuilderClient, ContributorClient
 from ftps.common import serde
-from ftps.stack.processes import ProcessStack
+from stack.processes import ProcessStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
 

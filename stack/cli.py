@@ -17,7 +17,7 @@ from rich.console import Console
 from ftps.common.errors import FtpsError
 
 from ftps.common.log import setup_logging
-from ftps.stack.embedded import DEFAULT_PORTS, EmbeddedStack, blob_dir, default_data_dir
+from stack.embedded import DEFAULT_PORTS, EmbeddedStack, blob_dir, default_data_dir
 
 NAMES = {"gateway": "contributor gateway", "registry": "builder registry", "scorer": "LiRA scorer",
          "worker": "fine-tune worker", "s3": "object store (S3 protocol, moto)"}
@@ -119,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if args.processes:
-        from ftps.stack.processes import ProcessStack
+        from stack.processes import ProcessStack
 
         stack = ProcessStack(workers=args.workers, host=args.host, ports=_ports(args), data_dir=args.data_dir,
                              auth=args.auth, log_level=args.log_level or "INFO", persistent=True,
@@ -169,7 +169,7 @@ def _start_web(args: argparse.Namespace, addresses: dict[str, str]):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ftps.stack.demo import print_report, run_demo, write_report
+    from stack.demo import print_report, run_demo, write_report
 
     if args.models < 4 or args.models % 2:
         print("ftps-stack: error: --models must be even and at least 4", file=sys.stderr)

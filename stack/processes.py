@@ -10,7 +10,7 @@ SERVING on grpc.health.v1, and stops them all (SIGTERM, then SIGKILL after a gra
 Once up, a supervisor thread restarts any process that dies, on the same port and settings (as a
 Deployment's restart policy would), with backoff: 0.5 s doubling to 30 s between tries, back to
 0.5 s once a process stayed up 60 s. ``persistent=True`` (``ftps-stack up --processes``) keeps
-metadata and blobs in the data dir exactly as the embedded stack does (:mod:`ftps.stack.embedded`);
+metadata and blobs in the data dir exactly as the embedded stack does (:mod:`stack.embedded`);
 otherwise blobs live in an in-memory S3 server process and metadata in a temporary SQLite file.
 """
 
@@ -34,7 +34,7 @@ import grpc
 from ftps.common import grpcutil
 from ftps.common.cpus import usable_cpus
 from ftps.common.log import log_format
-from ftps.stack.embedded import (
+from stack.embedded import (
     DEFAULT_PORTS,
     blob_dir,
     default_data_dir,
@@ -53,7 +53,7 @@ SERVICES = {
     "scorer": ("services.lira_scorer", "ftps.v1.LiraScorerService"),
     "gateway": ("services.contributor_gateway", "ftps.v1.ContributorGatewayService"),
 }
-S3_MODULE = "ftps.stack.s3server"
+S3_MODULE = "stack.s3server"
 S3_ACCESS_KEY, S3_SECRET_KEY = "ftps", "ftps-secret-key"
 
 
@@ -81,7 +81,7 @@ class Child:
 class ProcessStack:
     """``ProcessStack(workers=2).start()`` -> addresses; ``stop()`` ends every process.
 
-    ``ports`` takes the keys of :data:`ftps.stack.embedded.DEFAULT_PORTS`; 0 (or a missing key)
+    ``ports`` takes the keys of :data:`stack.embedded.DEFAULT_PORTS`; 0 (or a missing key)
     picks a free port. Worker i listens on ``ports["worker"] + i`` (or a free port each).
     Each process's output goes to ``log_dir/<name>.log`` (default: the data dir's ``logs/``).
     ``env`` is added to every service's environment, ``worker_env`` to the workers'. Inherited

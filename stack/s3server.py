@@ -1,4 +1,4 @@
-"""``python -m ftps.stack.s3server``: the embedded S3-protocol store (moto) as a process of its own,
+"""``python -m stack.s3server``: the embedded S3-protocol store (moto) as a process of its own,
 for the multi-process local mode. Serves until SIGINT/SIGTERM."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ftps.common.grpcutil import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftps.stack.s3server",
+    parser = argparse.ArgumentParser(prog="python -m stack.s3server",
                                      description="S3-protocol object store on loopback (moto, in memory)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000, help="0 picks a free port")
