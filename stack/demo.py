@@ -33,7 +33,7 @@ from ftps.common.clock import iso
 from ftps.ml.pretrain import cached_base_model
 from ftps.v1 import common_pb2, scorer_pb2
 
-STRATEGIES = Path(__file__).resolve().parents[2] / "clients" / "strategies"
+STRATEGIES = Path(__file__).resolve().parents[1] / "clients" / "strategies"
 DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py"}
 BUILDER_DATA_MAX = 4000
 

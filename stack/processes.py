@@ -44,7 +44,7 @@ from stack.embedded import (
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (module started with ``python -m``, its service in grpc.health.v1)
 SERVICES = {
