@@ -322,7 +322,7 @@ class ResumedStream:
                 self._call.cancel()
 
     def _reopening(self) -> Iterator:
-        from ftps.common.errors import retry_after
+        from ftps.common.rpc_status import retry_after
 
         refusals, idle_ends = 0, 0
         while True:
@@ -431,7 +431,7 @@ def batch_dict(b: common_pb2.BatchMetrics) -> dict:
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     """``CODE: details``, with the server's reason when it says more than the code:
     ``INVALID_ARGUMENT [RECORDS_NOT_FINITE]: records.x[2, 0, 3, 4] = 1e+39 is not finite as float32``."""
-    from ftps.common.errors import error_details
+    from ftps.common.rpc_status import error_details
 
     code = exc.code().name if hasattr(exc, "code") and exc.code() else "ERROR"
     details = exc.details() if hasattr(exc, "details") else str(exc)

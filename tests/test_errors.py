@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from clients.api import ContributorClient, describe_rpc_error
-from ftps.common import errors, grpcutil, serde
-from ftps.common.errors import REASONS, error_details
+from ftps.common import errors, grpcutil, rpc_status, serde
+from ftps.common.errors import REASONS
+from ftps.common.rpc_status import error_details
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.stacks import builder, embedded_stack
 
@@ -129,7 +130,7 @@ def test_too_many_streams_carries_retry_info(stack, task_id):
         assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert (info.reason, info.domain) == ("STREAMS_EXHAUSTED", "ftps.v1")
         assert info.retry_after_s is not None and info.retry_after_s >= 1
-        assert errors.retry_after(refused[0]) == info.retry_after_s
+        assert rpc_status.retry_after(refused[0]) == info.retry_after_s
         assert "too many open streams" in refused[0].details()
     finally:
         channel.close()
@@ -194,11 +195,11 @@ def test_unavailable_advises_a_retry_and_relays_keep_the_reason():
     info = error_details(call)
     assert (call.code(), info.reason, info.retry_after_s) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE",
                                                              errors.UNAVAILABLE_RETRY_S)
-    relayed = errors.from_rpc_error(call, context="db")
+    relayed = rpc_status.from_rpc_error(call, context="db")
     assert (relayed.reason, str(relayed)) == ("UPSTREAM_UNAVAILABLE", errors.UPSTREAM_UNAVAILABLE)
     call = _answer(lambda: (_ for _ in ()).throw(errors.ResourceExhausted(
         "slow down", reason="QUOTA_EXCEEDED", metadata={"pending": 7}, retry_after_s=2.5)))
-    relayed = errors.from_rpc_error(call)
+    relayed = rpc_status.from_rpc_error(call)
     assert isinstance(relayed, errors.ResourceExhausted)
     assert (relayed.reason, relayed.metadata, relayed.retry_after_s) == ("QUOTA_EXCEEDED", {"pending": "7"}, 2.5)
 
@@ -211,9 +212,10 @@ def test_reasons_are_checked_where_they_are_raised():
     with pytest.raises(ValueError, match="is for NOT_FOUND"):
         errors.InvalidArgument("x", reason="TASK_NOT_FOUND")
     for reason, (code, meaning, retry) in REASONS.items():
-        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", reason) and code in grpc.StatusCode.__members__
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", reason) and code in errors.Code.__members__
+        assert errors.Code[code].name in grpc.StatusCode.__members__  # each maps to a gRPC code
         assert meaning and "|" not in meaning and isinstance(retry, bool)
-    for cls in errors._BY_CODE.values():
+    for cls in errors.BY_CODE.values():
         assert REASONS[cls.reason][0] == cls.code.name
 
 

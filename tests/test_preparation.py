@@ -15,7 +15,7 @@ import pytest
 
 from clients.api import preparation_dict
 from ftps.common import serde
-from ftps.common.errors import error_details
+from ftps.common.rpc_status import error_details
 from ftps.v1 import common_pb2, scorer_pb2
 from services.lira_scorer.rounds import SELF
 from services.lira_scorer.store import SqlPreparationStore

@@ -249,7 +249,7 @@ def _upload_records(stub, task_id, chunks, *, header=True, timeout=10):
 def _error(fn):
     with pytest.raises(grpc.RpcError) as e:
         fn()
-    from ftps.common.errors import error_details
+    from ftps.common.rpc_status import error_details
     return e.value.code(), e.value.details(), error_details(e.value)
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from ftps.common import errors, serde
+from ftps.common import rpc_status, serde
 from ftps.common.db import Database
 from ftps.common.errors import FailedPrecondition, FtpsError
 from ftps.common.storage import FileBlobStore
@@ -119,7 +119,7 @@ class BatchWorker(worker_pb2_grpc.FinetuneWorkerServiceServicer):
         try:
             self.blobs.get_ref(job.records)
         except FtpsError as exc:
-            errors.abort(context, exc)
+            rpc_status.abort(context, exc)
         return scripted_result(job)
 
 

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ftps.common import errors, serde
+from ftps.common import rpc_status, serde
 from ftps.common.errors import FailedPrecondition, Unavailable
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.lira_scorer.workers import WorkerPool
@@ -40,7 +40,7 @@ class StandInWorker(worker_pb2_grpc.FinetuneWorkerServiceServicer):
             answer = self.answers.pop(0) if self.answers else "ok"
         self.release.wait(10)
         if answer == "strategy":
-            context.abort_with_status(errors.rich_status(
+            context.abort_with_status(rpc_status.rich_status(
                 grpc.StatusCode.FAILED_PRECONDITION, f"strategy failed in {job.job_id}", "STRATEGY_FAILED"))
         if isinstance(answer, grpc.StatusCode):
             context.abort(answer, f"{answer.name} from the stand-in")

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import grpc
 
-from ftps.common import errors
+from ftps.common import rpc_status
 from ftps.common.errors import NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("ftps.auth")
@@ -236,10 +236,10 @@ class NoAuthInterceptor(grpc.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler, refused: Unauthenticated) -> grpc.RpcMethodHandler:
     def abort(request, context):
-        errors.abort(context, refused)  # UNAUTHENTICATED with its reason (TOKEN_EXPIRED, ...)
+        rpc_status.abort(context, refused)  # UNAUTHENTICATED with its reason (TOKEN_EXPIRED, ...)
 
     def abort_stream(request, context):
-        errors.abort(context, refused)
+        rpc_status.abort(context, refused)
         yield  # pragma: no cover
 
     return _replace(handler, abort, abort_stream)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ftps.common import errors, reflection, tracing
+from ftps.common import errors, reflection, rpc_status, tracing
 from ftps.common.errors import FtpsError
 from ftps.common.limits import Limits, RpcLimiter
 
@@ -281,13 +281,13 @@ def rpc(method: Callable) -> Callable:
     """
 
     def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-        # The code and message as plain clients see them, plus the rich status (errors.rich_status).
-        if isinstance(exc, FtpsError) and exc.code != grpc.StatusCode.INTERNAL:
-            errors.abort(context, exc)
+        # The code and message as plain clients see them, plus the rich status (rpc_status.rich_status).
+        if isinstance(exc, FtpsError) and exc.code is not errors.Code.INTERNAL:
+            rpc_status.abort(context, exc)
         incident = secrets.token_hex(6)
         log.error("incident %s: unexpected error in %s: %s: %s", incident, method.__qualname__,
                   type(exc).__name__, exc, exc_info=exc)
-        context.abort_with_status(errors.internal_status(incident))
+        context.abort_with_status(rpc_status.internal_status(incident))
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
@@ -314,7 +314,7 @@ def rpc(method: Callable) -> Callable:
 def _is_abort(exc: BaseException) -> bool:
     # context.abort records the status, then raises a bare Exception() (a subclass private to grpc
     # in some versions): let it through untouched. A grpc.RpcError is another service's answer that
-    # nobody mapped (errors.from_rpc_error): unexpected, so an incident like any other.
+    # nobody mapped (rpc_status.from_rpc_error): unexpected, so an incident like any other.
     if isinstance(exc, grpc.RpcError):
         return False
     return (type(exc) is Exception and not exc.args) or type(exc).__module__.startswith("grpc")

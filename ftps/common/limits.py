@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from ftps.common import errors
+from ftps.common import rpc_status
 from ftps.common.errors import ResourceExhausted
 
 log = logging.getLogger("ftps.limits")
@@ -258,7 +258,7 @@ class RpcLimiter(grpc.ServerInterceptor):
 
     def _refuse(self, context: grpc.ServicerContext, who: str, exc: Refused) -> None:
         self._warn(who, str(exc))
-        errors.abort(context, exc)  # RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo
+        rpc_status.abort(context, exc)  # RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo
 
     def _unary(self, behavior: Callable) -> Callable:
         def unary(request, context):
@@ -332,5 +332,5 @@ class _StreamContext:
         return getattr(self._context, name)
 
 
-# Clients read the retry advice with errors.error_details (or this, its short form).
-retry_after = errors.retry_after
+# Clients read the retry advice with rpc_status.error_details (or this, its short form).
+retry_after = rpc_status.retry_after

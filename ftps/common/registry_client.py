@@ -8,7 +8,8 @@ from typing import Callable
 
 import grpc
 
-from ftps.common.errors import FailedPrecondition, from_rpc_error
+from ftps.common.errors import FailedPrecondition
+from ftps.common.rpc_status import from_rpc_error
 from ftps.v1 import registry_pb2, registry_pb2_grpc
 
 

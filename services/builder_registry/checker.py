@@ -12,7 +12,8 @@ from typing import Callable, Protocol
 
 import grpc
 
-from ftps.common.errors import FtpsError, Unavailable, from_rpc_error
+from ftps.common.errors import FtpsError, Unavailable
+from ftps.common.rpc_status import from_rpc_error
 from ftps.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

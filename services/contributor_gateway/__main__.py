@@ -9,7 +9,7 @@ import grpc
 
 from ftps.common import grpcutil
 from ftps.common.db import Database
-from ftps.common.errors import from_rpc_error
+from ftps.common.rpc_status import from_rpc_error
 from ftps.common.metrics import GatewayMetrics
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import open_blob_store

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 import grpc
 
 from ftps.common import grpcutil, tracing
-from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable, relayed
+from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable
+from ftps.common.rpc_status import relayed
 from ftps.common.metrics import ScorerMetrics
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 

@@ -23,7 +23,8 @@ import pytest
 from ftps.common import auth, grpcutil
 from ftps.common.auth import AUTH_DISABLED, AuthNotConfigured, NoPrincipal, TokenSigner, current
 from ftps.common.db import Database
-from ftps.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable, from_rpc_error
+from ftps.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from ftps.common.rpc_status import from_rpc_error
 from ftps.common.log import _FORMAT, EscapingFormatter
 from ftps.common.settings import load_settings
 from ftps.common.storage import STORE_FAILING, STORE_UNREACHABLE, ObjectStore, check_id
@@ -256,7 +257,7 @@ def test_an_id_with_a_trailing_newline_is_invalid_on_every_service(keyed):
 # -- INTERNAL is an incident id, nothing more ---------------------------------------------------------
 
 def _unmapped_rpc_error(*_args, **_kw):
-    # Another service's answer nobody mapped with errors.from_rpc_error: its text names an address.
+    # Another service's answer nobody mapped with rpc_status.from_rpc_error: its text names an address.
     stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel("127.0.0.1:9"))
     stub.ListTasks(registry_pb2.ListTasksRequest(), timeout=0.5)
 
@@ -319,7 +320,7 @@ def test_object_store_failures_are_unavailable_with_a_fixed_message(s3_endpoint,
 
 def test_relayed_answers_do_not_name_the_service_that_gave_them(keyed, caplog):
     _, gw, sc = keyed
-    caplog.set_level(logging.DEBUG, logger="ftps.common.errors")
+    caplog.set_level(logging.DEBUG, logger="ftps.common.rpc_status")
     # The gateway and scorer ask the registry about a task that does not exist; its answer is relayed.
     for call in (lambda: gw.StartRound(gateway_pb2.StartRoundRequest(task_id="t-doesnotexist", force=True),
                                        timeout=10),

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients.api import ContributorClient
 from ftps.common import grpcutil, limits
 from ftps.common.auth import TokenSigner
-from ftps.common.errors import error_details
+from ftps.common.rpc_status import error_details
 from ftps.common.limits import Limits, retry_after
 from ftps.common.registry_client import registry_getter
 from ftps.common.storage import ObjectStore
