@@ -6,38 +6,57 @@ It has no API of its own and decides nothing about who may see what: every page 
 built from calls made with the user's token, so it shows exactly what that token may see, and a
 refusal is shown as the service's status and message.
 
-Security of the pages themselves: the token stays on the server, in a session named by an
-HttpOnly, SameSite=Strict cookie; every POST carries the session's CSRF token in a hidden field
-and is refused from another origin; a strict Content-Security-Policy (no inline script or style);
-errors are shown as messages, never stack traces (those go to the log with an incident id).
+Security of the pages themselves: the token stays on the server, in a session whose id alone
+travels in Starlette's signed session cookie (HttpOnly, SameSite=Strict); every POST carries the
+session's CSRF token in a hidden field and is refused from another origin (checked here: the
+maintained CSRF middlewares for Starlette are double-submit-cookie designs, while this token belongs
+to the server-side session and must be read from multipart uploads too); a strict
+Content-Security-Policy (no inline script or style); pages are Jinja2 templates with autoescaping
+(:mod:`clients.web.pages`); errors are shown as messages, never stack traces (those go to the log
+with an incident id).
 
-Pure standard library HTTP (``http.server.ThreadingHTTPServer``); run it next to the services:
+A Starlette app served by uvicorn in a background thread (the handlers are plain functions run in
+its thread pool: they make blocking gRPC calls); run it next to the services:
 
     WebServer(stack.addresses).start()   # -> "http://127.0.0.1:8080"
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
 import logging
 import re
 import secrets
+import socket
 import tempfile
 import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs
 
 import grpc
 import numpy as np
+import uvicorn
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette import convertors
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response as HttpResponse
+from starlette.responses import StreamingResponse
+from starlette.routing import Route as HttpRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clients.api import KIND_NAMES, estimate_text
 from clients.score_html import headline
@@ -112,7 +131,8 @@ class Response:
     body: bytes = b""
     content_type: str = "text/html; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
-    stream: Callable[[_Handler], None] | None = None  # an event stream, written after the headers
+    stream: Callable[[], AsyncIterator[bytes]] | None = None  # an event stream, sent after the headers
+    sid: str | None = None  # the session the browser holds from now on (sign-in, sign-out, a fresh visitor)
 
 
 class Redirect(Exception):
@@ -146,41 +166,60 @@ def attachment(data: bytes, filename: str, content_type: str) -> Response:
 
 
 def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, list[str]], dict[str, tuple[str, bytes]]]:
-    """multipart/form-data -> (fields, files: name -> (filename, bytes))."""
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not m:
+    """multipart/form-data -> (fields, files: name -> (filename, bytes)), by python-multipart (the
+    parser Starlette uses) over the whole body: uploads are bounded by MAX_BODY and handed to the
+    services as bytes anyway."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
         raise Refused(400, "multipart form without a boundary")
-    delim = b"--" + m.group(1).encode("latin-1")
     fields: dict[str, list[str]] = {}
     files: dict[str, tuple[str, bytes]] = {}
-    for part in body.split(delim)[1:]:
-        if part.startswith(b"--"):
-            break
-        part = part[2:] if part.startswith(b"\r\n") else part
-        head, sep, data = part.partition(b"\r\n\r\n")
-        if not sep:
-            continue
-        if data.endswith(b"\r\n"):
-            data = data[:-2]
-        disposition = ""
-        for line in head.decode("utf-8", "replace").split("\r\n"):
-            if line.lower().startswith("content-disposition:"):
-                disposition = line
-        name = re.search(r'\bname="([^"]*)"', disposition)
-        if not name:
-            continue
-        filename = re.search(r'\bfilename="([^"]*)"', disposition)
-        if filename is not None:
-            files[name.group(1)] = (Path(filename.group(1).replace("\\", "/")).name, data)
+    part: dict[str, Any] = {}
+    header = [b"", b""]
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(disposition=b"", data=bytearray())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            part["disposition"] = header[1]
+        header[0] = header[1] = b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        _, options = parse_options_header(part["disposition"])
+        name = options.get(b"name")
+        if name is None:
+            return
+        key = name.decode("utf-8", "replace")
+        if b"filename" in options:
+            filename = options[b"filename"].decode("utf-8", "replace")
+            files[key] = (Path(filename.replace("\\", "/")).name, bytes(part["data"]))
         else:
-            fields.setdefault(name.group(1), []).append(data.decode("utf-8", "replace"))
+            fields.setdefault(key, []).append(part["data"].decode("utf-8", "replace"))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # noqa: BLE001 - python-multipart's errors: a malformed body
+        raise Refused(400, f"malformed multipart form ({exc})") from None
     return fields, files
 
 
 # -- the server ---------------------------------------------------------------------------------
-
-Route = tuple[str, re.Pattern, Callable[[Request], Response]]
-
 
 class WebServer:
     """The web client. ``addresses``: the services' ``host:port`` by name (``gateway``,
@@ -199,41 +238,54 @@ class WebServer:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._routes: list[Route] = []
-        self._register_routes()
+        # Signs the session cookie (which carries only the session id); sessions live in this process.
+        self.cookie_key = secrets.token_urlsafe(32)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> str:
         """Listen (port 0 picks a free one) and serve in a background thread -> the base URL."""
-        app = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.app = app
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
+            # Bound here rather than by uvicorn: the real port is known at once and a busy one fails start().
+            sock.bind((self.host, self.port))
         except OSError as exc:
+            sock.close()
             raise OSError(f"web client: cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
                           "pick another port") from exc
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
+        self.port = sock.getsockname()[1]
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{shown}:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        # log_config=None: the embedding program (ftps-stack, the tests) owns the logging setup.
+        config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5, server_header=False)
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]},
                                         name="ftps-web", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"web client: the server on {self.url} did not start")
+            time.sleep(0.02)
+        self._sock = sock
         log.info("web client on %s", self.url)
         return self.url
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        self._stopping.set()  # ends the event streams, so the graceful shutdown does not wait on them
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            if self._thread is not None:
+                self._thread.join(timeout=15)
+            self._uvicorn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for s in sessions:
@@ -273,57 +325,41 @@ class WebServer:
         return found
 
     # -- routing -------------------------------------------------------------------------------
-    def _route(self, method: str, pattern: str, fn: Callable[[Request], Response]) -> None:
-        self._routes.append((method, re.compile("^" + pattern + "$"), fn))
+    def routes(self) -> list[tuple[str, str, Callable[[Request], Response]]]:
+        """(method, Starlette path, handler). ``ftps_id``: ids as the services accept them
+        (ftps.common.storage.check_id): nothing else reaches a handler, a redirect target or a header."""
+        T = "/tasks/{tid:ftps_id}"
+        R = "{rid:ftps_id}"
+        return [
+            ("GET", "/", self.index), ("GET", "/healthz", self.healthz), ("GET", "/favicon.ico", self.favicon),
+            ("GET", "/static/app.css", self.static_css), ("GET", "/static/app.js", self.static_js),
+            ("POST", "/signin", self.signin), ("POST", "/signout", self.signout),
+            ("GET", "/tasks", self.tasks), ("POST", "/tasks", self.create_task),
+            ("GET", T, self.task), ("GET", T + "/events", self.events),
+            ("GET", T + "/scores.csv", self.scores_csv), ("GET", T + "/report.zip", self.report_zip),
+            ("GET", T + "/my-records.npz", self.my_records),
+            ("GET", T + "/records/" + R + "/diagnosis.png", self.diagnosis_png),
+            ("GET", T + "/records/" + R + "/thumb.png", self.thumb_png),
+            ("GET", T + "/offline.png", self.offline_png),
+            ("GET", T + "/batch", self.batch), ("GET", T + "/batch/scores.png", self.batch_scores_png),
+            ("GET", T + "/rounds/" + R + "/roc.png", self.roc_png),
+            ("GET", "/samples/{dataset:ftps_dataset}/{idx:int}.png", self.sample_png),
+            ("POST", T + "/submit", self.submit), ("POST", T + "/upload", self.upload),
+            ("POST", T + "/strategy", self.upload_strategy), ("POST", T + "/prepare", self.prepare),
+            ("POST", T + "/rounds", self.start_round), ("POST", T + "/local-records", self.local_records),
+        ]
 
-    def _register_routes(self) -> None:
-        # Ids as the services accept them (ftps.common.storage.check_id): nothing else reaches a handler,
-        # a redirect target or a header.
-        T = r"/tasks/(?P<tid>[A-Za-z0-9_.-]{1,64})"
-        R = r"(?P<rid>[A-Za-z0-9_.-]{1,64})"
-        for method, pattern, fn in (
-            ("GET", r"/", self.index), ("GET", r"/healthz", self.healthz), ("GET", r"/favicon\.ico", self.favicon),
-            ("GET", r"/static/app\.css", self.static_css), ("GET", r"/static/app\.js", self.static_js),
-            ("POST", r"/signin", self.signin), ("POST", r"/signout", self.signout),
-            ("GET", r"/tasks", self.tasks), ("POST", r"/tasks", self.create_task),
-            ("GET", T, self.task), ("GET", T + r"/events", self.events),
-            ("GET", T + r"/scores\.csv", self.scores_csv), ("GET", T + r"/report\.zip", self.report_zip),
-            ("GET", T + r"/my-records\.npz", self.my_records),
-            ("GET", T + r"/records/" + R + r"/diagnosis\.png", self.diagnosis_png),
-            ("GET", T + r"/records/" + R + r"/thumb\.png", self.thumb_png),
-            ("GET", T + r"/offline\.png", self.offline_png),
-            ("GET", T + r"/batch", self.batch), ("GET", T + r"/batch/scores\.png", self.batch_scores_png),
-            ("GET", T + r"/rounds/" + R + r"/roc\.png", self.roc_png),
-            ("GET", r"/samples/(?P<dataset>[a-z-]+)/(?P<idx>\d+)\.png", self.sample_png),
-            ("POST", T + r"/submit", self.submit), ("POST", T + r"/upload", self.upload),
-            ("POST", T + r"/strategy", self.upload_strategy), ("POST", T + r"/prepare", self.prepare),
-            ("POST", T + r"/rounds", self.start_round), ("POST", T + r"/local-records", self.local_records),
-        ):
-            self._route(method, pattern, fn)
-
-    def handle(self, req: Request, cookie_sid: str | None) -> Response:
-        resp = self._handle(req, cookie_sid)
+    def handle(self, fn: Callable[[Request], Response], req: Request, cookie_sid: str | None) -> Response:
+        resp = self._handle(fn, req, cookie_sid)
         if resp.status == 303 and req.headers.get("X-Ftps-Upload") == "1":
             # The page's script sent the form (for upload progress): it follows the redirect itself,
             # so the flash message is kept for the page it loads.
             resp = Response(200, json.dumps({"location": resp.headers["Location"]}).encode(), "application/json",
-                            {k: v for k, v in resp.headers.items() if k != "Location"})
+                            {k: v for k, v in resp.headers.items() if k != "Location"}, sid=resp.sid)
         return resp
 
-    def _handle(self, req: Request, cookie_sid: str | None) -> Response:
+    def _handle(self, fn: Callable[[Request], Response], req: Request, cookie_sid: str | None) -> Response:
         req.session = self._find_session(cookie_sid)
-        fn = None
-        allowed = False
-        for method, pattern, f in self._routes:
-            m = pattern.match(req.path)
-            if m:
-                allowed = True
-                if method == req.method:
-                    fn, req.params = f, {k: unquote(v) for k, v in m.groupdict().items()}
-                    break
-        if fn is None:
-            return html(pages.error_page(req.session, "Not found", f"There is no page at {req.path}."),
-                        405 if allowed else 404)
         try:
             if req.method == "POST":
                 self._check_post(req)
@@ -335,6 +371,11 @@ class WebServer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a readable page
             return self._failure(req, exc)
 
+    def not_found(self, req: Request, cookie_sid: str | None, status: int) -> Response:
+        """No route for the path (404) or not for this method (405)."""
+        return html(pages.error_page(self._find_session(cookie_sid), "Not found", f"There is no page at {req.path}."),
+                    status)
+
     def _failure(self, req: Request, exc: Exception) -> Response:
         s = req.session
         if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED and s and s.signed_in:
@@ -343,9 +384,8 @@ class WebServer:
             anon = self._new_session()
             anon.flash("error", f"{error_text(exc)} — sign in again with a valid token.")
             if req.method == "GET" and not _is_asset(req.path):
-                return Response(303, b"", headers={"Location": "/", "Set-Cookie": _cookie(anon.sid)})
-            return Response(401, b"signed out: the token was refused", "text/plain; charset=utf-8",
-                            {"Set-Cookie": _cookie(anon.sid)})
+                return Response(303, b"", headers={"Location": "/"}, sid=anon.sid)
+            return Response(401, b"signed out: the token was refused", "text/plain; charset=utf-8", sid=anon.sid)
         if isinstance(exc, (grpc.RpcError, FtpsError)):
             message = error_text(exc) if isinstance(exc, grpc.RpcError) else f"{exc.code.name}: {exc}"
             code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
@@ -397,7 +437,7 @@ class WebServer:
         s = s or self._new_session()
         r = html(pages.signin_page(s))
         if fresh:
-            r.headers["Set-Cookie"] = _cookie(s.sid)
+            r.sid = s.sid
         return r
 
     def healthz(self, req: Request) -> Response:
@@ -439,13 +479,13 @@ class WebServer:
         with self._lock:
             self._sessions[s.sid] = s
         log.info("web client: %s %r signed in", s.role, s.subject)
-        return Response(303, b"", headers={"Location": "/tasks", "Set-Cookie": _cookie(s.sid)})
+        return Response(303, b"", headers={"Location": "/tasks"}, sid=s.sid)
 
     def signout(self, req: Request) -> Response:
         self._drop_session(req.session)
         anon = self._new_session()
         anon.flash("info", "Signed out; the token is forgotten by this server.")
-        return Response(303, b"", headers={"Location": "/", "Set-Cookie": _cookie(anon.sid)})
+        return Response(303, b"", headers={"Location": "/"}, sid=anon.sid)
 
     def tasks(self, req: Request) -> Response:
         s = self._signed_in(req)
@@ -550,25 +590,22 @@ class WebServer:
         states come from the gRPC WatchRound streams the session follows)."""
         s = self._signed_in(req)
         tid = req.params["tid"]
-        return Response(200, b"", "text/event-stream", stream=lambda handler: self.stream_events(handler, s, tid))
+        return Response(200, b"", "text/event-stream", stream=lambda: self.stream_events(s, tid))
 
-    def stream_events(self, handler: _Handler, s: Session, tid: str) -> None:
-        handler.wfile.write(b"retry: 2000\n\n")
-        handler.wfile.flush()
+    async def stream_events(self, s: Session, tid: str) -> AsyncIterator[bytes]:
+        # Polled rather than woken by the session's condition: a wait would hold a worker thread per open page.
+        yield b"retry: 2000\n\n"
         last, ping = "", time.monotonic()
         deadline = time.monotonic() + SSE_MAX_S
         while not self._stopping.is_set() and not s.closed and time.monotonic() < deadline:
             payload = json.dumps({"items": s.live_items(tid)})
             if payload != last:
-                handler.wfile.write(f"data: {payload}\n\n".encode())
-                handler.wfile.flush()
+                yield f"data: {payload}\n\n".encode()
                 last, ping = payload, time.monotonic()
             elif time.monotonic() - ping > 15:
-                handler.wfile.write(b": ping\n\n")
-                handler.wfile.flush()
+                yield b": ping\n\n"
                 ping = time.monotonic()
-            with s.changed:
-                s.changed.wait(timeout=1.0)
+            await asyncio.sleep(0.25)
 
     # -- contributor actions -------------------------------------------------------------------
     def submit(self, req: Request) -> Response:
@@ -878,95 +915,131 @@ class WebServer:
         return attachment(buf.getvalue(), f"report-{tid}.zip", "application/zip")
 
 
-# -- HTTP plumbing ------------------------------------------------------------------------------
+# -- HTTP plumbing (Starlette) -----------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    app: WebServer
-    server_version = "ftps-web"
-    sys_version = ""
-
-    def log_message(self, fmt: str, *args) -> None:
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def _serve(self, method: str) -> None:
-        try:
-            self._serve_inner(method)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the browser went away (e.g. an event stream closed)
-
-    def _serve_inner(self, method: str) -> None:
-        app = self.app
-        if not self._host_ok():
-            return self._send(Response(421, b"unexpected Host header", "text/plain; charset=utf-8"))
-        url = urlsplit(self.path)
-        req = Request(method, url.path, parse_qs(url.query), self.headers)
-        if method == "POST":
-            try:
-                self._read_body(req)
-            except Refused as exc:
-                self.close_connection = True
-                return self._send(Response(exc.status, str(exc).encode(), "text/plain; charset=utf-8"))
-        resp = app.handle(req, self._cookie())
-        if resp.stream is not None:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            for k, v in SECURITY_HEADERS.items():
-                self.send_header(k, v)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            resp.stream(self)
-            return
-        self._send(resp)
-
-    def _host_ok(self) -> bool:
-        """Bound to loopback: only loopback Host names (no DNS rebinding of a page onto this server)."""
-        if self.app.host not in _LOOPBACK:
-            return True
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-        return host in _LOOPBACK
-
-    def _read_body(self, req: Request) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise Refused(400, "bad Content-Length") from None
-        if length > MAX_BODY:
-            raise Refused(413, f"the upload is larger than {MAX_BODY // 2**20} MB")
-        body = self.rfile.read(length) if length else b""
-        ctype = self.headers.get("Content-Type", "")
-        if ctype.startswith("multipart/form-data"):
-            req.form, req.files = parse_multipart(body, ctype)
-        else:
-            req.form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-
-    def _cookie(self) -> str | None:
-        for part in (self.headers.get("Cookie") or "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == COOKIE:
-                return value
-        return None
-
-    def _send(self, resp: Response) -> None:
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        headers = dict(SECURITY_HEADERS)
-        headers.update(resp.headers)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(resp.body)
+class _IdConvertor(convertors.StringConvertor):
+    regex = "[A-Za-z0-9_.-]{1,64}"
 
 
-def _cookie(sid: str) -> str:
-    return f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
+class _DatasetConvertor(convertors.StringConvertor):
+    regex = "[a-z-]+"
+
+
+# Registered process-wide by Starlette: prefixed names, so no other app's convertor is replaced.
+convertors.register_url_convertor("ftps_id", _IdConvertor())
+convertors.register_url_convertor("ftps_dataset", _DatasetConvertor())
+
+
+class _LoopbackHost:
+    """Bound to loopback: only loopback Host names (no DNS rebinding of a page onto this server).
+    Not Starlette's TrustedHostMiddleware: it cuts "[::1]:8080" at the first colon."""
+
+    def __init__(self, app: ASGIApp, *, bound: str) -> None:
+        self.app = app
+        self.check = bound in _LOOPBACK
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.check and scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").rsplit(":", 1)[0]
+            if host not in _LOOPBACK:
+                await HttpResponse("unexpected Host header", 421, media_type="text/plain")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _SecurityHeaders:
+    """SECURITY_HEADERS on every response, unless the handler set its own (e.g. a figure's Cache-Control)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [h for h in self.headers if h[0] not in have]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _read_body(request: HttpRequest) -> bytes:
+    """The request body, refused past MAX_BODY (before reading when Content-Length says so)."""
+    try:
+        length = int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        raise Refused(400, "bad Content-Length") from None
+    too_big = Refused(413, f"the upload is larger than {MAX_BODY // 2**20} MB")
+    if length > MAX_BODY:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise too_big
+    return bytes(body)
+
+
+def _parse_body(req: Request, body: bytes, content_type: str) -> None:
+    if content_type.startswith("multipart/form-data"):
+        req.form, req.files = parse_multipart(body, content_type)
+    else:
+        req.form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
+
+def _to_http(resp: Response, request: HttpRequest) -> HttpResponse:
+    if resp.sid is not None:
+        request.session["sid"] = resp.sid  # SessionMiddleware sends the new cookie
+    if resp.stream is not None:
+        return StreamingResponse(resp.stream(), resp.status, media_type=resp.content_type)
+    out = HttpResponse(resp.body, resp.status, headers=resp.headers)
+    out.headers["Content-Type"] = resp.content_type
+    return out
+
+
+def build_app(web: WebServer) -> Starlette:
+    """The ASGI app over ``web``'s handlers: each runs in the thread pool with the request's form
+    already read, and its :class:`Response` becomes Starlette's."""
+
+    def endpoint(fn: Callable[[Request], Response]):
+        async def serve(request: HttpRequest) -> HttpResponse:
+            req = Request(request.method, request.url.path, parse_qs(request.url.query), request.headers,
+                          params={k: str(v) for k, v in request.path_params.items()})
+            body = b""
+            if request.method == "POST":
+                try:
+                    body = await _read_body(request)
+                except Refused as exc:
+                    return HttpResponse(str(exc), exc.status, media_type="text/plain",
+                                        headers={"Connection": "close"})
+
+            def run() -> Response:
+                if request.method == "POST":
+                    try:
+                        _parse_body(req, body, request.headers.get("Content-Type", ""))
+                    except Refused as exc:
+                        return Response(exc.status, str(exc).encode(), "text/plain; charset=utf-8")
+                return web.handle(fn, req, request.session.get("sid"))
+
+            return _to_http(await run_in_threadpool(run), request)
+
+        return serve
+
+    async def no_route(request: HttpRequest, exc: Exception) -> HttpResponse:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        req = Request(request.method, request.url.path, {}, request.headers)
+        return _to_http(await run_in_threadpool(web.not_found, req, request.session.get("sid"), status), request)
+
+    routes = [HttpRoute(path, endpoint(fn), methods=[method], name=f"{method} {path}")
+              for method, path, fn in web.routes()]
+    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route}, middleware=[
+        Middleware(_LoopbackHost, bound=web.host),
+        Middleware(_SecurityHeaders),
+        # The cookie carries only the session id (signed); the token and everything else stay in this process.
+        Middleware(SessionMiddleware, secret_key=web.cookie_key, session_cookie=COOKIE, max_age=None,
+                   same_site="strict"),
+    ])
 
 
 def _is_asset(path: str) -> bool:
