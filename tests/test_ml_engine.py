@@ -550,7 +550,8 @@ def test_a_result_report_round_trips_and_untrusted_fields_are_dropped():
                "seconds": "4", "train_s": 3, "cpu_limit_s": 2.5, "extra": "ignored"}
     got = JobResult.from_report(phi, hostile)
     assert got.report() == {"engine": "", "engine_reason": "", "device": "", "channels_last": False,
-                            "features_s": 0.0, "train_s": 3.0, "phi_s": 0.0, "seconds": 0.0}
+                            "features_s": 0.0, "train_s": 3.0, "phi_s": 0.0, "seconds": 0.0,
+                            "dp_epsilon": 0.0, "dp_noise_multiplier": 0.0, "dp_delta": 0.0}
     assert JobResult.from_report(phi, ["not", "a", "dict"]).report() == JobResult(phi).report()
 
 

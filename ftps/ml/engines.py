@@ -15,6 +15,10 @@ The rule (``plan_engine`` with ``engine="auto"``), from ``python -m bench.finetu
 cores (README, "Fine-tuning speed"):
 
 - a free-form ``finetune()`` runs ``sequential`` (the engine cannot see inside it);
+- a DP-SGD recipe (``RECIPE['dp']``) runs ``sequential`` (or ``cached``), whatever was
+  requested: DP-SGD clips each record's gradient (opacus' per-record gradients), and the
+  stacked step's vmap only yields each model's gradient summed over its batch. A head trained
+  on cached trunk features is DP-SGD on the head alone (the frozen trunk sees no gradient);
 - ``cache_features`` recipes always cache: the trunk's work is done once per job instead of
   once per step of every model, the head sees exactly the features it would see otherwise;
 - on CPU the models train one after another: stacking was slower for the demo CNN (vmap turns
@@ -53,6 +57,7 @@ from ftps.ml.training import (
     augment_batch,
     batch_bounds,
     compute_phi,
+    dp_budget,
     make_optimizer,
     prefer_channels_last,
     select_trainable,
@@ -144,6 +149,11 @@ def plan_engine(strategy: Strategy, device: torch.device, requested: str | None 
         if requested == "stacked":
             raise StrategyError("the stacked engine needs a RECIPE; finetune() runs model by model")
         return EnginePlan("sequential", "free-form finetune() runs model by model")
+    if recipe.dp is not None:
+        return EnginePlan(
+            "cached" if recipe.cache_features else "sequential",
+            "DP-SGD clips each record's gradient; the stacked engine's vmap step only has each "
+            "model's gradient summed over its batch")
     if requested == "auto":
         stacked = device.type == "cuda"
         why = f"rule for {device.type}"
@@ -176,7 +186,24 @@ def run(job: Prepared, plan: EnginePlan) -> JobResult:
     else:
         phi = _run_full(job, plan, timings)
     return JobResult(phi, engine=plan.name, engine_reason=plan.reason, channels_last=channels_last,
-                     **timings)
+                     **timings, **_dp_spent(job))
+
+
+def _dp_spent(job: Prepared) -> dict[str, float]:
+    """The JobResult's DP-SGD fields: the accountant's epsilon of the job's model that spent
+    most (models train on sets of different sizes, so at different sample rates), its noise
+    multiplier, and the delta. Empty without ``RECIPE['dp']``."""
+    recipe = job.strategy.recipe
+    if recipe is None or recipe.dp is None:
+        return {}
+    budgets = [dp_budget(recipe.dp, len(md.train_rows) + len(md.builder_rows),
+                         batch_size=recipe.batch_size, epochs=recipe.epochs)
+               for md in job.models]
+    worst = max(budgets, key=lambda b: b.epsilon, default=None)
+    if worst is None:
+        return {"dp_delta": recipe.dp.delta}
+    return {"dp_epsilon": worst.epsilon, "dp_noise_multiplier": worst.noise_multiplier,
+            "dp_delta": worst.delta}
 
 
 # --------------------------------------------------------------------------- full models
@@ -281,6 +308,8 @@ def _train_stacked(
     ``np.random.default_rng([seed, 1])`` in the same order as ``train_with_recipe``, so a model
     sees the same batches on both engines (phi agrees up to rounding).
     """
+    if recipe.dp is not None:  # plan_engine never stacks these; a hand-made plan must not either
+        raise EngineError("DP-SGD recipes cannot train stacked (no per-record gradients)")
     template = copy.deepcopy(base)
     if not select_trainable(template, names):
         raise StrategyError("the model has no parameters to train")

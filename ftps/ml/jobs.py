@@ -199,7 +199,9 @@ class JobResult:
     spent on cached trunk features, training, phi; ``seconds``: the job's wall time as whoever
     ran it measured it. A CHECK_ONLY job has ``classes`` (logits per record) and ``parameters``
     (of the base model) and zeros for PHI. ``cpu_limit_s``: the sandbox child's soft CPU limit
-    for the job (None in-process).
+    for the job (None in-process). With ``RECIPE['dp']`` (DP-SGD): ``dp_epsilon``, the RDP
+    accountant's epsilon at ``dp_delta`` of the job's model that spent most (inf without noise),
+    and ``dp_noise_multiplier``, that model's; all 0 without DP-SGD.
     """
 
     phi: np.ndarray
@@ -214,6 +216,9 @@ class JobResult:
     classes: int | None = None
     parameters: int | None = None
     cpu_limit_s: int | None = None
+    dp_epsilon: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 0.0
 
     def report(self) -> dict[str, Any]:
         """Every field but PHI, those that are set (JSON: the sandbox child's report)."""
@@ -243,4 +248,5 @@ _TYPES: dict[str, type] = {
     "engine": str, "engine_reason": str, "device": str, "channels_last": bool,
     "features_s": float, "train_s": float, "phi_s": float, "seconds": float,
     "classes": int, "parameters": int, "cpu_limit_s": int,
+    "dp_epsilon": float, "dp_noise_multiplier": float, "dp_delta": float,
 }

@@ -38,6 +38,14 @@ Recipe keys (``optimizer``, ``lr``, ``epochs``, ``batch_size`` are required in R
 | cache_features | true: the trunk is frozen (eval mode) and runs once per job, the head |
 |       | trains on its cached outputs; needs ``split_model``, ``train`` prefixes, no ``augment`` |
 |       | (default false) |
+| dp | DP-SGD (Opacus): {"max_grad_norm": C > 0, exactly one of "noise_multiplier": sigma >= 0 |
+|       | or "target_epsilon": eps > 0, "delta": d in (0, 1) (default 1e-5)}; each record's |
+|       | gradient is clipped to norm C and Gaussian noise of std sigma * C is added to each |
+|       | step's sum; steps draw records by Poisson sampling at rate batch_size / n (n: the |
+|       | model's fine-tuning set); a target epsilon sets sigma for the recipe's epochs (RDP |
+|       | accountant at delta). Trainable layers must have no buffers (no trainable BatchNorm). |
+|       | Not inherited by PRETRAIN (the base model trains on the builder's own data) |
+|       | (default none) |
 
 ``load_strategy`` executes the source in the current process: callers that do not trust it run it
 in ``services.finetune_worker.sandbox``.
@@ -56,6 +64,8 @@ from typing import Any
 
 __all__ = [
     "AUGMENTATIONS",
+    "DEFAULT_DP_DELTA",
+    "DPRecipe",
     "EngineError",
     "OPTIMIZERS",
     "Recipe",
@@ -89,6 +99,8 @@ class RecordsError(EngineError, ValueError):
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTATIONS = ("hflip", "random-crop")
 TTA_QUERIES = ("hflip",)
+DEFAULT_DP_DELTA = 1e-5
+_DP_KEYS = ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta")
 
 _REQUIRED = ("optimizer", "lr", "epochs", "batch_size")
 _DEFAULTS: dict[str, Any] = {
@@ -103,7 +115,19 @@ _DEFAULTS: dict[str, Any] = {
     "tta": (),
     "builder_mix": 0,
     "cache_features": False,
+    "dp": None,
 }
+
+
+@dataclass(frozen=True)
+class DPRecipe:
+    """DP-SGD settings of a recipe (``RECIPE['dp']``): exactly one of ``noise_multiplier`` and
+    ``target_epsilon`` is set."""
+
+    max_grad_norm: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = DEFAULT_DP_DELTA
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,7 @@ class Recipe:
     tta: tuple[str, ...] = ()
     builder_mix: int = 0
     cache_features: bool = False
+    dp: DPRecipe | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +265,10 @@ def parse_recipe(
                 where,
             )
 
+    dp = merged["dp"]
+    if dp is not None:
+        dp = _parse_dp(dp, f"{where}['dp']")
+
     return Recipe(
         optimizer=optimizer.lower(),
         lr=float(lr),
@@ -252,7 +281,46 @@ def parse_recipe(
         tta=tta,
         builder_mix=builder_mix,
         cache_features=cache_features,
+        dp=dp,
     )
+
+
+def _parse_dp(raw: Any, where: str) -> DPRecipe:
+    if not isinstance(raw, Mapping):
+        raise StrategyError(
+            f"{where} must be a dict with 'max_grad_norm' and one of 'noise_multiplier', "
+            f"'target_epsilon', got {raw!r}"
+        )
+    unknown = sorted(str(k) for k in raw if k not in _DP_KEYS)
+    if unknown:
+        raise StrategyError(f"{where} has unknown key(s) {unknown}; known keys: {list(_DP_KEYS)}")
+    if "max_grad_norm" not in raw:
+        raise StrategyError(f"{where} is missing required key 'max_grad_norm'")
+    clip = raw["max_grad_norm"]
+    if not _is_number(clip) or not math.isfinite(clip) or clip <= 0:
+        raise _fail("max_grad_norm", f"must be a number > 0, got {clip!r}", where)
+    given = [k for k in ("noise_multiplier", "target_epsilon") if k in raw]
+    if len(given) != 1:
+        raise StrategyError(
+            f"{where} needs exactly one of 'noise_multiplier' and 'target_epsilon', got "
+            f"{given or 'neither'}"
+        )
+    sigma = eps = None
+    if "noise_multiplier" in raw:
+        sigma = raw["noise_multiplier"]
+        if not _is_number(sigma) or not math.isfinite(sigma) or sigma < 0:
+            raise _fail("noise_multiplier", f"must be a number >= 0, got {sigma!r}", where)
+        sigma = float(sigma)
+    else:
+        eps = raw["target_epsilon"]
+        if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
+            raise _fail("target_epsilon", f"must be a number > 0, got {eps!r}", where)
+        eps = float(eps)
+    delta = raw.get("delta", DEFAULT_DP_DELTA)
+    if not _is_number(delta) or not 0 < delta < 1:
+        raise _fail("delta", f"must be a number in (0, 1), got {delta!r}", where)
+    return DPRecipe(max_grad_norm=float(clip), noise_multiplier=sigma, target_epsilon=eps,
+                    delta=float(delta))
 
 
 def _check_tta(tta: tuple[str, ...], where: str) -> tuple[str, ...]:
@@ -385,6 +453,9 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
         "tta": recipe.tta,
         "builder_mix": recipe.builder_mix,
         "cache_features": recipe.cache_features,
+        # DP-SGD protects the contributors' records; PRETRAIN trains on the builder's own data,
+        # so it runs without unless it asks for it.
+        "dp": None,
     }
 
 

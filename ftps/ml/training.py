@@ -9,6 +9,9 @@ imports neither. Strategy code runs in-process here; untrusted strategies go thr
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,17 +19,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from torch import nn
 
 from ftps.ml.jobs import ModelSpec
-from ftps.ml.strategy import EngineError, Recipe, RecordsError, StrategyError, describe_exception
+from ftps.ml.strategy import (
+    DPRecipe,
+    EngineError,
+    Recipe,
+    RecordsError,
+    StrategyError,
+    describe_exception,
+)
 
 __all__ = [
+    "DPBudget",
     "ModelData",
     "augment_batch",
     "batch_bounds",
     "check_logits",
     "compute_phi",
+    "dp_budget",
     "is_out_of_memory",
     "make_optimizer",
     "model_data",
@@ -298,6 +311,10 @@ def train_with_recipe(
         raise StrategyError("the model has no parameters to train")
     optimizer = make_optimizer(params, recipe)
     set_train_mode(model)
+    if recipe.dp is not None:
+        _train_dp(model, x, y, recipe, params, optimizer, rng=rng, on_epoch=on_epoch)
+        model.eval()
+        return model
     n = x.shape[0]
     bounds = batch_bounds(n, recipe.batch_size)
     for epoch in range(recipe.epochs):
@@ -316,6 +333,129 @@ def train_with_recipe(
             on_epoch(epoch + 1, recipe.epochs)
     model.eval()
     return model
+
+
+@dataclass(frozen=True)
+class DPBudget:
+    """What DP-SGD spends on one model: ``steps`` steps (``steps_per_epoch`` per epoch) that each
+    draw every record with probability ``sample_rate``, Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` on each step's clipped gradient sum, and the (epsilon,
+    delta) the RDP accountant gives for that (epsilon inf without noise)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_epoch: int
+    steps: int
+    epsilon: float
+    delta: float
+
+
+@functools.lru_cache(maxsize=256)
+def dp_budget(dp: DPRecipe, n: int, *, batch_size: int, epochs: int) -> DPBudget:
+    """The DP-SGD budget of a model fine-tuned on ``n`` records: sample rate ``batch_size / n``
+    (1 when n <= batch_size), ``ceil(n / batch_size)`` steps per epoch (as many as without DP),
+    the noise multiplier given or the one opacus finds for ``dp.target_epsilon`` over exactly
+    these steps, and the epsilon the RDP accountant gives at ``dp.delta``. Pure and cached: the
+    engine reports what ``train_with_recipe`` spends without training.
+
+    Raises StrategyError when no noise multiplier reaches the target epsilon.
+    """
+    if n == 0:  # nothing trains, nothing is spent
+        return DPBudget(dp.noise_multiplier or 0.0, 0.0, 0, 0, 0.0, dp.delta)
+    sample_rate = min(1.0, batch_size / n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    steps = epochs * steps_per_epoch
+    if dp.target_epsilon is not None:
+        try:
+            from opacus.accountants.utils import get_noise_multiplier
+
+            sigma = float(get_noise_multiplier(
+                target_epsilon=dp.target_epsilon, target_delta=dp.delta,
+                sample_rate=sample_rate, steps=steps, accountant="rdp"))
+        except ValueError as e:  # opacus: "The privacy budget is too low."
+            raise StrategyError(
+                f"RECIPE['dp']: no noise multiplier reaches target_epsilon={dp.target_epsilon} "
+                f"at delta={dp.delta} over {steps} steps at sample rate {sample_rate:.3g} ({e})"
+            ) from e
+    else:
+        assert dp.noise_multiplier is not None
+        sigma = dp.noise_multiplier
+    if sigma == 0:
+        epsilon = math.inf
+    else:
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, sample_rate, steps)]
+        epsilon = float(accountant.get_epsilon(delta=dp.delta))
+    return DPBudget(sigma, sample_rate, steps_per_epoch, steps, epsilon, dp.delta)
+
+
+def _train_dp(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    *,
+    rng: np.random.Generator,
+    on_epoch: Callable[[int, int], None] | None,
+) -> None:
+    """DP-SGD (Abadi et al. 2016) with opacus: per-record gradients (GradSampleModule), each
+    clipped to ``max_grad_norm``, summed, noised and divided by the expected batch size
+    (DPOptimizer, around the recipe's optimizer). Batches are Poisson samples drawn from ``rng``,
+    as the accountant assumes; the noise comes from a generator seeded from ``rng`` too, so the
+    model depends only on its seed."""
+    # Imported on first use (~3-9 s, so no child pays it for a recipe without DP); in the sandbox
+    # the child preloads opacus before its privilege drop when the strategy names "dp".
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    dp = recipe.dp
+    assert dp is not None
+    n = x.shape[0]
+    budget = dp_budget(dp, n, batch_size=recipe.batch_size, epochs=recipe.epochs)
+    # A trainable layer with buffers (BatchNorm's running statistics) mixes the records of a
+    # batch: its per-record gradients do not exist and its buffers would leak unclipped.
+    problems = GradSampleModule.validate(model, strict=False)
+    if problems:
+        raise StrategyError(
+            "RECIPE['dp'] needs per-record gradients, but a trainable layer has buffers "
+            f"(BatchNorm): {describe_exception(problems[0], limit=300)}; freeze it ('train' "
+            "prefixes) or use GroupNorm/LayerNorm"
+        )
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(int(rng.integers(2**63)))
+    with strategy_code("model setup for DP-SGD"):
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    dp_optimizer = DPOptimizer(
+        optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=budget.sample_rate * n, loss_reduction="mean", generator=generator)
+    try:
+        with warnings.catch_warnings():
+            # Raised on every backward pass because records do not require grad; harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for epoch in range(recipe.epochs):
+                for _ in range(budget.steps_per_epoch):
+                    # Poisson sampling: a batch may even be empty; the step still adds noise.
+                    pick = np.flatnonzero(rng.random(n) < budget.sample_rate)
+                    idx = torch.from_numpy(pick).to(x.device)
+                    xb = augment_batch(x.index_select(0, idx), recipe.augment, rng)
+                    yb = y.index_select(0, idx)
+                    with strategy_code("model forward/backward pass (DP-SGD)"):
+                        loss = F.cross_entropy(gsm(xb), yb, reduction="sum")
+                        dp_optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    dp_optimizer.step()
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, recipe.epochs)
+    finally:
+        gsm.cleanup()  # hooks off, per-record gradients dropped: the model is plain again
+        for p in params:
+            p.grad = None
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
 
 
 def prefer_channels_last(model: nn.Module, x: torch.Tensor) -> bool:

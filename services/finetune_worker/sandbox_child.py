@@ -58,9 +58,14 @@ _PRELOAD = (
     "json", "logging", "math", "numbers", "operator", "random", "re", "socket", "statistics",
     "time", "traceback", "typing", "warnings",
 )
-# Imported before the privilege drop only when the first job's strategy names them (torchvision
-# alone adds ~1-2 s to a child's start-up).
-_PRELOAD_IF_NAMED = {"torchvision": ("torchvision", "torchvision.models")}
+# Imported before the privilege drop only when the first job's strategy names them as a word
+# (torchvision alone adds ~1-2 s to a child's start-up, opacus ~3-9 s).
+_PRELOAD_IF_NAMED = {
+    "torchvision": ("torchvision", "torchvision.models"),
+    # a RECIPE with "dp" (DP-SGD): the engine imports opacus on first use, which after the drop
+    # fails on files of the interpreter's the job uid cannot read
+    "dp": ("opacus", "opacus.accountants", "opacus.accountants.utils", "opacus.optimizers"),
+}
 
 
 class _Protocol:
@@ -397,9 +402,10 @@ def _warm_up(engine, jobs, np) -> None:
 
 def _preload_for(source: str) -> None:
     import importlib
+    import re
 
     for name, modules in _PRELOAD_IF_NAMED.items():
-        if name in source:
+        if re.search(rf"\b{re.escape(name)}\b", source):
             for module in modules:
                 try:
                     importlib.import_module(module)
