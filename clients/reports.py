@@ -37,6 +37,7 @@ from clients.score_html import (
     TOP_RISK,
     card,
     contributors_table,
+    dp_training_note,
     e,
     headline,
     how_to_read,
@@ -356,6 +357,8 @@ def _round_section(rid: str, result: common_pb2.RoundResult, figs: _Figures) -> 
     elif "offline-global" not in names:
         extra.append("offline-global is not in this round: the task had no offline Gaussian "
                      "(run <code>ftps-builder prepare</code> before the round).")
+    if result.dp_epsilon:
+        extra.append(e(dp_training_note(result)))
     out_pairs = sum(s.n_out for s in result.scores)
     if out_pairs and 1 / out_pairs > 0.001:
         extra.append(f"With {out_pairs} OUT (model, record) pairs the lowest measurable false positive rate is "

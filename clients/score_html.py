@@ -30,7 +30,7 @@ from ftps.v1 import common_pb2
 
 __all__ = ["SCORE_CSS", "BADGE_CSS", "TABLE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
            "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
-           "badge", "epsilon_text", "mu_text", "dp_facts", "contributor_summary", "summary_line",
+           "badge", "epsilon_text", "mu_text", "dp_facts", "dp_training_note", "contributor_summary", "summary_line",
            "contributors_table", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
            "records_table"]
 
@@ -231,6 +231,16 @@ def summary_line(summary: dict) -> str:
     return (f"{summary['above_chance']} of {summary['records']} records identifiable above chance "
             f"(95% interval above 0); mean score {summary['mean_score']:+.2f}; worst {w['record_id']}: "
             f"{w['score']:+.2f} [{w['score_ci_low']:+.2f}, {w['score_ci_high']:+.2f}]{eps}")
+
+
+def dp_training_note(result: common_pb2.RoundResult) -> str:
+    """The round's DP-SGD guarantee in one sentence (empty without DP-SGD): what each record's
+    empirical epsilon, a measurement, is read against."""
+    if not result.dp_epsilon:
+        return ""
+    return (f"Fine-tuned with DP-SGD: the accountant guarantees ε = {_num(result.dp_epsilon)} at δ = "
+            f"{result.dp_delta:g} per model (noise multiplier {result.dp_noise_multiplier:.2f}). A record whose "
+            "empirical ε lies above it beyond its interval would mean the measurement, or the training, is wrong.")
 
 
 def dp_facts(s: common_pb2.RecordScore) -> str:

@@ -237,3 +237,41 @@ def test_dp_audit_runs_on_a_tiny_setting(tmp_path):
         assert 0.5 < float(row["heldout_accuracy"]) <= 1
     assert "| DP-SGD, target ε=1 | 8 |" in (out / "results.md").read_text()
     assert (out / "meta.json").exists()
+
+
+# --------------------------------------------------------------------------- through the services
+
+
+def test_a_dp_round_through_the_services_reports_its_guarantee(tmp_path, digits_splits, digits_strategy,
+                                                               digits_base_weights):
+    # The worker carries each job's budget back, the scorer keeps the round's weakest guarantee,
+    # and the builder's report puts it beside the records' empirical epsilon.
+    from clients.api import ContributorClient
+    from clients.reports import builder_report
+    from ftps.common import serde
+    from ftps.v1 import common_pb2
+    from tests.stacks import builder, embedded_stack, force_round
+
+    s = embedded_stack(tmp_path / "data")
+    try:
+        signer = s.signer()
+        acme = signer.issue("acme", "builder")
+        b = builder(s.addresses, acme)
+        task = b.create_task("dp", common_pb2.TaskSettings(record_shape=[1, 8, 8], n_models=8, batch_threshold=1000,
+                                                            models_per_job=4, seed=3)).task_id
+        b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
+        b.upload(task, common_pb2.BLOB_KIND_STRATEGY,
+                 with_dp(digits_strategy, {"max_grad_norm": 1.0, "target_epsilon": 8.0}).encode())
+        b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+        x, y = digits_records(digits_splits, 24, seed=9)
+        ContributorClient(gateway=s.addresses["gateway"], token=signer.issue("alice", "contributor")).submit(task, x, y)
+        status, scores = force_round(s.addresses, acme, task)
+        assert status.state == common_pb2.ROUND_STATE_DONE, status.message
+        result = b.get_round(status.round_id)
+        assert 7.2 <= result.dp_epsilon <= 8.0 and result.dp_delta == 1e-5 and result.dp_noise_multiplier > 0
+        assert len(scores) == 24 and all(sc.delta == 1e-5 for sc in scores)
+        files = builder_report(tmp_path / "report", task_id=task, scores=scores, rounds={status.round_id: result})
+        assert "the accountant guarantees ε = " in files.html.read_text()
+        b.close()
+    finally:
+        s.stop()

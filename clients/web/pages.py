@@ -85,6 +85,7 @@ def _env() -> jinja2.Environment:
     env.globals.update(
         iso=iso, method_name=method_name, submission_state=submission_state, status_parts=status_parts,
         size_text=size_text, once_key=lambda: secrets.token_hex(8),
+        dp_training_note=score_html.dp_training_note,  # plain text: autoescaped where it is put
         **{name: _safe(getattr(score_html, name)) for name in (
             "summary_sentence", "stat_cards", "how_to_read", "method_table", "contributors_table", "records_table")})
     env.globals["m"] = env.get_template("_macros.html").module

@@ -270,7 +270,7 @@ class OfflineGaussian(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded")
+    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded", "dp_epsilon", "dp_delta", "dp_noise_multiplier")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,9 @@ class RoundResult(_message.Message):
     METHOD_METRICS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
     batch: BatchMetrics
@@ -292,7 +295,10 @@ class RoundResult(_message.Message):
     method_metrics: _containers.RepeatedCompositeFieldContainer[BatchMetrics]
     offline: OfflineGaussian
     excluded: _containers.RepeatedCompositeFieldContainer[ExcludedRecord]
-    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    dp_noise_multiplier: float
+    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class ModelCheck(_message.Message):
     __slots__ = ("base_model_sha256", "strategy_sha256", "num_classes", "parameters", "device", "seconds", "checked_at")

@@ -26,7 +26,7 @@ from ftps.v1 import common_pb2 as ftps_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66tps/v1/worker.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x01\n\x11\x43heckModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\nbase_model\x18\x02 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\x14\n\x0crecord_shape\x18\x04 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\"6\n\tModelSpec\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0c\n\x04mask\x18\x03 \x01(\x0c\"\xa4\x02\n\x0b\x46inetuneJob\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12$\n\nbase_model\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x04 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x62uilder_data\x18\x05 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12!\n\x07records\x18\x06 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x65val_records\x18\x07 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x06models\x18\x08 \x03(\x0b\x32\x12.ftps.v1.ModelSpec\x12\x13\n\x0b\x62uilder_mix\x18\t \x01(\x05\"2\n\rRunJobRequest\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.ftps.v1.FinetuneJob\"\x86\x01\n\x0eRunJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rmodel_indices\x18\x02 \x03(\x05\x12\x1c\n\x03phi\x18\x03 \x01(\x0b\x32\x0f.ftps.v1.Tensor\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x97\x01\n\nWorkerInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\rtorch_version\x18\x02 \x01(\t\x12\x0f\n\x07threads\x18\x03 \x01(\x05\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xca\x01\n\x15\x46inetuneWorkerService\x12\x39\n\x06RunJob\x12\x16.ftps.v1.RunJobRequest\x1a\x17.ftps.v1.RunJobResponse\x12=\n\nCheckModel\x12\x1a.ftps.v1.CheckModelRequest\x1a\x13.ftps.v1.ModelCheck\x12\x37\n\x07GetInfo\x12\x17.ftps.v1.GetInfoRequest\x1a\x13.ftps.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66tps/v1/worker.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x01\n\x11\x43heckModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\nbase_model\x18\x02 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\x14\n\x0crecord_shape\x18\x04 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\"6\n\tModelSpec\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0c\n\x04mask\x18\x03 \x01(\x0c\"\xa4\x02\n\x0b\x46inetuneJob\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12$\n\nbase_model\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x08strategy\x18\x04 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x62uilder_data\x18\x05 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12!\n\x07records\x18\x06 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12&\n\x0c\x65val_records\x18\x07 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\"\n\x06models\x18\x08 \x03(\x0b\x32\x12.ftps.v1.ModelSpec\x12\x13\n\x0b\x62uilder_mix\x18\t \x01(\x05\"2\n\rRunJobRequest\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.ftps.v1.FinetuneJob\"\xc9\x01\n\x0eRunJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rmodel_indices\x18\x02 \x03(\x05\x12\x1c\n\x03phi\x18\x03 \x01(\x0b\x32\x0f.ftps.v1.Tensor\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x12\n\ndp_epsilon\x18\x07 \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x08 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\t \x01(\x01\"\x10\n\x0eGetInfoRequest\"\x97\x01\n\nWorkerInfo\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x15\n\rtorch_version\x18\x02 \x01(\t\x12\x0f\n\x07threads\x18\x03 \x01(\x05\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xca\x01\n\x15\x46inetuneWorkerService\x12\x39\n\x06RunJob\x12\x16.ftps.v1.RunJobRequest\x1a\x17.ftps.v1.RunJobResponse\x12=\n\nCheckModel\x12\x1a.ftps.v1.CheckModelRequest\x1a\x13.ftps.v1.ModelCheck\x12\x37\n\x07GetInfo\x12\x17.ftps.v1.GetInfoRequest\x1a\x13.ftps.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,11 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNJOBREQUEST']._serialized_start=595
   _globals['_RUNJOBREQUEST']._serialized_end=645
   _globals['_RUNJOBRESPONSE']._serialized_start=648
-  _globals['_RUNJOBRESPONSE']._serialized_end=782
-  _globals['_GETINFOREQUEST']._serialized_start=784
-  _globals['_GETINFOREQUEST']._serialized_end=800
-  _globals['_WORKERINFO']._serialized_start=803
-  _globals['_WORKERINFO']._serialized_end=954
-  _globals['_FINETUNEWORKERSERVICE']._serialized_start=957
-  _globals['_FINETUNEWORKERSERVICE']._serialized_end=1159
+  _globals['_RUNJOBRESPONSE']._serialized_end=849
+  _globals['_GETINFOREQUEST']._serialized_start=851
+  _globals['_GETINFOREQUEST']._serialized_end=867
+  _globals['_WORKERINFO']._serialized_start=870
+  _globals['_WORKERINFO']._serialized_end=1021
+  _globals['_FINETUNEWORKERSERVICE']._serialized_start=1024
+  _globals['_FINETUNEWORKERSERVICE']._serialized_end=1226
 # @@protoc_insertion_point(module_scope)

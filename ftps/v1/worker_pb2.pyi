@@ -63,20 +63,26 @@ class RunJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[FinetuneJob, _Mapping]] = ...) -> None: ...
 
 class RunJobResponse(_message.Message):
-    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine")
+    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine", "dp_epsilon", "dp_delta", "dp_noise_multiplier")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_INDICES_FIELD_NUMBER: _ClassVar[int]
     PHI_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_indices: _containers.RepeatedScalarFieldContainer[int]
     phi: _common_pb2.Tensor
     device: str
     seconds: float
     engine: str
-    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., engine: _Optional[str] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    dp_noise_multiplier: float
+    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., engine: _Optional[str] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

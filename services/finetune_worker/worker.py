@@ -120,7 +120,9 @@ class Worker:
                  len(finetune.models), len(finetune.evaluated), result.seconds, self.device, result.engine or "?")
         return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[m.index for m in finetune.models],
                                          phi=tensor_from_array(np.asarray(result.phi, dtype=np.float64)),
-                                         device=self.device, seconds=result.seconds, engine=result.engine)
+                                         device=self.device, seconds=result.seconds, engine=result.engine,
+                                         dp_epsilon=result.dp_epsilon, dp_delta=result.dp_delta,
+                                         dp_noise_multiplier=result.dp_noise_multiplier)
 
     def _finetune_job(self, job: worker_pb2.FinetuneJob) -> FinetuneJob:
         """The proto's job as the domain's, its blobs fetched and its records validated (once, in

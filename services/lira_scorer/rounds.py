@@ -681,6 +681,7 @@ class Scorer:
         excluded: list[common_pb2.ExcludedRecord] = []
         t_ft = time.perf_counter()
         job_seconds: list[float] = []
+        dp_spent = common_pb2.RoundResult()  # the dp_* fields, the largest any job reports
         # At most two passes: the batch, then once more without the records traced as the cause
         # of failed models. One contributor's records never fail the round for everyone.
         for attempt in range(2):
@@ -695,7 +696,7 @@ class Scorer:
                         message=f"fine-tuning {n} models on {m} records" + (
                             f" (again, without {len(excluded)} record(s) that made fine-tuning fail)"
                             if attempt else ""))
-            phi, failed = self._finetune(run, jobs, n, m, job_seconds)
+            phi, failed = self._finetune(run, jobs, n, m, job_seconds, dp_spent)
             causes, broken, unexplained = trace_failures(phi, masks, failed)
             if unexplained:
                 raise FailedPrecondition(f"fine-tuning failed on {broken} of {n} models, not traced to "
@@ -739,11 +740,13 @@ class Scorer:
         result.timings["finetune_s"] = finetune_s
         # The workers' own seconds (sandbox, summed over jobs): finetune_s minus this is the fan-out.
         result.timings["worker_jobs_s"] = float(sum(job_seconds))
+        result.dp_epsilon, result.dp_delta = dp_spent.dp_epsilon, dp_spent.dp_delta
+        result.dp_noise_multiplier = dp_spent.dp_noise_multiplier
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
     def _finetune(self, run: Run, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
-                  job_seconds: list[float]) -> tuple[np.ndarray, dict[int, str]]:
+                  job_seconds: list[float], dp_spent: common_pb2.RoundResult) -> tuple[np.ndarray, dict[int, str]]:
         """phi ``[n, m]`` of every job (NaN where a record's statistic is not finite), and the models
         whose job failed with a task error, each with the reason. A failed job of several models is
         run again one model at a time, so a failure is pinned to the models (and records) behind it."""
@@ -759,6 +762,9 @@ class Scorer:
             phi[list(result.model_indices)] = rows
             fine[list(result.model_indices)] = True
             job_seconds.append(result.seconds)
+            if result.dp_epsilon > dp_spent.dp_epsilon:  # the round's guarantee: its weakest model's
+                dp_spent.dp_epsilon, dp_spent.dp_delta = result.dp_epsilon, result.dp_delta
+                dp_spent.dp_noise_multiplier = result.dp_noise_multiplier
             self._write(run, models_done=int(fine.sum()))
 
         def on_task_error(job: worker_pb2.FinetuneJob, exc: FtpsError) -> None:

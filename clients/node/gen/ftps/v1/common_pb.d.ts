@@ -803,6 +803,31 @@ export declare type RoundResult = Message<"ftps.v1.RoundResult"> & {
    * @generated from field: repeated ftps.v1.ExcludedRecord excluded = 7;
    */
   excluded: ExcludedRecord[];
+
+  /**
+   * When the models were fine-tuned with DP-SGD (the strategy's RECIPE has "dp"): the guarantee
+   * the accountant gives, the largest (epsilon, delta) any model of the round spent, to read each
+   * record's empirical_epsilon against. All 0 without DP-SGD.
+   *
+   * epsilon spent
+   *
+   * @generated from field: double dp_epsilon = 8;
+   */
+  dpEpsilon: number;
+
+  /**
+   * at this delta
+   *
+   * @generated from field: double dp_delta = 9;
+   */
+  dpDelta: number;
+
+  /**
+   * that model's noise std / clipping norm
+   *
+   * @generated from field: double dp_noise_multiplier = 10;
+   */
+  dpNoiseMultiplier: number;
 };
 
 /**

@@ -239,6 +239,31 @@ export declare type RunJobResponse = Message<"ftps.v1.RunJobResponse"> & {
    * @generated from field: string engine = 6;
    */
   engine: string;
+
+  /**
+   * DP-SGD fine-tuning (a strategy whose RECIPE has "dp"): the (epsilon, delta) its accountant
+   * gives, the largest any of the job's models spent, and that model's noise multiplier. All 0
+   * without DP-SGD.
+   *
+   * epsilon spent (RDP accountant, add/remove adjacency)
+   *
+   * @generated from field: double dp_epsilon = 7;
+   */
+  dpEpsilon: number;
+
+  /**
+   * at this delta
+   *
+   * @generated from field: double dp_delta = 8;
+   */
+  dpDelta: number;
+
+  /**
+   * noise std / clipping norm
+   *
+   * @generated from field: double dp_noise_multiplier = 9;
+   */
+  dpNoiseMultiplier: number;
 };
 
 /**
