@@ -505,16 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shadow-models", "-k", type=int, default=16,
                    help="shadow models of the offline Gaussian (default 16, as the demo)")
     p.add_argument("--alpha", type=float, default=0.05, help="level of the offline and rmia tests")
-    p.add_argument("--seed", type=int, default=0, help="demo seed: data splits, base model, records")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for fine-tuning (default 1; phi depends on it, so it is "
-                        "part of the cache key)")
-    p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("FTPS_BENCH_CACHE", "/tmp/ftps-bench-cache")),
-                   help="where fine-tuned PHI chunks are cached (default $FTPS_BENCH_CACHE or "
-                        "/tmp/ftps-bench-cache)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"output directory (default {DEFAULT_OUT.relative_to(ROOT)})")
+    add_run_args(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.models is None:
         args.models = 128 if args.quick else 512
@@ -528,16 +519,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_run_args(p: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options every benchmark on the demo task takes: seed, threads, cache and output."""
+    p.add_argument("--seed", type=int, default=0, help="demo seed: data splits, base model, records")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for fine-tuning (default 1; phi depends on it, so it is "
+                        "part of the cache key)")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("FTPS_BENCH_CACHE", "/tmp/ftps-bench-cache")),
+                   help="where fine-tuned PHI is cached (default $FTPS_BENCH_CACHE or "
+                        "/tmp/ftps-bench-cache)")
+    p.add_argument("--out", type=Path, default=default_out,
+                   help=f"output directory (default {default_out.relative_to(ROOT)})")
+
+
+def log(msg: str) -> None:
+    """Progress of a benchmark, on stderr (stdout is left to results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def start(args: argparse.Namespace) -> Task:
+    """What every benchmark on the demo task does first: the torch threads the workers would use,
+    then the task (base model pretrained once and cached)."""
+    os.environ["FTPS_TORCH_THREADS"] = str(args.threads)
+    log(f"demo task: {args.dataset}, m={args.records} records, seed {args.seed}")
+    return load_task(args.dataset, args.records, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ["FTPS_TORCH_THREADS"] = str(args.threads)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     t0 = time.perf_counter()
-    log(f"demo task: {args.dataset}, m={args.records} records, seed {args.seed}")
-    task = load_task(args.dataset, args.records, seed=args.seed)
+    task = start(args)
     t_task = time.perf_counter()
     offline = offline_gaussian(task, args.shadow_models, records=args.records, cache_dir=args.cache_dir)
     log(f"offline Gaussian: mu={offline[0]:.3f} sigma={offline[1]:.3f} (k={args.shadow_models})")

@@ -44,7 +44,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,8 +57,10 @@ from bench.attacks import (
     _fmt,
     _machine,
     _md,
+    add_run_args,
     engine_version,
-    load_task,
+    log,
+    start,
 )
 from ftps.privacy.masks import derive_seed, make_masks, model_seeds
 from ftps.privacy.scoring import DEFAULT_METHOD, score
@@ -260,16 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"delta of the accountant and of the empirical epsilon (default {DEFAULT_DELTA})")
     p.add_argument("--heldout", type=int, default=300,
                    help="held-out builder records for the accuracy (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="demo seed: data splits, base model, records")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for fine-tuning (default 1; phi depends on it, so it is "
-                        "part of the cache key)")
-    p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("FTPS_BENCH_CACHE", "/tmp/ftps-bench-cache")),
-                   help="where fine-tuned PHI is cached (default $FTPS_BENCH_CACHE or "
-                        "/tmp/ftps-bench-cache)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"output directory (default {DEFAULT_OUT.relative_to(ROOT)})")
+    add_run_args(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.models is None:
         args.models = 16 if args.quick else 64
@@ -286,14 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ["FTPS_TORCH_THREADS"] = str(args.threads)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     t0 = time.perf_counter()
-    log(f"demo task: {args.dataset}, m={args.records} records, seed {args.seed}")
-    task = load_task(args.dataset, args.records, seed=args.seed)
+    task = start(args)
     if args.heldout > len(task.builder_x):
         raise SystemExit(f"--heldout must be <= {len(task.builder_x)} for {args.dataset}")
     # Builder records: the base model's builder never saw them in fine-tuning, nor did the batch.

@@ -113,3 +113,21 @@ def digits_records(splits, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.nda
     x, y = splits["contributors"]
     idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
     return x[idx], y[idx]
+
+
+@pytest.fixture
+def validations(monkeypatch) -> list[int]:
+    """Counts record validations (``validate_records`` wherever ftps.ml calls it): one entry, the
+    number of records, per call made in this process."""
+    from ftps.ml import datasets, jobs
+
+    calls: list[int] = []
+    validate = datasets.validate_records
+
+    def counted(x, y, **kw):
+        calls.append(len(x))
+        return validate(x, y, **kw)
+
+    monkeypatch.setattr(datasets, "validate_records", counted)
+    monkeypatch.setattr(jobs, "validate_records", counted)
+    return calls

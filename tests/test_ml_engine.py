@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ftps.ml import datasets, jobs
+from ftps.ml import datasets
 from ftps.ml.datasets import (
     demo_split_indices,
     load_digits,
@@ -493,7 +493,7 @@ def test_a_job_as_files_round_trips_with_its_blobs_as_they_came(tiny_weights, re
     assert plain.eval_records is None and plain.builder_records is None
 
 
-def test_records_are_validated_once_per_process(tiny_weights, records, digits_splits, monkeypatch):
+def test_records_are_validated_once_per_process(tiny_weights, records, digits_splits, validations):
     """A job read from files validates each records blob once; the engine does not again."""
     x, y = records
     bx, by = digits_splits["builder"]
@@ -501,17 +501,9 @@ def test_records_are_validated_once_per_process(tiny_weights, records, digits_sp
                         train_records=Records.of(x, y), models=_halves(len(x), 1),
                         eval_records=Records.of(x[:9], y[:9]), builder_records=Records.of(bx, by),
                         builder_mix=3).to_files()
-    calls = []
-    validate = datasets.validate_records
-
-    def counted(x, y, **kw):
-        calls.append(len(x))
-        return validate(x, y, **kw)
-
-    monkeypatch.setattr(datasets, "validate_records", counted)
-    monkeypatch.setattr(jobs, "validate_records", counted)
+    validations.clear()  # building the job above validated them in this (the writing) process
     result = run_job(FinetuneJob.from_files(files.__getitem__))
-    assert sorted(calls) == sorted([len(x), 9, len(bx)])
+    assert sorted(validations) == sorted([len(x), 9, len(bx)])
     assert result.phi.shape == (2, 9)
 
 

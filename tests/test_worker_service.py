@@ -127,10 +127,9 @@ def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_
 
 
 def test_the_worker_validates_each_records_blob_once(store, digits_splits, digits_strategy,
-                                                    digits_base_weights, monkeypatch):
+                                                    digits_base_weights, validations):
     """Decoded once here (the job's statuses need it), then sent to the sandbox child as they came:
     never encoded and validated again in this process."""
-    from ftps.ml import datasets, jobs
     from services.finetune_worker.worker import Worker
 
     x, y = digits_records(digits_splits, 12)
@@ -140,15 +139,7 @@ def test_the_worker_validates_each_records_blob_once(store, digits_splits, digit
                 records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
                 eval_records=store.put_bytes("h.npz", serde.records_to_npz(bx[:7], by[:7])),
                 builder_data=store.put_bytes("b.npz", serde.records_to_npz(bx, by)))
-    calls = []
-    validate = datasets.validate_records
-
-    def counted(x, y, **kw):
-        calls.append(len(x))
-        return validate(x, y, **kw)
-
-    monkeypatch.setattr(datasets, "validate_records", counted)
-    monkeypatch.setattr(jobs, "validate_records", counted)
+    validations.clear()  # writing the blobs above is not the worker's doing
     # A fresh child per job: the worker's other path to the sandbox.
     worker = Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=120, memory_mb=8192,
                     cache_bytes=1 << 26, warm_sandboxes=False)
@@ -156,7 +147,7 @@ def test_the_worker_validates_each_records_blob_once(store, digits_splits, digit
         res = worker.run_job(_job(refs, np.ones((2, 12), bool), builder_mix=5).job)
     finally:
         worker.close()
-    assert sorted(calls) == sorted([12, 7, len(bx)])
+    assert sorted(validations) == sorted([12, 7, len(bx)])
     assert serde.array_from_tensor(res.phi).shape == (2, 7) and res.engine == "sequential"
     assert list(res.model_indices) == [0, 1] and res.seconds > 0
 
