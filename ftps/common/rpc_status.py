@@ -58,6 +58,28 @@ def from_rpc_error(exc: grpc.RpcError, *, context: str = "") -> FtpsError:
     return relayed(cls, exc, details)
 
 
+# What a call answered when another replica of the same service may well succeed: it went away or
+# is overloaded (pod killed, process died, queue full), or gave up on time.
+_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What a call answered when the request itself failed: the same request fails on every replica.
+_REQUEST_FAILED = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
+
+
+def retry_elsewhere(exc: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed on another replica of the service."""
+    return callable(getattr(exc, "code", None)) and exc.code() in _ELSEWHERE
+
+
+def request_failed(exc: grpc.RpcError) -> FtpsError | None:
+    """The domain error, reason kept, when the call failed because of the request itself
+    (INVALID_ARGUMENT, FAILED_PRECONDITION: retrying anywhere fails the same); None otherwise."""
+    code = domain_code(exc.code()) if callable(getattr(exc, "code", None)) else None
+    if code not in _REQUEST_FAILED:
+        return None
+    return relayed(BY_CODE[code], exc, exc.details() or "")
+
+
 def relayed(cls: type[FtpsError], exc: grpc.RpcError, message: str) -> FtpsError:
     """``cls(message)`` keeping what another service said about it: its reason (when it is one of
     ours for ``cls``'s code), the field at fault, its metadata and retry advice."""

@@ -14,16 +14,12 @@ import grpc
 
 from ftps.common import grpcutil, tracing
 from ftps.common.errors import FailedPrecondition, FtpsError, InvalidArgument, Unavailable
-from ftps.common.rpc_status import relayed
+from ftps.common.rpc_status import request_failed, retry_elsewhere
 from ftps.common.metrics import ScorerMetrics
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# A worker that went away (pod killed, process died) or is overloaded: try another.
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-              grpc.StatusCode.UNKNOWN}
 
 
 class WorkerPool:
@@ -102,15 +98,13 @@ class WorkerPool:
             try:
                 return self._call(i, job)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise relayed(FailedPrecondition, exc, exc.details()) from exc
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise relayed(InvalidArgument, exc, exc.details()) from exc
-                if code not in _RETRYABLE and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                task_error = request_failed(exc)  # the job itself failed: a task error, never retried
+                if task_error is not None:
+                    raise task_error from exc
+                if not retry_elsewhere(exc):
                     raise Unavailable(f"job {job.job_id} failed on {self.targets[i]}: "
-                                      f"{code.name}: {exc.details()}", reason="WORKERS_UNAVAILABLE") from exc
-                last = f"{code.name}: {exc.details()}"
+                                      f"{exc.code().name}: {exc.details()}", reason="WORKERS_UNAVAILABLE") from exc
+                last = f"{exc.code().name}: {exc.details()}"
                 log.warning("job %s on %s: %s; retrying elsewhere (attempt %d/%d)",
                             job.job_id, self.targets[i], last, attempt + 1, self._attempts)
                 self._retried(attempt)
