@@ -384,6 +384,8 @@ def estimate_text(e: scorer_pb2.RoundEstimate) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:  # a small task's round takes under a second: "0 s" would read as nothing
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
