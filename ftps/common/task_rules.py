@@ -5,6 +5,19 @@ from __future__ import annotations
 
 import math
 
+# Bounds of a round: models fine-tuned per round (and shadow models), records in one batch.
+MAX_MODELS = 4096
+MAX_RECORDS = 100_000
+
+
+def valid_n_models(n_models: int) -> bool:
+    """Models per round: even (complementary pairs), at least 4 (2 IN and 2 OUT per record)."""
+    return 4 <= n_models <= MAX_MODELS and n_models % 2 == 0
+
+
+def valid_batch_size(n_records: int) -> bool:
+    return 2 <= n_records <= MAX_RECORDS
+
 
 def distinct_splits(n_records: int) -> int:
     """How many different ways a batch of ``n_records`` splits into two halves (unordered)."""

@@ -36,7 +36,7 @@ from ftps.common.auth import Principal, authorized_task
 from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from ftps.common.records import validate_records
 from ftps.common.storage import ObjectStore, check_id
-from ftps.common.task_rules import min_records
+from ftps.common.task_rules import MAX_MODELS, MAX_RECORDS, min_records, valid_batch_size, valid_n_models
 from ftps.privacy import dp
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
@@ -61,8 +61,6 @@ _FIELD = {
 
 DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLINE_PER_RECORD,
                 alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4, dp_delta=dp.DEFAULT_DELTA)
-MAX_MODELS = 4096
-MAX_RECORDS = 100_000
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -73,10 +71,10 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     for name, value in DEFAULTS.items():
         if not getattr(s, name):
             setattr(s, name, value)
-    if s.n_models < 4 or s.n_models % 2 or s.n_models > MAX_MODELS:
+    if not valid_n_models(s.n_models):
         raise InvalidArgument(f"settings.n_models must be even and in [4, {MAX_MODELS}], got {s.n_models}",
                               reason="INVALID_SETTINGS", field="settings.n_models")
-    if not 2 <= s.batch_threshold <= MAX_RECORDS:
+    if not valid_batch_size(s.batch_threshold):
         raise InvalidArgument(f"settings.batch_threshold must be in [2, {MAX_RECORDS}], got {s.batch_threshold}",
                               reason="INVALID_SETTINGS", field="settings.batch_threshold")
     if s.method not in serde.METHOD_NAMES:

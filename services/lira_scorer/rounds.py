@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -45,7 +45,13 @@ from ftps.common.errors import (
 from ftps.common.metrics import ScorerMetrics
 from ftps.common.registry_client import require_ready
 from ftps.common.storage import ObjectStore, check_id
-from ftps.common.task_rules import min_records
+from ftps.common.task_rules import (
+    MAX_MODELS,
+    MAX_RECORDS,
+    min_records,
+    valid_batch_size,
+    valid_n_models,
+)
 from ftps.privacy import dp, scoring
 from ftps.privacy.masks import (
     derive_seed,
@@ -563,11 +569,11 @@ class Scorer:
         task = authorized_task(who, task_id, self._get_task, action="estimate rounds of")
         s = task.settings
         n, m = n_models or s.n_models, n_records or s.batch_threshold
-        if n < 4 or n % 2 or n > 4096:
-            raise InvalidArgument(f"n_models must be even and in [4, 4096], got {n}", reason="INVALID_SETTINGS",
-                                  field="n_models")
-        if not 2 <= m <= 100_000:
-            raise InvalidArgument(f"n_records must be in [2, 100000], got {m}", reason="INVALID_SETTINGS",
+        if not valid_n_models(n):
+            raise InvalidArgument(f"n_models must be even and in [4, {MAX_MODELS}], got {n}",
+                                  reason="INVALID_SETTINGS", field="n_models")
+        if not valid_batch_size(m):
+            raise InvalidArgument(f"n_records must be in [2, {MAX_RECORDS}], got {m}", reason="INVALID_SETTINGS",
                                   field="n_records")
         basis = self._cost_basis(task)
         if basis is None:
@@ -576,10 +582,7 @@ class Scorer:
                            field="task_id")
         est = costs.estimate(basis, n_models=n, n_records=m, models_per_job=s.models_per_job or 4,
                              builder_mix=s.builder_mix, parallel_jobs=self._pool.parallelism)
-        return scorer_pb2.RoundEstimate(
-            task_id=task_id, n_models=est.n_models, n_records=est.n_records, jobs=est.jobs,
-            parallel_jobs=est.parallel_jobs, seconds_per_model=est.seconds_per_model, worker_s=est.worker_s,
-            wall_s=est.wall_s, basis=est.basis)
+        return scorer_pb2.RoundEstimate(task_id=task_id, **asdict(est))  # same field names
 
     def _cost_basis(self, task: registry_pb2.Task) -> costs.Basis | None:
         row = self._rounds.latest_done(task.task_id)
