@@ -901,12 +901,14 @@ def _model_interval(
     t = stats.t.isf((1.0 - confidence) / 2.0, np.maximum(df, 1.0))
     ok = (s_norm > 0) & np.isfinite(se)
     d, se = np.where(ok, d, 0.0), np.where(ok, se, 0.0)
-    # Where the record's statistics have no spread the IN and OUT values never overlap: d' is
-    # +-inf (0 if they coincide), and so are both ends.
-    with np.errstate(invalid="ignore"):
-        edge = np.sign(gap) * np.inf
-    edge = np.where(np.isnan(edge), 0.0, edge)
+    edge = _dprime_without_spread(gap)  # both ends, where d' has no spread to be uncertain in
     return np.where(ok, d - t * se, edge), np.where(ok, d + t * se, edge)
+
+
+def _dprime_without_spread(gap: np.ndarray) -> np.ndarray:
+    """d' of records whose statistics have no spread: the IN and OUT values never overlap, so it is
+    +-inf by the sign of the IN-OUT gap (0 where they coincide)."""
+    return np.where(gap > 0, np.inf, np.where(gap < 0, -np.inf, 0.0))
 
 def _advantage(dprime: np.ndarray) -> np.ndarray:
     """TPR - FPR of the likelihood-ratio test between two equal-variance Gaussians ``d'`` apart,
@@ -1039,8 +1041,7 @@ def score(
     s_pool = np.sqrt(((n_in - 1) * s_in**2 + (n_out - 1) * s_out**2) / (n_in + n_out - 2))
     gap = g_in.mean - g_out.mean
     with np.errstate(divide="ignore", invalid="ignore"):
-        dprime = np.where(s_pool > 0, gap / s_pool, np.sign(gap) * np.inf)
-    dprime = np.where(np.isnan(dprime), 0.0, dprime)
+        dprime = np.where(s_pool > 0, gap / s_pool, _dprime_without_spread(gap))
     pooled_norm = fixed_variance and method == "online-per-record"
     # A moderated std carries its prior's degrees of freedom too (never more than the pool's).
     df_norm = (np.full(m, fit.pooled_dof) if pooled_norm
