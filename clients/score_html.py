@@ -30,8 +30,8 @@ from ftps.v1 import common_pb2
 
 __all__ = ["SCORE_CSS", "BADGE_CSS", "TABLE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
            "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
-           "badge", "epsilon_text", "mu_text", "dp_facts", "dp_training_note", "contributor_summary", "summary_line",
-           "contributors_table", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
+           "badge", "epsilon_cell", "epsilon_text", "mu_text", "dp_facts", "dp_training_note", "contributor_summary",
+           "summary_line", "contributors_table", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
            "records_table"]
 
 FEW_MODELS = 16  # below this a single record's score is mostly binomial noise (DESIGN.md section 3)
@@ -184,12 +184,17 @@ def _num(v: float) -> str:
     return "∞" if v == float("inf") else f"{v:.2f}"
 
 
-def epsilon_text(s: common_pb2.RecordScore) -> str:
-    """``ε 1.23 [0.00, 4.56]`` (the empirical epsilon at the score's delta, with its 95% interval),
-    or ``—`` for scores stored before it existed (``delta`` 0)."""
+def epsilon_cell(s: common_pb2.RecordScore) -> str:
+    """``1.23 [0.00, 4.56]`` (the empirical epsilon at the score's delta, with its 95% interval), for
+    a column headed "empirical ε"; ``—`` for scores stored before it existed (``delta`` 0)."""
     if not s.delta:
         return "—"
-    return f"ε {_num(s.empirical_epsilon)} [{_num(s.empirical_epsilon_ci_low)}, {_num(s.empirical_epsilon_ci_high)}]"
+    return f"{_num(s.empirical_epsilon)} [{_num(s.empirical_epsilon_ci_low)}, {_num(s.empirical_epsilon_ci_high)}]"
+
+
+def epsilon_text(s: common_pb2.RecordScore) -> str:
+    """``ε 1.23 [0.00, 4.56]``: :func:`epsilon_cell` in running text (``—`` as there)."""
+    return f"ε {epsilon_cell(s)}" if s.delta else "—"
 
 
 def mu_text(s: common_pb2.RecordScore) -> str:
@@ -403,7 +408,7 @@ def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -
         f'<td class="num"><b>{headline(s)[0]:+.2f}</b><span class="minor">{_interval(*headline(s)[1:])}</span></td>'
         f"<td>{interval_svg(*headline(s), width=130)}</td>"
         f'<td class="num">{s.counted_p:+.2f}<span class="minor">{_interval(s.counted_p_ci_low, s.counted_p_ci_high)}</span></td>'
-        f'<td class="num">{e(epsilon_text(s).removeprefix("ε "))}<span class="minor">{e(mu_text(s))}</span></td>'
+        f'<td class="num">{e(epsilon_cell(s))}<span class="minor">{e(mu_text(s))}</span></td>'
         f'<td class="num">{s.auc:.2f}</td><td>{badge(s)}</td>'
         + (f'<td class="reading">{e(record_reading(s))}</td>' if readings else "") + "</tr>"
         for s in ranked)

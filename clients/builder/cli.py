@@ -46,7 +46,7 @@ from clients.cli_common import (
     run,
     security_kwargs,
 )
-from clients.score_html import epsilon_text, headline
+from clients.score_html import epsilon_cell, headline
 from ftps.common import serde
 from ftps.common.clock import iso
 from ftps.v1 import common_pb2, scorer_pb2
@@ -347,7 +347,7 @@ def cmd_scores(args) -> int:
     for s in resp.scores:
         h = headline(s)
         table.add_row(s.record_id, s.contributor, s.round_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]",
-                      f"{s.counted_p:+.2f}", epsilon_text(s).removeprefix("ε "), f"{s.auc:.2f}")
+                      f"{s.counted_p:+.2f}", epsilon_cell(s), f"{s.auc:.2f}")
     console = Console()
     console.print(table)
     for b in resp.batches:

@@ -32,7 +32,7 @@ from clients.cli_common import (
 )
 from clients.score_html import (
     contributor_summary,
-    epsilon_text,
+    epsilon_cell,
     headline,
     record_reading,
     summary_line,
@@ -143,7 +143,7 @@ def cmd_scores(args) -> int:
     for s in scores:
         h = headline(s)
         table.add_row(s.record_id, f"{h[0]:+.3f}", f"[{h[1]:+.2f}, {h[2]:+.2f}]", f"{s.counted_p:+.2f}",
-                      epsilon_text(s).removeprefix("ε "), record_reading(s))
+                      epsilon_cell(s), record_reading(s))
     console = Console()
     console.print(table)
     console.print(summary_line(contributor_summary(scores)))
