@@ -683,8 +683,7 @@ class Scorer:
                            reason="OBJECT_NOT_FOUND")
         excluded: list[common_pb2.ExcludedRecord] = []
         t_ft = time.perf_counter()
-        job_seconds: list[float] = []
-        dp_spent = common_pb2.RoundResult()  # the dp_* fields, the largest any job reports
+        answers: list[worker_pb2.RunJobResponse] = []  # every finished job's answer, phi taken out
         # At most two passes: the batch, then once more without the records traced as the cause
         # of failed models. One contributor's records never fail the round for everyone.
         for attempt in range(2):
@@ -699,7 +698,7 @@ class Scorer:
                         message=f"fine-tuning {n} models on {m} records" + (
                             f" (again, without {len(excluded)} record(s) that made fine-tuning fail)"
                             if attempt else ""))
-            phi, failed = self._finetune(run, jobs, n, m, job_seconds, dp_spent)
+            phi, failed = self._finetune(run, jobs, n, m, answers)
             causes, broken, unexplained = trace_failures(phi, masks, failed)
             if unexplained:
                 raise FailedPrecondition(f"fine-tuning failed on {broken} of {n} models, not traced to "
@@ -742,16 +741,19 @@ class Scorer:
         result.status.state = common_pb2.ROUND_STATE_DONE
         result.timings["finetune_s"] = finetune_s
         # The workers' own seconds (sandbox, summed over jobs): finetune_s minus this is the fan-out.
-        result.timings["worker_jobs_s"] = float(sum(job_seconds))
-        result.dp_epsilon, result.dp_delta = dp_spent.dp_epsilon, dp_spent.dp_delta
-        result.dp_noise_multiplier = dp_spent.dp_noise_multiplier
+        result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
+        # DP-SGD: the round's guarantee is its weakest model's (all 0 without DP-SGD).
+        weakest = max(answers, key=lambda a: a.dp_epsilon, default=worker_pb2.RunJobResponse())
+        result.dp_epsilon, result.dp_delta = weakest.dp_epsilon, weakest.dp_delta
+        result.dp_noise_multiplier = weakest.dp_noise_multiplier
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
     def _finetune(self, run: Run, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
-                  job_seconds: list[float], dp_spent: common_pb2.RoundResult) -> tuple[np.ndarray, dict[int, str]]:
+                  answers: list[worker_pb2.RunJobResponse]) -> tuple[np.ndarray, dict[int, str]]:
         """phi ``[n, m]`` of every job (NaN where a record's statistic is not finite), and the models
-        whose job failed with a task error, each with the reason. A failed job of several models is
+        whose job failed with a task error, each with the reason; each finished job's answer is added
+        to ``answers`` without its phi (its seconds and DP budget). A failed job of several models is
         run again one model at a time, so a failure is pinned to the models (and records) behind it."""
         phi = np.full((n, m), np.nan)
         fine = np.zeros(n, dtype=bool)
@@ -764,10 +766,10 @@ class Scorer:
                 raise InvalidArgument(f"worker returned phi of shape {rows.shape}", reason="WORKER_OUTPUT_INVALID")
             phi[list(result.model_indices)] = rows
             fine[list(result.model_indices)] = True
-            job_seconds.append(result.seconds)
-            if result.dp_epsilon > dp_spent.dp_epsilon:  # the round's guarantee: its weakest model's
-                dp_spent.dp_epsilon, dp_spent.dp_delta = result.dp_epsilon, result.dp_delta
-                dp_spent.dp_noise_multiplier = result.dp_noise_multiplier
+            kept = worker_pb2.RunJobResponse()
+            kept.CopyFrom(result)
+            kept.ClearField("phi")  # already in ``phi``: a round keeps no second copy of it
+            answers.append(kept)
             self._write(run, models_done=int(fine.sum()))
 
         def on_task_error(job: worker_pb2.FinetuneJob, exc: FtpsError) -> None:
