@@ -200,12 +200,10 @@ def model_pool(task: Task, n_models: int, *, cache_dir: Path, log=print) -> Pool
         specs = [(CHUNK * c + i, seeds[CHUNK * c + i], masks[i]) for i in range(CHUNK)]
 
         def compute(specs=specs, masks=masks):
-            info: dict = {}
-            phi = finetune_and_score(
+            result = finetune_and_score(
                 strategy_source=task.strategy_source, base_weights=task.base_weights,
-                train_x=task.x, train_y=task.y, eval_x=task.x, eval_y=task.y, models=specs,
-                info=info)
-            return {"phi": phi, "member": masks, "engine": np.array(str(info.get("engine", "")))}
+                train_x=task.x, train_y=task.y, eval_x=task.x, eval_y=task.y, models=specs)
+            return {"phi": result.phi, "member": masks, "engine": np.array(result.engine)}
 
         path = cache_dir / f"pool-{task.dataset}-{task.key}-m{m}-c{c}.npz"
         fresh = not path.exists()
@@ -238,10 +236,10 @@ def offline_gaussian(task: Task, k: int, *, records: int, heldout_max: int = 500
     specs = list(zip(range(k), model_seeds(seed, k), masks))
 
     def compute():
-        phi = finetune_and_score(
+        result = finetune_and_score(
             strategy_source=task.strategy_source, base_weights=task.base_weights,
             train_x=x[pool], train_y=y[pool], eval_x=x[heldout], eval_y=y[heldout], models=specs)
-        return {"phi": phi}
+        return {"phi": result.phi}
 
     phi = _cached(cache_dir / f"offline-{task.dataset}-{task.key}-k{k}-p{n_pool}-h{n_heldout}.npz",
                   compute)["phi"]

@@ -295,7 +295,7 @@ def bare_round(task, x: np.ndarray, y: np.ndarray, settings, offline: tuple[floa
     cpu0, t0 = time.process_time(), time.perf_counter()
     phi = finetune_and_score(strategy_source=task.strategy_source, base_weights=task.base_weights,
                              train_x=x, train_y=y, eval_x=x, eval_y=y,
-                             models=list(zip(range(n), seeds, masks)), engine="auto")
+                             models=list(zip(range(n), seeds, masks)), engine="auto").phi
     t1 = time.perf_counter()
     headline = None
     for name in scoring.METHODS:  # every method, as the scorer's score_all

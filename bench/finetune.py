@@ -156,17 +156,16 @@ def measure_speed(task: Task, rows: list[Config], sizes: list[int], per_job: int
         for start in range(0, n, per_job):
             specs = [(i, seeds[i], masks[i]) for i in range(start, min(n, start + per_job))]
             for row in rows:
-                info: dict = {}
                 with plain_engine() if row.plain else contextlib.nullcontext():
                     t, c = time.perf_counter(), time.process_time()
-                    phi = finetune_and_score(
+                    result = finetune_and_score(
                         strategy_source=row.source, base_weights=task.weights, train_x=task.x,
                         train_y=task.y, eval_x=task.x, eval_y=task.y, models=specs,
-                        device=device, engine=row.engine, info=info)
+                        device=device, engine=row.engine)
                     row.seconds[n] += time.perf_counter() - t
                     row.cpu[n] += time.process_time() - c
-                row.phi[n][start : start + len(specs)] = phi
-                row.ran = info["engine"] + (" (plain)" if row.plain else "")
+                row.phi[n][start : start + len(specs)] = result.phi
+                row.ran = result.engine + (" (plain)" if row.plain else "")
             log(f"  n={n}: models {start + len(specs)}/{n} done on every configuration")
 
 

@@ -520,13 +520,12 @@ def test_run_job_returns_how_it_ran(tiny_weights, records):
                                 engine=CHECK_ONLY))
     assert (check.engine, check.classes, check.parameters) == (CHECK_ONLY, 10, 64 * 10 + 10)
     assert not check.phi.any() and check.phi.shape == (2, len(x))
-    # The in-process wrapper on arrays gives the same PHI (and its info, for bench callers).
-    info: dict = {}
-    phi = finetune_and_score(strategy_source=TINY_RECIPE, base_weights=tiny_weights, train_x=x,
-                             train_y=y, eval_x=x, eval_y=y, models=_halves(len(x), 1),
-                             engine="sequential", info=info)
-    np.testing.assert_array_equal(phi, result.phi)
-    assert info["engine"] == "sequential" and "classes" not in info
+    # The in-process wrapper on arrays gives the same result.
+    wrapped = finetune_and_score(strategy_source=TINY_RECIPE, base_weights=tiny_weights, train_x=x,
+                                 train_y=y, eval_x=x, eval_y=y, models=_halves(len(x), 1),
+                                 engine="sequential")
+    np.testing.assert_array_equal(wrapped.phi, result.phi)
+    assert wrapped.engine == "sequential" and wrapped.classes is None
 
 
 def test_a_result_report_round_trips_and_untrusted_fields_are_dropped():

@@ -308,14 +308,11 @@ def finetune_and_score(
     device: str | None = None,
     progress: Progress | None = None,
     engine: str | None = None,
-    info: dict | None = None,
-) -> np.ndarray:
-    """``run_job`` on arrays -> PHI float64 [len(models), m]; for in-process callers holding
-    arrays (tests, bench). Shapes: train_x float32 [N, *S], train_y int64 [N], masks bool [N],
-    eval_x float32 [m, *S], eval_y int64 [m], builder_x float32 [B, *S].
-
-    ``info``: kept for bench/attacks.py and bench/finetune.py, which read ``engine`` from it;
-    new code takes ``run_job``'s JobResult instead.
+) -> JobResult:
+    """``run_job`` on arrays -> its JobResult (``phi`` float64 [len(models), m], the engine that
+    ran, timings); for in-process callers holding arrays (tests, bench). Shapes: train_x float32
+    [N, *S], train_y int64 [N], masks bool [N], eval_x float32 [m, *S], eval_y int64 [m],
+    builder_x float32 [B, *S].
     """
     train = Records.of(train_x, train_y, what="train records")
     evaluated = None
@@ -327,7 +324,4 @@ def finetune_and_score(
     job = FinetuneJob(strategy_source=strategy_source, base_weights=base_weights,
                       train_records=train, models=tuple(models), eval_records=evaluated,
                       builder_records=builder, builder_mix=builder_mix, engine=engine)
-    result = run_job(job, device=device, progress=progress)
-    if info is not None:
-        info.update(result.report())
-    return result.phi
+    return run_job(job, device=device, progress=progress)
