@@ -109,6 +109,7 @@ def rich_status(code: Code | grpc.StatusCode, message: str, reason: str, *,
         detail.Pack(msg)
         return detail
 
+    message = _bounded(message)
     details = [pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata or {})))]
     if field:
         details.append(pack(error_details_pb2.BadRequest(field_violations=[
@@ -121,6 +122,19 @@ def rich_status(code: Code | grpc.StatusCode, message: str, reason: str, *,
         details.append(pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(seconds), nanos=round((seconds % 1) * 1e9) % 1_000_000_000))))
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
+
+
+# The message travels twice in the trailers (grpc-message and inside grpc-status-details-bin), whose
+# total gRPC clients refuse past 8 KiB: a longer one (a strategy's output tail) is cut here.
+_MAX_MESSAGE_CHARS = 3000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= _MAX_MESSAGE_CHARS:
+        return message
+    # The head says what failed, the tail is the last output before it: keep both, cut the middle.
+    head = _MAX_MESSAGE_CHARS // 3
+    return message[:head] + " … (cut) … " + message[-(_MAX_MESSAGE_CHARS - head - 11):]
 
 
 def status_of(exc: FtpsError) -> grpc.Status:
