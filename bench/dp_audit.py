@@ -113,7 +113,8 @@ def fine_tune(task: Task, setting: Setting, n: int, *, heldout: tuple[np.ndarray
     -> ``phi`` [n, m] on the batch, ``member`` [n, m], ``accuracy`` [n] on ``heldout``, and the
     job's ``dp_epsilon``, ``dp_noise_multiplier``, ``dp_delta``, ``train_s`` (0-d)."""
     from ftps.ml.engine import run_job
-    from ftps.ml.jobs import FinetuneJob, Records
+    from ftps.ml.jobs import FinetuneJob
+    from ftps.records.npz import Records
 
     hx, hy = heldout
     classes = int(max(task.y.max(), hy.max())) + 1

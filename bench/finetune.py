@@ -209,7 +209,8 @@ def measure_sandbox(task: Task, models: int, jobs: int, seed: int, log) -> list[
     was idle. Wall time of the round, and CPU time of this process and every child (reaped
     children only, so each way runs on its own; the spare's start-up is counted, off the round's
     wall time)."""
-    from ftps.ml.jobs import FinetuneJob, Records
+    from ftps.ml.jobs import FinetuneJob
+    from ftps.records.npz import Records
     from services.finetune_worker.sandbox import SandboxPool, run_sandboxed
 
     source = (STRATEGIES / "fmnist_cnn.py").read_text()
@@ -268,7 +269,9 @@ def measure_data_path(task: Task, sizes: list[int], log) -> list[dict]:
     (written once per round, read by every job: one full pass through an ffcv Loader)."""
     import torch
 
-    from ftps.ml.datasets import load_records, save_records, demo_splits
+    from ftps.ml.datasets import demo_splits
+    from ftps.records.npz import load as load_records
+    from ftps.records.npz import save as save_records
 
     x_all, y_all = demo_splits("fashion-mnist", seed=0)["contributors"]
     out = []

@@ -183,10 +183,10 @@ def thumbnail_png(record: np.ndarray, path: str | Path | None = None, *, target:
     by an integer factor with nearest-neighbour so pixels stay sharp; ``None`` if not an image."""
     from PIL import Image
 
-    from clients.cli_common import is_image_record_shape, to_uint8_image
+    from ftps.records.images import is_image_shape, to_uint8_image
 
     record = np.asarray(record)
-    if not is_image_record_shape(record.shape):
+    if not is_image_shape(record.shape):
         return None
     img = Image.fromarray(to_uint8_image(record))
     factor = max(1, round(target / max(img.size)))

@@ -28,7 +28,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from clients.api import score_dict
-from clients.cli_common import InputError, Records, is_image_record_shape
+from clients.cli_common import InputError
+from ftps.records.files import Expect
+from ftps.records.images import is_image_shape
+from ftps.records.npz import Records
 from clients.score_html import (
     BADGE_CSS,
     LEVEL_FILL,
@@ -96,7 +99,7 @@ class RecordImages:
                 continue
             i = int(idx)
             if i >= len(recs.x):
-                raise InputError(f"{recs.path} has {len(recs.x)} records but record {record_id} is number "
+                raise InputError(f"{recs.source} has {len(recs.x)} records but record {record_id} is number "
                                  f"{i + 1} of its submission: is this the file you submitted?")
             return recs.x[i]
         return None
@@ -187,7 +190,7 @@ class _Figures:
         x = images.get(record_id)
         if x is None:
             return None
-        if not is_image_record_shape(x.shape):
+        if not is_image_shape(x.shape):
             self.not_images = tuple(x.shape)
             return None
         rel = f"records/thumb-{safe_name(record_id)}.png"
@@ -445,15 +448,16 @@ def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.R
     return _write(out_dir, _page(title, body), csv_path, figs.written, len(scores))
 
 
-def load_record_images(specs: Sequence[str], *, shape: tuple[int, ...] | None,
-                       num_classes: int | None = None) -> RecordImages:
-    """``--records`` values (``PATH`` or ``SUBMISSION_ID=PATH``; npz or image folder) -> RecordImages."""
-    from clients.cli_common import load_records, records_arg
+def load_record_images(specs: Sequence[str], expect: Expect | None = None) -> RecordImages:
+    """``--records`` values (``PATH`` or ``SUBMISSION_ID=PATH``; any format ``ftps.records.files``
+    reads) -> RecordImages."""
+    from clients.cli_common import records_arg
+    from ftps.records import files
 
     images = RecordImages()
     for spec in specs:
         sub, path = records_arg(spec)
         if not path.exists():
             raise InputError(f"--records {spec}: {path} not found")
-        images.add(sub, load_records(path, shape=shape, num_classes=num_classes))
+        images.add(sub, files.load(path, expect))
     return images

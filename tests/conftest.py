@@ -117,17 +117,16 @@ def digits_records(splits, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 @pytest.fixture
 def validations(monkeypatch) -> list[int]:
-    """Counts record validations (``validate_records`` wherever ftps.ml calls it): one entry, the
-    number of records, per call made in this process."""
-    from ftps.ml import datasets, jobs
+    """Counts record validations (``ftps.records.checks.validate`` wherever records are loaded or
+    built, ``ftps.records.npz``): one entry, the number of records, per call made in this process."""
+    from ftps.records import npz
 
     calls: list[int] = []
-    validate = datasets.validate_records
+    validate = npz.validate
 
     def counted(x, y, **kw):
         calls.append(len(x))
         return validate(x, y, **kw)
 
-    monkeypatch.setattr(datasets, "validate_records", counted)
-    monkeypatch.setattr(jobs, "validate_records", counted)
+    monkeypatch.setattr(npz, "validate", counted)
     return calls

@@ -322,13 +322,14 @@ def test_mutated_npz_is_read_or_refused_never_crashes(data):
 # -- the readers the services and clients use -----------------------------------------------------
 
 def test_worker_records_and_client_files_are_bounded():
-    from clients.cli_common import InputError, parse_npz_records
-    from ftps.ml.datasets import load_records
-    from ftps.ml.strategy import RecordsError
+    from ftps.common.errors import InvalidArgument
+    from ftps.records import RecordsError
+    from ftps.records.npz import load as load_records
+    from ftps.records.npz import parse_upload
 
     bomb = deflate_bomb(2**24)
-    with pytest.raises(InputError) as e:
-        parse_npz_records(bomb, "mine.npz")
+    with pytest.raises(InvalidArgument) as e:
+        parse_upload(bomb, "mine.npz")
     assert str(e.value) == "mine.npz: member x.npy expands to 1073741952 bytes (its zip header says); " \
                            "the limit is 536870912 bytes"
     # The worker's records are blobs the services wrote: generous limits (8 GiB), still bounded.

@@ -12,7 +12,8 @@ import torch
 
 from ftps.ml.engine import run_job, save_weights
 from ftps.ml.engines import plan_engine
-from ftps.ml.jobs import FinetuneJob, JobResult, Records
+from ftps.ml.jobs import FinetuneJob, JobResult
+from ftps.records.npz import Records
 from ftps.ml.strategy import DPRecipe, StrategyError, load_strategy, parse_recipe
 from ftps.ml.training import dp_budget
 from tests.conftest import digits_records

@@ -11,7 +11,8 @@ from ftps.ml import engine as engine_mod
 from ftps.ml import engines
 from ftps.ml.engine import run_job, save_weights
 from ftps.ml.engines import EnginePlan, plan_engine
-from ftps.ml.jobs import FinetuneJob, Records
+from ftps.ml.jobs import FinetuneJob
+from ftps.records.npz import Records
 from ftps.ml.strategy import EngineError, StrategyError, load_strategy, parse_recipe
 from ftps.ml.training import make_optimizer, prefer_channels_last
 from tests.conftest import ROOT, digits_records
@@ -288,7 +289,7 @@ def test_cifar10_python_batches_load_without_unpickling_code(tmp_path):
     import pickle
 
     from ftps.ml.datasets import load_cifar10
-    from ftps.ml.strategy import RecordsError
+    from ftps.records import RecordsError
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)

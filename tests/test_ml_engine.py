@@ -16,8 +16,6 @@ from ftps.ml.datasets import (
     demo_split_indices,
     load_digits,
     load_fashion_mnist,
-    load_records,
-    save_records,
 )
 from ftps.ml.engine import (
     configure_threads,
@@ -26,16 +24,19 @@ from ftps.ml.engine import (
     run_job,
     save_weights,
 )
-from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec
 from ftps.ml.pretrain import accuracy, pretrain_base_model
 from ftps.ml.strategy import (
     EngineError,
-    RecordsError,
     StrategyError,
     WeightsError,
     load_strategy,
 )
 from ftps.ml.training import batch_bounds, compute_phi
+from ftps.records import RecordsError
+from ftps.records.npz import Records
+from ftps.records.npz import load as load_records
+from ftps.records.npz import save as save_records
 from tests.conftest import ROOT, digits_records
 
 FMNIST_PRESENT = (datasets.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()

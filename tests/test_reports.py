@@ -20,7 +20,14 @@ import pytest
 
 from clients import reports
 from clients.builder.cli import main as builder_main
-from clients.cli_common import InputError, load_records, save_image_folder
+from ftps.common.errors import InvalidArgument
+from ftps.records.files import Expect
+from ftps.records.files import load as load_file
+from ftps.records.images import save_folder as save_image_folder
+
+
+def load_records(path, *, shape=None, num_classes=None):
+    return load_file(path, Expect(shape=shape, num_classes=num_classes))
 from clients.contributor.cli import build_parser as contributor_parser
 from clients.contributor.cli import main as contributor_main
 from clients.reports import reading
@@ -262,24 +269,24 @@ def test_image_folder_input(tmp_path, capsys):
     gray = load_records(tmp_path / "rgb", shape=(1, 5, 4))  # converted to grayscale to fit the task
     assert gray.x.shape == (3, 1, 5, 4) and 0 <= gray.x.min() and gray.x.max() <= 1
 
-    with pytest.raises(InputError, match="4x5 pixels, the task's records are 8x8"):
+    with pytest.raises(InvalidArgument, match="4x5 pixels, the task's records are 8x8"):
         load_records(tmp_path / "rgb", shape=(1, 8, 8))
-    with pytest.raises(InputError, match="out of range: the task has 2 classes"):
+    with pytest.raises(InvalidArgument, match="out of range: the task has 2 classes"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4), num_classes=2)
     (tmp_path / "rgb" / "labels.csv").write_text("file,label\n00000.png,cat\n")
-    with pytest.raises(InputError, match=r"line 2: label 'cat' is not a class index"):
+    with pytest.raises(InvalidArgument, match=r"line 2: label 'cat' is not a class index"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4))
     (tmp_path / "rgb" / "labels.csv").write_text("file,label\nnope.png,1\n")
-    with pytest.raises(InputError, match="nope.png not found"):
+    with pytest.raises(InvalidArgument, match="nope.png not found"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4))
     (tmp_path / "rgb" / "labels.csv").write_text("file,label\n../x.png,1\n")
-    with pytest.raises(InputError, match="not a file inside"):
+    with pytest.raises(InvalidArgument, match="not a file inside"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4))
     (tmp_path / "rgb" / "labels.csv").write_text("name,class\n")
-    with pytest.raises(InputError, match="columns file,label"):
+    with pytest.raises(InvalidArgument, match="columns file,label"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4))
     (tmp_path / "rgb" / "labels.csv").unlink()
-    with pytest.raises(InputError, match="no labels.csv"):
+    with pytest.raises(InvalidArgument, match="no labels.csv"):
         load_records(tmp_path / "rgb", shape=(3, 5, 4))
     # Through the tool: one line, exit 2, nothing sent.
     err = _run(contributor_main, ["--gateway", "127.0.0.1:1", "submit", "--task", "t-x", "--shape", "1,8,8",

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from ftps.ml.engine import run_job, save_weights
-from ftps.ml.jobs import FinetuneJob, Records
-from ftps.ml.strategy import RecordsError, StrategyError, WeightsError, load_strategy
+from ftps.ml.jobs import FinetuneJob
+from ftps.ml.strategy import StrategyError, WeightsError, load_strategy
+from ftps.records import RecordsError
+from ftps.records.npz import Records
 from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
 from tests.conftest import digits_records
 

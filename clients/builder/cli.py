@@ -37,7 +37,7 @@ from clients.cli_common import (
     add_address,
     add_config,
     add_security,
-    load_npz,
+    expect,
     parse_shape,
     parse_value_range,
     print_json,
@@ -49,6 +49,7 @@ from clients.cli_common import (
 from clients.score_html import epsilon_cell, headline
 from ftps.common import serde
 from ftps.common.clock import iso
+from ftps.records import files
 from ftps.v1 import common_pb2, scorer_pb2
 
 PROG = "ftps-builder"
@@ -176,7 +177,7 @@ def cmd_create(args) -> int:
 
 def cmd_upload(args) -> int:
     if KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and not args.npz_blob:
-        recs = load_npz(args.file)  # InputError names the file and the problem
+        recs = files.load(args.file)  # InvalidArgument names the file and the problem
         with progress_bar(f"uploading {args.file.name}") as update:
             ref = _client(args).upload_builder_records(args.task, recs.x, recs.y, progress=update)
         if args.json:
@@ -368,8 +369,7 @@ def cmd_report(args) -> int:
     rounds = {rid: client.get_round(rid) for rid in round_ids}  # every method's metrics and ROC
     images = None
     if args.records:
-        shape = parse_shape(args.shape) if args.shape else tuple(task.settings.record_shape) or None
-        images = reports.load_record_images(args.records, shape=shape, num_classes=task.settings.num_classes or None)
+        images = reports.load_record_images(args.records, expect(args, task))
     with progress_bar("plotting the highest-risk records") as update:
         files = reports.builder_report(args.out, task_id=args.task, scores=list(resp.scores), rounds=rounds,
                                        task=task, images=images, progress=update, top=args.top)

@@ -15,21 +15,20 @@ from rich.table import Table
 
 from clients.api import ContributorClient, score_dict
 from clients.cli_common import (
-    InputError,
     add_address,
     add_config,
     add_contributor,
     add_security,
+    expect,
     fetch_task,
-    load_records,
     print_json,
     print_score_stream,
     progress_bar,
-    record_shape,
     records_arg,
     run,
     security_kwargs,
 )
+from ftps.records import files, tables
 from clients.score_html import (
     contributor_summary,
     epsilon_cell,
@@ -51,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_contributor(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("submit", help="submit records: an .npz (arrays x and y) or a folder of images with labels.csv")
+    s = sub.add_parser("submit", help="submit records: an .npz (arrays x and y), a folder of images with "
+                                      "labels.csv, or a .csv / .parquet table for a tabular task")
     s.add_argument("--task", required=True)
-    s.add_argument("file", help="records.npz, or a folder of images with labels.csv (columns file,label)")
+    s.add_argument("file", help="records.npz; a folder of images with labels.csv (columns file,label); or for a "
+                                "tabular task a .csv or .parquet file with the task's columns and its label column "
+                                "(`ftps-builder task ID` lists them)")
     s.add_argument("--shape", default="", help="record shape C,H,W for a folder of images (default: the task's, "
                                                "fetched from the registry)")
     s.add_argument("--idempotency-key", default="", help="makes a retried submit safe (no duplicates)")
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, type=Path, help="folder for report.html, its PNGs and scores.csv")
     r.add_argument("--round", default="", help="only this round (default: every round)")
     r.add_argument("--records", action="append", default=[], metavar="[SUBMISSION_ID=]FILE",
-                   help="the records you submitted (.npz or image folder), in submission order, for thumbnails; "
+                   help="the records you submitted (.npz, image folder or table), in submission order, for "
+                        "thumbnails (images) or what makes each row unusual (tables); "
                         "repeat with SUBMISSION_ID= for several submissions")
     r.add_argument("--shape", default="", help="record shape C,H,W for an image folder (default: the task's)")
     r.add_argument("--json", action="store_true", help="print the written files as JSON")
@@ -102,14 +105,12 @@ def _sub_dict(sub) -> dict:
 
 def cmd_submit(args) -> int:
     path = Path(args.file)
-    shape, num_classes = None, None
-    if path.is_dir():
-        task = None if args.shape else fetch_task(args)  # the record shape the images must fill
-        shape = record_shape(args, task)
-        num_classes = task.settings.num_classes if task is not None else None
-    elif not path.exists():
-        raise InputError(f"cannot read {path}: No such file or directory")
-    recs = load_records(path, shape=shape, num_classes=num_classes)
+    task = None
+    # The task's settings say what a folder of images must fill, or a table's columns mean; an .npz
+    # goes as it is (the gateway checks it).
+    if (path.is_dir() and not args.shape) or tables.table_format(path.name):
+        task = fetch_task(args)
+    recs = files.load(path, expect(args, task))
     sub = _client(args).submit(args.task, recs.x, recs.y, idempotency_key=args.idempotency_key)
     if args.json:
         print_json(_sub_dict(sub))
@@ -162,7 +163,8 @@ def cmd_report(args) -> int:
 
     scores = _client(args).scores(args.task, args.round)
     notes, task = [], None
-    needs_shape = not args.shape and any(records_arg(r)[1].is_dir() for r in args.records)
+    needs_shape = any((records_arg(r)[1].is_dir() and not args.shape) or tables.table_format(records_arg(r)[1].name)
+                      for r in args.records)
     try:
         task = fetch_task(args)  # name, alpha and record shape; the report works without them
     except grpc.RpcError as exc:
@@ -171,8 +173,7 @@ def cmd_report(args) -> int:
         notes.append(f"Task settings unavailable from the registry ({exc.code().name}); assuming alpha = 0.05.")
     images = None
     if args.records:
-        images = reports.load_record_images(args.records, shape=record_shape(args, task),
-                                            num_classes=task.settings.num_classes if task is not None else None)
+        images = reports.load_record_images(args.records, expect(args, task))
     with progress_bar("plotting your records") as update:
         files = reports.contributor_report(args.out, task_id=args.task, contributor=args.contributor or
                                            (scores[0].contributor if scores else ""), scores=scores, task=task,

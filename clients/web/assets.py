@@ -226,11 +226,12 @@ def demo_base_model(dataset: str, report: Callable[[int, int, str], None]) -> tu
 def load_npz_upload(data: bytes, *, what: str = "the file") -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """An uploaded .npz with arrays x [N, ...] and y [N] (and optional record_id [N] strings), read
     without unpickling (the command-line tools' check)."""
-    from clients.cli_common import InputError, parse_npz_records
+    from ftps.common.errors import InvalidArgument
+    from ftps.records.npz import parse_upload
 
     try:
-        recs = parse_npz_records(data, what)
-    except InputError as exc:
+        recs = parse_upload(data, what)
+    except InvalidArgument as exc:
         raise AssetError(str(exc)) from None
     return recs.x, recs.y, recs.record_ids
 

@@ -884,7 +884,7 @@ class WebServer:
         s = self._signed_in(req)
         tid = req.params["tid"]
         from clients import reports
-        from clients.cli_common import Records
+        from ftps.records.npz import Records
 
         round_id = req.arg("round")
         b = s.builder()
@@ -895,14 +895,15 @@ class WebServer:
             if s.is_contributor:
                 for v in s.submissions.values():
                     if v.submission.task_id == tid:
-                        images.add(None, Records(v.x, v.y, v.origin, v.record_ids))
+                        images.add(None, Records(v.x, v.y, record_ids=v.record_ids, source=v.origin))
                 plotting(reports.contributor_report, out, task_id=tid, contributor=s.subject, task=t, images=images,
                                            scores=s.contributor().scores(tid, round_id))
             else:
                 if s.local_records:
                     ids = list(s.local_records)
                     images.add(None, Records(np.stack([s.local_records[i][0] for i in ids]),
-                                             np.array([s.local_records[i][1] for i in ids]), "local records", ids))
+                                             np.array([s.local_records[i][1] for i in ids]), record_ids=ids,
+                                             source="local records"))
                 scored = b.scores(tid, round_id)
                 rounds = {rid: b.get_round(rid) for rid in sorted({x.round_id for x in scored.scores})}
                 plotting(reports.builder_report, out, task_id=tid, scores=list(scored.scores), rounds=rounds, task=t,

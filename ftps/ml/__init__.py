@@ -4,6 +4,7 @@ Import the submodules directly (``ftps.ml.engine`` pulls in torch); this package
 re-exports the error hierarchy, which needs no torch.
 """
 
-from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
+from ftps.ml.strategy import EngineError, StrategyError, WeightsError
+from ftps.records import RecordsError
 
 __all__ = ["EngineError", "RecordsError", "StrategyError", "WeightsError"]

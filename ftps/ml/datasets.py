@@ -1,8 +1,7 @@
-"""Data at hand (DESIGN.md §6) and the records file format.
+"""Data at hand (DESIGN.md §6): the demo data sets and their split between the roles.
 
-Images are float32 ``[N, C, H, W]`` in [0, 1]; labels int64 ``[N]``. Records travel between
-services as ``.npz`` files with exactly two arrays, ``x`` and ``y``, read with
-``allow_pickle=False``.
+Images are float32 ``[N, C, H, W]`` in [0, 1]; labels int64 ``[N]``. The records file format and
+checks live in ``ftps.records``.
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ import pickle
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from ftps.ml.strategy import RecordsError
+from ftps.records import RecordsError
+from ftps.records.checks import validate
 
 __all__ = [
     "DATASETS",
@@ -27,9 +26,6 @@ __all__ = [
     "demo_splits",
     "load_digits",
     "load_fashion_mnist",
-    "load_records",
-    "save_records",
-    "validate_records",
 ]
 
 FASHION_MNIST_DIR = Path(
@@ -151,7 +147,7 @@ def load_cifar10(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, 
         ys.append(labels)
     x = (np.concatenate(xs).astype(np.float32) / np.float32(255.0)).reshape(-1, 3, 32, 32)
     y = np.concatenate(ys)
-    validate_records(x, y, what=f"CIFAR-10 {split}")
+    validate(x, y, what=f"CIFAR-10 {split}")
     return x, y
 
 
@@ -198,52 +194,3 @@ def demo_splits(dataset: str, *, seed: int = 0) -> dict[str, tuple[np.ndarray, n
     return {
         role: (sources[src][0][idx], sources[src][1][idx]) for role, (src, idx) in indices.items()
     }
-
-
-def validate_records(x: np.ndarray, y: np.ndarray, *, what: str = "records") -> None:
-    """Raise RecordsError (a ValueError) unless x is finite float32 [N, ...] and y int64 [N]."""
-    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise RecordsError(f"{what}: x and y must be numpy arrays")
-    if x.dtype != np.float32:
-        raise RecordsError(f"{what}: x must be float32, got {x.dtype}")
-    if x.ndim < 2:
-        raise RecordsError(f"{what}: x must have shape [N, ...features], got {x.shape}")
-    if y.dtype != np.int64:
-        raise RecordsError(f"{what}: y must be int64, got {y.dtype}")
-    if y.ndim != 1:
-        raise RecordsError(f"{what}: y must be 1-D, got shape {y.shape}")
-    if len(x) != len(y):
-        raise RecordsError(f"{what}: x has {len(x)} records but y has {len(y)} labels")
-    if not np.isfinite(x).all():
-        raise RecordsError(f"{what}: x contains NaN or infinite values")
-    if len(y) and y.min() < 0:
-        raise RecordsError(f"{what}: labels must be >= 0, got {int(y.min())}")
-
-
-def save_records(
-    path_or_buffer: str | os.PathLike | BinaryIO, x: np.ndarray, y: np.ndarray
-) -> None:
-    """Write validated records as an npz with arrays ``x`` (float32) and ``y`` (int64)."""
-    validate_records(x, y)
-    np.savez(path_or_buffer, x=x, y=y)
-
-
-def load_records(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Parse npz bytes written by ``save_records`` -> (x, y); never unpickles.
-
-    Raises RecordsError (a ValueError) on anything but exactly arrays x and y that pass
-    ``validate_records``.
-    """
-    from ftps.common.archives import ArchiveError, read_npz
-
-    try:
-        # Bounded before it is read (archives.INTERNAL_LIMITS: records the services wrote).
-        arrays = read_npz(data, what="records")
-    except ArchiveError as e:
-        raise RecordsError(f"records are not a valid npz file: {e}") from e
-    names = sorted(arrays)
-    if names != ["x", "y"]:
-        raise RecordsError(f"records npz must hold exactly arrays x and y, got {names}")
-    x, y = arrays["x"], arrays["y"]
-    validate_records(x, y)
-    return x, y

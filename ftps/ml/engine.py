@@ -35,10 +35,11 @@ from torch import nn
 
 from ftps.common.cpus import usable_cpus
 from ftps.ml import engines
-from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec
+from ftps.records import RecordsError
+from ftps.records.npz import Records
 from ftps.ml.strategy import (
     EngineError,
-    RecordsError,
     Strategy,
     StrategyError,
     WeightsError,
@@ -217,7 +218,7 @@ def run_job(job: FinetuneJob, *, device: str | None = None,
     each other and the strategy's model. Returns PHI float64 [len(models), m] and how it was
     computed (``JobResult``). ``progress(done, total)`` is called as models finish.
 
-    Raises StrategyError, WeightsError, RecordsError (all EngineError), or MemoryError.
+    Raises StrategyError, WeightsError (EngineError), RecordsError, or MemoryError.
     """
     t0 = time.perf_counter()
     strategy = load_strategy(job.strategy_source)

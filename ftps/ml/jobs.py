@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from ftps.common import archives
-from ftps.ml.datasets import load_records, validate_records
-from ftps.ml.strategy import RecordsError
+from ftps.records import RecordsError
+from ftps.records.npz import Records
 
 __all__ = ["CHECK_ONLY", "FinetuneJob", "JobResult", "ModelSpec", "Records"]
 
@@ -35,48 +35,6 @@ CHECK_ONLY = "check"
 # The files of a job on disk (``FinetuneJob.to_files``): the sandbox child reads them.
 _STRATEGY, _WEIGHTS, _SPEC, _MASKS = "strategy.txt", "base.safetensors", "job.json", "masks.npy"
 _TRAIN, _EVAL, _BUILDER = "train.npz", "eval.npz", "builder.npz"
-
-
-@dataclass(frozen=True, eq=False)
-class Records:
-    """Validated records: x float32 [N, *S] (finite), y int64 [N] (>= 0).
-
-    Build them with ``of`` (arrays) or ``load`` (npz bytes), which validate; ``npz`` is the blob
-    they were read from, passed on as it came (``to_npz``).
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    npz: bytes | None = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, *, what: str = "records") -> Records:
-        """Raises RecordsError unless x and y are records (``validate_records``)."""
-        validate_records(x, y, what=what)
-        return cls(x, y)
-
-    @classmethod
-    def load(cls, data: bytes, *, keep_npz: bool = True) -> Records:
-        """npz bytes (arrays x and y) -> Records; raises RecordsError (a ValueError), never
-        unpickles. ``keep_npz=False`` drops the blob once read (nothing will pass it on)."""
-        x, y = load_records(data)
-        return cls(x, y, bytes(data) if keep_npz else None)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    @property
-    def record_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
-    def to_npz(self) -> bytes:
-        """The blob they came as; else an npz of x and y (np.savez, not save_records: these are
-        validated already)."""
-        if self.npz is not None:
-            return self.npz
-        buf = io.BytesIO()
-        np.savez(buf, x=self.x, y=self.y)
-        return buf.getvalue()
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftps.ml.datasets import validate_records
+from ftps.records.checks import validate
 from ftps.ml.engine import configure_threads, pin_determinism, resolve_device, save_weights
 from ftps.ml.strategy import StrategyError, load_strategy
 from ftps.ml.training import (
@@ -70,7 +70,7 @@ def pretrain_base_model(
     strategy = load_strategy(strategy_source)
     if strategy.pretrain_recipe is None:
         raise StrategyError("strategy defines neither RECIPE nor PRETRAIN to pretrain with")
-    validate_records(x, y, what="pretraining records")
+    validate(x, y, what="pretraining records")
     configure_threads()
     dev = resolve_device(device)
     pin_determinism(dev)

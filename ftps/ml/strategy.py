@@ -62,14 +62,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftps.records import RecordsError
+
 __all__ = [
     "AUGMENTATIONS",
     "DEFAULT_DP_DELTA",
     "DPRecipe",
     "EngineError",
+    "JOB_ERRORS",
     "OPTIMIZERS",
     "Recipe",
-    "RecordsError",
     "Strategy",
     "StrategyError",
     "TTA_QUERIES",
@@ -92,8 +94,9 @@ class WeightsError(EngineError):
     """The base model weights are unreadable or do not match ``build_model()``."""
 
 
-class RecordsError(EngineError, ValueError):
-    """Records (x, y) are malformed or do not fit the model."""
+# What a job reports back as its error (the worker answers FAILED_PRECONDITION with it): the
+# engine's errors and records that do not fit (RecordsError lives with the records, ftps.records).
+JOB_ERRORS: tuple[type[Exception], ...] = (EngineError, RecordsError)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

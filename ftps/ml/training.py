@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftps.ml.jobs import ModelSpec
+from ftps.records import RecordsError
 from ftps.ml.strategy import (
+    JOB_ERRORS,
     DPRecipe,
-    EngineError,
     Recipe,
-    RecordsError,
     StrategyError,
     describe_exception,
 )
@@ -185,7 +185,7 @@ def strategy_code(what: str) -> Iterator[None]:
     """Turn failures of strategy code into StrategyError (allocation failures into MemoryError)."""
     try:
         yield
-    except EngineError:
+    except JOB_ERRORS:
         raise
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):

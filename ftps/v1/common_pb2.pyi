@@ -34,6 +34,12 @@ class BlobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BLOB_KIND_STRATEGY: _ClassVar[BlobKind]
     BLOB_KIND_BUILDER_DATA: _ClassVar[BlobKind]
 
+class FeatureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEATURE_KIND_UNSPECIFIED: _ClassVar[FeatureKind]
+    FEATURE_KIND_NUMERIC: _ClassVar[FeatureKind]
+    FEATURE_KIND_CATEGORICAL: _ClassVar[FeatureKind]
+
 class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROUND_STATE_UNSPECIFIED: _ClassVar[RoundState]
@@ -58,6 +64,9 @@ BLOB_KIND_UNSPECIFIED: BlobKind
 BLOB_KIND_BASE_MODEL: BlobKind
 BLOB_KIND_STRATEGY: BlobKind
 BLOB_KIND_BUILDER_DATA: BlobKind
+FEATURE_KIND_UNSPECIFIED: FeatureKind
+FEATURE_KIND_NUMERIC: FeatureKind
+FEATURE_KIND_CATEGORICAL: FeatureKind
 ROUND_STATE_UNSPECIFIED: RoundState
 ROUND_STATE_PENDING: RoundState
 ROUND_STATE_PREPARING: RoundState
@@ -99,7 +108,7 @@ class BlobRef(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TaskSettings(_message.Message):
-    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta")
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta", "schema")
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +122,7 @@ class TaskSettings(_message.Message):
     MODELS_PER_JOB_FIELD_NUMBER: _ClassVar[int]
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
     n_models: int
     batch_threshold: int
     method: Method
@@ -126,7 +136,36 @@ class TaskSettings(_message.Message):
     models_per_job: int
     value_range: ValueRange
     dp_delta: float
-    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ...) -> None: ...
+    schema: TabularSchema
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ..., schema: _Optional[_Union[TabularSchema, _Mapping]] = ...) -> None: ...
+
+class TabularSchema(_message.Message):
+    __slots__ = ("features", "label_column", "class_names")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[Feature]
+    label_column: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., label_column: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Feature(_message.Message):
+    __slots__ = ("name", "kind", "mean", "std", "range", "levels", "level_frequencies")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FREQUENCIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: FeatureKind
+    mean: float
+    std: float
+    range: ValueRange
+    levels: _containers.RepeatedScalarFieldContainer[str]
+    level_frequencies: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FeatureKind, str]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., range: _Optional[_Union[ValueRange, _Mapping]] = ..., levels: _Optional[_Iterable[str]] = ..., level_frequencies: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ValueRange(_message.Message):
     __slots__ = ("min", "max")

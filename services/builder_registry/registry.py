@@ -34,7 +34,7 @@ from ftps.common.clock import now_ts
 from ftps.common.paging import page_size
 from ftps.common.auth import Principal, authorized_task
 from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from ftps.common.records import validate_records
+from ftps.records import checks, tabular
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import MAX_MODELS, MAX_RECORDS, min_records, valid_batch_size, valid_n_models
 from ftps.privacy import dp
@@ -68,6 +68,8 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     """Fill unset (zero) fields with defaults and check every field; InvalidArgument names it."""
     s = common_pb2.TaskSettings()
     s.CopyFrom(settings)
+    if s.HasField("schema") and s.schema.class_names and not s.num_classes:
+        s.num_classes = len(s.schema.class_names)  # a tabular task's classes are named
     for name, value in DEFAULTS.items():
         if not getattr(s, name):
             setattr(s, name, value)
@@ -89,6 +91,21 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     if not 2 <= s.shadow_models <= MAX_MODELS:
         raise InvalidArgument(f"settings.shadow_models must be in [2, {MAX_MODELS}], got {s.shadow_models}",
                               reason="INVALID_SETTINGS", field="settings.shadow_models")
+    schema = tabular.of_settings(s)
+    if schema is not None:
+        # A tabular task: its model inputs are the encoded rows, [schema width].
+        schema.check(s.num_classes)
+        if not s.record_shape:
+            s.record_shape.append(schema.width)
+        if list(s.record_shape) != [schema.width]:
+            raise InvalidArgument(
+                f"settings.record_shape {list(s.record_shape)} does not match the schema, whose rows encode "
+                f"to [{schema.width}] model inputs; leave record_shape empty", reason="INVALID_SETTINGS",
+                field="settings.record_shape")
+        if s.HasField("value_range"):
+            raise InvalidArgument("settings.value_range applies to image tasks; a tabular task's ranges are per "
+                                  "feature (schema.features[i].range)", reason="INVALID_SETTINGS",
+                                  field="settings.value_range")
     if not s.record_shape or len(s.record_shape) > 4 or any(d <= 0 or d > 4096 for d in s.record_shape):
         raise InvalidArgument(
             f"settings.record_shape must be 1-4 positive dims, got {list(s.record_shape)}",
@@ -330,7 +347,7 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
         # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
         arrays = serde.npz_arrays(data, what="builder_data", limits=limits,
                                   expect=archives.records_spec(settings.record_shape))
-        x, y = validate_records(arrays["x"], arrays["y"], settings, field="builder_data")
+        x, y = checks.for_task(arrays["x"], arrays["y"], settings, field="builder_data", encoded=True)
         if len(x) < 8:
             raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed",
                                   reason="BUILDER_DATA_INVALID")
@@ -351,7 +368,7 @@ def _chunk_records(n: int, records: common_pb2.Records,
         if len(x) > MAX_CHUNK_RECORDS:
             raise ResourceExhausted(f"records: {len(x)} records in one chunk; at most {MAX_CHUNK_RECORDS}",
                                     reason="TOO_MANY_RECORDS", field="records")
-        return validate_records(x, y, settings)
+        return checks.for_task(x, y, settings)
     except FtpsError as exc:
         raise type(exc)(f"chunk {n}: {exc}", reason=exc.reason, field=exc.field,
                         metadata={**exc.metadata, "chunk": str(n)}) from None

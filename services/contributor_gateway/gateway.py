@@ -31,7 +31,7 @@ from ftps.common.db import Database
 from ftps.common.metrics import GatewayMetrics
 from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, NotFound,
                                 PermissionDenied, ResourceExhausted, Unavailable)
-from ftps.common.records import validate_records
+from ftps.records import checks
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import min_records
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
@@ -121,7 +121,7 @@ class Gateway:
         if len(x) > self._max_request:
             raise ResourceExhausted(f"records: {len(x)} records in one request; at most {self._max_request}",
                                     reason="TOO_MANY_RECORDS", field="records")
-        x, y = validate_records(x, y, task.settings)
+        x, y = checks.for_task(x, y, task.settings)
         if idempotency_key:
             digest = hashlib.sha256(f"{task_id}\0{contributor}\0{idempotency_key}".encode()).hexdigest()
             sub_id = "s-" + digest[:16]

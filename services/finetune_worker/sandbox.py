@@ -77,7 +77,8 @@ import numpy as np
 from ftps.common import archives
 from ftps.common.cpus import usable_cpus
 from ftps.ml.jobs import FinetuneJob, JobResult
-from ftps.ml.strategy import EngineError, RecordsError, StrategyError, WeightsError
+from ftps.ml.strategy import EngineError, StrategyError, WeightsError
+from ftps.records import RecordsError
 
 __all__ = ["SandboxChild", "SandboxError", "SandboxPool", "isolation_status", "run_sandboxed"]
 

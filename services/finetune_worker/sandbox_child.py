@@ -475,7 +475,7 @@ def serve(root_dir: str) -> int:
 
         from ftps.common import archives
         from ftps.ml import engine, jobs
-        from ftps.ml.strategy import EngineError, describe_exception
+        from ftps.ml.strategy import JOB_ERRORS, describe_exception
 
         _warm_up(engine, jobs, np)
     except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
@@ -510,7 +510,7 @@ def serve(root_dir: str) -> int:
             result = engine.run_job(inputs, device=device, progress=lambda done, total, k=k: protocol.send(
                 {"job": k, "done": done, "total": total}))
         except BaseException as e:  # noqa: BLE001 - every failure becomes a report
-            if isinstance(e, EngineError):
+            if isinstance(e, JOB_ERRORS):
                 report = _error(type(e).__name__, str(e), "job")
             elif _is_memory_failure(e):
                 report = _error("MemoryError", str(e) or type(e).__name__, "job")

@@ -15,8 +15,9 @@ from ftps.common.errors import FailedPrecondition, InvalidArgument
 from ftps.common.metrics import WorkerMetrics
 from ftps.common.serde import tensor_from_array
 from ftps.common.storage import ObjectStore, check_id
-from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec, Records
-from ftps.ml.strategy import EngineError
+from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec
+from ftps.ml.strategy import JOB_ERRORS
+from ftps.records.npz import Records
 from ftps.v1 import common_pb2, worker_pb2
 from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
 
@@ -209,7 +210,7 @@ class Worker:
                     finally:
                         with self._cold_lock:
                             self._cold_children -= 1
-            except (EngineError, SandboxError) as exc:
+            except (*JOB_ERRORS, SandboxError) as exc:
                 raise FailedPrecondition(f"{failed}: {exc}", reason="MODEL_CHECK_FAILED" if failed.startswith(
                     "model check") else "STRATEGY_FAILED") from exc
             return dataclasses.replace(result, seconds=time.perf_counter() - t0)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ftps.common import grpcutil, serde
 from ftps.common.errors import InvalidArgument
-from ftps.common.records import validate_records
+from ftps.records.checks import validate_for_task as validate_records
 from ftps.common.storage import check_id
 from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc

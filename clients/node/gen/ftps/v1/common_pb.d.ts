@@ -244,6 +244,18 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
    * @generated from field: double dp_delta = 13;
    */
   dpDelta: number;
+
+  /**
+   * Set for a tabular task (rows of named columns, e.g. health records); unset for images.
+   * Contributors then submit raw rows, x [m, len(schema.features)] (a categorical value as the index
+   * of its level), checked row by row against the schema and encoded by the service (numeric:
+   * (value - mean) / std; categorical: one-hot) into model inputs of record_shape
+   * [TabularSchema width]; record_shape may be left empty and is then filled in. value_range must
+   * stay unset (ranges are per feature).
+   *
+   * @generated from field: ftps.v1.TabularSchema schema = 14;
+   */
+  schema?: TabularSchema | undefined;
 };
 
 /**
@@ -251,6 +263,104 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
  * Use `create(TaskSettingsSchema)` to create a new message.
  */
 export declare const TaskSettingsSchema: GenMessage<TaskSettings>;
+
+/**
+ * The columns of a tabular task and the builder's normalisation, so contributors submit raw values.
+ *
+ * @generated from message ftps.v1.TabularSchema
+ */
+export declare type TabularSchema = Message<"ftps.v1.TabularSchema"> & {
+  /**
+   * The input columns in model order, 1 to 4096 of them, names unique.
+   *
+   * @generated from field: repeated ftps.v1.Feature features = 1;
+   */
+  features: Feature[];
+
+  /**
+   * The label column's name in CSV and Parquet files. Empty: "label".
+   *
+   * @generated from field: string label_column = 2;
+   */
+  labelColumn: string;
+
+  /**
+   * Class names by label index, e.g. ["malignant", "benign"]: files may give a label as its name or
+   * its index. Empty: labels are indices only. When given, exactly num_classes names.
+   *
+   * @generated from field: repeated string class_names = 3;
+   */
+  classNames: string[];
+};
+
+/**
+ * Describes the message ftps.v1.TabularSchema.
+ * Use `create(TabularSchemaSchema)` to create a new message.
+ */
+export declare const TabularSchemaSchema: GenMessage<TabularSchema>;
+
+/**
+ * One input column of a tabular task.
+ *
+ * @generated from message ftps.v1.Feature
+ */
+export declare type Feature = Message<"ftps.v1.Feature"> & {
+  /**
+   * The column's name in CSV and Parquet files; 1-200 printable characters.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Numeric or categorical.
+   *
+   * @generated from field: ftps.v1.FeatureKind kind = 2;
+   */
+  kind: FeatureKind;
+
+  /**
+   * Numeric: the builder's mean of the column (encoded = (value - mean) / std).
+   *
+   * @generated from field: double mean = 3;
+   */
+  mean: number;
+
+  /**
+   * Numeric: the builder's standard deviation of the column, > 0.
+   *
+   * @generated from field: double std = 4;
+   */
+  std: number;
+
+  /**
+   * Numeric: the values a row may hold; unset: any finite value.
+   *
+   * @generated from field: ftps.v1.ValueRange range = 5;
+   */
+  range?: ValueRange | undefined;
+
+  /**
+   * Categorical: the levels, 2 to 1000 distinct strings.
+   *
+   * @generated from field: repeated string levels = 6;
+   */
+  levels: string[];
+
+  /**
+   * Categorical: the share of each level in the builder's data (same order as levels), used to
+   * explain why a row is unusual; empty: unknown.
+   *
+   * @generated from field: repeated double level_frequencies = 7;
+   */
+  levelFrequencies: number[];
+};
+
+/**
+ * Describes the message ftps.v1.Feature.
+ * Use `create(FeatureSchema)` to create a new message.
+ */
+export declare const FeatureSchema: GenMessage<Feature>;
 
 /**
  * A closed interval [min, max] of record values; min <= max, both finite.
@@ -1041,6 +1151,39 @@ export enum BlobKind {
  * Describes the enum ftps.v1.BlobKind.
  */
 export declare const BlobKindSchema: GenEnum<BlobKind>;
+
+/**
+ * Whether a column holds numbers or one of a fixed set of levels.
+ *
+ * @generated from enum ftps.v1.FeatureKind
+ */
+export enum FeatureKind {
+  /**
+   * Not set: refused (INVALID_ARGUMENT).
+   *
+   * @generated from enum value: FEATURE_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A real number: encoded as (value - mean) / std.
+   *
+   * @generated from enum value: FEATURE_KIND_NUMERIC = 1;
+   */
+  NUMERIC = 1,
+
+  /**
+   * One of `levels`: encoded one-hot, in the order of `levels`.
+   *
+   * @generated from enum value: FEATURE_KIND_CATEGORICAL = 2;
+   */
+  CATEGORICAL = 2,
+}
+
+/**
+ * Describes the enum ftps.v1.FeatureKind.
+ */
+export declare const FeatureKindSchema: GenEnum<FeatureKind>;
 
 /**
  * Where a scoring round is.
