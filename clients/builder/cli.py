@@ -49,7 +49,9 @@ from clients.cli_common import (
 from clients.score_html import epsilon_cell, headline
 from ftps.common import serde
 from ftps.common.clock import iso
-from ftps.records import files
+from ftps.records import files, tables
+from ftps.records.files import Expect
+from ftps.records.tabular import Schema
 from ftps.v1 import common_pb2, scorer_pb2
 
 PROG = "ftps-builder"
@@ -68,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create-task", help="register a modelling task")
     c.add_argument("--name", required=True)
     c.add_argument("--owner", default="")
-    c.add_argument("--record-shape", required=True, help="shape of one record, e.g. 1,28,28")
-    c.add_argument("--num-classes", type=int, default=10)
+    c.add_argument("--record-shape", default="", help="shape of one record, e.g. 1,28,28 (required for an "
+                                                     "image task; a tabular task's comes from --schema)")
+    c.add_argument("--schema", type=Path, default=None, metavar="SCHEMA.json",
+                   help="a tabular task: its columns and normalisation (`ftps-builder schema` writes one from "
+                        "your data); contributors then submit .csv or .parquet rows with these columns")
+    c.add_argument("--num-classes", type=int, default=0, help="classes of the labels (default 10; a tabular "
+                                                              "task's schema with class names: their number)")
     c.add_argument("--models", "-n", type=int, default=32, help="fine-tuned models per round (even)")
     c.add_argument("--batch-threshold", "-m", type=int, default=200, help="records that start a round")
     c.add_argument("--shadow-models", "-k", type=int, default=16)
@@ -80,14 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta at which each record's empirical epsilon is reported, in (0, 0.01] "
                         "(default 1e-5; pick one well below 1 / people in the data set)")
     c.add_argument("--builder-mix", type=int, default=0, help="builder records mixed into each model")
-    c.add_argument("--value-range", default="0,1", metavar="MIN,MAX",
-                   help="values a record may hold; contributors' records and builder data outside it are "
-                        "refused (default 0,1: the shipped image strategies; 'any': any finite float32)")
+    c.add_argument("--value-range", default=None, metavar="MIN,MAX",
+                   help="image tasks: values a record may hold; contributors' records and builder data outside "
+                        "it are refused (default 0,1: the shipped image strategies; 'any': any finite float32). "
+                        "A tabular task's ranges are per column, in its schema")
     c.add_argument("--models-per-job", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
 
-    u = sub.add_parser("upload", help="upload a base model (.safetensors), strategy (.py) or data (.npz)")
+    sm = sub.add_parser("schema", help="write a tabular task's schema from your own table (.csv or .parquet): "
+                                       "each column's kind and your normalisation (mean and std, or levels)")
+    sm.add_argument("file", type=Path, help="your training-distribution table, one row per record")
+    sm.add_argument("--label", default="label", help="the label column (default: label)")
+    sm.add_argument("--class-names", default="", metavar="NAME,NAME",
+                    help="class names by label index, e.g. malignant,benign: files may then give labels by name")
+    sm.add_argument("--max-levels", type=int, default=50,
+                    help="a text column with more distinct values than this is refused (default 50)")
+    sm.add_argument("--out", type=Path, default=None, help="write the JSON here (default: standard output)")
+
+    u = sub.add_parser("upload", help="upload a base model (.safetensors), strategy (.py) or data "
+                                      "(.npz, or .csv / .parquet for a tabular task)")
     u.add_argument("--task", required=True)
     u.add_argument("--kind", required=True, choices=list(KIND_NAMES))
     u.add_argument("file", type=Path)
@@ -158,14 +177,28 @@ def _client(args) -> BuilderClient:
 
 
 def cmd_create(args) -> int:
-    shape = list(parse_shape(args.record_shape, flag="--record-shape"))
+    schema = None
+    if args.schema is not None:
+        try:
+            text = args.schema.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --schema {args.schema}: {getattr(exc, 'strerror', None) or exc}") from exc
+        schema = Schema.from_json(text, what=str(args.schema))
+        if args.value_range is not None:
+            raise InputError("--value-range applies to image tasks; a tabular task's ranges are per column, "
+                             "in its schema")
+    elif not args.record_shape:
+        raise InputError("--record-shape is required (e.g. 1,28,28), or --schema for a tabular task")
+    shape = list(parse_shape(args.record_shape, flag="--record-shape")) if args.record_shape else []
     settings = common_pb2.TaskSettings(
         n_models=args.models, batch_threshold=args.batch_threshold, method=serde.method_enum(args.method),
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
         record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
         seed=args.seed, models_per_job=args.models_per_job, dp_delta=args.dp_delta)
-    if args.value_range != "any":
-        lo, hi = parse_value_range(args.value_range)
+    if schema is not None:
+        settings.schema.CopyFrom(schema.to_proto())
+    elif (args.value_range or "0,1") != "any":
+        lo, hi = parse_value_range(args.value_range or "0,1")
         settings.value_range.CopyFrom(common_pb2.ValueRange(min=lo, max=hi))
     task = _client(args).create_task(args.name, settings, owner=args.owner)
     if args.json:
@@ -175,9 +208,34 @@ def cmd_create(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    fmt = tables.table_format(args.file.name)
+    if fmt is None:
+        raise InputError(f"{args.file}: a schema is read from a .csv or .parquet table")
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    columns = tables.read_table(data, fmt, what=str(args.file))
+    names = [c.strip() for c in args.class_names.split(",") if c.strip()]
+    schema = Schema.infer(columns, label_column=args.label, class_names=names, what=str(args.file),
+                          max_levels=args.max_levels)
+    text = schema.to_json() + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        kinds = [f.kind for f in schema.features]
+        print(f"schema written: {args.out} ({kinds.count('numeric')} numeric and {kinds.count('categorical')} "
+              f"categorical columns, {schema.width} model inputs); check it, then create-task --schema {args.out}")
+    return 0
+
+
 def cmd_upload(args) -> int:
     if KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and not args.npz_blob:
-        recs = files.load(args.file)  # InvalidArgument names the file and the problem
+        # A table's columns mean what the task's schema says: fetched first.
+        task = _client(args).get_task(args.task) if tables.table_format(args.file.name) else None
+        recs = files.load(args.file, Expect.of(task.settings if task is not None else None))
         with progress_bar(f"uploading {args.file.name}") as update:
             ref = _client(args).upload_builder_records(args.task, recs.x, recs.y, progress=update)
         if args.json:
@@ -229,6 +287,8 @@ def _task_dict(t) -> dict:
             "created_at": iso(t.created_at), "n_models": s.n_models, "batch_threshold": s.batch_threshold,
             "method": serde.METHOD_NAMES.get(s.method, ""), "shadow_models": s.shadow_models,
             "record_shape": list(s.record_shape), "num_classes": s.num_classes,
+            "columns": ([f"{f.name} ({f.kind})" for f in Schema.from_proto(s.schema).features] + [
+                f"{s.schema.label_column or 'label'} (label)"] if s.HasField("schema") else None),
             "uploads": {k: (getattr(t, k).version or None) for k in ("base_model", "strategy", "builder_data")},
             "model_check": _check_dict(t.model_check)}
 
@@ -384,7 +444,7 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
-        "create-task": cmd_create, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
+        "create-task": cmd_create, "schema": cmd_schema, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
         "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch,
         "watch-scores": cmd_watch_scores, "scores": cmd_scores,
         "report": cmd_report})

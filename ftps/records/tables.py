@@ -149,6 +149,9 @@ def write_table(columns: dict[str, list[Any]], fmt: str) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # A column of mixed types (a number and a typo) is written as text, as a spreadsheet would.
+    columns = {name: [None if v is None else str(v) for v in col]
+               if len({type(v) for v in col if v is not None}) > 1 else col for name, col in columns.items()}
     out = io.BytesIO()
     pq.write_table(pa.table(columns), out)
     return out.getvalue()

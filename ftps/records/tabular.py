@@ -135,8 +135,10 @@ class Schema:
     def from_proto(cls, msg: common_pb2.TabularSchema) -> Schema:
         feats = []
         for f in msg.features:
+            numeric = f.kind == common_pb2.FEATURE_KIND_NUMERIC
             feats.append(Feature(
-                name=f.name, kind=_KIND_NAMES.get(f.kind, "unspecified"), mean=f.mean, std=f.std,
+                name=f.name, kind=_KIND_NAMES.get(f.kind, "unspecified"), mean=f.mean if numeric else 0.0,
+                std=f.std if numeric else 1.0,
                 range=(f.range.min, f.range.max) if f.HasField("range") else None,
                 levels=tuple(f.levels), level_frequencies=tuple(f.level_frequencies)))
         return cls(tuple(feats), msg.label_column or DEFAULT_LABEL, tuple(msg.class_names))

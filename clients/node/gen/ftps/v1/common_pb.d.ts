@@ -63,6 +63,9 @@ export declare const TensorSchema: GenMessage<Tensor>;
  * converted to float32 first; every converted value must be finite and inside the task's
  * value_range. Other x dtypes (integers, bool) are refused: scale images to the task's range
  * yourself. y must be an integer dtype (converted to int64) with labels in [0, num_classes).
+ * For a tabular task (TaskSettings.schema set) x is instead raw rows [m, len(schema.features)],
+ * FLOAT32 or FLOAT64, checked against the schema column by column (a violation names the row and
+ * the column, e.g. "records.x[3, 2] (column 'bmi') = inf is not finite") and encoded by the service.
  * At most 10,000 records per request (and the request at most the server's message size limit,
  * 64 MiB by default); larger sets go in several requests or chunks.
  * A violation is INVALID_ARGUMENT with a BadRequest field violation naming the field and the first
