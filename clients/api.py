@@ -205,8 +205,14 @@ class ContributorClient:
 
     def scores(self, task_id: str, round_id: str = "", *, page_size: int = 0) -> list[common_pb2.RecordScore]:
         """This contributor's scores in the task (all pages)."""
-        return list(all_scores(self.stub, gateway_pb2.GetScoresRequest(
-            task_id=task_id, contributor=self.contributor, round_id=round_id, page_size=page_size)).scores)
+        return list(self.scores_response(task_id, round_id, page_size=page_size).scores)
+
+    def scores_response(self, task_id: str, round_id: str = "", *,
+                        page_size: int = 0) -> gateway_pb2.GetScoresResponse:
+        """This contributor's record scores and, in tasks with contributor-level masks, the scores
+        of their whole contribution per round (all pages, in one response)."""
+        return all_scores(self.stub, gateway_pb2.GetScoresRequest(
+            task_id=task_id, contributor=self.contributor, round_id=round_id, page_size=page_size))
 
     def list_submissions(self, task_id: str = "", *, page_size: int = 0) -> list[gateway_pb2.Submission]:
         """This contributor's submissions (of one task, if given), oldest first (all pages)."""
@@ -241,6 +247,7 @@ def all_scores(stub: gateway_pb2_grpc.ContributorGatewayServiceStub,
         resp = stub.GetScores(request, timeout=DEFAULT_TIMEOUT)
         out.scores.extend(resp.scores)
         out.batches.extend(resp.batches)
+        out.contributor_scores.extend(resp.contributor_scores)
         if not resp.next_page_token:
             return out
         request.page_token = resp.next_page_token
@@ -421,6 +428,25 @@ def score_dict(s: common_pb2.RecordScore) -> dict:
             "empirical_mu_ci_high": s.empirical_mu_ci_high, "empirical_epsilon": s.empirical_epsilon,
             "empirical_epsilon_ci_low": s.empirical_epsilon_ci_low,
             "empirical_epsilon_ci_high": s.empirical_epsilon_ci_high, "delta": s.delta}
+
+
+def contribution_dict(c: common_pb2.ContributorScore) -> dict:
+    """The JSON shape of one contributor's whole-contribution score (contributor-level masks)."""
+    return {"contributor": c.contributor, "round_id": c.round_id, "n_records": c.n_records,
+            "score": c.score, "score_ci_low": c.score_ci_low, "score_ci_high": c.score_ci_high,
+            "counted_p": c.counted_p, "empirical_mu": c.empirical_mu, "empirical_mu_ci_low": c.empirical_mu_ci_low,
+            "empirical_mu_ci_high": c.empirical_mu_ci_high, "empirical_epsilon": c.empirical_epsilon,
+            "empirical_epsilon_ci_low": c.empirical_epsilon_ci_low,
+            "empirical_epsilon_ci_high": c.empirical_epsilon_ci_high, "delta": c.delta,
+            "n_in": c.n_in, "n_out": c.n_out}
+
+
+def contribution_text(c: common_pb2.ContributorScore) -> str:
+    """One line a person reads: ``alice's whole contribution (12 records, round r-1): score +0.41
+    [+0.12, +0.66], empirical ε 2.31 [0.52, 4.10] at δ = 1e-05``."""
+    return (f"{c.contributor}'s whole contribution ({c.n_records} records, round {c.round_id}): score "
+            f"{c.score:+.3f} [{c.score_ci_low:+.2f}, {c.score_ci_high:+.2f}], empirical ε {c.empirical_epsilon:.2f} "
+            f"[{c.empirical_epsilon_ci_low:.2f}, {c.empirical_epsilon_ci_high:.2f}] at δ = {c.delta:g}")
 
 
 def batch_dict(b: common_pb2.BatchMetrics) -> dict:

@@ -50,6 +50,8 @@ class TestSubmissionStoreContract:
         for i in range(3):
             store.add(_sub(f"s-00{i}", 2, who=f"c{i}"))
         assert store.claim("t-1", "r-a", at_least=7).submissions == []  # too few: nothing changes
+        few = store.claim("t-1", "r-a", at_least=6, at_least_contributors=4)  # records enough, people not
+        assert few.submissions == [] and (few.pending, few.contributors) == (6, 3)
         claim = store.claim("t-1", "r-a", at_least=6, now=100.0)
         assert claim.pending == 6 and [s.submission_id for s in claim.submissions] == ["s-000", "s-001", "s-002"]
         assert store.get("s-001").state == IN_ROUND and store.get("s-001").round_id == "r-a"

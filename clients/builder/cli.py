@@ -27,6 +27,7 @@ from clients.api import (
     KIND_NAMES,
     BuilderClient,
     batch_dict,
+    contribution_dict,
     estimate_dict,
     estimate_text,
     preparation_dict,
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it are refused (default 0,1: the shipped image strategies; 'any': any finite float32). "
                         "A tabular task's ranges are per column, in its schema")
     c.add_argument("--models-per-job", type=int, default=4)
+    c.add_argument("--mask-unit", choices=("record", "contributor"), default="record",
+                   help="what a model's inclusion mask draws: single records (default), or each contributor's "
+                        "records together, which also scores each whole contribution (user-level inference; "
+                        "a round then needs records of at least 16 contributors)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
 
@@ -194,7 +199,8 @@ def cmd_create(args) -> int:
         n_models=args.models, batch_threshold=args.batch_threshold, method=serde.method_enum(args.method),
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
         record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
-        seed=args.seed, models_per_job=args.models_per_job, dp_delta=args.dp_delta)
+        seed=args.seed, models_per_job=args.models_per_job, dp_delta=args.dp_delta,
+        mask_unit=common_pb2.MASK_UNIT_CONTRIBUTOR if args.mask_unit == "contributor" else common_pb2.MASK_UNIT_RECORD)
     if schema is not None:
         settings.schema.CopyFrom(schema.to_proto())
     elif (args.value_range or "0,1") != "any":
@@ -402,7 +408,8 @@ def cmd_scores(args) -> int:
     resp = _client(args).scores(args.task, args.round)
     if args.json:
         print_json({"task": args.task, "records": [score_dict(s) for s in resp.scores],
-                    "batches": [batch_dict(b) for b in resp.batches]})
+                    "batches": [batch_dict(b) for b in resp.batches],
+                    "contributions": [contribution_dict(c) for c in resp.contributor_scores]})
         return 0
     table = Table("record", "contributor", "round", "score", "95% interval", "counted P", "empirical ε [95%]", "AUC")
     for s in resp.scores:
@@ -414,6 +421,14 @@ def cmd_scores(args) -> int:
     for b in resp.batches:
         console.print(f"batch ({serde.METHOD_NAMES.get(b.method)}): AUC {b.auc:.3f}, "
                       f"TPR@1%FPR {b.tpr_at_1pct_fpr:.3f}, TPR@0.1%FPR {b.tpr_at_0_1pct_fpr:.3f}")
+    if resp.contributor_scores:  # contributor-level masks: each whole contribution
+        whole = Table("contributor", "round", "records", "score", "95% interval", "empirical ε [95%]")
+        for c in resp.contributor_scores:
+            whole.add_row(c.contributor, c.round_id, str(c.n_records), f"{c.score:+.3f}",
+                          f"[{c.score_ci_low:+.2f}, {c.score_ci_high:+.2f}]",
+                          f"{c.empirical_epsilon:.2f} [{c.empirical_epsilon_ci_low:.2f}, "
+                          f"{c.empirical_epsilon_ci_high:.2f}]")
+        console.print(whole)
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from clients.api import ContributorClient, score_dict
+from clients.api import ContributorClient, contribution_dict, contribution_text, score_dict
 from clients.cli_common import (
     add_address,
     add_config,
@@ -132,10 +132,13 @@ def cmd_submission(args) -> int:
 
 
 def cmd_scores(args) -> int:
-    scores = _client(args).scores(args.task, args.round)
+    resp = _client(args).scores_response(args.task, args.round)
+    scores, whole = list(resp.scores), list(resp.contributor_scores)
     if args.json:
         print_json({"task": args.task, "contributor": args.contributor,
-                    "records": [score_dict(s) for s in scores], "summary": contributor_summary(scores)})
+                    "records": [score_dict(s) for s in scores], "summary": contributor_summary(scores),
+                    # tasks with contributor-level masks: the whole contribution, per round
+                    "contribution": [contribution_dict(c) for c in whole]})
         return 0
     if not scores:
         print("no scores yet: your records are waiting for a round")
@@ -148,6 +151,8 @@ def cmd_scores(args) -> int:
     console = Console()
     console.print(table)
     console.print(summary_line(contributor_summary(scores)))
+    for c in whole:
+        console.print(contribution_text(c), highlight=False)
     return 0
 
 

@@ -59,6 +59,7 @@ REASONS: dict[str, tuple[str, str, bool]] = {
     "FAILED_PRECONDITION": ("FAILED_PRECONDITION", "The system is not in a state that allows the call (generic).", False),
     "TASK_NOT_READY": ("FAILED_PRECONDITION", "The task lacks uploads, or its base model was not checked against its strategy.", False),
     "TOO_FEW_RECORDS": ("FAILED_PRECONDITION", "Not enough records are pending for a round.", False),
+    "TOO_FEW_CONTRIBUTORS": ("FAILED_PRECONDITION", "A task with contributor-level masks has records of too few contributors pending for a round.", False),
     "MODEL_CHECK_FAILED": ("FAILED_PRECONDITION", "The base model, strategy or data do not work together.", False),
     "STRATEGY_FAILED": ("FAILED_PRECONDITION", "Fine-tuning failed on the round's models.", False),
     "PREPARATION_MISSING": ("FAILED_PRECONDITION", "A method needs the offline preparation, which is missing.", False),

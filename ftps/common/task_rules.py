@@ -8,6 +8,10 @@ import math
 # Bounds of a round: models fine-tuned per round (and shadow models), records in one batch.
 MAX_MODELS = 4096
 MAX_RECORDS = 100_000
+# Contributor-level masks (TaskSettings.mask_unit) draw whole contributions: a batch needs this many
+# contributors, so that complementary pairs of models rarely repeat a split (C(16, 8) / 2 = 6435
+# splits) and each contribution's score has others to be compared with.
+MIN_CONTRIBUTORS = 16
 
 
 def valid_n_models(n_models: int) -> bool:

@@ -14,7 +14,8 @@ import numpy as np
 from ftps.common.task_rules import distinct_splits
 from ftps.privacy.scoring import MIN_MODELS
 
-__all__ = ["derive_seed", "make_masks", "model_seeds", "shadow_masks", "trace_failures"]
+__all__ = ["derive_seed", "group_index", "make_group_masks", "make_masks", "model_seeds", "shadow_masks",
+           "trace_failures"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -58,6 +59,28 @@ def make_masks(n_models: int, n_records: int, *, seed: int) -> np.ndarray:
     masks[0::2] = first
     masks[1::2] = ~first
     return masks
+
+
+def group_index(labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct labels in sorted order and, per record, the index of its label: contributors
+    of a batch -> (names, group of each record). Sorted, so the groups do not depend on arrival."""
+    names = sorted(set(labels))
+    where = {name: g for g, name in enumerate(names)}
+    return names, np.array([where[label] for label in labels], dtype=np.int64)
+
+
+def make_group_masks(n_models: int, groups: np.ndarray, *, seed: int) -> np.ndarray:
+    """Inclusion masks that draw whole groups (a contributor's records) in or out together:
+    :func:`make_masks` over the groups, each record taking its group's column. Every group is IN
+    for exactly ``n_models / 2`` models; models get about half of the groups (not of the records).
+
+    ``groups``: int ``[n_records]``, the group of each record, values ``0..G-1`` (``group_index``).
+    Returns bool ``[n_models, n_records]``.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) == 0 or groups.dtype.kind not in "iu" or groups.min() < 0:
+        raise ValueError("groups must be a non-empty 1-D array of group indices >= 0")
+    return make_masks(n_models, int(groups.max()) + 1, seed=seed)[:, groups]
 
 
 def _redraw_repeated_splits(first: np.ndarray, first_size: np.ndarray, rng: np.random.Generator) -> None:

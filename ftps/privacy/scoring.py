@@ -1112,3 +1112,30 @@ def score(
         offline_sigma=offline_sigma,
         delta=delta,
     )
+
+
+def score_groups(phi: np.ndarray, member: np.ndarray, groups: np.ndarray, *,
+                 delta: float = dp.DEFAULT_DELTA, confidence: float = 0.95) -> ScoreResult:
+    """Score whole groups of records (a contributor's contribution: user-level membership
+    inference) from masks that draw each group in or out together (``masks.make_group_masks``).
+
+    A group's statistic on a model is the mean of its records' statistics (records whose
+    statistic is not finite left out); the groups are then scored as records are, by online
+    LiRA (:func:`score`). Returns a ScoreResult over the groups, ``0..G-1`` in order.
+    Raises ValueError when a group's records do not share one mask column.
+    """
+    phi = np.asarray(phi, dtype=np.float64)
+    member = np.asarray(member).astype(bool)
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1
+    first = np.array([int(np.argmax(groups == g)) for g in range(n_groups)])
+    if (member != member[:, first[groups]]).any():
+        raise ValueError("a group's records must be in or out of each model together (group masks)")
+    finite = np.isfinite(phi)
+    sums = np.zeros((phi.shape[0], n_groups))
+    counts = np.zeros((phi.shape[0], n_groups))
+    np.add.at(sums.T, groups, np.where(finite, phi, 0.0).T)
+    np.add.at(counts.T, groups, finite.T)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grouped = sums / counts
+    return score(grouped, member[:, first], method="online-per-record", delta=delta, confidence=confidence)

@@ -34,6 +34,12 @@ class BlobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BLOB_KIND_STRATEGY: _ClassVar[BlobKind]
     BLOB_KIND_BUILDER_DATA: _ClassVar[BlobKind]
 
+class MaskUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MASK_UNIT_UNSPECIFIED: _ClassVar[MaskUnit]
+    MASK_UNIT_RECORD: _ClassVar[MaskUnit]
+    MASK_UNIT_CONTRIBUTOR: _ClassVar[MaskUnit]
+
 class FeatureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FEATURE_KIND_UNSPECIFIED: _ClassVar[FeatureKind]
@@ -64,6 +70,9 @@ BLOB_KIND_UNSPECIFIED: BlobKind
 BLOB_KIND_BASE_MODEL: BlobKind
 BLOB_KIND_STRATEGY: BlobKind
 BLOB_KIND_BUILDER_DATA: BlobKind
+MASK_UNIT_UNSPECIFIED: MaskUnit
+MASK_UNIT_RECORD: MaskUnit
+MASK_UNIT_CONTRIBUTOR: MaskUnit
 FEATURE_KIND_UNSPECIFIED: FeatureKind
 FEATURE_KIND_NUMERIC: FeatureKind
 FEATURE_KIND_CATEGORICAL: FeatureKind
@@ -108,7 +117,7 @@ class BlobRef(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TaskSettings(_message.Message):
-    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta", "schema")
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta", "schema", "mask_unit")
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +132,7 @@ class TaskSettings(_message.Message):
     VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    MASK_UNIT_FIELD_NUMBER: _ClassVar[int]
     n_models: int
     batch_threshold: int
     method: Method
@@ -137,7 +147,44 @@ class TaskSettings(_message.Message):
     value_range: ValueRange
     dp_delta: float
     schema: TabularSchema
-    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ..., schema: _Optional[_Union[TabularSchema, _Mapping]] = ...) -> None: ...
+    mask_unit: MaskUnit
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ..., schema: _Optional[_Union[TabularSchema, _Mapping]] = ..., mask_unit: _Optional[_Union[MaskUnit, str]] = ...) -> None: ...
+
+class ContributorScore(_message.Message):
+    __slots__ = ("contributor", "round_id", "n_records", "score", "score_ci_low", "score_ci_high", "counted_p", "empirical_mu", "empirical_mu_ci_low", "empirical_mu_ci_high", "empirical_epsilon", "empirical_epsilon_ci_low", "empirical_epsilon_ci_high", "delta", "n_in", "n_out")
+    CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    N_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_P_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_MU_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    EMPIRICAL_EPSILON_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    N_IN_FIELD_NUMBER: _ClassVar[int]
+    N_OUT_FIELD_NUMBER: _ClassVar[int]
+    contributor: str
+    round_id: str
+    n_records: int
+    score: float
+    score_ci_low: float
+    score_ci_high: float
+    counted_p: float
+    empirical_mu: float
+    empirical_mu_ci_low: float
+    empirical_mu_ci_high: float
+    empirical_epsilon: float
+    empirical_epsilon_ci_low: float
+    empirical_epsilon_ci_high: float
+    delta: float
+    n_in: int
+    n_out: int
+    def __init__(self, contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., n_records: _Optional[int] = ..., score: _Optional[float] = ..., score_ci_low: _Optional[float] = ..., score_ci_high: _Optional[float] = ..., counted_p: _Optional[float] = ..., empirical_mu: _Optional[float] = ..., empirical_mu_ci_low: _Optional[float] = ..., empirical_mu_ci_high: _Optional[float] = ..., empirical_epsilon: _Optional[float] = ..., empirical_epsilon_ci_low: _Optional[float] = ..., empirical_epsilon_ci_high: _Optional[float] = ..., delta: _Optional[float] = ..., n_in: _Optional[int] = ..., n_out: _Optional[int] = ...) -> None: ...
 
 class TabularSchema(_message.Message):
     __slots__ = ("features", "label_column", "class_names")
@@ -309,7 +356,7 @@ class OfflineGaussian(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded", "dp_epsilon", "dp_delta", "dp_noise_multiplier")
+    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "contributor_scores")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +374,7 @@ class RoundResult(_message.Message):
     DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_SCORES_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
     batch: BatchMetrics
@@ -337,7 +385,8 @@ class RoundResult(_message.Message):
     dp_epsilon: float
     dp_delta: float
     dp_noise_multiplier: float
-    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
+    contributor_scores: _containers.RepeatedCompositeFieldContainer[ContributorScore]
+    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., contributor_scores: _Optional[_Iterable[_Union[ContributorScore, _Mapping]]] = ...) -> None: ...
 
 class ModelCheck(_message.Message):
     __slots__ = ("base_model_sha256", "strategy_sha256", "num_classes", "parameters", "device", "seconds", "checked_at")

@@ -81,14 +81,16 @@ class GetScoresRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., contributor: _Optional[str] = ..., round_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetScoresResponse(_message.Message):
-    __slots__ = ("scores", "batches", "next_page_token")
+    __slots__ = ("scores", "batches", "next_page_token", "contributor_scores")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_SCORES_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.RecordScore]
     batches: _containers.RepeatedCompositeFieldContainer[_common_pb2.BatchMetrics]
     next_page_token: str
-    def __init__(self, scores: _Optional[_Iterable[_Union[_common_pb2.RecordScore, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.BatchMetrics, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    contributor_scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.ContributorScore]
+    def __init__(self, scores: _Optional[_Iterable[_Union[_common_pb2.RecordScore, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[_common_pb2.BatchMetrics, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., contributor_scores: _Optional[_Iterable[_Union[_common_pb2.ContributorScore, _Mapping]]] = ...) -> None: ...
 
 class ListSubmissionsRequest(_message.Message):
     __slots__ = ("task_id", "page_size", "page_token", "contributor")

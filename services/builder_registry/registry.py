@@ -82,6 +82,9 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     if s.method not in serde.METHOD_NAMES:
         raise InvalidArgument(f"settings.method {s.method} is not a known method", reason="UNKNOWN_METHOD",
                               field="settings.method")
+    if s.mask_unit not in common_pb2.MaskUnit.values():
+        raise InvalidArgument(f"settings.mask_unit {s.mask_unit} is not a mask unit", reason="INVALID_SETTINGS",
+                              field="settings.mask_unit")
     if not 0.0 < s.alpha < 0.5:
         raise InvalidArgument(f"settings.alpha must be in (0, 0.5), got {s.alpha}",
                               reason="INVALID_SETTINGS", field="settings.alpha")

@@ -33,7 +33,7 @@ from ftps.common.errors import (FailedPrecondition, FtpsError, InvalidArgument, 
                                 PermissionDenied, ResourceExhausted, Unavailable)
 from ftps.records import checks
 from ftps.common.storage import ObjectStore, check_id
-from ftps.common.task_rules import min_records
+from ftps.common.task_rules import MIN_CONTRIBUTORS, min_records
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
 from services.contributor_gateway.store import RoundRef, SqlSubmissionStore, SubmissionStore
 
@@ -220,7 +220,15 @@ class Gateway:
         m = task.settings.batch_threshold
         least = max(2, min_records(task.settings.n_models))
         round_id = "r-" + uuid.uuid4().hex[:12]
-        claim = self._subs.claim(task_id, round_id, at_least=least if force else max(least, m))
+        # Contributor-level masks draw whole contributions: the batch waits for enough of them.
+        need = MIN_CONTRIBUTORS if task.settings.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR else 0
+        claim = self._subs.claim(task_id, round_id, at_least=least if force else max(least, m),
+                                 at_least_contributors=need)
+        if not claim.submissions and claim.pending >= (least if force else max(least, m)):
+            raise FailedPrecondition(
+                f"task {task_id} has records of {claim.contributors} contributor(s) pending; its rounds draw "
+                f"whole contributions (contributor-level masks) and need at least {need}",
+                reason="TOO_FEW_CONTRIBUTORS")
         if not claim.submissions:
             if claim.pending < least:
                 raise FailedPrecondition(f"task {task_id} has {claim.pending} record(s) pending; a round of "
@@ -413,8 +421,11 @@ class Gateway:
                 resp.next_page_token = paging.encode_token([rid, start])
                 break
             take = scores[start:start + n - len(resp.scores)]
-            if not contributor and start == 0:
-                resp.batches.append(result.batch)
+            if start == 0:
+                if not contributor:
+                    resp.batches.append(result.batch)
+                resp.contributor_scores.extend(c for c in result.contributor_scores
+                                               if not contributor or c.contributor == contributor)
             resp.scores.extend(take)
             if start + len(take) < len(scores):
                 resp.next_page_token = paging.encode_token([rid, start + len(take)])

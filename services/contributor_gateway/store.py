@@ -44,6 +44,7 @@ class Claim:
 
     pending: int
     submissions: list[gateway_pb2.Submission] = field(default_factory=list)
+    contributors: int = 0  # distinct contributors of the pending records
 
 
 @dataclass
@@ -83,10 +84,12 @@ class SubmissionStore(abc.ABC):
         """Records of the task waiting for a round (only ``contributor``'s, if given)."""
 
     @abc.abstractmethod
-    def claim(self, task_id: str, round_id: str, *, at_least: int, now: float | None = None) -> Claim:
+    def claim(self, task_id: str, round_id: str, *, at_least: int, at_least_contributors: int = 0,
+              now: float | None = None) -> Claim:
         """Atomically move every pending submission of the task (that no concurrent claim holds) to
         IN_ROUND of the new ``round_id`` and record the round, if they hold at least ``at_least``
-        records; otherwise change nothing. Concurrent claims never take the same submission."""
+        records of at least ``at_least_contributors`` contributors; otherwise change nothing.
+        Concurrent claims never take the same submission."""
 
     @abc.abstractmethod
     def hand_over(self, round_id: str, batch: common_pb2.BlobRef, *, now: float | None = None) -> bool:
@@ -249,7 +252,7 @@ class SqlSubmissionStore(SubmissionStore):
         with self._db.read() as conn:
             return {row[0]: (int(row[1]), int(row[2])) for row in conn.execute(q)}
 
-    def claim(self, task_id, round_id, *, at_least, now=None):
+    def claim(self, task_id, round_id, *, at_least, at_least_contributors=0, now=None):
         s = self.subs.c
         with self._db.write() as conn:
             # Rows another replica is claiming right now are skipped, not waited for: its round takes them.
@@ -259,8 +262,9 @@ class SqlSubmissionStore(SubmissionStore):
                 .order_by(s.created_at, s.submission_id)
                 .with_for_update(skip_locked=True)).all()
             total = sum(r.n_records for r in rows)
-            if not rows or total < at_least:
-                return Claim(pending=total)
+            contributors = len({r.contributor for r in rows})
+            if not rows or total < at_least or contributors < at_least_contributors:
+                return Claim(pending=total, contributors=contributors)
             ids = [r.submission_id for r in rows]
             for i in range(0, len(ids), 500):  # bounded IN lists
                 conn.execute(self.subs.update().where(s.submission_id.in_(ids[i:i + 500]), s.state == PENDING)
@@ -272,7 +276,7 @@ class SqlSubmissionStore(SubmissionStore):
         subs = [gateway_pb2.Submission(submission_id=r.submission_id, task_id=task_id, contributor=r.contributor,
                                        record_ids=record_ids(r.submission_id, r.n_records), state=IN_ROUND,
                                        round_id=round_id, created_at=to_ts(r.created_at)) for r in rows]
-        return Claim(pending=total, submissions=subs)
+        return Claim(pending=total, submissions=subs, contributors=contributors)
 
     def hand_over(self, round_id, batch, *, now=None):
         r = self.rounds.c

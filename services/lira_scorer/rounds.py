@@ -55,6 +55,8 @@ from ftps.common.task_rules import (
 from ftps.privacy import dp, scoring
 from ftps.privacy.masks import (
     derive_seed,
+    group_index,
+    make_group_masks,
     make_masks,
     model_seeds,
     shadow_masks,
@@ -691,7 +693,10 @@ class Scorer:
             # Seeded by the batch's content, not the round id: the same batch of the same task always
             # gets the same masks and models, on any stack, after any restart or takeover.
             seed = derive_seed(s.seed, batch.sha256)
-            masks = make_masks(n, m, seed=seed)
+            if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+                masks = make_group_masks(n, group_index(contributors)[1], seed=seed)
+            else:
+                masks = make_masks(n, m, seed=seed)
             jobs = make_jobs(task, run.round_id if attempt == 0 else f"{run.round_id}-a{attempt}", batch,
                              masks, model_seeds(seed, n), builder_mix=s.builder_mix)
             self._write(run, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
@@ -736,6 +741,9 @@ class Scorer:
                                delta=s.dp_delta or dp.DEFAULT_DELTA,  # tasks created before dp_delta
                                offline=offline, record_ids=record_ids, contributors=contributors,
                                round_id=run.round_id)
+        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+            result.contributor_scores.extend(contributor_scores(
+                phi, masks, contributors, round_id=run.round_id, delta=s.dp_delta or dp.DEFAULT_DELTA))
         result.excluded.extend(excluded)
         result.status.CopyFrom(run.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
@@ -892,6 +900,23 @@ def score_all(phi: np.ndarray, member: np.ndarray, *, method: str, alpha: float,
             empirical_epsilon_ci_low=float(r.empirical_epsilon_ci_low[j]),
             empirical_epsilon_ci_high=float(r.empirical_epsilon_ci_high[j]), delta=headline.delta))
     return result
+
+
+def contributor_scores(phi: np.ndarray, masks: np.ndarray, contributors: list[str], *, round_id: str,
+                       delta: float) -> list[common_pb2.ContributorScore]:
+    """Each contributor's whole contribution scored (``scoring.score_groups``), in name order."""
+    names, groups = group_index(contributors)
+    scored = scoring.score_groups(phi, masks, groups, delta=delta)
+    r = scored.records
+    sizes = np.bincount(groups, minlength=len(names))
+    return [common_pb2.ContributorScore(
+        contributor=who, round_id=round_id, n_records=int(sizes[g]), score=float(r.score[g]),
+        score_ci_low=float(r.score_ci_low[g]), score_ci_high=float(r.score_ci_high[g]),
+        counted_p=float(r.counted_p[g]), empirical_mu=float(r.empirical_mu[g]),
+        empirical_mu_ci_low=float(r.empirical_mu_ci_low[g]), empirical_mu_ci_high=float(r.empirical_mu_ci_high[g]),
+        empirical_epsilon=float(r.empirical_epsilon[g]), empirical_epsilon_ci_low=float(r.empirical_epsilon_ci_low[g]),
+        empirical_epsilon_ci_high=float(r.empirical_epsilon_ci_high[g]), delta=scored.delta,
+        n_in=int(r.n_in[g]), n_out=int(r.n_out[g])) for g, who in enumerate(names)]
 
 
 def thin_roc(fpr: np.ndarray, tpr: np.ndarray, *, points: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -259,6 +259,18 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
    * @generated from field: ftps.v1.TabularSchema schema = 14;
    */
   schema?: TabularSchema | undefined;
+
+  /**
+   * What a model's inclusion mask draws: single records (the default) or whole contributions.
+   * MASK_UNIT_CONTRIBUTOR puts all of a contributor's records of a batch in or out of each model
+   * together, so a round also scores each contributor's whole contribution (user-level membership
+   * inference: RoundResult.contributor_scores). Such a round needs at least 16 contributors in its
+   * batch (MIN_CONTRIBUTORS in the README): it waits for them, and a forced start with fewer is
+   * FAILED_PRECONDITION (TOO_FEW_CONTRIBUTORS).
+   *
+   * @generated from field: ftps.v1.MaskUnit mask_unit = 15;
+   */
+  maskUnit: MaskUnit;
 };
 
 /**
@@ -266,6 +278,135 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
  * Use `create(TaskSettingsSchema)` to create a new message.
  */
 export declare const TaskSettingsSchema: GenMessage<TaskSettings>;
+
+/**
+ * The exposure of one contributor's whole contribution to a round of a task with
+ * contributor-level masks: how well the attack tells whether the contribution was in a model,
+ * from the mean statistic of the contributor's records per model, scored like one record by
+ * online LiRA, as METHOD_ONLINE_PER_RECORD scores a record. Fields read as RecordScore's.
+ *
+ * @generated from message ftps.v1.ContributorScore
+ */
+export declare type ContributorScore = Message<"ftps.v1.ContributorScore"> & {
+  /**
+   * Whose contribution.
+   *
+   * @generated from field: string contributor = 1;
+   */
+  contributor: string;
+
+  /**
+   * The round.
+   *
+   * @generated from field: string round_id = 2;
+   */
+  roundId: string;
+
+  /**
+   * The contributor's records in the round.
+   *
+   * @generated from field: int32 n_records = 3;
+   */
+  nRecords: number;
+
+  /**
+   * The headline score 2 * Phi(d'/2) - 1 (signed, as RecordScore.score), with its 95% interval.
+   *
+   * @generated from field: double score = 4;
+   */
+  score: number;
+
+  /**
+   * lower end of the score's 95% interval
+   *
+   * @generated from field: double score_ci_low = 5;
+   */
+  scoreCiLow: number;
+
+  /**
+   * upper end
+   *
+   * @generated from field: double score_ci_high = 6;
+   */
+  scoreCiHigh: number;
+
+  /**
+   * The paper's counted TPR - FPR over the n models, in [-1, 1].
+   *
+   * @generated from field: double counted_p = 7;
+   */
+  countedP: number;
+
+  /**
+   * The same exposure in Gaussian DP (mu = |d'|) and as epsilon at `delta`, each with its 95%
+   * interval: what this attack measured, not a guarantee.
+   *
+   * @generated from field: double empirical_mu = 8;
+   */
+  empiricalMu: number;
+
+  /**
+   * lower end of mu's interval
+   *
+   * @generated from field: double empirical_mu_ci_low = 9;
+   */
+  empiricalMuCiLow: number;
+
+  /**
+   * upper end
+   *
+   * @generated from field: double empirical_mu_ci_high = 10;
+   */
+  empiricalMuCiHigh: number;
+
+  /**
+   * epsilon at delta
+   *
+   * @generated from field: double empirical_epsilon = 11;
+   */
+  empiricalEpsilon: number;
+
+  /**
+   * lower end of epsilon's interval
+   *
+   * @generated from field: double empirical_epsilon_ci_low = 12;
+   */
+  empiricalEpsilonCiLow: number;
+
+  /**
+   * upper end
+   *
+   * @generated from field: double empirical_epsilon_ci_high = 13;
+   */
+  empiricalEpsilonCiHigh: number;
+
+  /**
+   * the delta of empirical_epsilon
+   *
+   * @generated from field: double delta = 14;
+   */
+  delta: number;
+
+  /**
+   * Models the contribution was in and out of.
+   *
+   * @generated from field: int32 n_in = 15;
+   */
+  nIn: number;
+
+  /**
+   * models it was out of
+   *
+   * @generated from field: int32 n_out = 16;
+   */
+  nOut: number;
+};
+
+/**
+ * Describes the message ftps.v1.ContributorScore.
+ * Use `create(ContributorScoreSchema)` to create a new message.
+ */
+export declare const ContributorScoreSchema: GenMessage<ContributorScore>;
 
 /**
  * The columns of a tabular task and the builder's normalisation, so contributors submit raw values.
@@ -941,6 +1082,14 @@ export declare type RoundResult = Message<"ftps.v1.RoundResult"> & {
    * @generated from field: double dp_noise_multiplier = 10;
    */
   dpNoiseMultiplier: number;
+
+  /**
+   * Tasks with contributor-level masks (TaskSettings.mask_unit): each contributor's whole
+   * contribution scored, contributors in name order. Empty otherwise.
+   *
+   * @generated from field: repeated ftps.v1.ContributorScore contributor_scores = 11;
+   */
+  contributorScores: ContributorScore[];
 };
 
 /**
@@ -1154,6 +1303,39 @@ export enum BlobKind {
  * Describes the enum ftps.v1.BlobKind.
  */
 export declare const BlobKindSchema: GenEnum<BlobKind>;
+
+/**
+ * What one inclusion mask entry stands for (TaskSettings.mask_unit).
+ *
+ * @generated from enum ftps.v1.MaskUnit
+ */
+export enum MaskUnit {
+  /**
+   * Not set: MASK_UNIT_RECORD.
+   *
+   * @generated from enum value: MASK_UNIT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Each record is in or out of a model on its own (the paper's setting).
+   *
+   * @generated from enum value: MASK_UNIT_RECORD = 1;
+   */
+  RECORD = 1,
+
+  /**
+   * A contributor's records of the batch are in or out of a model together.
+   *
+   * @generated from enum value: MASK_UNIT_CONTRIBUTOR = 2;
+   */
+  CONTRIBUTOR = 2,
+}
+
+/**
+ * Describes the enum ftps.v1.MaskUnit.
+ */
+export declare const MaskUnitSchema: GenEnum<MaskUnit>;
 
 /**
  * Whether a column holds numbers or one of a fixed set of levels.

@@ -6,7 +6,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { BatchMetrics, Records, RecordScore, RecordScoreSchema, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
+import type { BatchMetrics, ContributorScore, Records, RecordScore, RecordScoreSchema, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
@@ -227,6 +227,14 @@ export declare type GetScoresResponse = Message<"ftps.v1.GetScoresResponse"> & {
    * @generated from field: string next_page_token = 3;
    */
   nextPageToken: string;
+
+  /**
+   * Tasks with contributor-level masks: each round's contributor scores (a contributor's own; the
+   * builder's and admins' every contributor's), with the page holding the round's first score.
+   *
+   * @generated from field: repeated ftps.v1.ContributorScore contributor_scores = 4;
+   */
+  contributorScores: ContributorScore[];
 };
 
 /**
