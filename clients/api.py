@@ -158,6 +158,11 @@ class BuilderClient:
         return self.gateway.StartRound(gateway_pb2.StartRoundRequest(task_id=task_id, force=force),
                                        timeout=DEFAULT_TIMEOUT)
 
+    def grow_round(self, round_id: str, add_models: int) -> common_pb2.RoundStatus:
+        """Add ``add_models`` models to a DONE round; follow it with ``watch_round``."""
+        return self.gateway.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=add_models),
+                                      timeout=DEFAULT_TIMEOUT)
+
     def get_round(self, round_id: str) -> common_pb2.RoundResult:
         return self.gateway.GetRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=DEFAULT_TIMEOUT)
 

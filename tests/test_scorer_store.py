@@ -117,6 +117,23 @@ class TestRoundStore:
         assert not rounds.renew("r1", owner="s1", lease_s=30)
         assert rounds.get("r1") == row
 
+    def test_only_a_done_round_grows_and_a_takeover_sees_what_it_grew_from(self, db):
+        rounds = SqlRoundStore(db)
+        rounds.create(_new(), owner="s1", lease_s=30, now=100.0)
+        assert rounds.grow("r1", models_total=12, owner="s1", lease_s=30, message="m") is None  # not DONE
+        result = common_pb2.BlobRef(bucket="b", key="scorer/rounds/r1/result.pb", sha256="cd" * 32, size=5)
+        assert rounds.update("r1", owner="s1", state=common_pb2.ROUND_STATE_DONE, models_done=8, result=result)
+        row = rounds.grow("r1", models_total=12, owner="s2", lease_s=30, message="growing", now=200.0)
+        assert (row.state, row.models_total, row.grow_from, row.models_done) == (
+            common_pb2.ROUND_STATE_FINETUNING, 12, 8, 8)
+        assert (row.lease_owner, row.lease_until, row.result) == ("s2", 230.0, result)  # the result stays
+        assert rounds.grow("r1", models_total=16, owner="s3", lease_s=30, message="m") is None  # one at a time
+        [taken] = rounds.claim_expired(owner="s3", lease_s=30, now=231.0)  # s2 died: s3 grows it
+        assert (taken.grow_from, taken.models_total) == (8, 12)
+        assert rounds.update("r1", owner="s3", state=common_pb2.ROUND_STATE_DONE, models_done=12, result=result)
+        assert rounds.get("r1").grow_from is None and rounds.get("r1").models_total == 12
+        assert rounds.grow("r1", models_total=12, owner="s3", lease_s=30, message="m") is None  # no fewer
+
     def test_release_hands_rounds_over_at_once(self, db):
         rounds = SqlRoundStore(db)
         rounds.create(_new("r1"), owner="s1", lease_s=30, now=100.0)

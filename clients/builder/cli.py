@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="follow a round's progress until it ends")
     w.add_argument("--round", required=True)
 
+    gr = sub.add_parser("grow", help="add models to a finished round: sharper scores for the cost of the added "
+                                     "models only (the statistics so far are reused)")
+    gr.add_argument("--round", required=True)
+    gr.add_argument("--models", "-n", type=int, required=True, help="models to add (even)")
+    gr.add_argument("--watch", action="store_true", help="then follow the round to the end")
+
     ws = sub.add_parser("watch-scores", help="print every record's score as rounds finish (Ctrl-C to stop)")
     ws.add_argument("--task", required=True)
     ws.add_argument("--round", default="", help="only this round: stop once its scores are printed")
@@ -398,6 +404,19 @@ def cmd_watch(args) -> int:
     return _watch(_client(args), args.round)
 
 
+def cmd_grow(args) -> int:
+    client = _client(args)
+    status = client.grow_round(args.round, args.models)
+    print(f"round {status.round_id}: growing to {status.models_total} models "
+          f"({args.models} more; its scores so far stay readable meanwhile)")
+    if not args.watch:
+        return 0
+    if _watch(client, status.round_id) != 0:
+        return 1
+    # a growth that failed leaves the round DONE with its models so far (the message says why)
+    return 0 if client.get_round(status.round_id).status.models_total == status.models_total else 1
+
+
 def cmd_watch_scores(args) -> int:
     return print_score_stream(_client(args).watch_scores(args.task, contributor=args.contributor,
                                                          round_id=args.round, timeout=args.timeout),
@@ -460,7 +479,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
         "create-task": cmd_create, "schema": cmd_schema, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
-        "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch,
+        "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch, "grow": cmd_grow,
         "watch-scores": cmd_watch_scores, "scores": cmd_scores,
         "report": cmd_report})
 

@@ -24,6 +24,14 @@ SUBMISSION_STATE_IN_ROUND: SubmissionState
 SUBMISSION_STATE_SCORED: SubmissionState
 SUBMISSION_STATE_FAILED: SubmissionState
 
+class GrowRoundRequest(_message.Message):
+    __slots__ = ("round_id", "add_models")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_MODELS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    add_models: int
+    def __init__(self, round_id: _Optional[str] = ..., add_models: _Optional[int] = ...) -> None: ...
+
 class SubmitRecordsRequest(_message.Message):
     __slots__ = ("task_id", "contributor", "records", "idempotency_key")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

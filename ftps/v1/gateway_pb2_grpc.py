@@ -89,6 +89,11 @@ class ContributorGatewayServiceStub:
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.GrowRound = channel.unary_unary(
+                '/ftps.v1.ContributorGatewayService/GrowRound',
+                request_serializer=ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+                _registered_method=True)
 
 
 class ContributorGatewayServiceServicer:
@@ -181,6 +186,22 @@ class ContributorGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrowRound(self, request, context):
+        """Builder (owner) or admin: add models to a DONE round instead of running a new one: add_models
+        more, in complementary pairs with new seeds, fine-tuned on the same batch; the statistics of
+        the round's models so far are reused and every score is computed again from all of them
+        (sharper intervals for the cost of the added models only). A long-running operation on the
+        same round: returns its RoundStatus at once (FINETUNING, models_total the new n); follow it
+        with WatchRound. While it grows, GetScores and GetRound keep giving the round's scores so far;
+        once it is DONE again they give the new ones. If growing fails, the round stays DONE with its
+        scores so far and its message says why. INVALID_ARGUMENT for add_models not even and >= 2 or a
+        total over 4096; FAILED_PRECONDITION when the round is not DONE (or is growing) or left
+        records out (RoundResult.excluded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContributorGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +243,11 @@ def add_ContributorGatewayServiceServicer_to_server(servicer, server):
             'WatchRound': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRound,
                     request_deserializer=ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
+            ),
+            'GrowRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrowRound,
+                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
             ),
     }
@@ -454,6 +480,33 @@ class ContributorGatewayService:
             target,
             '/ftps.v1.ContributorGatewayService/WatchRound',
             ftps_dot_v1_dot_gateway__pb2.WatchRoundRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrowRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.ContributorGatewayService/GrowRound',
+            ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
             options,
             channel_credentials,

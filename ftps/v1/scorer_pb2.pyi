@@ -22,6 +22,14 @@ PREPARATION_STATE_PREPARING: PreparationState
 PREPARATION_STATE_READY: PreparationState
 PREPARATION_STATE_FAILED: PreparationState
 
+class GrowScoringRequest(_message.Message):
+    __slots__ = ("round_id", "add_models")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_MODELS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    add_models: int
+    def __init__(self, round_id: _Optional[str] = ..., add_models: _Optional[int] = ...) -> None: ...
+
 class Preparation(_message.Message):
     __slots__ = ("task_id", "preparation_id", "state", "models_done", "models_total", "elapsed_s", "remaining_s", "message", "gaussian", "started_at", "base_model_sha256")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -73,6 +73,11 @@ class LiraScorerServiceStub:
                 request_serializer=ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_scorer__pb2.RoundEstimate.FromString,
                 _registered_method=True)
+        self.GrowScoring = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/GrowScoring',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+                _registered_method=True)
 
 
 class LiraScorerServiceServicer:
@@ -141,6 +146,14 @@ class LiraScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrowScoring(self, request, context):
+        """Service or admin: add models to a DONE round (ContributorGatewayService.GrowRound says how);
+        returns at once with the round's status. Errors as GrowRound's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiraScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_LiraScorerServiceServicer_to_server(servicer, server):
                     servicer.EstimateRound,
                     request_deserializer=ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_scorer__pb2.RoundEstimate.SerializeToString,
+            ),
+            'GrowScoring': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrowScoring,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +390,33 @@ class LiraScorerService:
             '/ftps.v1.LiraScorerService/EstimateRound',
             ftps_dot_v1_dot_scorer__pb2.EstimateRoundRequest.SerializeToString,
             ftps_dot_v1_dot_scorer__pb2.RoundEstimate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrowScoring(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/GrowScoring',
+            ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,13 @@ class ScorerClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, context="scorer") from exc
 
+    def grow_round(self, round_id: str, add_models: int) -> common_pb2.RoundStatus:
+        try:
+            return self._stub.GrowScoring(scorer_pb2.GrowScoringRequest(round_id=round_id, add_models=add_models),
+                                          timeout=60, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
     def get_result(self, round_id: str) -> common_pb2.RoundResult:
         try:
             return self._stub.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=round_id), timeout=60,

@@ -40,6 +40,7 @@ from services.contributor_gateway.store import RoundRef, SqlSubmissionStore, Sub
 log = logging.getLogger(__name__)
 
 TERMINAL = serde.TERMINAL_ROUND_STATES
+RESULT_TTL_S = 5.0
 # The gateway acting on its own: the round it starts when a task's batch threshold is reached.
 SELF = Principal("contributor-gateway", "service")
 
@@ -54,6 +55,9 @@ class ScorerPort(Protocol):
 
     def get_result(self, round_id: str) -> common_pb2.RoundResult:
         """The round's result once DONE, else ``RoundResult(status=...)``; NotFound if unknown."""
+
+    def grow_round(self, round_id: str, add_models: int) -> common_pb2.RoundStatus:
+        """Add models to a DONE round (the scorer's GrowScoring); returns its status at once."""
 
 
 class Gateway:
@@ -78,8 +82,9 @@ class Gateway:
         self._max_pending = max_pending_per_contributor
         self._reconcile_s = reconcile_s
         self._grace_s = round_grace_s
-        # Only what cannot change: DONE rounds' results, a bounded number of them.
-        self._results: OrderedDict[str, common_pb2.RoundResult] = OrderedDict()
+        # DONE results by round, with when they were cached: a round can grow (GrowRound) on any
+        # replica, so a cached result is asked for again after RESULT_TTL_S.
+        self._results: OrderedDict[str, tuple[common_pb2.RoundResult, float]] = OrderedDict()
         self._result_cap = result_cache
         self._results_lock = threading.Lock()
         self._changed = threading.Condition()  # an outcome was applied here: wake local watchers
@@ -295,9 +300,9 @@ class Gateway:
         if it ended). NotFound when the scorer does not know the round."""
         with self._results_lock:
             cached = self._results.get(round_id)
-            if cached is not None:
+            if cached is not None and time.monotonic() - cached[1] < RESULT_TTL_S:
                 self._results.move_to_end(round_id)
-                return cached
+                return cached[0]
         result = self._scorer.get_result(round_id)
         self._settle(round_id, result)
         return result
@@ -343,7 +348,7 @@ class Gateway:
         state = result.status.state
         if state == common_pb2.ROUND_STATE_DONE:
             with self._results_lock:
-                self._results[round_id] = result
+                self._results[round_id] = (result, time.monotonic())
                 self._results.move_to_end(round_id)
                 while len(self._results) > self._result_cap:
                     self._results.popitem(last=False)
@@ -387,11 +392,26 @@ class Gateway:
 
     # -- results -------------------------------------------------------------------------------
     def _done_result(self, round_id: str) -> common_pb2.RoundResult | None:
+        """The round's result once it has scores: DONE, or growing (its scores so far)."""
         try:
             result = self._result(round_id)
         except NotFound:
             return None
-        return result if result.status.state == common_pb2.ROUND_STATE_DONE else None
+        state = result.status.state
+        return result if state == common_pb2.ROUND_STATE_DONE or (
+            result.scores and state != common_pb2.ROUND_STATE_FAILED) else None
+
+    def grow_round(self, round_id: str, add_models: int, who: Principal) -> common_pb2.RoundStatus:
+        """Add models to a DONE round (GrowRound): the task's builder or an admin; the scorer runs it."""
+        ref = self._round(round_id, who, contributors_may=False)
+        who.require_role("builder", "admin", what="grow rounds")
+        status = self._scorer.grow_round(ref.round_id, add_models)
+        with self._results_lock:  # this replica's readers see the growth at once
+            self._results.pop(round_id, None)
+        with self._changed:
+            self._changed.notify_all()
+        log.info("round %s: growing by %d models", round_id, add_models)
+        return status
 
     def get_scores(self, task_id: str, contributor: str, round_id: str, who: Principal, *,
                    page_size: int = 0, page_token: str = "") -> gateway_pb2.GetScoresResponse:

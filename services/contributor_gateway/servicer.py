@@ -46,6 +46,10 @@ class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServiceServi
         return self.gateway.start_round(request.task_id, force=request.force, who=current())
 
     @rpc
+    def GrowRound(self, request, context):
+        return self.gateway.grow_round(request.round_id, request.add_models, current())
+
+    @rpc
     def GetRound(self, request, context):
         return self.gateway.get_round(request.round_id, current())
 

@@ -8,6 +8,7 @@ lease, batch and result references), an offline Gaussian one row of ``scorer_off
 
     scorer/tasks/{task_id}/offline/{base_sha[:16]}/{pool,heldout}.npz   the preparation stage's records
     scorer/rounds/{round_id}/phi.npz              phi [n, m] and member [n, m]
+    scorer/rounds/{round_id}/phi-n{N}.npz         the same once grown to N models (GrowScoring)
     scorer/rounds/{round_id}/batch-a1-{run}.npz   the batch without the records left out (a second pass)
     scorer/rounds/{round_id}/result-{run}.pb      the RoundResult (serialized protobuf)
 
@@ -325,7 +326,7 @@ class Scorer:
                     lambda: self._rounds.update(run.round_id, owner=self.owner, **fields))
         status = common_pb2.RoundStatus()
         status.CopyFrom(run.status)
-        for k in ("state", "models_done", "message"):
+        for k in ("state", "models_done", "message", "models_total"):
             if fields.get(k) is not None:
                 setattr(status, k, fields[k])
         run.status = status
@@ -639,7 +640,9 @@ class Scorer:
                 result.timings["total_s"] = time.perf_counter() - t0
                 # The result is stored before the row points at it; both say the round is done.
                 result.status.message = (f"done: scored {len(result.scores)} of {len(run.row.record_ids)} "
-                                         f"records with {result.batch.n_models} models")
+                                         f"records with {result.batch.n_models} models" + (
+                                             f" (grown from {run.row.grow_from})"
+                                             if run.row.grow_from is not None else ""))
                 ref = self._store.put_bytes(f"scorer/rounds/{run.round_id}/result-{run.nonce}.pb",
                                             result.SerializeToString())
                 self._write(run, state=common_pb2.ROUND_STATE_DONE, result=ref, message=result.status.message)
@@ -653,6 +656,14 @@ class Scorer:
                     log.exception("round %s failed", run.round_id)
                 else:
                     log.warning("round %s failed: %s", run.round_id, reason)
+                if run.row.grow_from is not None:
+                    # A growth that failed leaves the round as it was: DONE, its scores so far.
+                    self._write(run, state=common_pb2.ROUND_STATE_DONE, result=run.row.result,
+                                models_done=run.row.grow_from, models_total=run.row.grow_from,
+                                message=f"growing to {run.row.models_total} models failed: {reason}; the "
+                                        f"scores are those of its {run.row.grow_from} models")
+                    self._finished("done", t0)
+                    return
                 self._write(run, state=common_pb2.ROUND_STATE_FAILED, message=reason)
                 self._finished("failed", t0)
         except LeaseLost:
@@ -676,7 +687,9 @@ class Scorer:
                 offline = self.get_offline(run.row.task_id, SELF)
             except NotFound:
                 offline = None
-        n = s.n_models
+        if run.row.grow_from is not None:
+            return self._grow(run, task, method, offline)
+        n = run.row.models_total  # the task's n_models when the round was started
         batch, record_ids, contributors = run.row.batch, list(run.row.record_ids), list(run.row.contributors)
         # Checked here rather than left to the workers: their NOT_FOUND would read as "workers
         # unavailable" after every worker was tried, and name no cause a builder can act on.
@@ -757,8 +770,95 @@ class Scorer:
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
 
+    def _grow(self, run: Run, task: registry_pb2.Task, method: str,
+              offline: common_pb2.OfflineGaussian | None) -> common_pb2.RoundResult:
+        """A DONE round grown to ``models_total`` models: its statistics so far reused, the added
+        models in complementary pairs with their own masks and seeds (seeded by the batch and the
+        size grown from, so a replica taking the growth over fine-tunes the same models), then every
+        score computed again from all of them."""
+        s, row = task.settings, run.row
+        old_n, n = row.grow_from, row.models_total
+        before = serde.npz_arrays(self._store.get_bytes(self._phi_key(run.round_id, old_n)))
+        phi_old, masks_old = before["x"], before["y"].astype(bool)
+        m = phi_old.shape[1]
+        record_ids, contributors = list(row.record_ids), list(row.contributors)
+        if phi_old.shape != (old_n, len(record_ids)):
+            raise FailedPrecondition(f"round {run.round_id}: its stored statistics are {list(phi_old.shape)}, "
+                                     f"not [{old_n}, {len(record_ids)}]; it cannot grow", reason="FAILED_PRECONDITION")
+        seed = derive_seed(s.seed, row.batch.sha256, "grow", old_n)
+        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+            added = make_group_masks(max(n - old_n, 4), group_index(contributors)[1], seed=seed)[:n - old_n]
+        else:
+            # make_masks draws at least two pairs; a growth by one pair takes the first
+            added = make_masks(max(n - old_n, 4), m, seed=seed)[:n - old_n]
+        jobs = make_jobs(task, f"{run.round_id}-g{old_n}", row.batch, added, model_seeds(seed, n - old_n),
+                         builder_mix=s.builder_mix)
+        self._write(run, state=common_pb2.ROUND_STATE_FINETUNING, models_done=old_n,
+                    message=f"growing from {old_n} to {n} models: fine-tuning {n - old_n} more on {m} records")
+        t_ft = time.perf_counter()
+        answers: list[worker_pb2.RunJobResponse] = []
+        phi_new, failed = self._finetune(run, jobs, n - old_n, m, answers, done_before=old_n)
+        if failed:
+            raise FailedPrecondition(f"fine-tuning failed on {len(failed)} of the {n - old_n} added models: "
+                                     f"{next(iter(failed.values()))}", reason="STRATEGY_FAILED")
+        phi, masks = np.concatenate([phi_old, phi_new]), np.concatenate([masks_old, added])
+        finetune_s = time.perf_counter() - t_ft
+        self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi-n{n}.npz", serde.records_to_npz(phi, masks))
+        self._write(run, state=common_pb2.ROUND_STATE_SCORING, message=f"scoring with {n} models")
+        t_sc = time.perf_counter()
+        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                           delta=s.dp_delta or dp.DEFAULT_DELTA, offline=offline, record_ids=record_ids,
+                           contributors=contributors, round_id=run.round_id)
+        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+            result.contributor_scores.extend(contributor_scores(
+                phi, masks, contributors, round_id=run.round_id, delta=s.dp_delta or dp.DEFAULT_DELTA))
+        result.status.CopyFrom(run.status)
+        result.status.state = common_pb2.ROUND_STATE_DONE
+        result.status.models_done = result.status.models_total = n
+        result.timings["finetune_s"] = finetune_s  # of the added models only: what growing cost
+        result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
+        weakest = max(answers, key=lambda a: a.dp_epsilon, default=worker_pb2.RunJobResponse())
+        result.dp_epsilon, result.dp_delta = weakest.dp_epsilon, weakest.dp_delta
+        result.dp_noise_multiplier = weakest.dp_noise_multiplier
+        result.timings["scoring_s"] = time.perf_counter() - t_sc
+        return result
+
+    def _phi_key(self, round_id: str, n: int) -> str:
+        """Where the round's statistics of ``n`` models are: a grown round's each size its own blob
+        (a growth taken over by another replica reads the size it grew from); the first, phi.npz."""
+        grown = f"scorer/rounds/{round_id}/phi-n{n}.npz"
+        return grown if self._store.exists(grown) or not self._store.exists(
+            f"scorer/rounds/{round_id}/phi.npz") else f"scorer/rounds/{round_id}/phi.npz"
+
+    def grow_round(self, round_id: str, add_models: int, who: Principal) -> common_pb2.RoundStatus:
+        """Add ``add_models`` models to a DONE round (GrowScoring): returns at once, the growth runs
+        on this replica (any replica takes it over if this one stops)."""
+        who.require_role("service", "admin", what="grow scoring rounds (the gateway does)")
+        row = self.get(round_id, who)
+        if isinstance(add_models, bool) or add_models < 2 or add_models % 2:
+            raise InvalidArgument(f"add_models must be even and >= 2 (complementary pairs), got {add_models}",
+                                  field="add_models")
+        total = row.models_total + add_models
+        if total > MAX_MODELS:
+            raise InvalidArgument(f"round {round_id} has {row.models_total} models; adding {add_models} makes "
+                                  f"{total}, over {MAX_MODELS}", field="add_models")
+        if row.state != common_pb2.ROUND_STATE_DONE or row.result is None or row.grow_from is not None:
+            raise FailedPrecondition(f"round {round_id} is {common_pb2.RoundState.Name(row.state)[12:].lower()}: "
+                                     "only a DONE round can grow", reason="FAILED_PRECONDITION")
+        if self.get_result(round_id, who).excluded:
+            raise FailedPrecondition(f"round {round_id} left records out; its statistics cover another batch "
+                                     "than its own, so it cannot grow: start a new round", reason="FAILED_PRECONDITION")
+        grown = self._rounds.grow(round_id, models_total=total, owner=self.owner, lease_s=self._lease_s,
+                                  message=f"growing from {row.models_total} to {total} models")
+        if grown is None:  # another call grew it (or it changed) meanwhile
+            return self.get(round_id, who).status()
+        log.info("round %s: growing from %d to %d models", round_id, row.models_total, total)
+        self._launch(grown)
+        return grown.status()
+
     def _finetune(self, run: Run, jobs: list[worker_pb2.FinetuneJob], n: int, m: int,
-                  answers: list[worker_pb2.RunJobResponse]) -> tuple[np.ndarray, dict[int, str]]:
+                  answers: list[worker_pb2.RunJobResponse], *,
+                  done_before: int = 0) -> tuple[np.ndarray, dict[int, str]]:
         """phi ``[n, m]`` of every job (NaN where a record's statistic is not finite), and the models
         whose job failed with a task error, each with the reason; each finished job's answer is added
         to ``answers`` without its phi (its seconds and DP budget). A failed job of several models is
@@ -778,7 +878,7 @@ class Scorer:
             kept.CopyFrom(result)
             kept.ClearField("phi")  # already in ``phi``: a round keeps no second copy of it
             answers.append(kept)
-            self._write(run, models_done=int(fine.sum()))
+            self._write(run, models_done=done_before + int(fine.sum()))
 
         def on_task_error(job: worker_pb2.FinetuneJob, exc: FtpsError) -> None:
             if len(job.models) > 1:
@@ -818,18 +918,28 @@ class Scorer:
         return row
 
     def get_result(self, round_id: str, who: Principal) -> common_pb2.RoundResult:
+        """The round's status and, once it has one, its result. A growing round (GrowScoring) keeps
+        its last result, scores included, under its live status until the grown one is stored."""
         row = self.get(round_id, who)
         if row.result is None:
             return common_pb2.RoundResult(status=row.status())
+        key = row.result.key  # a grown round has a new result blob: the cache follows it
         with self._lock:
-            cached = self._results.get(round_id)
+            cached = self._results.get(key)
         if cached is None:
             cached = common_pb2.RoundResult.FromString(self._store.get_ref(row.result))
             with self._lock:
-                self._results[round_id] = cached
+                self._results[key] = cached
                 while len(self._results) > _RESULTS_CACHED:
                     self._results.popitem(last=False)
-        return cached
+        status = row.status()
+        if status == cached.status:
+            return cached
+        # Growing, or a growth that failed and left the round DONE with a message saying why.
+        live = common_pb2.RoundResult()
+        live.CopyFrom(cached)
+        live.status.CopyFrom(status)
+        return live
 
     def watch(self, round_id: str, *, is_active: Callable[[], bool],
               who: Principal) -> Iterator[common_pb2.RoundStatus]:

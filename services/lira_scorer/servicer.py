@@ -38,6 +38,10 @@ class LiraScorerServicer(scorer_pb2_grpc.LiraScorerServiceServicer):
         return self.scorer.get_result(request.round_id, current())
 
     @rpc
+    def GrowScoring(self, request, context):
+        return self.scorer.grow_round(request.round_id, request.add_models, current())
+
+    @rpc
     def EstimateRound(self, request, context):
         return self.scorer.estimate_round(request.task_id, n_models=request.n_models, n_records=request.n_records,
                                           who=current())

@@ -63,6 +63,7 @@ class RoundRow:
     lease_until: float | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    grow_from: int | None = None  # growing (GrowScoring): the models it had before; else None
 
     @property
     def terminal(self) -> bool:
@@ -116,9 +117,17 @@ class RoundStore(abc.ABC):
 
     @abc.abstractmethod
     def update(self, round_id: str, *, owner: str, state: int | None = None, models_done: int | None = None,
-               message: str | None = None, result: common_pb2.BlobRef | None = None) -> bool:
+               message: str | None = None, result: common_pb2.BlobRef | None = None,
+               models_total: int | None = None) -> bool:
         """Write the round's progress if ``owner`` holds its lease and it is not DONE or FAILED; False
-        (nothing written) otherwise. Ending it (DONE, FAILED) also ends the lease."""
+        (nothing written) otherwise. Ending it (DONE, FAILED) also ends the lease and its growth."""
+
+    @abc.abstractmethod
+    def grow(self, round_id: str, *, models_total: int, owner: str, lease_s: float, message: str,
+             now: float | None = None) -> RoundRow | None:
+        """A DONE round with a stored result, running again (FINETUNING, leased to ``owner``) to
+        reach ``models_total`` models: ``grow_from`` keeps the models it has, its result stays until
+        the grown one replaces it. None (nothing changed) when the round is not DONE."""
 
     @abc.abstractmethod
     def latest_done(self, task_id: str) -> RoundRow | None:
@@ -238,6 +247,7 @@ rounds_t = sa.Table(
     sa.Column("lease_until", sa.Float, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("grow_from", sa.Integer, nullable=True),
 )
 offline_t = sa.Table(
     "scorer_offline", metadata,
@@ -279,7 +289,7 @@ def _row(r: sa.Row) -> RoundRow:
                     batch=_ref(r.batch_ref), record_ids=json.loads(r.record_ids),
                     contributors=json.loads(r.contributors), result=_ref(r.result_ref),
                     lease_owner=r.lease_owner, lease_until=r.lease_until, created_at=r.created_at,
-                    updated_at=r.updated_at)
+                    updated_at=r.updated_at, grow_from=r.grow_from)
 
 
 def _like_prefix(prefix: str) -> str:
@@ -408,14 +418,32 @@ class SqlRoundStore(RoundStore):
     def renew(self, round_id, *, owner, lease_s, now=None):
         return _ROUND_LEASES.renew(self._db, (round_id,), owner=owner, lease_s=lease_s, now=now)
 
-    def update(self, round_id, *, owner, state=None, models_done=None, message=None, result=None):
+    def update(self, round_id, *, owner, state=None, models_done=None, message=None, result=None,
+               models_total=None):
         values = _progress(time.time(), state=state, models_done=models_done, message=message,
                            terminal=TERMINAL)
+        if state in TERMINAL:
+            values["grow_from"] = None
         if result is not None:
             values["result_ref"] = result.SerializeToString()
+        if models_total is not None:
+            values["models_total"] = models_total
         with self._db.write() as conn:
             return conn.execute(rounds_t.update().where(_ROUND_LEASES.held((round_id,), owner))
                                 .values(**values)).rowcount == 1
+
+    def grow(self, round_id, *, models_total, owner, lease_s, message, now=None):
+        now = time.time() if now is None else now
+        t = rounds_t.c
+        with self._db.write() as conn:
+            changed = conn.execute(rounds_t.update().where(
+                t.round_id == round_id, t.state == common_pb2.ROUND_STATE_DONE, t.result_ref.isnot(None),
+                t.grow_from.is_(None), t.models_total < models_total).values(
+                state=common_pb2.ROUND_STATE_FINETUNING, grow_from=t.models_total, models_done=t.models_total,
+                models_total=models_total, message=message, lease_owner=owner, lease_until=now + lease_s,
+                updated_at=now)).rowcount
+            row = conn.execute(sa.select(rounds_t).where(t.round_id == round_id)).first() if changed else None
+        return None if row is None else _row(row)
 
     def latest_done(self, task_id):
         with self._db.read() as conn:

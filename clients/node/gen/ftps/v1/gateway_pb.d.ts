@@ -15,6 +15,31 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 export declare const file_ftps_v1_gateway: GenFile;
 
 /**
+ * @generated from message ftps.v1.GrowRoundRequest
+ */
+export declare type GrowRoundRequest = Message<"ftps.v1.GrowRoundRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+
+  /**
+   * Models to add: even, >= 2; the round's models_total plus this at most 4096.
+   *
+   * @generated from field: int32 add_models = 2;
+   */
+  addModels: number;
+};
+
+/**
+ * Describes the message ftps.v1.GrowRoundRequest.
+ * Use `create(GrowRoundRequestSchema)` to create a new message.
+ */
+export declare const GrowRoundRequestSchema: GenMessage<GrowRoundRequest>;
+
+/**
  * @generated from message ftps.v1.SubmitRecordsRequest
  */
 export declare type SubmitRecordsRequest = Message<"ftps.v1.SubmitRecordsRequest"> & {
@@ -562,6 +587,25 @@ export declare const ContributorGatewayService: GenService<{
   watchRound: {
     methodKind: "server_streaming";
     input: typeof WatchRoundRequestSchema;
+    output: typeof RoundStatusSchema;
+  },
+  /**
+   * Builder (owner) or admin: add models to a DONE round instead of running a new one: add_models
+   * more, in complementary pairs with new seeds, fine-tuned on the same batch; the statistics of
+   * the round's models so far are reused and every score is computed again from all of them
+   * (sharper intervals for the cost of the added models only). A long-running operation on the
+   * same round: returns its RoundStatus at once (FINETUNING, models_total the new n); follow it
+   * with WatchRound. While it grows, GetScores and GetRound keep giving the round's scores so far;
+   * once it is DONE again they give the new ones. If growing fails, the round stays DONE with its
+   * scores so far and its message says why. INVALID_ARGUMENT for add_models not even and >= 2 or a
+   * total over 4096; FAILED_PRECONDITION when the round is not DONE (or is growing) or left
+   * records out (RoundResult.excluded).
+   *
+   * @generated from rpc ftps.v1.ContributorGatewayService.GrowRound
+   */
+  growRound: {
+    methodKind: "unary";
+    input: typeof GrowRoundRequestSchema;
     output: typeof RoundStatusSchema;
   },
 }>;

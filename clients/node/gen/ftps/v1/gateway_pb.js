@@ -12,84 +12,91 @@ import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
  * Describes the file ftps/v1/gateway.proto.
  */
 export const file_ftps_v1_gateway = /*@__PURE__*/
-  fileDesc("ChVmdHBzL3YxL2dhdGV3YXkucHJvdG8SB2Z0cHMudjEieAoUU3VibWl0UmVjb3Jkc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRITCgtjb250cmlidXRvchgCIAEoCRIhCgdyZWNvcmRzGAMgASgLMhAuZnRwcy52MS5SZWNvcmRzEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCSKQAgoKU3VibWlzc2lvbhIVCg1zdWJtaXNzaW9uX2lkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAkSEwoLY29udHJpYnV0b3IYAyABKAkSEgoKcmVjb3JkX2lkcxgEIAMoCRInCgVzdGF0ZRgFIAEoDjIYLmZ0cHMudjEuU3VibWlzc2lvblN0YXRlEhAKCHJvdW5kX2lkGAYgASgJEhcKD3BlbmRpbmdfaW5fdGFzaxgHIAEoBRIuCgpjcmVhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5mYWlsdXJlX3JlYXNvbhgJIAEoCRIVCg1mYWlsZWRfcm91bmRzGAogASgFIi0KFEdldFN1Ym1pc3Npb25SZXF1ZXN0EhUKDXN1Ym1pc3Npb25faWQYASABKAkicQoQR2V0U2NvcmVzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhMKC2NvbnRyaWJ1dG9yGAIgASgJEhAKCHJvdW5kX2lkGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIrEBChFHZXRTY29yZXNSZXNwb25zZRIkCgZzY29yZXMYASADKAsyFC5mdHBzLnYxLlJlY29yZFNjb3JlEiYKB2JhdGNoZXMYAiADKAsyFS5mdHBzLnYxLkJhdGNoTWV0cmljcxIXCg9uZXh0X3BhZ2VfdG9rZW4YAyABKAkSNQoSY29udHJpYnV0b3Jfc2NvcmVzGAQgAygLMhkuZnRwcy52MS5Db250cmlidXRvclNjb3JlImUKFkxpc3RTdWJtaXNzaW9uc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRITCgtjb250cmlidXRvchgEIAEoCSJcChdMaXN0U3VibWlzc2lvbnNSZXNwb25zZRIoCgtzdWJtaXNzaW9ucxgBIAMoCzITLmZ0cHMudjEuU3VibWlzc2lvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTAoSV2F0Y2hTY29yZXNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEwoLY29udHJpYnV0b3IYAiABKAkSEAoIcm91bmRfaWQYAyABKAkiMwoRU3RhcnRSb3VuZFJlcXVlc3QSDwoHdGFza19pZBgBIAEoCRINCgVmb3JjZRgCIAEoCCIjCg9HZXRSb3VuZFJlcXVlc3QSEAoIcm91bmRfaWQYASABKAkiJQoRV2F0Y2hSb3VuZFJlcXVlc3QSEAoIcm91bmRfaWQYASABKAkqqgEKD1N1Ym1pc3Npb25TdGF0ZRIgChxTVUJNSVNTSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYU1VCTUlTU0lPTl9TVEFURV9QRU5ESU5HEAESHQoZU1VCTUlTU0lPTl9TVEFURV9JTl9ST1VORBACEhsKF1NVQk1JU1NJT05fU1RBVEVfU0NPUkVEEAMSGwoXU1VCTUlTU0lPTl9TVEFURV9GQUlMRUQQBDLBBAoZQ29udHJpYnV0b3JHYXRld2F5U2VydmljZRJDCg1TdWJtaXRSZWNvcmRzEh0uZnRwcy52MS5TdWJtaXRSZWNvcmRzUmVxdWVzdBoTLmZ0cHMudjEuU3VibWlzc2lvbhJDCg1HZXRTdWJtaXNzaW9uEh0uZnRwcy52MS5HZXRTdWJtaXNzaW9uUmVxdWVzdBoTLmZ0cHMudjEuU3VibWlzc2lvbhJUCg9MaXN0U3VibWlzc2lvbnMSHy5mdHBzLnYxLkxpc3RTdWJtaXNzaW9uc1JlcXVlc3QaIC5mdHBzLnYxLkxpc3RTdWJtaXNzaW9uc1Jlc3BvbnNlEkIKCUdldFNjb3JlcxIZLmZ0cHMudjEuR2V0U2NvcmVzUmVxdWVzdBoaLmZ0cHMudjEuR2V0U2NvcmVzUmVzcG9uc2USQgoLV2F0Y2hTY29yZXMSGy5mdHBzLnYxLldhdGNoU2NvcmVzUmVxdWVzdBoULmZ0cHMudjEuUmVjb3JkU2NvcmUwARI+CgpTdGFydFJvdW5kEhouZnRwcy52MS5TdGFydFJvdW5kUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXMSOgoIR2V0Um91bmQSGC5mdHBzLnYxLkdldFJvdW5kUmVxdWVzdBoULmZ0cHMudjEuUm91bmRSZXN1bHQSQAoKV2F0Y2hSb3VuZBIaLmZ0cHMudjEuV2F0Y2hSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzMAFiBnByb3RvMw", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChVmdHBzL3YxL2dhdGV3YXkucHJvdG8SB2Z0cHMudjEiOAoQR3Jvd1JvdW5kUmVxdWVzdBIQCghyb3VuZF9pZBgBIAEoCRISCgphZGRfbW9kZWxzGAIgASgFIngKFFN1Ym1pdFJlY29yZHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEwoLY29udHJpYnV0b3IYAiABKAkSIQoHcmVjb3JkcxgDIAEoCzIQLmZ0cHMudjEuUmVjb3JkcxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkikAIKClN1Ym1pc3Npb24SFQoNc3VibWlzc2lvbl9pZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEhMKC2NvbnRyaWJ1dG9yGAMgASgJEhIKCnJlY29yZF9pZHMYBCADKAkSJwoFc3RhdGUYBSABKA4yGC5mdHBzLnYxLlN1Ym1pc3Npb25TdGF0ZRIQCghyb3VuZF9pZBgGIAEoCRIXCg9wZW5kaW5nX2luX3Rhc2sYByABKAUSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOZmFpbHVyZV9yZWFzb24YCSABKAkSFQoNZmFpbGVkX3JvdW5kcxgKIAEoBSItChRHZXRTdWJtaXNzaW9uUmVxdWVzdBIVCg1zdWJtaXNzaW9uX2lkGAEgASgJInEKEEdldFNjb3Jlc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRITCgtjb250cmlidXRvchgCIAEoCRIQCghyb3VuZF9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSKxAQoRR2V0U2NvcmVzUmVzcG9uc2USJAoGc2NvcmVzGAEgAygLMhQuZnRwcy52MS5SZWNvcmRTY29yZRImCgdiYXRjaGVzGAIgAygLMhUuZnRwcy52MS5CYXRjaE1ldHJpY3MSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJEjUKEmNvbnRyaWJ1dG9yX3Njb3JlcxgEIAMoCzIZLmZ0cHMudjEuQ29udHJpYnV0b3JTY29yZSJlChZMaXN0U3VibWlzc2lvbnNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSEwoLY29udHJpYnV0b3IYBCABKAkiXAoXTGlzdFN1Ym1pc3Npb25zUmVzcG9uc2USKAoLc3VibWlzc2lvbnMYASADKAsyEy5mdHBzLnYxLlN1Ym1pc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkwKEldhdGNoU2NvcmVzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhMKC2NvbnRyaWJ1dG9yGAIgASgJEhAKCHJvdW5kX2lkGAMgASgJIjMKEVN0YXJ0Um91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDQoFZm9yY2UYAiABKAgiIwoPR2V0Um91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIiUKEVdhdGNoUm91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJKqoBCg9TdWJtaXNzaW9uU3RhdGUSIAocU1VCTUlTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhwKGFNVQk1JU1NJT05fU1RBVEVfUEVORElORxABEh0KGVNVQk1JU1NJT05fU1RBVEVfSU5fUk9VTkQQAhIbChdTVUJNSVNTSU9OX1NUQVRFX1NDT1JFRBADEhsKF1NVQk1JU1NJT05fU1RBVEVfRkFJTEVEEAQy/wQKGUNvbnRyaWJ1dG9yR2F0ZXdheVNlcnZpY2USQwoNU3VibWl0UmVjb3JkcxIdLmZ0cHMudjEuU3VibWl0UmVjb3Jkc1JlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SQwoNR2V0U3VibWlzc2lvbhIdLmZ0cHMudjEuR2V0U3VibWlzc2lvblJlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SVAoPTGlzdFN1Ym1pc3Npb25zEh8uZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXF1ZXN0GiAuZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXNwb25zZRJCCglHZXRTY29yZXMSGS5mdHBzLnYxLkdldFNjb3Jlc1JlcXVlc3QaGi5mdHBzLnYxLkdldFNjb3Jlc1Jlc3BvbnNlEkIKC1dhdGNoU2NvcmVzEhsuZnRwcy52MS5XYXRjaFNjb3Jlc1JlcXVlc3QaFC5mdHBzLnYxLlJlY29yZFNjb3JlMAESPgoKU3RhcnRSb3VuZBIaLmZ0cHMudjEuU3RhcnRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzEjoKCEdldFJvdW5kEhguZnRwcy52MS5HZXRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkAKCldhdGNoUm91bmQSGi5mdHBzLnYxLldhdGNoUm91bmRSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1czABEjwKCUdyb3dSb3VuZBIZLmZ0cHMudjEuR3Jvd1JvdW5kUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXNiBnByb3RvMw", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+
+/**
+ * Describes the message ftps.v1.GrowRoundRequest.
+ * Use `create(GrowRoundRequestSchema)` to create a new message.
+ */
+export const GrowRoundRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_gateway, 0);
 
 /**
  * Describes the message ftps.v1.SubmitRecordsRequest.
  * Use `create(SubmitRecordsRequestSchema)` to create a new message.
  */
 export const SubmitRecordsRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 0);
+  messageDesc(file_ftps_v1_gateway, 1);
 
 /**
  * Describes the message ftps.v1.Submission.
  * Use `create(SubmissionSchema)` to create a new message.
  */
 export const SubmissionSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 1);
+  messageDesc(file_ftps_v1_gateway, 2);
 
 /**
  * Describes the message ftps.v1.GetSubmissionRequest.
  * Use `create(GetSubmissionRequestSchema)` to create a new message.
  */
 export const GetSubmissionRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 2);
+  messageDesc(file_ftps_v1_gateway, 3);
 
 /**
  * Describes the message ftps.v1.GetScoresRequest.
  * Use `create(GetScoresRequestSchema)` to create a new message.
  */
 export const GetScoresRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 3);
+  messageDesc(file_ftps_v1_gateway, 4);
 
 /**
  * Describes the message ftps.v1.GetScoresResponse.
  * Use `create(GetScoresResponseSchema)` to create a new message.
  */
 export const GetScoresResponseSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 4);
+  messageDesc(file_ftps_v1_gateway, 5);
 
 /**
  * Describes the message ftps.v1.ListSubmissionsRequest.
  * Use `create(ListSubmissionsRequestSchema)` to create a new message.
  */
 export const ListSubmissionsRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 5);
+  messageDesc(file_ftps_v1_gateway, 6);
 
 /**
  * Describes the message ftps.v1.ListSubmissionsResponse.
  * Use `create(ListSubmissionsResponseSchema)` to create a new message.
  */
 export const ListSubmissionsResponseSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 6);
+  messageDesc(file_ftps_v1_gateway, 7);
 
 /**
  * Describes the message ftps.v1.WatchScoresRequest.
  * Use `create(WatchScoresRequestSchema)` to create a new message.
  */
 export const WatchScoresRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 7);
+  messageDesc(file_ftps_v1_gateway, 8);
 
 /**
  * Describes the message ftps.v1.StartRoundRequest.
  * Use `create(StartRoundRequestSchema)` to create a new message.
  */
 export const StartRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 8);
+  messageDesc(file_ftps_v1_gateway, 9);
 
 /**
  * Describes the message ftps.v1.GetRoundRequest.
  * Use `create(GetRoundRequestSchema)` to create a new message.
  */
 export const GetRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 9);
+  messageDesc(file_ftps_v1_gateway, 10);
 
 /**
  * Describes the message ftps.v1.WatchRoundRequest.
  * Use `create(WatchRoundRequestSchema)` to create a new message.
  */
 export const WatchRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 10);
+  messageDesc(file_ftps_v1_gateway, 11);
 
 /**
  * Describes the enum ftps.v1.SubmissionState.

@@ -16,6 +16,31 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 export declare const file_ftps_v1_scorer: GenFile;
 
 /**
+ * @generated from message ftps.v1.GrowScoringRequest
+ */
+export declare type GrowScoringRequest = Message<"ftps.v1.GrowScoringRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+
+  /**
+   * Models to add: even, >= 2.
+   *
+   * @generated from field: int32 add_models = 2;
+   */
+  addModels: number;
+};
+
+/**
+ * Describes the message ftps.v1.GrowScoringRequest.
+ * Use `create(GrowScoringRequestSchema)` to create a new message.
+ */
+export declare const GrowScoringRequestSchema: GenMessage<GrowScoringRequest>;
+
+/**
  * The preparation stage of a task for its current base model: a long-running operation.
  *
  * @generated from message ftps.v1.Preparation
@@ -492,6 +517,17 @@ export declare const LiraScorerService: GenService<{
     methodKind: "unary";
     input: typeof EstimateRoundRequestSchema;
     output: typeof RoundEstimateSchema;
+  },
+  /**
+   * Service or admin: add models to a DONE round (ContributorGatewayService.GrowRound says how);
+   * returns at once with the round's status. Errors as GrowRound's.
+   *
+   * @generated from rpc ftps.v1.LiraScorerService.GrowScoring
+   */
+  growScoring: {
+    methodKind: "unary";
+    input: typeof GrowScoringRequestSchema;
+    output: typeof RoundStatusSchema;
   },
 }>;
 

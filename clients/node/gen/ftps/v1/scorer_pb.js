@@ -13,70 +13,77 @@ import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
  * Describes the file ftps/v1/scorer.proto.
  */
 export const file_ftps_v1_scorer = /*@__PURE__*/
-  fileDesc("ChRmdHBzL3YxL3Njb3Jlci5wcm90bxIHZnRwcy52MSK7AgoLUHJlcGFyYXRpb24SDwoHdGFza19pZBgBIAEoCRIWCg5wcmVwYXJhdGlvbl9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmZ0cHMudjEuUHJlcGFyYXRpb25TdGF0ZRITCgttb2RlbHNfZG9uZRgEIAEoBRIUCgxtb2RlbHNfdG90YWwYBSABKAUSEQoJZWxhcHNlZF9zGAYgASgBEhMKC3JlbWFpbmluZ19zGAcgASgBEg8KB21lc3NhZ2UYCCABKAkSKgoIZ2F1c3NpYW4YCSABKAsyGC5mdHBzLnYxLk9mZmxpbmVHYXVzc2lhbhIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFiYXNlX21vZGVsX3NoYTI1NhgLIAEoCSI5ChdTdGFydFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg0KBXJlZml0GAIgASgIIigKFUdldFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIioKF1dhdGNoUHJlcGFyYXRpb25SZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkigwEKE1N0YXJ0U2NvcmluZ1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIQCghyb3VuZF9pZBgCIAEoCRIfCgViYXRjaBgDIAEoCzIQLmZ0cHMudjEuQmxvYlJlZhISCgpyZWNvcmRfaWRzGAQgAygJEhQKDGNvbnRyaWJ1dG9ycxgFIAMoCSInChNXYXRjaFNjb3JpbmdSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIisKF0dldFNjb3JpbmdSZXN1bHRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIkwKFEVzdGltYXRlUm91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFIrYBCg1Sb3VuZEVzdGltYXRlEg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFEgwKBGpvYnMYBCABKAUSFQoNcGFyYWxsZWxfam9icxgFIAEoBRIZChFzZWNvbmRzX3Blcl9tb2RlbBgGIAEoARIQCgh3b3JrZXJfcxgHIAEoARIOCgZ3YWxsX3MYCCABKAESDQoFYmFzaXMYCSABKAkqkQEKEFByZXBhcmF0aW9uU3RhdGUSIQodUFJFUEFSQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIfChtQUkVQQVJBVElPTl9TVEFURV9QUkVQQVJJTkcQARIbChdQUkVQQVJBVElPTl9TVEFURV9SRUFEWRACEhwKGFBSRVBBUkFUSU9OX1NUQVRFX0ZBSUxFRBADMpMEChFMaXJhU2NvcmVyU2VydmljZRJKChBTdGFydFByZXBhcmF0aW9uEiAuZnRwcy52MS5TdGFydFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24SRgoOR2V0UHJlcGFyYXRpb24SHi5mdHBzLnYxLkdldFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24STAoQV2F0Y2hQcmVwYXJhdGlvbhIgLmZ0cHMudjEuV2F0Y2hQcmVwYXJhdGlvblJlcXVlc3QaFC5mdHBzLnYxLlByZXBhcmF0aW9uMAESQgoMU3RhcnRTY29yaW5nEhwuZnRwcy52MS5TdGFydFNjb3JpbmdSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1cxJECgxXYXRjaFNjb3JpbmcSHC5mdHBzLnYxLldhdGNoU2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzMAESSgoQR2V0U2NvcmluZ1Jlc3VsdBIgLmZ0cHMudjEuR2V0U2NvcmluZ1Jlc3VsdFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkYKDUVzdGltYXRlUm91bmQSHS5mdHBzLnYxLkVzdGltYXRlUm91bmRSZXF1ZXN0GhYuZnRwcy52MS5Sb3VuZEVzdGltYXRlYgZwcm90bzM", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChRmdHBzL3YxL3Njb3Jlci5wcm90bxIHZnRwcy52MSI6ChJHcm93U2NvcmluZ1JlcXVlc3QSEAoIcm91bmRfaWQYASABKAkSEgoKYWRkX21vZGVscxgCIAEoBSK7AgoLUHJlcGFyYXRpb24SDwoHdGFza19pZBgBIAEoCRIWCg5wcmVwYXJhdGlvbl9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmZ0cHMudjEuUHJlcGFyYXRpb25TdGF0ZRITCgttb2RlbHNfZG9uZRgEIAEoBRIUCgxtb2RlbHNfdG90YWwYBSABKAUSEQoJZWxhcHNlZF9zGAYgASgBEhMKC3JlbWFpbmluZ19zGAcgASgBEg8KB21lc3NhZ2UYCCABKAkSKgoIZ2F1c3NpYW4YCSABKAsyGC5mdHBzLnYxLk9mZmxpbmVHYXVzc2lhbhIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFiYXNlX21vZGVsX3NoYTI1NhgLIAEoCSI5ChdTdGFydFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg0KBXJlZml0GAIgASgIIigKFUdldFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIioKF1dhdGNoUHJlcGFyYXRpb25SZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkigwEKE1N0YXJ0U2NvcmluZ1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIQCghyb3VuZF9pZBgCIAEoCRIfCgViYXRjaBgDIAEoCzIQLmZ0cHMudjEuQmxvYlJlZhISCgpyZWNvcmRfaWRzGAQgAygJEhQKDGNvbnRyaWJ1dG9ycxgFIAMoCSInChNXYXRjaFNjb3JpbmdSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIisKF0dldFNjb3JpbmdSZXN1bHRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIkwKFEVzdGltYXRlUm91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFIrYBCg1Sb3VuZEVzdGltYXRlEg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFEgwKBGpvYnMYBCABKAUSFQoNcGFyYWxsZWxfam9icxgFIAEoBRIZChFzZWNvbmRzX3Blcl9tb2RlbBgGIAEoARIQCgh3b3JrZXJfcxgHIAEoARIOCgZ3YWxsX3MYCCABKAESDQoFYmFzaXMYCSABKAkqkQEKEFByZXBhcmF0aW9uU3RhdGUSIQodUFJFUEFSQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIfChtQUkVQQVJBVElPTl9TVEFURV9QUkVQQVJJTkcQARIbChdQUkVQQVJBVElPTl9TVEFURV9SRUFEWRACEhwKGFBSRVBBUkFUSU9OX1NUQVRFX0ZBSUxFRBADMtUEChFMaXJhU2NvcmVyU2VydmljZRJKChBTdGFydFByZXBhcmF0aW9uEiAuZnRwcy52MS5TdGFydFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24SRgoOR2V0UHJlcGFyYXRpb24SHi5mdHBzLnYxLkdldFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24STAoQV2F0Y2hQcmVwYXJhdGlvbhIgLmZ0cHMudjEuV2F0Y2hQcmVwYXJhdGlvblJlcXVlc3QaFC5mdHBzLnYxLlByZXBhcmF0aW9uMAESQgoMU3RhcnRTY29yaW5nEhwuZnRwcy52MS5TdGFydFNjb3JpbmdSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1cxJECgxXYXRjaFNjb3JpbmcSHC5mdHBzLnYxLldhdGNoU2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzMAESSgoQR2V0U2NvcmluZ1Jlc3VsdBIgLmZ0cHMudjEuR2V0U2NvcmluZ1Jlc3VsdFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkYKDUVzdGltYXRlUm91bmQSHS5mdHBzLnYxLkVzdGltYXRlUm91bmRSZXF1ZXN0GhYuZnRwcy52MS5Sb3VuZEVzdGltYXRlEkAKC0dyb3dTY29yaW5nEhsuZnRwcy52MS5Hcm93U2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzYgZwcm90bzM", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+
+/**
+ * Describes the message ftps.v1.GrowScoringRequest.
+ * Use `create(GrowScoringRequestSchema)` to create a new message.
+ */
+export const GrowScoringRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_scorer, 0);
 
 /**
  * Describes the message ftps.v1.Preparation.
  * Use `create(PreparationSchema)` to create a new message.
  */
 export const PreparationSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 0);
+  messageDesc(file_ftps_v1_scorer, 1);
 
 /**
  * Describes the message ftps.v1.StartPreparationRequest.
  * Use `create(StartPreparationRequestSchema)` to create a new message.
  */
 export const StartPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 1);
+  messageDesc(file_ftps_v1_scorer, 2);
 
 /**
  * Describes the message ftps.v1.GetPreparationRequest.
  * Use `create(GetPreparationRequestSchema)` to create a new message.
  */
 export const GetPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 2);
+  messageDesc(file_ftps_v1_scorer, 3);
 
 /**
  * Describes the message ftps.v1.WatchPreparationRequest.
  * Use `create(WatchPreparationRequestSchema)` to create a new message.
  */
 export const WatchPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 3);
+  messageDesc(file_ftps_v1_scorer, 4);
 
 /**
  * Describes the message ftps.v1.StartScoringRequest.
  * Use `create(StartScoringRequestSchema)` to create a new message.
  */
 export const StartScoringRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 4);
+  messageDesc(file_ftps_v1_scorer, 5);
 
 /**
  * Describes the message ftps.v1.WatchScoringRequest.
  * Use `create(WatchScoringRequestSchema)` to create a new message.
  */
 export const WatchScoringRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 5);
+  messageDesc(file_ftps_v1_scorer, 6);
 
 /**
  * Describes the message ftps.v1.GetScoringResultRequest.
  * Use `create(GetScoringResultRequestSchema)` to create a new message.
  */
 export const GetScoringResultRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 6);
+  messageDesc(file_ftps_v1_scorer, 7);
 
 /**
  * Describes the message ftps.v1.EstimateRoundRequest.
  * Use `create(EstimateRoundRequestSchema)` to create a new message.
  */
 export const EstimateRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 7);
+  messageDesc(file_ftps_v1_scorer, 8);
 
 /**
  * Describes the message ftps.v1.RoundEstimate.
  * Use `create(RoundEstimateSchema)` to create a new message.
  */
 export const RoundEstimateSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 8);
+  messageDesc(file_ftps_v1_scorer, 9);
 
 /**
  * Describes the enum ftps.v1.PreparationState.
