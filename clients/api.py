@@ -163,6 +163,16 @@ class BuilderClient:
         return self.gateway.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=add_models),
                                       timeout=DEFAULT_TIMEOUT)
 
+    def compare_recipes(self, round_id: str, recipes: dict[str, bytes]) -> common_pb2.RecipeComparison:
+        """Run the round's batch under each of ``recipes`` (name -> strategy source) beside the
+        task's own; follow it with ``get_comparison``."""
+        return self.gateway.CompareRecipes(gateway_pb2.CompareRecipesRequest(round_id=round_id, alternatives=[
+            common_pb2.RecipeAlternative(name=name, strategy=source) for name, source in recipes.items()]),
+            timeout=2 * DEFAULT_TIMEOUT)
+
+    def get_comparison(self, round_id: str) -> common_pb2.RecipeComparison:
+        return self.gateway.GetComparison(gateway_pb2.GetComparisonRequest(round_id=round_id), timeout=DEFAULT_TIMEOUT)
+
     def get_round(self, round_id: str) -> common_pb2.RoundResult:
         return self.gateway.GetRound(gateway_pb2.GetRoundRequest(round_id=round_id), timeout=DEFAULT_TIMEOUT)
 
@@ -452,6 +462,23 @@ def contribution_text(c: common_pb2.ContributorScore) -> str:
     return (f"{c.contributor}'s whole contribution ({c.n_records} records, round {c.round_id}): score "
             f"{c.score:+.3f} [{c.score_ci_low:+.2f}, {c.score_ci_high:+.2f}], empirical ε {c.empirical_epsilon:.2f} "
             f"[{c.empirical_epsilon_ci_low:.2f}, {c.empirical_epsilon_ci_high:.2f}] at δ = {c.delta:g}")
+
+
+def comparison_dict(c: common_pb2.RecipeComparison) -> dict:
+    """The JSON shape of a recipe comparison: per recipe its state, utility, batch metrics and how
+    many records are identifiable above chance, and the records exposed under every recipe."""
+    out = []
+    for v in c.variants:
+        out.append({"recipe": v.name, "round_id": v.status.round_id,
+                    "state": common_pb2.RoundState.Name(v.status.state).removeprefix("ROUND_STATE_").lower(),
+                    "models_done": v.status.models_done, "models_total": v.status.models_total,
+                    "message": v.status.message, "heldout_accuracy": v.heldout_accuracy,
+                    "heldout_records": v.heldout_records,
+                    "batch": batch_dict(v.batch) if v.HasField("batch") else None,
+                    "above_chance": sum(s.score_ci_low > 0 for s in v.scores),
+                    "max_empirical_epsilon": max((s.empirical_epsilon for s in v.scores), default=0.0),
+                    "dp_epsilon": v.dp_epsilon, "scores": {s.record_id: s.score for s in v.scores}})
+    return {"round_id": c.round_id, "recipes": out, "exposed_everywhere": list(c.exposed_everywhere)}
 
 
 def batch_dict(b: common_pb2.BatchMetrics) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from clients.api import (
     KIND_NAMES,
     BuilderClient,
     batch_dict,
+    comparison_dict,
     contribution_dict,
     estimate_dict,
     estimate_text,
@@ -150,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("watch", help="follow a round's progress until it ends")
     w.add_argument("--round", required=True)
+
+    cp = sub.add_parser("compare", help="what you can do about the exposure: run a finished round's batch under "
+                                        "other recipes (same masks and seeds) and compare each record's exposure "
+                                        "and the models' held-out accuracy side by side")
+    cp.add_argument("--round", required=True)
+    cp.add_argument("--recipe", action="append", default=[], metavar="NAME=STRATEGY.py",
+                    help="an alternative strategy (e.g. fewer-epochs=s2.py); repeat for up to 4. Without any: "
+                         "show the round's last comparison")
+    cp.add_argument("--no-wait", action="store_true", help="start it and return at once")
+    cp.add_argument("--json", action="store_true")
 
     gr = sub.add_parser("grow", help="add models to a finished round: sharper scores for the cost of the added "
                                      "models only (the statistics so far are reused)")
@@ -404,6 +416,52 @@ def cmd_watch(args) -> int:
     return _watch(_client(args), args.round)
 
 
+def cmd_compare(args) -> int:
+    client = _client(args)
+    recipes = {}
+    for spec in args.recipe:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--recipe {spec!r} must be NAME=STRATEGY.py")
+        if name in recipes or name == "current":
+            raise InputError(f"--recipe {name!r}: each recipe needs its own name (and 'current' is the task's own)")
+        try:
+            recipes[name] = Path(path).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read --recipe {spec}: {exc.strerror}") from exc
+    comparison = client.compare_recipes(args.round, recipes) if recipes else client.get_comparison(args.round)
+    if recipes and not args.no_wait:
+        with progress_bar(f"comparing {len(recipes) + 1} recipes on round {args.round}") as update:
+            while True:
+                done = sum(v.status.models_done for v in comparison.variants)
+                update(done, sum(v.status.models_total for v in comparison.variants))
+                if all(v.status.state in serde.TERMINAL_ROUND_STATES for v in comparison.variants):
+                    break
+                time.sleep(1.0)
+                comparison = client.get_comparison(args.round)
+    out = comparison_dict(comparison)
+    if args.json:
+        print_json(out)
+    else:
+        table = Table("recipe", "state", "held-out accuracy", "AUC", "mean score", "above chance",
+                      "max empirical ε", "DP-SGD ε", title=f"Recipes on round {args.round}: risk and utility")
+        for r in out["recipes"]:
+            b = r["batch"] or {}
+            table.add_row(r["recipe"], r["state"] if r["state"] != "failed" else f"failed: {r['message']}",
+                          f"{r['heldout_accuracy']:.3f} (n={r['heldout_records']})" if r["batch"] else "",
+                          f"{b.get('auc', 0):.3f}" if b else "", f"{b.get('mean_score', 0):+.3f}" if b else "",
+                          str(r["above_chance"]) if b else "", f"{r['max_empirical_epsilon']:.2f}" if b else "",
+                          f"{r['dp_epsilon']:.2f}" if r["dp_epsilon"] else "")
+        console = Console()
+        console.print(table)
+        if all(r["state"] == "done" for r in out["recipes"]):
+            everywhere = out["exposed_everywhere"]
+            console.print(f"{len(everywhere)} record(s) identifiable above chance under every recipe"
+                          + (": " + ", ".join(everywhere[:20]) + (" ..." if len(everywhere) > 20 else "")
+                             if everywhere else ""), highlight=False)
+    return 0 if all(r["state"] == "done" for r in out["recipes"]) or args.no_wait else 1
+
+
 def cmd_grow(args) -> int:
     client = _client(args)
     status = client.grow_round(args.round, args.models)
@@ -479,7 +537,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     return run(PROG, build_parser(), argv, {
         "create-task": cmd_create, "schema": cmd_schema, "upload": cmd_upload, "tasks": cmd_tasks, "task": cmd_task,
-        "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch, "grow": cmd_grow,
+        "prepare": cmd_prepare, "estimate": cmd_estimate, "start-round": cmd_start, "watch": cmd_watch, "grow": cmd_grow, "compare": cmd_compare,
         "watch-scores": cmd_watch_scores, "scores": cmd_scores,
         "report": cmd_report})
 

@@ -56,12 +56,14 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftps.common.errors import InvalidArgument
 from ftps.records import RecordsError
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "StrategyError",
     "TTA_QUERIES",
     "WeightsError",
+    "check_source",
     "describe_exception",
     "load_strategy",
     "parse_recipe",
@@ -334,6 +337,26 @@ def _check_tta(tta: tuple[str, ...], where: str) -> tuple[str, ...]:
 
 
 _counter = itertools.count()
+
+
+_COMPILE_LOCK = threading.Lock()
+
+
+def check_source(data: bytes, *, what: str = "strategy") -> str:
+    """A strategy's bytes as Python source, checked for UTF-8 and syntax only, never run (the
+    registry and the scorer take strategies from builders; only a worker's sandbox runs them).
+    InvalidArgument (STRATEGY_INVALID) says what is wrong and where."""
+    try:
+        source = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{what} is not UTF-8 Python source: {exc}", reason="STRATEGY_INVALID") from exc
+    try:
+        with _COMPILE_LOCK:  # CPython 3.11 can fail concurrent parses ("AST ... recursion depth mismatch")
+            compile(source, "strategy.py", "exec")
+    except SyntaxError as exc:
+        raise InvalidArgument(f"{what} has a syntax error at line {exc.lineno}: {exc.msg}",
+                              reason="STRATEGY_INVALID") from exc
+    return source
 
 
 def load_strategy(source: str) -> Strategy:

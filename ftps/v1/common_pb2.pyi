@@ -356,7 +356,7 @@ class OfflineGaussian(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., mu: _Optional[float] = ..., sigma: _Optional[float] = ..., k: _Optional[int] = ..., n_values: _Optional[int] = ..., fitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., base_model_sha256: _Optional[str] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "contributor_scores")
+    __slots__ = ("status", "scores", "batch", "timings", "method_metrics", "offline", "excluded", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "contributor_scores", "heldout_accuracy", "heldout_records")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +375,8 @@ class RoundResult(_message.Message):
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_SCORES_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_RECORDS_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
     batch: BatchMetrics
@@ -386,7 +388,45 @@ class RoundResult(_message.Message):
     dp_delta: float
     dp_noise_multiplier: float
     contributor_scores: _containers.RepeatedCompositeFieldContainer[ContributorScore]
-    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., contributor_scores: _Optional[_Iterable[_Union[ContributorScore, _Mapping]]] = ...) -> None: ...
+    heldout_accuracy: float
+    heldout_records: int
+    def __init__(self, status: _Optional[_Union[RoundStatus, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., method_metrics: _Optional[_Iterable[_Union[BatchMetrics, _Mapping]]] = ..., offline: _Optional[_Union[OfflineGaussian, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., contributor_scores: _Optional[_Iterable[_Union[ContributorScore, _Mapping]]] = ..., heldout_accuracy: _Optional[float] = ..., heldout_records: _Optional[int] = ...) -> None: ...
+
+class RecipeAlternative(_message.Message):
+    __slots__ = ("name", "strategy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    strategy: bytes
+    def __init__(self, name: _Optional[str] = ..., strategy: _Optional[bytes] = ...) -> None: ...
+
+class RecipeVariant(_message.Message):
+    __slots__ = ("name", "status", "heldout_accuracy", "heldout_records", "batch", "scores", "dp_epsilon")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: RoundStatus
+    heldout_accuracy: float
+    heldout_records: int
+    batch: BatchMetrics
+    scores: _containers.RepeatedCompositeFieldContainer[RecordScore]
+    dp_epsilon: float
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[RoundStatus, _Mapping]] = ..., heldout_accuracy: _Optional[float] = ..., heldout_records: _Optional[int] = ..., batch: _Optional[_Union[BatchMetrics, _Mapping]] = ..., scores: _Optional[_Iterable[_Union[RecordScore, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ...) -> None: ...
+
+class RecipeComparison(_message.Message):
+    __slots__ = ("round_id", "variants", "exposed_everywhere")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    EXPOSED_EVERYWHERE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    variants: _containers.RepeatedCompositeFieldContainer[RecipeVariant]
+    exposed_everywhere: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round_id: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[RecipeVariant, _Mapping]]] = ..., exposed_everywhere: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelCheck(_message.Message):
     __slots__ = ("base_model_sha256", "strategy_sha256", "num_classes", "parameters", "device", "seconds", "checked_at")

@@ -26,39 +26,43 @@ from ftps.v1 import common_pb2 as ftps_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66tps/v1/gateway.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x10GrowRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nadd_models\x18\x02 \x01(\x05\"x\n\x14SubmitRecordsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12!\n\x07records\x18\x03 \x01(\x0b\x32\x10.ftps.v1.Records\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x90\x02\n\nSubmission\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x03 \x01(\t\x12\x12\n\nrecord_ids\x18\x04 \x03(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.ftps.v1.SubmissionState\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x17\n\x0fpending_in_task\x18\x07 \x01(\x05\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\t \x01(\t\x12\x15\n\rfailed_rounds\x18\n \x01(\x05\"-\n\x14GetSubmissionRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"q\n\x10GetScoresRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\xb1\x01\n\x11GetScoresResponse\x12$\n\x06scores\x18\x01 \x03(\x0b\x32\x14.ftps.v1.RecordScore\x12&\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x15.ftps.v1.BatchMetrics\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x35\n\x12\x63ontributor_scores\x18\x04 \x03(\x0b\x32\x19.ftps.v1.ContributorScore\"e\n\x16ListSubmissionsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x04 \x01(\t\"\\\n\x17ListSubmissionsResponse\x12(\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x13.ftps.v1.Submission\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12WatchScoresRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\"3\n\x11StartRoundRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"%\n\x11WatchRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t*\xaa\x01\n\x0fSubmissionState\x12 \n\x1cSUBMISSION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18SUBMISSION_STATE_PENDING\x10\x01\x12\x1d\n\x19SUBMISSION_STATE_IN_ROUND\x10\x02\x12\x1b\n\x17SUBMISSION_STATE_SCORED\x10\x03\x12\x1b\n\x17SUBMISSION_STATE_FAILED\x10\x04\x32\xff\x04\n\x19\x43ontributorGatewayService\x12\x43\n\rSubmitRecords\x12\x1d.ftps.v1.SubmitRecordsRequest\x1a\x13.ftps.v1.Submission\x12\x43\n\rGetSubmission\x12\x1d.ftps.v1.GetSubmissionRequest\x1a\x13.ftps.v1.Submission\x12T\n\x0fListSubmissions\x12\x1f.ftps.v1.ListSubmissionsRequest\x1a .ftps.v1.ListSubmissionsResponse\x12\x42\n\tGetScores\x12\x19.ftps.v1.GetScoresRequest\x1a\x1a.ftps.v1.GetScoresResponse\x12\x42\n\x0bWatchScores\x12\x1b.ftps.v1.WatchScoresRequest\x1a\x14.ftps.v1.RecordScore0\x01\x12>\n\nStartRound\x12\x1a.ftps.v1.StartRoundRequest\x1a\x14.ftps.v1.RoundStatus\x12:\n\x08GetRound\x12\x18.ftps.v1.GetRoundRequest\x1a\x14.ftps.v1.RoundResult\x12@\n\nWatchRound\x12\x1a.ftps.v1.WatchRoundRequest\x1a\x14.ftps.v1.RoundStatus0\x01\x12<\n\tGrowRound\x12\x19.ftps.v1.GrowRoundRequest\x1a\x14.ftps.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66tps/v1/gateway.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x15\x43ompareRecipesRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x30\n\x0c\x61lternatives\x18\x02 \x03(\x0b\x32\x1a.ftps.v1.RecipeAlternative\"(\n\x14GetComparisonRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"8\n\x10GrowRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nadd_models\x18\x02 \x01(\x05\"x\n\x14SubmitRecordsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12!\n\x07records\x18\x03 \x01(\x0b\x32\x10.ftps.v1.Records\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x90\x02\n\nSubmission\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x03 \x01(\t\x12\x12\n\nrecord_ids\x18\x04 \x03(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.ftps.v1.SubmissionState\x12\x10\n\x08round_id\x18\x06 \x01(\t\x12\x17\n\x0fpending_in_task\x18\x07 \x01(\x05\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\t \x01(\t\x12\x15\n\rfailed_rounds\x18\n \x01(\x05\"-\n\x14GetSubmissionRequest\x12\x15\n\rsubmission_id\x18\x01 \x01(\t\"q\n\x10GetScoresRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"\xb1\x01\n\x11GetScoresResponse\x12$\n\x06scores\x18\x01 \x03(\x0b\x32\x14.ftps.v1.RecordScore\x12&\n\x07\x62\x61tches\x18\x02 \x03(\x0b\x32\x15.ftps.v1.BatchMetrics\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12\x35\n\x12\x63ontributor_scores\x18\x04 \x03(\x0b\x32\x19.ftps.v1.ContributorScore\"e\n\x16ListSubmissionsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x04 \x01(\t\"\\\n\x17ListSubmissionsResponse\x12(\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x13.ftps.v1.Submission\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12WatchScoresRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\t\"3\n\x11StartRoundRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"%\n\x11WatchRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t*\xaa\x01\n\x0fSubmissionState\x12 \n\x1cSUBMISSION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18SUBMISSION_STATE_PENDING\x10\x01\x12\x1d\n\x19SUBMISSION_STATE_IN_ROUND\x10\x02\x12\x1b\n\x17SUBMISSION_STATE_SCORED\x10\x03\x12\x1b\n\x17SUBMISSION_STATE_FAILED\x10\x04\x32\x97\x06\n\x19\x43ontributorGatewayService\x12\x43\n\rSubmitRecords\x12\x1d.ftps.v1.SubmitRecordsRequest\x1a\x13.ftps.v1.Submission\x12\x43\n\rGetSubmission\x12\x1d.ftps.v1.GetSubmissionRequest\x1a\x13.ftps.v1.Submission\x12T\n\x0fListSubmissions\x12\x1f.ftps.v1.ListSubmissionsRequest\x1a .ftps.v1.ListSubmissionsResponse\x12\x42\n\tGetScores\x12\x19.ftps.v1.GetScoresRequest\x1a\x1a.ftps.v1.GetScoresResponse\x12\x42\n\x0bWatchScores\x12\x1b.ftps.v1.WatchScoresRequest\x1a\x14.ftps.v1.RecordScore0\x01\x12>\n\nStartRound\x12\x1a.ftps.v1.StartRoundRequest\x1a\x14.ftps.v1.RoundStatus\x12:\n\x08GetRound\x12\x18.ftps.v1.GetRoundRequest\x1a\x14.ftps.v1.RoundResult\x12@\n\nWatchRound\x12\x1a.ftps.v1.WatchRoundRequest\x1a\x14.ftps.v1.RoundStatus0\x01\x12<\n\tGrowRound\x12\x19.ftps.v1.GrowRoundRequest\x1a\x14.ftps.v1.RoundStatus\x12K\n\x0e\x43ompareRecipes\x12\x1e.ftps.v1.CompareRecipesRequest\x1a\x19.ftps.v1.RecipeComparison\x12I\n\rGetComparison\x12\x1d.ftps.v1.GetComparisonRequest\x1a\x19.ftps.v1.RecipeComparisonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftps.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMISSIONSTATE']._serialized_start=1291
-  _globals['_SUBMISSIONSTATE']._serialized_end=1461
-  _globals['_GROWROUNDREQUEST']._serialized_start=89
-  _globals['_GROWROUNDREQUEST']._serialized_end=145
-  _globals['_SUBMITRECORDSREQUEST']._serialized_start=147
-  _globals['_SUBMITRECORDSREQUEST']._serialized_end=267
-  _globals['_SUBMISSION']._serialized_start=270
-  _globals['_SUBMISSION']._serialized_end=542
-  _globals['_GETSUBMISSIONREQUEST']._serialized_start=544
-  _globals['_GETSUBMISSIONREQUEST']._serialized_end=589
-  _globals['_GETSCORESREQUEST']._serialized_start=591
-  _globals['_GETSCORESREQUEST']._serialized_end=704
-  _globals['_GETSCORESRESPONSE']._serialized_start=707
-  _globals['_GETSCORESRESPONSE']._serialized_end=884
-  _globals['_LISTSUBMISSIONSREQUEST']._serialized_start=886
-  _globals['_LISTSUBMISSIONSREQUEST']._serialized_end=987
-  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_start=989
-  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_end=1081
-  _globals['_WATCHSCORESREQUEST']._serialized_start=1083
-  _globals['_WATCHSCORESREQUEST']._serialized_end=1159
-  _globals['_STARTROUNDREQUEST']._serialized_start=1161
-  _globals['_STARTROUNDREQUEST']._serialized_end=1212
-  _globals['_GETROUNDREQUEST']._serialized_start=1214
-  _globals['_GETROUNDREQUEST']._serialized_end=1249
-  _globals['_WATCHROUNDREQUEST']._serialized_start=1251
-  _globals['_WATCHROUNDREQUEST']._serialized_end=1288
-  _globals['_CONTRIBUTORGATEWAYSERVICE']._serialized_start=1464
-  _globals['_CONTRIBUTORGATEWAYSERVICE']._serialized_end=2103
+  _globals['_SUBMISSIONSTATE']._serialized_start=1426
+  _globals['_SUBMISSIONSTATE']._serialized_end=1596
+  _globals['_COMPARERECIPESREQUEST']._serialized_start=89
+  _globals['_COMPARERECIPESREQUEST']._serialized_end=180
+  _globals['_GETCOMPARISONREQUEST']._serialized_start=182
+  _globals['_GETCOMPARISONREQUEST']._serialized_end=222
+  _globals['_GROWROUNDREQUEST']._serialized_start=224
+  _globals['_GROWROUNDREQUEST']._serialized_end=280
+  _globals['_SUBMITRECORDSREQUEST']._serialized_start=282
+  _globals['_SUBMITRECORDSREQUEST']._serialized_end=402
+  _globals['_SUBMISSION']._serialized_start=405
+  _globals['_SUBMISSION']._serialized_end=677
+  _globals['_GETSUBMISSIONREQUEST']._serialized_start=679
+  _globals['_GETSUBMISSIONREQUEST']._serialized_end=724
+  _globals['_GETSCORESREQUEST']._serialized_start=726
+  _globals['_GETSCORESREQUEST']._serialized_end=839
+  _globals['_GETSCORESRESPONSE']._serialized_start=842
+  _globals['_GETSCORESRESPONSE']._serialized_end=1019
+  _globals['_LISTSUBMISSIONSREQUEST']._serialized_start=1021
+  _globals['_LISTSUBMISSIONSREQUEST']._serialized_end=1122
+  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_start=1124
+  _globals['_LISTSUBMISSIONSRESPONSE']._serialized_end=1216
+  _globals['_WATCHSCORESREQUEST']._serialized_start=1218
+  _globals['_WATCHSCORESREQUEST']._serialized_end=1294
+  _globals['_STARTROUNDREQUEST']._serialized_start=1296
+  _globals['_STARTROUNDREQUEST']._serialized_end=1347
+  _globals['_GETROUNDREQUEST']._serialized_start=1349
+  _globals['_GETROUNDREQUEST']._serialized_end=1384
+  _globals['_WATCHROUNDREQUEST']._serialized_start=1386
+  _globals['_WATCHROUNDREQUEST']._serialized_end=1423
+  _globals['_CONTRIBUTORGATEWAYSERVICE']._serialized_start=1599
+  _globals['_CONTRIBUTORGATEWAYSERVICE']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,16 @@ class ContributorGatewayServiceStub:
                 request_serializer=ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.CompareRecipes = channel.unary_unary(
+                '/ftps.v1.ContributorGatewayService/CompareRecipes',
+                request_serializer=ftps_dot_v1_dot_gateway__pb2.CompareRecipesRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+                _registered_method=True)
+        self.GetComparison = channel.unary_unary(
+                '/ftps.v1.ContributorGatewayService/GetComparison',
+                request_serializer=ftps_dot_v1_dot_gateway__pb2.GetComparisonRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+                _registered_method=True)
 
 
 class ContributorGatewayServiceServicer:
@@ -202,6 +212,27 @@ class ContributorGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareRecipes(self, request, context):
+        """Builder (owner) or admin: run a DONE round's batch under other fine-tuning recipes, with the
+        round's masks and seeds, to compare each record's exposure and the models' accuracy on
+        held-out builder data side by side (the task's own recipe runs again as "current", with the
+        utility measured). A long-running operation: returns the comparison at once (its variants
+        PENDING); follow it with GetComparison. 1 to 4 alternatives. INVALID_ARGUMENT
+        (STRATEGY_INVALID) for a strategy that is not UTF-8 Python, a bad or repeated name;
+        FAILED_PRECONDITION when the round is not DONE, left records out, or is being compared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetComparison(self, request, context):
+        """Builder (owner) or admin: the round's recipe comparison as it stands. NOT_FOUND
+        (ROUND_NOT_FOUND) when none was started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContributorGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +280,16 @@ def add_ContributorGatewayServiceServicer_to_server(servicer, server):
                     servicer.GrowRound,
                     request_deserializer=ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
+            ),
+            'CompareRecipes': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRecipes,
+                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.CompareRecipesRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.SerializeToString,
+            ),
+            'GetComparison': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetComparison,
+                    request_deserializer=ftps_dot_v1_dot_gateway__pb2.GetComparisonRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +549,60 @@ class ContributorGatewayService:
             '/ftps.v1.ContributorGatewayService/GrowRound',
             ftps_dot_v1_dot_gateway__pb2.GrowRoundRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRecipes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.ContributorGatewayService/CompareRecipes',
+            ftps_dot_v1_dot_gateway__pb2.CompareRecipesRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetComparison(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.ContributorGatewayService/GetComparison',
+            ftps_dot_v1_dot_gateway__pb2.GetComparisonRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
             options,
             channel_credentials,
             insecure,

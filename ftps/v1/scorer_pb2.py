@@ -26,35 +26,39 @@ from ftps.v1 import common_pb2 as ftps_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66tps/v1/scorer.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\":\n\x12GrowScoringRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nadd_models\x18\x02 \x01(\x05\"\xbb\x02\n\x0bPreparation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0epreparation_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftps.v1.PreparationState\x12\x13\n\x0bmodels_done\x18\x04 \x01(\x05\x12\x14\n\x0cmodels_total\x18\x05 \x01(\x05\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x13\n\x0bremaining_s\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\x12*\n\x08gaussian\x18\t \x01(\x0b\x32\x18.ftps.v1.OfflineGaussian\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x62\x61se_model_sha256\x18\x0b \x01(\t\"9\n\x17StartPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05refit\x18\x02 \x01(\x08\"(\n\x15GetPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"*\n\x17WatchPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x83\x01\n\x13StartScoringRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x1f\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\x12\n\nrecord_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\t\"\'\n\x13WatchScoringRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"+\n\x17GetScoringResultRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"L\n\x14\x45stimateRoundRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08n_models\x18\x02 \x01(\x05\x12\x11\n\tn_records\x18\x03 \x01(\x05\"\xb6\x01\n\rRoundEstimate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08n_models\x18\x02 \x01(\x05\x12\x11\n\tn_records\x18\x03 \x01(\x05\x12\x0c\n\x04jobs\x18\x04 \x01(\x05\x12\x15\n\rparallel_jobs\x18\x05 \x01(\x05\x12\x19\n\x11seconds_per_model\x18\x06 \x01(\x01\x12\x10\n\x08worker_s\x18\x07 \x01(\x01\x12\x0e\n\x06wall_s\x18\x08 \x01(\x01\x12\r\n\x05\x62\x61sis\x18\t \x01(\t*\x91\x01\n\x10PreparationState\x12!\n\x1dPREPARATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPREPARATION_STATE_PREPARING\x10\x01\x12\x1b\n\x17PREPARATION_STATE_READY\x10\x02\x12\x1c\n\x18PREPARATION_STATE_FAILED\x10\x03\x32\xd5\x04\n\x11LiraScorerService\x12J\n\x10StartPreparation\x12 .ftps.v1.StartPreparationRequest\x1a\x14.ftps.v1.Preparation\x12\x46\n\x0eGetPreparation\x12\x1e.ftps.v1.GetPreparationRequest\x1a\x14.ftps.v1.Preparation\x12L\n\x10WatchPreparation\x12 .ftps.v1.WatchPreparationRequest\x1a\x14.ftps.v1.Preparation0\x01\x12\x42\n\x0cStartScoring\x12\x1c.ftps.v1.StartScoringRequest\x1a\x14.ftps.v1.RoundStatus\x12\x44\n\x0cWatchScoring\x12\x1c.ftps.v1.WatchScoringRequest\x1a\x14.ftps.v1.RoundStatus0\x01\x12J\n\x10GetScoringResult\x12 .ftps.v1.GetScoringResultRequest\x1a\x14.ftps.v1.RoundResult\x12\x46\n\rEstimateRound\x12\x1d.ftps.v1.EstimateRoundRequest\x1a\x16.ftps.v1.RoundEstimate\x12@\n\x0bGrowScoring\x12\x1b.ftps.v1.GrowScoringRequest\x1a\x14.ftps.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66tps/v1/scorer.proto\x12\x07\x66tps.v1\x1a\x14\x66tps/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x1c\x43ompareScoringRecipesRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x30\n\x0c\x61lternatives\x18\x02 \x03(\x0b\x32\x1a.ftps.v1.RecipeAlternative\"/\n\x1bGetScoringComparisonRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\":\n\x12GrowScoringRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x12\n\nadd_models\x18\x02 \x01(\x05\"\xbb\x02\n\x0bPreparation\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0epreparation_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ftps.v1.PreparationState\x12\x13\n\x0bmodels_done\x18\x04 \x01(\x05\x12\x14\n\x0cmodels_total\x18\x05 \x01(\x05\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x13\n\x0bremaining_s\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\x12*\n\x08gaussian\x18\t \x01(\x0b\x32\x18.ftps.v1.OfflineGaussian\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x62\x61se_model_sha256\x18\x0b \x01(\t\"9\n\x17StartPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05refit\x18\x02 \x01(\x08\"(\n\x15GetPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"*\n\x17WatchPreparationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x83\x01\n\x13StartScoringRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x1f\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x10.ftps.v1.BlobRef\x12\x12\n\nrecord_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\t\"\'\n\x13WatchScoringRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"+\n\x17GetScoringResultRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"L\n\x14\x45stimateRoundRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08n_models\x18\x02 \x01(\x05\x12\x11\n\tn_records\x18\x03 \x01(\x05\"\xb6\x01\n\rRoundEstimate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08n_models\x18\x02 \x01(\x05\x12\x11\n\tn_records\x18\x03 \x01(\x05\x12\x0c\n\x04jobs\x18\x04 \x01(\x05\x12\x15\n\rparallel_jobs\x18\x05 \x01(\x05\x12\x19\n\x11seconds_per_model\x18\x06 \x01(\x01\x12\x10\n\x08worker_s\x18\x07 \x01(\x01\x12\x0e\n\x06wall_s\x18\x08 \x01(\x01\x12\r\n\x05\x62\x61sis\x18\t \x01(\t*\x91\x01\n\x10PreparationState\x12!\n\x1dPREPARATION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPREPARATION_STATE_PREPARING\x10\x01\x12\x1b\n\x17PREPARATION_STATE_READY\x10\x02\x12\x1c\n\x18PREPARATION_STATE_FAILED\x10\x03\x32\x89\x06\n\x11LiraScorerService\x12J\n\x10StartPreparation\x12 .ftps.v1.StartPreparationRequest\x1a\x14.ftps.v1.Preparation\x12\x46\n\x0eGetPreparation\x12\x1e.ftps.v1.GetPreparationRequest\x1a\x14.ftps.v1.Preparation\x12L\n\x10WatchPreparation\x12 .ftps.v1.WatchPreparationRequest\x1a\x14.ftps.v1.Preparation0\x01\x12\x42\n\x0cStartScoring\x12\x1c.ftps.v1.StartScoringRequest\x1a\x14.ftps.v1.RoundStatus\x12\x44\n\x0cWatchScoring\x12\x1c.ftps.v1.WatchScoringRequest\x1a\x14.ftps.v1.RoundStatus0\x01\x12J\n\x10GetScoringResult\x12 .ftps.v1.GetScoringResultRequest\x1a\x14.ftps.v1.RoundResult\x12\x46\n\rEstimateRound\x12\x1d.ftps.v1.EstimateRoundRequest\x1a\x16.ftps.v1.RoundEstimate\x12@\n\x0bGrowScoring\x12\x1b.ftps.v1.GrowScoringRequest\x1a\x14.ftps.v1.RoundStatus\x12Y\n\x15\x43ompareScoringRecipes\x12%.ftps.v1.CompareScoringRecipesRequest\x1a\x19.ftps.v1.RecipeComparison\x12W\n\x14GetScoringComparison\x12$.ftps.v1.GetScoringComparisonRequest\x1a\x19.ftps.v1.RecipeComparisonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ftps.v1.scorer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREPARATIONSTATE']._serialized_start=1095
-  _globals['_PREPARATIONSTATE']._serialized_end=1240
-  _globals['_GROWSCORINGREQUEST']._serialized_start=88
-  _globals['_GROWSCORINGREQUEST']._serialized_end=146
-  _globals['_PREPARATION']._serialized_start=149
-  _globals['_PREPARATION']._serialized_end=464
-  _globals['_STARTPREPARATIONREQUEST']._serialized_start=466
-  _globals['_STARTPREPARATIONREQUEST']._serialized_end=523
-  _globals['_GETPREPARATIONREQUEST']._serialized_start=525
-  _globals['_GETPREPARATIONREQUEST']._serialized_end=565
-  _globals['_WATCHPREPARATIONREQUEST']._serialized_start=567
-  _globals['_WATCHPREPARATIONREQUEST']._serialized_end=609
-  _globals['_STARTSCORINGREQUEST']._serialized_start=612
-  _globals['_STARTSCORINGREQUEST']._serialized_end=743
-  _globals['_WATCHSCORINGREQUEST']._serialized_start=745
-  _globals['_WATCHSCORINGREQUEST']._serialized_end=784
-  _globals['_GETSCORINGRESULTREQUEST']._serialized_start=786
-  _globals['_GETSCORINGRESULTREQUEST']._serialized_end=829
-  _globals['_ESTIMATEROUNDREQUEST']._serialized_start=831
-  _globals['_ESTIMATEROUNDREQUEST']._serialized_end=907
-  _globals['_ROUNDESTIMATE']._serialized_start=910
-  _globals['_ROUNDESTIMATE']._serialized_end=1092
-  _globals['_LIRASCORERSERVICE']._serialized_start=1243
-  _globals['_LIRASCORERSERVICE']._serialized_end=1840
+  _globals['_PREPARATIONSTATE']._serialized_start=1244
+  _globals['_PREPARATIONSTATE']._serialized_end=1389
+  _globals['_COMPARESCORINGRECIPESREQUEST']._serialized_start=88
+  _globals['_COMPARESCORINGRECIPESREQUEST']._serialized_end=186
+  _globals['_GETSCORINGCOMPARISONREQUEST']._serialized_start=188
+  _globals['_GETSCORINGCOMPARISONREQUEST']._serialized_end=235
+  _globals['_GROWSCORINGREQUEST']._serialized_start=237
+  _globals['_GROWSCORINGREQUEST']._serialized_end=295
+  _globals['_PREPARATION']._serialized_start=298
+  _globals['_PREPARATION']._serialized_end=613
+  _globals['_STARTPREPARATIONREQUEST']._serialized_start=615
+  _globals['_STARTPREPARATIONREQUEST']._serialized_end=672
+  _globals['_GETPREPARATIONREQUEST']._serialized_start=674
+  _globals['_GETPREPARATIONREQUEST']._serialized_end=714
+  _globals['_WATCHPREPARATIONREQUEST']._serialized_start=716
+  _globals['_WATCHPREPARATIONREQUEST']._serialized_end=758
+  _globals['_STARTSCORINGREQUEST']._serialized_start=761
+  _globals['_STARTSCORINGREQUEST']._serialized_end=892
+  _globals['_WATCHSCORINGREQUEST']._serialized_start=894
+  _globals['_WATCHSCORINGREQUEST']._serialized_end=933
+  _globals['_GETSCORINGRESULTREQUEST']._serialized_start=935
+  _globals['_GETSCORINGRESULTREQUEST']._serialized_end=978
+  _globals['_ESTIMATEROUNDREQUEST']._serialized_start=980
+  _globals['_ESTIMATEROUNDREQUEST']._serialized_end=1056
+  _globals['_ROUNDESTIMATE']._serialized_start=1059
+  _globals['_ROUNDESTIMATE']._serialized_end=1241
+  _globals['_LIRASCORERSERVICE']._serialized_start=1392
+  _globals['_LIRASCORERSERVICE']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

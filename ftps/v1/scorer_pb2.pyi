@@ -22,6 +22,20 @@ PREPARATION_STATE_PREPARING: PreparationState
 PREPARATION_STATE_READY: PreparationState
 PREPARATION_STATE_FAILED: PreparationState
 
+class CompareScoringRecipesRequest(_message.Message):
+    __slots__ = ("round_id", "alternatives")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    alternatives: _containers.RepeatedCompositeFieldContainer[_common_pb2.RecipeAlternative]
+    def __init__(self, round_id: _Optional[str] = ..., alternatives: _Optional[_Iterable[_Union[_common_pb2.RecipeAlternative, _Mapping]]] = ...) -> None: ...
+
+class GetScoringComparisonRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
 class GrowScoringRequest(_message.Message):
     __slots__ = ("round_id", "add_models")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]

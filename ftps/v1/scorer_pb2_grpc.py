@@ -78,6 +78,16 @@ class LiraScorerServiceStub:
                 request_serializer=ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.SerializeToString,
                 response_deserializer=ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.CompareScoringRecipes = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/CompareScoringRecipes',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.CompareScoringRecipesRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+                _registered_method=True)
+        self.GetScoringComparison = channel.unary_unary(
+                '/ftps.v1.LiraScorerService/GetScoringComparison',
+                request_serializer=ftps_dot_v1_dot_scorer__pb2.GetScoringComparisonRequest.SerializeToString,
+                response_deserializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+                _registered_method=True)
 
 
 class LiraScorerServiceServicer:
@@ -154,6 +164,21 @@ class LiraScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareScoringRecipes(self, request, context):
+        """Service or admin: compare recipes on a DONE round (ContributorGatewayService.CompareRecipes
+        says how). Errors as CompareRecipes'.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetScoringComparison(self, request, context):
+        """Service or admin: the round's comparison (ContributorGatewayService.GetComparison).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiraScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +221,16 @@ def add_LiraScorerServiceServicer_to_server(servicer, server):
                     servicer.GrowScoring,
                     request_deserializer=ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.FromString,
                     response_serializer=ftps_dot_v1_dot_common__pb2.RoundStatus.SerializeToString,
+            ),
+            'CompareScoringRecipes': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareScoringRecipes,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.CompareScoringRecipesRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.SerializeToString,
+            ),
+            'GetScoringComparison': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScoringComparison,
+                    request_deserializer=ftps_dot_v1_dot_scorer__pb2.GetScoringComparisonRequest.FromString,
+                    response_serializer=ftps_dot_v1_dot_common__pb2.RecipeComparison.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -417,6 +452,60 @@ class LiraScorerService:
             '/ftps.v1.LiraScorerService/GrowScoring',
             ftps_dot_v1_dot_scorer__pb2.GrowScoringRequest.SerializeToString,
             ftps_dot_v1_dot_common__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareScoringRecipes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/CompareScoringRecipes',
+            ftps_dot_v1_dot_scorer__pb2.CompareScoringRecipesRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScoringComparison(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftps.v1.LiraScorerService/GetScoringComparison',
+            ftps_dot_v1_dot_scorer__pb2.GetScoringComparisonRequest.SerializeToString,
+            ftps_dot_v1_dot_common__pb2.RecipeComparison.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import uuid
 from typing import Iterable, Iterator
 
@@ -37,6 +36,7 @@ from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionD
 from ftps.records import checks, tabular
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import MAX_MODELS, MAX_RECORDS, min_records, valid_batch_size, valid_n_models
+from ftps.ml.strategy import check_source
 from ftps.privacy import dp
 from ftps.v1 import common_pb2, registry_pb2
 from services.builder_registry.checker import ModelChecker
@@ -314,9 +314,6 @@ class Registry:
         return check
 
 
-_COMPILE_LOCK = threading.Lock()
-
-
 def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
                    max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES) -> None:
     # Archives are bounded before they are read: what they declare (member count and sizes, each
@@ -336,16 +333,7 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
                 raise InvalidArgument(f"base model tensor {name[:200]!r} holds NaN or infinite values",
                                       reason="BASE_MODEL_INVALID")
     elif kind == common_pb2.BLOB_KIND_STRATEGY:
-        try:
-            source = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"strategy is not UTF-8 Python source: {exc}", reason="STRATEGY_INVALID") from exc
-        try:
-            with _COMPILE_LOCK:  # CPython 3.11 can fail concurrent parses ("AST ... recursion depth mismatch")
-                compile(source, "strategy.py", "exec")  # syntax only; it runs in the worker's sandbox
-        except SyntaxError as exc:
-            raise InvalidArgument(f"strategy has a syntax error at line {exc.lineno}: {exc.msg}",
-                                  reason="STRATEGY_INVALID") from exc
+        check_source(data)  # syntax only; it runs in the worker's sandbox
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
         # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
         arrays = serde.npz_arrays(data, what="builder_data", limits=limits,

@@ -48,6 +48,20 @@ class ScorerClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, context="scorer") from exc
 
+    def compare_recipes(self, round_id: str, alternatives) -> common_pb2.RecipeComparison:
+        try:
+            return self._stub.CompareScoringRecipes(scorer_pb2.CompareScoringRecipesRequest(
+                round_id=round_id, alternatives=alternatives), timeout=120, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
+    def get_comparison(self, round_id: str) -> common_pb2.RecipeComparison:
+        try:
+            return self._stub.GetScoringComparison(scorer_pb2.GetScoringComparisonRequest(round_id=round_id),
+                                                   timeout=60, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, context="scorer") from exc
+
     def get_result(self, round_id: str) -> common_pb2.RoundResult:
         try:
             return self._stub.GetScoringResult(scorer_pb2.GetScoringResultRequest(round_id=round_id), timeout=60,

@@ -59,6 +59,13 @@ class ScorerPort(Protocol):
     def grow_round(self, round_id: str, add_models: int) -> common_pb2.RoundStatus:
         """Add models to a DONE round (the scorer's GrowScoring); returns its status at once."""
 
+    def compare_recipes(self, round_id: str,
+                        alternatives: list[common_pb2.RecipeAlternative]) -> common_pb2.RecipeComparison:
+        """Start a recipe comparison on a DONE round (CompareScoringRecipes)."""
+
+    def get_comparison(self, round_id: str) -> common_pb2.RecipeComparison:
+        """The round's recipe comparison (GetScoringComparison)."""
+
 
 class Gateway:
     def __init__(self, store: ObjectStore, get_task: Callable[[str], registry_pb2.Task],
@@ -412,6 +419,18 @@ class Gateway:
             self._changed.notify_all()
         log.info("round %s: growing by %d models", round_id, add_models)
         return status
+
+    def compare_recipes(self, round_id: str, alternatives: list[common_pb2.RecipeAlternative],
+                        who: Principal) -> common_pb2.RecipeComparison:
+        """The task's builder or an admin: the round's batch under other recipes (the scorer runs it)."""
+        ref = self._round(round_id, who, contributors_may=False)
+        who.require_role("builder", "admin", what="compare recipes")
+        return self._scorer.compare_recipes(ref.round_id, alternatives)
+
+    def get_comparison(self, round_id: str, who: Principal) -> common_pb2.RecipeComparison:
+        ref = self._round(round_id, who, contributors_may=False)
+        who.require_role("builder", "admin", what="read recipe comparisons")
+        return self._scorer.get_comparison(ref.round_id)
 
     def get_scores(self, task_id: str, contributor: str, round_id: str, who: Principal, *,
                    page_size: int = 0, page_token: str = "") -> gateway_pb2.GetScoresResponse:

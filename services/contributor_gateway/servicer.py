@@ -50,6 +50,14 @@ class ContributorGatewayServicer(gateway_pb2_grpc.ContributorGatewayServiceServi
         return self.gateway.grow_round(request.round_id, request.add_models, current())
 
     @rpc
+    def CompareRecipes(self, request, context):
+        return self.gateway.compare_recipes(request.round_id, list(request.alternatives), current())
+
+    @rpc
+    def GetComparison(self, request, context):
+        return self.gateway.get_comparison(request.round_id, current())
+
+    @rpc
     def GetRound(self, request, context):
         return self.gateway.get_round(request.round_id, current())
 

@@ -53,6 +53,7 @@ from ftps.common.task_rules import (
     valid_batch_size,
     valid_n_models,
 )
+from ftps.ml.strategy import check_source
 from ftps.privacy import dp, scoring
 from ftps.privacy.masks import (
     derive_seed,
@@ -72,10 +73,16 @@ from services.lira_scorer.store import (
     PreparationStore,
     RoundRow,
     RoundStore,
+    Variant,
 )
 from services.lira_scorer.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+# A recipe comparison: at most this many alternatives to the task's own recipe, each a strategy of
+# at most this many bytes (what the registry takes by default).
+MAX_ALTERNATIVES = 4
+MAX_STRATEGY_BYTES = 256 * 1024
 
 GetTask = Callable[[str], registry_pb2.Task]
 # The scorer acting on its own: rounds it resumes, the preparation stage an offline-global round needs.
@@ -689,6 +696,8 @@ class Scorer:
                 offline = None
         if run.row.grow_from is not None:
             return self._grow(run, task, method, offline)
+        if run.row.variant is not None:
+            return self._score_variant(run, task, method, offline)
         n = run.row.models_total  # the task's n_models when the round was started
         batch, record_ids, contributors = run.row.batch, list(run.row.record_ids), list(run.row.contributors)
         # Checked here rather than left to the workers: their NOT_FOUND would read as "workers
@@ -822,6 +831,141 @@ class Scorer:
         result.dp_noise_multiplier = weakest.dp_noise_multiplier
         result.timings["scoring_s"] = time.perf_counter() - t_sc
         return result
+
+    def _score_variant(self, run: Run, task: registry_pb2.Task, method: str,
+                       offline: common_pb2.OfflineGaussian | None) -> common_pb2.RoundResult:
+        """A recipe comparison's variant: its round's batch fine-tuned with the same masks and
+        seeds (seeded by the batch, as the round was) under the variant's strategy, statistics on
+        the batch scored as the round's, and on the held-out builder records the utility."""
+        s, row, variant = task.settings, run.row, run.row.variant
+        if variant.strategy is not None:
+            task = registry_pb2.Task.FromString(task.SerializeToString())
+            task.strategy.CopyFrom(variant.strategy)
+        n, m = row.models_total, len(row.record_ids)
+        seed = derive_seed(s.seed, row.batch.sha256)
+        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+            masks = make_group_masks(n, group_index(list(row.contributors))[1], seed=seed)
+        else:
+            masks = make_masks(n, m, seed=seed)
+        jobs = make_jobs(task, run.round_id, row.batch, masks, model_seeds(seed, n),
+                         eval_records=variant.eval_records, builder_mix=s.builder_mix)
+        self._write(run, state=common_pb2.ROUND_STATE_FINETUNING, models_done=0,
+                    message=f"recipe {variant.name!r}: fine-tuning {n} models on {m} records")
+        t_ft = time.perf_counter()
+        answers: list[worker_pb2.RunJobResponse] = []
+        evaluated = serde.npz_arrays(self._store.get_ref(variant.eval_records))["y"]
+        phi_all, failed = self._finetune(run, jobs, n, len(evaluated), answers)
+        if failed:
+            raise FailedPrecondition(f"recipe {variant.name!r}: fine-tuning failed on {len(failed)} of {n} models: "
+                                     f"{next(iter(failed.values()))}", reason="STRATEGY_FAILED")
+        phi, heldout = phi_all[:, :m], phi_all[:, m:]
+        finetune_s = time.perf_counter() - t_ft
+        self._write(run, state=common_pb2.ROUND_STATE_SCORING, message=f"recipe {variant.name!r}: scoring")
+        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                           delta=s.dp_delta or dp.DEFAULT_DELTA, offline=offline,
+                           record_ids=list(row.record_ids), contributors=list(row.contributors),
+                           round_id=run.round_id)
+        # phi > 0: the true class gets more than half of the probability (a correct prediction).
+        result.heldout_accuracy = float(np.mean(np.nan_to_num(heldout, nan=-1.0) > 0)) if heldout.size else 0.0
+        result.heldout_records = heldout.shape[1]
+        result.status.CopyFrom(run.status)
+        result.status.state = common_pb2.ROUND_STATE_DONE
+        result.timings["finetune_s"] = finetune_s
+        result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
+        weakest = max(answers, key=lambda a: a.dp_epsilon, default=worker_pb2.RunJobResponse())
+        result.dp_epsilon, result.dp_delta = weakest.dp_epsilon, weakest.dp_delta
+        result.dp_noise_multiplier = weakest.dp_noise_multiplier
+        return result
+
+    def compare_recipes(self, round_id: str, alternatives: list[common_pb2.RecipeAlternative],
+                        who: Principal) -> common_pb2.RecipeComparison:
+        """Run a DONE round's batch under the task's recipe ("current") and each alternative,
+        with the round's masks and seeds, as rounds of their own (``{round}-c{k}``); returns the
+        comparison at once."""
+        who.require_role("service", "admin", what="compare recipes (the gateway does)")
+        row = self.get(round_id, who)
+        if not 1 <= len(alternatives) <= MAX_ALTERNATIVES:
+            raise InvalidArgument(f"alternatives: 1 to {MAX_ALTERNATIVES} recipes, got {len(alternatives)}",
+                                  field="alternatives")
+        names = ["current"]
+        for k, alt in enumerate(alternatives):
+            where = f"alternatives[{k}]"
+            if not (0 < len(alt.name) <= 40 and alt.name.isprintable()) or alt.name in names:
+                raise InvalidArgument(f"{where}.name must be 1-40 printable characters, unique and not 'current', "
+                                      f"got {alt.name[:40]!r}", field=f"{where}.name")
+            names.append(alt.name)
+            if len(alt.strategy) > MAX_STRATEGY_BYTES:
+                raise InvalidArgument(f"{where}.strategy is {len(alt.strategy)} bytes; at most {MAX_STRATEGY_BYTES}",
+                                      reason="STRATEGY_INVALID", field=f"{where}.strategy")
+            check_source(alt.strategy, what=f"{where}.strategy")
+        if row.state != common_pb2.ROUND_STATE_DONE or row.result is None or row.variant is not None:
+            raise FailedPrecondition(f"round {round_id} is not a DONE round: only one can be compared",
+                                     reason="FAILED_PRECONDITION")
+        running = [v for v in self._rounds.variants(round_id) if not v.terminal]
+        if running:
+            raise FailedPrecondition(f"round {round_id} is being compared already ({len(running)} recipe(s) "
+                                     "running): wait for GetComparison to show them done", reason="FAILED_PRECONDITION")
+        if self.get_result(round_id, who).excluded:
+            raise FailedPrecondition(f"round {round_id} left records out; its batch is not the one it scored: "
+                                     "compare recipes on a round without exclusions", reason="FAILED_PRECONDITION")
+        task = self._ready_task(row.task_id, SELF)
+        # The batch, then held-out builder records: one evaluation set, phi on both per model.
+        batch = serde.npz_arrays(self._store.get_ref(row.batch))
+        builder = serde.npz_arrays(self._store.get_ref(task.builder_data))
+        rng = np.random.default_rng(derive_seed(task.settings.seed, row.batch.sha256, "heldout"))
+        held = rng.permutation(len(builder["y"]))[:self._heldout_max]
+        nonce = secrets.token_hex(4)
+        eval_ref = self._store.put_bytes(
+            f"scorer/rounds/{round_id}/compare-{nonce}/eval.npz",
+            serde.records_to_npz(np.concatenate([batch["x"], builder["x"][held]]),
+                                 np.concatenate([batch["y"], builder["y"][held]])))
+        rows = []
+        start = len(self._rounds.variants(round_id))
+        for k, (name, alt) in enumerate([("current", None), *((a.name, a) for a in alternatives)]):
+            strategy = None if alt is None else self._store.put_bytes(
+                f"scorer/rounds/{round_id}/compare-{nonce}/{k}.py", bytes(alt.strategy))
+            created, fresh = self._rounds.create(NewRound(
+                round_id=f"{round_id}-c{start + k}", task_id=row.task_id, models_total=row.models_total,
+                batch=row.batch, record_ids=list(row.record_ids), contributors=list(row.contributors),
+                message=f"recipe {name!r}: waiting", variant=Variant(of=round_id, name=name, strategy=strategy,
+                                                                     eval_records=eval_ref)),
+                owner=self.owner, lease_s=self._lease_s)
+            if fresh:
+                self._launch(created)
+            rows.append(created)
+        log.info("round %s: comparing %d recipe(s): %s", round_id, len(rows), ", ".join(names))
+        return self.get_comparison(round_id, who, only=[r.round_id for r in rows])
+
+    def get_comparison(self, round_id: str, who: Principal, *,
+                       only: list[str] | None = None) -> common_pb2.RecipeComparison:
+        """The round's latest comparison: its variants' progress and, once DONE, results."""
+        self.get(round_id, who)
+        variants = self._rounds.variants(round_id)
+        if only is None and variants:
+            # The latest comparison: the variants from its "current" on.
+            last = max(k for k, v in enumerate(variants) if v.variant.name == "current")
+            variants = variants[last:]
+        elif only is not None:
+            variants = [v for v in variants if v.round_id in only]
+        if not variants:
+            raise NotFound(f"round {round_id} has no recipe comparison", reason="ROUND_NOT_FOUND", field="round_id")
+        out = common_pb2.RecipeComparison(round_id=round_id)
+        exposed: set[str] | None = None
+        for v in variants:
+            item = out.variants.add(name=v.variant.name, status=v.status())
+            if v.state != common_pb2.ROUND_STATE_DONE:
+                continue
+            result = self.get_result(v.round_id, who)
+            item.heldout_accuracy, item.heldout_records = result.heldout_accuracy, result.heldout_records
+            item.batch.CopyFrom(result.batch)
+            item.scores.extend(result.scores)
+            item.dp_epsilon = result.dp_epsilon
+            above = {sc.record_id for sc in result.scores if sc.score_ci_low > 0}
+            exposed = above if exposed is None else exposed & above
+        if all(v.state == common_pb2.ROUND_STATE_DONE for v in variants):
+            order = [sc.record_id for sc in out.variants[0].scores]
+            out.exposed_everywhere.extend(r for r in order if r in (exposed or set()))
+        return out
 
     def _phi_key(self, round_id: str, n: int) -> str:
         """Where the round's statistics of ``n`` models are: a grown round's each size its own blob

@@ -42,6 +42,14 @@ class LiraScorerServicer(scorer_pb2_grpc.LiraScorerServiceServicer):
         return self.scorer.grow_round(request.round_id, request.add_models, current())
 
     @rpc
+    def CompareScoringRecipes(self, request, context):
+        return self.scorer.compare_recipes(request.round_id, list(request.alternatives), current())
+
+    @rpc
+    def GetScoringComparison(self, request, context):
+        return self.scorer.get_comparison(request.round_id, current())
+
+    @rpc
     def EstimateRound(self, request, context):
         return self.scorer.estimate_round(request.task_id, n_models=request.n_models, n_records=request.n_records,
                                           who=current())

@@ -45,6 +45,18 @@ def migrate(db: Database) -> None:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A round that runs another round's batch under another recipe (CompareScoringRecipes):
+    ``of`` the round it varies, ``name``, ``strategy`` (None: the task's own), ``eval_records``
+    (the batch, then held-out builder records)."""
+
+    of: str
+    name: str
+    strategy: common_pb2.BlobRef | None
+    eval_records: common_pb2.BlobRef
+
+
+@dataclass(frozen=True)
 class RoundRow:
     """One round as stored."""
 
@@ -64,6 +76,7 @@ class RoundRow:
     created_at: float = 0.0
     updated_at: float = 0.0
     grow_from: int | None = None  # growing (GrowScoring): the models it had before; else None
+    variant: Variant | None = None  # a recipe comparison's variant of another round
 
     @property
     def terminal(self) -> bool:
@@ -86,6 +99,7 @@ class NewRound:
     record_ids: list[str]
     contributors: list[str]
     message: str = ""
+    variant: Variant | None = None
 
 
 class RoundStore(abc.ABC):
@@ -128,6 +142,10 @@ class RoundStore(abc.ABC):
         """A DONE round with a stored result, running again (FINETUNING, leased to ``owner``) to
         reach ``models_total`` models: ``grow_from`` keeps the models it has, its result stays until
         the grown one replaces it. None (nothing changed) when the round is not DONE."""
+
+    @abc.abstractmethod
+    def variants(self, round_id: str) -> list[RoundRow]:
+        """The recipe comparison variants of ``round_id``, by id ("-c0" the current recipe first)."""
 
     @abc.abstractmethod
     def latest_done(self, task_id: str) -> RoundRow | None:
@@ -248,6 +266,10 @@ rounds_t = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("grow_from", sa.Integer, nullable=True),
+    sa.Column("variant_of", sa.String(128), nullable=True),
+    sa.Column("variant_name", sa.Text, nullable=True),
+    sa.Column("strategy_ref", sa.LargeBinary, nullable=True),
+    sa.Column("eval_ref", sa.LargeBinary, nullable=True),
 )
 offline_t = sa.Table(
     "scorer_offline", metadata,
@@ -289,7 +311,10 @@ def _row(r: sa.Row) -> RoundRow:
                     batch=_ref(r.batch_ref), record_ids=json.loads(r.record_ids),
                     contributors=json.loads(r.contributors), result=_ref(r.result_ref),
                     lease_owner=r.lease_owner, lease_until=r.lease_until, created_at=r.created_at,
-                    updated_at=r.updated_at, grow_from=r.grow_from)
+                    updated_at=r.updated_at, grow_from=r.grow_from,
+                    variant=None if r.variant_of is None else Variant(
+                        of=r.variant_of, name=r.variant_name, strategy=_ref(r.strategy_ref),
+                        eval_records=_ref(r.eval_ref)))
 
 
 def _like_prefix(prefix: str) -> str:
@@ -399,6 +424,10 @@ class SqlRoundStore(RoundStore):
                       record_ids=json.dumps(list(new.record_ids)),
                       contributors=json.dumps(list(new.contributors)), result_ref=None,
                       lease_owner=owner, lease_until=now + lease_s, created_at=now, updated_at=now)
+        if new.variant is not None:
+            values.update(variant_of=new.variant.of, variant_name=new.variant.name,
+                          strategy_ref=None if new.variant.strategy is None else new.variant.strategy.SerializeToString(),
+                          eval_ref=new.variant.eval_records.SerializeToString())
         with self._db.write() as conn:
             created = conn.execute(_insert(self._db)(rounds_t).values(**values)
                                    .on_conflict_do_nothing(index_elements=["round_id"])
@@ -444,6 +473,12 @@ class SqlRoundStore(RoundStore):
                 updated_at=now)).rowcount
             row = conn.execute(sa.select(rounds_t).where(t.round_id == round_id)).first() if changed else None
         return None if row is None else _row(row)
+
+    def variants(self, round_id):
+        with self._db.read() as conn:
+            rows = conn.execute(sa.select(rounds_t).where(rounds_t.c.variant_of == round_id)
+                                .order_by(rounds_t.c.created_at, rounds_t.c.round_id)).all()
+        return [_row(r) for r in rows]
 
     def latest_done(self, task_id):
         with self._db.read() as conn:

@@ -1090,6 +1090,23 @@ export declare type RoundResult = Message<"ftps.v1.RoundResult"> & {
    * @generated from field: repeated ftps.v1.ContributorScore contributor_scores = 11;
    */
   contributorScores: ContributorScore[];
+
+  /**
+   * Recipe comparison variants (RecipeComparison): the share of held-out builder records the
+   * models give their true class more than half of the probability (the statistic phi > 0: a
+   * lower bound of accuracy, exact with two classes), averaged over the models, and how many
+   * held-out records that is over. 0 for ordinary rounds.
+   *
+   * @generated from field: double heldout_accuracy = 12;
+   */
+  heldoutAccuracy: number;
+
+  /**
+   * held-out builder records evaluated
+   *
+   * @generated from field: int32 heldout_records = 13;
+   */
+  heldoutRecords: number;
 };
 
 /**
@@ -1097,6 +1114,133 @@ export declare type RoundResult = Message<"ftps.v1.RoundResult"> & {
  * Use `create(RoundResultSchema)` to create a new message.
  */
 export declare const RoundResultSchema: GenMessage<RoundResult>;
+
+/**
+ * Another fine-tuning recipe to run a DONE round's batch under (ContributorGatewayService.CompareRecipes).
+ *
+ * @generated from message ftps.v1.RecipeAlternative
+ */
+export declare type RecipeAlternative = Message<"ftps.v1.RecipeAlternative"> & {
+  /**
+   * Its name in the comparison, 1-40 printable characters, unique; "current" is the task's own.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The strategy script (Python source, UTF-8, at most 256 KiB), as BLOB_KIND_STRATEGY: same
+   * contract, same base model; it runs in the workers' sandbox.
+   *
+   * @generated from field: bytes strategy = 2;
+   */
+  strategy: Uint8Array;
+};
+
+/**
+ * Describes the message ftps.v1.RecipeAlternative.
+ * Use `create(RecipeAlternativeSchema)` to create a new message.
+ */
+export declare const RecipeAlternativeSchema: GenMessage<RecipeAlternative>;
+
+/**
+ * One recipe of a comparison: the round's batch fine-tuned with the same masks and seeds under
+ * this recipe, each record's exposure and the models' utility.
+ *
+ * @generated from message ftps.v1.RecipeVariant
+ */
+export declare type RecipeVariant = Message<"ftps.v1.RecipeVariant"> & {
+  /**
+   * "current" (the task's own strategy) or the alternative's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Its progress (a round of its own, id round_id + "-c" + k).
+   *
+   * @generated from field: ftps.v1.RoundStatus status = 2;
+   */
+  status?: RoundStatus | undefined;
+
+  /**
+   * Once DONE: utility on held-out builder data (RoundResult.heldout_accuracy) ...
+   *
+   * @generated from field: double heldout_accuracy = 3;
+   */
+  heldoutAccuracy: number;
+
+  /**
+   * ... over this many records
+   *
+   * @generated from field: int32 heldout_records = 4;
+   */
+  heldoutRecords: number;
+
+  /**
+   * ... the headline method's batch metrics ...
+   *
+   * @generated from field: ftps.v1.BatchMetrics batch = 5;
+   */
+  batch?: BatchMetrics | undefined;
+
+  /**
+   * ... each record's headline score, in batch order ...
+   *
+   * @generated from field: repeated ftps.v1.RecordScore scores = 6;
+   */
+  scores: RecordScore[];
+
+  /**
+   * ... and the DP-SGD guarantee of its models when the recipe uses DP-SGD (else 0).
+   *
+   * @generated from field: double dp_epsilon = 7;
+   */
+  dpEpsilon: number;
+};
+
+/**
+ * Describes the message ftps.v1.RecipeVariant.
+ * Use `create(RecipeVariantSchema)` to create a new message.
+ */
+export declare const RecipeVariantSchema: GenMessage<RecipeVariant>;
+
+/**
+ * The same batch under several fine-tuning recipes, side by side: what a builder can do about
+ * the exposure, and what it costs in utility.
+ *
+ * @generated from message ftps.v1.RecipeComparison
+ */
+export declare type RecipeComparison = Message<"ftps.v1.RecipeComparison"> & {
+  /**
+   * The round compared.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+
+  /**
+   * "current" first, then the alternatives in the order asked.
+   *
+   * @generated from field: repeated ftps.v1.RecipeVariant variants = 2;
+   */
+  variants: RecipeVariant[];
+
+  /**
+   * Once every variant is DONE: records whose score interval lies above 0 under every recipe
+   * (identifiable more often than chance whatever the recipe), in batch order.
+   *
+   * @generated from field: repeated string exposed_everywhere = 3;
+   */
+  exposedEverywhere: string[];
+};
+
+/**
+ * Describes the message ftps.v1.RecipeComparison.
+ * Use `create(RecipeComparisonSchema)` to create a new message.
+ */
+export declare const RecipeComparisonSchema: GenMessage<RecipeComparison>;
 
 /**
  * A base model checked against a strategy (in a worker's sandbox) for a task's record shape.

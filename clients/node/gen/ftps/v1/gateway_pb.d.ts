@@ -6,13 +6,56 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { BatchMetrics, ContributorScore, Records, RecordScore, RecordScoreSchema, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
+import type { BatchMetrics, ContributorScore, RecipeAlternative, RecipeComparisonSchema, Records, RecordScore, RecordScoreSchema, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file ftps/v1/gateway.proto.
  */
 export declare const file_ftps_v1_gateway: GenFile;
+
+/**
+ * @generated from message ftps.v1.CompareRecipesRequest
+ */
+export declare type CompareRecipesRequest = Message<"ftps.v1.CompareRecipesRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+
+  /**
+   * The recipes to compare with the task's own, 1 to 4.
+   *
+   * @generated from field: repeated ftps.v1.RecipeAlternative alternatives = 2;
+   */
+  alternatives: RecipeAlternative[];
+};
+
+/**
+ * Describes the message ftps.v1.CompareRecipesRequest.
+ * Use `create(CompareRecipesRequestSchema)` to create a new message.
+ */
+export declare const CompareRecipesRequestSchema: GenMessage<CompareRecipesRequest>;
+
+/**
+ * @generated from message ftps.v1.GetComparisonRequest
+ */
+export declare type GetComparisonRequest = Message<"ftps.v1.GetComparisonRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+};
+
+/**
+ * Describes the message ftps.v1.GetComparisonRequest.
+ * Use `create(GetComparisonRequestSchema)` to create a new message.
+ */
+export declare const GetComparisonRequestSchema: GenMessage<GetComparisonRequest>;
 
 /**
  * @generated from message ftps.v1.GrowRoundRequest
@@ -607,6 +650,33 @@ export declare const ContributorGatewayService: GenService<{
     methodKind: "unary";
     input: typeof GrowRoundRequestSchema;
     output: typeof RoundStatusSchema;
+  },
+  /**
+   * Builder (owner) or admin: run a DONE round's batch under other fine-tuning recipes, with the
+   * round's masks and seeds, to compare each record's exposure and the models' accuracy on
+   * held-out builder data side by side (the task's own recipe runs again as "current", with the
+   * utility measured). A long-running operation: returns the comparison at once (its variants
+   * PENDING); follow it with GetComparison. 1 to 4 alternatives. INVALID_ARGUMENT
+   * (STRATEGY_INVALID) for a strategy that is not UTF-8 Python, a bad or repeated name;
+   * FAILED_PRECONDITION when the round is not DONE, left records out, or is being compared.
+   *
+   * @generated from rpc ftps.v1.ContributorGatewayService.CompareRecipes
+   */
+  compareRecipes: {
+    methodKind: "unary";
+    input: typeof CompareRecipesRequestSchema;
+    output: typeof RecipeComparisonSchema;
+  },
+  /**
+   * Builder (owner) or admin: the round's recipe comparison as it stands. NOT_FOUND
+   * (ROUND_NOT_FOUND) when none was started.
+   *
+   * @generated from rpc ftps.v1.ContributorGatewayService.GetComparison
+   */
+  getComparison: {
+    methodKind: "unary";
+    input: typeof GetComparisonRequestSchema;
+    output: typeof RecipeComparisonSchema;
   },
 }>;
 

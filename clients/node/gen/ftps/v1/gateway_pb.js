@@ -12,91 +12,105 @@ import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
  * Describes the file ftps/v1/gateway.proto.
  */
 export const file_ftps_v1_gateway = /*@__PURE__*/
-  fileDesc("ChVmdHBzL3YxL2dhdGV3YXkucHJvdG8SB2Z0cHMudjEiOAoQR3Jvd1JvdW5kUmVxdWVzdBIQCghyb3VuZF9pZBgBIAEoCRISCgphZGRfbW9kZWxzGAIgASgFIngKFFN1Ym1pdFJlY29yZHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEwoLY29udHJpYnV0b3IYAiABKAkSIQoHcmVjb3JkcxgDIAEoCzIQLmZ0cHMudjEuUmVjb3JkcxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkikAIKClN1Ym1pc3Npb24SFQoNc3VibWlzc2lvbl9pZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEhMKC2NvbnRyaWJ1dG9yGAMgASgJEhIKCnJlY29yZF9pZHMYBCADKAkSJwoFc3RhdGUYBSABKA4yGC5mdHBzLnYxLlN1Ym1pc3Npb25TdGF0ZRIQCghyb3VuZF9pZBgGIAEoCRIXCg9wZW5kaW5nX2luX3Rhc2sYByABKAUSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOZmFpbHVyZV9yZWFzb24YCSABKAkSFQoNZmFpbGVkX3JvdW5kcxgKIAEoBSItChRHZXRTdWJtaXNzaW9uUmVxdWVzdBIVCg1zdWJtaXNzaW9uX2lkGAEgASgJInEKEEdldFNjb3Jlc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRITCgtjb250cmlidXRvchgCIAEoCRIQCghyb3VuZF9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSKxAQoRR2V0U2NvcmVzUmVzcG9uc2USJAoGc2NvcmVzGAEgAygLMhQuZnRwcy52MS5SZWNvcmRTY29yZRImCgdiYXRjaGVzGAIgAygLMhUuZnRwcy52MS5CYXRjaE1ldHJpY3MSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJEjUKEmNvbnRyaWJ1dG9yX3Njb3JlcxgEIAMoCzIZLmZ0cHMudjEuQ29udHJpYnV0b3JTY29yZSJlChZMaXN0U3VibWlzc2lvbnNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSEwoLY29udHJpYnV0b3IYBCABKAkiXAoXTGlzdFN1Ym1pc3Npb25zUmVzcG9uc2USKAoLc3VibWlzc2lvbnMYASADKAsyEy5mdHBzLnYxLlN1Ym1pc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkwKEldhdGNoU2NvcmVzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhMKC2NvbnRyaWJ1dG9yGAIgASgJEhAKCHJvdW5kX2lkGAMgASgJIjMKEVN0YXJ0Um91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDQoFZm9yY2UYAiABKAgiIwoPR2V0Um91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIiUKEVdhdGNoUm91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJKqoBCg9TdWJtaXNzaW9uU3RhdGUSIAocU1VCTUlTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhwKGFNVQk1JU1NJT05fU1RBVEVfUEVORElORxABEh0KGVNVQk1JU1NJT05fU1RBVEVfSU5fUk9VTkQQAhIbChdTVUJNSVNTSU9OX1NUQVRFX1NDT1JFRBADEhsKF1NVQk1JU1NJT05fU1RBVEVfRkFJTEVEEAQy/wQKGUNvbnRyaWJ1dG9yR2F0ZXdheVNlcnZpY2USQwoNU3VibWl0UmVjb3JkcxIdLmZ0cHMudjEuU3VibWl0UmVjb3Jkc1JlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SQwoNR2V0U3VibWlzc2lvbhIdLmZ0cHMudjEuR2V0U3VibWlzc2lvblJlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SVAoPTGlzdFN1Ym1pc3Npb25zEh8uZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXF1ZXN0GiAuZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXNwb25zZRJCCglHZXRTY29yZXMSGS5mdHBzLnYxLkdldFNjb3Jlc1JlcXVlc3QaGi5mdHBzLnYxLkdldFNjb3Jlc1Jlc3BvbnNlEkIKC1dhdGNoU2NvcmVzEhsuZnRwcy52MS5XYXRjaFNjb3Jlc1JlcXVlc3QaFC5mdHBzLnYxLlJlY29yZFNjb3JlMAESPgoKU3RhcnRSb3VuZBIaLmZ0cHMudjEuU3RhcnRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzEjoKCEdldFJvdW5kEhguZnRwcy52MS5HZXRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkAKCldhdGNoUm91bmQSGi5mdHBzLnYxLldhdGNoUm91bmRSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1czABEjwKCUdyb3dSb3VuZBIZLmZ0cHMudjEuR3Jvd1JvdW5kUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXNiBnByb3RvMw", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChVmdHBzL3YxL2dhdGV3YXkucHJvdG8SB2Z0cHMudjEiWwoVQ29tcGFyZVJlY2lwZXNSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJEjAKDGFsdGVybmF0aXZlcxgCIAMoCzIaLmZ0cHMudjEuUmVjaXBlQWx0ZXJuYXRpdmUiKAoUR2V0Q29tcGFyaXNvblJlcXVlc3QSEAoIcm91bmRfaWQYASABKAkiOAoQR3Jvd1JvdW5kUmVxdWVzdBIQCghyb3VuZF9pZBgBIAEoCRISCgphZGRfbW9kZWxzGAIgASgFIngKFFN1Ym1pdFJlY29yZHNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEwoLY29udHJpYnV0b3IYAiABKAkSIQoHcmVjb3JkcxgDIAEoCzIQLmZ0cHMudjEuUmVjb3JkcxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAkikAIKClN1Ym1pc3Npb24SFQoNc3VibWlzc2lvbl9pZBgBIAEoCRIPCgd0YXNrX2lkGAIgASgJEhMKC2NvbnRyaWJ1dG9yGAMgASgJEhIKCnJlY29yZF9pZHMYBCADKAkSJwoFc3RhdGUYBSABKA4yGC5mdHBzLnYxLlN1Ym1pc3Npb25TdGF0ZRIQCghyb3VuZF9pZBgGIAEoCRIXCg9wZW5kaW5nX2luX3Rhc2sYByABKAUSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOZmFpbHVyZV9yZWFzb24YCSABKAkSFQoNZmFpbGVkX3JvdW5kcxgKIAEoBSItChRHZXRTdWJtaXNzaW9uUmVxdWVzdBIVCg1zdWJtaXNzaW9uX2lkGAEgASgJInEKEEdldFNjb3Jlc1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRITCgtjb250cmlidXRvchgCIAEoCRIQCghyb3VuZF9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSKxAQoRR2V0U2NvcmVzUmVzcG9uc2USJAoGc2NvcmVzGAEgAygLMhQuZnRwcy52MS5SZWNvcmRTY29yZRImCgdiYXRjaGVzGAIgAygLMhUuZnRwcy52MS5CYXRjaE1ldHJpY3MSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJEjUKEmNvbnRyaWJ1dG9yX3Njb3JlcxgEIAMoCzIZLmZ0cHMudjEuQ29udHJpYnV0b3JTY29yZSJlChZMaXN0U3VibWlzc2lvbnNSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSEwoLY29udHJpYnV0b3IYBCABKAkiXAoXTGlzdFN1Ym1pc3Npb25zUmVzcG9uc2USKAoLc3VibWlzc2lvbnMYASADKAsyEy5mdHBzLnYxLlN1Ym1pc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkwKEldhdGNoU2NvcmVzUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhMKC2NvbnRyaWJ1dG9yGAIgASgJEhAKCHJvdW5kX2lkGAMgASgJIjMKEVN0YXJ0Um91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDQoFZm9yY2UYAiABKAgiIwoPR2V0Um91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIiUKEVdhdGNoUm91bmRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJKqoBCg9TdWJtaXNzaW9uU3RhdGUSIAocU1VCTUlTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhwKGFNVQk1JU1NJT05fU1RBVEVfUEVORElORxABEh0KGVNVQk1JU1NJT05fU1RBVEVfSU5fUk9VTkQQAhIbChdTVUJNSVNTSU9OX1NUQVRFX1NDT1JFRBADEhsKF1NVQk1JU1NJT05fU1RBVEVfRkFJTEVEEAQylwYKGUNvbnRyaWJ1dG9yR2F0ZXdheVNlcnZpY2USQwoNU3VibWl0UmVjb3JkcxIdLmZ0cHMudjEuU3VibWl0UmVjb3Jkc1JlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SQwoNR2V0U3VibWlzc2lvbhIdLmZ0cHMudjEuR2V0U3VibWlzc2lvblJlcXVlc3QaEy5mdHBzLnYxLlN1Ym1pc3Npb24SVAoPTGlzdFN1Ym1pc3Npb25zEh8uZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXF1ZXN0GiAuZnRwcy52MS5MaXN0U3VibWlzc2lvbnNSZXNwb25zZRJCCglHZXRTY29yZXMSGS5mdHBzLnYxLkdldFNjb3Jlc1JlcXVlc3QaGi5mdHBzLnYxLkdldFNjb3Jlc1Jlc3BvbnNlEkIKC1dhdGNoU2NvcmVzEhsuZnRwcy52MS5XYXRjaFNjb3Jlc1JlcXVlc3QaFC5mdHBzLnYxLlJlY29yZFNjb3JlMAESPgoKU3RhcnRSb3VuZBIaLmZ0cHMudjEuU3RhcnRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzEjoKCEdldFJvdW5kEhguZnRwcy52MS5HZXRSb3VuZFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkAKCldhdGNoUm91bmQSGi5mdHBzLnYxLldhdGNoUm91bmRSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1czABEjwKCUdyb3dSb3VuZBIZLmZ0cHMudjEuR3Jvd1JvdW5kUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXMSSwoOQ29tcGFyZVJlY2lwZXMSHi5mdHBzLnYxLkNvbXBhcmVSZWNpcGVzUmVxdWVzdBoZLmZ0cHMudjEuUmVjaXBlQ29tcGFyaXNvbhJJCg1HZXRDb21wYXJpc29uEh0uZnRwcy52MS5HZXRDb21wYXJpc29uUmVxdWVzdBoZLmZ0cHMudjEuUmVjaXBlQ29tcGFyaXNvbmIGcHJvdG8z", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+
+/**
+ * Describes the message ftps.v1.CompareRecipesRequest.
+ * Use `create(CompareRecipesRequestSchema)` to create a new message.
+ */
+export const CompareRecipesRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_gateway, 0);
+
+/**
+ * Describes the message ftps.v1.GetComparisonRequest.
+ * Use `create(GetComparisonRequestSchema)` to create a new message.
+ */
+export const GetComparisonRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_gateway, 1);
 
 /**
  * Describes the message ftps.v1.GrowRoundRequest.
  * Use `create(GrowRoundRequestSchema)` to create a new message.
  */
 export const GrowRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 0);
+  messageDesc(file_ftps_v1_gateway, 2);
 
 /**
  * Describes the message ftps.v1.SubmitRecordsRequest.
  * Use `create(SubmitRecordsRequestSchema)` to create a new message.
  */
 export const SubmitRecordsRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 1);
+  messageDesc(file_ftps_v1_gateway, 3);
 
 /**
  * Describes the message ftps.v1.Submission.
  * Use `create(SubmissionSchema)` to create a new message.
  */
 export const SubmissionSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 2);
+  messageDesc(file_ftps_v1_gateway, 4);
 
 /**
  * Describes the message ftps.v1.GetSubmissionRequest.
  * Use `create(GetSubmissionRequestSchema)` to create a new message.
  */
 export const GetSubmissionRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 3);
+  messageDesc(file_ftps_v1_gateway, 5);
 
 /**
  * Describes the message ftps.v1.GetScoresRequest.
  * Use `create(GetScoresRequestSchema)` to create a new message.
  */
 export const GetScoresRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 4);
+  messageDesc(file_ftps_v1_gateway, 6);
 
 /**
  * Describes the message ftps.v1.GetScoresResponse.
  * Use `create(GetScoresResponseSchema)` to create a new message.
  */
 export const GetScoresResponseSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 5);
+  messageDesc(file_ftps_v1_gateway, 7);
 
 /**
  * Describes the message ftps.v1.ListSubmissionsRequest.
  * Use `create(ListSubmissionsRequestSchema)` to create a new message.
  */
 export const ListSubmissionsRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 6);
+  messageDesc(file_ftps_v1_gateway, 8);
 
 /**
  * Describes the message ftps.v1.ListSubmissionsResponse.
  * Use `create(ListSubmissionsResponseSchema)` to create a new message.
  */
 export const ListSubmissionsResponseSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 7);
+  messageDesc(file_ftps_v1_gateway, 9);
 
 /**
  * Describes the message ftps.v1.WatchScoresRequest.
  * Use `create(WatchScoresRequestSchema)` to create a new message.
  */
 export const WatchScoresRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 8);
+  messageDesc(file_ftps_v1_gateway, 10);
 
 /**
  * Describes the message ftps.v1.StartRoundRequest.
  * Use `create(StartRoundRequestSchema)` to create a new message.
  */
 export const StartRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 9);
+  messageDesc(file_ftps_v1_gateway, 11);
 
 /**
  * Describes the message ftps.v1.GetRoundRequest.
  * Use `create(GetRoundRequestSchema)` to create a new message.
  */
 export const GetRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 10);
+  messageDesc(file_ftps_v1_gateway, 12);
 
 /**
  * Describes the message ftps.v1.WatchRoundRequest.
  * Use `create(WatchRoundRequestSchema)` to create a new message.
  */
 export const WatchRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_gateway, 11);
+  messageDesc(file_ftps_v1_gateway, 13);
 
 /**
  * Describes the enum ftps.v1.SubmissionState.

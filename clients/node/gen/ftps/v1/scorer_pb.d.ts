@@ -7,13 +7,56 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { BlobRef, OfflineGaussian, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
+import type { BlobRef, OfflineGaussian, RecipeAlternative, RecipeComparisonSchema, RoundResultSchema, RoundStatusSchema } from "./common_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file ftps/v1/scorer.proto.
  */
 export declare const file_ftps_v1_scorer: GenFile;
+
+/**
+ * @generated from message ftps.v1.CompareScoringRecipesRequest
+ */
+export declare type CompareScoringRecipesRequest = Message<"ftps.v1.CompareScoringRecipesRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+
+  /**
+   * The recipes to compare with the task's own, 1 to 4.
+   *
+   * @generated from field: repeated ftps.v1.RecipeAlternative alternatives = 2;
+   */
+  alternatives: RecipeAlternative[];
+};
+
+/**
+ * Describes the message ftps.v1.CompareScoringRecipesRequest.
+ * Use `create(CompareScoringRecipesRequestSchema)` to create a new message.
+ */
+export declare const CompareScoringRecipesRequestSchema: GenMessage<CompareScoringRecipesRequest>;
+
+/**
+ * @generated from message ftps.v1.GetScoringComparisonRequest
+ */
+export declare type GetScoringComparisonRequest = Message<"ftps.v1.GetScoringComparisonRequest"> & {
+  /**
+   * The round. Required.
+   *
+   * @generated from field: string round_id = 1;
+   */
+  roundId: string;
+};
+
+/**
+ * Describes the message ftps.v1.GetScoringComparisonRequest.
+ * Use `create(GetScoringComparisonRequestSchema)` to create a new message.
+ */
+export declare const GetScoringComparisonRequestSchema: GenMessage<GetScoringComparisonRequest>;
 
 /**
  * @generated from message ftps.v1.GrowScoringRequest
@@ -528,6 +571,27 @@ export declare const LiraScorerService: GenService<{
     methodKind: "unary";
     input: typeof GrowScoringRequestSchema;
     output: typeof RoundStatusSchema;
+  },
+  /**
+   * Service or admin: compare recipes on a DONE round (ContributorGatewayService.CompareRecipes
+   * says how). Errors as CompareRecipes'.
+   *
+   * @generated from rpc ftps.v1.LiraScorerService.CompareScoringRecipes
+   */
+  compareScoringRecipes: {
+    methodKind: "unary";
+    input: typeof CompareScoringRecipesRequestSchema;
+    output: typeof RecipeComparisonSchema;
+  },
+  /**
+   * Service or admin: the round's comparison (ContributorGatewayService.GetComparison).
+   *
+   * @generated from rpc ftps.v1.LiraScorerService.GetScoringComparison
+   */
+  getScoringComparison: {
+    methodKind: "unary";
+    input: typeof GetScoringComparisonRequestSchema;
+    output: typeof RecipeComparisonSchema;
   },
 }>;
 

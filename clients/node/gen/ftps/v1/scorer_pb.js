@@ -13,77 +13,91 @@ import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
  * Describes the file ftps/v1/scorer.proto.
  */
 export const file_ftps_v1_scorer = /*@__PURE__*/
-  fileDesc("ChRmdHBzL3YxL3Njb3Jlci5wcm90bxIHZnRwcy52MSI6ChJHcm93U2NvcmluZ1JlcXVlc3QSEAoIcm91bmRfaWQYASABKAkSEgoKYWRkX21vZGVscxgCIAEoBSK7AgoLUHJlcGFyYXRpb24SDwoHdGFza19pZBgBIAEoCRIWCg5wcmVwYXJhdGlvbl9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmZ0cHMudjEuUHJlcGFyYXRpb25TdGF0ZRITCgttb2RlbHNfZG9uZRgEIAEoBRIUCgxtb2RlbHNfdG90YWwYBSABKAUSEQoJZWxhcHNlZF9zGAYgASgBEhMKC3JlbWFpbmluZ19zGAcgASgBEg8KB21lc3NhZ2UYCCABKAkSKgoIZ2F1c3NpYW4YCSABKAsyGC5mdHBzLnYxLk9mZmxpbmVHYXVzc2lhbhIuCgpzdGFydGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFiYXNlX21vZGVsX3NoYTI1NhgLIAEoCSI5ChdTdGFydFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg0KBXJlZml0GAIgASgIIigKFUdldFByZXBhcmF0aW9uUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIioKF1dhdGNoUHJlcGFyYXRpb25SZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkigwEKE1N0YXJ0U2NvcmluZ1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIQCghyb3VuZF9pZBgCIAEoCRIfCgViYXRjaBgDIAEoCzIQLmZ0cHMudjEuQmxvYlJlZhISCgpyZWNvcmRfaWRzGAQgAygJEhQKDGNvbnRyaWJ1dG9ycxgFIAMoCSInChNXYXRjaFNjb3JpbmdSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIisKF0dldFNjb3JpbmdSZXN1bHRSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIkwKFEVzdGltYXRlUm91bmRSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFIrYBCg1Sb3VuZEVzdGltYXRlEg8KB3Rhc2tfaWQYASABKAkSEAoIbl9tb2RlbHMYAiABKAUSEQoJbl9yZWNvcmRzGAMgASgFEgwKBGpvYnMYBCABKAUSFQoNcGFyYWxsZWxfam9icxgFIAEoBRIZChFzZWNvbmRzX3Blcl9tb2RlbBgGIAEoARIQCgh3b3JrZXJfcxgHIAEoARIOCgZ3YWxsX3MYCCABKAESDQoFYmFzaXMYCSABKAkqkQEKEFByZXBhcmF0aW9uU3RhdGUSIQodUFJFUEFSQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIfChtQUkVQQVJBVElPTl9TVEFURV9QUkVQQVJJTkcQARIbChdQUkVQQVJBVElPTl9TVEFURV9SRUFEWRACEhwKGFBSRVBBUkFUSU9OX1NUQVRFX0ZBSUxFRBADMtUEChFMaXJhU2NvcmVyU2VydmljZRJKChBTdGFydFByZXBhcmF0aW9uEiAuZnRwcy52MS5TdGFydFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24SRgoOR2V0UHJlcGFyYXRpb24SHi5mdHBzLnYxLkdldFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24STAoQV2F0Y2hQcmVwYXJhdGlvbhIgLmZ0cHMudjEuV2F0Y2hQcmVwYXJhdGlvblJlcXVlc3QaFC5mdHBzLnYxLlByZXBhcmF0aW9uMAESQgoMU3RhcnRTY29yaW5nEhwuZnRwcy52MS5TdGFydFNjb3JpbmdSZXF1ZXN0GhQuZnRwcy52MS5Sb3VuZFN0YXR1cxJECgxXYXRjaFNjb3JpbmcSHC5mdHBzLnYxLldhdGNoU2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzMAESSgoQR2V0U2NvcmluZ1Jlc3VsdBIgLmZ0cHMudjEuR2V0U2NvcmluZ1Jlc3VsdFJlcXVlc3QaFC5mdHBzLnYxLlJvdW5kUmVzdWx0EkYKDUVzdGltYXRlUm91bmQSHS5mdHBzLnYxLkVzdGltYXRlUm91bmRSZXF1ZXN0GhYuZnRwcy52MS5Sb3VuZEVzdGltYXRlEkAKC0dyb3dTY29yaW5nEhsuZnRwcy52MS5Hcm93U2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzYgZwcm90bzM", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("ChRmdHBzL3YxL3Njb3Jlci5wcm90bxIHZnRwcy52MSJiChxDb21wYXJlU2NvcmluZ1JlY2lwZXNSZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJEjAKDGFsdGVybmF0aXZlcxgCIAMoCzIaLmZ0cHMudjEuUmVjaXBlQWx0ZXJuYXRpdmUiLwobR2V0U2NvcmluZ0NvbXBhcmlzb25SZXF1ZXN0EhAKCHJvdW5kX2lkGAEgASgJIjoKEkdyb3dTY29yaW5nUmVxdWVzdBIQCghyb3VuZF9pZBgBIAEoCRISCgphZGRfbW9kZWxzGAIgASgFIrsCCgtQcmVwYXJhdGlvbhIPCgd0YXNrX2lkGAEgASgJEhYKDnByZXBhcmF0aW9uX2lkGAIgASgJEigKBXN0YXRlGAMgASgOMhkuZnRwcy52MS5QcmVwYXJhdGlvblN0YXRlEhMKC21vZGVsc19kb25lGAQgASgFEhQKDG1vZGVsc190b3RhbBgFIAEoBRIRCgllbGFwc2VkX3MYBiABKAESEwoLcmVtYWluaW5nX3MYByABKAESDwoHbWVzc2FnZRgIIAEoCRIqCghnYXVzc2lhbhgJIAEoCzIYLmZ0cHMudjEuT2ZmbGluZUdhdXNzaWFuEi4KCnN0YXJ0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhkKEWJhc2VfbW9kZWxfc2hhMjU2GAsgASgJIjkKF1N0YXJ0UHJlcGFyYXRpb25SZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDQoFcmVmaXQYAiABKAgiKAoVR2V0UHJlcGFyYXRpb25SZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiKgoXV2F0Y2hQcmVwYXJhdGlvblJlcXVlc3QSDwoHdGFza19pZBgBIAEoCSKDAQoTU3RhcnRTY29yaW5nUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhAKCHJvdW5kX2lkGAIgASgJEh8KBWJhdGNoGAMgASgLMhAuZnRwcy52MS5CbG9iUmVmEhIKCnJlY29yZF9pZHMYBCADKAkSFAoMY29udHJpYnV0b3JzGAUgAygJIicKE1dhdGNoU2NvcmluZ1JlcXVlc3QSEAoIcm91bmRfaWQYASABKAkiKwoXR2V0U2NvcmluZ1Jlc3VsdFJlcXVlc3QSEAoIcm91bmRfaWQYASABKAkiTAoURXN0aW1hdGVSb3VuZFJlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIQCghuX21vZGVscxgCIAEoBRIRCgluX3JlY29yZHMYAyABKAUitgEKDVJvdW5kRXN0aW1hdGUSDwoHdGFza19pZBgBIAEoCRIQCghuX21vZGVscxgCIAEoBRIRCgluX3JlY29yZHMYAyABKAUSDAoEam9icxgEIAEoBRIVCg1wYXJhbGxlbF9qb2JzGAUgASgFEhkKEXNlY29uZHNfcGVyX21vZGVsGAYgASgBEhAKCHdvcmtlcl9zGAcgASgBEg4KBndhbGxfcxgIIAEoARINCgViYXNpcxgJIAEoCSqRAQoQUHJlcGFyYXRpb25TdGF0ZRIhCh1QUkVQQVJBVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEh8KG1BSRVBBUkFUSU9OX1NUQVRFX1BSRVBBUklORxABEhsKF1BSRVBBUkFUSU9OX1NUQVRFX1JFQURZEAISHAoYUFJFUEFSQVRJT05fU1RBVEVfRkFJTEVEEAMyiQYKEUxpcmFTY29yZXJTZXJ2aWNlEkoKEFN0YXJ0UHJlcGFyYXRpb24SIC5mdHBzLnYxLlN0YXJ0UHJlcGFyYXRpb25SZXF1ZXN0GhQuZnRwcy52MS5QcmVwYXJhdGlvbhJGCg5HZXRQcmVwYXJhdGlvbhIeLmZ0cHMudjEuR2V0UHJlcGFyYXRpb25SZXF1ZXN0GhQuZnRwcy52MS5QcmVwYXJhdGlvbhJMChBXYXRjaFByZXBhcmF0aW9uEiAuZnRwcy52MS5XYXRjaFByZXBhcmF0aW9uUmVxdWVzdBoULmZ0cHMudjEuUHJlcGFyYXRpb24wARJCCgxTdGFydFNjb3JpbmcSHC5mdHBzLnYxLlN0YXJ0U2NvcmluZ1JlcXVlc3QaFC5mdHBzLnYxLlJvdW5kU3RhdHVzEkQKDFdhdGNoU2NvcmluZxIcLmZ0cHMudjEuV2F0Y2hTY29yaW5nUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXMwARJKChBHZXRTY29yaW5nUmVzdWx0EiAuZnRwcy52MS5HZXRTY29yaW5nUmVzdWx0UmVxdWVzdBoULmZ0cHMudjEuUm91bmRSZXN1bHQSRgoNRXN0aW1hdGVSb3VuZBIdLmZ0cHMudjEuRXN0aW1hdGVSb3VuZFJlcXVlc3QaFi5mdHBzLnYxLlJvdW5kRXN0aW1hdGUSQAoLR3Jvd1Njb3JpbmcSGy5mdHBzLnYxLkdyb3dTY29yaW5nUmVxdWVzdBoULmZ0cHMudjEuUm91bmRTdGF0dXMSWQoVQ29tcGFyZVNjb3JpbmdSZWNpcGVzEiUuZnRwcy52MS5Db21wYXJlU2NvcmluZ1JlY2lwZXNSZXF1ZXN0GhkuZnRwcy52MS5SZWNpcGVDb21wYXJpc29uElcKFEdldFNjb3JpbmdDb21wYXJpc29uEiQuZnRwcy52MS5HZXRTY29yaW5nQ29tcGFyaXNvblJlcXVlc3QaGS5mdHBzLnYxLlJlY2lwZUNvbXBhcmlzb25iBnByb3RvMw", [file_ftps_v1_common, file_google_protobuf_timestamp]);
+
+/**
+ * Describes the message ftps.v1.CompareScoringRecipesRequest.
+ * Use `create(CompareScoringRecipesRequestSchema)` to create a new message.
+ */
+export const CompareScoringRecipesRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_scorer, 0);
+
+/**
+ * Describes the message ftps.v1.GetScoringComparisonRequest.
+ * Use `create(GetScoringComparisonRequestSchema)` to create a new message.
+ */
+export const GetScoringComparisonRequestSchema = /*@__PURE__*/
+  messageDesc(file_ftps_v1_scorer, 1);
 
 /**
  * Describes the message ftps.v1.GrowScoringRequest.
  * Use `create(GrowScoringRequestSchema)` to create a new message.
  */
 export const GrowScoringRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 0);
+  messageDesc(file_ftps_v1_scorer, 2);
 
 /**
  * Describes the message ftps.v1.Preparation.
  * Use `create(PreparationSchema)` to create a new message.
  */
 export const PreparationSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 1);
+  messageDesc(file_ftps_v1_scorer, 3);
 
 /**
  * Describes the message ftps.v1.StartPreparationRequest.
  * Use `create(StartPreparationRequestSchema)` to create a new message.
  */
 export const StartPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 2);
+  messageDesc(file_ftps_v1_scorer, 4);
 
 /**
  * Describes the message ftps.v1.GetPreparationRequest.
  * Use `create(GetPreparationRequestSchema)` to create a new message.
  */
 export const GetPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 3);
+  messageDesc(file_ftps_v1_scorer, 5);
 
 /**
  * Describes the message ftps.v1.WatchPreparationRequest.
  * Use `create(WatchPreparationRequestSchema)` to create a new message.
  */
 export const WatchPreparationRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 4);
+  messageDesc(file_ftps_v1_scorer, 6);
 
 /**
  * Describes the message ftps.v1.StartScoringRequest.
  * Use `create(StartScoringRequestSchema)` to create a new message.
  */
 export const StartScoringRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 5);
+  messageDesc(file_ftps_v1_scorer, 7);
 
 /**
  * Describes the message ftps.v1.WatchScoringRequest.
  * Use `create(WatchScoringRequestSchema)` to create a new message.
  */
 export const WatchScoringRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 6);
+  messageDesc(file_ftps_v1_scorer, 8);
 
 /**
  * Describes the message ftps.v1.GetScoringResultRequest.
  * Use `create(GetScoringResultRequestSchema)` to create a new message.
  */
 export const GetScoringResultRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 7);
+  messageDesc(file_ftps_v1_scorer, 9);
 
 /**
  * Describes the message ftps.v1.EstimateRoundRequest.
  * Use `create(EstimateRoundRequestSchema)` to create a new message.
  */
 export const EstimateRoundRequestSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 8);
+  messageDesc(file_ftps_v1_scorer, 10);
 
 /**
  * Describes the message ftps.v1.RoundEstimate.
  * Use `create(RoundEstimateSchema)` to create a new message.
  */
 export const RoundEstimateSchema = /*@__PURE__*/
-  messageDesc(file_ftps_v1_scorer, 9);
+  messageDesc(file_ftps_v1_scorer, 11);
 
 /**
  * Describes the enum ftps.v1.PreparationState.
