@@ -5,6 +5,7 @@ Fashion-MNIST, the demo's base model and strategy, m records from the contributo
 
     python -m bench.attacks            # 512 models (~3 min of fine-tuning on one core)
     python -m bench.attacks --quick    # 128 models (~1 min), every figure at lower precision
+    python -m bench.attacks --dataset breast-cancer   # the tabular demo task (tabular_mlp)
 
 What it does:
 
@@ -53,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from ftps.ml.datasets import DATASETS
 from ftps.privacy.masks import derive_seed, make_masks, model_seeds, shadow_masks
 from ftps.privacy.scoring import (
     DEFAULT_METHOD,
@@ -494,7 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "scoring method on the demo task (issues 3 and 7).")
     p.add_argument("--quick", action="store_true",
                    help="128 models instead of 512: every figure, lower precision (~1-2 min)")
-    p.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist",
+                   help="the demo task's data (default fashion-mnist; breast-cancer: the tabular task, "
+                        "its records the encoded rows the services train on)")
     p.add_argument("--records", "-m", type=int, default=200,
                    help="records in the batch (default 200, as the demo)")
     p.add_argument("--models", "-N", type=int, default=None,

@@ -17,11 +17,13 @@ from typing import Callable
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from ftps.privacy.scoring import online_threshold
 
-__all__ = ["DecisionRule", "decision_rule", "fitted_rates", "diagnosis_png", "thumbnail_png"]
+__all__ = ["DecisionRule", "decision_rule", "fitted_rates", "diagnosis_png", "thumbnail_png", "unusual_png",
+           "comparison_png"]
 
 
 @dataclass(frozen=True)
@@ -198,3 +200,67 @@ def thumbnail_png(record: np.ndarray, path: str | Path | None = None, *, target:
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+def unusual_png(unusual: list[dict], path: str | Path | None = None, *, title: str = "") -> bytes | None:
+    """Horizontal bars of a tabular row's most unusual numeric columns (``Schema.unusual``'s
+    entries): their z-scores against the builder's data, most unusual on top, |z| >= 2 in red;
+    ``None`` when none of them is numeric."""
+    numeric = [u for u in unusual if u["z"] is not None]
+    if not numeric:
+        return None
+    fig = Figure(figsize=(3.6, 0.5 + 0.3 * len(numeric)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    z = np.array([u["z"] for u in numeric][::-1], dtype=float)
+    names = [f"{u['feature'][:28]} = {u['value']}" for u in numeric][::-1]
+    ax.barh(np.arange(len(z)), z, color=["tab:red" if abs(v) >= 2 else "tab:blue" for v in z], height=0.6)
+    ax.set_yticks(np.arange(len(z)), names, fontsize=7)
+    ax.axvline(0, color="black", lw=0.8)
+    for v in (-2, 2):
+        ax.axvline(v, color="0.6", ls=":", lw=0.8)
+    lim = max(2.5, float(np.abs(z).max()) * 1.1)
+    ax.set_xlim(-lim, lim)
+    ax.set_xlabel("z-score against the builder's data", fontsize=7)
+    ax.tick_params(axis="x", labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _render(fig, path)
+
+
+def comparison_png(rows: list[dict], path: str | Path | None = None, *, title: str = "") -> bytes | None:
+    """Risk against utility of a recipe comparison: one labelled point per DONE recipe
+    (``score_html.recipe_rows``), x its held-out accuracy, y its mean score (left) and its records
+    identifiable above chance (right). Down and to the right is better. ``None``: no recipe is DONE."""
+    done = [r for r in rows if r["done"]]
+    if not done:
+        return None
+    fig = Figure(figsize=(9.0, 3.8))
+    FigureCanvasAgg(fig)
+    x = np.array([r["heldout_accuracy"] for r in done], dtype=float)
+    for k, (key, label) in enumerate((("mean_score", "mean score (headline)"),
+                                      ("above_chance", "records above chance"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        y = np.array([r[key] for r in done], dtype=float)
+        colors = ["tab:blue" if r["name"] == "current" else "tab:orange" for r in done]
+        ax.scatter(x, y, c=colors, s=40, zorder=3)
+        for r, xi, yi in zip(done, x, y):
+            ax.annotate(r["name"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # Room for the labels, and a visible span when the recipes tie.
+        pad_x = max(0.02, float(np.ptp(x)) * 0.25)
+        pad_y = max(0.05 if key == "mean_score" else 1.0, float(np.ptp(y)) * 0.25)
+        ax.set_xlim(float(x.min()) - pad_x, float(x.max()) + pad_x)
+        if key == "above_chance":  # a count: whole numbers, none below 0
+            ax.set_ylim(max(-0.5, float(y.min()) - pad_y), float(y.max()) + pad_y)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.set_ylim(float(y.min()) - pad_y, float(y.max()) + pad_y)
+        ax.set_xlabel("held-out accuracy", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _render(fig, path)

@@ -32,6 +32,7 @@ from clients.cli_common import InputError
 from ftps.records.files import Expect
 from ftps.records.images import is_image_shape
 from ftps.records.npz import Records
+from ftps.records.tabular import Schema, of_settings
 from clients.score_html import (
     BADGE_CSS,
     LEVEL_FILL,
@@ -39,9 +40,13 @@ from clients.score_html import (
     TABLE_CSS,
     TOP_RISK,
     card,
+    comparison_done,
+    comparison_table,
+    contributions_table,
     contributors_table,
     dp_training_note,
     e,
+    exposed_everywhere_html,
     headline,
     how_to_read,
     interval_svg,
@@ -49,13 +54,16 @@ from clients.score_html import (
     method_table,
     rank_key,
     reading,
+    recipe_rows,
     record_card,
     record_reading,
+    raw_row,
     records_table,
     risk_level,
     safe_name,
     stat_cards,
     summary_sentence,
+    tabular_html,
 )
 from ftps.common.clock import iso
 from ftps.v1 import common_pb2, registry_pb2
@@ -197,6 +205,32 @@ class _Figures:
         report_plots.thumbnail_png(x, self.add(rel))
         return rel
 
+    def comparison(self, c: common_pb2.RecipeComparison) -> str | None:
+        """The risk/utility plot of a recipe comparison; None before any recipe is DONE."""
+        from clients import report_plots
+
+        rel = f"comparison-{safe_name(c.round_id)}.png"
+        if report_plots.comparison_png(recipe_rows(c), self.out_dir / rel,
+                                       title=f"Recipes on round {c.round_id}: risk against utility") is None:
+            return None
+        self.written.append(self.out_dir / rel)
+        return rel
+
+    def tabular(self, record_id: str, images: RecordImages | None, schema: Schema) -> str:
+        """A tabular record's values and why it is exposed (with a bar plot of its z-scores), from
+        the user's own file; "" when the record is not in it."""
+        from clients import report_plots
+
+        x = images.get(record_id) if images else None
+        row = raw_row(schema, x) if x is not None else None
+        if row is None:
+            return ""
+        rel = f"records/unusual-{safe_name(record_id)}.png"
+        png = report_plots.unusual_png(schema.unusual(row), self.out_dir / rel)
+        if png is not None:
+            self.written.append(self.out_dir / rel)
+        return tabular_html(schema, row, plot_src=rel if png is not None else None)
+
 
 # -- html ---------------------------------------------------------------------------------------
 
@@ -270,9 +304,12 @@ def _thumb_missing_text(images: RecordImages | None, figs: _Figures) -> str:
 
 def contributor_report(out_dir: Path, *, task_id: str, contributor: str, scores: Sequence[common_pb2.RecordScore],
                        task: registry_pb2.Task | None = None, images: RecordImages | None = None,
-                       notes: Sequence[str] = (), progress: Progress | None = None) -> ReportFiles:
+                       notes: Sequence[str] = (), progress: Progress | None = None,
+                       contributions: Sequence[common_pb2.ContributorScore] = ()) -> ReportFiles:
     """A contributor's page: a summary, then per record (highest score first) its score with the
-    interval, a one-line reading, the diagnosis plot and, given ``images``, a thumbnail."""
+    interval, a one-line reading, the diagnosis plot and, given ``images``, a thumbnail.
+    ``contributions`` (a task with contributor-level masks: ``GetScoresResponse.contributor_scores``):
+    the score of the contributor's whole contribution per round, after the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = _Figures(out_dir)
     notes = list(notes)
@@ -283,14 +320,20 @@ def contributor_report(out_dir: Path, *, task_id: str, contributor: str, scores:
     who = contributor or "you"
     title = f"Privacy report — {who}, task {name}"
     ordered = sorted(scores, key=rank_key)
+    schema = of_settings(task.settings) if task is not None else None
     cards = []
     for k, s in enumerate(ordered):
         diag = figs.diagnosis(s, alpha=alpha, offline=None, offline_hidden=True)
-        thumb = figs.thumbnail(s.record_id, images)
-        cards.append((s, diag, thumb))
+        if schema is not None:
+            cards.append((s, diag, None, figs.tabular(s.record_id, images, schema)))
+        else:
+            cards.append((s, diag, figs.thumbnail(s.record_id, images), ""))
         if progress:
             progress(k + 1, len(ordered))
-    if images and figs.not_images:
+    if schema is not None and not images:
+        notes.append("No record values: pass --records with the table you submitted (.csv or .parquet) to see "
+                     "each row next to its score, with the columns that make it unusual.")
+    elif images and figs.not_images:
         notes.append(f"records of shape {figs.not_images} are not images: no thumbnails.")
     elif not images:
         notes.append("No record images: pass --records with the file you submitted (an .npz or a folder "
@@ -320,10 +363,11 @@ def contributor_report(out_dir: Path, *, task_id: str, contributor: str, scores:
             + stat_cards(scores, [card(", ".join(rounds), "round" + ("s" if len(rounds) > 1 else ""), small=True)])
             + f"<p class=\"sub\">Method {e(', '.join(methods))}; "
               f"{', '.join(str(n) for n in sorted(n_models))} fine-tuned models per round.</p>"
+            + _contributions_section(contributions, builder=False)
             + _notes(notes) + "<h2>How to read this page</h2>" + how_to_read(scores, builder=False, collapsed=False)
             + figure + f"<h2>Your records, highest score first ({len(scores)})</h2>"
-            + "".join(record_card(s, thumb_src=t, diag_src=d, diag_width=_DIAG_WIDTH, thumb_missing=missing)
-                      for s, d, t in cards))
+            + "".join(record_card(s, thumb_src=t, diag_src=d, diag_width=_DIAG_WIDTH, thumb_missing=missing,
+                                  row_html=row) for s, d, t, row in cards))
     return _write(out_dir, _page(title, body), csv_path, figs.written, len(scores))
 
 
@@ -375,6 +419,32 @@ def _round_section(rid: str, result: common_pb2.RoundResult, figs: _Figures) -> 
         f'<p class="sub">{x}</p>' for x in extra) + "</div></div>"
 
 
+def _contributions_section(contributions: Sequence[common_pb2.ContributorScore], *, builder: bool) -> str:
+    """Each whole contribution's score (contributor-level masks); "" for a task without them."""
+    if not contributions:
+        return ""
+    whose = "each contributor's" if builder else "your"
+    return ("<h2>Whole contributions (contributor-level masks)</h2><p class=\"sub\">This task puts all of a "
+            f"contributor's records in or out of each model together, so the attack also scored {whose} whole "
+            "contribution as one unit (user-level membership inference): the score with its 95% interval, and the "
+            "empirical ε with its interval at δ — what this attack measured, not a guarantee.</p>"
+            + contributions_table(contributions))
+
+
+def _comparison_section(c: common_pb2.RecipeComparison, figs: _Figures) -> str:
+    """A round's recipe comparison: the risk/utility table, the plot and the records exposed under
+    every recipe (once every recipe has ended, as the web batch view)."""
+    rel = figs.comparison(c) if comparison_done(c) else None
+    plot = (f'<figure><img src="{e(rel)}" alt="risk against utility of each recipe, round {e(c.round_id)}">'
+            "<figcaption>One point per recipe: held-out accuracy against the mean score (left) and the records "
+            "identifiable above chance (right). Down and to the right is better.</figcaption></figure>"
+            if rel else "")
+    return (f"<h2>Recipes compared on round <span class=\"mono\">{e(c.round_id)}</span></h2><p class=\"sub\">"
+            "The round's batch fine-tuned again under each recipe, with the same masks and seeds: what each "
+            "costs in accuracy on held-out builder data, and what it does to the records' exposure.</p>"
+            + comparison_table(c) + plot + exposed_everywhere_html(c))
+
+
 def _state(state: int) -> str:
     return common_pb2.RoundState.Name(state).removeprefix("ROUND_STATE_").lower()
 
@@ -382,10 +452,13 @@ def _state(state: int) -> str:
 def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.RecordScore],
                    rounds: dict[str, common_pb2.RoundResult], task: registry_pb2.Task | None = None,
                    images: RecordImages | None = None, notes: Sequence[str] = (),
-                   progress: Progress | None = None, top: int = TOP_RISK) -> ReportFiles:
+                   progress: Progress | None = None, top: int = TOP_RISK,
+                   comparisons: dict[str, common_pb2.RecipeComparison] | None = None) -> ReportFiles:
     """The builder's batch view: score histogram and intervals, per round the log-log ROC and the
     metrics of every method, the highest-risk records (diagnosis plots, thumbnails from local files
-    only) and a table of every record."""
+    only) and a table of every record. Rounds of a task with contributor-level masks add each whole
+    contribution's score (``RoundResult.contributor_scores``); ``comparisons`` (round id -> its
+    ``GetComparison``, rounds without one left out) add the recipes' risk/utility table and plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = _Figures(out_dir)
     notes = list(notes)
@@ -406,16 +479,23 @@ def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.R
     scores_png = figs.scores(scores, title=f"Privacy scores, task {name} ({', '.join(methods)})")
     ranked = sorted(scores, key=rank_key)
     risky = ranked[:top]
+    schema = of_settings(task.settings) if task is not None else None
     rows = []
     for k, s in enumerate(risky):
         r = rounds.get(s.round_id)
         offline = (r.offline.mu, r.offline.sigma) if r is not None and r.HasField("offline") and r.offline.k else None
         diag = figs.diagnosis(s, alpha=alpha, offline=offline)
-        thumb = figs.thumbnail(s.record_id, images)
-        rows.append((s, diag, thumb))
+        if schema is not None:
+            rows.append((s, diag, None, figs.tabular(s.record_id, images, schema)))
+        else:
+            rows.append((s, diag, figs.thumbnail(s.record_id, images), ""))
         if progress:
             progress(k + 1, len(risky))
-    if not images:
+    if schema is not None and not images:
+        notes.append("No record values: the service never gives a builder raw records (DESIGN.md §5). Pass "
+                     "--records with your own local copy of the batch (a .csv or .parquet with a record_id "
+                     "column, or SUBMISSION_ID=FILE per submission) to see each row and why it is exposed.")
+    elif not images:
         notes.append("No record thumbnails: the service never gives a builder raw records (DESIGN.md §5). "
                      "Pass --records with your own local copy of the batch (an .npz or a folder of images; "
                      "SUBMISSION_ID=FILE per submission, or a file with a record_id array/column) to see them.")
@@ -439,10 +519,14 @@ def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.R
         + "<h2>Attack strength, every method</h2>"
         + "".join(_round_section(rid, rounds[rid], figs) if rid in rounds
                   else f"<h3>Round {e(rid)}</h3><p>Round details unavailable.</p>" for rid in round_ids)
+        + "".join(_comparison_section(comparisons[rid], figs) for rid in round_ids if rid in (comparisons or {}))
         + "<h2>Contributors</h2>" + contributors_table(scores)
+        + _contributions_section([c for rid in round_ids if rid in rounds for c in rounds[rid].contributor_scores],
+                                 builder=True)
         + f"<h2>Highest-risk records (top {len(rows)} by score)</h2>"
         + "".join(record_card(s, thumb_src=t, diag_src=d, diag_width=_DIAG_WIDTH, thumb_missing=missing,
-                              rank=k + 1, show_contributor=True) for k, (s, d, t) in enumerate(rows))
+                              rank=k + 1, show_contributor=True, row_html=row)
+                  for k, (s, d, t, row) in enumerate(rows))
         + f"<h2>All records ({len(scores)})</h2><details open><summary>every record, highest score first</summary>"
         + records_table(ranked, readings=True) + "</details>")
     return _write(out_dir, _page(title, body), csv_path, figs.written, len(scores))

@@ -26,13 +26,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from ftps.common import serde
+from ftps.records.tabular import Schema
 from ftps.v1 import common_pb2
 
 __all__ = ["SCORE_CSS", "BADGE_CSS", "TABLE_CSS", "LEVEL_FILL", "FEW_MODELS", "TOP_RISK", "e", "method_name", "safe_name",
            "anchor_id", "reading", "risk_level", "interval_svg", "headline", "rank_key", "record_reading",
            "badge", "epsilon_cell", "epsilon_text", "mu_text", "dp_facts", "dp_training_note", "contributor_summary",
            "summary_line", "contributors_table", "card", "summary_sentence", "stat_cards", "how_to_read", "record_card", "method_table",
-           "records_table"]
+           "records_table", "raw_row", "tabular_html", "contributions_table", "recipe_rows", "comparison_done",
+           "comparison_table", "exposed_everywhere_html"]
 
 FEW_MODELS = 16  # below this a single record's score is mostly binomial noise (DESIGN.md section 3)
 TOP_RISK = 10
@@ -48,6 +50,9 @@ SCORE_CSS = """.score{font-size:24px;font-weight:650;font-variant-numeric:tabula
 align-items:center;justify-content:center;text-align:center}
 td .minor{display:block;color:#5b6475;font-size:12px;font-weight:400}
 td.rid{white-space:nowrap}td.reading{font-size:13px;min-width:220px}
+.tabrow{margin-top:8px;font-size:13px;overflow-x:auto}.tabrow table{width:auto;font-size:12px}
+.tabrow th,.tabrow td{padding:2px 8px}.tabrow p{color:#5b6475;margin:2px 0 4px}.tabrow h4{margin:6px 0 2px;font-size:13px}
+.rowvals{max-height:220px;overflow:auto;display:inline-block}
 """
 BADGE_CSS = """.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;
 vertical-align:middle;white-space:nowrap}
@@ -339,12 +344,56 @@ def how_to_read(scores: Sequence[common_pb2.RecordScore], *, builder: bool, coll
     return text
 
 
+def raw_row(schema: Schema, x: np.ndarray) -> np.ndarray | None:
+    """A tabular record as a person reads it: raw values [F]. ``x`` is a raw row (what the
+    contributor submitted) or an encoded one [width] (what the services store), decoded; None when
+    it is neither."""
+    row = np.asarray(x, dtype=np.float64).reshape(-1)
+    if len(row) == len(schema.features):
+        return row
+    if len(row) == schema.width:
+        return schema.decode(row[None, :])[0]
+    return None
+
+
+def tabular_html(schema: Schema, row: np.ndarray, *, top: int = 5, plot_src: str | None = None) -> str:
+    """A tabular record's part of its card: why the row is exposed (its most unusual columns against
+    the builder's data: z-score and percentile, :meth:`Schema.unusual`), then all its raw values.
+    ``plot_src``: a bar plot of those z-scores, where the page has one."""
+    why = []
+    for u in schema.unusual(row, top=top):
+        z = "—" if u["z"] is None else f"{u['z']:+.2f}"
+        if u["percentile"] is None:
+            pct = "—"
+        elif u["z"] is None:
+            pct = f"share {u['percentile']:.1f}%"
+        else:
+            pct = f"{u['percentile']:.1f}"
+        why.append(f'<tr><td>{e(u["feature"])}</td><td class="num">{e(u["value"])}</td>'
+                   f'<td class="num">{z}</td><td class="num">{e(pct)}</td></tr>')
+    plot = (f'<img src="{e(plot_src)}" alt="z-scores of the most unusual columns" width="360" height="170">'
+            if plot_src else "")
+    values = "".join(f"<tr><td>{e(f.name)}</td><td class=\"num\">{e(schema.cell_text(j, row[j]))}</td></tr>"
+                     for j, f in enumerate(schema.features))
+    return ('<div class="tabrow"><h4>Why this row is exposed</h4><p>The columns where it is most '
+            "unusual against the builder's data: z = (value − mean) / standard deviation, percentile under a "
+            "normal fit (a category: the share of rows with its level). Unusual rows are the easiest to single out."
+            '</p><table class="why"><tr><th>column</th><th class="num">value</th><th class="num">z-score</th>'
+            f'<th class="num">percentile</th></tr>{"".join(why)}</table>{plot}'
+            f"<details><summary>All {len(schema.features)} values of the row</summary>"
+            f'<div class="rowvals"><table><tr><th>column</th><th class="num">value</th></tr>{values}</table>'
+            "</div></details></div>")
+
+
 def record_card(s: common_pb2.RecordScore, *, thumb_src: str | None, diag_src: str, diag_width: int,
                 thumb_missing: str = "no image", diag_collapsed: bool = False, rank: int = 0,
-                show_contributor: bool = False) -> str:
+                show_contributor: bool = False, row_html: str = "") -> str:
     """One record: thumbnail (or why there is none), the headline score with its interval and badge,
-    the reading, the facts (counted P among them) and the diagnosis plot, open or in a <details>."""
+    the reading, the facts (counted P among them) and the diagnosis plot, open or in a <details>.
+    ``row_html`` (a tabular record, from :func:`tabular_html`) stands in for the thumbnail."""
     rid = s.record_id
+    if row_html:
+        thumb_src, thumb_missing = None, "table row"
     thumb = (f'<img class="thumb" src="{e(thumb_src)}" alt="record {e(rid)}" width="72" height="72">'
              if thumb_src else f'<div class="nothumb">{e(thumb_missing)}</div>')
     lazy = ' loading="lazy"' if diag_collapsed else ""
@@ -364,7 +413,7 @@ def record_card(s: common_pb2.RecordScore, *, thumb_src: str | None, diag_src: s
             f"<div>{interval_svg(*h)}</div>"
             f'<p class="reading">{e(record_reading(s))}</p><div class="facts">{where}round {e(s.round_id)}; '
             f"{s.n_in} models trained on it, {s.n_out} did not; {_counted(s)}; "
-            f"AUC {s.auc:.2f} ({e(method_name(s.method))}); {e(dp_facts(s))}</div></div>"
+            f"AUC {s.auc:.2f} ({e(method_name(s.method))}); {e(dp_facts(s))}</div>{row_html}</div>"
             f'<div class="diag">{diag}</div></section>')
 
 
@@ -416,3 +465,82 @@ def records_table(ranked: Sequence[common_pb2.RecordScore], *, readings: bool) -
             '<th class="num">counted P [95%]</th><th class="num">empirical ε [95%]</th>'
             '<th class="num">AUC</th><th>level</th>'
             + ("<th>reading</th>" if readings else "") + f"</tr>{rows}</table>")
+
+
+# -- contributor-level masks and recipe comparisons (issue 15) -----------------------------------
+
+def contributions_table(contributions: Sequence[common_pb2.ContributorScore]) -> str:
+    """Each whole contribution's score (contributor-level masks): per contributor and round, the
+    headline score with its interval and the empirical epsilon with its interval at delta, the most
+    exposed first. What this attack measured on the contribution as one unit, not a guarantee."""
+    rows = "".join(
+        f'<tr><td>{e(c.contributor)}</td><td class="mono">{e(c.round_id)}</td><td class="num">{c.n_records}</td>'
+        f'<td class="num"><b>{c.score:+.2f}</b><span class="minor">{_interval(c.score_ci_low, c.score_ci_high)}</span></td>'
+        f"<td>{interval_svg(c.score, c.score_ci_low, c.score_ci_high, width=130)}</td>"
+        f'<td class="num">{_num(c.empirical_epsilon)} [{_num(c.empirical_epsilon_ci_low)}, '
+        f'{_num(c.empirical_epsilon_ci_high)}]<span class="minor">at δ = {c.delta:g}; μ {_num(c.empirical_mu)} '
+        f"[{_num(c.empirical_mu_ci_low)}, {_num(c.empirical_mu_ci_high)}]</span></td>"
+        f'<td class="num">{c.n_in} / {c.n_out}</td>'
+        f'<td><span class="badge {risk_level(c.score_ci_low, c.score_ci_high)[0]}">'
+        f"{e(risk_level(c.score_ci_low, c.score_ci_high)[1])}</span></td></tr>"
+        for c in sorted(contributions, key=lambda c: (-c.score_ci_low, -c.score, c.contributor, c.round_id)))
+    return ('<table class="contributions"><tr><th>contributor</th><th>round</th><th class="num">records</th>'
+            '<th class="num">score [95%]</th><th>interval</th><th class="num">empirical ε [95%]</th>'
+            f'<th class="num">models in / out</th><th>level</th></tr>{rows}</table>')
+
+
+def recipe_rows(c: common_pb2.RecipeComparison) -> list[dict]:
+    """Per recipe of a comparison ("current" first): its state and, once DONE, the held-out
+    accuracy, the headline method's AUC and mean score, how many records are identifiable above
+    chance (interval above 0), the largest empirical epsilon and the DP-SGD epsilon (0: none);
+    the numbers of ``clients.api.comparison_dict``."""
+    out = []
+    for v in c.variants:
+        done = v.status.state == common_pb2.ROUND_STATE_DONE
+        out.append({"name": v.name, "state": common_pb2.RoundState.Name(v.status.state).removeprefix(
+                        "ROUND_STATE_").lower(), "message": v.status.message, "done": done,
+                    "models_done": v.status.models_done, "models_total": v.status.models_total,
+                    "heldout_accuracy": v.heldout_accuracy, "heldout_records": v.heldout_records,
+                    "auc": v.batch.auc, "mean_score": v.batch.mean_score,
+                    "above_chance": sum(s.score_ci_low > 0 for s in v.scores), "records": len(v.scores),
+                    "max_empirical_epsilon": max((s.empirical_epsilon for s in v.scores), default=0.0),
+                    "dp_epsilon": v.dp_epsilon})
+    return out
+
+
+def comparison_done(c: common_pb2.RecipeComparison) -> bool:
+    """Every recipe has ended (DONE or FAILED): the comparison will not change any more."""
+    return bool(c.variants) and all(v.status.state in serde.TERMINAL_ROUND_STATES for v in c.variants)
+
+
+def comparison_table(c: common_pb2.RecipeComparison) -> str:
+    """The risk/utility table of a recipe comparison: one row per recipe; one still running shows
+    its progress, one that failed its message."""
+    rows = []
+    for r in recipe_rows(c):
+        if r["done"]:
+            rows.append(
+                f'<tr><td><b>{e(r["name"])}</b></td><td class="num">{r["heldout_accuracy"]:.3f}'
+                f'<span class="minor">{r["heldout_records"]} held-out records</span></td>'
+                f'<td class="num">{r["auc"]:.3f}</td><td class="num">{r["mean_score"]:+.3f}</td>'
+                f'<td class="num">{r["above_chance"]} of {r["records"]}</td>'
+                f'<td class="num">{_num(r["max_empirical_epsilon"])}</td>'
+                f'<td class="num">{_num(r["dp_epsilon"]) if r["dp_epsilon"] else "—"}</td></tr>')
+        else:
+            what = (f"failed: {r['message']}" if r["state"] == "failed"
+                    else f"{r['state']}: {r['models_done']} / {r['models_total']} models")
+            rows.append(f'<tr><td><b>{e(r["name"])}</b></td><td colspan="6">{e(what)}</td></tr>')
+    return ('<table class="comparison"><tr><th>recipe</th><th class="num">held-out accuracy</th>'
+            '<th class="num">AUC</th><th class="num">mean score</th><th class="num">records above chance</th>'
+            '<th class="num">max empirical ε</th><th class="num">DP-SGD ε</th></tr>' + "".join(rows) + "</table>")
+
+
+def exposed_everywhere_html(c: common_pb2.RecipeComparison) -> str:
+    """The records identifiable above chance under every recipe (what no recipe tried fixes)."""
+    if not all(v.status.state == common_pb2.ROUND_STATE_DONE for v in c.variants):
+        return ""  # the service lists them once every recipe is DONE
+    ids = list(c.exposed_everywhere)
+    if not ids:
+        return "<p>No record is identifiable above chance under every recipe.</p>"
+    return (f"<p>{len(ids)} record(s) identifiable above chance under every recipe (their whole interval above 0 "
+            "whatever the recipe): " + ", ".join(f'<span class="mono">{e(r)}</span>' for r in ids) + ".</p>")

@@ -19,6 +19,9 @@ from ftps.common.errors import FtpsError
 from ftps.common.log import setup_logging
 from stack.embedded import DEFAULT_PORTS, EmbeddedStack, blob_dir, default_data_dir
 
+# The demo's data sets (ftps.ml.datasets.DATASETS), named here: importing that module (scipy) would
+# cost every `ftps-stack` command seconds before it parses its arguments.
+DEMO_DATASETS = ("fashion-mnist", "digits", "breast-cancer")
 NAMES = {"gateway": "contributor gateway", "registry": "builder registry", "scorer": "LiRA scorer",
          "worker": "fine-tune worker", "s3": "object store (S3 protocol, moto)"}
 
@@ -75,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the worker port + i)")
     demo = sub.add_parser("demo", help="bring the stack up and run the end-to-end demo on real data")
     _add_stack_flags(demo, ephemeral_default=True, s3=True)
-    demo.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    demo.add_argument("--dataset", choices=DEMO_DATASETS, default="fashion-mnist",
+                      help="fashion-mnist (images, the default), digits (small images, fast) or "
+                           "breast-cancer (a tabular task: 569 real patient records, 30 measurements)")
     demo.add_argument("--records", "-m", type=int, default=200, help="records submitted, m (default 200)")
     demo.add_argument("--models", "-n", type=int, default=32, help="fine-tuned models, n (even, default 32)")
     demo.add_argument("--shadow-models", "-k", type=int, default=16,

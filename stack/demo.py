@@ -4,6 +4,10 @@ builder: register a task (base model pretrained on the builder's split, cached; 
 builder data) -> preparation stage (k shadow models, offline Gaussian) -> two contributors submit
 records from a disjoint split -> the batch threshold starts a round -> n models fine-tuned -> every
 record scored -> per-record table and batch metrics.
+
+A tabular dataset (breast-cancer) runs the same flow as a tabular task: the task carries the
+builder's schema, the builder uploads its data and contributors submit their rows as raw
+measurements, which the services check and encode; the base model is pretrained on encoded rows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from ftps.ml.pretrain import cached_base_model
 from ftps.v1 import common_pb2, scorer_pb2
 
 STRATEGIES = Path(__file__).resolve().parents[1] / "clients" / "strategies"
-DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py"}
+DATASET_STRATEGY = {"fashion-mnist": "fmnist_cnn.py", "digits": "digits_cnn.py",
+                    "breast-cancer": "tabular_mlp.py"}
+# What one record of each dataset is, for the progress and log lines.
+RECORD_NOUN = {"fashion-mnist": "images", "digits": "images", "breast-cancer": "patient records"}
+IMAGE_CLASSES = 10
 BUILDER_DATA_MAX = 4000
 
 
@@ -46,7 +54,8 @@ def base_model(dataset: str, strategy_source: str, x: np.ndarray, y: np.ndarray,
     def on_epoch(done: int, total: int) -> None:
         nonlocal job
         if job is None:
-            job = progress.add_task(f"pretraining the base model on {len(x)} {dataset} images", total=total)
+            job = progress.add_task(f"pretraining the base model on {len(x)} {dataset} "
+                                    f"{RECORD_NOUN.get(dataset, 'records')}", total=total)
         progress.update(job, completed=done, total=total)
 
     out = cached_base_model(dataset, strategy_source, x, y, seed=seed, progress=on_epoch)
@@ -60,9 +69,17 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     strategy_source = (STRATEGIES / DATASET_STRATEGY[dataset]).read_text()
-    from ftps.ml.datasets import demo_splits
+    from ftps.ml.datasets import TABULAR_DATASETS, demo_splits, demo_tabular
 
-    splits = demo_splits(dataset, seed=seed)
+    schema = None
+    if dataset in TABULAR_DATASETS:
+        # Builder data and contributors' rows travel raw, as their files would hold them; only the
+        # base model, trained here, sees encoded rows (the same as demo_splits gives the benches).
+        schema, splits = demo_tabular(dataset, seed=seed)
+        px, py = splits["pretrain"]
+        splits["pretrain"] = (schema.encode(px), py)
+    else:
+        splits = demo_splits(dataset, seed=seed)
     cx, cy = splits["contributors"]
     if records > len(cx):
         raise ValueError(f"--records {records}: the {dataset} contributor split has only {len(cx)} records")
@@ -90,13 +107,22 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
 
             settings = common_pb2.TaskSettings(
                 n_models=models, batch_threshold=records, method=serde.method_enum(method),
-                shadow_models=shadow_models, record_shape=list(cx.shape[1:]), num_classes=10,
-                seed=seed, models_per_job=max(1, min(8, models // 4)),
-                value_range=common_pb2.ValueRange(min=0.0, max=1.0))  # images scaled to [0, 1]
+                shadow_models=shadow_models, seed=seed, models_per_job=max(1, min(8, models // 4)))
+            if schema is not None:
+                # The registry fills record_shape with the schema's width; ranges are per column.
+                settings.schema.CopyFrom(schema.to_proto())
+                settings.num_classes = len(schema.class_names)
+            else:
+                settings.record_shape.extend(cx.shape[1:])
+                settings.num_classes = IMAGE_CLASSES
+                settings.value_range.CopyFrom(common_pb2.ValueRange(min=0.0, max=1.0))  # images scaled to [0, 1]
             task = builder.create_task(f"{dataset} demo", settings)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
             builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy_source.encode())
-            builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(bx, by))
+            if schema is not None:
+                builder.upload_builder_records(task.task_id, bx, by)
+            else:
+                builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(bx, by))
             console.log(f"task {task.task_id} registered: n={models} models, m={records} records, "
                         f"k={shadow_models} shadow models, method {method}")
 

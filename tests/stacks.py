@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from clients.api import BuilderClient, ContributorClient
 from stack.embedded import EmbeddedStack
@@ -17,6 +18,44 @@ def embedded_stack(data_dir: Path) -> EmbeddedStack:
                           data_dir=data_dir)
     stack.start()
     return stack
+
+
+@contextmanager
+def running_stack(data_dir: Path) -> Iterator[dict]:
+    """The embedded stack's addresses with its token ``signer`` and ``bucket``, stopped at the end
+    (a module's stack: ``with running_stack(tmp_path_factory.mktemp("data")) as s: yield s``)."""
+    stack = embedded_stack(data_dir)
+    try:
+        yield dict(stack.addresses, signer=stack.signer(), bucket=stack.bucket)
+    finally:
+        stack.stop()
+
+
+def digits_round(stack: dict, splits, strategy: str, weights: bytes, *, name: str, seed: int, n_models: int = 4,
+                 m: int = 24, **settings) -> tuple[BuilderClient, ContributorClient, str, str]:
+    """A ready digits task (builder "acme") and one DONE round of ``m`` of alice's records ->
+    (builder client, alice's client, task id, round id); the caller closes the clients."""
+    from ftps.common import serde
+    from tests.conftest import digits_records
+
+    signer = stack["signer"]
+    b = builder(stack, signer.issue("acme", "builder"))
+    task = b.create_task(name, common_pb2.TaskSettings(record_shape=[1, 8, 8], n_models=n_models,
+                                                       batch_threshold=m, **settings))
+    b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
+    b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
+    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*splits["builder"]))
+    alice = ContributorClient(gateway=stack["gateway"], contributor="alice", token=signer.issue("alice", "contributor"))
+    sub = alice.submit(task.task_id, *digits_records(splits, m, seed=seed))
+    deadline = time.time() + 30
+    while not sub.round_id and time.time() < deadline:
+        time.sleep(0.1)
+        sub = alice.get_submission(sub.submission_id)
+    assert sub.round_id, "the batch threshold was reached but no round started"
+    for status in b.watch_round(sub.round_id, timeout=300):
+        pass
+    assert status.state == common_pb2.ROUND_STATE_DONE, status.message
+    return b, alice, task.task_id, sub.round_id
 
 
 def builder(addresses: dict, token: str) -> BuilderClient:

@@ -4,50 +4,26 @@ the same masks and seeds, each record's exposure and the models' held-out accura
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import pytest
 
-from clients.api import BuilderClient, ContributorClient
 from clients.builder.cli import main as builder_main
-from ftps.common import serde
 from ftps.v1 import common_pb2, gateway_pb2
-from stack.embedded import EmbeddedStack
-from tests.conftest import digits_records
+from tests.stacks import digits_round, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
-                      data_dir=tmp_path_factory.mktemp("data"))
-    s.start()
-    yield dict(s.addresses, signer=s.signer())
-    s.stop()
+    with running_stack(tmp_path_factory.mktemp("data")) as s:
+        yield s
 
 
 def test_recipes_compared_on_the_same_batch(stack, tmp_path, capsys, digits_splits, digits_strategy,
                                            digits_base_weights):
     signer = stack["signer"]
-    builder = BuilderClient(registry=stack["registry"], gateway=stack["gateway"], scorer=stack["scorer"],
-                            token=signer.issue("acme", "builder"))
-    task = builder.create_task("compare", common_pb2.TaskSettings(record_shape=[1, 8, 8], n_models=4,
-                                                                   batch_threshold=24, models_per_job=4))
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
-    alice = ContributorClient(gateway=stack["gateway"], contributor="alice", token=signer.issue("alice", "contributor"))
-    x, y = digits_records(digits_splits, 24, seed=21)
-    sub = alice.submit(task.task_id, x, y)
-    for _ in range(300):
-        sub = alice.get_submission(sub.submission_id)
-        if sub.round_id:
-            break
-        time.sleep(0.1)
-    for status in builder.watch_round(sub.round_id, timeout=300):
-        pass
-    assert status.state == common_pb2.ROUND_STATE_DONE
-    round_id = sub.round_id
+    builder, alice, task_id, round_id = digits_round(stack, digits_splits, digits_strategy, digits_base_weights,
+                                                     name="compare", seed=21)
     scored = {s.record_id: s.score for s in builder.get_round(round_id).scores}
 
     with pytest.raises(grpc.RpcError) as e:
@@ -93,6 +69,6 @@ def test_recipes_compared_on_the_same_batch(stack, tmp_path, capsys, digits_spli
     table = capsys.readouterr().out
     assert "current" in table and "fewer" in table and "held-o" in table and "under every recipe" in table
     # one comparison at a time; the contributors' view of the round is unchanged
-    assert {s.record_id: s.score for s in alice.scores(task.task_id)} == pytest.approx(scored)
+    assert {s.record_id: s.score for s in alice.scores(task_id)} == pytest.approx(scored)
     for c in (builder, alice):
         c.close()

@@ -17,8 +17,8 @@ from ftps.common import serde
 from ftps.common.task_rules import MIN_CONTRIBUTORS
 from ftps.privacy import masks, scoring
 from ftps.v1 import common_pb2
-from stack.embedded import EmbeddedStack
 from tests.conftest import digits_records
+from tests.stacks import running_stack
 
 
 def test_group_masks_draw_whole_groups():
@@ -55,12 +55,8 @@ def test_group_scores_find_the_contributions_that_leak():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
-                      data_dir=tmp_path_factory.mktemp("data"))
-    s.start()
-    signer = s.signer()
-    yield dict(s.addresses, signer=signer)
-    s.stop()
+    with running_stack(tmp_path_factory.mktemp("data")) as s:
+        yield s
 
 
 def test_a_round_scores_each_whole_contribution(stack, tmp_path, capsys, digits_splits, digits_strategy,
@@ -121,6 +117,9 @@ def test_a_round_scores_each_whole_contribution(stack, tmp_path, capsys, digits_
     assert mine["contribution"][0]["score"] == pytest.approx(whole["user03"].score)
     assert contributor_main(c + ["scores", "--task", task_id]) == 0
     assert "user03's whole contribution (2 records, round " in capsys.readouterr().out
+    assert contributor_main(c + ["report", "--task", task_id, "--out", str(tmp_path / "report")]) == 0
+    assert "whole contribution" in (tmp_path / "report" / "report.html").read_text().lower()
+    capsys.readouterr()
     assert builder_main(b + ["scores", "--task", task_id, "--json"]) == 0
     everyone = json.loads(capsys.readouterr().out)
     assert sorted(d["contributor"] for d in everyone["contributions"]) == names

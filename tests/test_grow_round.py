@@ -3,53 +3,31 @@ every score is computed again from all of them, and the scores stay readable whi
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import numpy as np
 import pytest
 
-from clients.api import BuilderClient, ContributorClient
 from clients.builder.cli import main as builder_main
 from ftps.common import serde
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, gateway_pb2
-from stack.embedded import EmbeddedStack
-from tests.conftest import digits_records
+from tests.stacks import digits_round, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = EmbeddedStack(ports={k: 0 for k in ("gateway", "registry", "scorer", "worker", "s3")},
-                      data_dir=tmp_path_factory.mktemp("data"))
-    s.start()
-    yield dict(s.addresses, signer=s.signer(), bucket=s.bucket)
-    s.stop()
+    with running_stack(tmp_path_factory.mktemp("data")) as s:
+        yield s
 
 
 def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits, digits_strategy,
                                                    digits_base_weights):
     signer = stack["signer"]
-    builder = BuilderClient(registry=stack["registry"], gateway=stack["gateway"], scorer=stack["scorer"],
-                            token=signer.issue("acme", "builder"))
-    task = builder.create_task("grow", common_pb2.TaskSettings(record_shape=[1, 8, 8], n_models=4,
-                                                                batch_threshold=24, models_per_job=2))
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
-    alice = ContributorClient(gateway=stack["gateway"], contributor="alice", token=signer.issue("alice", "contributor"))
-    x, y = digits_records(digits_splits, 24, seed=11)
-    sub = alice.submit(task.task_id, x, y)
-    for _ in range(300):
-        sub = alice.get_submission(sub.submission_id)
-        if sub.round_id:
-            break
-        time.sleep(0.1)
-    round_id = sub.round_id
-    for status in builder.watch_round(round_id, timeout=300):
-        pass
-    assert status.state == common_pb2.ROUND_STATE_DONE and status.models_total == 4
+    builder, alice, task_id, round_id = digits_round(stack, digits_splits, digits_strategy, digits_base_weights,
+                                                     name="grow", seed=11, models_per_job=2)
+    assert builder.get_round(round_id).status.models_total == 4
     before = builder.get_round(round_id)
     assert {s.n_in for s in before.scores} == {2}
 
@@ -69,7 +47,7 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
     status = builder.grow_round(round_id, 4)
     assert status.models_total == 8 and status.state != common_pb2.ROUND_STATE_DONE
     # while it grows, the scores so far stay readable (or the grown ones, if it was quick)
-    assert {s.n_in for s in alice.scores(task.task_id)} <= {2, 4} and len(alice.scores(task.task_id)) == 24
+    assert {s.n_in for s in alice.scores(task_id)} <= {2, 4} and len(alice.scores(task_id)) == 24
     if builder.get_round(round_id).status.state != common_pb2.ROUND_STATE_DONE:
         with pytest.raises(grpc.RpcError) as e:
             builder.grow_round(round_id, 2)  # one growth at a time
@@ -94,7 +72,7 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
     width = lambda r: np.mean([s.score_ci_high - s.score_ci_low for s in r.scores])  # noqa: E731
     assert width(after) < width(before)
     # contributors read the grown scores
-    assert {s.n_in for s in alice.scores(task.task_id)} == {4}
+    assert {s.n_in for s in alice.scores(task_id)} == {4}
     capsys.readouterr()
     assert builder_main(b + ["grow", "--round", round_id, "--models", "2", "--watch"]) == 0
     assert "with 10 models (grown from 8)" in capsys.readouterr().out

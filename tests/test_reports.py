@@ -24,6 +24,7 @@ from ftps.common.errors import InvalidArgument
 from ftps.records.files import Expect
 from ftps.records.files import load as load_file
 from ftps.records.images import save_folder as save_image_folder
+from ftps.records.tabular import Feature, Schema
 
 
 def load_records(path, *, shape=None, num_classes=None):
@@ -219,6 +220,8 @@ def test_builder_report(scored, tmp_path, capsys):
     assert re.findall(r'<td class="rid"><span class="mono">([^<]+)</span>', table) == [r["record_id"] for r in ranked]
     # No thumbnails without a local file, and the page says why.
     assert not list((out / "records").glob("thumb-*")) and "never gives a builder raw records" in page
+    # No recipes were compared on the round (GetComparison: NOT_FOUND) and its masks are per record: neither section.
+    assert "Recipes compared" not in page and "Whole contributions" not in page
     _check_pngs(files)
     _self_contained(page)
 
@@ -436,3 +439,166 @@ def test_reports_headline_the_model_based_score(tmp_path, monkeypatch):
     # The CSV keeps every field of both scores.
     rows = (tmp_path / "b" / "scores.csv").read_text().splitlines()
     assert rows[0].split(",")[:3] == ["record_id", "contributor", "round_id"] and "score_ci_high" in rows[0]
+
+
+def _tabular_task() -> tuple[common_pb2.TaskSettings, Schema]:
+    schema = Schema((Feature("mean radius", mean=14.0, std=3.5), Feature("smoker", kind="categorical",
+                                                                          levels=("no", "yes"),
+                                                                          level_frequencies=(0.9, 0.1)),
+                     Feature("age", mean=50.0, std=10.0)), label_column="diagnosis",
+                    class_names=("benign", "malignant"))
+    settings = common_pb2.TaskSettings(num_classes=2, record_shape=[schema.width], schema=schema.to_proto())
+    return settings, schema
+
+
+def test_tabular_reports_show_the_row_and_why_it_is_exposed(tmp_path):
+    """A tabular task's record cards show the raw values and the columns that make the row unusual
+    (z-score, percentile), most unusual first, with a bar plot of the z-scores; no thumbnail. The
+    contributor's table is read as submitted (raw rows); a builder's local copy may be encoded rows,
+    decoded with the schema."""
+    from ftps.records import tables
+    from ftps.v1 import registry_pb2
+
+    settings, schema = _tabular_task()
+    task = registry_pb2.Task(task_id="t-1", name="cancer", settings=settings)
+    table = tmp_path / "mine.csv"
+    table.write_bytes(tables.write_table({"mean radius": ["28.0", "14.0"], "smoker": ["no", "yes"],
+                                          "age": ["45", "50"], "diagnosis": ["malignant", "benign"]}, "csv"))
+    images = reports.load_record_images([str(table)], Expect.of(settings))
+    scores = [_score("s-a-0", (0.5, 0.2, 0.8), (0.6, 0.4, 0.8)), _score("s-a-1", (0.1, -0.2, 0.4), (0.1, -0.1, 0.3))]
+    out = reports.contributor_report(tmp_path / "c", task_id="t-1", contributor="alice", scores=scores, task=task,
+                                     images=images)
+    page = out.html.read_text()
+    _self_contained(page)
+    first = page.split('data-record="s-a-0"')[1].split("</section>")[0]
+    assert "Why this row is exposed" in first and 'class="thumb"' not in first
+    why = first.split('<table class="why">')[1].split("</table>")[0]
+    # mean radius is 4 standard deviations out (z = (28 - 14) / 3.5), the top of the list; age next.
+    cells = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">([^<]+)</td><td class=\"num\">([^<]+)</td>", why)
+    assert cells[0] == ("mean radius", "28", "+4.00") and cells[1] == ("age", "45", "-0.50")
+    assert '<td class="num">100.0</td>' in why  # Phi(4) of the builder's rows are at or below it
+    assert "All 3 values of the row" in first
+    assert (tmp_path / "c" / "records" / "unusual-s-a-0.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="records/unusual-s-a-0.png"' in first
+    # The second row's rarest column is its category: "yes" is held by 10% of the builder's rows.
+    second = page.split('data-record="s-a-1"')[1].split("</section>")[0]
+    why = second.split('<table class="why">')[1].split("</table>")[0]
+    assert re.findall(r"<tr><td>([^<]+)</td>", why)[0] == "smoker"
+    assert "share 10.0%" in why
+    assert "not an image" not in page and "No record images" not in page
+
+    # The builder's copy in the services' encoding: decoded to the same values.
+    from ftps.records.npz import Records
+
+    rows = images.get("s-a-0")[None, :]
+    local = reports.RecordImages()
+    local.add(None, Records(schema.encode(rows), np.array([1]), record_ids=["s-a-0"], source="local"))
+    page = reports.builder_report(tmp_path / "b", task_id="t-1", scores=scores, rounds={}, task=task,
+                                  images=local).html.read_text()
+    first = page.split('data-record="s-a-0"')[1].split("</section>")[0]
+    assert "<tr><td>mean radius</td><td class=\"num\">28</td><td class=\"num\">+4.00</td>" in first
+    missing = page.split('data-record="s-a-1"')[1].split("</section>")[0]
+    assert "not in file" in missing and "Why this row is exposed" not in missing
+    # Without a local table the report says how to get the values, not how to get images.
+    page = reports.builder_report(tmp_path / "n", task_id="t-1", scores=scores, rounds={}, task=task).html.read_text()
+    assert "No record values" in page and "Why this row is exposed" not in page
+
+
+def _contribution(who: str, score: tuple[float, float, float], eps: tuple[float, float, float],
+                  round_id: str = "r-1") -> common_pb2.ContributorScore:
+    return common_pb2.ContributorScore(
+        contributor=who, round_id=round_id, n_records=2, score=score[0], score_ci_low=score[1],
+        score_ci_high=score[2], counted_p=score[0], empirical_mu=1.0, empirical_mu_ci_low=0.5,
+        empirical_mu_ci_high=1.5, empirical_epsilon=eps[0], empirical_epsilon_ci_low=eps[1],
+        empirical_epsilon_ci_high=eps[2], delta=1e-5, n_in=8, n_out=8)
+
+
+def _variant(name: str, state: int, *, acc: float = 0.0, scores=(), auc: float = 0.0, mean: float = 0.0,
+             dp: float = 0.0, done: int = 16, message: str = "") -> common_pb2.RecipeVariant:
+    v = common_pb2.RecipeVariant(name=name, heldout_accuracy=acc, heldout_records=500, dp_epsilon=dp,
+                                 status=common_pb2.RoundStatus(state=state, models_done=done, models_total=16,
+                                                               message=message))
+    v.scores.extend(scores)
+    if state == common_pb2.ROUND_STATE_DONE:
+        v.batch.CopyFrom(common_pb2.BatchMetrics(auc=auc, mean_score=mean, n_models=16))
+    return v
+
+
+def test_builder_report_shows_whole_contributions_and_the_recipe_comparison(tmp_path):
+    """Contributor-level masks: each whole contribution's score and empirical epsilon with their
+    intervals, in both reports (a contributor's: their own only). A recipe comparison: the
+    risk/utility table, the plot and the records exposed under every recipe; one still running:
+    its progress, no plot."""
+    done = common_pb2.ROUND_STATE_DONE
+    scores = [_score(f"s-a-{i}", (0.5, 0.2, 0.8), (0.6, 0.3, 0.9) if i < 2 else (0.1, -0.2, 0.4))
+              for i in range(4)]
+    result = common_pb2.RoundResult(status=common_pb2.RoundStatus(round_id="r-1", state=done))
+    result.contributor_scores.extend([_contribution("alice", (0.62, 0.31, 0.85), (3.1, 0.9, 6.4)),
+                                      _contribution("bob", (-0.05, -0.40, 0.33), (0.0, 0.0, 1.2))])
+    comparison = common_pb2.RecipeComparison(round_id="r-1", exposed_everywhere=["s-a-0"])
+    low = [_score(f"s-a-{i}", (0.1, -0.2, 0.4), (0.6, 0.3, 0.9) if i == 0 else (0.0, -0.3, 0.3)) for i in range(4)]
+    comparison.variants.extend([
+        _variant("current", done, acc=0.912, scores=scores, auc=0.781, mean=0.35),
+        _variant("dp-eps-8", done, acc=0.846, scores=low, auc=0.556, mean=0.15, dp=8.0)])
+    out = tmp_path / "b"
+    files = reports.builder_report(out, task_id="t-1", scores=scores, rounds={"r-1": result},
+                                   comparisons={"r-1": comparison})
+    page = files.html.read_text()
+    _self_contained(page)
+    whole = page.split("Whole contributions (contributor-level masks)")[1].split("</table>")[0]
+    assert "each contributor's whole" in whole and "not a guarantee" in whole
+    # the most exposed first, each with its interval and epsilon at delta
+    assert whole.index("<td>alice</td>") < whole.index("<td>bob</td>")
+    assert "<b>+0.62</b><span class=\"minor\">[+0.31, +0.85]</span>" in whole
+    assert "3.10 [0.90, 6.40]" in whole and "at δ = 1e-05" in whole
+    assert '<span class="badge elevated">identifiable</span>' in whole
+    section = page.split("Recipes compared on round")[1]
+    table = section.split("</table>")[0]
+    rows = re.findall(r"<tr><td><b>([^<]+)</b></td>(.*?)</tr>", table)
+    assert [r[0] for r in rows] == ["current", "dp-eps-8"]
+    assert "0.912" in rows[0][1] and "0.781" in rows[0][1] and "+0.350" in rows[0][1] and "2 of 4" in rows[0][1]
+    assert "0.846" in rows[1][1] and "1 of 4" in rows[1][1] and "8.00" in rows[1][1] and "—" in rows[0][1]
+    assert "1 record(s) identifiable above chance under every recipe" in section and "s-a-0" in section
+    png = out / "comparison-r-1.png"
+    assert png in files.pngs and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'src="comparison-r-1.png"' in page
+
+    # Still running: the table says how far each recipe got, a failed one why; no plot, no list yet.
+    running = common_pb2.RecipeComparison(round_id="r-1")
+    running.variants.extend([_variant("current", done, acc=0.9, scores=scores, auc=0.7, mean=0.3),
+                             _variant("fewer", common_pb2.ROUND_STATE_FINETUNING, done=6),
+                             _variant("broken", common_pb2.ROUND_STATE_FAILED, done=0, message="the recipe raised")])
+    page = reports.builder_report(tmp_path / "b2", task_id="t-1", scores=scores, rounds={"r-1": result},
+                                  comparisons={"r-1": running}).html.read_text()
+    section = page.split("Recipes compared on round")[1]
+    assert "finetuning: 6 / 16 models" in section and "failed: the recipe raised" in section
+    assert "comparison-r-1.png" not in page and "under every recipe" not in section
+    assert not (tmp_path / "b2" / "comparison-r-1.png").exists()
+
+    # The contributor's report: their own contribution.
+    page = reports.contributor_report(tmp_path / "c", task_id="t-1", contributor="alice", scores=scores,
+                                      contributions=[result.contributor_scores[0]]).html.read_text()
+    whole = page.split("Whole contributions (contributor-level masks)")[1].split("</table>")[0]
+    assert "your whole contribution" in whole and "<td>alice</td>" in whole and "bob" not in whole
+    assert "3.10 [0.90, 6.40]" in whole
+    page = reports.contributor_report(tmp_path / "c2", task_id="t-1", contributor="alice",
+                                      scores=scores).html.read_text()
+    assert "Whole contributions" not in page
+
+
+def test_builder_report_fetches_the_rounds_recipe_comparison(scored, tmp_path, capsys, digits_strategy):
+    """``ftps-builder report`` asks each round for its comparison (GetComparison) and shows it."""
+    b, task, rid = scored["b"], scored["task"], scored["round"]
+    fewer = tmp_path / "fewer.py"
+    fewer.write_text(digits_strategy.replace('"epochs": 15', '"epochs": 2'))
+    _run(builder_main, b + ["compare", "--round", rid, "--recipe", f"fewer-epochs={fewer}"], capsys)
+    compared = json.loads(_run(builder_main, b + ["compare", "--round", rid, "--json"], capsys))
+    out = tmp_path / "batch"
+    files = json.loads(_run(builder_main, b + ["report", "--task", task, "--out", str(out), "--json"], capsys))
+    page = Path(files["html"]).read_text()
+    section = page.split(f'Recipes compared on round <span class="mono">{rid}</span>')[1].split("<h2>")[0]
+    for r in compared["recipes"]:
+        assert f"<b>{r['recipe']}</b>" in section and f"{r['heldout_accuracy']:.3f}" in section
+        assert f"{r['above_chance']} of {len(r['scores'])}" in section
+    assert str(out / f"comparison-{rid}.png") in files["pngs"]
+    _check_pngs(files)

@@ -6,7 +6,10 @@ Scenarios: a builder creates a task, uploads base model / strategy (hyperparamet
 and runs the preparation stage; a contributor submits records from the sample set and a file and
 sees their scores after the round; the builder starts a round and reads the batch view; another
 contributor's token sees none of it; forms refuse a POST without the CSRF token or from another
-origin. Screenshots go to ``$FTPS_WEB_SCREENS`` (or a tmp dir); look at them after a change.
+origin. A tabular task: created from a schema JSON, builder data and contributors' records as CSV
+and Parquet, bad tables refused with their one-line message and nothing stored. A task with
+contributor-level masks (16 contributors, n = 4): each whole contribution's score on the contributor's
+page, the batch view and both reports; recipes compared and the round grown from the batch view. Screenshots go to ``$FTPS_WEB_SCREENS`` (or a tmp dir); look at them after a change.
 """
 
 from __future__ import annotations
@@ -435,16 +438,23 @@ def test_sample_picks_and_npz_uploads_are_checked():
         assets.pick_samples("digits", ["999999"], "", seed=0)
     with pytest.raises(assets.AssetError):
         assets.pick_samples("digits", [], "", seed=0)
+    # Uploads are read by the one records reader, against the task's settings.
+    from ftps.common.errors import InvalidArgument
+    from ftps.records import files
+
+    expect = files.Expect(shape=(1, 8, 8), num_classes=10)
     buf = io.BytesIO()
     np.savez(buf, images=np.zeros((2, 1, 8, 8)))
-    with pytest.raises(assets.AssetError, match="arrays x"):
-        assets.load_npz_upload(buf.getvalue())
-    with pytest.raises(assets.AssetError, match="empty"):
-        assets.load_npz_upload(b"")
+    with pytest.raises(InvalidArgument, match="arrays x"):
+        files.parse(buf.getvalue(), "a.npz", expect)
+    with pytest.raises(InvalidArgument, match="empty"):
+        files.parse(b"", "a.npz", expect)
     buf = io.BytesIO()
     np.savez(buf, x=np.array([object()], dtype=object), y=np.zeros(1, np.int64))
-    with pytest.raises(assets.AssetError, match="pickle"):
-        assets.load_npz_upload(buf.getvalue())
+    with pytest.raises(InvalidArgument, match="pickle"):
+        files.parse(buf.getvalue(), "a.npz", expect)
+    with pytest.raises(InvalidArgument, match="not tabular"):
+        files.parse(b"x,label\n1,0\n", "a.csv", expect)
 
 
 def test_token_claims_label_the_session_without_trusting_it():
@@ -496,3 +506,443 @@ def test_long_result_pages_are_paginated():
     assert shown(beyond) == set(range(5)) and "records 41–45 of 45" in beyond
     few = pages.contributor_task_page(session, task, scores[:12], dataset=None, page=0, subs=[], rounds=[])
     assert "results=" not in few and all(f"rec-{j:02d}" in few for j in range(12))
+
+
+# -- tabular tasks: CSV and Parquet through the pages --------------------------------------------
+
+TABULAR_SCHEMA = {"label_column": "diagnosis", "class_names": ["benign", "malignant"], "features": [
+    {"name": "mean radius", "kind": "numeric", "mean": 14.0, "std": 3.5},
+    {"name": "smoker", "kind": "categorical", "levels": ["no", "yes"], "level_frequencies": [0.9, 0.1]},
+    {"name": "age", "kind": "numeric", "mean": 50.0, "std": 10.0}]}
+
+
+def _table(n: int, fmt: str, *, seed: int = 0, **replace) -> bytes:
+    """``n`` raw rows of the tabular test task (``replace``: columns to swap in or, given None, drop)."""
+    from ftps.records import tables
+
+    rng = np.random.default_rng(seed)
+    cols = {"mean radius": [round(float(v), 2) for v in rng.normal(14.0, 3.5, n)],
+            "smoker": [["no", "yes"][int(v)] for v in rng.random(n) < 0.1],
+            "age": [int(v) for v in rng.integers(20, 90, n)],
+            "diagnosis": [["benign", "malignant"][int(v)] for v in rng.integers(0, 2, n)]}
+    for name, col in replace.items():
+        if col is None:
+            cols.pop(name.replace("_", " "))
+        else:
+            cols[name.replace("_", " ")] = col
+    return tables.write_table(cols, fmt)
+
+
+def _csrf_and_leave(page, url: str) -> str:
+    """The session's CSRF token from ``url``'s form; then off the page, since a live page reloads
+    itself as the session's state changes and would show (and so take) a flash message first."""
+    page.goto(url)
+    csrf = page.get_attribute("input[name=csrf]", "value")
+    page.goto("about:blank")
+    return csrf
+
+
+def _post_file(page, url: str, csrf: str, field: str, name: str, data: bytes, **form: str) -> str:
+    """A form's POST with one file, as the page's upload script sends it -> the text of the page it
+    lands on (where the flash message is), unescaped."""
+    import html as html_mod
+
+    r = page.request.post(url, multipart={"csrf": csrf, **form, field: {
+        "name": name, "mimeType": "application/octet-stream", "buffer": data}}, timeout=120_000)
+    assert r.ok, r.status
+    return html_mod.unescape(r.text())
+
+
+def _flash_error(text: str) -> str:
+    """The page's error message as one line, "STATUS: message" (the page shows the status as a label)."""
+    m = re.search(r'<div class="flash error"[^>]*>(?:<span class="code">([^<]*)</span>)?([^<]*)</div>', text)
+    if m is None:
+        return ""
+    return f"{m.group(1)}: {m.group(2)}" if m.group(1) else m.group(2)
+
+
+@pytest.fixture(scope="module")
+def tabular_task(browser, web, tokens, shots, stack):
+    """The builder creates a tabular task on the create form from a schema JSON and uploads builder
+    data as a CSV: the rows go through UploadBuilderData, raw, and the registry encodes them."""
+    import json
+
+    from clients.api import BuilderClient
+
+    page = sign_in(browser, web, tokens["builder"])
+    b = BuilderClient(registry=stack.addresses["registry"], gateway=stack.addresses["gateway"],
+                      scorer=stack.addresses["scorer"], token=tokens["builder"])
+    try:
+        with screenshot_on_failure(page, shots, "tabular-builder"):
+            page.select_option("#dataset", "tabular")
+            page.fill("#name", "tabular web")
+            page.set_input_files("#schema", {"name": "schema.json", "mimeType": "application/json",
+                                             "buffer": json.dumps(TABULAR_SCHEMA).encode()})
+            for field, value in (("n_models", "8"), ("batch_threshold", "5000"), ("shadow_models", "4"),
+                                 ("models_per_job", "4")):
+                page.fill(f"#{field}", value)
+            press(page, "Create task")
+            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
+            tid = page.url.rsplit("/", 1)[1]
+            t = b.get_task(tid)
+            assert t.settings.HasField("schema") and list(t.settings.record_shape) == [4]  # 2 numeric + 2 levels
+            assert t.settings.num_classes == 2 and not t.settings.HasField("value_range")
+            html = clean(page, tokens["builder"])
+            assert "Rows (.csv or .parquet" in html
+            yield {"tid": tid, "page": page, "builder": b}
+    finally:
+        b.close()
+        page.context.close()
+
+
+def test_tabular_builder_data_from_csv_and_bad_tables_store_nothing(web, tokens, tabular_task):
+    tid, page, b = tabular_task["tid"], tabular_task["page"], tabular_task["builder"]
+    csrf = _csrf_and_leave(page, f"{web}/tasks/{tid}")
+    url = f"{web}/tasks/{tid}/upload"
+    text = _post_file(page, url, csrf, "file", "builder.csv", _table(40, "csv"), kind="data")
+    assert "uploading builder data: builder.csv" in text
+    page.goto(f"{web}/tasks/{tid}")
+    page.wait_for_selector("text=builder data v1 stored (builder.csv): 40 records", timeout=60_000)
+    assert b.get_task(tid).builder_data.version == 1
+    # A table with a column missing is refused on the page, before any upload starts.
+    page.goto("about:blank")
+    text = _post_file(page, url, csrf, "file", "builder.parquet", _table(40, "parquet", age=None), kind="data")
+    assert _flash_error(text).startswith("INVALID_ARGUMENT: builder.parquet: missing column(s) 'age'")
+    assert "uploading builder data: builder.parquet" not in text
+    assert b.get_task(tid).builder_data.version == 1
+
+
+def test_tabular_contributor_uploads_csv_and_parquet_and_bad_files_store_nothing(browser, web, tokens, stack,
+                                                                                tabular_task, shots):
+    from clients.api import ContributorClient
+
+    tid = tabular_task["tid"]
+    page = sign_in(browser, web, tokens["zed"])
+    zed = ContributorClient(gateway=stack.addresses["gateway"], token=tokens["zed"])
+    try:
+        with screenshot_on_failure(page, shots, "tabular-contributor"):
+            page.goto(f"{web}/tasks/{tid}")
+            html = clean(page, tokens["zed"])
+            assert "the label column <code>diagnosis</code> (benign, malignant)" in html
+            assert page.get_attribute("#records", "accept") == ".csv,.parquet,.pq,.npz"
+            url = f"{web}/tasks/{tid}/submit"
+            csrf = _csrf_and_leave(page, f"{web}/tasks/{tid}")
+            text = _post_file(page, url, csrf, "records", "mine.csv", _table(5, "csv", seed=1), source="file")
+            assert "5 records stored" in text
+            page.goto("about:blank")
+            text = _post_file(page, url, csrf, "records", "mine.parquet", _table(7, "parquet", seed=2), source="file")
+            assert "7 records stored" in text
+
+            def stored() -> list[int]:
+                return sorted(len(s.record_ids) for s in zed.list_submissions(tid))
+
+            assert stored() == [5, 7]
+            bad = [
+                ("cols.csv", _table(3, "csv", smoker=None), "cols.csv: missing column(s) 'smoker'"),
+                ("text.csv", _table(3, "csv", mean_radius=["12.5", "abc", "13"]),
+                 "text.csv row 2, column 'mean radius': 'abc' is not a number"),
+                ("text.parquet", _table(3, "parquet", mean_radius=[12.5, "n/a", 13.0]),
+                 "text.parquet row 2, column 'mean radius': 'n/a' is not a number"),
+                ("level.parquet", _table(3, "parquet", smoker=["no", "sometimes", "yes"]),
+                 "level.parquet row 2, column 'smoker': 'sometimes' is not one of its levels ('no', 'yes')"),
+                ("label.csv", _table(3, "csv", diagnosis=["benign", "unsure", "benign"]),
+                 "label.csv row 2, column 'diagnosis': 'unsure' is not a class"),
+                ("empty.csv", b"", "INVALID_ARGUMENT: empty.csv is empty"),
+                ("header.csv", b"mean radius,smoker,age,diagnosis\n", "INVALID_ARGUMENT: header.csv holds no rows"),
+                # 100,001 rows, about 1.3 MB: past the row limit, refused before any row is checked.
+                ("huge.csv", b"mean radius,smoker,age,diagnosis\n" + b"14,no,50,benign\n" * 100_001,
+                 "RESOURCE_EXHAUSTED: huge.csv has 100001 rows or more; at most 100000 per file"),
+            ]
+            for name, data, message in bad:
+                page.goto("about:blank")
+                text = _post_file(page, url, csrf, "records", name, data, source="file")
+                assert message in _flash_error(text), (name, _flash_error(text))
+                assert "records stored" not in text
+            assert stored() == [5, 7]  # nothing stored by any refused file
+            # The bar plot of a row's z-scores, from this session's own copy of the row only.
+            rid = zed.list_submissions(tid)[0].record_ids[0]
+            r = page.request.get(f"{web}/tasks/{tid}/records/{rid}/unusual.png")
+            assert r.status == 200 and r.body()[:4] == b"\x89PNG"
+            r = page.request.get(f"{web}/tasks/{tid}/records/{rid[:-1]}9/unusual.png")
+            assert r.status == 404
+            page.goto(f"{web}/tasks/{tid}")
+            page.screenshot(path=str(shots / "tabular-contributor.png"), full_page=True)
+    finally:
+        zed.close()
+        page.context.close()
+
+
+def test_tabular_record_cards_show_the_row_and_why_it_is_exposed():
+    """A tabular task's record cards, on the contributor's page (their own raw rows) and in the
+    builder's batch view (rows from their local table): the values and the most unusual columns
+    with z-scores, no thumbnail."""
+    import json
+
+    from clients.web import pages
+    from clients.web.session import Session, SubmissionView
+    from ftps.records.tabular import Schema
+    from ftps.v1 import common_pb2, gateway_pb2, registry_pb2
+
+    schema = Schema.from_json(json.dumps(TABULAR_SCHEMA))
+    task = registry_pb2.Task(task_id="t-1", name="tab", settings=common_pb2.TaskSettings(
+        record_shape=[schema.width], num_classes=2, schema=schema.to_proto()))
+    x = np.array([[28.0, 0, 45], [14.0, 1, 50]])
+    sub = gateway_pb2.Submission(submission_id="s-a", task_id="t-1", record_ids=["s-a-0", "s-a-1"])
+    session = Session("s-test")
+    session.subject, session.role = "alice", "contributor"
+    scores = [common_pb2.RecordScore(record_id=f"s-a-{j}", contributor="alice", round_id="r-1", index=j,
+                                     score=0.5 - j / 4, score_ci_low=0.1, score_ci_high=0.7, n_in=4, n_out=4)
+              for j in range(2)]
+    html = pages.contributor_task_page(session, task, scores, dataset=None, page=0,
+                                       subs=[SubmissionView(sub, x, np.array([1, 0]), "mine.csv")], rounds=[])
+    first = html.split('data-record="s-a-0"')[1].split("</section>")[0]
+    assert "Why this row is exposed" in first and "thumb.png" not in first
+    assert "<tr><td>mean radius</td><td class=\"num\">28</td><td class=\"num\">+4.00</td>" in first
+    assert 'src="/tasks/t-1/records/s-a-0/unusual.png"' in first
+    second = html.split('data-record="s-a-1"')[1].split("</section>")[0]
+    assert "<tr><td>smoker</td><td class=\"num\">yes</td><td class=\"num\">—</td>" in second
+    assert "a <code>.csv</code> or <code>.parquet</code> table" in html.lower()
+
+    # The builder's batch view: only rows the builder loaded from their own copy, here encoded ones.
+    session.role, session.subject = "builder", "acme"
+    session.local_records["s-a-1"] = (schema.encode(x[1:])[0], 0)
+    scored = gateway_pb2.GetScoresResponse(scores=scores)
+    html = pages.batch_page(session, task, scored, {})
+    assert "Why this row is exposed" not in html.split('data-record="s-a-0"')[1].split("</section>")[0]
+    second = html.split('data-record="s-a-1"')[1].split("</section>")[0]
+    assert "<tr><td>smoker</td><td class=\"num\">yes</td>" in second and "thumb.png" not in second
+    assert "Load rows" in html
+
+
+def test_breast_cancer_demo_task_through_the_pages(browser, web, tokens, stack, shots):
+    """The tabular demo data set on the create form: the task gets ftps-stack demo's schema, the
+    builder's demo split goes up as raw rows, and a contributor picks rows from the sample set
+    (a table of rows, not thumbnails)."""
+    from clients.api import BuilderClient
+    from clients.web import assets
+
+    page = sign_in(browser, web, tokens["builder"])
+    b = BuilderClient(registry=stack.addresses["registry"], gateway=stack.addresses["gateway"],
+                      scorer=stack.addresses["scorer"], token=tokens["builder"])
+    contributor = sign_in(browser, web, tokens["bob"])
+    try:
+        with screenshot_on_failure(page, shots, "breast-cancer-builder"):
+            page.select_option("#dataset", "breast-cancer")
+            page.fill("#name", "breast cancer web")
+            for field, value in (("n_models", "8"), ("batch_threshold", "5000"), ("shadow_models", "4"),
+                                 ("models_per_job", "4")):
+                page.fill(f"#{field}", value)
+            press(page, "Create task")
+            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
+            tid = page.url.rsplit("/", 1)[1]
+            t = b.get_task(tid)
+            assert [f.name for f in t.settings.schema.features] == assets.demo_schema("breast-cancer").names
+            assert t.settings.num_classes == 2 and list(t.settings.record_shape) == [30]
+            press(page, "Use the demo builder split")
+            page.wait_for_selector("text=builder data v1 stored (demo builder split of breast-cancer): 150 records",
+                                   timeout=60_000)
+            assert b.get_task(tid).builder_data.version == 1
+        with screenshot_on_failure(contributor, shots, "breast-cancer-contributor"):
+            contributor.goto(f"{web}/tasks/{tid}")
+            rows = contributor.locator(".samplerows tr:has(input[name=pick])")
+            assert rows.count() == assets.SAMPLE_PAGE
+            assert "mean radius" in contributor.inner_text(".samplerows th:nth-child(3)")
+            assert contributor.locator(".gallery img").count() == 0
+            for i in range(2):
+                rows.nth(i).locator("input").check()
+            contributor.fill("#random_n", "1")
+            press(contributor, "Submit the picked records")
+            contributor.wait_for_selector("text=3 records stored")
+            contributor.screenshot(path=str(shots / "breast-cancer-contributor.png"), full_page=True)
+    finally:
+        b.close()
+        contributor.context.close()
+        page.context.close()
+
+
+def test_tabular_demo_assets_are_raw_rows_and_found_by_schema():
+    import json
+
+    from clients.web import assets
+    from ftps.records.tabular import Schema
+    from ftps.v1 import common_pb2
+
+    schema = assets.demo_schema("breast-cancer")
+    demo = common_pb2.TaskSettings(num_classes=2, schema=schema.to_proto())
+    assert assets.dataset_for_task(demo) == "breast-cancer"
+    own = common_pb2.TaskSettings(num_classes=2, schema=Schema.from_json(json.dumps(TABULAR_SCHEMA)).to_proto())
+    assert assets.dataset_for_task(own) is None
+    assert assets.dataset_for_task(common_pb2.TaskSettings(record_shape=[1, 8, 8])) == "digits"
+    x, y, idx = assets.pick_samples("breast-cancer", ["0"], "2", seed=0)
+    assert x.shape == (3, 30) and idx[0] == 0 and set(y) <= {0, 1}
+    schema.check_rows(x)  # raw values, inside the schema's ranges
+    bx, _ = assets.builder_data("breast-cancer")
+    assert bx.shape == (150, 30) and float(bx[:, 0].mean()) > 5  # mean radius in millimetres, not standardised
+
+
+# -- issue 15: contributor-level masks, growing a round, comparing recipes ------------------------
+
+@pytest.fixture(scope="module")
+def masked_round(browser, web, tokens, shots, stack, digits_splits, digits_strategy, digits_base_weights):
+    """A task created on the form with contributor-level masks (digits, n = 4, m = 16); its assets
+    uploaded and 16 contributors' records (one each, Alice's among them) submitted through the
+    client library, which starts its round; the round DONE."""
+    from clients.api import BuilderClient, ContributorClient
+    from ftps.common.task_rules import MIN_CONTRIBUTORS
+    from ftps.v1 import common_pb2
+
+    page = sign_in(browser, web, tokens["builder"])
+    a = stack.addresses
+    b = BuilderClient(registry=a["registry"], gateway=a["gateway"], scorer=a["scorer"], token=tokens["builder"])
+    signer = stack.signer()
+    names = ["alice"] + [f"user{k:02d}" for k in range(1, MIN_CONTRIBUTORS)]
+    clients = {who: ContributorClient(gateway=a["gateway"], contributor=who,
+                                      token=tokens["alice"] if who == "alice" else signer.issue(who, "contributor"))
+               for who in names}
+    try:
+        with screenshot_on_failure(page, shots, "masks-builder"):
+            assert "at least 16 contributors" in page.inner_text("form[action='/tasks']")
+            page.select_option("#dataset", "digits")
+            page.fill("#name", "whole contributions")
+            for field, value in (("n_models", "4"), ("batch_threshold", "16"), ("shadow_models", "2"),
+                                 ("models_per_job", "4")):
+                page.fill(f"#{field}", value)
+            page.select_option("#mask_unit", "contributor")
+            press(page, "Create task")
+            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
+            tid = page.url.rsplit("/", 1)[1]
+            assert b.get_task(tid).settings.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR
+            assert "contributor-level masks" in page.locator("p.sub").nth(1).inner_text()
+            b.upload(tid, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
+            b.upload(tid, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
+            b.upload(tid, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+            x, y = digits_records(digits_splits, len(names), seed=31)
+            subs = {who: clients[who].submit(tid, x[k:k + 1], y[k:k + 1]) for k, who in enumerate(names)}
+            deadline = time.monotonic() + 60
+            while not (sub := clients["alice"].get_submission(subs["alice"].submission_id)).round_id:
+                assert time.monotonic() < deadline, "16 contributors' records did not start a round"
+                time.sleep(0.2)
+            for status in b.watch_round(sub.round_id, timeout=300):
+                pass
+            assert status.state == common_pb2.ROUND_STATE_DONE, status.message
+            yield {"tid": tid, "rid": sub.round_id, "page": page, "builder": b, "names": names}
+    finally:
+        for c in [b, *clients.values()]:
+            c.close()
+        page.context.close()
+
+
+def _zip_page(page, url: str) -> tuple[str, list[str]]:
+    """A report.zip download -> (its report.html, its file names)."""
+    import zipfile
+
+    r = page.request.get(url, timeout=120_000)
+    assert r.ok, r.text()
+    with zipfile.ZipFile(io.BytesIO(r.body())) as z:
+        names = z.namelist()
+        return z.read(next(n for n in names if n.endswith("report.html"))).decode(), names
+
+
+def test_a_contributor_and_the_builder_see_whole_contribution_scores(browser, web, tokens, shots, masked_round):
+    tid, rid, b = masked_round["tid"], masked_round["rid"], masked_round["builder"]
+    whole = {c.contributor: c for c in b.get_round(rid).contributor_scores}
+    assert sorted(whole) == sorted(masked_round["names"])
+    mine = whole["alice"]
+    page = sign_in(browser, web, tokens["alice"])
+    try:
+        with screenshot_on_failure(page, shots, "masks-contributor"):
+            page.goto(f"{web}/tasks/{tid}")
+            page.wait_for_selector("h3#contribution")
+            rows = page.locator("table.contributions tr:has(td)")
+            assert rows.count() == 1  # her own contribution only
+            row = rows.first.inner_text()
+            assert "alice" in row and rid in row and f"{mine.score:+.2f}" in row
+            assert f"[{mine.score_ci_low:+.2f}, {mine.score_ci_high:+.2f}]" in row
+            assert f"{mine.empirical_epsilon:.2f} [{mine.empirical_epsilon_ci_low:.2f}, " in row
+            assert f"at δ = {mine.delta:g}" in row
+            html = clean(page, tokens["alice"])
+            assert not any(f">{who}<" in html for who in masked_round["names"] if who != "alice")
+            page.screenshot(path=str(shots / "masks-contributor.png"), full_page=True)
+            report, _ = _zip_page(page, f"{web}/tasks/{tid}/report.zip")
+            section = report.split("Whole contributions (contributor-level masks)")[1]
+            assert "your whole" in section and f"{mine.score:+.2f}" in section and "user01" not in section
+    finally:
+        page.context.close()
+    # The builder: everyone's, in the batch view and its report.
+    bpage = masked_round["page"]
+    bpage.goto(f"{web}/tasks/{tid}/batch")
+    assert bpage.locator("table.contributions tr:has(td)").count() == len(whole)
+    report, _ = _zip_page(bpage, f"{web}/tasks/{tid}/report.zip")
+    section = report.split("Whole contributions (contributor-level masks)")[1]
+    assert all(f"<td>{who}</td>" in section for who in whole)
+
+
+def test_builder_compares_recipes_on_the_batch_view(browser, web, tokens, shots, masked_round,
+                                                    digits_strategy):
+    from ftps.v1 import common_pb2
+
+    tid, rid, b, page = masked_round["tid"], masked_round["rid"], masked_round["builder"], masked_round["page"]
+    with screenshot_on_failure(page, shots, "compare"):
+        # Refused before anything runs: the service's message on the page, as other refusals are.
+        csrf = _csrf_and_leave(page, f"{web}/tasks/{tid}/batch")
+        text = _post_file(page, f"{web}/tasks/{tid}/rounds/{rid}/compare", csrf, "recipe_file_1", "broken.py",
+                          b"def build_model(:\n", recipe_name_1="broken")
+        assert "INVALID_ARGUMENT" in text and "syntax error at line 1" in text
+        fewer = digits_strategy.replace('"epochs": 15', '"epochs": 3')
+        assert fewer != digits_strategy
+        page.goto(f"{web}/tasks/{tid}/batch")
+        page.fill(f"#recipe-name-{rid}-1", "fewer-epochs")
+        page.set_input_files(f"#recipe-file-{rid}-1", {"name": "fewer.py", "mimeType": "text/x-python",
+                                                     "buffer": fewer.encode()})
+        press(page, "Compare recipes")
+        # Progress while it runs (a job following GetComparison), then the page reloads itself with the plot.
+        page.wait_for_selector("[data-live^='job-']", timeout=60_000)
+        page.wait_for_selector("img[alt^='risk against utility']", timeout=ROUND_TIMEOUT_MS)
+        _wait_images(page)
+        c = b.get_comparison(rid)
+        assert [v.name for v in c.variants] == ["current", "fewer-epochs"]
+        assert all(v.status.state == common_pb2.ROUND_STATE_DONE for v in c.variants)
+        table = page.inner_text("table.comparison")
+        for v in c.variants:
+            assert f"{v.heldout_accuracy:.3f}" in table and f"{v.batch.auc:.3f}" in table
+            assert f"{sum(s.score_ci_low > 0 for s in v.scores)} of {len(v.scores)}" in table
+        assert "under every recipe" in page.inner_text("main")
+        assert all(r in page.inner_text("main") for r in c.exposed_everywhere)
+        page.screenshot(path=str(shots / "compare-batch-view.png"), full_page=True)
+        r = page.request.get(f"{web}/tasks/{tid}/rounds/{rid}/comparison.png")
+        assert r.ok and r.body()[:8] == b"\x89PNG\r\n\x1a\n"
+        report, files = _zip_page(page, f"{web}/tasks/{tid}/report.zip")
+        assert f"report-{tid}/comparison-{rid}.png" in files
+        section = report.split("Recipes compared on round")[1]
+        assert "fewer-epochs" in section and f"{c.variants[1].heldout_accuracy:.3f}" in section
+    # Not a contributor's to see: GetComparison refuses their token, and the page says so.
+    alice = sign_in(browser, web, tokens["alice"])
+    try:
+        r = alice.request.get(f"{web}/tasks/{tid}/rounds/{rid}/comparison.png")
+        assert r.status == 403 and "PERMISSION_DENIED" in r.text()
+    finally:
+        alice.context.close()
+
+
+def test_builder_grows_a_round_from_the_batch_view(web, tokens, shots, masked_round):
+    tid, rid, b, page = masked_round["tid"], masked_round["rid"], masked_round["builder"], masked_round["page"]
+    with screenshot_on_failure(page, shots, "grow"):
+        csrf = _csrf_and_leave(page, f"{web}/tasks/{tid}/batch")
+        r = page.request.post(f"{web}/tasks/{tid}/rounds/{rid}/grow", form={"csrf": csrf, "add_models": "3"})
+        assert r.ok and r.url.endswith(f"/tasks/{tid}/batch")  # back on the batch view, with the refusal
+        assert "INVALID_ARGUMENT" in r.text() and "even" in r.text()
+        assert b.get_round(rid).batch.n_models == 4
+        page.goto(f"{web}/tasks/{tid}/batch")
+        assert page.input_value(f"#add-{rid}") == "4"  # the task's n by default
+        page.fill(f"#add-{rid}", "2")
+        press(page, "Add models")
+        page.wait_for_selector("text=is growing to 6 models")
+        page.wait_for_selector(f"[data-live='round-{rid}']")
+        # The page follows the growth live and reloads itself when it ends.
+        page.locator("h3", has_text="16 records, 6 models").wait_for(timeout=ROUND_TIMEOUT_MS)
+        assert page.get_attribute(f"[data-live='round-{rid}']", "data-state") == "done"
+        result = b.get_round(rid)
+        assert result.batch.n_models == 6 and all(s.n_in + s.n_out == 6 for s in result.scores)
+        assert all(c.n_in + c.n_out == 6 for c in result.contributor_scores)
+        clean(page, tokens["builder"])
+        page.screenshot(path=str(shots / "grow-batch-view.png"), full_page=True)

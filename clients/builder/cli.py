@@ -519,12 +519,20 @@ def cmd_report(args) -> int:
     resp = client.scores(args.task, args.round)
     round_ids = [args.round] if args.round else sorted({s.round_id for s in resp.scores})
     rounds = {rid: client.get_round(rid) for rid in round_ids}  # every method's metrics and ROC
+    comparisons = {}
+    for rid in round_ids:
+        try:
+            comparisons[rid] = client.get_comparison(rid)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: no recipes were compared on it
+                raise
     images = None
     if args.records:
         images = reports.load_record_images(args.records, expect(args, task))
     with progress_bar("plotting the highest-risk records") as update:
         files = reports.builder_report(args.out, task_id=args.task, scores=list(resp.scores), rounds=rounds,
-                                       task=task, images=images, progress=update, top=args.top)
+                                       task=task, images=images, progress=update, top=args.top,
+                                       comparisons=comparisons)
     if args.json:
         print_json(files.as_dict())
     else:

@@ -166,7 +166,8 @@ def cmd_report(args) -> int:
 
     from clients import reports
 
-    scores = _client(args).scores(args.task, args.round)
+    resp = _client(args).scores_response(args.task, args.round)
+    scores = list(resp.scores)
     notes, task = [], None
     needs_shape = any((records_arg(r)[1].is_dir() and not args.shape) or tables.table_format(records_arg(r)[1].name)
                       for r in args.records)
@@ -182,7 +183,8 @@ def cmd_report(args) -> int:
     with progress_bar("plotting your records") as update:
         files = reports.contributor_report(args.out, task_id=args.task, contributor=args.contributor or
                                            (scores[0].contributor if scores else ""), scores=scores, task=task,
-                                           images=images, notes=notes, progress=update)
+                                           images=images, notes=notes, progress=update,
+                                           contributions=list(resp.contributor_scores))
     if args.json:
         print_json(files.as_dict())
     else:

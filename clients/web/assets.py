@@ -23,7 +23,9 @@ import numpy as np
 STRATEGIES_DIR = Path(__file__).resolve().parents[1] / "strategies"
 # The demo data sets, by the record shape a task declares.
 DEMO_DATASETS = {(1, 8, 8): "digits", (1, 28, 28): "fashion-mnist"}
-DEFAULT_STRATEGY = {"digits": "digits_cnn.py", "fashion-mnist": "fmnist_cnn.py"}
+# The tabular demo data sets: a task is theirs when it has their schema's columns.
+TABULAR_DEMOS = ("breast-cancer",)
+DEFAULT_STRATEGY = {"digits": "digits_cnn.py", "fashion-mnist": "fmnist_cnn.py", "breast-cancer": "tabular_mlp.py"}
 DATASET_SHAPES = {v: k for k, v in DEMO_DATASETS.items()}
 BUILDER_DATA_MAX = 4000  # as ftps-stack demo uploads
 SAMPLE_PAGE = 48         # records shown per page of a task's sample set
@@ -36,6 +38,38 @@ class AssetError(ValueError):
 
 def dataset_for_shape(shape) -> str | None:
     return DEMO_DATASETS.get(tuple(int(d) for d in shape))
+
+
+def dataset_for_task(settings) -> str | None:
+    """The demo data set whose assets (sample set, demo base model and builder split) fit a task:
+    by record shape for images, by the schema's columns and label for a tabular task."""
+    if not settings.HasField("schema"):
+        return dataset_for_shape(settings.record_shape)
+    names = ([f.name for f in settings.schema.features], settings.schema.label_column)
+    for dataset in TABULAR_DEMOS:
+        try:
+            schema = demo_schema(dataset)
+        except (OSError, ValueError, ImportError):
+            continue
+        if (schema.names, schema.label_column) == names:
+            return dataset
+    return None
+
+
+def is_tabular(dataset: str) -> bool:
+    return dataset in TABULAR_DEMOS
+
+
+@lru_cache(maxsize=2)
+def _tabular_demo(dataset: str):
+    from ftps.ml.datasets import demo_tabular
+
+    return demo_tabular(dataset, seed=0)
+
+
+def demo_schema(dataset: str):
+    """A tabular demo's schema (``ftps-stack demo``'s: inferred from the builder's own splits)."""
+    return _tabular_demo(dataset)[0]
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -158,12 +192,16 @@ def rewrite_recipe(source: str, overrides: dict[str, Any]) -> str:
 @lru_cache(maxsize=2)
 def contributor_pool(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """The public contributor split of a demo data set (what ``ftps-stack demo`` submits from):
-    digits -> 697 images of scikit-learn's bundled set; fashion-mnist -> the 10,000 test images."""
+    digits -> 697 images of scikit-learn's bundled set; fashion-mnist -> the 10,000 test images;
+    breast-cancer -> 269 patients' raw rows [N, 30]."""
     from ftps.ml.datasets import demo_split_indices, load_digits, load_fashion_mnist
 
-    src, idx = demo_split_indices(dataset)["contributors"]
-    x, y = load_digits() if dataset == "digits" else load_fashion_mnist(src)
-    x, y = x[idx], y[idx]
+    if is_tabular(dataset):
+        x, y = (a.copy() for a in _tabular_demo(dataset)[1]["contributors"])  # raw rows, as a CSV holds them
+    else:
+        src, idx = demo_split_indices(dataset)["contributors"]
+        x, y = load_digits() if dataset == "digits" else load_fashion_mnist(src)
+        x, y = x[idx], y[idx]
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
@@ -205,9 +243,11 @@ def pick_samples(dataset: str, picks: list[str], random_n: str, *, seed: int) ->
 
 
 def builder_data(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The demo builder split: images, or a tabular demo's raw rows (sent as records; the registry
+    encodes them)."""
     from ftps.ml.datasets import demo_splits
 
-    x, y = demo_splits(dataset)["builder"]
+    x, y = _tabular_demo(dataset)[1]["builder"] if is_tabular(dataset) else demo_splits(dataset)["builder"]
     return x[:BUILDER_DATA_MAX], y[:BUILDER_DATA_MAX]
 
 
@@ -218,22 +258,9 @@ def demo_base_model(dataset: str, report: Callable[[int, int, str], None]) -> tu
     from ftps.ml.pretrain import cached_base_model
 
     source = shipped_source(DEFAULT_STRATEGY[dataset])
-    x, y = demo_splits(dataset)["pretrain"]
-    text = f"pretraining the base model on {len(x)} {dataset} images"
+    x, y = demo_splits(dataset)["pretrain"]  # a tabular demo's encoded rows: the model's inputs
+    text = f"pretraining the base model on {len(x)} {dataset} {'rows' if is_tabular(dataset) else 'images'}"
     return cached_base_model(dataset, source, x, y, seed=0, progress=lambda done, total: report(done, total, text))
-
-
-def load_npz_upload(data: bytes, *, what: str = "the file") -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """An uploaded .npz with arrays x [N, ...] and y [N] (and optional record_id [N] strings), read
-    without unpickling (the command-line tools' check)."""
-    from ftps.common.errors import InvalidArgument
-    from ftps.records.npz import parse_upload
-
-    try:
-        recs = parse_upload(data, what)
-    except InvalidArgument as exc:
-        raise AssetError(str(exc)) from None
-    return recs.x, recs.y, recs.record_ids
 
 
 # -- figures ------------------------------------------------------------------------------------

@@ -58,14 +58,17 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clients import score_html
 from clients.api import KIND_NAMES, estimate_text
-from clients.score_html import headline
+from clients.score_html import headline, raw_row
 from clients.web import assets, pages
 from clients.web.session import Session, SubmissionView, error_text, token_claims
 from ftps.common import grpcutil, serde
 from ftps.common.clock import iso
 from ftps.common.errors import FtpsError
-from ftps.v1 import common_pb2, scorer_pb2
+from ftps.records import files, tables, tabular
+from ftps.records.npz import Records
+from ftps.v1 import common_pb2, registry_pb2, scorer_pb2
 
 __all__ = ["WebServer"]
 
@@ -340,13 +343,17 @@ class WebServer:
             ("GET", T + "/my-records.npz", self.my_records),
             ("GET", T + "/records/" + R + "/diagnosis.png", self.diagnosis_png),
             ("GET", T + "/records/" + R + "/thumb.png", self.thumb_png),
+            ("GET", T + "/records/" + R + "/unusual.png", self.unusual_png),
             ("GET", T + "/offline.png", self.offline_png),
             ("GET", T + "/batch", self.batch), ("GET", T + "/batch/scores.png", self.batch_scores_png),
             ("GET", T + "/rounds/" + R + "/roc.png", self.roc_png),
+            ("GET", T + "/rounds/" + R + "/comparison.png", self.comparison_png),
             ("GET", "/samples/{dataset:ftps_dataset}/{idx:int}.png", self.sample_png),
             ("POST", T + "/submit", self.submit), ("POST", T + "/upload", self.upload),
             ("POST", T + "/strategy", self.upload_strategy), ("POST", T + "/prepare", self.prepare),
             ("POST", T + "/rounds", self.start_round), ("POST", T + "/local-records", self.local_records),
+            ("POST", T + "/rounds/" + R + "/grow", self.grow_round),
+            ("POST", T + "/rounds/" + R + "/compare", self.compare_recipes),
         ]
 
     def handle(self, fn: Callable[[Request], Response], req: Request, cookie_sid: str | None) -> Response:
@@ -502,7 +509,14 @@ class WebServer:
         # Kept until the task exists: a refused form is shown again as it was filled in.
         s.forms["create"] = {k: req.field(k) for k in pages.CREATE_DEFAULTS}
         dataset = req.field("dataset")
-        if dataset in assets.DATASET_SHAPES:
+        schema = None
+        if dataset == "tabular":
+            schema = _schema_upload(req.file("schema"))
+            shape = []  # the registry sets it to the schema's encoded width
+        elif assets.is_tabular(dataset):
+            schema = assets.demo_schema(dataset)  # ftps-stack demo's: the builder's own normalisation
+            shape = []
+        elif dataset in assets.DATASET_SHAPES:
             shape = list(assets.DATASET_SHAPES[dataset])
         else:
             from clients.cli_common import InputError, parse_shape
@@ -520,9 +534,17 @@ class WebServer:
                 num_classes=_int(req, "num_classes", 10), builder_mix=_int(req, "builder_mix", 0),
                 seed=_int(req, "seed", 0), models_per_job=_int(req, "models_per_job", 4),
                 dp_delta=_float(req, "dp_delta", 1e-5),
-                value_range=common_pb2.ValueRange(min=0.0, max=1.0))  # the shipped strategies' images
+                mask_unit=common_pb2.MASK_UNIT_CONTRIBUTOR if req.field("mask_unit") == "contributor"
+                else common_pb2.MASK_UNIT_RECORD)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if schema is None:
+            settings.value_range.CopyFrom(common_pb2.ValueRange(min=0.0, max=1.0))  # the shipped strategies' images
+        else:
+            # A tabular task's ranges are per column, in its schema; named classes say how many there are.
+            settings.schema.CopyFrom(schema.to_proto())
+            if schema.class_names:
+                settings.num_classes = len(schema.class_names)
         task = s.builder().create_task(req.field("name").strip(), settings)
         s.forms.pop("create", None)
         s.flash("info", f"Task {task.task_id} created. Next: upload the base model, the strategy and the data.")
@@ -533,22 +555,23 @@ class WebServer:
         s = self._signed_in(req)
         tid = req.params["tid"]
         t = s.builder().get_task(tid)
-        dataset = assets.dataset_for_shape(t.settings.record_shape)
+        dataset = assets.dataset_for_task(t.settings)
         if s.is_contributor:
             if dataset is not None and not _pool_available(dataset):
                 dataset = None
             try:
-                scores, err = s.contributor().scores(tid), ""
+                resp, err = s.contributor().scores_response(tid), ""
+                scores, contributions = list(resp.scores), list(resp.contributor_scores)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise
-                scores, err = [], error_text(exc)
+                scores, contributions, err = [], [], error_text(exc)
             page = int(req.arg("page", "0")) if req.arg("page", "0").isdigit() else 0
             subs = [v for v in s.submissions.values() if v.submission.task_id == tid]
             rounds = [r for r in s.rounds.values() if r.task_id == tid]
             results = req.arg("results", "0")
             return html(pages.contributor_task_page(s, t, scores, dataset=dataset, page=page, subs=subs,
-                                                    rounds=rounds, scores_error=err,
+                                                    rounds=rounds, scores_error=err, contributions=contributions,
                                                     results_page=int(results) if results.isdigit() else 0))
         b = s.builder()
         offline, note = None, ""
@@ -615,7 +638,7 @@ class WebServer:
         key = f"web-{once}" if re.fullmatch(r"[0-9a-f]{16}", once) else ""
         if req.field("source") == "sample":
             t = s.builder().get_task(tid)
-            dataset = assets.dataset_for_shape(t.settings.record_shape)
+            dataset = assets.dataset_for_task(t.settings)
             if dataset is None:
                 raise UserError("this task has no sample set")
             x, y, idx = assets.pick_samples(dataset, req.form.get("pick", []), req.field("random_n"),
@@ -624,8 +647,10 @@ class WebServer:
         else:
             f = req.file("records")
             if f is None:
-                raise UserError("choose an .npz file with your records")
-            x, y, _ = assets.load_npz_upload(f[1], what=f[0] or "the file")
+                raise UserError("choose a file with your records (.npz, or .csv / .parquet for a tabular task)")
+            # Checked against the task's settings and schema before anything is sent.
+            recs = files.parse(f[1], f[0] or "the file", files.Expect.of(s.builder().get_task(tid).settings))
+            x, y = recs.x, recs.y
             origin = f[0] or "uploaded file"
         sub = s.contributor().submit(tid, x, y, idempotency_key=key)
         s.submissions[sub.submission_id] = SubmissionView(sub, x, y, origin)
@@ -657,7 +682,7 @@ class WebServer:
         label = "base model" if kind == "base-model" else "builder data"
         if req.field("demo") == "1":
             t = s.builder().get_task(tid)
-            dataset = assets.dataset_for_shape(t.settings.record_shape)
+            dataset = assets.dataset_for_task(t.settings)
             if dataset is None:
                 raise UserError("this task's record shape is not a demo data set's: upload your own file")
             b = s.builder()
@@ -670,6 +695,9 @@ class WebServer:
 
                     data, cached = assets.demo_base_model(dataset, report)
                     origin = "demo base model (" + ("cached" if cached else "pretrained now") + ")"
+                elif assets.is_tabular(dataset):
+                    x, y = assets.builder_data(dataset)
+                    return self._upload_records(s, job, b, tid, Records(x, y), f"demo builder split of {dataset}")
                 else:
                     data = serde.records_to_npz(*assets.builder_data(dataset))
                     origin = f"demo builder split of {dataset}"
@@ -682,9 +710,31 @@ class WebServer:
                 raise UserError(f"choose a file to upload as the {label}")
             name, data = f
             b = s.builder()
-            s.start_job(tid, f"uploading {label}: {name}", lambda job: self._upload_blob(s, job, b, tid, kind, data, name),
-                        unit="bytes", total=len(data))
+            recs = self._builder_records(b.get_task(tid), name, data) if kind == "data" else None
+            if recs is not None:
+                s.start_job(tid, f"uploading {label}: {name}",
+                            lambda job: self._upload_records(s, job, b, tid, recs, name), total=len(recs.x))
+            else:
+                s.start_job(tid, f"uploading {label}: {name}",
+                            lambda job: self._upload_blob(s, job, b, tid, kind, data, name), unit="bytes",
+                            total=len(data))
         raise Redirect(f"/tasks/{tid}")
+
+    @staticmethod
+    def _builder_records(t: registry_pb2.Task, name: str, data: bytes) -> Records | None:
+        """Builder data to send as records (UploadBuilderData), parsed and checked here so that a bad
+        file is refused on the page with nothing stored: a table, or any file of a tabular task (raw
+        rows, which the registry encodes). None: an image task's .npz, stored as the blob it is."""
+        if tabular.of_settings(t.settings) is None and tables.table_format(name) is None:
+            return None
+        return files.parse(data, name or "the file", files.Expect.of(t.settings))
+
+    def _upload_records(self, s: Session, job, b, tid: str, recs: Records, origin: str) -> str:
+        job.text = f"uploading builder data: {origin} ({len(recs.x)} records)"
+        s.progress(job, 0, len(recs.x))
+        ref = b.upload_builder_records(tid, recs.x, recs.y, progress=lambda done, total: s.progress(job, done, total))
+        return (f"builder data v{ref.version} stored ({origin}): {len(recs.x)} records, {pages.size_text(ref.size)}, "
+                f"sha256 {ref.sha256[:12]}…")
 
     def _upload_blob(self, s: Session, job, b, tid: str, kind: str, data: bytes, origin: str) -> str:
         label = {"base-model": "base model", "data": "builder data", "strategy": "strategy"}[kind]
@@ -756,14 +806,86 @@ class WebServer:
         tid = req.params["tid"]
         f = req.file("records")
         if f is None:
-            raise UserError("choose an .npz file")
-        x, y, ids = assets.load_npz_upload(f[1], what=f[0] or "the file")
-        if ids is None:
-            raise UserError(f"{f[0]} has no record_id array: images are matched to scores by the service's record ids")
-        for i, rid in enumerate(ids):
-            s.local_records[rid] = (x[i], int(y[i]))
-        s.flash("info", f"{len(ids)} record images loaded from {f[0]} (kept in this session only).")
+            raise UserError("choose a records file (.npz, or .csv / .parquet for a tabular task)")
+        t = s.builder().get_task(tid)
+        recs = files.parse(f[1], f[0] or "the file", files.Expect.of(t.settings))
+        what = "rows" if t.settings.HasField("schema") else "images"
+        if recs.record_ids is None:
+            raise UserError(f"{f[0]} has no record_id array or column: {what} are matched to scores by the "
+                            "service's record ids")
+        for i, rid in enumerate(recs.record_ids):
+            s.local_records[rid] = (recs.x[i], int(recs.y[i]))
+        s.flash("info", f"{len(recs.record_ids)} record {what} loaded from {f[0]} (kept in this session only).")
         raise Redirect(f"/tasks/{tid}/batch")
+
+    def grow_round(self, req: Request) -> Response:
+        """Add models to a DONE round (GrowRound); its progress is followed like a round's."""
+        s = self._signed_in(req)
+        tid, rid = req.params["tid"], req.params["rid"]
+        try:
+            add = _int(req, "add_models")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        status = s.builder().grow_round(rid, add)
+        s.follow_round(tid, status)
+        s.flash("info", f"Round {rid} is growing to {status.models_total} models ({add} more); its scores so far "
+                        "stay readable meanwhile.")
+        raise Redirect(f"/tasks/{tid}/batch")
+
+    def compare_recipes(self, req: Request) -> Response:
+        """Run a DONE round's batch under 1-4 uploaded strategies beside the task's own
+        (CompareRecipes); a session job follows the comparison until every recipe has ended."""
+        s = self._signed_in(req)
+        tid, rid = req.params["tid"], req.params["rid"]
+        recipes: dict[str, bytes] = {}
+        for k in range(1, pages.MAX_RECIPES + 1):
+            name, f = req.field(f"recipe_name_{k}").strip(), req.file(f"recipe_file_{k}")
+            if not name and f is None:
+                continue
+            if f is None:
+                raise UserError(f"recipe {k} ({name}): choose its strategy script (.py)")
+            name = name or Path(f[0]).stem
+            if name in recipes:
+                raise UserError(f"two recipes are named {name!r}: each needs its own name")
+            try:
+                f[1].decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{f[0]} is not UTF-8 text: a strategy is a Python source file") from None
+            recipes[name] = f[1]
+        if not recipes:
+            raise UserError("choose at least one strategy script (.py) to compare with the task's own")
+        b = s.builder()
+        comparison = b.compare_recipes(rid, recipes)
+        self._follow_comparison(s, tid, comparison)
+        s.flash("info", f"Comparing {len(comparison.variants)} recipes on round {rid}: "
+                        f"{', '.join(v.name for v in comparison.variants)}.")
+        raise Redirect(f"/tasks/{tid}/batch")
+
+    @staticmethod
+    def _follow_comparison(s: Session, tid: str, comparison: common_pb2.RecipeComparison) -> None:
+        """A job polling GetComparison (it has no stream) until every recipe has ended."""
+        rid = comparison.round_id
+        b = s.builder()
+
+        def work(job) -> str:
+            c = comparison
+            while True:
+                job.text = (f"comparing recipes on round {rid}: " + ", ".join(
+                    f"{v.name} {common_pb2.RoundState.Name(v.status.state).removeprefix('ROUND_STATE_').lower()}"
+                    for v in c.variants))
+                s.progress(job, sum(v.status.models_done for v in c.variants),
+                           sum(v.status.models_total for v in c.variants))
+                if score_html.comparison_done(c) or s.closed:
+                    break
+                time.sleep(1.0)
+                c = b.get_comparison(rid)
+            failed = [f"{v.name}: {v.status.message}" for v in c.variants if v.status.state == common_pb2.ROUND_STATE_FAILED]
+            if failed:
+                raise ValueError("recipe(s) failed — " + "; ".join(failed))
+            return (f"recipes compared on round {rid}: {len(c.variants)} recipes, {len(c.exposed_everywhere)} "
+                    "record(s) above chance under every recipe")
+
+        s.start_job(tid, f"comparing recipes on round {rid}", work)
 
     # -- batch view and figures ------------------------------------------------------------------
     def _scores(self, s: Session, tid: str, round_id: str = "") -> list[common_pb2.RecordScore]:
@@ -779,7 +901,29 @@ class WebServer:
         round_filter = req.arg("round")
         scored = b.scores(tid, round_filter)
         rounds = {rid: b.get_round(rid) for rid in sorted({x.round_id for x in scored.scores})}
-        return html(pages.batch_page(s, t, scored, rounds, round_filter=round_filter))
+        comparisons = self._comparisons(b, rounds)
+        for rid, c in comparisons.items():
+            # One started elsewhere (the CLI, another session) is followed here too, so the page updates.
+            key = f"comparing recipes on round {rid}"
+            if not score_html.comparison_done(c) and not any(
+                    j.task_id == tid and j.state == "running" and (j.text == key or j.text.startswith(key + ":"))
+                    for j in s.jobs.values()):
+                self._follow_comparison(s, tid, c)
+        return html(pages.batch_page(s, t, scored, rounds, round_filter=round_filter, comparisons=comparisons,
+                                     jobs=[j for j in s.jobs.values() if j.task_id == tid],
+                                     followed=[r for r in s.rounds.values() if r.task_id == tid]))
+
+    @staticmethod
+    def _comparisons(b, round_ids) -> dict[str, common_pb2.RecipeComparison]:
+        """Each round's recipe comparison; a round without one (NOT_FOUND) is left out."""
+        out = {}
+        for rid in round_ids:
+            try:
+                out[rid] = b.get_comparison(rid)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return out
 
     def diagnosis_png(self, req: Request) -> Response:
         s = self._signed_in(req)
@@ -803,26 +947,46 @@ class WebServer:
                                     offline_hidden=s.is_contributor)
         return png(s.cache[key])
 
-    def thumb_png(self, req: Request) -> Response:
-        s = self._signed_in(req)
-        rid = req.params["rid"]
-        rec = None
+    @staticmethod
+    def _local_record(s: Session, rid: str) -> np.ndarray | None:
+        """The user's own copy of a record: a contributor's submitted in this session, a builder's
+        loaded from their file. Never asked from the services."""
         if s.is_contributor:
             for v in s.submissions.values():
                 if rid in v.record_ids:
-                    rec = v.x[v.record_ids.index(rid)]
-        elif rid in s.local_records:
-            rec = s.local_records[rid][0]
+                    return v.x[v.record_ids.index(rid)]
+            return None
+        return s.local_records[rid][0] if rid in s.local_records else None
+
+    def thumb_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        rec = self._local_record(s, req.params["rid"])
         data = assets.thumbnail(rec) if rec is not None else None
         if data is None:
             raise Refused(404, "no local image of this record")
         return png(data)
 
+    def unusual_png(self, req: Request) -> Response:
+        """A tabular record's most unusual columns (z-scores against the builder's data), drawn from
+        the user's own copy of the row."""
+        s = self._signed_in(req)
+        rec = self._local_record(s, req.params["rid"])
+        schema = tabular.of_settings(s.builder().get_task(req.params["tid"]).settings) if rec is not None else None
+        row = raw_row(schema, rec) if schema is not None else None
+        if row is None:
+            raise Refused(404, "no local row of this record")
+        from clients import report_plots
+
+        data = plotting(report_plots.unusual_png, schema.unusual(row))
+        if data is None:
+            raise Refused(404, "none of this row's most unusual columns is numeric")
+        return png(data)
+
     def sample_png(self, req: Request) -> Response:
         self._signed_in(req)
         dataset, idx = req.params["dataset"], int(req.params["idx"])
-        if dataset not in assets.DEFAULT_STRATEGY or not _pool_available(dataset):
-            raise Refused(404, "no such sample set")
+        if dataset not in assets.DEFAULT_STRATEGY or assets.is_tabular(dataset) or not _pool_available(dataset):
+            raise Refused(404, "no such sample set of images")
         x, _ = assets.contributor_pool(dataset)
         if idx >= len(x):
             raise Refused(404, "no such sample record")
@@ -868,6 +1032,18 @@ class WebServer:
         return png(plotting(plots.roc_curves_png, curves, title=f"ROC of every method, round {rid} "
                                                       f"(n={r.batch.n_models}, m={r.batch.n_records})"))
 
+    def comparison_png(self, req: Request) -> Response:
+        s = self._signed_in(req)
+        rid = req.params["rid"]
+        c = s.builder().get_comparison(rid)
+        from clients import report_plots
+
+        data = plotting(report_plots.comparison_png, score_html.recipe_rows(c),
+                        title=f"Recipes on round {rid}: risk against utility")
+        if data is None:
+            raise Refused(404, "no recipe of this comparison is done yet")
+        return png(data)
+
     # -- downloads -------------------------------------------------------------------------------
     def scores_csv(self, req: Request) -> Response:
         s = self._signed_in(req)
@@ -884,7 +1060,6 @@ class WebServer:
         s = self._signed_in(req)
         tid = req.params["tid"]
         from clients import reports
-        from ftps.records.npz import Records
 
         round_id = req.arg("round")
         b = s.builder()
@@ -896,8 +1071,9 @@ class WebServer:
                 for v in s.submissions.values():
                     if v.submission.task_id == tid:
                         images.add(None, Records(v.x, v.y, record_ids=v.record_ids, source=v.origin))
+                resp = s.contributor().scores_response(tid, round_id)
                 plotting(reports.contributor_report, out, task_id=tid, contributor=s.subject, task=t, images=images,
-                                           scores=s.contributor().scores(tid, round_id))
+                         scores=list(resp.scores), contributions=list(resp.contributor_scores))
             else:
                 if s.local_records:
                     ids = list(s.local_records)
@@ -907,7 +1083,7 @@ class WebServer:
                 scored = b.scores(tid, round_id)
                 rounds = {rid: b.get_round(rid) for rid in sorted({x.round_id for x in scored.scores})}
                 plotting(reports.builder_report, out, task_id=tid, scores=list(scored.scores), rounds=rounds, task=t,
-                                       images=images)
+                         images=images, comparisons=self._comparisons(b, rounds))
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
                 for p in sorted(out.rglob("*")):
@@ -1052,7 +1228,7 @@ def _back(path: str) -> str:
     m = re.match(r"^(/tasks/[^/]+)", path)
     if not m:
         return "/tasks"
-    return m.group(1) + ("/batch" if path.endswith("/local-records") else "")
+    return m.group(1) + ("/batch" if path.endswith(("/local-records", "/grow", "/compare")) else "")
 
 
 def _int(req: Request, name: str, default: int | None = None) -> int:
@@ -1073,6 +1249,22 @@ def _float(req: Request, name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _schema_upload(f: tuple[str, bytes] | None) -> tabular.Schema:
+    """A tabular task's schema from the create form's JSON file (``ftps-builder schema`` writes one)."""
+    if f is None:
+        raise UserError("a tabular task needs its schema: choose the schema's JSON file "
+                        "(`ftps-builder schema YOUR_TABLE.csv --out schema.json` writes one)")
+    name, data = f
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not UTF-8 text: a schema is a JSON document") from None
+    try:
+        return tabular.Schema.from_json(text, what=name or "the schema")
+    except FtpsError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _pool_available(dataset: str) -> bool:

@@ -67,6 +67,8 @@ background:#fff;cursor:pointer;font-size:11px;color:#5b6475}
 .gallery label:has(input:checked){border-color:#2f57a8;background:#e6eefc;box-shadow:0 0 0 2px #2f57a8}
 .gallery img{width:56px;height:56px;image-rendering:pixelated;display:block;margin:0 auto}
 .gallery input{margin:2px}
+.samplerows{max-height:420px;overflow:auto;margin:8px 0}.samplerows table{font-size:12px}
+.samplerows th,.samplerows td{padding:2px 6px}
 .record{display:grid;grid-template-columns:84px minmax(0,1fr) 500px;gap:18px;background:#fff;
 border:1px solid #e1e4ea;border-radius:8px;padding:12px 16px;margin:10px 0;align-items:center}
 .record h3{margin:0 0 2px;font-size:14px;word-break:break-all}

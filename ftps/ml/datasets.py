@@ -1,7 +1,9 @@
 """Data at hand (DESIGN.md §6): the demo data sets and their split between the roles.
 
-Images are float32 ``[N, C, H, W]`` in [0, 1]; labels int64 ``[N]``. The records file format and
-checks live in ``ftps.records``.
+Images are float32 ``[N, C, H, W]`` in [0, 1]; labels int64 ``[N]``. Tabular data (breast-cancer)
+comes as raw rows float64 ``[N, F]`` with its schema (``ftps.records.tabular``); ``demo_splits``
+gives its encoded rows, the model inputs. The records file format and checks live in
+``ftps.records``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import gzip
 import os
 import pickle
 import struct
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,13 +20,19 @@ import numpy as np
 
 from ftps.records import RecordsError
 from ftps.records.checks import validate
+from ftps.records.tabular import Schema
 
 __all__ = [
+    "BREAST_CANCER_CLASSES",
+    "BREAST_CANCER_FEATURES",
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "TABULAR_DATASETS",
     "demo_split_indices",
     "load_cifar10",
     "demo_splits",
+    "demo_tabular",
+    "load_breast_cancer",
     "load_digits",
     "load_fashion_mnist",
 ]
@@ -35,7 +44,22 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-DATASETS = ("fashion-mnist", "digits")
+DATASETS = ("fashion-mnist", "digits", "breast-cancer")
+TABULAR_DATASETS = ("breast-cancer",)
+
+# scikit-learn's names for the Wisconsin diagnostic data, fixed here so that a schema (and a
+# contributor's CSV header) does not change with the installed scikit-learn; the loader checks them.
+BREAST_CANCER_FEATURES = tuple(
+    f"{name} {stat}" if stat == "error" else f"{stat} {name}"
+    for stat in ("mean", "error", "worst")
+    for name in ("radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
+                 "concave points", "symmetry", "fractal dimension")
+)
+BREAST_CANCER_CLASSES = ("malignant", "benign")
+BREAST_CANCER_LABEL = "diagnosis"
+# An allowed value up to this many times the largest the builder has seen: the measurements are
+# non-negative, and an order of magnitude above all of them is a unit error, not a patient.
+_RANGE_FACTOR = 10.0
 
 # IDX element type codes (http://yann.lecun.com/exdb/mnist/ file format).
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -93,6 +117,20 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     bunch = _sk_load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
     return x, bunch.target.astype(np.int64)
+
+
+def load_breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled Wisconsin diagnostic breast cancer data -> (x float64 [569, 30], the
+    measurements as recorded, columns ``BREAST_CANCER_FEATURES``; y int64 [569], 0 malignant,
+    1 benign as ``BREAST_CANCER_CLASSES``)."""
+    from sklearn.datasets import load_breast_cancer as _sk_load_breast_cancer
+
+    bunch = _sk_load_breast_cancer()
+    if tuple(str(n) for n in bunch.feature_names) != BREAST_CANCER_FEATURES or \
+            tuple(str(n) for n in bunch.target_names) != BREAST_CANCER_CLASSES:
+        raise ValueError("scikit-learn's breast cancer data has other columns or classes than "
+                         "BREAST_CANCER_FEATURES / BREAST_CANCER_CLASSES")
+    return bunch.data.astype(np.float64), bunch.target.astype(np.int64)
 
 
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -157,6 +195,7 @@ def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, n
     fashion-mnist: 20000 / 10000 rows of a seeded permutation of the 60000 training images for
     "pretrain" / "builder", and the 10000 test images for "contributors".
     digits (one source, "all"): 600 / 500 / 697 rows of a seeded permutation of the 1797.
+    breast-cancer (one source, "all"): 150 / 150 / 269 rows of a seeded permutation of the 569.
     """
     rng = np.random.default_rng(seed)
     if dataset == "fashion-mnist":
@@ -173,6 +212,13 @@ def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, n
             "builder": ("all", perm[600:1100]),
             "contributors": ("all", perm[1100:]),
         }
+    if dataset == "breast-cancer":
+        perm = rng.permutation(569)
+        return {
+            "pretrain": ("all", perm[:150]),
+            "builder": ("all", perm[150:300]),
+            "contributors": ("all", perm[300:]),
+        }
     raise ValueError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
 
 
@@ -184,8 +230,12 @@ def demo_splits(dataset: str, *, seed: int = 0) -> dict[str, tuple[np.ndarray, n
       models of the preparation stage, records mixed into fine-tuning);
     - ``contributors``: the pool contributors submit records from.
 
-    Sizes and sources: ``demo_split_indices``.
+    Sizes and sources: ``demo_split_indices``. A tabular dataset's splits are its encoded rows
+    (float32 ``[N, width]``, the model inputs); ``demo_tabular`` gives the raw rows and the schema.
     """
+    if dataset in TABULAR_DATASETS:
+        schema, raw = demo_tabular(dataset, seed=seed)
+        return {role: (schema.encode(x), y) for role, (x, y) in raw.items()}
     indices = demo_split_indices(dataset, seed=seed)
     if dataset == "fashion-mnist":
         sources = {"train": load_fashion_mnist("train"), "test": load_fashion_mnist("test")}
@@ -194,3 +244,26 @@ def demo_splits(dataset: str, *, seed: int = 0) -> dict[str, tuple[np.ndarray, n
     return {
         role: (sources[src][0][idx], sources[src][1][idx]) for role, (src, idx) in indices.items()
     }
+
+
+def demo_tabular(dataset: str, *, seed: int = 0) -> tuple[Schema, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A tabular demo dataset as its builder sees it -> (schema, role -> (raw rows float64 [N, F],
+    y int64 [N])), the roles and sizes of ``demo_split_indices``.
+
+    The schema is inferred from the builder's own rows (the pretrain and builder splits): each
+    column's mean and standard deviation there, and an allowed range [0, 10 x its largest value
+    there]. Contributors' rows are encoded with the builder's normalisation, as in a real task.
+    """
+    if dataset != "breast-cancer":
+        raise ValueError(f"{dataset!r} is not a tabular dataset; known: {list(TABULAR_DATASETS)}")
+    x, y = load_breast_cancer()
+    raw = {role: (x[idx], y[idx]) for role, (_, idx) in demo_split_indices(dataset, seed=seed).items()}
+    own = np.concatenate([raw["pretrain"][0], raw["builder"][0]])
+    own_y = np.concatenate([raw["pretrain"][1], raw["builder"][1]])
+    columns = {name: own[:, j] for j, name in enumerate(BREAST_CANCER_FEATURES)}
+    columns[BREAST_CANCER_LABEL] = own_y
+    schema = Schema.infer(columns, label_column=BREAST_CANCER_LABEL, class_names=BREAST_CANCER_CLASSES,
+                          what=f"{dataset} builder data")
+    features = tuple(replace(f, range=(0.0, _RANGE_FACTOR * float(own[:, j].max())))
+                     for j, f in enumerate(schema.features))
+    return replace(schema, features=features), raw

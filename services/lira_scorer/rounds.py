@@ -756,19 +756,30 @@ class Scorer:
         self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi.npz",
                               serde.records_to_npz(phi, masks))  # x=phi, y=member
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
-        t_sc = time.perf_counter()
         with tracing.span("scorer.score", ftps__method=method, ftps__models=int(phi.shape[0]),
                           ftps__records=len(record_ids)):
-            result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
-                               delta=s.dp_delta or dp.DEFAULT_DELTA,  # tasks created before dp_delta
-                               offline=offline, record_ids=record_ids, contributors=contributors,
-                               round_id=run.round_id)
-        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
-            result.contributor_scores.extend(contributor_scores(
-                phi, masks, contributors, round_id=run.round_id, delta=s.dp_delta or dp.DEFAULT_DELTA))
+            result = self._scored(run, s, phi, masks, record_ids, contributors, method=method, offline=offline,
+                                  answers=answers, finetune_s=finetune_s)
         result.excluded.extend(excluded)
+        return result
+
+    def _scored(self, run: Run, s: common_pb2.TaskSettings, phi: np.ndarray, masks: np.ndarray,
+                record_ids: list[str], contributors: list[str], *, method: str,
+                offline: common_pb2.OfflineGaussian | None, answers: list[worker_pb2.RunJobResponse],
+                finetune_s: float) -> common_pb2.RoundResult:
+        """A round's result from its statistics: every method's scores (and each contribution's
+        under contributor-level masks), the status DONE, the timings and the DP-SGD guarantee."""
+        t_sc = time.perf_counter()
+        delta = s.dp_delta or dp.DEFAULT_DELTA  # tasks created before dp_delta
+        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
+                           delta=delta, offline=offline, record_ids=record_ids, contributors=contributors,
+                           round_id=run.round_id)
+        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
+            result.contributor_scores.extend(contributor_scores(phi, masks, contributors, round_id=run.round_id,
+                                                                delta=delta))
         result.status.CopyFrom(run.status)
         result.status.state = common_pb2.ROUND_STATE_DONE
+        result.status.models_done = result.status.models_total = int(phi.shape[0])
         result.timings["finetune_s"] = finetune_s
         # The workers' own seconds (sandbox, summed over jobs): finetune_s minus this is the fan-out.
         result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
@@ -814,23 +825,9 @@ class Scorer:
         finetune_s = time.perf_counter() - t_ft
         self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi-n{n}.npz", serde.records_to_npz(phi, masks))
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message=f"scoring with {n} models")
-        t_sc = time.perf_counter()
-        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
-                           delta=s.dp_delta or dp.DEFAULT_DELTA, offline=offline, record_ids=record_ids,
-                           contributors=contributors, round_id=run.round_id)
-        if s.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR:
-            result.contributor_scores.extend(contributor_scores(
-                phi, masks, contributors, round_id=run.round_id, delta=s.dp_delta or dp.DEFAULT_DELTA))
-        result.status.CopyFrom(run.status)
-        result.status.state = common_pb2.ROUND_STATE_DONE
-        result.status.models_done = result.status.models_total = n
-        result.timings["finetune_s"] = finetune_s  # of the added models only: what growing cost
-        result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
-        weakest = max(answers, key=lambda a: a.dp_epsilon, default=worker_pb2.RunJobResponse())
-        result.dp_epsilon, result.dp_delta = weakest.dp_epsilon, weakest.dp_delta
-        result.dp_noise_multiplier = weakest.dp_noise_multiplier
-        result.timings["scoring_s"] = time.perf_counter() - t_sc
-        return result
+        # finetune_s: of the added models only, what growing cost
+        return self._scored(run, s, phi, masks, record_ids, contributors, method=method, offline=offline,
+                            answers=answers, finetune_s=finetune_s)
 
     def _score_variant(self, run: Run, task: registry_pb2.Task, method: str,
                        offline: common_pb2.OfflineGaussian | None) -> common_pb2.RoundResult:
@@ -861,20 +858,11 @@ class Scorer:
         phi, heldout = phi_all[:, :m], phi_all[:, m:]
         finetune_s = time.perf_counter() - t_ft
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message=f"recipe {variant.name!r}: scoring")
-        result = score_all(phi, masks, method=method, alpha=s.alpha, fixed_variance=s.fixed_variance,
-                           delta=s.dp_delta or dp.DEFAULT_DELTA, offline=offline,
-                           record_ids=list(row.record_ids), contributors=list(row.contributors),
-                           round_id=run.round_id)
+        result = self._scored(run, s, phi, masks, list(row.record_ids), list(row.contributors), method=method,
+                              offline=offline, answers=answers, finetune_s=finetune_s)
         # phi > 0: the true class gets more than half of the probability (a correct prediction).
         result.heldout_accuracy = float(np.mean(np.nan_to_num(heldout, nan=-1.0) > 0)) if heldout.size else 0.0
         result.heldout_records = heldout.shape[1]
-        result.status.CopyFrom(run.status)
-        result.status.state = common_pb2.ROUND_STATE_DONE
-        result.timings["finetune_s"] = finetune_s
-        result.timings["worker_jobs_s"] = float(sum(a.seconds for a in answers))
-        weakest = max(answers, key=lambda a: a.dp_epsilon, default=worker_pb2.RunJobResponse())
-        result.dp_epsilon, result.dp_delta = weakest.dp_epsilon, weakest.dp_delta
-        result.dp_noise_multiplier = weakest.dp_noise_multiplier
         return result
 
     def compare_recipes(self, round_id: str, alternatives: list[common_pb2.RecipeAlternative],
