@@ -216,6 +216,14 @@ class _Figures:
         self.written.append(self.out_dir / rel)
         return rel
 
+    def record_view(self, record_id: str, images: RecordImages | None,
+                    schema: Schema | None) -> tuple[str | None, str]:
+        """What a record card shows of the record itself: (thumbnail path, "") for an image task,
+        (None, the row's values and why it is exposed) for a tabular one."""
+        if schema is not None:
+            return None, self.tabular(record_id, images, schema)
+        return self.thumbnail(record_id, images), ""
+
     def tabular(self, record_id: str, images: RecordImages | None, schema: Schema) -> str:
         """A tabular record's values and why it is exposed (with a bar plot of its z-scores), from
         the user's own file; "" when the record is not in it."""
@@ -324,10 +332,7 @@ def contributor_report(out_dir: Path, *, task_id: str, contributor: str, scores:
     cards = []
     for k, s in enumerate(ordered):
         diag = figs.diagnosis(s, alpha=alpha, offline=None, offline_hidden=True)
-        if schema is not None:
-            cards.append((s, diag, None, figs.tabular(s.record_id, images, schema)))
-        else:
-            cards.append((s, diag, figs.thumbnail(s.record_id, images), ""))
+        cards.append((s, diag, *figs.record_view(s.record_id, images, schema)))
         if progress:
             progress(k + 1, len(ordered))
     if schema is not None and not images:
@@ -485,10 +490,7 @@ def builder_report(out_dir: Path, *, task_id: str, scores: Sequence[common_pb2.R
         r = rounds.get(s.round_id)
         offline = (r.offline.mu, r.offline.sigma) if r is not None and r.HasField("offline") and r.offline.k else None
         diag = figs.diagnosis(s, alpha=alpha, offline=offline)
-        if schema is not None:
-            rows.append((s, diag, None, figs.tabular(s.record_id, images, schema)))
-        else:
-            rows.append((s, diag, figs.thumbnail(s.record_id, images), ""))
+        rows.append((s, diag, *figs.record_view(s.record_id, images, schema)))
         if progress:
             progress(k + 1, len(risky))
     if schema is not None and not images:
