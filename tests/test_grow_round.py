@@ -26,15 +26,17 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
                                                    digits_base_weights):
     signer = stack["signer"]
     builder, alice, task_id, round_id = digits_round(stack, digits_splits, digits_strategy, digits_base_weights,
-                                                     name="grow", seed=11, models_per_job=2)
+                                                     name="grow", seed=11, models_per_job=2,
+                                                     contributor_growth_limit=8)
     assert builder.get_round(round_id).status.models_total == 4
     before = builder.get_round(round_id)
     assert {s.n_in for s in before.scores} == {2}
 
-    # not for contributors, not an odd number, not past the limit
+    # contributors only up to the builder's limit; not an odd number; not past 4096
     with pytest.raises(grpc.RpcError) as e:
-        alice.stub.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=4), timeout=10)
+        alice.stub.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=6), timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not grow round" in e.value.details() and "allows contributors at most 8" in e.value.details()
     for add, message in ((3, "add_models must be even and >= 2"), (0, "add_models must be even"),
                          (4094, "over 4096")):
         with pytest.raises(grpc.RpcError) as e:
@@ -44,7 +46,7 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
     capsys.readouterr()
     b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"],
          "--token", signer.issue("acme", "builder")]
-    status = builder.grow_round(round_id, 4)
+    status = alice.stub.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=4), timeout=10)
     assert status.models_total == 8 and status.state != common_pb2.ROUND_STATE_DONE
     # while it grows, the scores so far stay readable (or the grown ones, if it was quick)
     assert {s.n_in for s in alice.scores(task_id)} <= {2, 4} and len(alice.scores(task_id)) == 24
@@ -73,6 +75,9 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
     assert width(after) < width(before)
     # contributors read the grown scores
     assert {s.n_in for s in alice.scores(task_id)} == {4}
+    with pytest.raises(grpc.RpcError) as e:  # alice reached the builder's limit; the builder may go on
+        alice.stub.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=2), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     capsys.readouterr()
     assert builder_main(b + ["grow", "--round", round_id, "--models", "2", "--watch"]) == 0
     assert "with 10 models (grown from 8)" in capsys.readouterr().out

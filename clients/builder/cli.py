@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it are refused (default 0,1: the shipped image strategies; 'any': any finite float32). "
                         "A tabular task's ranges are per column, in its schema")
     c.add_argument("--models-per-job", type=int, default=4)
+    c.add_argument("--contributor-growth-limit", type=int, default=0, metavar="N",
+                   help="let contributors with records in a finished round add models to it, up to N models in "
+                        "all, at your cost (default 0: only you grow rounds)")
     c.add_argument("--mask-unit", choices=("record", "contributor"), default="record",
                    help="what a model's inclusion mask draws: single records (default), or each contributor's "
                         "records together, which also scores each whole contribution (user-level inference; "
@@ -218,6 +221,7 @@ def cmd_create(args) -> int:
         alpha=args.alpha, shadow_models=args.shadow_models, fixed_variance=args.fixed_variance,
         record_shape=shape, num_classes=args.num_classes, builder_mix=args.builder_mix,
         seed=args.seed, models_per_job=args.models_per_job, dp_delta=args.dp_delta,
+        contributor_growth_limit=args.contributor_growth_limit,
         mask_unit=common_pb2.MASK_UNIT_CONTRIBUTOR if args.mask_unit == "contributor" else common_pb2.MASK_UNIT_RECORD)
     if schema is not None:
         settings.schema.CopyFrom(schema.to_proto())

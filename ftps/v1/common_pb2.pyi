@@ -117,7 +117,7 @@ class BlobRef(_message.Message):
     def __init__(self, bucket: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TaskSettings(_message.Message):
-    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta", "schema", "mask_unit")
+    __slots__ = ("n_models", "batch_threshold", "method", "alpha", "shadow_models", "fixed_variance", "record_shape", "num_classes", "builder_mix", "seed", "models_per_job", "value_range", "dp_delta", "schema", "mask_unit", "contributor_growth_limit")
     N_MODELS_FIELD_NUMBER: _ClassVar[int]
     BATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class TaskSettings(_message.Message):
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     MASK_UNIT_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTOR_GROWTH_LIMIT_FIELD_NUMBER: _ClassVar[int]
     n_models: int
     batch_threshold: int
     method: Method
@@ -148,7 +149,8 @@ class TaskSettings(_message.Message):
     dp_delta: float
     schema: TabularSchema
     mask_unit: MaskUnit
-    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ..., schema: _Optional[_Union[TabularSchema, _Mapping]] = ..., mask_unit: _Optional[_Union[MaskUnit, str]] = ...) -> None: ...
+    contributor_growth_limit: int
+    def __init__(self, n_models: _Optional[int] = ..., batch_threshold: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., alpha: _Optional[float] = ..., shadow_models: _Optional[int] = ..., fixed_variance: _Optional[bool] = ..., record_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., builder_mix: _Optional[int] = ..., seed: _Optional[int] = ..., models_per_job: _Optional[int] = ..., value_range: _Optional[_Union[ValueRange, _Mapping]] = ..., dp_delta: _Optional[float] = ..., schema: _Optional[_Union[TabularSchema, _Mapping]] = ..., mask_unit: _Optional[_Union[MaskUnit, str]] = ..., contributor_growth_limit: _Optional[int] = ...) -> None: ...
 
 class ContributorScore(_message.Message):
     __slots__ = ("contributor", "round_id", "n_records", "score", "score_ci_low", "score_ci_high", "counted_p", "empirical_mu", "empirical_mu_ci_low", "empirical_mu_ci_high", "empirical_epsilon", "empirical_epsilon_ci_low", "empirical_epsilon_ci_high", "delta", "n_in", "n_out")

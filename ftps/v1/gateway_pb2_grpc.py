@@ -197,7 +197,8 @@ class ContributorGatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GrowRound(self, request, context):
-        """Builder (owner) or admin: add models to a DONE round instead of running a new one: add_models
+        """Builder (owner) or admin, or a contributor with records in the round up to the task's
+        contributor_growth_limit: add models to a DONE round instead of running a new one: add_models
         more, in complementary pairs with new seeds, fine-tuned on the same batch; the statistics of
         the round's models so far are reused and every score is computed again from all of them
         (sharper intervals for the cost of the added models only). A long-running operation on the
@@ -206,7 +207,8 @@ class ContributorGatewayServiceServicer:
         once it is DONE again they give the new ones. If growing fails, the round stays DONE with its
         scores so far and its message says why. INVALID_ARGUMENT for add_models not even and >= 2 or a
         total over 4096; FAILED_PRECONDITION when the round is not DONE (or is growing) or left
-        records out (RoundResult.excluded).
+        records out (RoundResult.excluded); PERMISSION_DENIED for a contributor past the task's
+        contributor_growth_limit (or when it is 0).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

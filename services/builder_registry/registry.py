@@ -82,6 +82,10 @@ def with_defaults(settings: common_pb2.TaskSettings) -> common_pb2.TaskSettings:
     if s.method not in serde.METHOD_NAMES:
         raise InvalidArgument(f"settings.method {s.method} is not a known method", reason="UNKNOWN_METHOD",
                               field="settings.method")
+    if not 0 <= s.contributor_growth_limit <= MAX_MODELS:
+        raise InvalidArgument(f"settings.contributor_growth_limit must be in [0, {MAX_MODELS}], got "
+                              f"{s.contributor_growth_limit}", reason="INVALID_SETTINGS",
+                              field="settings.contributor_growth_limit")
     if s.mask_unit not in common_pb2.MaskUnit.values():
         raise InvalidArgument(f"settings.mask_unit {s.mask_unit} is not a mask unit", reason="INVALID_SETTINGS",
                               field="settings.mask_unit")

@@ -409,9 +409,19 @@ class Gateway:
             result.scores and state != common_pb2.ROUND_STATE_FAILED) else None
 
     def grow_round(self, round_id: str, add_models: int, who: Principal) -> common_pb2.RoundStatus:
-        """Add models to a DONE round (GrowRound): the task's builder or an admin; the scorer runs it."""
-        ref = self._round(round_id, who, contributors_may=False)
-        who.require_role("builder", "admin", what="grow rounds")
+        """Add models to a DONE round (GrowRound): the task's builder or an admin, or a contributor
+        with records in it up to the task's contributor_growth_limit; the scorer runs it."""
+        ref = self._round(round_id, who, contributors_may=True)
+        if who.role == "contributor":
+            limit = self._get_task(ref.task_id).settings.contributor_growth_limit
+            total = self._result(round_id).status.models_total + add_models
+            if not limit or total > limit:
+                raise PermissionDenied(
+                    f"contributor {who.subject!r} may not grow round {round_id} to {total} models: the builder "
+                    + (f"allows contributors at most {limit}" if limit else "has not allowed contributors to "
+                       "grow rounds"))
+        else:
+            who.require_role("builder", "admin", what="grow rounds")
         status = self._scorer.grow_round(ref.round_id, add_models)
         with self._results_lock:  # this replica's readers see the growth at once
             self._results.pop(round_id, None)

@@ -271,6 +271,15 @@ export declare type TaskSettings = Message<"ftps.v1.TaskSettings"> & {
    * @generated from field: ftps.v1.MaskUnit mask_unit = 15;
    */
   maskUnit: MaskUnit;
+
+  /**
+   * Contributors with records in a DONE round may grow it (ContributorGatewayService.GrowRound) to
+   * at most this many models in all, at the builder's cost: a contributor whose interval straddles
+   * a decision asks for a sharper score. In [0, 4096]; 0: only the builder grows rounds.
+   *
+   * @generated from field: int32 contributor_growth_limit = 16;
+   */
+  contributorGrowthLimit: number;
 };
 
 /**
