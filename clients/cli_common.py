@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import grpc
-import numpy as np
 
 from clients.api import describe_rpc_error, score_dict
 from clients.score_html import dp_facts, headline

@@ -65,6 +65,16 @@ def store(storage_kwargs):
     return s
 
 
+@pytest.fixture(scope="module")
+def module_stack(tmp_path_factory):
+    """The embedded stack for a test module (``tests.stacks.running_stack``): addresses, ``signer``,
+    ``bucket``."""
+    from tests.stacks import running_stack
+
+    with running_stack(tmp_path_factory.mktemp("data")) as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def digits_splits():
     from ftps.ml.datasets import demo_splits

@@ -10,19 +10,13 @@ import pytest
 
 from clients.builder.cli import main as builder_main
 from ftps.v1 import common_pb2, gateway_pb2
-from tests.stacks import digits_round, running_stack
+from tests.stacks import digits_round
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("data")) as s:
-        yield s
-
-
-def test_recipes_compared_on_the_same_batch(stack, tmp_path, capsys, digits_splits, digits_strategy,
+def test_recipes_compared_on_the_same_batch(module_stack, tmp_path, capsys, digits_splits, digits_strategy,
                                            digits_base_weights):
-    signer = stack["signer"]
-    builder, alice, task_id, round_id = digits_round(stack, digits_splits, digits_strategy, digits_base_weights,
+    signer = module_stack["signer"]
+    builder, alice, task_id, round_id = digits_round(module_stack, digits_splits, digits_strategy, digits_base_weights,
                                                      name="compare", seed=21)
     scored = {s.record_id: s.score for s in builder.get_round(round_id).scores}
 
@@ -47,7 +41,7 @@ def test_recipes_compared_on_the_same_batch(stack, tmp_path, capsys, digits_spli
     fewer = digits_strategy.replace('"epochs": 15', '"epochs": 3')
     assert fewer != digits_strategy
     (tmp_path / "fewer.py").write_text(fewer)
-    b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"],
+    b = ["--registry", module_stack["registry"], "--gateway", module_stack["gateway"], "--scorer", module_stack["scorer"],
          "--token", signer.issue("acme", "builder")]
     capsys.readouterr()
     assert builder_main(b + ["compare", "--round", round_id, "--recipe", f"fewer-epochs={tmp_path / 'fewer.py'}",

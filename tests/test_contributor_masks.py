@@ -18,7 +18,6 @@ from ftps.common.task_rules import MIN_CONTRIBUTORS
 from ftps.privacy import masks, scoring
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
-from tests.stacks import running_stack
 
 
 def test_group_masks_draw_whole_groups():
@@ -53,22 +52,16 @@ def test_group_scores_find_the_contributions_that_leak():
         scoring.score_groups(phi, masks.make_masks(32, 400, seed=3), groups)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("data")) as s:
-        yield s
-
-
-def test_a_round_scores_each_whole_contribution(stack, tmp_path, capsys, digits_splits, digits_strategy,
+def test_a_round_scores_each_whole_contribution(module_stack, tmp_path, capsys, digits_splits, digits_strategy,
                                                digits_base_weights):
-    signer = stack["signer"]
-    b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"],
+    signer = module_stack["signer"]
+    b = ["--registry", module_stack["registry"], "--gateway", module_stack["gateway"], "--scorer", module_stack["scorer"],
          "--token", signer.issue("acme", "builder")]
     capsys.readouterr()
     assert builder_main(b + ["create-task", "--name", "users", "--record-shape", "1,8,8", "--models", "8",
                              "--batch-threshold", "32", "--mask-unit", "contributor", "--json"]) == 0
     task_id = json.loads(capsys.readouterr().out)["task_id"]
-    builder = BuilderClient(registry=stack["registry"], gateway=stack["gateway"], scorer=stack["scorer"],
+    builder = BuilderClient(registry=module_stack["registry"], gateway=module_stack["gateway"], scorer=module_stack["scorer"],
                             token=signer.issue("acme", "builder"))
     builder.upload(task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     builder.upload(task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
@@ -77,7 +70,7 @@ def test_a_round_scores_each_whole_contribution(stack, tmp_path, capsys, digits_
 
     x, y = digits_records(digits_splits, 2 * MIN_CONTRIBUTORS, seed=5)
     names = [f"user{k:02d}" for k in range(MIN_CONTRIBUTORS)]
-    clients = {who: ContributorClient(gateway=stack["gateway"], contributor=who,
+    clients = {who: ContributorClient(gateway=module_stack["gateway"], contributor=who,
                                       token=signer.issue(who, "contributor")) for who in names}
     # 15 contributors, 30 records: enough records for a forced round, too few contributors
     for k, who in enumerate(names[:-1]):
@@ -110,7 +103,7 @@ def test_a_round_scores_each_whole_contribution(stack, tmp_path, capsys, digits_
 
     # each contributor sees their own contribution's score, the builder everyone's
     capsys.readouterr()
-    c = ["--gateway", stack["gateway"], "--token", signer.issue("user03", "contributor")]
+    c = ["--gateway", module_stack["gateway"], "--token", signer.issue("user03", "contributor")]
     assert contributor_main(c + ["scores", "--task", task_id, "--json"]) == 0
     mine = json.loads(capsys.readouterr().out)
     assert [d["contributor"] for d in mine["contribution"]] == ["user03"]

@@ -13,19 +13,13 @@ from ftps.common import serde
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, gateway_pb2
-from tests.stacks import digits_round, running_stack
+from tests.stacks import digits_round
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("data")) as s:
-        yield s
-
-
-def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits, digits_strategy,
+def test_a_done_round_grows_reusing_its_statistics(module_stack, capsys, digits_splits, digits_strategy,
                                                    digits_base_weights):
-    signer = stack["signer"]
-    builder, alice, task_id, round_id = digits_round(stack, digits_splits, digits_strategy, digits_base_weights,
+    signer = module_stack["signer"]
+    builder, alice, task_id, round_id = digits_round(module_stack, digits_splits, digits_strategy, digits_base_weights,
                                                      name="grow", seed=11, models_per_job=2,
                                                      contributor_growth_limit=8)
     assert builder.get_round(round_id).status.models_total == 4
@@ -44,7 +38,7 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
 
     capsys.readouterr()
-    b = ["--registry", stack["registry"], "--gateway", stack["gateway"], "--scorer", stack["scorer"],
+    b = ["--registry", module_stack["registry"], "--gateway", module_stack["gateway"], "--scorer", module_stack["scorer"],
          "--token", signer.issue("acme", "builder")]
     status = alice.stub.GrowRound(gateway_pb2.GrowRoundRequest(round_id=round_id, add_models=4), timeout=10)
     assert status.models_total == 8 and status.state != common_pb2.ROUND_STATE_DONE
@@ -63,7 +57,7 @@ def test_a_done_round_grows_reusing_its_statistics(stack, capsys, digits_splits,
     assert {s.n_in for s in after.scores} == {4} and {s.n_out for s in after.scores} == {4}
     assert [s.record_id for s in after.scores] == [s.record_id for s in before.scores]
     # the first four models' statistics are the round's own, reused, not fine-tuned again
-    store = ObjectStore(StorageSettings(s3_endpoint=stack["s3"], s3_bucket=stack["bucket"]))
+    store = ObjectStore(StorageSettings(s3_endpoint=module_stack["s3"], s3_bucket=module_stack["bucket"]))
     first = serde.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi.npz"))
     grown = serde.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi-n8.npz"))
     np.testing.assert_array_equal(grown["x"][:4], first["x"])

@@ -22,7 +22,6 @@ from ftps.records.files import Expect
 from ftps.records.npz import load as load_npz
 from ftps.records.tabular import CATEGORICAL, Feature, Schema
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
-from tests.stacks import running_stack
 
 MIXED = Schema((
     Feature("age", mean=50.0, std=10.0, range=(0.0, 120.0)),
@@ -182,10 +181,9 @@ def test_inferred_schema_from_a_builder_table():
 # -- through the services and the command-line clients ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("data")) as s:
-        yield dict(s, builder_token=s["signer"].issue("clinic", "builder"),
-                   alice_token=s["signer"].issue("alice", "contributor"))
+def stack(module_stack):
+    return dict(module_stack, builder_token=module_stack["signer"].issue("clinic", "builder"),
+                alice_token=module_stack["signer"].issue("alice", "contributor"))
 
 
 def _cancer_columns(idx: np.ndarray) -> dict[str, list]:

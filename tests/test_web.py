@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -135,15 +136,26 @@ def ready_task(browser, web, tokens, shots, digits_base_weights):
     page.context.close()
 
 
-def _builder_setup(page, tokens, shots, digits_base_weights) -> str:
-    page.select_option("#dataset", "digits")
-    page.fill("#name", "digits web demo")
-    for field, value in (("n_models", "8"), ("batch_threshold", "16"), ("shadow_models", "4"),
-                         ("models_per_job", "4")):
+def _create_task(page, dataset: str, name: str, fields: dict[str, str], *, schema: dict | None = None,
+                 mask_unit: str | None = None) -> str:
+    """Fill in the create-task form, submit it, and return the new task's id."""
+    page.select_option("#dataset", dataset)
+    page.fill("#name", name)
+    if schema is not None:
+        page.set_input_files("#schema", {"name": "schema.json", "mimeType": "application/json",
+                                         "buffer": json.dumps(schema).encode()})
+    for field, value in fields.items():
         page.fill(f"#{field}", value)
+    if mask_unit is not None:
+        page.select_option("#mask_unit", mask_unit)
     press(page, "Create task")
     page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
-    tid = page.url.rsplit("/", 1)[1]
+    return page.url.rsplit("/", 1)[1]
+
+
+def _builder_setup(page, tokens, shots, digits_base_weights) -> str:
+    tid = _create_task(page, "digits", "digits web demo", {"n_models": "8", "batch_threshold": "16",
+                                                           "shadow_models": "4", "models_per_job": "4"})
     assert "created" in page.inner_text(".flash.info")
 
     page.set_input_files("#base-file", {"name": "digits.safetensors", "mimeType": "application/octet-stream",
@@ -565,8 +577,6 @@ def _flash_error(text: str) -> str:
 def tabular_task(browser, web, tokens, shots, stack):
     """The builder creates a tabular task on the create form from a schema JSON and uploads builder
     data as a CSV: the rows go through UploadBuilderData, raw, and the registry encodes them."""
-    import json
-
     from clients.api import BuilderClient
 
     page = sign_in(browser, web, tokens["builder"])
@@ -574,16 +584,9 @@ def tabular_task(browser, web, tokens, shots, stack):
                       scorer=stack.addresses["scorer"], token=tokens["builder"])
     try:
         with screenshot_on_failure(page, shots, "tabular-builder"):
-            page.select_option("#dataset", "tabular")
-            page.fill("#name", "tabular web")
-            page.set_input_files("#schema", {"name": "schema.json", "mimeType": "application/json",
-                                             "buffer": json.dumps(TABULAR_SCHEMA).encode()})
-            for field, value in (("n_models", "8"), ("batch_threshold", "5000"), ("shadow_models", "4"),
-                                 ("models_per_job", "4")):
-                page.fill(f"#{field}", value)
-            press(page, "Create task")
-            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
-            tid = page.url.rsplit("/", 1)[1]
+            tid = _create_task(page, "tabular", "tabular web", {"n_models": "8", "batch_threshold": "5000",
+                                                                "shadow_models": "4", "models_per_job": "4"},
+                               schema=TABULAR_SCHEMA)
             t = b.get_task(tid)
             assert t.settings.HasField("schema") and list(t.settings.record_shape) == [4]  # 2 numeric + 2 levels
             assert t.settings.num_classes == 2 and not t.settings.HasField("value_range")
@@ -676,8 +679,6 @@ def test_tabular_record_cards_show_the_row_and_why_it_is_exposed():
     """A tabular task's record cards, on the contributor's page (their own raw rows) and in the
     builder's batch view (rows from their local table): the values and the most unusual columns
     with z-scores, no thumbnail."""
-    import json
-
     from clients.web import pages
     from clients.web.session import Session, SubmissionView
     from ftps.records.tabular import Schema
@@ -727,14 +728,9 @@ def test_breast_cancer_demo_task_through_the_pages(browser, web, tokens, stack, 
     contributor = sign_in(browser, web, tokens["bob"])
     try:
         with screenshot_on_failure(page, shots, "breast-cancer-builder"):
-            page.select_option("#dataset", "breast-cancer")
-            page.fill("#name", "breast cancer web")
-            for field, value in (("n_models", "8"), ("batch_threshold", "5000"), ("shadow_models", "4"),
-                                 ("models_per_job", "4")):
-                page.fill(f"#{field}", value)
-            press(page, "Create task")
-            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
-            tid = page.url.rsplit("/", 1)[1]
+            tid = _create_task(page, "breast-cancer", "breast cancer web",
+                               {"n_models": "8", "batch_threshold": "5000", "shadow_models": "4",
+                                "models_per_job": "4"})
             t = b.get_task(tid)
             assert [f.name for f in t.settings.schema.features] == assets.demo_schema("breast-cancer").names
             assert t.settings.num_classes == 2 and list(t.settings.record_shape) == [30]
@@ -761,8 +757,6 @@ def test_breast_cancer_demo_task_through_the_pages(browser, web, tokens, stack, 
 
 
 def test_tabular_demo_assets_are_raw_rows_and_found_by_schema():
-    import json
-
     from clients.web import assets
     from ftps.records.tabular import Schema
     from ftps.v1 import common_pb2
@@ -802,15 +796,9 @@ def masked_round(browser, web, tokens, shots, stack, digits_splits, digits_strat
     try:
         with screenshot_on_failure(page, shots, "masks-builder"):
             assert "at least 16 contributors" in page.inner_text("form[action='/tasks']")
-            page.select_option("#dataset", "digits")
-            page.fill("#name", "whole contributions")
-            for field, value in (("n_models", "4"), ("batch_threshold", "16"), ("shadow_models", "2"),
-                                 ("models_per_job", "4")):
-                page.fill(f"#{field}", value)
-            page.select_option("#mask_unit", "contributor")
-            press(page, "Create task")
-            page.wait_for_url(re.compile(r".*/tasks/t-[0-9a-f]+$"))
-            tid = page.url.rsplit("/", 1)[1]
+            tid = _create_task(page, "digits", "whole contributions",
+                               {"n_models": "4", "batch_threshold": "16", "shadow_models": "2",
+                                "models_per_job": "4"}, mask_unit="contributor")
             assert b.get_task(tid).settings.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR
             assert "contributor-level masks" in page.locator("p.sub").nth(1).inner_text()
             b.upload(tid, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)

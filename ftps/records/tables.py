@@ -122,8 +122,6 @@ def _read_parquet(data: bytes, what: str) -> Columns:
                                     f"{MAX_EXPANDED_BYTES // MiB} MiB", reason="TOO_MANY_RECORDS", field="records")
         table = f.read()
     except (pa.ArrowException, OSError, ValueError) as exc:
-        if isinstance(exc, (InvalidArgument, ResourceExhausted)):
-            raise
         raise InvalidArgument(f"{what} is not a readable Parquet file: {str(exc)[:300]}",
                               reason="RECORDS_BAD_DTYPE", field="records") from None
     if table.num_rows != meta.num_rows:  # the metadata lied about what was bounded

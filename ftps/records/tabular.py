@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -382,8 +383,9 @@ class Schema:
                 raise InvalidArgument(f"{what}: column {name!r} is neither all numbers nor a category with 2 "
                                       f"to {max_levels} levels ({len(levels)} distinct values)",
                                       reason="INVALID_SETTINGS", field="schema")
+            counts = Counter(values)
             feats.append(Feature(name=name, kind=CATEGORICAL, levels=tuple(levels),
-                                 level_frequencies=tuple(values.count(v) / len(values) for v in levels)))
+                                 level_frequencies=tuple(counts[v] / len(values) for v in levels)))
         schema = cls(tuple(feats), label_column, tuple(class_names))
         schema.check(field="schema")
         return schema

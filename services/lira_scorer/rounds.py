@@ -889,7 +889,8 @@ class Scorer:
         if row.state != common_pb2.ROUND_STATE_DONE or row.result is None or row.variant is not None:
             raise FailedPrecondition(f"round {round_id} is not a DONE round: only one can be compared",
                                      reason="FAILED_PRECONDITION")
-        running = [v for v in self._rounds.variants(round_id) if not v.terminal]
+        earlier = self._rounds.variants(round_id)
+        running = [v for v in earlier if not v.terminal]
         if running:
             raise FailedPrecondition(f"round {round_id} is being compared already ({len(running)} recipe(s) "
                                      "running): wait for GetComparison to show them done", reason="FAILED_PRECONDITION")
@@ -908,7 +909,7 @@ class Scorer:
             serde.records_to_npz(np.concatenate([batch["x"], builder["x"][held]]),
                                  np.concatenate([batch["y"], builder["y"][held]])))
         rows = []
-        start = len(self._rounds.variants(round_id))
+        start = len(earlier)  # variants of earlier comparisons keep their ids
         for k, (name, alt) in enumerate([("current", None), *((a.name, a) for a in alternatives)]):
             strategy = None if alt is None else self._store.put_bytes(
                 f"scorer/rounds/{round_id}/compare-{nonce}/{k}.py", bytes(alt.strategy))
