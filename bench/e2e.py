@@ -192,7 +192,7 @@ class ServiceTask:
 
 def register_task(stack: Stack, task, *, m: int, n: int, k: int) -> ServiceTask:
     """The demo's builder steps: task, uploads, preparation stage (timed from the client)."""
-    from ftps.common import serde
+    from ftps.common import archives, serde
     from ftps.v1 import common_pb2, scorer_pb2
 
     settings = common_pb2.TaskSettings(
@@ -204,7 +204,7 @@ def register_task(stack: Stack, task, *, m: int, n: int, k: int) -> ServiceTask:
     b.upload(created.task_id, common_pb2.BLOB_KIND_BASE_MODEL, task.base_weights)
     b.upload(created.task_id, common_pb2.BLOB_KIND_STRATEGY, task.strategy_source.encode())
     b.upload(created.task_id, common_pb2.BLOB_KIND_BUILDER_DATA,
-             serde.records_to_npz(task.builder_x, task.builder_y))
+             archives.records_to_npz(task.builder_x, task.builder_y))
     settle([stack])
     c, cpu, t = stack.cpu(), time.process_time(), time.perf_counter()
     prepared = b.prepare(created.task_id)
@@ -284,13 +284,13 @@ def batch_order(x: np.ndarray, y: np.ndarray, first: str) -> tuple[np.ndarray, n
 
 def bare_round(task, x: np.ndarray, y: np.ndarray, settings, offline: tuple[float, float]) -> dict:
     """The round's fine-tunes and scoring in this process, with the scorer's masks and seeds."""
-    from ftps.common import serde
+    from ftps.common import archives, serde
     from ftps.ml.engine import finetune_and_score
     from ftps.privacy import scoring
     from ftps.privacy.masks import derive_seed, make_masks, model_seeds
 
     n, m = settings.n_models, len(x)
-    seed = derive_seed(settings.seed, hashlib.sha256(serde.records_to_npz(x, y)).hexdigest())
+    seed = derive_seed(settings.seed, hashlib.sha256(archives.records_to_npz(x, y)).hexdigest())
     masks, seeds = make_masks(n, m, seed=seed), model_seeds(seed, n)
     cpu0, t0 = time.process_time(), time.perf_counter()
     phi = finetune_and_score(strategy_source=task.strategy_source, base_weights=task.base_weights,

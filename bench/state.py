@@ -28,7 +28,7 @@ import numpy as np
 
 from bench import cpu_name
 from clients.api import ContributorClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil
 from ftps.common.db import Database
 from ftps.common.embedded_s3 import EmbeddedS3
 from ftps.common.settings import StorageSettings
@@ -168,7 +168,7 @@ def run_backend(name: str, url_factory, sizes: list[int], round_subs: int, submi
         insert_history(url, round_subs, task_id=big, state=PENDING, start=10**8)
         store = ObjectStore(StorageSettings(**storage))
         x, y = _records(4, 1)
-        blob = serde.records_to_npz(x, y)
+        blob = archives.records_to_npz(x, y)
         for i in range(round_subs):
             store.put_bytes(f"gateway/tasks/{big}/submissions/s-h{10**8 + i:010d}/records.npz", blob)
         proc, addr, _ = gateway_process(env | {"FTPS_DATABASE_URL": url})

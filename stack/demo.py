@@ -32,7 +32,7 @@ from rich.table import Table
 
 from clients.api import BuilderClient, ContributorClient, batch_dict, score_dict
 from clients.score_html import contributor_summary, summary_line
-from ftps.common import serde
+from ftps.common import archives, serde
 from ftps.common.clock import iso
 from ftps.ml.pretrain import cached_base_model
 from ftps.v1 import common_pb2, scorer_pb2
@@ -122,7 +122,7 @@ def run_demo(addresses: dict[str, str], *, dataset: str, records: int, models: i
             if schema is not None:
                 builder.upload_builder_records(task.task_id, bx, by)
             else:
-                builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(bx, by))
+                builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(bx, by))
             console.log(f"task {task.task_id} registered: n={models} models, m={records} records, "
                         f"k={shadow_models} shadow models, method {method}")
 

@@ -35,7 +35,7 @@ def digits_round(stack: dict, splits, strategy: str, weights: bytes, *, name: st
                  m: int = 24, **settings) -> tuple[BuilderClient, ContributorClient, str, str]:
     """A ready digits task (builder "acme") and one DONE round of ``m`` of alice's records ->
     (builder client, alice's client, task id, round id); the caller closes the clients."""
-    from ftps.common import serde
+    from ftps.common import archives
     from tests.conftest import digits_records
 
     signer = stack["signer"]
@@ -44,7 +44,7 @@ def digits_round(stack: dict, splits, strategy: str, weights: bytes, *, name: st
                                                        batch_threshold=m, **settings))
     b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
     b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
-    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*splits["builder"]))
+    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*splits["builder"]))
     alice = ContributorClient(gateway=stack["gateway"], contributor="alice", token=signer.issue("alice", "contributor"))
     sub = alice.submit(task.task_id, *digits_records(splits, m, seed=seed))
     deadline = time.time() + 30

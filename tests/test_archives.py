@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from ftps.common import archives, serde
+from ftps.common import archives
 from ftps.common.archives import ArchiveError, ArchiveLimits, ArraySpec
 from ftps.common.errors import InvalidArgument
 
@@ -133,7 +133,7 @@ def test_npz_reads_back_what_numpy_wrote(compressed):
 
 def test_records_npz_reads_back_and_matches_the_spec():
     x, y = np.ones((3, 1, 2, 2), np.float32), np.array([0, 1, 2])
-    back = serde.npz_arrays(serde.records_to_npz(x, y), what="r", limits=archives.EDGE_LIMITS,
+    back = archives.npz_arrays(archives.records_to_npz(x, y), what="r", limits=archives.EDGE_LIMITS,
                             expect=archives.records_spec([1, 2, 2]))
     np.testing.assert_array_equal(back["x"], x)
     np.testing.assert_array_equal(back["y"], y)
@@ -144,7 +144,7 @@ def test_object_arrays_are_refused_unread():
     with pytest.raises(ArchiveError, match=r"^npz: member x.npy holds an object array \(pickle\), refused$"):
         archives.read_npz(data)
     with pytest.raises(InvalidArgument, match="pickle"):
-        serde.npz_arrays(data)
+        archives.npz_arrays(data)
 
 
 @pytest.mark.parametrize("arrays,spec,message", [
@@ -300,13 +300,13 @@ def test_crc_mismatch_is_refused():
 
 def test_not_a_zip():
     with pytest.raises(InvalidArgument, match="npz is not a readable npz file"):
-        serde.npz_arrays(b"definitely not a zip file")
+        archives.npz_arrays(b"definitely not a zip file")
 
 
 @given(st.data())
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_mutated_npz_is_read_or_refused_never_crashes(data):
-    good = bytearray(serde.records_to_npz(np.zeros((3, 1, 2, 2), np.float32), np.arange(3)))
+    good = bytearray(archives.records_to_npz(np.zeros((3, 1, 2, 2), np.float32), np.arange(3)))
     if data.draw(st.booleans()):
         good = bytearray(_savez(True, x=np.zeros((3, 1, 2, 2), np.float32), y=np.arange(3)))
     for _ in range(data.draw(st.integers(1, 4))):

@@ -13,7 +13,7 @@ import pytest
 from clients.api import BuilderClient, ContributorClient
 from clients.builder.cli import main as builder_main
 from clients.contributor.cli import main as contributor_main
-from ftps.common import serde
+from ftps.common import archives
 from ftps.common.task_rules import MIN_CONTRIBUTORS
 from ftps.privacy import masks, scoring
 from ftps.v1 import common_pb2
@@ -65,7 +65,7 @@ def test_a_round_scores_each_whole_contribution(module_stack, tmp_path, capsys, 
                             token=signer.issue("acme", "builder"))
     builder.upload(task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     builder.upload(task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    builder.upload(task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    builder.upload(task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
     assert builder.get_task(task_id).settings.mask_unit == common_pb2.MASK_UNIT_CONTRIBUTOR
 
     x, y = digits_records(digits_splits, 2 * MIN_CONTRIBUTORS, seed=5)

@@ -249,7 +249,7 @@ def test_a_dp_round_through_the_services_reports_its_guarantee(tmp_path, digits_
     # and the builder's report puts it beside the records' empirical epsilon.
     from clients.api import ContributorClient
     from clients.reports import builder_report
-    from ftps.common import serde
+    from ftps.common import archives
     from ftps.v1 import common_pb2
     from tests.stacks import builder, embedded_stack, force_round
 
@@ -263,7 +263,7 @@ def test_a_dp_round_through_the_services_reports_its_guarantee(tmp_path, digits_
         b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
         b.upload(task, common_pb2.BLOB_KIND_STRATEGY,
                  with_dp(digits_strategy, {"max_grad_norm": 1.0, "target_epsilon": 8.0}).encode())
-        b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+        b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
         x, y = digits_records(digits_splits, 24, seed=9)
         ContributorClient(gateway=s.addresses["gateway"], token=signer.issue("alice", "contributor")).submit(task, x, y)
         status, scores = force_round(s.addresses, acme, task)

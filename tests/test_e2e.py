@@ -12,7 +12,7 @@ from scipy import special
 
 from clients.builder.cli import main as builder_main
 from clients.contributor.cli import main as contributor_main
-from ftps.common import serde
+from ftps.common import archives
 from ftps.privacy import dp
 from stack.embedded import EmbeddedStack
 from tests.conftest import digits_records
@@ -53,7 +53,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
                                             "--models-per-job", "4", "--dp-delta", "1e-6", "--json"])["task_id"]
     (tmp_path / "w.safetensors").write_bytes(digits_base_weights)
     (tmp_path / "s.py").write_text(digits_strategy)
-    (tmp_path / "d.npz").write_bytes(serde.records_to_npz(*digits_splits["builder"]))
+    (tmp_path / "d.npz").write_bytes(archives.records_to_npz(*digits_splits["builder"]))
     for kind, f in (("base-model", "w.safetensors"), ("strategy", "s.py"), ("data", "d.npz")):
         assert _json(capsys, builder_main, b + ["upload", "--task", task, "--kind", kind,
                                                 str(tmp_path / f), "--json"])["version"] == 1
@@ -71,7 +71,7 @@ def test_round_through_the_real_clients(stack, tmp_path, capsys, digits_splits, 
     subs = {}
     for who, sl in (("alice", slice(0, 12)), ("bob", slice(12, 24))):
         path = tmp_path / f"{who}.npz"
-        path.write_bytes(serde.records_to_npz(x[sl], y[sl]))
+        path.write_bytes(archives.records_to_npz(x[sl], y[sl]))
         c = _c(stack, who)
         subs[who] = _json(capsys, contributor_main, c + ["submit", "--task", task, str(path),
                                                          "--idempotency-key", "once", "--json"])
@@ -127,7 +127,7 @@ def test_clients_fail_with_one_line_and_a_meaningful_exit_code(stack, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ftps-contributor: error: cannot read")
     path = tmp_path / "r.npz"
-    path.write_bytes(serde.records_to_npz(np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)))
+    path.write_bytes(archives.records_to_npz(np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)))
     assert contributor_main(c + ["submit", "--task", "t-unknown", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     # An unknown task reads exactly like someone else's: no answer tells what exists.

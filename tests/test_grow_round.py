@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clients.builder.cli import main as builder_main
-from ftps.common import serde
+from ftps.common import archives
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import ObjectStore
 from ftps.v1 import common_pb2, gateway_pb2
@@ -58,8 +58,8 @@ def test_a_done_round_grows_reusing_its_statistics(module_stack, capsys, digits_
     assert [s.record_id for s in after.scores] == [s.record_id for s in before.scores]
     # the first four models' statistics are the round's own, reused, not fine-tuned again
     store = ObjectStore(StorageSettings(s3_endpoint=module_stack["s3"], s3_bucket=module_stack["bucket"]))
-    first = serde.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi.npz"))
-    grown = serde.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi-n8.npz"))
+    first = archives.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi.npz"))
+    grown = archives.npz_arrays(store.get_bytes(f"scorer/rounds/{round_id}/phi-n8.npz"))
     np.testing.assert_array_equal(grown["x"][:4], first["x"])
     np.testing.assert_array_equal(grown["y"][:4], first["y"])
     assert (grown["y"][4::2] == ~grown["y"][5::2]).all()  # the added ones in complementary pairs

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.api import ContributorClient
-from ftps.common import serde
+from ftps.common import archives
 from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
@@ -54,7 +54,7 @@ def test_a_scrape_after_a_round_shows_rpcs_rounds_jobs_and_pending_work(stack, d
                                                             batch_threshold=1000))
     b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
     b.close()
     alice = ContributorClient(gateway=stack.addresses["gateway"], token=signer.issue("alice", "contributor"))
     x, y = digits_records(digits_splits, 10, seed=1)

@@ -12,7 +12,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from clients.api import BuilderClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil
 from ftps.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.builder_registry.__main__ import create_server as registry_server
 from services.builder_registry.config import RegistrySettings
@@ -74,7 +74,7 @@ def test_a_fitting_pair_is_checked_and_the_task_ready(builder, digits_base_weigh
     builder.upload(t.task_id, BASE, digits_base_weights)  # nothing to check it against yet
     assert not builder.get_task(t.task_id).model_check.HasField("checked_at")
     ref = builder.upload(t.task_id, STRATEGY, digits_strategy.encode())
-    builder.upload(t.task_id, DATA, serde.records_to_npz(*digits_splits["builder"]))
+    builder.upload(t.task_id, DATA, archives.records_to_npz(*digits_splits["builder"]))
     task = builder.get_task(t.task_id)
     c = task.model_check
     assert task.ready and c.HasField("checked_at") and c.strategy_sha256 == ref.sha256
@@ -136,7 +136,7 @@ def test_defer_check_lets_both_halves_change(builder, digits_base_weights, digit
     t = _task(builder)
     builder.upload(t.task_id, BASE, digits_base_weights)
     builder.upload(t.task_id, STRATEGY, digits_strategy.encode())
-    builder.upload(t.task_id, DATA, serde.records_to_npz(*digits_splits["builder"]))
+    builder.upload(t.task_id, DATA, archives.records_to_npz(*digits_splits["builder"]))
     assert builder.get_task(t.task_id).ready
     # A new architecture: the weights go first, unchecked, and the task is not ready until the
     # strategy that fits them arrives.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from clients.api import ContributorClient
-from ftps.common import serde
+from ftps.common import archives
 from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2, gateway_pb2
 from tests.conftest import digits_records
@@ -59,7 +59,7 @@ def test_a_restarted_kept_stack_shows_the_same_tasks_submissions_and_scores(
                                                               n_models=4, batch_threshold=1000))
         b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
         b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
         b.close()
         x, y = digits_records(digits_splits, 8, seed=2)
         submission_ids = {}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from clients.api import preparation_dict
-from ftps.common import serde
+from ftps.common import archives
 from ftps.common.rpc_status import error_details
 from ftps.v1 import common_pb2, scorer_pb2
 from services.lira_scorer.rounds import SELF
@@ -57,7 +57,7 @@ def _task(stack, weights: bytes, strategy: str, data: tuple, *, k: int = 6) -> s
                                                               models_per_job=1))
         b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
         b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
-        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*data))
+        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*data))
         return task.task_id
     finally:
         b.close()
@@ -145,7 +145,7 @@ def test_a_failing_strategy_ends_the_preparation_failed(stack, digits_splits, di
 
 def test_a_preparation_whose_replica_died_does_not_stay_preparing(db, store):  # noqa: F811
     x = np.random.default_rng(0).normal(size=(40, 1, 8, 8)).astype(np.float32)
-    data = store.put_bytes("registry/data.npz", serde.records_to_npz(x, np.zeros(40, np.int64)))
+    data = store.put_bytes("registry/data.npz", archives.records_to_npz(x, np.zeros(40, np.int64)))
 
     def task(task_id):
         from tests.test_scorer_store import _task
@@ -185,7 +185,7 @@ def test_an_offline_global_round_runs_the_preparation_it_needs(db, store):  # no
     from tests.test_scorer_store import _task, _wait_done
 
     x = np.random.default_rng(1).normal(size=(40, 1, 8, 8)).astype(np.float32)
-    data = store.put_bytes("registry/data2.npz", serde.records_to_npz(x, np.zeros(40, np.int64)))
+    data = store.put_bytes("registry/data2.npz", archives.records_to_npz(x, np.zeros(40, np.int64)))
 
     def task(task_id):
         t = _task(task_id)
@@ -199,7 +199,7 @@ def test_an_offline_global_round_runs_the_preparation_it_needs(db, store):  # no
     scorer._get_task = task
     m = 12
     batch = store.put_bytes("gateway/batches/og.npz",
-                            serde.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
+                            archives.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
     scorer.start_round("t1", "r-og", batch, [f"rec{j}" for j in range(m)], ["c"] * m, SELF)
     _wait_done(scorer, "r-og")
     result = scorer.get_result("r-og", SELF)

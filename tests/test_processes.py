@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from clients.api import BuilderClient, ContributorClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil
 from ftps.common.auth import TokenSigner, load_key
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import open_blob_store
@@ -94,7 +94,7 @@ def _register_task(addresses: dict[str, str], signer: TokenSigner, splits, strat
         task = builder.create_task("processes", common_pb2.TaskSettings(**SETTINGS), owner="acme")
         for kind, data in ((common_pb2.BLOB_KIND_BASE_MODEL, weights),
                            (common_pb2.BLOB_KIND_STRATEGY, strategy.encode()),
-                           (common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*splits["builder"]))):
+                           (common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*splits["builder"]))):
             builder.upload(task.task_id, kind, data)
     finally:
         builder.close()
@@ -172,7 +172,7 @@ def _same_round_with_one_worker(tmp_path, splits, strategy, weights, round_id, x
         task_id = _register_task(stack.addresses, signer, splits, strategy, weights)
         store = open_blob_store(StorageSettings(s3_endpoint=stack.addresses["s3"], s3_bucket=stack.bucket,
                                                 s3_access_key="ftps", s3_secret_key="ftps-secret-key"))
-        batch = store.put_bytes(f"test/rounds/{round_id}/batch.npz", serde.records_to_npz(x_batch, y_batch))
+        batch = store.put_bytes(f"test/rounds/{round_id}/batch.npz", archives.records_to_npz(x_batch, y_batch))
         channel = grpcutil.make_channel(stack.addresses["scorer"], token=signer.issue("test", "admin"))
         scorer = scorer_pb2_grpc.LiraScorerServiceStub(channel)
         scorer.StartScoring(scorer_pb2.StartScoringRequest(

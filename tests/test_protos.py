@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftps.common import serde
+from ftps.common import archives, serde
 from ftps.common.errors import InvalidArgument
 from ftps.v1 import common_pb2, gateway_pb2, registry_pb2, scorer_pb2, worker_pb2
 from tests.node_packages import require
@@ -161,7 +161,7 @@ def test_npz_refuses_pickled_object_arrays():
     buf = io.BytesIO()
     np.savez(buf, x=np.array([{"evil": 1}], dtype=object), y=np.zeros(1, np.int64))
     with pytest.raises(InvalidArgument, match="pickle"):
-        serde.npz_arrays(buf.getvalue())
+        archives.npz_arrays(buf.getvalue())
 
 
 def test_method_names_cover_the_enum():
@@ -172,9 +172,9 @@ def test_method_names_cover_the_enum():
 def test_records_npz_is_deterministic_and_loadable():
     x = np.random.default_rng(0).random((3, 1, 2, 2), dtype=np.float32)
     y = np.arange(3)
-    a = serde.records_to_npz(x, y)
-    assert a == serde.records_to_npz(x.copy(), y.copy())  # content-addressed: same arrays, same sha256
-    back = serde.npz_arrays(a)
+    a = archives.records_to_npz(x, y)
+    assert a == archives.records_to_npz(x.copy(), y.copy())  # content-addressed: same arrays, same sha256
+    back = archives.npz_arrays(a)
     np.testing.assert_array_equal(back["x"], x)
     np.testing.assert_array_equal(back["y"], y)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.builder_registry.__main__ import create_server
 from services.builder_registry.config import RegistrySettings
@@ -83,7 +83,7 @@ def test_uploads_make_a_ready_task_with_versions(stub):
     _upload(stub, t.task_id, common_pb2.BLOB_KIND_STRATEGY, b"def build_model():\n    pass\n")
     x = np.random.default_rng(0).random((20, *SHAPE), dtype=np.float32)
     _upload(stub, t.task_id, common_pb2.BLOB_KIND_BUILDER_DATA,
-            serde.records_to_npz(x, np.arange(20) % 10))
+            archives.records_to_npz(x, np.arange(20) % 10))
     got = stub.GetTask(registry_pb2.GetTaskRequest(task_id=t.task_id), timeout=5)
     assert got.ready and got.base_model.version == 2
 
@@ -126,11 +126,11 @@ def test_builder_data_is_validated(stub):
     t = _task(stub)
     x = np.zeros((20, 1, 4, 4), np.float32)  # wrong record shape
     code, details = _code(lambda: _upload(stub, t.task_id, common_pb2.BLOB_KIND_BUILDER_DATA,
-                                          serde.records_to_npz(x, np.zeros(20, np.int64))))
+                                          archives.records_to_npz(x, np.zeros(20, np.int64))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "builder_data.x" in details
     x = np.full((20, *SHAPE), np.nan, np.float32)
     code, details = _code(lambda: _upload(stub, t.task_id, common_pb2.BLOB_KIND_BUILDER_DATA,
-                                          serde.records_to_npz(x, np.zeros(20, np.int64))))
+                                          archives.records_to_npz(x, np.zeros(20, np.int64))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
 
 
@@ -264,14 +264,14 @@ def test_builder_data_streamed_as_records_is_stored_as_the_npz(stub, store):
     y = np.arange(25) % 10
     # v1 through UploadBlob (the npz convenience), v2 through the stream in three chunks; float64
     # x and uint8 y are converted as for contributors' records.
-    _upload(stub, t.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(x[:10], y[:10]))
+    _upload(stub, t.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(x[:10], y[:10]))
     chunks = [(x[:10].astype(np.float64), y[:10].astype(np.uint8)), (x[10:20], y[10:20]), (x[20:], y[20:])]
     ref = _upload_records(stub, t.task_id, chunks)
     task = _get(stub, t.task_id)
     assert ref.version == 2 and task.builder_data == ref
     stored = store.get_ref(task.builder_data)
-    assert stored == serde.records_to_npz(x, y.astype(np.int64))  # the format the workers read
-    arrays = serde.npz_arrays(stored)
+    assert stored == archives.records_to_npz(x, y.astype(np.int64))  # the format the workers read
+    arrays = archives.npz_arrays(stored)
     np.testing.assert_array_equal(arrays["x"], x)
     np.testing.assert_array_equal(arrays["y"], y)
     assert arrays["x"].dtype == np.float32 and arrays["y"].dtype == np.int64
@@ -402,7 +402,7 @@ def test_cli_uploads_data_as_records_by_default_or_as_the_npz(storage_kwargs, se
     stub = registry_pb2_grpc.BuilderRegistryServiceStub(grpcutil.make_channel(addr))
     t = _task(stub)
     x = np.random.default_rng(0).random((30, *SHAPE), dtype=np.float32)
-    (tmp_path / "d.npz").write_bytes(serde.records_to_npz(x, np.arange(30) % 10))
+    (tmp_path / "d.npz").write_bytes(archives.records_to_npz(x, np.arange(30) % 10))
     b = ["--registry", addr, "--gateway", addr, "--scorer", addr, "upload", "--task", t.task_id, "--kind", "data",
          str(tmp_path / "d.npz"), "--json"]
     shas = []
@@ -415,6 +415,6 @@ def test_cli_uploads_data_as_records_by_default_or_as_the_npz(storage_kwargs, se
     task = _get(stub, t.task_id)
     # Both paths store the same bytes for the same records (one content-named object).
     assert task.builder_data.version == 2 and task.builder_data.sha256 == shas[0] == shas[1]
-    (tmp_path / "bad.npz").write_bytes(serde.records_to_npz(np.zeros((30, 1, 4, 4), np.float32), np.zeros(30, int)))
+    (tmp_path / "bad.npz").write_bytes(archives.records_to_npz(np.zeros((30, 1, 4, 4), np.float32), np.zeros(30, int)))
     assert builder_main(b[:-2] + [str(tmp_path / "bad.npz")]) == 1
     assert "chunk 1: records.x has shape" in capsys.readouterr().err

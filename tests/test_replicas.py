@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from clients.api import ContributorClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.common.auth import TokenSigner
 from ftps.common.storage import file_url
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scorer_pb2, scorer_pb2_grpc
@@ -120,7 +120,7 @@ def test_killed_gateway_and_scorer_lose_no_acknowledged_record(replicas, digits_
         value_range=common_pb2.ValueRange(min=0, max=1))).task_id
     b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     b.upload(task, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
 
     acknowledged: dict[str, tuple[str, list[str]]] = {}  # submission -> (contributor, record ids)
     unanswered: dict[str, int] = {}  # contributor -> submits that failed on the client's side

@@ -32,7 +32,7 @@ def load_records(path, *, shape=None, num_classes=None):
 from clients.contributor.cli import build_parser as contributor_parser
 from clients.contributor.cli import main as contributor_main
 from clients.reports import reading
-from ftps.common import serde
+from ftps.common import archives
 from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
@@ -85,13 +85,13 @@ def scored(tmp_path_factory, digits_splits, digits_strategy, digits_base_weights
                                         "--models-per-job", "4"])["task_id"]
         (tmp / "w.safetensors").write_bytes(digits_base_weights)
         (tmp / "s.py").write_text(digits_strategy)
-        (tmp / "d.npz").write_bytes(serde.records_to_npz(*digits_splits["builder"]))
+        (tmp / "d.npz").write_bytes(archives.records_to_npz(*digits_splits["builder"]))
         for kind, f in (("base-model", "w.safetensors"), ("strategy", "s.py"), ("data", "d.npz")):
             jcall(builder_main, b + ["upload", "--task", task, "--kind", kind, str(tmp / f)])
         jcall(builder_main, b + ["prepare", "--task", task])  # so offline-global is in the batch view
 
         x, y = digits_records(digits_splits, 16, seed=5)
-        (tmp / "alice.npz").write_bytes(serde.records_to_npz(x[:8], y[:8]))
+        (tmp / "alice.npz").write_bytes(archives.records_to_npz(x[:8], y[:8]))
         save_image_folder(tmp / "bob_images", x[8:], y[8:])
         subs = {"alice": jcall(contributor_main, c("alice") + ["submit", "--task", task, str(tmp / "alice.npz")]),
                 "bob": jcall(contributor_main, c("bob") + ["submit", "--task", task, str(tmp / "bob_images")])}
@@ -247,7 +247,7 @@ def test_reports_refuse_with_meaningful_exit_codes(scored, tmp_path, capsys):
                                                "--records", str(tmp_path / "missing.npz")], capsys, code=2)
     assert err.strip().count("\n") == 0 and "not found" in err
     short = tmp_path / "short.npz"
-    short.write_bytes(serde.records_to_npz(scored["x"][:3], scored["y"][:3]))
+    short.write_bytes(archives.records_to_npz(scored["x"][:3], scored["y"][:3]))
     err = _run(contributor_main, c("alice") + ["report", "--task", task, "--out", str(tmp_path / "r"),
                                                "--records", str(short)], capsys, code=2)
     assert "has 3 records" in err

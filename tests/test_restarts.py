@@ -11,7 +11,7 @@ import time
 import pytest
 
 from clients.api import BuilderClient, ContributorClient
-from ftps.common import serde
+from ftps.common import archives
 from ftps.v1 import common_pb2
 from services.builder_registry.__main__ import create_server as registry_server
 from services.builder_registry.config import RegistrySettings
@@ -61,7 +61,7 @@ def stack(storage_kwargs, digits_splits, digits_strategy, digits_base_weights):
         record_shape=[1, 8, 8], n_models=8, batch_threshold=16, models_per_job=1, seed=7))
     builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
     yield dict(addr=addr, start=start, stop=stop, builder=builder, task=task, splits=digits_splits)
     builder.close()
     for server in running.values():

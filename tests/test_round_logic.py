@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from ftps.common import rpc_status, serde
+from ftps.common import archives, rpc_status, serde
 from ftps.common.db import Database
 from ftps.common.errors import FailedPrecondition, FtpsError
 from ftps.common.storage import FileBlobStore
@@ -57,7 +57,7 @@ def blobs(tmp_path):
 
 def _batch(blobs, key: str = "gateway/batches/b1.npz") -> common_pb2.BlobRef:
     x = np.random.default_rng(0).normal(size=(M, 1, 8, 8)).astype(np.float32)
-    return blobs.put_bytes(key, serde.records_to_npz(x, np.arange(M) % 10))
+    return blobs.put_bytes(key, archives.records_to_npz(x, np.arange(M) % 10))
 
 
 class RecordedRounds(SqlRoundStore):
@@ -157,7 +157,7 @@ def test_a_round_runs_pending_finetuning_scoring_done_writing_its_progress(db, b
     # by the batch's content.
     seed = derive_seed(_task().settings.seed, batch.sha256)
     masks = make_masks(N, M, seed=seed)
-    stored = serde.npz_arrays(blobs.get_bytes("scorer/rounds/r1/phi.npz"))
+    stored = archives.npz_arrays(blobs.get_bytes("scorer/rounds/r1/phi.npz"))
     np.testing.assert_array_equal(stored["y"], masks)
     expected_phi = np.concatenate([serde.array_from_tensor(scripted_result(worker_pb2.FinetuneJob(models=[
         worker_pb2.ModelSpec(index=i, seed=s, mask=masks[i].astype(np.uint8).tobytes())])).phi)
@@ -209,8 +209,8 @@ def test_a_task_error_traced_to_a_record_leaves_it_out_and_scores_the_rest(db, b
     assert [s.record_id for s in result.scores] == kept and final.message.startswith(f"done: scored {len(kept)} of")
     # The second pass ran on the batch without them, stored under this run's name.
     [again] = blobs.list_keys("scorer/rounds/r1/batch-a1-")
-    x = serde.npz_arrays(blobs.get_ref(batch))["x"]
-    np.testing.assert_array_equal(serde.npz_arrays(blobs.get_bytes(again))["x"], np.delete(x, blamed, axis=0))
+    x = archives.npz_arrays(blobs.get_ref(batch))["x"]
+    np.testing.assert_array_equal(archives.npz_arrays(blobs.get_bytes(again))["x"], np.delete(x, blamed, axis=0))
 
 
 def test_a_lost_lease_stops_the_old_owners_writes_and_another_replica_finishes_the_round(db, blobs, caplog):

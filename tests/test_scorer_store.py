@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from ftps.common import serde
+from ftps.common import archives, serde
 from ftps.common.db import Database
 from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
 from services.lira_scorer import store as scorer_store
@@ -330,7 +330,7 @@ def _wait_done(scorer: Scorer, round_id: str, timeout: float = 30) -> common_pb2
 def test_a_replica_takes_over_a_round_whose_owner_died(db, store):
     m = 12
     batch = store.put_bytes("gateway/batches/b1.npz",
-                            serde.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
+                            archives.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
     ids, who = [f"rec{j}" for j in range(m)], [f"c{j % 3}" for j in range(m)]
 
     # The reference: one replica, no trouble.
@@ -368,7 +368,7 @@ def test_a_replica_takes_over_a_round_whose_owner_died(db, store):
 def test_stopping_a_replica_hands_its_rounds_over_at_once(db, store):
     m = 12
     batch = store.put_bytes("gateway/batches/b2.npz",
-                            serde.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
+                            archives.records_to_npz(np.zeros((m, 1, 8, 8), np.float32), np.zeros(m, np.int64)))
     pool = ScriptedPool(hang_after=2)
     a = _scorer(store, db, pool, "replica-a", lease_s=600)
     a.start_round("t1", "r2", batch, [f"rec{j}" for j in range(m)], ["c"] * m, SELF)

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from clients.api import ContributorClient
-from ftps.common import grpcutil, limits, serde
+from ftps.common import archives, grpcutil, limits, serde
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import digits_records
 from tests.stacks import builder, embedded_stack
@@ -55,7 +55,7 @@ def test_watches_of_one_round_end_by_themselves(stack, digits_splits, digits_str
                                                              models_per_job=4, seed=5)).task_id
     b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     b.upload(task, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
     alice = ContributorClient(gateway=stack["gateway"], token=stack["alice"])
     bob = ContributorClient(gateway=stack["gateway"], token=stack["bob"])
     mine = alice.submit(task, *digits_records(digits_splits, 8, seed=1))

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.util._once import Once
 
 from clients.api import ContributorClient
-from ftps.common import grpcutil, serde, tracing
+from ftps.common import archives, grpcutil, tracing
 from ftps.common.log import configure_handler
 from stack.embedded import EmbeddedStack
 from ftps.v1 import common_pb2
@@ -78,7 +78,7 @@ def test_a_round_is_one_trace_from_the_gateway_to_every_worker(spans, json_lines
                                                                n_models=4, batch_threshold=1000))
         b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
         b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+        b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
         b.close()
         alice = ContributorClient(gateway=stack.addresses["gateway"], token=signer.issue("alice", "contributor"))
         x, y = digits_records(digits_splits, 10, seed=1)

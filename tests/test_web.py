@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftps.common import serde
+from ftps.common import archives
 from tests.conftest import digits_records
 
 CHROMIUM = os.environ.get("FTPS_CHROMIUM", "/usr/bin/chromium")
@@ -226,7 +226,7 @@ def _alice_flow(page, web, tid, tokens, shots, digits_splits):
     page.wait_for_selector("text=8 records stored")
     x, y = digits_records(digits_splits, 8, seed=11)
     page.set_input_files("#records", {"name": "alice.npz", "mimeType": "application/octet-stream",
-                                      "buffer": serde.records_to_npz(x, y)})
+                                      "buffer": archives.records_to_npz(x, y)})
     press(page, "Submit records")
     page.locator("[data-live^='sub-']").nth(1).wait_for(timeout=60_000)
     # The round is followed live (event stream fed by WatchRound): a progress row appears by itself.
@@ -305,7 +305,7 @@ def test_builder_starts_a_round_and_sees_the_batch_view(browser, web, tokens, sh
     assert page.locator("img.thumb").count() == 0
     mine = alice_scored["records"]
     page.set_input_files("input[name=records]", {"name": "alice-records.npz", "mimeType": "application/octet-stream",
-                                                 "buffer": serde.records_to_npz(mine["x"], mine["y"],
+                                                 "buffer": archives.records_to_npz(mine["x"], mine["y"],
                                                                                 record_id=mine["record_id"])})
     press(page, "Load images")
     page.wait_for_selector("text=16 record images loaded")
@@ -803,7 +803,7 @@ def masked_round(browser, web, tokens, shots, stack, digits_splits, digits_strat
             assert "contributor-level masks" in page.locator("p.sub").nth(1).inner_text()
             b.upload(tid, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
             b.upload(tid, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-            b.upload(tid, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+            b.upload(tid, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
             x, y = digits_records(digits_splits, len(names), seed=31)
             subs = {who: clients[who].submit(tid, x[k:k + 1], y[k:k + 1]) for k, who in enumerate(names)}
             deadline = time.monotonic() + 60

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.v1 import worker_pb2, worker_pb2_grpc
 from services.finetune_worker.__main__ import create_server
 from services.finetune_worker.config import WorkerSettings
@@ -21,8 +21,8 @@ def env(storage_kwargs, serve, store, digits_splits, digits_strategy, digits_bas
     refs = dict(
         base_model=store.put_bytes("w.safetensors", digits_base_weights),
         strategy=store.put_bytes("s.py", digits_strategy.encode()),
-        records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
-        builder_data=store.put_bytes("b.npz", serde.records_to_npz(*digits_splits["builder"])),
+        records=store.put_bytes("r.npz", archives.records_to_npz(x, y)),
+        builder_data=store.put_bytes("b.npz", archives.records_to_npz(*digits_splits["builder"])),
     )
     yield worker_pb2_grpc.FinetuneWorkerServiceStub(ch), refs, store
     ch.close()
@@ -49,13 +49,13 @@ def test_run_job_returns_phi_per_model_and_record_deterministically(env):
 
 def test_eval_records_and_builder_mix(env):
     stub, refs, store = env
-    held = store.put_bytes("h.npz", serde.records_to_npz(*digits_records_from(refs, store)))
+    held = store.put_bytes("h.npz", archives.records_to_npz(*digits_records_from(refs, store)))
     res = stub.RunJob(_job(refs, np.ones((1, 12), bool), eval_records=held, builder_mix=5), timeout=120)
     assert serde.array_from_tensor(res.phi).shape == (1, 7)
 
 
 def digits_records_from(refs, store):
-    arrays = serde.npz_arrays(store.get_ref(refs["builder_data"]))
+    arrays = archives.npz_arrays(store.get_ref(refs["builder_data"]))
     return arrays["x"][:7], arrays["y"][:7]
 
 
@@ -103,7 +103,7 @@ def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_
     refs = dict(
         base_model=store.put_bytes("w.safetensors", digits_base_weights),
         strategy=store.put_bytes("s.py", digits_strategy.encode()),
-        records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
+        records=store.put_bytes("r.npz", archives.records_to_npz(x, y)),
     )
     with pytest.raises(ValueError, match="engine must be one of"):
         Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=60, memory_mb=8192,
@@ -136,9 +136,9 @@ def test_the_worker_validates_each_records_blob_once(store, digits_splits, digit
     bx, by = digits_splits["builder"]
     refs = dict(base_model=store.put_bytes("w.safetensors", digits_base_weights),
                 strategy=store.put_bytes("s.py", digits_strategy.encode()),
-                records=store.put_bytes("r.npz", serde.records_to_npz(x, y)),
-                eval_records=store.put_bytes("h.npz", serde.records_to_npz(bx[:7], by[:7])),
-                builder_data=store.put_bytes("b.npz", serde.records_to_npz(bx, by)))
+                records=store.put_bytes("r.npz", archives.records_to_npz(x, y)),
+                eval_records=store.put_bytes("h.npz", archives.records_to_npz(bx[:7], by[:7])),
+                builder_data=store.put_bytes("b.npz", archives.records_to_npz(bx, by)))
     validations.clear()  # writing the blobs above is not the worker's doing
     # A fresh child per job: the worker's other path to the sandbox.
     worker = Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=120, memory_mb=8192,
@@ -162,7 +162,7 @@ def test_connection_age_never_cuts_a_job_in_flight(storage_kwargs, serve, store,
     x, y = digits_records(digits_splits, 12)
     refs = dict(base_model=store.put_bytes("w.safetensors", digits_base_weights),
                 strategy=store.put_bytes("s.py", digits_strategy.encode()),
-                records=store.put_bytes("r.npz", serde.records_to_npz(x, y)))
+                records=store.put_bytes("r.npz", archives.records_to_npz(x, y)))
     masks = [np.arange(12) % 2 == i % 2 for i in range(4)]
     try:
         first = stub.RunJob(_job(refs, masks), timeout=120)  # sandbox start-up + 4 models: well over 0.5 s

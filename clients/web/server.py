@@ -63,7 +63,7 @@ from clients.api import KIND_NAMES, estimate_text
 from clients.score_html import headline, raw_row
 from clients.web import assets, pages
 from clients.web.session import Session, SubmissionView, error_text, token_claims
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.common.clock import iso
 from ftps.common.errors import FtpsError
 from ftps.records import files, tables, tabular
@@ -670,7 +670,7 @@ class WebServer:
         x = np.concatenate([v.x for v in subs])
         y = np.concatenate([v.y for v in subs])
         ids = np.array([r for v in subs for r in v.record_ids])
-        return attachment(serde.records_to_npz(x, y, record_id=ids), f"records-{tid}.npz", "application/octet-stream")
+        return attachment(archives.records_to_npz(x, y, record_id=ids), f"records-{tid}.npz", "application/octet-stream")
 
     # -- builder actions -----------------------------------------------------------------------
     def upload(self, req: Request) -> Response:
@@ -699,7 +699,7 @@ class WebServer:
                     x, y = assets.builder_data(dataset)
                     return self._upload_records(s, job, b, tid, Records(x, y), f"demo builder split of {dataset}")
                 else:
-                    data = serde.records_to_npz(*assets.builder_data(dataset))
+                    data = archives.records_to_npz(*assets.builder_data(dataset))
                     origin = f"demo builder split of {dataset}"
                 return self._upload_blob(s, job, b, tid, kind, data, origin)
 

@@ -17,7 +17,7 @@ safetensors header whose offsets point past the file. In that order:
 
 No grpc here (the worker's sandboxed child imports this module): errors are :class:`ArchiveError`,
 a ``ValueError`` whose message names the file (``what``), the member and the limit;
-``serde.npz_arrays`` and the services turn it into ``InvalidArgument`` — the content is at fault,
+:func:`npz_arrays` and the services turn it into ``InvalidArgument`` — the content is at fault,
 whatever the server's state, so retrying cannot help (``RESOURCE_EXHAUSTED`` is what this project
 answers for load a caller may retry later).
 """
@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from ftps.common.errors import InvalidArgument
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -529,3 +531,32 @@ def load_safetensors(data: bytes, *, what: str = "safetensors",
         return load(bytes(data))
     except (SafetensorError, ValueError, TypeError, KeyError) as exc:  # e.g. a dtype numpy lacks
         raise ArchiveError(f"{what}: not a loadable safetensors file: {str(exc)[:200]}") from None
+
+
+# --------------------------------------------------------------------------- record files
+
+
+def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
+    """An npz readable by ``np.load``, byte-for-byte the same for the same arrays (no timestamps),
+    so that its sha256 identifies its content."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in {"x": x, "y": y, **extra}.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_arrays(data: bytes, *, what: str = "npz", limits: ArchiveLimits = INTERNAL_LIMITS,
+               expect: Mapping[str, ArraySpec] | None = None) -> dict[str, np.ndarray]:
+    """Load an npz without ever unpickling (object arrays are refused), every member bounded by
+    ``limits`` and checked against ``expect`` before it is read (:func:`read_npz`).
+
+    The default limits suit blobs the deployment wrote itself; anything from outside passes its
+    own (e.g. ``archives.EDGE_LIMITS``). InvalidArgument names ``what``, the member and the limit.
+    """
+    try:
+        return read_npz(data, what=what, limits=limits, expect=expect)
+    except ArchiveError as exc:
+        raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID") from exc

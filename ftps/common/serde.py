@@ -1,14 +1,11 @@
-"""Conversions between protobuf messages and numpy arrays / record files."""
+"""Conversions between protobuf messages and numpy arrays, and the enums the services share."""
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
-from ftps.common import archives
 from ftps.common.errors import InvalidArgument
 from ftps.v1 import common_pb2
 
@@ -54,34 +51,6 @@ def array_from_tensor(t: common_pb2.Tensor, *, field: str = "tensor") -> np.ndar
         # e.g. an empty tensor whose other dimensions multiply past what numpy can index
         raise InvalidArgument(f"{field}.shape: shape {list(t.shape)} cannot be represented",
                               reason="TENSOR_INVALID", field=f"{field}.shape") from exc
-
-
-def records_to_npz(x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> bytes:
-    """An npz readable by ``np.load``, byte-for-byte the same for the same arrays (no timestamps),
-    so that its sha256 identifies its content."""
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in {"x": x, "y": y, **extra}.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def npz_arrays(data: bytes, *, what: str = "npz", limits: archives.ArchiveLimits = archives.INTERNAL_LIMITS,
-               expect: Mapping[str, archives.ArraySpec] | None = None) -> dict[str, np.ndarray]:
-    """Load an npz without ever unpickling (object arrays are refused), every member bounded by
-    ``limits`` and checked against ``expect`` before it is read (:func:`archives.read_npz`).
-
-    The default limits suit blobs the deployment wrote itself; anything from outside passes its
-    own (e.g. ``archives.EDGE_LIMITS``). InvalidArgument names ``what``, the member and the limit.
-    """
-    try:
-        return archives.read_npz(data, what=what, limits=limits, expect=expect)
-    except archives.ArchiveError as exc:
-        raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID") from exc
 
 
 # A round in one of these states changes no more (every service and client tests for this).

@@ -9,12 +9,16 @@ to int64. Every error names the field and the first bad index, so a contributor 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ftps.common.errors import InvalidArgument
 from ftps.records import RecordsError
 from ftps.records.tabular import of_settings
-from ftps.v1 import common_pb2
+
+if TYPE_CHECKING:  # only the services hold TaskSettings; the compute core imports no protobuf
+    from ftps.v1 import common_pb2
 
 
 def value_range(settings: common_pb2.TaskSettings) -> tuple[float, float] | None:

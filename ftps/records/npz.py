@@ -8,7 +8,7 @@ Two readers, for two kinds of file:
 - :func:`parse_upload`: an npz a person hands a client (any numeric x, integer y, an optional
   ``record_id`` array), bounded by the edge limits, errors ``InvalidArgument`` naming the file.
 
-One writer, :func:`save`: ``serde.records_to_npz``, byte for byte the same for the same arrays.
+One writer, :func:`save`: ``archives.records_to_npz``, byte for byte the same for the same arrays.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ftps.common import archives
+from ftps.common.archives import npz_arrays, records_to_npz
 from ftps.common.errors import InvalidArgument
-from ftps.common.serde import npz_arrays, records_to_npz
 from ftps.records import RecordsError
 from ftps.records.checks import validate
 

@@ -19,18 +19,28 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import norm
 
 from ftps.common.errors import InvalidArgument
-from ftps.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from ftps.v1 import common_pb2
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
-_KINDS = {NUMERIC: common_pb2.FEATURE_KIND_NUMERIC, CATEGORICAL: common_pb2.FEATURE_KIND_CATEGORICAL}
-_KIND_NAMES = {v: k for k, v in _KINDS.items()}
 DEFAULT_LABEL = "label"
+
+
+def _kinds() -> dict[str, int]:
+    """Feature kind -> its proto enum. The proto module is imported here, not at the top: the
+    compute core (``ftps.records`` and ``ftps.ml``) runs on a bare CUDA machine without this
+    project's protobuf runtime (``bench/gpu.py``; tests/test_layout.py checks it)."""
+    from ftps.v1 import common_pb2
+
+    return {NUMERIC: common_pb2.FEATURE_KIND_NUMERIC, CATEGORICAL: common_pb2.FEATURE_KIND_CATEGORICAL}
+
 MAX_FEATURES = 4096
 MAX_LEVELS = 1000
 MAX_NAME = 200
@@ -134,20 +144,24 @@ class Schema:
 
     @classmethod
     def from_proto(cls, msg: common_pb2.TabularSchema) -> Schema:
+        kinds = _kinds()
         feats = []
         for f in msg.features:
-            numeric = f.kind == common_pb2.FEATURE_KIND_NUMERIC
+            numeric = f.kind == kinds[NUMERIC]
             feats.append(Feature(
-                name=f.name, kind=_KIND_NAMES.get(f.kind, "unspecified"), mean=f.mean if numeric else 0.0,
+                name=f.name, kind=next((k for k, v in kinds.items() if v == f.kind), "unspecified"), mean=f.mean if numeric else 0.0,
                 std=f.std if numeric else 1.0,
                 range=(f.range.min, f.range.max) if f.HasField("range") else None,
                 levels=tuple(f.levels), level_frequencies=tuple(f.level_frequencies)))
         return cls(tuple(feats), msg.label_column or DEFAULT_LABEL, tuple(msg.class_names))
 
     def to_proto(self) -> common_pb2.TabularSchema:
+        from ftps.v1 import common_pb2
+
+        kinds = _kinds()
         msg = common_pb2.TabularSchema(label_column=self.label_column, class_names=list(self.class_names))
         for f in self.features:
-            p = msg.features.add(name=f.name, kind=_KINDS[f.kind])
+            p = msg.features.add(name=f.name, kind=kinds[f.kind])
             if f.kind == NUMERIC:
                 p.mean, p.std = f.mean, f.std
                 if f.range is not None:

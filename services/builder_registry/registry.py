@@ -258,7 +258,7 @@ class Registry:
         if not xs:
             raise InvalidArgument("builder data stream holds no records chunk after its header",
                                   reason="RECORDS_EMPTY", field="records")
-        data = serde.records_to_npz(np.concatenate(xs), np.concatenate(ys))
+        data = archives.records_to_npz(np.concatenate(xs), np.concatenate(ys))
         del xs, ys
         if len(data) > limit:
             raise ResourceExhausted(f"builder data ({len(data)} bytes as npz) exceeds the limit of {limit} bytes",
@@ -340,7 +340,7 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
         check_source(data)  # syntax only; it runs in the worker's sandbox
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
         # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
-        arrays = serde.npz_arrays(data, what="builder_data", limits=limits,
+        arrays = archives.npz_arrays(data, what="builder_data", limits=limits,
                                   expect=archives.records_spec(settings.record_shape))
         x, y = checks.for_task(arrays["x"], arrays["y"], settings, field="builder_data", encoded=True)
         if len(x) < 8:

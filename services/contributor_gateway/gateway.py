@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ftps.common import paging, serde, tracing
+from ftps.common import archives, paging, serde, tracing
 from ftps.common.clock import now_ts
 from ftps.common.auth import Principal, authorized_task, denied
 from ftps.common.db import Database
@@ -153,7 +153,7 @@ class Gateway:
             state=gateway_pb2.SUBMISSION_STATE_PENDING, created_at=now_ts())
         # Durable before acknowledged: the records, then the row that points at them.
         self._store.put_bytes(f"gateway/tasks/{task_id}/submissions/{sub_id}/records.npz",
-                              serde.records_to_npz(x, y))
+                              archives.records_to_npz(x, y))
         sub = self._subs.add(sub, max_pending=self._max_pending)
         out = self._with_pending(sub)
         log.info("task %s: %d record(s) from %s acknowledged (%s); %d pending", task_id, len(x),
@@ -257,12 +257,12 @@ class Gateway:
             # Storage I/O with no lock held: other tasks' submits and rounds go on meanwhile.
             xs, ys = [], []
             for s in subs:
-                arrays = serde.npz_arrays(self._store.get_bytes(
+                arrays = archives.npz_arrays(self._store.get_bytes(
                     f"gateway/tasks/{task_id}/submissions/{s.submission_id}/records.npz"))
                 xs.append(arrays["x"])
                 ys.append(arrays["y"])
             batch = self._store.put_bytes(f"gateway/rounds/{round_id}/batch.npz",
-                                          serde.records_to_npz(np.concatenate(xs), np.concatenate(ys)))
+                                          archives.records_to_npz(np.concatenate(xs), np.concatenate(ys)))
         except BaseException:
             # The scorer never saw it: the records wait for the next round, no failure counted.
             self._subs.release(round_id, not_since=float("inf"))

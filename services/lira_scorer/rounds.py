@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ftps.common import serde, tracing
+from ftps.common import archives, serde, tracing
 from ftps.common.auth import Principal, authorize_task, authorized_task, denied
 from ftps.common.clock import now_ts
 from ftps.common.errors import (
@@ -526,7 +526,7 @@ class Scorer:
         task_id = task.task_id
         prefix = self._offline_prefix(task)
         t0 = time.perf_counter()
-        arrays = serde.npz_arrays(self._store.get_ref(task.builder_data))
+        arrays = archives.npz_arrays(self._store.get_ref(task.builder_data))
         x, y = arrays["x"], arrays["y"]
         seed = derive_seed(task.settings.seed, task.base_model.sha256, "offline")
         perm = np.random.default_rng(seed).permutation(len(x))
@@ -534,9 +534,9 @@ class Scorer:
         # Shadow models see as many records as a round's models do (about m/2 each).
         n_pool = min(len(x) - n_heldout, task.settings.batch_threshold)
         heldout, pool = perm[:n_heldout], perm[n_heldout:n_heldout + n_pool]
-        pool_ref = self._store.put_bytes(f"{prefix}/pool.npz", serde.records_to_npz(x[pool], y[pool]))
+        pool_ref = self._store.put_bytes(f"{prefix}/pool.npz", archives.records_to_npz(x[pool], y[pool]))
         heldout_ref = self._store.put_bytes(f"{prefix}/heldout.npz",
-                                            serde.records_to_npz(x[heldout], y[heldout]))
+                                            archives.records_to_npz(x[heldout], y[heldout]))
         k = task.settings.shadow_models
         masks = shadow_masks(k, n_pool, seed=seed)
         jobs = make_jobs(task, f"offline-{task.task_id}", pool_ref, masks, model_seeds(seed, k),
@@ -749,12 +749,12 @@ class Scorer:
             if not broken:  # only statistics of those records were bad: every model is sound
                 phi, masks = phi[:, keep], masks[:, keep]
                 break
-            arrays = serde.npz_arrays(self._store.get_ref(batch))
+            arrays = archives.npz_arrays(self._store.get_ref(batch))
             batch = self._store.put_bytes(f"scorer/rounds/{run.round_id}/batch-a{attempt + 1}-{run.nonce}.npz",
-                                          serde.records_to_npz(arrays["x"][keep], arrays["y"][keep]))
+                                          archives.records_to_npz(arrays["x"][keep], arrays["y"][keep]))
         finetune_s = time.perf_counter() - t_ft
         self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi.npz",
-                              serde.records_to_npz(phi, masks))  # x=phi, y=member
+                              archives.records_to_npz(phi, masks))  # x=phi, y=member
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message="scoring")
         with tracing.span("scorer.score", ftps__method=method, ftps__models=int(phi.shape[0]),
                           ftps__records=len(record_ids)):
@@ -798,7 +798,7 @@ class Scorer:
         score computed again from all of them."""
         s, row = task.settings, run.row
         old_n, n = row.grow_from, row.models_total
-        before = serde.npz_arrays(self._store.get_bytes(self._phi_key(run.round_id, old_n)))
+        before = archives.npz_arrays(self._store.get_bytes(self._phi_key(run.round_id, old_n)))
         phi_old, masks_old = before["x"], before["y"].astype(bool)
         m = phi_old.shape[1]
         record_ids, contributors = list(row.record_ids), list(row.contributors)
@@ -823,7 +823,7 @@ class Scorer:
                                      f"{next(iter(failed.values()))}", reason="STRATEGY_FAILED")
         phi, masks = np.concatenate([phi_old, phi_new]), np.concatenate([masks_old, added])
         finetune_s = time.perf_counter() - t_ft
-        self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi-n{n}.npz", serde.records_to_npz(phi, masks))
+        self._store.put_bytes(f"scorer/rounds/{run.round_id}/phi-n{n}.npz", archives.records_to_npz(phi, masks))
         self._write(run, state=common_pb2.ROUND_STATE_SCORING, message=f"scoring with {n} models")
         # finetune_s: of the added models only, what growing cost
         return self._scored(run, s, phi, masks, record_ids, contributors, method=method, offline=offline,
@@ -850,7 +850,7 @@ class Scorer:
                     message=f"recipe {variant.name!r}: fine-tuning {n} models on {m} records")
         t_ft = time.perf_counter()
         answers: list[worker_pb2.RunJobResponse] = []
-        evaluated = serde.npz_arrays(self._store.get_ref(variant.eval_records))["y"]
+        evaluated = archives.npz_arrays(self._store.get_ref(variant.eval_records))["y"]
         phi_all, failed = self._finetune(run, jobs, n, len(evaluated), answers)
         if failed:
             raise FailedPrecondition(f"recipe {variant.name!r}: fine-tuning failed on {len(failed)} of {n} models: "
@@ -899,14 +899,14 @@ class Scorer:
                                      "compare recipes on a round without exclusions", reason="FAILED_PRECONDITION")
         task = self._ready_task(row.task_id, SELF)
         # The batch, then held-out builder records: one evaluation set, phi on both per model.
-        batch = serde.npz_arrays(self._store.get_ref(row.batch))
-        builder = serde.npz_arrays(self._store.get_ref(task.builder_data))
+        batch = archives.npz_arrays(self._store.get_ref(row.batch))
+        builder = archives.npz_arrays(self._store.get_ref(task.builder_data))
         rng = np.random.default_rng(derive_seed(task.settings.seed, row.batch.sha256, "heldout"))
         held = rng.permutation(len(builder["y"]))[:self._heldout_max]
         nonce = secrets.token_hex(4)
         eval_ref = self._store.put_bytes(
             f"scorer/rounds/{round_id}/compare-{nonce}/eval.npz",
-            serde.records_to_npz(np.concatenate([batch["x"], builder["x"][held]]),
+            archives.records_to_npz(np.concatenate([batch["x"], builder["x"][held]]),
                                  np.concatenate([batch["y"], builder["y"][held]])))
         rows = []
         start = len(earlier)  # variants of earlier comparisons keep their ids

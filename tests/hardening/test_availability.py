@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.api import ContributorClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import digits_records
 from tests.stacks import builder, embedded_stack, force_round
@@ -100,7 +100,7 @@ def test_one_hostile_contributor_and_builder_cannot_stop_the_others(stack, digit
                                                             models_per_job=4, seed=3)).task_id
     b.upload(task, common_pb2.BLOB_KIND_BASE_MODEL, digits_base_weights)
     b.upload(task, common_pb2.BLOB_KIND_STRATEGY, digits_strategy.encode())
-    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*digits_splits["builder"]))
+    b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*digits_splits["builder"]))
     b.close()
     alice = ContributorClient(gateway=stack["gateway"], token=stack["alice"])
     x, y = digits_records(digits_splits, 16, seed=4)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil
 from ftps.common.auth import TokenSigner
 from ftps.common.settings import StorageSettings
 from ftps.common.storage import ObjectStore
@@ -104,7 +104,7 @@ class RegistryProcess:
                     raise
         # Bring in every code path of an upload before measuring: the first one imports and warms.
         warm = self.task()
-        self.upload(warm.task_id, DATA, serde.records_to_npz(np.zeros((8, *SHAPE), np.float32), np.arange(8) % 3))
+        self.upload(warm.task_id, DATA, archives.records_to_npz(np.zeros((8, *SHAPE), np.float32), np.arange(8) % 3))
         self.upload(warm.task_id, BASE, save_safetensors({"w": np.ones((4, 4), np.float32)}))
 
     def task(self) -> registry_pb2.Task:
@@ -218,9 +218,9 @@ def test_limit_is_the_setting_and_good_data_still_passes(s3_endpoint, tmp_path):
     try:
         t = r.task()
         m = (MiB - 2 * 128) // (64 + 8)  # records that fit: x and y, headers included
-        ok = serde.records_to_npz(np.zeros((m, *SHAPE), np.float32), np.zeros(m, np.int64))
+        ok = archives.records_to_npz(np.zeros((m, *SHAPE), np.float32), np.zeros(m, np.int64))
         assert r.upload(t.task_id, DATA, ok).size == len(ok)
-        big = serde.records_to_npz(np.zeros((m + 1, *SHAPE), np.float32), np.zeros(m + 1, np.int64))
+        big = archives.records_to_npz(np.zeros((m + 1, *SHAPE), np.float32), np.zeros(m + 1, np.int64))
         code, details, _ = r.refused(DATA, big)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details == (f"builder_data: its members expand to more than {MiB} bytes together (the limit), "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clients.api import ContributorClient
-from ftps.common import grpcutil, serde
+from ftps.common import archives, grpcutil, serde
 from ftps.privacy.masks import make_masks, trace_failures
 from ftps.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import digits_records
@@ -61,7 +61,7 @@ def _task(stack, weights: bytes, strategy: str, data: tuple, **settings) -> str:
                                                             **settings))
     b.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
     b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
-    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*data))
+    b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*data))
     b.close()
     return task.task_id
 
@@ -114,7 +114,7 @@ def test_records_are_checked_in_the_dtype_they_are_used_in(stack, digits_splits,
     b = builder(stack, stack["builder"])
     bx, by = digits_splits["builder"]
     code, msg = _code(lambda: b.upload(task, common_pb2.BLOB_KIND_BUILDER_DATA,
-                                       serde.records_to_npz(bx * 2, by)))
+                                       archives.records_to_npz(bx * 2, by)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("builder_data.x[")
     b.close()
 

@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 
 from ftps.common import grpcutil
-from ftps.common import serde
+from ftps.common import archives, serde
 from ftps.common.storage import ObjectStore
 from ftps.ml.engine import save_weights
 from ftps.ml.strategy import load_strategy
@@ -134,7 +134,7 @@ class Worker:
         self.store = store
         self.x, self.y = records
         self.weights = store.put_bytes("shared/w.safetensors", weights)
-        self.records = store.put_bytes("shared/r.npz", serde.records_to_npz(self.x, self.y))
+        self.records = store.put_bytes("shared/r.npz", archives.records_to_npz(self.x, self.y))
         self.status: dict = {}
 
     def job(self, source: str, task: str) -> worker_pb2.RunJobRequest:

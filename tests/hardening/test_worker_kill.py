@@ -10,7 +10,7 @@ import time
 import pytest
 
 from clients.api import BuilderClient, ContributorClient
-from ftps.common import serde
+from ftps.common import archives
 from stack.processes import ProcessStack
 from ftps.v1 import common_pb2
 from tests.conftest import digits_records
@@ -27,7 +27,7 @@ def _round(tmp_path, name, workers, splits, strategy, weights, *, kill_one: bool
         task = builder.create_task("kill", common_pb2.TaskSettings(**SETTINGS))
         builder.upload(task.task_id, common_pb2.BLOB_KIND_BASE_MODEL, weights)
         builder.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
-        builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, serde.records_to_npz(*splits["builder"]))
+        builder.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*splits["builder"]))
         alice = ContributorClient(gateway=a["gateway"], token=signer.issue("alice", "contributor"))
         sub = alice.submit(task.task_id, *digits_records(splits, 16, seed=9))
         deadline = time.time() + 30
