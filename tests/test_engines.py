@@ -10,7 +10,7 @@ import torch
 from ftps.ml import engine as engine_mod
 from ftps.ml import engines
 from ftps.ml.engine import run_job, save_weights
-from ftps.ml.engines import EnginePlan, plan_engine
+from ftps.ml.engines import EnginePlan, plan_engine, plan_precision
 from ftps.ml.jobs import FinetuneJob
 from ftps.records.npz import Records
 from ftps.ml.strategy import EngineError, StrategyError, load_strategy, parse_recipe
@@ -57,7 +57,7 @@ def job(digits_splits):
                 builder_y=by, builder_mix=5)
 
 
-def run(source, weights, job, engine=None, **kw):
+def run(source, weights, job, engine=None, precision=None, **kw):
     """``run_job`` on the arrays of ``job`` -> (PHI, its JobResult)."""
     a = {**job, **kw}
     train = Records.of(a["train_x"], a["train_y"])
@@ -65,7 +65,7 @@ def run(source, weights, job, engine=None, **kw):
         strategy_source=source, base_weights=weights, train_records=train, models=a["models"],
         eval_records=None if a["eval_x"] is a["train_x"] else Records.of(a["eval_x"], a["eval_y"]),
         builder_records=Records.of(a["builder_x"], a["builder_y"]) if "builder_x" in a else None,
-        builder_mix=a.get("builder_mix", 0), engine=engine))
+        builder_mix=a.get("builder_mix", 0), engine=engine, precision=precision))
     return result.phi, result
 
 
@@ -89,6 +89,30 @@ def test_engine_rule_by_device_and_strategy(monkeypatch):
         plan_engine(full, CPU, "fastest")
     with pytest.raises(StrategyError, match="stacked engine needs a RECIPE"):
         plan_engine(free, CPU, "stacked")
+
+
+def test_precision_rule_by_device_and_recipe(monkeypatch):
+    monkeypatch.delenv("FTPS_PRECISION", raising=False)
+    full, free = load_strategy(FULL), load_strategy(FREE_FORM)
+    dp = load_strategy(FULL.replace('"tta": ["hflip"]}', '"tta": ["hflip"], "dp": {"max_grad_norm": 1.0, '
+                                    '"noise_multiplier": 1.0}}'))
+    assert dp.recipe.dp is not None
+    assert plan_precision(full, CPU) == "fp32"  # bf16 autocast on CPU is slow on most parts
+    assert plan_precision(full, CPU, "bf16") == "bf16"  # asked for: the CPU twin of the GPU path
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert plan_precision(full, CUDA) == "bf16"
+    assert plan_engine(full, CUDA) == EnginePlan("stacked", "rule for cuda", "bf16")
+    assert plan_precision(full, CUDA, "fp32") == "fp32"
+    # DP-SGD's per-record clipping and a free-form finetune() stay float32, whatever was asked.
+    assert plan_precision(dp, CUDA, "bf16") == plan_precision(free, CUDA) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert plan_precision(full, CUDA) == "fp32"
+    with pytest.raises(EngineError, match="no bfloat16 support"):
+        plan_precision(full, CUDA, "bf16")
+    monkeypatch.setenv("FTPS_PRECISION", "bf16")
+    assert plan_precision(full, CPU) == "bf16"
+    with pytest.raises(EngineError, match="precision must be one of"):
+        plan_precision(full, CPU, "fp8")
 
 
 def test_fused_optimizers_on_cpu():
@@ -134,6 +158,25 @@ def test_stacked_matches_sequential(weights, job):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
+def test_bf16_autocast_trains_the_same_models_on_both_engines(weights, job):
+    """The GPU's default path (bf16 autocast) on CPU: deterministic, on both engines, and the
+    models are the float32 models up to bfloat16 rounding (phi itself is float32 either way)."""
+    fp32, _ = run(FULL, weights, job, "sequential")
+    seq, seq_info = run(FULL, weights, job, "sequential", precision="bf16")
+    stacked, info = run(FULL, weights, job, "stacked", precision="bf16")
+    assert (seq_info.precision, info.precision, seq_info.engine, info.engine) == (
+        "bf16", "bf16", "sequential", "stacked")
+    assert np.isfinite(seq).all() and not np.array_equal(seq, fp32)  # autocast did act
+    np.testing.assert_array_equal(seq, run(FULL, weights, job, "sequential", precision="bf16")[0])
+    assert np.corrcoef(seq.ravel(), fp32.ravel())[0, 1] > 0.95
+    assert np.corrcoef(stacked.ravel(), seq.ravel())[0, 1] > 0.95
+    # The job's files carry the precision to the sandbox child.
+    files = FinetuneJob(strategy_source=FULL, base_weights=weights,
+                        train_records=Records.of(job["train_x"], job["train_y"]),
+                        models=job["models"], precision="bf16").to_files()
+    assert FinetuneJob.from_files(files.__getitem__).precision == "bf16"
+
+
 def test_cached_features_match_recomputed_features(weights, job, monkeypatch):
     calls = []
     features = engines._features
@@ -166,7 +209,7 @@ def split_model""")
         run(source, weights_for(source), job, "stacked")
     # Under the rule ("auto" on CUDA) the job runs sequentially instead.
     monkeypatch.setattr(engines, "plan_engine",
-                        lambda strategy, device, requested: EnginePlan("stacked", "rule for cuda"))
+                        lambda strategy, device, requested, precision: EnginePlan("stacked", "rule for cuda"))
     phi, info = run(source, weights_for(source), job)
     assert info.engine == "sequential" and "vmap cannot run" in info.engine_reason
     assert np.isfinite(phi).all()

@@ -532,7 +532,7 @@ def test_run_job_returns_how_it_ran(tiny_weights, records):
 def test_a_result_report_round_trips_and_untrusted_fields_are_dropped():
     phi = np.zeros((1, 3))
     full = JobResult(phi, engine="cached", engine_reason="rule for cpu", device="cpu",
-                     channels_last=True, features_s=1.5, train_s=2.0, phi_s=0.25, seconds=4.0,
+                     channels_last=True, precision="bf16", features_s=1.5, train_s=2.0, phi_s=0.25, seconds=4.0,
                      classes=10, parameters=650, cpu_limit_s=99)
     back = JobResult.from_report(phi, full.report())
     assert back.report() == full.report() and back.phi is phi
@@ -541,7 +541,7 @@ def test_a_result_report_round_trips_and_untrusted_fields_are_dropped():
     hostile = {"engine": 5, "classes": True, "parameters": "650", "channels_last": 1,
                "seconds": "4", "train_s": 3, "cpu_limit_s": 2.5, "extra": "ignored"}
     got = JobResult.from_report(phi, hostile)
-    assert got.report() == {"engine": "", "engine_reason": "", "device": "", "channels_last": False,
+    assert got.report() == {"engine": "", "engine_reason": "", "device": "", "channels_last": False, "precision": "",
                             "features_s": 0.0, "train_s": 3.0, "phi_s": 0.0, "seconds": 0.0,
                             "dp_epsilon": 0.0, "dp_noise_multiplier": 0.0, "dp_delta": 0.0}
     assert JobResult.from_report(phi, ["not", "a", "dict"]).report() == JobResult(phi).report()

@@ -70,6 +70,7 @@ __all__ = [
 
 # Changes whenever the same job may give different phi (kernels, engine rule): part of every
 # cache key of stored phi (bench/attacks.py). 2: fused optimizers, channels-last on CPU, engines.
+# (bf16 autocast and channels-last on CUDA came later without a bump: no CPU job changed.)
 ENGINE_VERSION = "2"
 
 Progress = Callable[[int, int], None]
@@ -249,7 +250,7 @@ def run_job(job: FinetuneJob, *, device: str | None = None,
     dev = resolve_device(device)
     pin_determinism(dev)
     check_only = job.engine == CHECK_ONLY
-    plan = None if check_only else engines.plan_engine(strategy, dev, job.engine)
+    plan = None if check_only else engines.plan_engine(strategy, dev, job.engine, job.precision)
 
     with strategy_code("build_model()"):
         base = strategy.build_model()
@@ -309,6 +310,7 @@ def finetune_and_score(
     device: str | None = None,
     progress: Progress | None = None,
     engine: str | None = None,
+    precision: str | None = None,
 ) -> JobResult:
     """``run_job`` on arrays -> its JobResult (``phi`` float64 [len(models), m], the engine that
     ran, timings); for in-process callers holding arrays (tests, bench). Shapes: train_x float32
@@ -324,5 +326,6 @@ def finetune_and_score(
         builder = Records.of(builder_x, builder_y, what="builder records")
     job = FinetuneJob(strategy_source=strategy_source, base_weights=base_weights,
                       train_records=train, models=tuple(models), eval_records=evaluated,
-                      builder_records=builder, builder_mix=builder_mix, engine=engine)
+                      builder_records=builder, builder_mix=builder_mix, engine=engine,
+                      precision=precision)
     return run_job(job, device=device, progress=progress)

@@ -29,6 +29,14 @@ cores (README, "Fine-tuning speed"):
   ``python -m bench.finetune --device cuda`` to check, and pin the other engine with
   ``$FTPS_ENGINE`` (worker setting ``engine``) if it loses.
 
+The precision of the training steps (``ftps.ml.training.PRECISIONS``) follows a rule too
+(``precision="auto"``, or $FTPS_PRECISION): bf16 autocast on CUDA devices that have bfloat16
+tensor cores (Ampere and later: the paper's ResNet-18 fine-tuning is convolution-bound, and a
+bf16 convolution runs at several times float32's rate), float32 elsewhere and for DP-SGD (opacus'
+per-record gradients and clipping stay float32). phi is computed in float32 either way.
+``python bench/gpu.py`` measures both precisions on both engines side by side, with the scores'
+agreement, on the GPU at hand.
+
 The rule never looks at a timing: engines round differently, and the same job must give the
 same phi on every worker of a device type (a retried job, a re-run round). A model that vmap
 cannot run (data-dependent control flow, ``.item()``) falls back to ``sequential`` under "auto".
@@ -37,6 +45,7 @@ cannot run (data-dependent control flow, ``.item()``) falls back to ``sequential
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -53,7 +62,9 @@ from torch.func import functional_call, vmap
 from ftps.ml.jobs import JobResult
 from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, describe_exception
 from ftps.ml.training import (
+    PRECISIONS,
     ModelData,
+    autocast,
     augment_batch,
     batch_bounds,
     compute_phi,
@@ -69,13 +80,15 @@ from ftps.ml.training import (
     tta_queries,
 )
 
-__all__ = ["ENGINES", "EnginePlan", "Prepared", "REQUESTS", "plan_engine", "run"]
+__all__ = ["ENGINES", "EnginePlan", "PRECISION_REQUESTS", "Prepared", "REQUESTS", "plan_engine",
+           "run"]
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("sequential", "stacked", "cached", "cached-stacked")
 # What a caller may ask for: how the models train; caching follows the recipe.
 REQUESTS = ("auto", "sequential", "stacked")
+PRECISION_REQUESTS = ("auto", *PRECISIONS)
 
 # Stacked models per vmap call: bounded by memory (parameters, gradients and two optimizer
 # states per model) and by this cap (beyond it the step is already one big kernel).
@@ -91,6 +104,7 @@ class EnginePlan:
 
     name: str
     reason: str
+    precision: str = "fp32"
 
     @property
     def cached(self) -> bool:
@@ -132,14 +146,42 @@ class Prepared:
         return x, y
 
 
-def plan_engine(strategy: Strategy, device: torch.device, requested: str | None = None
-                ) -> EnginePlan:
+def plan_precision(strategy: Strategy, device: torch.device, requested: str | None = None) -> str:
+    """The precision of the training steps (see the module docstring for the rule).
+
+    ``requested``: "auto" (default: $FTPS_PRECISION, else "auto"), "fp32" or "bf16". bf16 on a
+    device without bfloat16 support, or with DP-SGD, raises EngineError / trains in float32.
+    """
+    if not requested:
+        requested = os.environ.get("FTPS_PRECISION", "").strip() or "auto"
+    if requested not in PRECISION_REQUESTS:
+        raise EngineError(f"precision must be one of {list(PRECISION_REQUESTS)}, got {requested!r}")
+    recipe = strategy.recipe
+    if recipe is None or recipe.dp is not None:
+        return "fp32"  # finetune() trains as it likes; DP-SGD's clipping stays float32
+    bf16_here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if requested == "bf16" and not bf16_here:
+        raise EngineError(f"precision bf16 requested but {device} has no bfloat16 support")
+    if requested == "auto":
+        # CPUs run bf16 autocast through slow paths on most server parts: float32 there.
+        return "bf16" if device.type == "cuda" and bf16_here else "fp32"
+    return requested
+
+
+def plan_engine(strategy: Strategy, device: torch.device, requested: str | None = None,
+                precision: str | None = None) -> EnginePlan:
     """The engine for ``strategy`` on ``device`` (see the module docstring for the rule).
 
     ``requested``: "auto" (default: $FTPS_ENGINE, else "auto"), "sequential" or "stacked" (how
-    the models train; a ``cache_features`` recipe caches either way). Raises EngineError for an
-    unknown request, StrategyError for "stacked" with a free-form ``finetune()``.
+    the models train; a ``cache_features`` recipe caches either way). ``precision``: see
+    ``plan_precision``. Raises EngineError for an unknown request, StrategyError for "stacked"
+    with a free-form ``finetune()``.
     """
+    plan = _plan_engine(strategy, device, requested)
+    return dataclasses.replace(plan, precision=plan_precision(strategy, device, precision))
+
+
+def _plan_engine(strategy: Strategy, device: torch.device, requested: str | None) -> EnginePlan:
     if not requested:
         requested = os.environ.get("FTPS_ENGINE", "").strip() or "auto"
     if requested not in REQUESTS:
@@ -170,7 +212,7 @@ def run(job: Prepared, plan: EnginePlan) -> JobResult:
     engine that ran (``plan``'s, or sequential where vmap cannot run the model) and timings."""
     timings = {"features_s": 0.0, "train_s": 0.0, "phi_s": 0.0}
     recipe = job.strategy.recipe
-    channels_last = recipe is not None and prefer_channels_last(job.base, job.train_x)
+    channels_last = recipe is not None and prefer_channels_last(job.base, job.train_x, plan.precision)
     if channels_last:
         job.base.to(memory_format=torch.channels_last)
     if plan.stacked:
@@ -180,13 +222,13 @@ def run(job: Prepared, plan: EnginePlan) -> JobResult:
                 raise StrategyError(f"the stacked engine cannot run this model: {problem}")
             log.info("engine %s -> sequential: %s", plan.name, problem)
             name = "cached" if plan.cached else "sequential"
-            plan = EnginePlan(name, f"vmap cannot run the model ({problem})")
+            plan = EnginePlan(name, f"vmap cannot run the model ({problem})", plan.precision)
     if plan.cached:
         phi = _run_cached(job, plan, timings)
     else:
         phi = _run_full(job, plan, timings)
     return JobResult(phi, engine=plan.name, engine_reason=plan.reason, channels_last=channels_last,
-                     **timings, **_dp_spent(job))
+                     precision=plan.precision, **timings, **_dp_spent(job))
 
 
 def _dp_spent(job: Prepared) -> dict[str, float]:
@@ -228,7 +270,7 @@ def _run_full(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
         names = trainable_names(job.base, recipe)
         data = [(*job.rows(md), md.seed) for md in job.models]
         t = time.perf_counter()
-        for row, model in _train_stacked(job.base, data, recipe, names):
+        for row, model in _train_stacked(job.base, data, recipe, names, plan.precision):
             timings["train_s"] += time.perf_counter() - t
             finish(row, model)
             t = time.perf_counter()
@@ -240,7 +282,8 @@ def _run_full(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
         torch.manual_seed(md.seed)
         model = copy.deepcopy(job.base)
         if recipe is not None:
-            train_with_recipe(model, x, y, recipe, rng=np.random.default_rng([md.seed, 1]))
+            train_with_recipe(model, x, y, recipe, rng=np.random.default_rng([md.seed, 1]),
+                              precision=plan.precision)
         else:
             random.seed(md.seed)
             np.random.seed(md.seed % 2**32)
@@ -299,6 +342,7 @@ def _train_stacked(
     data: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
     recipe: Recipe,
     names: Sequence[str],
+    precision: str = "fp32",
 ) -> Iterator[tuple[int, nn.Module]]:
     """Train one model per ``(x, y, seed)`` in ``data`` from ``base``, stacked -> yields
     ``(position in data, trained model in eval mode)``, a chunk at a time.
@@ -316,6 +360,7 @@ def _train_stacked(
     set_train_mode(template)
     step = _stack_step(template)
     chunk_size = _max_stack(template, names)
+    device = next(iter(template.parameters())).device
     by_size: dict[int, list[int]] = {}
     for pos, (x, _, _) in enumerate(data):
         by_size.setdefault(int(x.shape[0]), []).append(pos)
@@ -340,7 +385,8 @@ def _train_stacked(
                     yb = torch.stack([data[pos][1].index_select(0, perm[a:b])
                                       for pos, perm in zip(chunk, perms, strict=True)])
                     with strategy_code("model forward/backward pass (stacked)"):
-                        loss = step(params, buffers, xb, yb).sum()
+                        with autocast(device, precision):
+                            loss = step(params, buffers, xb, yb).sum()
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     optimizer.step()
@@ -529,7 +575,8 @@ def _run_cached(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
 
     t = time.perf_counter()
     if plan.stacked:
-        for row, head in _train_stacked(split.head, data, recipe, split.head_trainable):
+        for row, head in _train_stacked(split.head, data, recipe, split.head_trainable,
+                                        plan.precision):
             timings["train_s"] += time.perf_counter() - t
             finish(row, head)
             t = time.perf_counter()
@@ -539,7 +586,7 @@ def _run_cached(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
         torch.manual_seed(seed)
         head = copy.deepcopy(split.head)
         train_with_recipe(head, x, y, recipe, rng=np.random.default_rng([seed, 1]),
-                          trainable=split.head_trainable)
+                          trainable=split.head_trainable, precision=plan.precision)
         timings["train_s"] += time.perf_counter() - t
         finish(row, head)
     return phi

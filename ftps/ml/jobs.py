@@ -53,7 +53,8 @@ class FinetuneJob:
     ``builder_mix`` builder records; None: the recipe's), then compute phi on the eval records.
 
     ``eval_records`` None: evaluate on the train records. ``engine``: None, "auto", "sequential",
-    "stacked" (``ftps.ml.engines``) or ``CHECK_ONLY``. ``models`` may be given as
+    "stacked" (``ftps.ml.engines``) or ``CHECK_ONLY``; ``precision``: None, "auto", "fp32" or
+    "bf16" (``ftps.ml.engines.plan_precision``). ``models`` may be given as
     ``(index, seed, mask)`` tuples; they are kept as ``ModelSpec``. Raises RecordsError for a
     mask that is not bool [len(train_records)] or a seed outside [0, 2**64). How the records fit
     each other and the strategy's model is the engine's check (it knows the strategy).
@@ -67,6 +68,7 @@ class FinetuneJob:
     builder_records: Records | None = None
     builder_mix: int | None = 0
     engine: str | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.train_records)
@@ -118,7 +120,7 @@ class FinetuneJob:
         files[_MASKS] = buf.getvalue()
         files[_SPEC] = json.dumps({
             "models": [{"index": int(m.index), "seed": int(m.seed)} for m in self.models],
-            "builder_mix": self.builder_mix, "engine": self.engine,
+            "builder_mix": self.builder_mix, "engine": self.engine, "precision": self.precision,
             "has_eval": self.eval_records is not None,
             "has_builder": self.builder_records is not None,
         }).encode()
@@ -144,6 +146,7 @@ class FinetuneJob:
                              if spec["has_builder"] else None),
             builder_mix=spec["builder_mix"],
             engine=spec["engine"],
+            precision=spec.get("precision"),
         )
 
 
@@ -153,7 +156,8 @@ class JobResult:
     job's models, and how it was computed.
 
     ``engine``: the engine that ran (``ftps.ml.engines.ENGINES``, or CHECK_ONLY) and
-    ``engine_reason`` why; ``device`` it ran on; ``features_s`` / ``train_s`` / ``phi_s``: seconds
+    ``engine_reason`` why; ``device`` it ran on; ``precision`` of the training steps
+    (``ftps.ml.training.PRECISIONS``); ``features_s`` / ``train_s`` / ``phi_s``: seconds
     spent on cached trunk features, training, phi; ``seconds``: the job's wall time as whoever
     ran it measured it. A CHECK_ONLY job has ``classes`` (logits per record) and ``parameters``
     (of the base model) and zeros for PHI. ``cpu_limit_s``: the sandbox child's soft CPU limit
@@ -167,6 +171,7 @@ class JobResult:
     engine_reason: str = ""
     device: str = ""
     channels_last: bool = False
+    precision: str = ""
     features_s: float = 0.0
     train_s: float = 0.0
     phi_s: float = 0.0
@@ -203,7 +208,7 @@ def _typed(value: object, kind: type) -> bool:
 
 _REPORTED = tuple(f for f in dataclasses.fields(JobResult) if f.name != "phi")
 _TYPES: dict[str, type] = {
-    "engine": str, "engine_reason": str, "device": str, "channels_last": bool,
+    "engine": str, "engine_reason": str, "device": str, "channels_last": bool, "precision": str,
     "features_s": float, "train_s": float, "phi_s": float, "seconds": float,
     "classes": int, "parameters": int, "cpu_limit_s": int,
     "dp_epsilon": float, "dp_noise_multiplier": float, "dp_delta": float,

@@ -35,7 +35,9 @@ from ftps.ml.strategy import (
 __all__ = [
     "DPBudget",
     "ModelData",
+    "PRECISIONS",
     "augment_batch",
+    "autocast",
     "batch_bounds",
     "check_logits",
     "compute_phi",
@@ -56,6 +58,13 @@ __all__ = [
 ]
 
 _MAX_LISTED_KEYS = 8  # names listed in an error message before "and N more"
+
+# How training steps compute: "fp32", or "bf16" autocast (matrix products and convolutions in
+# bfloat16 on tensor cores, reductions and the optimizer in float32; no loss scaling needed, the
+# exponent range is float32's). phi is always computed in float32 (``compute_phi``): the
+# difference between a record's IN and OUT models is a small change of its logit, which bfloat16's
+# 8-bit mantissa would blur.
+PRECISIONS = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------- tensors
@@ -167,6 +176,14 @@ def check_logits(logits: object, batch: int) -> None:
 
 
 # --------------------------------------------------------------------------- training
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a training step's forward pass and loss run in for ``precision``."""
+    if precision not in PRECISIONS:
+        raise StrategyError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -300,10 +317,12 @@ def train_with_recipe(
     rng: np.random.Generator,
     on_epoch: Callable[[int, int], None] | None = None,
     trainable: Collection[str] | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """Train ``model`` in place on tensors already on its device; shuffles and augmentation
     draw from ``rng``. ``on_epoch(done, total)`` after each epoch. ``trainable``: names of the
     parameters that train (default: those ``recipe.train`` selects), the others are frozen.
+    ``precision``: of the forward passes (``PRECISIONS``); DP-SGD always trains in float32.
     """
     names = trainable_names(model, recipe) if trainable is None else trainable
     params = select_trainable(model, names)
@@ -317,6 +336,7 @@ def train_with_recipe(
         return model
     n = x.shape[0]
     bounds = batch_bounds(n, recipe.batch_size)
+    cast = autocast(x.device, precision)
     for epoch in range(recipe.epochs):
         if n:
             perm = torch.from_numpy(rng.permutation(n)).to(x.device)
@@ -325,7 +345,8 @@ def train_with_recipe(
                 xb = augment_batch(x.index_select(0, idx), recipe.augment, rng)
                 yb = y.index_select(0, idx)
                 with strategy_code("model forward/backward pass"):
-                    loss = F.cross_entropy(model(xb), yb)
+                    with cast:
+                        loss = F.cross_entropy(model(xb), yb)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -458,16 +479,19 @@ def _train_dp(
                 del p.summed_grad
 
 
-def prefer_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+def prefer_channels_last(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> bool:
     """Whether to run ``model`` in channels-last memory format on records like ``x``.
 
-    On CPU, for image records [N, C, H, W], when a train-mode forward/backward pass works in that
-    format and gives the same logits: oneDNN's channels-last pooling and convolution kernels made
-    the demo CNN's fine-tuning ~1.5x faster (bench/finetune.py). Not on CUDA (no gain in float32).
-    A strategy whose forward cannot take a channels-last tensor (``.view`` on it) stays in the
-    default format. Depends only on the model, the record shape and the device: deterministic.
+    For image records [N, C, H, W], when a train-mode forward/backward pass works in that format
+    and gives the same logits: on CPU, oneDNN's channels-last pooling and convolution kernels made
+    the demo CNN's fine-tuning ~1.5x faster (bench/finetune.py); on CUDA in bf16, cuDNN's tensor-core
+    convolutions read and write NHWC, so the default NCHW layout costs a transpose around each one
+    (in float32 CUDA stays NCHW). A strategy whose forward cannot take a channels-last tensor
+    (``.view`` on it) stays in the default format. Depends only on the model, the record shape, the
+    device type and the precision: deterministic.
     """
-    if x.ndim != 4 or x.device.type != "cpu" or x.shape[0] == 0:
+    on = x.device.type == "cpu" or (x.device.type == "cuda" and precision == "bf16")
+    if x.ndim != 4 or not on or x.shape[0] == 0:
         return False
     probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
     xb = x[:2]
