@@ -164,12 +164,19 @@ def test_bf16_autocast_trains_the_same_models_on_both_engines(weights, job):
     fp32, _ = run(FULL, weights, job, "sequential")
     seq, seq_info = run(FULL, weights, job, "sequential", precision="bf16")
     stacked, info = run(FULL, weights, job, "stacked", precision="bf16")
-    assert (seq_info.precision, info.precision, seq_info.engine, info.engine) == (
-        "bf16", "bf16", "sequential", "stacked")
+    assert (seq_info.precision, seq_info.engine, info.engine) == ("bf16", "sequential", "stacked")
     assert np.isfinite(seq).all() and not np.array_equal(seq, fp32)  # autocast did act
     np.testing.assert_array_equal(seq, run(FULL, weights, job, "sequential", precision="bf16")[0])
     assert np.corrcoef(seq.ravel(), fp32.ravel())[0, 1] > 0.95
-    assert np.corrcoef(stacked.ravel(), seq.ravel())[0, 1] > 0.95
+    # Where autocast does not reach inside vmap (CPU convolutions), the stacked models train in
+    # float32 and the result says so, instead of claiming a precision they did not have.
+    stacked_fp32 = run(FULL, weights, job, "stacked")[0]
+    if info.precision == "bf16":
+        assert not np.array_equal(stacked, stacked_fp32)
+        assert np.corrcoef(stacked.ravel(), seq.ravel())[0, 1] > 0.95
+    else:
+        assert info.precision == "fp32" and "does not reach inside vmap" in info.engine_reason
+        np.testing.assert_array_equal(stacked, stacked_fp32)
     # The job's files carry the precision to the sandbox child.
     files = FinetuneJob(strategy_source=FULL, base_weights=weights,
                         train_records=Records.of(job["train_x"], job["train_y"]),
@@ -355,3 +362,21 @@ def test_cifar10_python_batches_load_without_unpickling_code(tmp_path):
         load_cifar10(tmp_path, "test")
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         load_cifar10(tmp_path, "train")
+
+
+def test_a_batch_of_several_models_is_augmented_as_each_alone():
+    """The stacked engine augments k models' batches as one: each model's slice must equal what
+    ``augment_batch`` gives its batch alone, bit for bit (same draws, same order)."""
+    from ftps.ml.training import apply_augment, augment_batch, augment_draws
+
+    augment = ["hflip", "random-crop:2"]
+    xb = torch.rand(3, 5, 3, 8, 8)
+    alone = [augment_batch(xb[j], augment, np.random.default_rng([j, 1])) for j in range(3)]
+    draws = np.concatenate([augment_draws(augment, 5, (3, 8, 8), np.random.default_rng([j, 1]))
+                            for j in range(3)], axis=1)
+    together = apply_augment(xb.reshape(15, 3, 8, 8), augment, torch.from_numpy(draws)).reshape(xb.shape)
+    for j in range(3):
+        assert torch.equal(together[j], alone[j])
+    assert not torch.equal(together[0], xb[0])  # it did augment
+    with pytest.raises(StrategyError, match="random-crop needs image records"):
+        augment_draws(["random-crop"], 4, (64,), np.random.default_rng(0))

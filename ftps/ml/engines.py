@@ -64,8 +64,9 @@ from ftps.ml.strategy import EngineError, Recipe, Strategy, StrategyError, descr
 from ftps.ml.training import (
     PRECISIONS,
     ModelData,
+    apply_augment,
+    augment_draws,
     autocast,
-    augment_batch,
     batch_bounds,
     compute_phi,
     dp_budget,
@@ -75,6 +76,7 @@ from ftps.ml.training import (
     set_train_mode,
     short_list,
     strategy_code,
+    to_device,
     train_with_recipe,
     trainable_names,
     tta_queries,
@@ -223,6 +225,11 @@ def run(job: Prepared, plan: EnginePlan) -> JobResult:
             log.info("engine %s -> sequential: %s", plan.name, problem)
             name = "cached" if plan.cached else "sequential"
             plan = EnginePlan(name, f"vmap cannot run the model ({problem})", plan.precision)
+        elif plan.precision == "bf16" and not _autocast_reaches_vmap(job, plan):
+            # Autocast is a dispatch key that functorch's batching rules may bypass (on CPU a
+            # vmapped convolution stays float32): the models then train in float32, and say so.
+            plan = dataclasses.replace(plan, precision="fp32", reason=f"{plan.reason}; bf16 autocast "
+                                       f"does not reach inside vmap on {job.device.type}")
     if plan.cached:
         phi = _run_cached(job, plan, timings)
     else:
@@ -372,18 +379,28 @@ def _train_stacked(
             optimizer = make_optimizer(list(params.values()), recipe)
             rngs = [np.random.default_rng([data[pos][2], 1]) for pos in chunk]
             torch.manual_seed(data[chunk[0]][2])
+            k = len(chunk)
+            # The chunk's records as one [k, size, ...] tensor: a batch of all k models is then one
+            # gather and one augmentation, not k of each (kernel launches, not FLOPs, bound a
+            # step of small models on a GPU). Each model's draws come from its own generator in
+            # the order train_with_recipe takes them, so it sees the same batches as there.
+            xs = torch.stack([data[pos][0] for pos in chunk]) if size else None
+            ys = torch.stack([data[pos][1] for pos in chunk]) if size else None
+            which = torch.arange(k, device=device)[:, None]
             for _ in range(recipe.epochs):
                 if not size:
                     continue
-                perms = [torch.from_numpy(rng.permutation(size)).to(data[pos][0].device)
-                         for pos, rng in zip(chunk, rngs, strict=True)]
+                perms = to_device(np.stack([rng.permutation(size) for rng in rngs]), device)
                 for a, b in bounds:
-                    xb = torch.stack([
-                        augment_batch(data[pos][0].index_select(0, perm[a:b]), recipe.augment, rng)
-                        for pos, perm, rng in zip(chunk, perms, rngs, strict=True)
-                    ])
-                    yb = torch.stack([data[pos][1].index_select(0, perm[a:b])
-                                      for pos, perm in zip(chunk, perms, strict=True)])
+                    idx = perms[:, a:b]
+                    xb, yb = xs[which, idx], ys[which, idx]
+                    if recipe.augment:
+                        draws = np.concatenate(
+                            [augment_draws(recipe.augment, b - a, xs.shape[2:], rng) for rng in rngs],
+                            axis=1)  # [rows, k * batch]: model j's draws in columns j*batch...
+                        flat = apply_augment(xb.reshape(k * (b - a), *xs.shape[2:]), recipe.augment,
+                                             to_device(draws, device))
+                        xb = flat.reshape(xb.shape)
                     with strategy_code("model forward/backward pass (stacked)"):
                         with autocast(device, precision):
                             loss = step(params, buffers, xb, yb).sum()
@@ -427,6 +444,33 @@ def _stacking_problem(job: Prepared, plan: EnginePlan) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means: do not stack this model
         return describe_exception(e, limit=300)
     return None
+
+
+def _autocast_reaches_vmap(job: Prepared, plan: EnginePlan) -> bool:
+    """Whether the stacked forward pass computes in bfloat16 under autocast on this device: its
+    logits' dtype on two stacked copies and two records (depends on the device type and torch,
+    never on a timing)."""
+    if len(job.train_x) < 2:
+        return True
+    if plan.cached:
+        split = _split(job, job.strategy.recipe)
+        module, x = split.head, _features(split.trunk, job.train_x[:2])
+    else:
+        module, x = job.base, job.train_x[:2]
+    template = copy.deepcopy(module)
+    set_train_mode(template)
+    params = {n: p.detach().unsqueeze(0).repeat_interleave(2, 0) for n, p in template.named_parameters()}
+    buffers = {n: b.unsqueeze(0).repeat_interleave(2, 0) for n, b in template.named_buffers()}
+
+    def logits(p: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(template, (p, b), (xb,))
+
+    try:
+        with torch.no_grad(), autocast(job.device, "bf16"):
+            out = vmap(logits, randomness="different")(params, buffers, torch.stack([x, x]))
+    except Exception:  # noqa: BLE001 - _stacking_problem ran the same step in float32 already
+        return False
+    return out.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- cached features

@@ -36,7 +36,9 @@ __all__ = [
     "DPBudget",
     "ModelData",
     "PRECISIONS",
+    "apply_augment",
     "augment_batch",
+    "augment_draws",
     "autocast",
     "batch_bounds",
     "check_logits",
@@ -53,6 +55,7 @@ __all__ = [
     "short_list",
     "strategy_code",
     "train_with_recipe",
+    "to_device",
     "trainable_names",
     "tta_queries",
 ]
@@ -281,31 +284,74 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def augment_batch(xb: torch.Tensor, augment: Sequence[str], rng: np.random.Generator) -> torch.Tensor:
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without stalling the host: on CUDA through pinned memory and an
+    asynchronous copy (a copy from pageable memory waits for every kernel queued before it, so
+    each batch's shuffle and augmentation draws would drain the GPU's queue)."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _crop_pad(aug: str, record_shape: Sequence[int]) -> int:
+    _, _, arg = aug.partition(":")
+    return int(arg) if arg else max(1, record_shape[-2] // 8)
+
+
+def augment_draws(augment: Sequence[str], b: int, record_shape: Sequence[int],
+                  rng: np.random.Generator) -> np.ndarray:
+    """The random numbers ``augment`` takes for a batch of ``b`` records of ``record_shape``,
+    drawn from ``rng`` in the order the augmentations are listed -> int64 ``[rows, b]`` (a hflip
+    takes one row, 0/1; a random crop two, its row and column offsets)."""
+    rows = []
     for aug in augment:
-        name, _, arg = aug.partition(":")
-        b = xb.shape[0]
+        name = aug.partition(":")[0]
         if name == "hflip":
-            flip = torch.from_numpy(rng.random(b) < 0.5).to(xb.device)
-            xb = torch.where(flip.view(b, *([1] * (xb.ndim - 1))), xb.flip(-1), xb)
+            rows.append(rng.random(b) < 0.5)
         elif name == "random-crop":
-            if xb.ndim != 4:
+            if len(record_shape) != 3:
                 raise StrategyError(
-                    f"random-crop needs image records [N, C, H, W], got {tuple(xb.shape)}"
+                    f"random-crop needs image records [N, C, H, W], got [N, {', '.join(map(str, record_shape))}]"
                 )
+            pad = _crop_pad(aug, record_shape)
+            rows.append(rng.integers(0, 2 * pad + 1, b))
+            rows.append(rng.integers(0, 2 * pad + 1, b))
+        else:
+            raise StrategyError(f"unknown augmentation {aug!r}")
+    return np.stack(rows).astype(np.int64) if rows else np.empty((0, b), dtype=np.int64)
+
+
+def apply_augment(xb: torch.Tensor, augment: Sequence[str], draws: torch.Tensor) -> torch.Tensor:
+    """Augment the records ``xb`` [b, ...] with ``draws`` [rows, b] from ``augment_draws`` (on
+    ``xb``'s device). Elementwise selections and gathers only: a batch of several models' batches
+    laid end to end gives each model exactly what its own batch alone would."""
+    b, row = xb.shape[0], 0
+    for aug in augment:
+        if aug.partition(":")[0] == "hflip":
+            flip = draws[row].bool()
+            row += 1
+            xb = torch.where(flip.view(b, *([1] * (xb.ndim - 1))), xb.flip(-1), xb)
+        else:  # random-crop (augment_draws refused anything else)
+            dy, dx = draws[row], draws[row + 1]
+            row += 2
             _, c, h, w = xb.shape
-            pad = int(arg) if arg else max(1, h // 8)
+            pad = _crop_pad(aug, xb.shape[1:])
             padded = F.pad(xb, (pad, pad, pad, pad))
-            dy = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(xb.device)
-            dx = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(xb.device)
             rows = (dy[:, None] + torch.arange(h, device=xb.device))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=xb.device))[:, None, None, :]
             batch_idx = torch.arange(b, device=xb.device)[:, None, None, None]
             chan_idx = torch.arange(c, device=xb.device)[None, :, None, None]
             xb = padded[batch_idx, chan_idx, rows, cols]
-        else:
-            raise StrategyError(f"unknown augmentation {aug!r}")
     return xb
+
+
+def augment_batch(xb: torch.Tensor, augment: Sequence[str], rng: np.random.Generator) -> torch.Tensor:
+    """``xb`` augmented as ``augment`` lists, its random numbers drawn from ``rng``."""
+    if not augment:
+        return xb
+    draws = augment_draws(augment, xb.shape[0], xb.shape[1:], rng)
+    return apply_augment(xb, augment, to_device(draws, xb.device))
 
 
 def train_with_recipe(
@@ -339,7 +385,7 @@ def train_with_recipe(
     cast = autocast(x.device, precision)
     for epoch in range(recipe.epochs):
         if n:
-            perm = torch.from_numpy(rng.permutation(n)).to(x.device)
+            perm = to_device(rng.permutation(n), x.device)
             for a, b in bounds:
                 idx = perm[a:b]
                 xb = augment_batch(x.index_select(0, idx), recipe.augment, rng)
