@@ -546,6 +546,10 @@ def test_gpu_overlay_runs_workers_on_gpus_and_cpu_overlay_does_not(rendered):
         if gpu:
             assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+            # The overlay and the CUDA image run the engine with the same settings (issue 18).
+            image_env = _dockerfile_env(ROOT / "deploy" / "docker" / "Dockerfile.cuda")
+            for key in ("FTPS_DEVICE", "FTPS_ENGINE", "FTPS_PRECISION"):
+                assert env[key] == image_env[key], key
         # Only the worker image differs between the overlays.
         for w, other, _ in _service_containers(docs):
             if w != "finetune-worker":
@@ -914,6 +918,19 @@ def test_services_serve_metrics_to_prometheus_only(rendered, overlay):
 
 
 # -- images --------------------------------------------------------------------------------------
+
+def _dockerfile_env(path) -> dict[str, str]:
+    """The ENV of a Dockerfile's final stage (KEY=value pairs, line continuations joined)."""
+    text = path.read_text()
+    final = text[text.rindex("\nFROM "):].replace("\\\n", " ")
+    env = {}
+    for line in final.splitlines():
+        if line.strip().startswith("ENV "):
+            for pair in line.split()[1:]:
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_install_the_project_once_and_run_as_non_root(name):
