@@ -96,7 +96,10 @@ PRECISION_REQUESTS = ("auto", *PRECISIONS)
 # states per model) and by this cap (beyond it the step is already one big kernel).
 _MAX_STACK = 64
 _STACK_BUDGET_CPU = 1 << 30
-_STACK_BUDGET_CUDA_FRACTION = 0.25
+_STACK_BUDGET_CUDA_FRACTION = 0.5
+# Activations a training step keeps per element of the layers' outputs: the output itself, and
+# about as much again in what backward saves and the vmap batching rules copy.
+_ACTIVATION_FACTOR = 2
 _FEATURE_BATCH = 512
 
 
@@ -311,7 +314,34 @@ def _run_full(job: Prepared, plan: EnginePlan, timings: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- stacked
 
 
-def _max_stack(model: nn.Module, names: Sequence[str]) -> int:
+def _activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
+    """Bytes of the outputs of every leaf module for one record ``x1`` [1, ...] (eval mode, no
+    autograd): what a training step's activations grow by per record, up to _ACTIVATION_FACTOR."""
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x1)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+def _max_stack(model: nn.Module, names: Sequence[str], x1: torch.Tensor | None = None,
+               batch_size: int = 0) -> int:
+    """Models per stacked chunk: their parameters, gradients and optimizer states (and on CUDA
+    their activations for a batch of ``batch_size`` records like ``x1``) within the budget."""
     wanted = set(names)
     per_model = sum(
         p.numel() * p.element_size() * (4 if n in wanted else 0)
@@ -319,9 +349,13 @@ def _max_stack(model: nn.Module, names: Sequence[str]) -> int:
     ) + sum(b.numel() * b.element_size() for b in model.buffers())
     device = next(iter(model.parameters()), torch.empty(0)).device
     if device.type == "cuda":
+        # 64 ResNet-18s on 64 CIFAR images each keep tens of GB of activations: a GPU with less
+        # memory than an H100 gets smaller chunks instead of running out of memory.
+        if x1 is not None and batch_size:
+            per_model += _ACTIVATION_FACTOR * batch_size * _activation_bytes(model, x1)
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * _STACK_BUDGET_CUDA_FRACTION)
-    else:
+    else:  # stacking on CPU is by request only; its chunks are as they were measured
         budget = _STACK_BUDGET_CPU
     return max(1, min(_MAX_STACK, budget // max(per_model, 1)))
 
@@ -366,7 +400,9 @@ def _train_stacked(
         raise StrategyError("the model has no parameters to train")
     set_train_mode(template)
     step = _stack_step(template)
-    chunk_size = _max_stack(template, names)
+    first = next((x for x, _, _ in data if len(x)), None)
+    chunk_size = _max_stack(template, names, None if first is None else first[:1],
+                            recipe.batch_size)
     device = next(iter(template.parameters())).device
     by_size: dict[int, list[int]] = {}
     for pos, (x, _, _) in enumerate(data):
