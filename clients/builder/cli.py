@@ -52,7 +52,7 @@ from clients.cli_common import (
 from clients.score_html import epsilon_cell, headline
 from ftps.common import serde
 from ftps.common.clock import iso
-from ftps.records import files, tables
+from ftps.records import beton, files, tables
 from ftps.records.files import Expect
 from ftps.records.tabular import Schema
 from ftps.v1 import common_pb2, scorer_pb2
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", type=Path, default=None, help="write the JSON here (default: standard output)")
 
     u = sub.add_parser("upload", help="upload a base model (.safetensors), strategy (.py) or data "
-                                      "(.npz, or .csv / .parquet for a tabular task)")
+                                      "(.npz, an FFCV .beton with fields x and y, or .csv / .parquet "
+                                      "for a tabular task)")
     u.add_argument("--task", required=True)
     u.add_argument("--kind", required=True, choices=list(KIND_NAMES))
     u.add_argument("file", type=Path)
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the other half's upload checks the pair (changing the architecture needs both)")
     u.add_argument("--npz-blob", action="store_true",
                    help="data: send the .npz file as it is (UploadBlob) instead of streaming its records "
-                        "in chunks (UploadBuilderData); both store the same builder data")
+                        "in chunks (UploadBuilderData); both store the same builder data. An FFCV .beton "
+                        "is always sent as it is: the registry decodes and checks it, and stores the file")
     u.add_argument("--json", action="store_true")
 
     t = sub.add_parser("tasks", help="list tasks")
@@ -260,7 +262,8 @@ def cmd_schema(args) -> int:
 
 
 def cmd_upload(args) -> int:
-    if KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and not args.npz_blob:
+    beton_file = KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and _is_beton(args.file)
+    if KIND_NAMES[args.kind] == common_pb2.BLOB_KIND_BUILDER_DATA and not args.npz_blob and not beton_file:
         # A table's columns mean what the task's schema says: fetched first.
         task = _client(args).get_task(args.task) if tables.table_format(args.file.name) else None
         recs = files.load(args.file, Expect.of(task.settings if task is not None else None))
@@ -292,13 +295,23 @@ def cmd_upload(args) -> int:
         print_json({"key": ref.key, "sha256": ref.sha256, "size": ref.size, "version": ref.version,
                     "model_check": check})
     else:
-        print(f"{args.kind} v{ref.version} stored: {ref.size} bytes, sha256 {ref.sha256[:16]}...")
+        print(f"{args.kind} v{ref.version} stored: {ref.size} bytes, sha256 {ref.sha256[:16]}..."
+              + (" (an FFCV .beton, decoded and checked by the registry)" if beton_file else ""))
         if check is not None:
             print(f"checked in a worker's sandbox: the base model fits the strategy ({check['num_classes']} classes, "
                   f"{check['parameters']:,} parameters, {check['seconds']:.1f} s on {check['device']})")
         elif KIND_NAMES[args.kind] in (common_pb2.BLOB_KIND_BASE_MODEL, common_pb2.BLOB_KIND_STRATEGY):
             print("not checked yet: the task's other half (base model / strategy) is checked with it on its upload")
     return 0
+
+
+def _is_beton(path: Path) -> bool:
+    """Whether the file starts like an FFCV .beton (by its header, whatever its name)."""
+    try:
+        with path.open("rb") as f:
+            return beton.is_beton(f.read(64))
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _check_dict(c) -> dict | None:

@@ -4,8 +4,8 @@ Tasks are rows of a database (:mod:`services.builder_registry.store`, table ``re
 by every replica; blobs are objects (bucket ``FTPS_S3_BUCKET``)::
 
     registry/tasks/{task_id}/{kind}/{sha256}/{file}           base-model.safetensors, strategy.py,
-                                                              builder-data.npz (a version's BlobRef
-                                                              points here; equal bytes, one object)
+                                                              builder-data.npz or .beton (a version's
+                                                              BlobRef points here; equal bytes, one object)
     registry/staging/{task_id}/{sha256}/{upload}/{file}       an upload being checked (deleted after)
 
 An upload stores its blob first, at a key named by its content (two replicas never write different
@@ -32,8 +32,11 @@ from ftps.common import archives, serde
 from ftps.common.clock import now_ts
 from ftps.common.paging import page_size
 from ftps.common.auth import Principal, authorized_task
-from ftps.common.errors import FtpsError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from ftps.records import checks, tabular
+from ftps.common.errors import (
+    FailedPrecondition, FtpsError, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+)
+from ftps.records import RecordsError, beton, checks, tabular
+from ftps.records.builder import decode_untrusted
 from ftps.common.storage import ObjectStore, check_id
 from ftps.common.task_rules import MAX_MODELS, MAX_RECORDS, min_records, valid_batch_size, valid_n_models
 from ftps.ml.strategy import check_source
@@ -58,6 +61,9 @@ _FIELD = {
     common_pb2.BLOB_KIND_STRATEGY: "strategy",
     common_pb2.BLOB_KIND_BUILDER_DATA: "builder_data",
 }
+
+# Decoding an uploaded .beton once, in a child: far above what a valid file of the byte limit takes.
+BETON_TIMEOUT_S = 300.0
 
 DEFAULTS = dict(n_models=32, batch_threshold=200, method=common_pb2.METHOD_ONLINE_PER_RECORD,
                 alpha=0.05, shadow_models=16, num_classes=10, models_per_job=4, dp_delta=dp.DEFAULT_DELTA)
@@ -149,11 +155,12 @@ class Registry:
 
     def __init__(self, store: ObjectStore, tasks: TaskStore, *, max_bytes: dict[int, int],
                  max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES,
-                 checker: ModelChecker | None = None) -> None:
+                 checker: ModelChecker | None = None, beton_timeout_s: float = BETON_TIMEOUT_S) -> None:
         self._store = store
         self._tasks = tasks
         self._max_bytes = max_bytes
         self._max_expanded_bytes = max_expanded_bytes
+        self._beton_timeout_s = beton_timeout_s
         self._checker = checker
 
     def _set_ready(self, task: registry_pb2.Task) -> None:
@@ -269,12 +276,15 @@ class Registry:
                 defer_check: bool = False) -> common_pb2.BlobRef:
         """The one home of storing a received blob: validate it, check the pair (unless deferred),
         store it by content, then take the next version under the task's row lock."""
-        _validate_blob(kind, data, task.settings, max_expanded_bytes=self._max_expanded_bytes)
+        _validate_blob(kind, data, task.settings, max_expanded_bytes=self._max_expanded_bytes,
+                       beton_timeout_s=self._beton_timeout_s)
         check = None
         if not defer_check:
             check = self._check_pair(task, kind, data, sha256)
         # The blob first (outside any transaction or lock), then the row that points to it.
         folder, filename = _FILES[kind]
+        if kind == common_pb2.BLOB_KIND_BUILDER_DATA and beton.is_beton(data):
+            filename = "builder-data.beton"  # stored as uploaded; readers tell the formats apart
         stored = self._store.put_bytes(f"{PREFIX}{task.task_id}/{folder}/{sha256}/{filename}", data)
         field = _FIELD[kind]
 
@@ -319,7 +329,8 @@ class Registry:
 
 
 def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
-                   max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES) -> None:
+                   max_expanded_bytes: int = archives.DEFAULT_MAX_EXPANDED_BYTES,
+                   beton_timeout_s: float = BETON_TIMEOUT_S) -> None:
     # Archives are bounded before they are read: what they declare (member count and sizes, each
     # array's dtype and shape, the safetensors header and offsets) is checked against the task and
     # max_expanded_bytes before anything of that size is inflated or allocated.
@@ -339,13 +350,53 @@ def _validate_blob(kind: int, data: bytes, settings: common_pb2.TaskSettings, *,
     elif kind == common_pb2.BLOB_KIND_STRATEGY:
         check_source(data)  # syntax only; it runs in the worker's sandbox
     elif kind == common_pb2.BLOB_KIND_BUILDER_DATA:
-        # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
-        arrays = archives.npz_arrays(data, what="builder_data", limits=limits,
-                                  expect=archives.records_spec(settings.record_shape))
-        x, y = checks.for_task(arrays["x"], arrays["y"], settings, field="builder_data", encoded=True)
+        if beton.is_beton(data):
+            x, y = _beton_records(data, settings, max_expanded_bytes=max_expanded_bytes, timeout_s=beton_timeout_s)
+        else:
+            # x [m, *record_shape] floats and y [m] labels, m bounded by the byte limit.
+            arrays = archives.npz_arrays(data, what="builder_data", limits=limits,
+                                         expect=archives.records_spec(settings.record_shape))
+            x, y = arrays["x"], arrays["y"]
+        x, y = checks.for_task(x, y, settings, field="builder_data", encoded=True)
         if len(x) < 8:
             raise InvalidArgument(f"builder data has {len(x)} records; at least 8 are needed",
                                   reason="BUILDER_DATA_INVALID")
+
+
+def _beton_records(data: bytes, settings: common_pb2.TaskSettings, *, max_expanded_bytes: int,
+                   timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Builder data uploaded as an FFCV .beton -> its records, decoded once.
+
+    What the file declares and every pointer in it are checked with numpy here first; the decoding
+    runs in a child process (``decode_untrusted``: timeout, address-space limit) because FFCV's
+    decoders and libjpeg-turbo trust the file. A file that fails anywhere is BUILDER_DATA_INVALID
+    with one line saying why; a registry without ffcv answers FAILED_PRECONDITION and stores nothing.
+    """
+    def invalid(message: str) -> InvalidArgument:
+        return InvalidArgument(message, reason="BUILDER_DATA_INVALID", field="builder_data")
+
+    if tabular.of_settings(settings) is not None:
+        raise invalid("builder_data: this is a tabular task, whose builder data is rows (an .npz of encoded rows, "
+                      "or a table); an FFCV .beton holds image or array records")
+    try:
+        head = beton.check_pages(data, what="builder_data")
+    except RecordsError as exc:
+        raise invalid(str(exc)) from exc
+    if not 8 <= head.num_samples <= MAX_RECORDS:
+        raise invalid(f"builder_data: the .beton holds {head.num_samples} records; 8 to {MAX_RECORDS} are accepted")
+    shape = tuple(settings.record_shape)
+    decoded = head.num_samples * (4 * math.prod(shape) + 8)  # float32 x and int64 y
+    if decoded > max_expanded_bytes:
+        raise invalid(f"builder_data: {head.num_samples} records of {list(shape)} decode to {decoded} bytes; the "
+                      f"limit is {max_expanded_bytes} bytes")
+    try:
+        return decode_untrusted(data, what="builder_data", timeout_s=timeout_s, max_records_bytes=decoded,
+                                expect_shape=shape)
+    except beton.BetonUnavailable as exc:
+        raise FailedPrecondition(f"this registry cannot read FFCV .beton files: {exc}; upload the records as an "
+                                 f".npz instead", reason="FAILED_PRECONDITION", field="builder_data") from exc
+    except RecordsError as exc:
+        raise invalid(str(exc)) from exc
 
 
 MAX_CHUNK_RECORDS = 10_000  # records in one UploadBuilderData chunk (registry.proto)

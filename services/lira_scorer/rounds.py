@@ -64,6 +64,8 @@ from ftps.privacy.masks import (
     shadow_masks,
     trace_failures,
 )
+from ftps.records import RecordsError
+from ftps.records.builder import builder_data
 from ftps.v1 import common_pb2, registry_pb2, scorer_pb2, worker_pb2
 from services.lira_scorer import costs
 from services.lira_scorer.store import (
@@ -344,6 +346,13 @@ class Scorer:
     def _offline_prefix(self, task: registry_pb2.Task) -> str:
         return f"scorer/tasks/{task.task_id}/offline/{task.base_model.sha256[:16]}"
 
+    def _builder_data(self, task: registry_pb2.Task) -> tuple[np.ndarray, np.ndarray]:
+        """The task's builder records (npz or .beton, as uploaded and checked by the registry)."""
+        try:
+            return builder_data(self._store.get_ref(task.builder_data))
+        except RecordsError as exc:
+            raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID", field="builder_data") from exc
+
     def get_offline(self, task_id: str, who: Principal) -> common_pb2.OfflineGaussian:
         task = self._ready_task(task_id, who, action="read the offline Gaussian of")
         gaussian = self._offline.get(task_id, task.base_model.sha256)
@@ -526,8 +535,7 @@ class Scorer:
         task_id = task.task_id
         prefix = self._offline_prefix(task)
         t0 = time.perf_counter()
-        arrays = archives.npz_arrays(self._store.get_ref(task.builder_data))
-        x, y = arrays["x"], arrays["y"]
+        x, y = self._builder_data(task)
         seed = derive_seed(task.settings.seed, task.base_model.sha256, "offline")
         perm = np.random.default_rng(seed).permutation(len(x))
         n_heldout = min(len(x) // 2, self._heldout_max)
@@ -900,14 +908,14 @@ class Scorer:
         task = self._ready_task(row.task_id, SELF)
         # The batch, then held-out builder records: one evaluation set, phi on both per model.
         batch = archives.npz_arrays(self._store.get_ref(row.batch))
-        builder = archives.npz_arrays(self._store.get_ref(task.builder_data))
+        builder_x, builder_y = self._builder_data(task)
         rng = np.random.default_rng(derive_seed(task.settings.seed, row.batch.sha256, "heldout"))
-        held = rng.permutation(len(builder["y"]))[:self._heldout_max]
+        held = rng.permutation(len(builder_y))[:self._heldout_max]
         nonce = secrets.token_hex(4)
         eval_ref = self._store.put_bytes(
             f"scorer/rounds/{round_id}/compare-{nonce}/eval.npz",
-            archives.records_to_npz(np.concatenate([batch["x"], builder["x"][held]]),
-                                 np.concatenate([batch["y"], builder["y"][held]])))
+            archives.records_to_npz(np.concatenate([batch["x"], builder_x[held]]),
+                                 np.concatenate([batch["y"], builder_y[held]])))
         rows = []
         start = len(earlier)  # variants of earlier comparisons keep their ids
         for k, (name, alt) in enumerate([("current", None), *((a.name, a) for a in alternatives)]):
