@@ -81,6 +81,7 @@ def test_bad_jobs_get_precise_statuses(env):
     # The worker still serves the next job.
     info = stub.GetInfo(worker_pb2.GetInfoRequest(), timeout=5)
     assert info.device == "cpu" and info.started_at.seconds > 0
+    assert (info.engine, info.precision) == ("auto", "auto")  # as the settings ask
 
 
 def test_corrupt_blob_is_data_loss(env):
@@ -108,13 +109,18 @@ def test_jobs_of_a_task_share_a_warm_sandbox_child(store, digits_splits, digits_
     with pytest.raises(ValueError, match="engine must be one of"):
         Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=60, memory_mb=8192,
                cache_bytes=1 << 26, engine="fastest")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=60, memory_mb=8192,
+               cache_bytes=1 << 26, precision="fp16")
+    # bf16 asked for on CPU: the GPU's default precision, through the sandbox child.
     worker = Worker(store, device="cpu", max_concurrent_jobs=1, timeout_s=120, memory_mb=8192,
-                    cache_bytes=1 << 26, spare_sandbox=False)
+                    cache_bytes=1 << 26, spare_sandbox=False, precision="bf16")
     try:
         masks = np.array([[1, 0] * 6, [0, 1] * 6], dtype=bool)
         first = worker.run_job(_job(refs, masks).job)
         second = worker.run_job(_job(refs, masks).job)
         assert worker._pool.stats == {"started": 1, "reused": 1, "spare_used": 0}
+        assert first.precision == second.precision == "bf16"
         np.testing.assert_array_equal(serde.array_from_tensor(first.phi),
                                       serde.array_from_tensor(second.phi))
         other = _job(refs, masks).job
@@ -149,6 +155,7 @@ def test_the_worker_validates_each_records_blob_once(store, digits_splits, digit
         worker.close()
     assert sorted(validations) == sorted([12, 7, len(bx)])
     assert serde.array_from_tensor(res.phi).shape == (2, 7) and res.engine == "sequential"
+    assert res.precision == "fp32"  # the rule on CPU
     assert list(res.model_indices) == [0, 1] and res.seconds > 0
 
 

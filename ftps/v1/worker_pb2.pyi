@@ -63,7 +63,7 @@ class RunJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[FinetuneJob, _Mapping]] = ...) -> None: ...
 
 class RunJobResponse(_message.Message):
-    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine", "dp_epsilon", "dp_delta", "dp_noise_multiplier")
+    __slots__ = ("job_id", "model_indices", "phi", "device", "seconds", "engine", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "precision")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_INDICES_FIELD_NUMBER: _ClassVar[int]
     PHI_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class RunJobResponse(_message.Message):
     DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_indices: _containers.RepeatedScalarFieldContainer[int]
     phi: _common_pb2.Tensor
@@ -82,24 +83,27 @@ class RunJobResponse(_message.Message):
     dp_epsilon: float
     dp_delta: float
     dp_noise_multiplier: float
-    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., engine: _Optional[str] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
+    precision: str
+    def __init__(self, job_id: _Optional[str] = ..., model_indices: _Optional[_Iterable[int]] = ..., phi: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., engine: _Optional[str] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("device", "torch_version", "threads", "worker_id", "engine", "started_at")
+    __slots__ = ("device", "torch_version", "threads", "worker_id", "engine", "started_at", "precision")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     device: str
     torch_version: str
     threads: int
     worker_id: str
     engine: str
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ..., engine: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    precision: str
+    def __init__(self, device: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., worker_id: _Optional[str] = ..., engine: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., precision: _Optional[str] = ...) -> None: ...

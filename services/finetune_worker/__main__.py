@@ -46,6 +46,7 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     worker = Worker(store, device=device, max_concurrent_jobs=settings.max_concurrent_jobs,
                     timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb,
                     cache_bytes=settings.blob_cache_mb * MiB, engine=settings.engine,
+                    precision=settings.precision,
                     warm_sandboxes=settings.warm_sandboxes, sandbox_idle_s=settings.sandbox_idle_s,
                     sandbox_max_jobs=settings.sandbox_max_jobs,
                     spare_sandbox=settings.spare_sandbox, threads=threads,
@@ -55,7 +56,8 @@ def create_server(settings: WorkerSettings) -> grpcutil.Server:
     info = worker_pb2.WorkerInfo(device=device, torch_version=torch.__version__,
                                  threads=threads or configure_threads(),
                                  worker_id=settings.worker_id or f"{socket.gethostname()}",
-                                 engine=settings.engine, started_at=now_ts())
+                                 engine=settings.engine, precision=settings.precision,
+                                 started_at=now_ts())
     server.add(worker_pb2_grpc.add_FinetuneWorkerServiceServicer_to_server,
                FinetuneWorkerServicer(worker, info), grpcutil.full_name(worker_pb2, "FinetuneWorkerService"))
     # The warm sandbox children go with the server (they would otherwise wait for this process to

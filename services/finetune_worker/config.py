@@ -9,6 +9,9 @@ class WorkerSettings(CommonSettings):
     engine: str = Field("auto", description="how a job's models train: auto (the rule of "
                         "ftps/ml/engines.py: one after another on CPU, stacked on CUDA), "
                         "sequential or stacked")
+    precision: str = Field("auto", description="precision of the training steps: auto (the rule of "
+                           "ftps/ml/engines.py: bf16 autocast on CUDA with bfloat16 support, fp32 "
+                           "elsewhere and for DP-SGD), fp32 or bf16; phi is float32 either way")
     max_concurrent_jobs: int = Field(1, description="jobs run at once; more wait their turn")
     job_threads: int = Field(0, ge=0, description="torch threads of each job; 0: $FTPS_TORCH_THREADS, else the "
                                "CPUs this worker may use divided by max_concurrent_jobs (on small models "

@@ -17,6 +17,7 @@ from ftps.common.serde import tensor_from_array
 from ftps.common.storage import ObjectStore, check_id
 from ftps.ml.jobs import CHECK_ONLY, FinetuneJob, JobResult, ModelSpec
 from ftps.ml.strategy import JOB_ERRORS
+from ftps.records.builder import builder_data
 from ftps.records.npz import Records
 from ftps.v1 import common_pb2, worker_pb2
 from services.finetune_worker.sandbox import SandboxError, SandboxPool, run_sandboxed
@@ -57,15 +58,18 @@ class Worker:
 
     def __init__(self, store: ObjectStore, *, device: str, max_concurrent_jobs: int,
                  timeout_s: float, memory_mb: int, cache_bytes: int, engine: str = "auto",
-                 warm_sandboxes: bool = True, sandbox_idle_s: float = 300,
+                 precision: str = "auto", warm_sandboxes: bool = True, sandbox_idle_s: float = 300,
                  sandbox_max_jobs: int = 64, spare_sandbox: bool = True, threads: int | None = None,
                  metrics: WorkerMetrics | None = None) -> None:
-        from ftps.ml.engines import REQUESTS
+        from ftps.ml.engines import PRECISION_REQUESTS, REQUESTS
 
         if engine not in REQUESTS:
             raise ValueError(f"engine must be one of {list(REQUESTS)}, got {engine!r}")
+        if precision not in PRECISION_REQUESTS:
+            raise ValueError(f"precision must be one of {list(PRECISION_REQUESTS)}, got {precision!r}")
         self.device = device
         self.engine = engine
+        self.precision = precision
         self._cache = BlobCache(store, cache_bytes)
         self._slots = threading.Semaphore(max_concurrent_jobs)
         self._timeout_s = timeout_s
@@ -117,11 +121,13 @@ class Worker:
     def _run_job(self, job: worker_pb2.FinetuneJob) -> worker_pb2.RunJobResponse:
         finetune = self._finetune_job(job)
         result = self._sandboxed(f"{job.task_id}/{job.strategy.sha256}", f"job {job.job_id} failed", finetune)
-        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s", job.job_id,
-                 len(finetune.models), len(finetune.evaluated), result.seconds, self.device, result.engine or "?")
+        log.info("job %s: %d model(s) x %d record(s) in %.1fs on %s, engine %s, %s", job.job_id,
+                 len(finetune.models), len(finetune.evaluated), result.seconds, self.device, result.engine or "?",
+                 result.precision or "?")
         return worker_pb2.RunJobResponse(job_id=job.job_id, model_indices=[m.index for m in finetune.models],
                                          phi=tensor_from_array(np.asarray(result.phi, dtype=np.float64)),
                                          device=self.device, seconds=result.seconds, engine=result.engine,
+                                         precision=result.precision,
                                          dp_epsilon=result.dp_epsilon, dp_delta=result.dp_delta,
                                          dp_noise_multiplier=result.dp_noise_multiplier)
 
@@ -147,7 +153,7 @@ class Worker:
             evaluated = _records(self._cache.get(job.eval_records, "eval_records"), "eval_records")
         builder = None
         if job.builder_mix:
-            builder = _records(self._cache.get(job.builder_data, "builder_data"), "builder_data")
+            builder = _builder_records(self._cache.get(job.builder_data, "builder_data"))
         models = []
         for i, spec in enumerate(job.models):
             mask = np.frombuffer(spec.mask, dtype=np.uint8)
@@ -160,7 +166,7 @@ class Worker:
             models.append(ModelSpec(spec.index, spec.seed, mask.astype(bool)))
         return FinetuneJob(strategy_source=_source(strategy), base_weights=weights, train_records=train,
                            models=tuple(models), eval_records=evaluated, builder_records=builder,
-                           builder_mix=job.builder_mix, engine=self.engine)
+                           builder_mix=job.builder_mix, engine=self.engine, precision=self.precision)
 
     def check_model(self, req: worker_pb2.CheckModelRequest) -> common_pb2.ModelCheck:
         """Build the strategy's model in the sandbox, load the weights into it and run probe
@@ -228,6 +234,15 @@ def _records(data: bytes, field: str) -> Records:
         return Records.load(data)
     except ValueError as exc:
         raise InvalidArgument(f"job.{field}: {exc}", reason="ARCHIVE_INVALID", field=f"job.{field}") from exc
+
+
+def _builder_records(data: bytes) -> Records:
+    """The task's builder data as the registry stored it: an npz, or a .beton read through FFCV's
+    loader here (the registry decoded it once in a child at upload, so these bytes were checked)."""
+    try:
+        return Records.of(*builder_data(data, what="job.builder_data"), what="job.builder_data")
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID", field="job.builder_data") from exc
 
 
 def pick_device(requested: str) -> str:

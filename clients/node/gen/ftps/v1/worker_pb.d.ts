@@ -264,6 +264,13 @@ export declare type RunJobResponse = Message<"ftps.v1.RunJobResponse"> & {
    * @generated from field: double dp_noise_multiplier = 9;
    */
   dpNoiseMultiplier: number;
+
+  /**
+   * Precision of the training steps: "fp32", or "bf16" (autocast); phi is computed in float32 either way.
+   *
+   * @generated from field: string precision = 10;
+   */
+  precision: string;
 };
 
 /**
@@ -331,6 +338,13 @@ export declare type WorkerInfo = Message<"ftps.v1.WorkerInfo"> & {
    * @generated from field: google.protobuf.Timestamp started_at = 6;
    */
   startedAt?: Timestamp | undefined;
+
+  /**
+   * The precision requested by the worker's settings (auto, fp32, bf16).
+   *
+   * @generated from field: string precision = 7;
+   */
+  precision: string;
 };
 
 /**
