@@ -380,3 +380,19 @@ def test_a_batch_of_several_models_is_augmented_as_each_alone():
     assert not torch.equal(together[0], xb[0])  # it did augment
     with pytest.raises(StrategyError, match="random-crop needs image records"):
         augment_draws(["random-crop"], 4, (64,), np.random.default_rng(0))
+
+
+def test_activation_bytes_count_leaf_outputs_and_leave_each_module_in_its_mode():
+    """The stacked chunk's memory estimate on CUDA: every leaf module's output for one record; the
+    probe must not turn a frozen BatchNorm (eval under set_train_mode) back to training."""
+    from ftps.ml.engines import _activation_bytes
+    from ftps.ml.training import select_trainable, set_train_mode
+
+    model = load_strategy(FULL).build_model()
+    select_trainable(model, [n for n, _ in model.named_parameters() if not n.startswith("1.")])
+    set_train_mode(model)
+    assert model.training and not model[1].training  # the frozen BatchNorm
+    got = _activation_bytes(model, torch.rand(1, 1, 8, 8))
+    # conv 8x8x8, BN, ReLU (8x8x8 each), pool 8x4x4, flatten 128, linear 32, ReLU 32, linear 10
+    assert got == 4 * (3 * 512 + 128 + 128 + 32 + 32 + 10)
+    assert model.training and not model[1].training and model[0].training

@@ -326,7 +326,8 @@ def _activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
+    # Each module's own mode back afterwards: set_train_mode leaves frozen BatchNorm layers in eval.
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
@@ -334,7 +335,8 @@ def _activation_bytes(model: nn.Module, x1: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return total
 
 
