@@ -411,8 +411,10 @@ def _train_stacked(
         by_size.setdefault(int(x.shape[0]), []).append(pos)
     for size, positions in by_size.items():
         bounds = batch_bounds(size, recipe.batch_size)
-        for start in range(0, len(positions), chunk_size):
-            chunk = positions[start : start + chunk_size]
+        # Equal chunks: 64 models in chunks of at most 63 are 32 + 32, not 63 + a lone 1.
+        even = -(-len(positions) // -(-len(positions) // chunk_size))
+        for start in range(0, len(positions), even):
+            chunk = positions[start : start + even]
             params, buffers = _stacked_state(template, names, len(chunk))
             optimizer = make_optimizer(list(params.values()), recipe)
             rngs = [np.random.default_rng([data[pos][2], 1]) for pos in chunk]
