@@ -66,10 +66,10 @@ DEFAULT_OUT = ROOT / "bench" / "out" / "gpu"
 CONFIGS = (("sequential", "fp32"), ("stacked", "fp32"), ("sequential", "bf16"), ("stacked", "bf16"))
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: bf16 tensor cores, and float32
-# without tensor cores. First match of the device name wins, so "H100 PCIe" precedes "H100".
+# without tensor cores. First match of the device name wins, so "H100 PCIe" precedes "H100" (a
+# GH200 matches "H200": the same Hopper numbers).
 PEAKS = (
     ("H200", 989.4, 66.9),
-    ("GH200", 989.4, 66.9),
     ("H100 PCIe", 756.0, 51.2),
     ("H100 NVL", 835.5, 60.0),
     ("H100", 989.4, 66.9),

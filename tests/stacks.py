@@ -46,16 +46,23 @@ def digits_round(stack: dict, splits, strategy: str, weights: bytes, *, name: st
     b.upload(task.task_id, common_pb2.BLOB_KIND_STRATEGY, strategy.encode())
     b.upload(task.task_id, common_pb2.BLOB_KIND_BUILDER_DATA, archives.records_to_npz(*splits["builder"]))
     alice = ContributorClient(gateway=stack["gateway"], contributor="alice", token=signer.issue("alice", "contributor"))
-    sub = alice.submit(task.task_id, *digits_records(splits, m, seed=seed))
+    round_id = submit_and_finish_round(b, alice, task.task_id, *digits_records(splits, m, seed=seed))
+    return b, alice, task.task_id, round_id
+
+
+def submit_and_finish_round(b: BuilderClient, contributor: ContributorClient, task_id: str, x, y) -> str:
+    """Submit records that reach the task's batch threshold, wait for the round they start to end
+    DONE (asserted) -> its id."""
+    sub = contributor.submit(task_id, x, y)
     deadline = time.time() + 30
     while not sub.round_id and time.time() < deadline:
         time.sleep(0.1)
-        sub = alice.get_submission(sub.submission_id)
+        sub = contributor.get_submission(sub.submission_id)
     assert sub.round_id, "the batch threshold was reached but no round started"
     for status in b.watch_round(sub.round_id, timeout=300):
         pass
     assert status.state == common_pb2.ROUND_STATE_DONE, status.message
-    return b, alice, task.task_id, sub.round_id
+    return sub.round_id
 
 
 def builder(addresses: dict, token: str) -> BuilderClient:

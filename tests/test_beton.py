@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -256,7 +255,7 @@ def test_a_beton_task_prepares_and_runs_a_builder_mixed_round(module_stack, tmp_
     from clients.api import ContributorClient
     from clients.builder.cli import main as builder_main
     from tests.conftest import digits_records
-    from tests.stacks import builder
+    from tests.stacks import builder, submit_and_finish_round
 
     signer = module_stack["signer"]
     b = builder(module_stack, signer.issue("acme", "builder"))
@@ -284,16 +283,8 @@ def test_a_beton_task_prepares_and_runs_a_builder_mixed_round(module_stack, tmp_
         alice = ContributorClient(gateway=module_stack["gateway"], contributor="alice",
                                   token=signer.issue("alice", "contributor"))
         try:
-            sub = alice.submit(task.task_id, *digits_records(digits_splits, m, seed=7))
-            deadline = time.time() + 30
-            while not sub.round_id and time.time() < deadline:
-                time.sleep(0.1)
-                sub = alice.get_submission(sub.submission_id)
-            assert sub.round_id, "the batch threshold was reached but no round started"
-            for status in b.watch_round(sub.round_id, timeout=300):
-                pass
-            assert status.state == common_pb2.ROUND_STATE_DONE, status.message
-            scores = b.scores(task.task_id, round_id=sub.round_id).scores
+            round_id = submit_and_finish_round(b, alice, task.task_id, *digits_records(digits_splits, m, seed=7))
+            scores = b.scores(task.task_id, round_id=round_id).scores
             assert len(scores) == m and all(np.isfinite(s.score) for s in scores)
         finally:
             alice.close()

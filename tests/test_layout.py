@@ -213,3 +213,29 @@ def test_no_import_cycles():
     # packages re-export; those arrows (module -> an enclosing package) are not counted.
     edges = {(src, dst) for src, dst in EDGES if not src.startswith(dst + ".")}
     assert _cycles(edges) == [], "modules that import each other (directly or round a circle)"
+
+
+# The compute core runs on a bare CUDA machine with PyTorch (bench/gpu.py, issue 18): importing it
+# must not reach this project's protobuf or gRPC runtime, nor the services' other dependencies.
+COMPUTE_CORE = ("ftps.ml.engine", "ftps.ml.pretrain", "ftps.ml.datasets", "ftps.privacy.scoring",
+                "ftps.privacy.masks", "ftps.records.npz", "ftps.records.beton", "ftps.records.builder")
+SERVICE_ONLY = ("google", "grpc", "ftps.v1", "minio", "boto3", "sqlalchemy", "pydantic", "opacus", "ffcv")
+
+
+def test_the_compute_core_imports_no_protobuf_or_service_stack():
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+blocked = {SERVICE_ONLY!r}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name in blocked or name.split(".")[0] in blocked:
+            raise ImportError(f"{{name}} imported by the compute core")
+sys.meta_path.insert(0, Block())
+for module in {COMPUTE_CORE!r}:
+    __import__(module)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
