@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import random
 import time
@@ -221,16 +222,15 @@ def run(job: Prepared, plan: EnginePlan) -> JobResult:
     if channels_last:
         job.base.to(memory_format=torch.channels_last)
     if plan.stacked:
-        problem = _stacking_problem(job, plan)
+        problem, computes_bf16 = _stacking_probe(job, plan)
         if problem is not None:
             if plan.reason == "requested":
                 raise StrategyError(f"the stacked engine cannot run this model: {problem}")
             log.info("engine %s -> sequential: %s", plan.name, problem)
             name = "cached" if plan.cached else "sequential"
             plan = EnginePlan(name, f"vmap cannot run the model ({problem})", plan.precision)
-        elif plan.precision == "bf16" and not _autocast_reaches_vmap(job, plan):
-            # Autocast is a dispatch key that functorch's batching rules may bypass (on CPU a
-            # vmapped convolution stays float32): the models then train in float32, and say so.
+        elif plan.precision == "bf16" and not computes_bf16:
+            # The models then train in float32, and say so.
             plan = dataclasses.replace(plan, precision="fp32", reason=f"{plan.reason}; bf16 autocast "
                                        f"does not reach inside vmap on {job.device.type}")
     if plan.cached:
@@ -412,7 +412,7 @@ def _train_stacked(
     for size, positions in by_size.items():
         bounds = batch_bounds(size, recipe.batch_size)
         # Equal chunks: 64 models in chunks of at most 63 are 32 + 32, not 63 + a lone 1.
-        even = -(-len(positions) // -(-len(positions) // chunk_size))
+        even = math.ceil(len(positions) / math.ceil(len(positions) / chunk_size))
         for start in range(0, len(positions), even):
             chunk = positions[start : start + even]
             params, buffers = _stacked_state(template, names, len(chunk))
@@ -459,13 +459,16 @@ def _train_stacked(
             del params, buffers, optimizer
 
 
-def _stacking_problem(job: Prepared, plan: EnginePlan) -> str | None:
-    """Why vmap cannot train this job's model (or head), or None: one stacked forward/backward
-    pass of two copies on two records, on throwaway state."""
+def _stacking_probe(job: Prepared, plan: EnginePlan) -> tuple[str | None, bool]:
+    """One stacked forward/backward pass of two copies on two records, on throwaway state ->
+    (why vmap cannot train this job's model (or head), or None; whether its forward pass under
+    bf16 autocast computes in bfloat16). Autocast is a dispatch key that functorch's batching
+    rules may bypass (on CPU a vmapped convolution stays float32); the answer depends on the
+    device type and torch, never on a timing. Only asked when the plan trains in bf16."""
     recipe = job.strategy.recipe
     assert recipe is not None
     if len(job.train_x) < 2:
-        return None
+        return None, True
     if plan.cached:
         split = _split(job, recipe)
         module, x = split.head, _features(split.trunk, job.train_x[:2])
@@ -474,43 +477,27 @@ def _stacking_problem(job: Prepared, plan: EnginePlan) -> str | None:
         module, x, names = job.base, job.train_x[:2], trainable_names(job.base, recipe)
     template = copy.deepcopy(module)
     if not select_trainable(template, names):
-        return None  # the engine reports this one itself
+        return None, True  # the engine reports this one itself
     set_train_mode(template)
     params, buffers = _stacked_state(template, names, 2)
+    xs = torch.stack([x, x])
     try:
-        loss = _stack_step(template)(params, buffers, torch.stack([x, x]),
-                                     torch.stack([job.train_y[:2]] * 2)).sum()
+        loss = _stack_step(template)(params, buffers, xs, torch.stack([job.train_y[:2]] * 2)).sum()
         loss.backward()
     except Exception as e:  # noqa: BLE001 - any failure means: do not stack this model
-        return describe_exception(e, limit=300)
-    return None
-
-
-def _autocast_reaches_vmap(job: Prepared, plan: EnginePlan) -> bool:
-    """Whether the stacked forward pass computes in bfloat16 under autocast on this device: its
-    logits' dtype on two stacked copies and two records (depends on the device type and torch,
-    never on a timing)."""
-    if len(job.train_x) < 2:
-        return True
-    if plan.cached:
-        split = _split(job, job.strategy.recipe)
-        module, x = split.head, _features(split.trunk, job.train_x[:2])
-    else:
-        module, x = job.base, job.train_x[:2]
-    template = copy.deepcopy(module)
-    set_train_mode(template)
-    params = {n: p.detach().unsqueeze(0).repeat_interleave(2, 0) for n, p in template.named_parameters()}
-    buffers = {n: b.unsqueeze(0).repeat_interleave(2, 0) for n, b in template.named_buffers()}
+        return describe_exception(e, limit=300), False
+    if plan.precision != "bf16":
+        return None, False
 
     def logits(p: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
         return functional_call(template, (p, b), (xb,))
 
     try:
         with torch.no_grad(), autocast(job.device, "bf16"):
-            out = vmap(logits, randomness="different")(params, buffers, torch.stack([x, x]))
-    except Exception:  # noqa: BLE001 - _stacking_problem ran the same step in float32 already
-        return False
-    return out.dtype == torch.bfloat16
+            out = vmap(logits, randomness="different")(params, buffers, xs)
+    except Exception:  # noqa: BLE001 - it ran in float32 above: train in float32
+        return None, False
+    return None, out.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- cached features
