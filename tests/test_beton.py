@@ -78,7 +78,8 @@ def test_raw_round_trip_through_bytes_and_path(tmp_path):
         assert gx.dtype == np.float32 and gy.dtype == np.int64
     # The one reader of stored builder data: npz (the default) and .beton, the same records.
     for blob in (data, archives.records_to_npz(x.astype(np.float64), y.astype(np.uint8))):
-        bx, by = builder_data(blob)
+        got = builder_data(blob)
+        bx, by = got.x, got.y
         np.testing.assert_array_equal(bx, x)
         np.testing.assert_array_equal(by, y)
         assert bx.dtype == np.float32 and by.dtype == np.int64

@@ -240,7 +240,7 @@ def _builder_records(data: bytes) -> Records:
     """The task's builder data as the registry stored it: an npz, or a .beton read through FFCV's
     loader here (the registry decoded it once in a child at upload, so these bytes were checked)."""
     try:
-        return Records.of(*builder_data(data, what="job.builder_data"), what="job.builder_data")
+        return builder_data(data, what="job.builder_data")
     except ValueError as exc:
         raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID", field="job.builder_data") from exc
 

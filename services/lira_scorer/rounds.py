@@ -349,9 +349,10 @@ class Scorer:
     def _builder_data(self, task: registry_pb2.Task) -> tuple[np.ndarray, np.ndarray]:
         """The task's builder records (npz or .beton, as uploaded and checked by the registry)."""
         try:
-            return builder_data(self._store.get_ref(task.builder_data))
+            records = builder_data(self._store.get_ref(task.builder_data))
         except RecordsError as exc:
             raise InvalidArgument(str(exc), reason="ARCHIVE_INVALID", field="builder_data") from exc
+        return records.x, records.y
 
     def get_offline(self, task_id: str, who: Principal) -> common_pb2.OfflineGaussian:
         task = self._ready_task(task_id, who, action="read the offline Gaussian of")
