@@ -277,13 +277,12 @@ def builder_images(n: int, source: tuple[np.ndarray, np.ndarray] | None = None
     """``n`` CIFAR-shaped records of real images -> (x float32 [n, 3, 32, 32] in [0, 1], y int64
     [n]): Fashion-MNIST's training images (or ``source``'s, [N, 1, 28, 28]) padded with zeros to
     32 x 32 and repeated to 3 channels."""
-    from ftps.ml.datasets import load_fashion_mnist
+    from ftps.ml.datasets import cifar_shaped, load_fashion_mnist
 
     x, y = source if source is not None else load_fashion_mnist("train")
     if not 0 < n <= len(x):
         raise ValueError(f"{n} records asked of {len(x)} images")
-    padded = np.pad(x[:n], ((0, 0), (0, 0), (2, 2), (2, 2)))
-    return np.repeat(padded, 3, axis=1), np.array(y[:n], dtype=np.int64)
+    return cifar_shaped(x[:n]), np.array(y[:n], dtype=np.int64)
 
 
 def _touch(nbytes: int) -> float:

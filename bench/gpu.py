@@ -54,7 +54,15 @@ if str(ROOT) not in sys.path:  # ``python bench/gpu.py`` puts bench/, not the ro
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ftps.ml.datasets import FASHION_MNIST_DIR, load_cifar10, load_digits, load_fashion_mnist  # noqa: E402
+from bench import cpu_name  # noqa: E402
+
+from ftps.ml.datasets import (  # noqa: E402
+    FASHION_MNIST_DIR,
+    cifar_shaped,
+    load_cifar10,
+    load_digits,
+    load_fashion_mnist,
+)
 from ftps.ml.engine import finetune_and_score, load_weights, resolve_device  # noqa: E402
 from ftps.ml.pretrain import accuracy, pretrain_base_model  # noqa: E402
 from ftps.ml.strategy import load_strategy  # noqa: E402
@@ -131,23 +139,6 @@ class Row:
 # --------------------------------------------------------------------------- records
 
 
-def _cifar_shaped(x: np.ndarray) -> np.ndarray:
-    """Grey images [N, 1, H, W] -> [N, 3, 32, 32]: zero-padded when smaller than 32 by at most
-    8 pixels (Fashion-MNIST's 28x28), else upscaled by an integer factor first (digits' 8x8)."""
-    if x.shape[1:] == (3, 32, 32):
-        return np.ascontiguousarray(x, dtype=np.float32)
-    n, c, h, w = x.shape
-    if c != 1 or h != w or h > 32:
-        raise ValueError(f"cannot make records of shape {x.shape[1:]} CIFAR-shaped")
-    if 32 - h > 8:
-        factor = 32 // h
-        x = x.repeat(factor, axis=2).repeat(factor, axis=3)
-        h = w = h * factor
-    pad = 32 - h
-    x = np.pad(x, ((0, 0), (0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
-    return np.ascontiguousarray(np.repeat(x, 3, axis=1), dtype=np.float32)
-
-
 def _cifar_dirs(explicit: str | None) -> list[Path]:
     if explicit:
         return [Path(explicit)]
@@ -158,7 +149,7 @@ def _cifar_dirs(explicit: str | None) -> list[Path]:
 
 
 def load_records(records: str | None, cifar10: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(x float32 [N, C, H, W] in [0, 1], y int64 [N], what they are); ``_cifar_shaped`` makes
+    """(x float32 [N, C, H, W] in [0, 1], y int64 [N], what they are); ``cifar_shaped`` makes
     the rows a run uses CIFAR-shaped (all 60,000 Fashion-MNIST images would take 0.7 GiB)."""
     if records:
         with np.load(records, allow_pickle=False) as f:
@@ -223,7 +214,7 @@ def count_flops(source: str, weights: bytes, device: torch.device, tta: int) -> 
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "name": platform.processor() or platform.machine(),
+    info = {"device": str(device), "name": cpu_name(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "bf16_peak_tflops": None, "fp32_peak_tflops": None}
     if device.type == "cuda":
@@ -268,21 +259,19 @@ def run(settings: Settings, *, records: str | None, cifar10: str | None, out: Pa
     batch = perm[:m]
     builder = perm[m:m + settings.pretrain_records]
     heldout = perm[m + settings.pretrain_records:][:8 if settings.tiny else 2000]
-    x, y = _cifar_shaped(x_all[batch]), y_all[batch]
+    x, y = cifar_shaped(x_all[batch]), y_all[batch]
 
     base_source = STRATEGY.read_text()
-    source = base_source
-    if settings.epochs is not None:  # a later assignment overrides the shipped recipe's epochs
-        source += f"\nRECIPE = {{**RECIPE, 'epochs': {settings.epochs}}}\n"
+    source = base_source if settings.epochs is None else _with_epochs(base_source, "RECIPE", settings.epochs)
     strategy = load_strategy(source)
-    pretrain_source = base_source + f"\nPRETRAIN = {{**PRETRAIN, 'epochs': {settings.pretrain_epochs}}}\n"
+    pretrain_source = _with_epochs(base_source, "PRETRAIN", settings.pretrain_epochs)
     t = time.perf_counter()
-    weights = pretrain_base_model(pretrain_source, _cifar_shaped(x_all[builder]), y_all[builder], seed=0,
+    weights = pretrain_base_model(pretrain_source, cifar_shaped(x_all[builder]), y_all[builder], seed=0,
                                   device=str(device))
     _sync(device)
     model = strategy.build_model()
     load_weights(model, weights)
-    base_acc = accuracy(model.to(device), _cifar_shaped(x_all[heldout]), y_all[heldout])
+    base_acc = accuracy(model.to(device), cifar_shaped(x_all[heldout]), y_all[heldout])
     del model
     log(f"base model: pretrained on {len(builder)} records x {settings.pretrain_epochs} epochs; "
         f"top-1 on {len(heldout)} held-out records: {base_acc:.3f} ({time.perf_counter() - t:.1f} s)")
@@ -300,7 +289,6 @@ def run(settings: Settings, *, records: str | None, cifar10: str | None, out: Pa
         f"in all")
 
     rows: list[Row] = []
-    warmed: set[tuple[str, str]] = set()
     for engine, precision in configs:
         row = Row(engine, precision)
         rows.append(row)
@@ -309,15 +297,14 @@ def run(settings: Settings, *, records: str | None, cifar10: str | None, out: Pa
             row.skipped = f"time budget ({settings.budget_s:.0f} s) spent"
             log(f"{engine}/{precision}: skipped, {row.skipped}")
             continue
-        if device.type == "cuda" and (engine, precision) not in warmed:
-            # One-time costs (cuDNN/cuBLAS handles, vmap's first trace) out of the timing: two
+        if device.type == "cuda":
+            # One-time costs (cuDNN/cuBLAS handles, vmap's first trace) out of the timing: four
             # models on 8 records, one epoch.
             wmasks = make_masks(4, 8, seed=1)
-            finetune_and_score(strategy_source=base_source + "\nRECIPE = {**RECIPE, 'epochs': 1}\n",
+            finetune_and_score(strategy_source=_with_epochs(base_source, "RECIPE", 1),
                                base_weights=weights, train_x=x[:8], train_y=y[:8], eval_x=x[:8],
                                eval_y=y[:8], models=[(i, i, wmasks[i]) for i in range(4)],
                                device=str(device), engine=engine, precision=precision)
-            warmed.add((engine, precision))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -356,6 +343,12 @@ def run(settings: Settings, *, records: str | None, cifar10: str | None, out: Pa
     log(f"wrote {out / 'results.csv'} and a line of {out / 'results.jsonl'} "
         f"({time.perf_counter() - t_start:.0f} s in all)")
     return rows
+
+
+def _with_epochs(source: str, name: str, epochs: int) -> str:
+    """A strategy's source with its ``RECIPE`` or ``PRETRAIN`` running ``epochs`` epochs: a later
+    assignment overrides the shipped dict, the rest of the recipe as shipped."""
+    return source + f"\n{name} = {{**{name}, 'epochs': {int(epochs)}}}\n"
 
 
 def _line(r: Row) -> str:

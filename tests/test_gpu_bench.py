@@ -6,36 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_without_service_stack
 
-# What a bare CUDA machine with PyTorch lacks (issue 18): the bench must not import any of it.
-SERVICE_ONLY = ("grpc", "google", "minio", "boto3", "botocore", "sqlalchemy", "alembic", "psycopg",
-                "starlette", "fastapi", "pydantic", "pydantic_settings", "prometheus_client",
-                "opentelemetry", "pyarrow", "opacus", "ffcv", "jinja2", "rich", "ftps.v1")
-
-_BLOCKED_RUN = """
-import runpy, sys
-blocked = {blocked!r}
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name in blocked or name.split(".")[0] in blocked:
-            raise ImportError(f"{{name}} is not on a bare CUDA machine")
-sys.meta_path.insert(0, Block())
-sys.argv = ["bench/gpu.py", *{argv!r}]
-runpy.run_path({script!r}, run_name="__main__")
-"""
-
-
-def _run_blocked(argv: list[str]) -> subprocess.CompletedProcess:
-    code = _BLOCKED_RUN.format(blocked=SERVICE_ONLY, argv=argv, script=str(ROOT / "bench" / "gpu.py"))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+def _run_blocked(argv: list[str]):
+    return run_without_service_stack(
+        f"import runpy\nsys.argv = ['bench/gpu.py', *{argv!r}]\n"
+        f"runpy.run_path({str(ROOT / 'bench' / 'gpu.py')!r}, run_name='__main__')\n")
 
 
 def test_tiny_mode_runs_the_round_on_both_engines_and_precisions_without_the_service_stack(tmp_path):
@@ -78,16 +59,17 @@ def test_full_mode_refuses_a_machine_without_cuda(tmp_path):
 def test_records_are_made_cifar_shaped_and_exported(tmp_path):
     sys.path.insert(0, str(ROOT))
     from bench import gpu
+    from ftps.ml.datasets import cifar_shaped
 
     grey = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    shaped = gpu._cifar_shaped(grey)
+    shaped = cifar_shaped(grey)
     assert shaped.shape == (3, 3, 32, 32) and shaped.dtype == np.float32
     np.testing.assert_array_equal(shaped[:, 1, 2:30, 2:30], grey[:, 0])  # padded, not resampled
     assert shaped[:, :, :2].max() == 0 and np.array_equal(shaped[:, 0], shaped[:, 2])
-    digits = gpu._cifar_shaped(np.ones((2, 1, 8, 8), dtype=np.float32))  # 8x8 -> 4x upscaled
+    digits = cifar_shaped(np.ones((2, 1, 8, 8), dtype=np.float32))  # 8x8 -> 4x upscaled
     assert digits.shape == (2, 3, 32, 32) and digits.min() == 1.0
     with pytest.raises(ValueError, match="CIFAR-shaped"):
-        gpu._cifar_shaped(np.zeros((1, 2, 28, 28), dtype=np.float32))
+        cifar_shaped(np.zeros((1, 2, 28, 28), dtype=np.float32))
 
     path = tmp_path / "records.npz"
     gpu.export_records(path, 50, None)

@@ -28,6 +28,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
     "TABULAR_DATASETS",
+    "cifar_shaped",
     "demo_split_indices",
     "load_cifar10",
     "demo_splits",
@@ -133,6 +134,26 @@ def load_breast_cancer() -> tuple[np.ndarray, np.ndarray]:
     return bunch.data.astype(np.float64), bunch.target.astype(np.int64)
 
 
+def cifar_shaped(x: np.ndarray) -> np.ndarray:
+    """Grey images [N, 1, H, W] -> CIFAR-shaped records float32 [N, 3, 32, 32], for the paper's
+    ResNet-18 setting where CIFAR-10 is not at hand: zero-padded when smaller than 32 by at most 8
+    pixels (Fashion-MNIST's 28x28), else upscaled by an integer factor first (digits' 8x8), then
+    repeated to three channels. Raises ValueError for other shapes."""
+    if x.shape[1:] == (3, 32, 32):
+        return np.ascontiguousarray(x, dtype=np.float32)
+    n, c, h, w = x.shape
+    if c != 1 or h != w or h > 32:
+        raise ValueError(f"cannot make records of shape {x.shape[1:]} CIFAR-shaped")
+    if 32 - h > 8:
+        factor = 32 // h
+        x = x.repeat(factor, axis=2).repeat(factor, axis=3)
+        h = w = h * factor
+    pad = 32 - h
+    x = np.pad(x, ((0, 0), (0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
+    return np.ascontiguousarray(np.repeat(x, 3, axis=1), dtype=np.float32)
+
+
+
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -189,6 +210,11 @@ def load_cifar10(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, 
     return x, y
 
 
+# Data sets with one source ("all"): (records, where the builder's rows start, where the
+# contributors' rows start) in a seeded permutation of them.
+_ONE_SOURCE_SPLITS = {"digits": (1797, 600, 1100), "breast-cancer": (569, 150, 300)}
+
+
 def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
     """Where each role's records come from: role -> (source split, row indices into it).
 
@@ -205,19 +231,13 @@ def demo_split_indices(dataset: str, *, seed: int = 0) -> dict[str, tuple[str, n
             "builder": ("train", perm[20000:30000]),
             "contributors": ("test", np.arange(10000)),
         }
-    if dataset == "digits":
-        perm = rng.permutation(1797)
+    if dataset in _ONE_SOURCE_SPLITS:
+        size, builder_from, contributors_from = _ONE_SOURCE_SPLITS[dataset]
+        perm = rng.permutation(size)
         return {
-            "pretrain": ("all", perm[:600]),
-            "builder": ("all", perm[600:1100]),
-            "contributors": ("all", perm[1100:]),
-        }
-    if dataset == "breast-cancer":
-        perm = rng.permutation(569)
-        return {
-            "pretrain": ("all", perm[:150]),
-            "builder": ("all", perm[150:300]),
-            "contributors": ("all", perm[300:]),
+            "pretrain": ("all", perm[:builder_from]),
+            "builder": ("all", perm[builder_from:contributors_from]),
+            "contributors": ("all", perm[contributors_from:]),
         }
     raise ValueError(f"unknown dataset {dataset!r}; known: {list(DATASETS)}")
 
