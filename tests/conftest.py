@@ -14,6 +14,33 @@ os.environ.setdefault("FTPS_TORCH_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What a bare CUDA machine with PyTorch lacks (issue 18): the compute core (ftps.ml, ftps.records,
+# ftps.privacy) and bench/gpu.py must import none of it.
+SERVICE_ONLY = ("grpc", "google", "ftps.v1", "minio", "boto3", "botocore", "sqlalchemy", "alembic",
+                "psycopg", "starlette", "fastapi", "pydantic", "pydantic_settings", "prometheus_client",
+                "opentelemetry", "pyarrow", "opacus", "ffcv", "jinja2", "rich")
+
+_WITHOUT_SERVICE_STACK = """
+import sys
+blocked = {blocked!r}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name in blocked or name.split(".")[0] in blocked:
+            raise ImportError(f"{{name}} is not on a bare CUDA machine")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_service_stack(body: str, *, timeout: float = 600):
+    """Python ``body`` in a fresh interpreter (cwd: the repository) where importing anything of
+    ``SERVICE_ONLY`` fails -> its CompletedProcess (text output captured)."""
+    import subprocess
+    import sys
+
+    code = _WITHOUT_SERVICE_STACK.format(blocked=SERVICE_ONLY) + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():

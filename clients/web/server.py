@@ -750,10 +750,7 @@ class WebServer:
         f = req.file("file")
         if f is not None:
             name, raw = f
-            try:
-                source = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{name} is not UTF-8 text: a strategy is a Python source file") from None
+            source = _utf8(name, raw, "a strategy is a Python source file")
         else:
             name = req.field("strategy")
             source = assets.shipped_source(name)
@@ -847,10 +844,7 @@ class WebServer:
             name = name or Path(f[0]).stem
             if name in recipes:
                 raise UserError(f"two recipes are named {name!r}: each needs its own name")
-            try:
-                f[1].decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{f[0]} is not UTF-8 text: a strategy is a Python source file") from None
+            _utf8(f[0], f[1], "a strategy is a Python source file")
             recipes[name] = f[1]
         if not recipes:
             raise UserError("choose at least one strategy script (.py) to compare with the task's own")
@@ -1251,16 +1245,21 @@ def _float(req: Request, name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _utf8(name: str, data: bytes, what: str) -> str:
+    """An uploaded text file's text; UserError naming the file and ``what`` it should be."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{name} is not UTF-8 text: {what}") from None
+
+
 def _schema_upload(f: tuple[str, bytes] | None) -> tabular.Schema:
     """A tabular task's schema from the create form's JSON file (``ftps-builder schema`` writes one)."""
     if f is None:
         raise UserError("a tabular task needs its schema: choose the schema's JSON file "
                         "(`ftps-builder schema YOUR_TABLE.csv --out schema.json` writes one)")
     name, data = f
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{name} is not UTF-8 text: a schema is a JSON document") from None
+    text = _utf8(name, data, "a schema is a JSON document")
     try:
         return tabular.Schema.from_json(text, what=name or "the schema")
     except FtpsError as exc:
